@@ -1,0 +1,112 @@
+"""Command line: run one job, verify an audit trail, make an example subject.
+
+    python -m engine run inbox/alice --outbox outbox [--until embed] [--config config.toml]
+    python -m engine verify-audit outbox/alice/<job-id>
+    python -m engine example inbox/astronaut
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import structlog
+
+from engine.audit import verify_audit
+from engine.config import Settings
+from engine.errors import ConfigError
+from engine.example import write_example_subject
+from engine.stages import STAGE_NAMES
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m engine", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", type=Path, default=None, help="config.toml (default: ./config.toml if present, else built-in defaults)")
+    parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="run (or resume) one job folder")
+    run.add_argument("job", type=Path, help="the job folder: 1-3 photos + job.toml")
+    run.add_argument("--outbox", type=Path, required=True)
+    run.add_argument("--failed", type=Path, default=None, help="where refused jobs go (default: failed/ beside the outbox)")
+    run.add_argument("--until", choices=STAGE_NAMES, default=None, help="stop after this stage")
+    run.add_argument("--job-id", default=None, help="resume this job id (default: the unfinished job of this folder, or a new one)")
+    run.add_argument("--demo", action="store_true", help="use the tiny generated diffusion model (noise renders, marked as demo)")
+
+    verify = commands.add_parser("verify-audit", help="check a finished job's audit chain and manifest")
+    verify.add_argument("job_out", type=Path)
+
+    example = commands.add_parser("example", help="write an example subject folder from a photo a package ships")
+    example.add_argument("folder", type=Path)
+
+    args = parser.parse_args(argv)
+    _configure_logging(args.log_level)
+    if args.command == "verify-audit":
+        return _verify(args.job_out)
+    if args.command == "example":
+        folder = write_example_subject(args.folder)
+        print(f"example subject written to {folder}")
+        return 0
+    return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from engine.runner import Engine  # imports the model stack; keep `verify-audit` light
+
+    try:
+        settings = Settings.load(_config_path(args.config))
+        engine = Engine(settings, demo=args.demo)
+        result = engine.run_job(args.job, args.outbox, job_id=args.job_id, until=args.until, failed_dir=args.failed)
+    except ConfigError as error:
+        print(f"refused to start: {error}", file=sys.stderr)
+        return 2
+    if result.outcome == "failed":
+        print(f"job {result.job_id} failed: {result.error['code']}: {result.error['message']}", file=sys.stderr)
+        for problem in result.error.get("problems", []):
+            print(f"  - {problem['where']}: {problem['reason']}", file=sys.stderr)
+        print(f"inputs and error.json are in {result.output_dir}", file=sys.stderr)
+        return 1
+    print(json.dumps({"job_id": result.job_id, "subject": result.subject, "outcome": result.outcome, "output": str(result.output_dir)}))
+    return 0
+
+
+def _verify(job_out: Path) -> int:
+    report = verify_audit(job_out)
+    if report.ok:
+        print(f"OK: {report.lines} audit lines chained, {report.files_checked} files match the manifest; head {report.head}")
+        return 0
+    print(f"FAILED: {job_out}", file=sys.stderr)
+    for problem in report.problems:
+        print(f"  - {problem}", file=sys.stderr)
+    return 1
+
+
+def _config_path(given: Path | None) -> Path | None:
+    if given is not None:
+        return given
+    default = Path("config.toml")
+    return default if default.is_file() else None
+
+
+def _configure_logging(level: str) -> None:
+    """JSON event lines on stderr (the CLI's, not the library's, choice)."""
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.JSONRenderer(sort_keys=True),
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper())),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=True,
+    )
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

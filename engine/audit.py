@@ -1,0 +1,232 @@
+"""Hash-chained audit log, job manifest, and their verifier.
+
+Each line of `audit.jsonl` is one structlog event rendered as canonical JSON with `ts`,
+`job_id`, `event`, the event's fields, `prev` (the previous line's `hash`; GENESIS for
+the first) and `hash` = sha256 of the canonical JSON of the line without `hash`. Lines are
+appended with one write and fsynced, so a crash loses at most the line being written; a
+torn last line is cut off at the next open and the cut is itself recorded.
+
+`manifest.json` lists the sha256 of every input, model and output file; the job's last
+event (`job_finished`) holds the manifest's own sha256, so any edited output, manifest or
+audit line is found by `verify_audit`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import structlog
+
+from engine.fsutil import atomic_write_json, canonical_json, fsync_dir, sha256_bytes, sha256_file
+
+AUDIT_FILE = "audit.jsonl"
+MANIFEST_FILE = "manifest.json"
+LEDGER_FILE = "state.json"
+GENESIS = "0" * 64
+# Files of a job folder that the manifest does not list: the manifest itself, the log
+# that holds the manifest's hash, and the engine's working ledger.
+UNLISTED = frozenset({AUDIT_FILE, MANIFEST_FILE, LEDGER_FILE})
+
+
+def line_hash(record: dict[str, Any]) -> str:
+    """sha256 over the canonical JSON of a record without its `hash` key."""
+    return sha256_bytes(canonical_json({k: v for k, v in record.items() if k != "hash"}).encode("utf-8"))
+
+
+def jsonable(value: Any) -> Any:
+    """Plain JSON types for numpy scalars/arrays, paths, tuples and non-finite floats."""
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return jsonable(value.tolist())
+    if isinstance(value, np.generic):
+        return jsonable(value.item())
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    if isinstance(value, Path):
+        return str(value)
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return str(value)
+
+
+class _AppendOnlyFile:
+    """structlog's 'logger': appends each rendered line with one write, then fsyncs."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+
+    def msg(self, line: str) -> None:
+        data = (line + "\n").encode("utf-8")
+        fd = os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    info = warning = error = critical = debug = msg
+
+
+class AuditLog:
+    """Appends hash-chained events to one job's `audit.jsonl` (resuming an existing chain)."""
+
+    def __init__(self, path: Path, job_id: str) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        new_file = not self.path.exists()
+        self.head, torn = _recover_head(self.path)
+        if new_file:
+            fsync_dir(self.path.parent)
+        self._log = structlog.wrap_logger(
+            _AppendOnlyFile(self.path),
+            processors=[self._stamp, self._chain],
+            context_class=dict,
+            cache_logger_on_first_use=False,
+        ).bind(job_id=job_id)
+        if torn is not None:
+            self.event("audit_torn_line_removed", **torn)
+
+    def event(self, event: str, **fields: Any) -> str:
+        """Record one event; returns its hash (the new head of the chain)."""
+        self._log.info(event, **fields)
+        return self.head
+
+    @staticmethod
+    def _stamp(_logger: Any, _method: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+        event_dict["ts"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="microseconds")
+        return event_dict
+
+    def _chain(self, _logger: Any, _method: str, event_dict: dict[str, Any]) -> str:
+        record = jsonable(event_dict)
+        record["prev"] = self.head
+        record["hash"] = line_hash(record)
+        self.head = record["hash"]
+        return canonical_json(record)
+
+
+def _recover_head(path: Path) -> tuple[str, dict[str, Any] | None]:
+    """The last complete line's hash; a torn last line (a crash mid-write) is cut off.
+
+    Returns (head, facts about the removed bytes or None)."""
+    if not path.exists() or path.stat().st_size == 0:
+        return GENESIS, None
+    data = path.read_bytes()
+    torn = None
+    if not data.endswith(b"\n"):
+        keep = data.rfind(b"\n") + 1
+        removed = data[keep:]
+        with open(path, "r+b") as handle:
+            handle.truncate(keep)
+            handle.flush()
+            os.fsync(handle.fileno())
+        torn = {"removed_bytes": len(removed), "removed_sha256": sha256_bytes(removed)}
+        data = data[:keep]
+    lines = data.splitlines()
+    if not lines:
+        return GENESIS, torn
+    return json.loads(lines[-1])["hash"], torn
+
+
+def write_manifest(job_dir: Path, job_id: str, inputs: dict[str, str], models: dict[str, str], demo: bool) -> str:
+    """Hash every output file of the job folder into manifest.json; returns its sha256."""
+    outputs: dict[str, str] = {}
+    for path in sorted(job_dir.rglob("*")):
+        rel = path.relative_to(job_dir).as_posix()
+        if path.is_file() and rel not in UNLISTED and not path.name.endswith(".tmp"):
+            outputs[rel] = sha256_file(path)
+    manifest = {"job_id": job_id, "demo": demo, "inputs": inputs, "models": models, "outputs": outputs}
+    atomic_write_json(job_dir / MANIFEST_FILE, manifest)
+    return sha256_file(job_dir / MANIFEST_FILE)
+
+
+@dataclass
+class AuditReport:
+    """What `verify_audit` found. `ok` only when `problems` is empty."""
+
+    job_dir: Path
+    lines: int = 0
+    head: str = GENESIS
+    files_checked: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def verify_audit(job_dir: Path) -> AuditReport:
+    """Check the audit chain line by line and every file listed in the manifest.
+
+    Names the first broken line (1-based) and each changed, missing or unlisted file.
+    """
+    job_dir = Path(job_dir)
+    report = AuditReport(job_dir=job_dir)
+    audit_path = job_dir / AUDIT_FILE
+    if not audit_path.is_file():
+        report.problems.append(f"{AUDIT_FILE} is missing")
+        return report
+    prev = GENESIS
+    finished: dict[str, Any] | None = None
+    job_ids: set[str] = set()
+    raw_lines = audit_path.read_bytes().split(b"\n")
+    if raw_lines and raw_lines[-1] == b"":
+        raw_lines.pop()
+    else:
+        report.problems.append(f"{AUDIT_FILE}: the last line is not terminated (torn write)")
+    for number, raw in enumerate(raw_lines, start=1):
+        try:
+            record = json.loads(raw.decode("utf-8"))
+            if not isinstance(record, dict):
+                raise ValueError("not a JSON object")
+        except (ValueError, UnicodeDecodeError) as exc:
+            report.problems.append(f"{AUDIT_FILE} line {number}: not a JSON object ({exc})")
+            break
+        if record.get("prev") != prev:
+            report.problems.append(f"{AUDIT_FILE} line {number}: 'prev' does not match line {number - 1}'s hash (line removed, inserted or reordered)")
+            break
+        if record.get("hash") != line_hash(record):
+            report.problems.append(f"{AUDIT_FILE} line {number}: content does not match its hash (line edited)")
+            break
+        prev = record["hash"]
+        job_ids.add(str(record.get("job_id")))
+        report.lines = number
+        if record.get("event") == "job_finished":
+            finished = record
+    report.head = prev
+    if report.problems:
+        return report
+    if len(job_ids) > 1:
+        report.problems.append(f"{AUDIT_FILE}: lines of several jobs ({', '.join(sorted(job_ids))})")
+    manifest_path = job_dir / MANIFEST_FILE
+    if finished is None:
+        report.problems.append(f"{AUDIT_FILE}: no job_finished event (job incomplete)")
+        return report
+    if not manifest_path.is_file():
+        report.problems.append(f"{MANIFEST_FILE} is missing")
+        return report
+    if sha256_file(manifest_path) != finished.get("manifest_sha256"):
+        report.problems.append(f"{MANIFEST_FILE} changed: its sha256 differs from the one in the audit log's job_finished event")
+        return report
+    manifest = json.loads(manifest_path.read_text("utf-8"))
+    for rel, expected in sorted(manifest.get("outputs", {}).items()):
+        path = job_dir / rel
+        report.files_checked += 1
+        if not path.is_file():
+            report.problems.append(f"{rel}: missing")
+        elif sha256_file(path) != expected:
+            report.problems.append(f"{rel}: changed (sha256 differs from manifest)")
+    listed = set(manifest.get("outputs", {}))
+    for path in sorted(job_dir.rglob("*")):
+        rel = path.relative_to(job_dir).as_posix()
+        if path.is_file() and rel not in listed and rel not in UNLISTED:
+            report.problems.append(f"{rel}: not in the manifest (added after the job finished)")
+    return report

@@ -1,0 +1,61 @@
+"""One exception family for everything a job can be refused or failed for.
+
+`JobError.code` is a stable machine-readable reason (it lands in `error.json` and in
+metrics labels); `message` is for the person who has to fix the input.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with an input: where (file and key path) and why."""
+
+    where: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.reason}"
+
+
+@dataclass
+class JobError(Exception):
+    """A job that cannot go on. Raised by stages, caught by the runner.
+
+    code     stable identifier, e.g. ``invalid_job``, ``no_face_found``, ``pixel_limit``.
+    message  one human sentence naming the file/key and the reason.
+    problems every individual problem when there are several (job validation lists all at once).
+    details  extra machine-readable facts for error.json (face boxes, drifts...).
+    """
+
+    code: str
+    message: str
+    problems: tuple[Problem, ...] = ()
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        super().__init__(self.message)
+
+    def __str__(self) -> str:
+        if not self.problems:
+            return f"{self.code}: {self.message}"
+        lines = [f"{self.code}: {self.message}"] + [f"  - {p}" for p in self.problems]
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "code": self.code,
+            "message": self.message,
+            "problems": [{"where": p.where, "reason": p.reason} for p in self.problems],
+            "details": self.details,
+        }
+
+
+class ConfigError(JobError):
+    """The daemon's/engine's own configuration (config.toml, staged models) is wrong.
+
+    Not the job's fault: a lab must fix the installation, so callers refuse to start.
+    """

@@ -1,0 +1,313 @@
+"""job.toml -> a frozen, validated `JobSpec`, with every problem reported at once.
+
+Defaults come from config.toml's `[job.*]` tables (see `engine.config`), which come from the
+dataclass defaults below. Deeper code trusts a JobSpec: ranges, types, photo paths and
+prompts have all been checked here.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from engine.errors import JobError, Problem
+from engine.schema import (
+    INVALID,
+    Bool,
+    Either,
+    Float,
+    Int,
+    ListOf,
+    MapOf,
+    Str,
+    Tables,
+    Table,
+    build,
+    merge_tables,
+    rule,
+)
+
+JOB_FILE = "job.toml"
+MAX_PHOTOS = 3
+MAX_JOB_FILE_BYTES = 256 * 1024
+SAFE_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
+SAFE_NAME_DOC = "use 1-64 characters from A-Z a-z 0-9 . _ - starting with a letter or digit"
+
+
+@dataclass(frozen=True)
+class SubjectSpec:
+    name: str = field(default="", metadata=rule(Str(pattern=SAFE_NAME, pattern_doc=SAFE_NAME_DOC)))
+    photos: tuple[str, ...] = field(default=(), metadata=rule(ListOf(Str(min_len=1, max_len=255), 0, 16)))
+    # "auto": the largest face, refused when another face is nearly as large;
+    # "largest": the largest face, whatever else is in the photo.
+    face: str = field(default="auto", metadata=rule(Str(choices=("auto", "largest"))))
+    # photo file name -> face number, counted left to right from 0 (overrides `face`).
+    face_index: tuple[tuple[str, int], ...] = field(default=(), metadata=rule(MapOf(Int(0, 99))))
+
+
+@dataclass(frozen=True)
+class PrepareSpec:
+    size: int = field(default=768, metadata=rule(Int(64, 2048)))
+    remove_background: bool = field(default=True, metadata=rule(Bool()))
+    rotations: tuple[float, ...] = field(default=(-10.0, 10.0), metadata=rule(ListOf(Float(-45, 45), 0, 8)))
+    crops: tuple[float, ...] = field(default=(0.8, 0.6), metadata=rule(ListOf(Float(0.3, 1.0), 0, 8)))
+    # Crop side = face box side x (1 + 2 x padding): 0.8 keeps head, hair and shoulders.
+    padding: float = field(default=0.8, metadata=rule(Float(0.1, 3.0)))
+
+
+@dataclass(frozen=True)
+class PhaseSpec:
+    name: str = field(default="", metadata=rule(Str(pattern=r"[A-Z][A-Z0-9_]{0,31}", pattern_doc="upper-case name like MID_FINE")))
+    lr: float = field(default=1e-4, metadata=rule(Float(0.0, 1.0, low_open=True)))
+    alpha: float = field(default=8.0, metadata=rule(Float(0.0, 1024.0, low_open=True)))
+    loss: str = field(default="mse", metadata=rule(Str(choices=("mse", "huber", "charbonnier"))))
+    optimizer: str = field(default="adamw", metadata=rule(Str(choices=("adamw", "adamp"))))
+    min_steps: int = field(default=20, metadata=rule(Int(0, 100_000)))
+    max_steps: int = field(default=400, metadata=rule(Int(1, 100_000)))
+
+
+DEFAULT_PHASES = (
+    PhaseSpec("COARSE", 1e-4, 8.0, "mse", "adamw", 50, 400),
+    PhaseSpec("MID", 3e-5, 4.0, "huber", "adamw", 50, 400),
+    PhaseSpec("MID_FINE", 1e-6, 2.0, "charbonnier", "adamp", 25, 200),
+    PhaseSpec("FINAL_FINE", 5e-7, 1.0, "charbonnier", "adamp", 25, 200),
+)
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    rank: int = field(default=8, metadata=rule(Int(1, 256)))
+    max_steps: int = field(default=1200, metadata=rule(Int(1, 100_000)))  # hard cap over all phases
+    phases: tuple[PhaseSpec, ...] = field(default=DEFAULT_PHASES, metadata=rule(Tables(PhaseSpec, 1, 8)))
+    resolution: int = field(default=512, metadata=rule(Int(32, 2048)))
+    batch_size: int = field(default=1, metadata=rule(Int(1, 64)))
+    seed: int = field(default=0, metadata=rule(Int(0, 2**32 - 1)))
+    checkpoint_every: int = field(default=50, metadata=rule(Int(1, 100_000)))
+    # Convergence: least-squares slope of the loss over the last `plateau_window` steps;
+    # a phase has plateaued when the slope's p-value (H0: slope = 0) is above `plateau_p_value`.
+    plateau_window: int = field(default=50, metadata=rule(Int(5, 10_000)))
+    plateau_p_value: float = field(default=0.2, metadata=rule(Float(0.0, 1.0)))
+    trigger: str = field(default="sks person", metadata=rule(Str(min_len=1, max_len=64)))
+
+
+@dataclass(frozen=True)
+class VerifySpec:
+    # A count of candidates (seeds base_seed, base_seed+1, ...) or an explicit list.
+    seeds: int | tuple[int, ...] = field(
+        default=16,
+        metadata=rule(Either(Int(1, 256), ListOf(Int(0, 2**32 - 1), 1, 256), doc="a count 1-256 or a list of seeds")),
+    )
+    base_seed: int = field(default=0, metadata=rule(Int(0, 2**32 - 1)))
+    threshold: float = field(default=0.18, metadata=rule(Float(0.0, 2.0)))
+    prompt: str = field(default="a photo of sks person, portrait, neutral background", metadata=rule(Str(min_len=1, max_len=1000)))
+    batch_size: int = field(default=4, metadata=rule(Int(1, 64)))
+    steps: int = field(default=30, metadata=rule(Int(1, 200)))
+
+    @property
+    def seed_list(self) -> tuple[int, ...]:
+        if isinstance(self.seeds, int):
+            return tuple(self.base_seed + i for i in range(self.seeds))
+        return self.seeds
+
+
+@dataclass(frozen=True)
+class RenderSpec:
+    prompt: str = field(metadata=rule(Str(min_len=1, max_len=1000)))
+    mode: str = field(default="three_pass", metadata=rule(Str(choices=("three_pass", "two_pass"))))
+    count: int = field(default=1, metadata=rule(Int(1, 64)))
+    negative_prompt: str = field(default="", metadata=rule(Str(max_len=1000)))
+    steps: int = field(default=30, metadata=rule(Int(1, 200)))
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """Everything one job asks for. `subject.name` and `subject.photos` are always filled in."""
+
+    render: tuple[RenderSpec, ...] = field(metadata=rule(Tables(RenderSpec, 1, 16)))
+    subject: SubjectSpec = field(default_factory=SubjectSpec, metadata=rule(Table(SubjectSpec)))
+    prepare: PrepareSpec = field(default_factory=PrepareSpec, metadata=rule(Table(PrepareSpec)))
+    train: TrainSpec = field(default_factory=TrainSpec, metadata=rule(Table(TrainSpec)))
+    verify: VerifySpec = field(default_factory=VerifySpec, metadata=rule(Table(VerifySpec)))
+
+
+# The sections of a job that config.toml may give defaults for ([job.<section>]).
+JOB_DEFAULT_SECTIONS = {"prepare": PrepareSpec, "train": TrainSpec, "verify": VerifySpec}
+
+
+def read_toml(path: Path, where: str, max_bytes: int = MAX_JOB_FILE_BYTES) -> dict[str, Any]:
+    """Parse a TOML file, turning every way it can be wrong into a JobError naming the file."""
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise JobError("missing_job_file", f"{where} is missing: every job folder needs one") from None
+    if size > max_bytes:
+        raise JobError("invalid_job", f"{where} is {size} bytes; at most {max_bytes} are accepted")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise JobError("invalid_job", f"{where} is not UTF-8 text (byte {exc.start})") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise JobError("invalid_job", f"{where} is not valid TOML: {exc}") from None
+    except RecursionError:
+        raise JobError("invalid_job", f"{where} nests too deeply to parse") from None
+
+
+def parse_job_table(
+    table: dict[str, Any],
+    defaults: dict[str, Any],
+    folder_name: str,
+    where: str = JOB_FILE,
+) -> tuple[JobSpec | None, list[Problem]]:
+    """Merge config defaults under the job's table and validate; returns (spec, problems)."""
+    problems: list[Problem] = []
+    merged = merge_tables({k: v for k, v in defaults.items() if k != "render"}, table)
+    render_defaults = defaults.get("render", {})
+    if isinstance(merged.get("render"), list):
+        merged["render"] = [
+            merge_tables(render_defaults, entry) if isinstance(entry, dict) else entry for entry in merged["render"]
+        ]
+    spec = build(JobSpec, merged, "", problems)
+    problems = [Problem(f"{where}: {p.where}", p.reason) for p in problems]
+    if spec is INVALID:
+        return None, problems
+    if not spec.subject.name and not re.fullmatch(SAFE_NAME, folder_name):
+        problems.append(
+            Problem(f"{where}: subject.name", f"the folder name {folder_name!r:.80} is not a safe subject name; set subject.name ({SAFE_NAME_DOC})")
+        )
+    problems += _cross_checks(spec, where)
+    return spec, problems
+
+
+def _cross_checks(spec: JobSpec, where: str) -> list[Problem]:
+    problems: list[Problem] = []
+    names = [p.name for p in spec.train.phases]
+    for i, phase in enumerate(spec.train.phases):
+        if phase.min_steps > phase.max_steps:
+            problems.append(Problem(f"{where}: train.phases[{i}].min_steps", f"{phase.min_steps} is above max_steps {phase.max_steps}"))
+        if names.count(phase.name) > 1:
+            problems.append(Problem(f"{where}: train.phases[{i}].name", f"phase name {phase.name!r} is used twice"))
+    if spec.train.rank > 0 and not spec.train.phases:
+        problems.append(Problem(f"{where}: train.phases", "at least one phase is needed"))
+    seeds = spec.verify.seed_list
+    if len(set(seeds)) != len(seeds):
+        problems.append(Problem(f"{where}: verify.seeds", "seeds must be distinct"))
+    return problems
+
+
+def check_prompts(spec: JobSpec, denylist: tuple[str, ...], where: str = JOB_FILE) -> list[Problem]:
+    """Refuse prompts holding a denylisted term (whole words, any case)."""
+    problems: list[Problem] = []
+    prompts = [("verify.prompt", spec.verify.prompt)] + [(f"render[{i}].prompt", r.prompt) for i, r in enumerate(spec.render)]
+    for key, prompt in prompts:
+        for term in denylist:
+            if re.search(rf"(?<!\w){re.escape(term)}(?!\w)", prompt, flags=re.IGNORECASE):
+                problems.append(Problem(f"{where}: {key}", f"contains the denied term {term!r} (config render.denylist)"))
+    return problems
+
+
+def resolve_photos(folder: Path, spec: JobSpec, extensions: tuple[str, ...], where: str = JOB_FILE) -> tuple[tuple[Path, ...], list[Problem]]:
+    """The photo files of a job: listed in subject.photos, or every image in the folder.
+
+    Every path must stay inside the folder after resolving symbolic links; the count must
+    be 1 to MAX_PHOTOS.
+    """
+    problems: list[Problem] = []
+    root = folder.resolve()
+    photos: list[Path] = []
+    if spec.subject.photos:
+        for i, name in enumerate(spec.subject.photos):
+            key = f"{where}: subject.photos[{i}]"
+            candidate = folder / name
+            if Path(name).is_absolute() or not _inside(candidate, root):
+                problems.append(Problem(key, f"{name!r} points outside the job folder"))
+                continue
+            if not candidate.is_file():
+                problems.append(Problem(key, f"{name!r} does not exist in the job folder" if not candidate.exists() else f"{name!r} is not a regular file"))
+                continue
+            if candidate.suffix.lower() not in extensions:
+                problems.append(Problem(key, f"{name!r} is not one of the accepted image types ({', '.join(extensions)})"))
+                continue
+            photos.append(candidate)
+        if len(set(p.name for p in photos)) != len(photos):
+            problems.append(Problem(f"{where}: subject.photos", "the same photo is listed twice"))
+    else:
+        for candidate in sorted(folder.iterdir()):
+            if is_hidden_name(candidate.name) or candidate.suffix.lower() not in extensions:
+                continue
+            if not _inside(candidate, root):
+                problems.append(Problem(candidate.name, "is a link that points outside the job folder; copy the file in instead"))
+                continue
+            if candidate.is_file():
+                photos.append(candidate)
+    if not problems:
+        if not photos:
+            problems.append(Problem(f"{where}: subject.photos", f"no photo found: put 1 to {MAX_PHOTOS} images ({', '.join(extensions)}) in the job folder"))
+        elif len(photos) > MAX_PHOTOS:
+            problems.append(Problem(f"{where}: subject.photos", f"{len(photos)} photos found; a job takes 1 to {MAX_PHOTOS} (list them in subject.photos)"))
+    known = {p.relative_to(folder).as_posix() for p in photos}
+    for name, _ in spec.subject.face_index:
+        if name not in known:
+            problems.append(Problem(f"{where}: subject.face_index.{name}", "names no photo of this job"))
+    return tuple(photos), problems
+
+
+def is_hidden_name(name: str) -> bool:
+    """Names that copy tools use while a transfer is in progress, and hidden files."""
+    return name.startswith((".", "~")) or name.endswith((".tmp", ".part", ".partial", ".crdownload"))
+
+
+def _inside(path: Path, root: Path) -> bool:
+    try:
+        path.resolve().relative_to(root)
+    except (ValueError, OSError, RuntimeError):
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class LoadedJob:
+    """A validated job: its spec with the subject name and photo list filled in."""
+
+    folder: Path
+    spec: JobSpec
+    photos: tuple[Path, ...]
+
+    @property
+    def subject(self) -> str:
+        return self.spec.subject.name
+
+
+def load_job(folder: Path, job_defaults: dict[str, Any], extensions: tuple[str, ...], denylist: tuple[str, ...]) -> LoadedJob:
+    """Read and validate `folder/job.toml`. Raises one JobError listing every problem."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise JobError("invalid_job", f"{folder} is not a folder")
+    table = read_toml(folder / JOB_FILE, JOB_FILE)
+    spec, problems = parse_job_table(table, job_defaults, folder.name)
+    photos: tuple[Path, ...] = ()
+    if spec is not None:
+        problems += check_prompts(spec, denylist)
+        photos, photo_problems = resolve_photos(folder, spec, extensions)
+        problems += photo_problems
+    if problems or spec is None:
+        raise JobError(
+            "invalid_job",
+            f"{JOB_FILE} has {len(problems)} problem{'s' * (len(problems) != 1)}: " + "; ".join(map(str, problems[:3])) + (" ..." if len(problems) > 3 else ""),
+            problems=tuple(problems),
+        )
+    name = spec.subject.name or folder.name
+    photo_names = tuple(p.relative_to(folder).as_posix() for p in photos)
+    subject = SubjectSpec(name=name, photos=photo_names, face=spec.subject.face, face_index=spec.subject.face_index)
+    spec = JobSpec(render=spec.render, subject=subject, prepare=spec.prepare, train=spec.train, verify=spec.verify)
+    return LoadedJob(folder=folder, spec=spec, photos=photos)
+
+
+def safe_subject_name(folder_name: str) -> str:
+    """A subject name for paths when the job itself could not be read (failed/<name>/...)."""
+    cleaned = re.sub(r"[^A-Za-z0-9._-]", "_", folder_name).lstrip("._-")[:64]
+    return cleaned or "unnamed"
