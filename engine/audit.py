@@ -18,7 +18,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import structlog
@@ -29,6 +29,9 @@ AUDIT_FILE = "audit.jsonl"
 MANIFEST_FILE = "manifest.json"
 LEDGER_FILE = "state.json"
 GENESIS = "0" * 64
+# Called with (event name, fields) after each audit event and each progress report; the
+# daemon turns these into metrics without the engine knowing about it.
+Observer = Callable[[str, dict[str, Any]], None]
 # Files of a job folder that the manifest does not list: the manifest itself, the log
 # that holds the manifest's hash, and the engine's working ledger.
 UNLISTED = frozenset({AUDIT_FILE, MANIFEST_FILE, LEDGER_FILE})
@@ -79,8 +82,9 @@ class _AppendOnlyFile:
 class AuditLog:
     """Appends hash-chained events to one job's `audit.jsonl` (resuming an existing chain)."""
 
-    def __init__(self, path: Path, job_id: str) -> None:
+    def __init__(self, path: Path, job_id: str, observer: "Observer | None" = None) -> None:
         self.path = Path(path)
+        self._observer = observer
         self.path.parent.mkdir(parents=True, exist_ok=True)
         new_file = not self.path.exists()
         self.head, torn = _recover_head(self.path)
@@ -98,6 +102,8 @@ class AuditLog:
     def event(self, event: str, **fields: Any) -> str:
         """Record one event; returns its hash (the new head of the chain)."""
         self._log.info(event, **fields)
+        if self._observer is not None:
+            self._observer(event, fields)
         return self.head
 
     @staticmethod

@@ -7,12 +7,21 @@ from pathlib import Path
 from typing import Any
 
 import structlog
+import threading
 
-from engine.audit import AuditLog
+from engine.audit import AuditLog, Observer
 from engine.background import BackgroundRemover, staged_model_path
 from engine.config import Settings
 from engine.faces import FaceModels, load_face_models
 from engine.job import LoadedJob
+
+
+class JobInterrupted(Exception):
+    """A stop was requested (SIGTERM); the job stopped at a safe point and can be resumed."""
+
+    def __init__(self, where: str) -> None:
+        super().__init__(f"stopped at {where}")
+        self.where = where
 
 
 class Resources:
@@ -52,6 +61,18 @@ class StageContext:
     demo: bool = False
     log: Any = field(default_factory=lambda: structlog.get_logger("engine"))
     models_used: dict[str, str] = field(default_factory=dict)  # model name -> sha256, for the manifest
+    observer: Observer | None = None
+    stop_requested: threading.Event = field(default_factory=threading.Event)
+
+    def progress(self, event: str, **fields: Any) -> None:
+        """Report progress that is not worth an audit line (a training step, a seed rendered)."""
+        if self.observer is not None:
+            self.observer(event, fields)
+
+    def check_stop(self, where: str) -> None:
+        """Called at safe points (after a checkpoint): leaves the job resumable if a stop was asked for."""
+        if self.stop_requested.is_set():
+            raise JobInterrupted(where)
 
     def path(self, relative: str) -> Path:
         return self.job_dir / relative

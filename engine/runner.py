@@ -18,6 +18,7 @@ import os
 import platform
 import secrets
 import shutil
+import threading
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,9 +26,9 @@ from typing import Any
 
 import structlog
 
-from engine.audit import AUDIT_FILE, LEDGER_FILE, AuditLog, write_manifest
+from engine.audit import AUDIT_FILE, LEDGER_FILE, AuditLog, Observer, write_manifest
 from engine.config import Settings
-from engine.context import Resources, StageContext
+from engine.context import JobInterrupted, Resources, StageContext
 from engine.errors import JobError
 from engine.faults import pause_point
 from engine.fsutil import atomic_write_json, canonical_json, fsync_dir, hash_tree, sha256_bytes, sha256_file
@@ -47,7 +48,7 @@ log = structlog.get_logger("engine")
 class JobResult:
     job_id: str
     subject: str
-    outcome: str  # "finished" | "partial" (stopped by --until) | "failed"
+    outcome: str  # "finished" | "partial" (stopped by --until) | "interrupted" (stop requested) | "failed"
     output_dir: Path
     error: dict[str, Any] | None = None
 
@@ -59,10 +60,14 @@ class JobResult:
 class Engine:
     """Runs jobs one after another, keeping models loaded between them."""
 
-    def __init__(self, settings: Settings | None = None, *, demo: bool = False) -> None:
+    def __init__(self, settings: Settings | None = None, *, demo: bool = False, observer: Observer | None = None) -> None:
         self.settings = settings or Settings.load(None)
         self.demo = demo
+        self.observer = observer
         self.resources = Resources(self.settings)
+        # Set from another thread (a signal handler) to stop the job in flight at its next
+        # safe point; the job stays in the work area and resumes on the next run.
+        self.stop_requested = threading.Event()
 
     def run_job(self, source: Path, outbox: Path, *, job_id: str | None = None, until: str | None = None,
                 failed_dir: Path | None = None) -> JobResult:
@@ -84,16 +89,17 @@ class Engine:
         except JobError as error:
             subject = safe_subject_name(source.name)
             job_dir = outbox / WORK_DIR / subject / job_id
-            audit = AuditLog(job_dir / AUDIT_FILE, job_id)
+            audit = AuditLog(job_dir / AUDIT_FILE, job_id, self.observer)
             audit.event("job_started", source=str(source), subject=subject, inputs=_folder_hashes(source), versions=software_versions(), demo=self.demo)
             return self._fail(error, source, subject, job_id, job_dir, failed_root, audit, None, bound)
         subject = job.subject
         job_dir = outbox / WORK_DIR / subject / job_id
         ledger = Ledger.open(job_dir / LEDGER_FILE, job_id, subject, str(source))
         resumed = (job_dir / AUDIT_FILE).exists()
-        audit = AuditLog(job_dir / AUDIT_FILE, job_id)
+        audit = AuditLog(job_dir / AUDIT_FILE, job_id, self.observer)
         bound = bound.bind(subject=subject)
-        ctx = StageContext(job=job, job_dir=job_dir, settings=self.settings, resources=self.resources, audit=audit, demo=self.demo, log=bound)
+        ctx = StageContext(job=job, job_dir=job_dir, settings=self.settings, resources=self.resources, audit=audit, demo=self.demo,
+                           log=bound, observer=self.observer, stop_requested=self.stop_requested)
         try:
             inputs = input_hashes(job)
             audit.event(
@@ -108,6 +114,10 @@ class Engine:
                 audit.event("job_paused", until=until)
                 return JobResult(job_id, subject, "partial", job_dir)
             return self._finish(ctx, ledger, inputs, outbox)
+        except JobInterrupted as stop:
+            audit.event("job_interrupted", at=stop.where)
+            bound.info("job_interrupted", at=stop.where)
+            return JobResult(job_id, subject, "interrupted", job_dir)
         except JobError as error:
             return self._fail(error, source, subject, job_id, job_dir, failed_root, audit, ledger, bound)
         except OSError as exc:
@@ -128,6 +138,7 @@ class Engine:
     def _run_stages(self, ctx: StageContext, ledger: Ledger, inputs: dict[str, str], until: str | None) -> None:
         previous = {"inputs": inputs}
         for stage in STAGES:
+            ctx.check_stop(f"before {stage.NAME}")
             fingerprint = sha256_bytes(canonical_json({"stage": stage.NAME, "version": stage.VERSION, "config": stage.fingerprint(ctx), "previous": previous}).encode())
             record = ledger.record(stage.NAME)
             if record and record.status == "complete" and record.fingerprint == fingerprint and record.intact(ctx.job_dir):
