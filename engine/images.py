@@ -51,7 +51,7 @@ def load_photo(path: Path, name: str, max_pixels: int, fill_rgb: tuple[int, ...]
     except UnidentifiedImageError:
         raise JobError("unreadable_image", f"{name}: not an image Pillow can read (jpg, png or webp expected)") from None
     except Image.DecompressionBombError as exc:
-        raise JobError("pixel_limit", f"{name}: {exc}") from None
+        raise JobError("pixel_limit", f"{name}: refused as a decompression bomb ({exc}); photos may have at most {max_pixels:,} pixels (config input.max_pixels)") from None
     except OSError as exc:
         raise JobError("unreadable_image", f"{name}: cannot be opened ({exc})") from None
     with image:
@@ -76,7 +76,7 @@ def load_photo(path: Path, name: str, max_pixels: int, fill_rgb: tuple[int, ...]
                 image.load()
                 upright = ImageOps.exif_transpose(image)
         except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
-            raise JobError("pixel_limit", f"{name}: {exc}") from None
+            raise JobError("pixel_limit", f"{name}: refused as a decompression bomb ({exc}); photos may have at most {max_pixels:,} pixels (config input.max_pixels)") from None
         except (OSError, SyntaxError, ValueError, EOFError) as exc:
             truncated = "truncated" in str(exc).lower() or isinstance(exc, EOFError)
             raise JobError(

@@ -29,7 +29,7 @@ import structlog
 from engine.audit import AUDIT_FILE, LEDGER_FILE, AuditLog, Observer, write_manifest
 from engine.config import Settings
 from engine.context import JobInterrupted, Resources, StageContext
-from engine.errors import JobError
+from engine.errors import ConfigError, JobError
 from engine.faults import pause_point
 from engine.fsutil import atomic_write_json, canonical_json, fsync_dir, hash_tree, sha256_bytes, sha256_file
 from engine.job import JOB_FILE, LoadedJob, is_hidden_name, load_job, safe_subject_name
@@ -68,6 +68,11 @@ class Engine:
         # Set from another thread (a signal handler) to stop the job in flight at its next
         # safe point; the job stays in the work area and resumes on the next run.
         self.stop_requested = threading.Event()
+        self.check_installation()
+
+    def check_installation(self) -> None:
+        """Refuse to start (ConfigError naming what to stage where) rather than fail jobs later."""
+        self.resources.faces()
 
     def run_job(self, source: Path, outbox: Path, *, job_id: str | None = None, until: str | None = None,
                 failed_dir: Path | None = None) -> JobResult:
@@ -118,6 +123,10 @@ class Engine:
             audit.event("job_interrupted", at=stop.where)
             bound.info("job_interrupted", at=stop.where)
             return JobResult(job_id, subject, "interrupted", job_dir)
+        except ConfigError as error:
+            # The installation, not the job, is at fault: keep the job resumable and refuse.
+            audit.event("job_stopped", code=error.code, message=error.message)
+            raise
         except JobError as error:
             return self._fail(error, source, subject, job_id, job_dir, failed_root, audit, ledger, bound)
         except OSError as exc:
@@ -172,15 +181,18 @@ class Engine:
                 return
 
     def _finish(self, ctx: StageContext, ledger: Ledger, inputs: dict[str, str], outbox: Path) -> JobResult:
+        """Manifest, last audit line, then one rename into the outbox. A crash before the
+        rename leaves a complete job in the work area, which the next run publishes."""
         job = ctx.job
         manifest_sha256 = write_manifest(ctx.job_dir, ledger.job_id, inputs, ledger.models(), self.demo)
-        ledger.set_outcome("finished")
         ctx.audit.event("job_finished", manifest_sha256=manifest_sha256, demo=self.demo)
         final = outbox / job.subject / ledger.job_id
         final.parent.mkdir(parents=True, exist_ok=True)
         pause_point("job:before_publish")
         os.replace(ctx.job_dir, final)
         fsync_dir(final.parent)
+        ledger.path = final / LEDGER_FILE
+        ledger.set_outcome("finished")
         ctx.log.info("job_finished", output=str(final), audit_head=ctx.audit.head)
         return JobResult(ledger.job_id, job.subject, "finished", final)
 

@@ -137,7 +137,8 @@ def _remove_background(ctx: StageContext, remover, rgb: np.ndarray, center: tupl
     if not ctx.job.spec.prepare.remove_background:
         return rgb, {"method": "none", "reason": "prepare.remove_background = false"}
     if remover is None:
-        return rgb, {"method": "kept", "reason": f"no rembg model staged at {ctx.resources.background_model_path()}"}
+        staged_as = ctx.resources.background_model_path().relative_to(ctx.settings.models_dir)
+        return rgb, {"method": "kept", "reason": f"no rembg model staged at <models>/{staged_as.as_posix()}"}
     half = side * math.sqrt(2.0) / 2.0
     height, width = rgb.shape[:2]
     x0, y0 = max(0, int(center[0] - half)), max(0, int(center[1] - half))

@@ -1,0 +1,110 @@
+"""Shared fixtures: real photos from packages, a settings object on an empty models folder,
+and job-folder builders. Nothing here downloads anything."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """GPU tests skip themselves where CUDA is absent (CI has no GPU)."""
+    try:
+        import torch
+
+        has_cuda = torch.cuda.is_available()
+    except ImportError:
+        has_cuda = False
+    if has_cuda:
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def astronaut_rgb() -> np.ndarray:
+    from skimage import data
+
+    return data.astronaut()
+
+
+@pytest.fixture(scope="session")
+def group_rgb() -> np.ndarray:
+    """insightface's t1.jpg: six people in a row."""
+    import insightface
+    from PIL import Image
+
+    path = Path(insightface.__file__).parent / "data" / "images" / "t1.jpg"
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+@pytest.fixture(scope="session")
+def no_face_rgb() -> np.ndarray:
+    """scikit-image's coffee cup: a real photo with no face in it."""
+    from skimage import data
+
+    return data.coffee()
+
+
+@pytest.fixture()
+def settings(tmp_path: Path):
+    """Built-in defaults on an empty models folder (faces: embedded buffalo_s; no rembg model)."""
+    from engine.config import Settings
+
+    (tmp_path / "models").mkdir()
+    return Settings.from_table({"paths": {"models": str(tmp_path / "models")}}, root=tmp_path)
+
+
+@pytest.fixture(scope="session")
+def face_models():
+    from engine.faces import load_face_models
+
+    return load_face_models(Path("/nonexistent-models"), "buffalo_l")
+
+
+FAST_JOB = """\
+[prepare]
+size = 128
+rotations = [-10, 10]
+crops = [0.8]
+
+[[render]]
+prompt = "portrait in a garden"
+"""
+
+
+def write_png(path: Path, rgb: np.ndarray) -> Path:
+    from engine.images import png_bytes
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(png_bytes(rgb))
+    return path
+
+
+def make_job(folder: Path, photos: dict[str, np.ndarray | bytes], job_toml: str = FAST_JOB) -> Path:
+    """A job folder with `photos` (arrays become PNGs, bytes are written as they are) and job.toml."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, content in photos.items():
+        if isinstance(content, bytes):
+            (folder / name).write_bytes(content)
+        else:
+            write_png(folder / name, content)
+    (folder / "job.toml").write_text(job_toml, encoding="utf-8")
+    return folder
+
+
+def folder_snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under `folder` with its bytes (to prove inputs are untouched)."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}

@@ -1,0 +1,227 @@
+"""The engine on real photos and real face models: what lands in the outbox, and what a
+refused job leaves behind (its inputs, untouched, with error.json)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from engine.audit import verify_audit
+from engine.runner import Engine, run_job
+from engine.stages import STAGE_NAMES
+from tests.conftest import FAST_JOB, folder_snapshot, make_job
+
+
+def test_example_job_runs_into_a_verifiable_outbox(tmp_path, settings):
+    from engine.example import write_example_subject
+
+    source = write_example_subject(tmp_path / "inbox" / "astronaut")
+    before = folder_snapshot(source)
+    result = run_job(source, tmp_path / "outbox", settings, demo=True)
+    assert result.outcome == "finished", result.error
+    out = result.output_dir
+    assert out == tmp_path / "outbox" / "astronaut" / result.job_id
+    assert folder_snapshot(source) == before  # the engine only reads its input
+    assert not (tmp_path / "outbox" / ".work" / "astronaut" / result.job_id).exists()
+    prepared = sorted(p.name for p in (out / "prepared").glob("*.png"))
+    assert prepared == ["0-astronaut_base.png", "0-astronaut_crop80.png", "0-astronaut_rot+10.png", "0-astronaut_rot-10.png"]
+    embed = json.loads((out / "embedding" / "embed.json").read_text())
+    assert embed["dimensions"] == 512
+    assert max(row["drift_to_own_base"] for row in embed["images"]) < 0.05
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert set(manifest["inputs"]) == {"astronaut.png", "job.toml"}
+    assert any(name.startswith("faces/detector/") for name in manifest["models"])
+    assert "prepared/0-astronaut_base.png" in manifest["outputs"]
+    report = verify_audit(out)
+    assert report.ok, report.problems
+    events = [json.loads(line) for line in (out / "audit.jsonl").read_text().splitlines()]
+    first = events[0]
+    assert first["event"] == "job_started"
+    assert set(first["versions"]) >= {"python", "torch", "diffusers", "peft", "insightface", "onnxruntime"}
+    assert first["inputs"] == manifest["inputs"]
+    assert first["models"]["faces"]["sha256"] and "device" in first and first["demo"] is True
+    assert [e["event"] for e in events if e["event"] == "background_removal_skipped"]  # recorded, never silent
+
+
+def test_prepared_crop_is_centred_on_the_face(tmp_path, settings, face_models, astronaut_rgb):
+    source = make_job(tmp_path / "alice", {"a.png": astronaut_rgb}, FAST_JOB)
+    result = Engine(settings).run_job(source, tmp_path / "outbox", until="embed")
+    info = json.loads((result.output_dir / "prepared" / "prepare.json").read_text())
+    (photo,) = info["photos"]
+    assert photo["chosen_face"] == 0 and photo["background"]["method"] == "kept"
+    for image in photo["images"]:
+        rgb = np.asarray(__import__("PIL.Image", fromlist=["Image"]).open(result.output_dir / image["file"]).convert("RGB"))
+        assert rgb.shape == (128, 128, 3)
+        (face,) = face_models.detect(rgb)  # the face is still there, found afresh
+        detected = face.keypoints
+        mapped = np.asarray(image["keypoints"])
+        assert np.abs(detected - mapped).max() < 4.0, image["kind"]  # prepare's mapped keypoints are where the face is
+
+
+def _expect_refusal(tmp_path: Path, settings, source: Path, code: str, text: str) -> dict:
+    before = folder_snapshot(source)
+    result = run_job(source, tmp_path / "outbox", settings)
+    assert result.outcome == "failed"
+    assert result.error["code"] == code, result.error
+    assert text in result.error["message"] or any(text in p["reason"] or text in p["where"] for p in result.error["problems"]), result.error
+    failed = tmp_path / "failed" / result.subject / result.job_id
+    assert result.output_dir == failed
+    assert folder_snapshot(source) == before  # input intact in place
+    copy = folder_snapshot(failed)
+    error = json.loads(copy.pop("error.json"))
+    copy.pop("audit.jsonl")
+    assert copy == before  # and a byte-identical copy beside error.json
+    assert error["code"] == code and error["job_id"] == result.job_id
+    audit = [json.loads(line) for line in (failed / "audit.jsonl").read_text().splitlines()]
+    assert audit[-1]["event"] == "job_failed" and audit[-1]["code"] == code
+    assert not (tmp_path / "outbox" / ".work" / result.subject / result.job_id).exists()
+    return error
+
+
+def test_no_face_found(tmp_path, settings, no_face_rgb):
+    source = make_job(tmp_path / "cup", {"cup.png": no_face_rgb})
+    _expect_refusal(tmp_path, settings, source, "no_face_found", "cup.png")
+
+
+def test_truncated_jpeg(tmp_path, settings, astronaut_rgb):
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(astronaut_rgb).save(buffer, format="JPEG")
+    source = make_job(tmp_path / "alice", {"a.jpg": buffer.getvalue()[:20_000]})
+    _expect_refusal(tmp_path, settings, source, "truncated_image", "a.jpg")
+
+
+def test_pixel_bomb(tmp_path, settings):
+    from tests.unit.test_images import _png_header_only
+
+    source = make_job(tmp_path / "alice", {"bomb.png": _png_header_only(30_000, 30_000)})
+    _expect_refusal(tmp_path, settings, source, "pixel_limit", "bomb.png")
+
+
+def test_path_escaping_the_folder(tmp_path, settings, astronaut_rgb):
+    make_job(tmp_path / "other", {"secret.png": astronaut_rgb})
+    source = make_job(tmp_path / "alice", {"a.png": astronaut_rgb}, '[subject]\nphotos = ["../other/secret.png"]\n' + FAST_JOB)
+    _expect_refusal(tmp_path, settings, source, "invalid_job", "subject.photos[0]")
+
+
+def test_bad_toml(tmp_path, settings, astronaut_rgb):
+    source = make_job(tmp_path / "alice", {"a.png": astronaut_rgb}, "[prepare\nsize = 128\n")
+    error = _expect_refusal(tmp_path, settings, source, "invalid_job", "not valid TOML")
+    assert "line 1" in error["message"]
+
+
+def test_invalid_job_lists_every_problem(tmp_path, settings, astronaut_rgb):
+    source = make_job(tmp_path / "alice", {"a.png": astronaut_rgb}, '[prepare]\nsize = 1\nshape = "round"\n[[render]]\nmode = "x"\n')
+    error = _expect_refusal(tmp_path, settings, source, "invalid_job", "prepare.size")
+    wheres = {p["where"] for p in error["problems"]}
+    assert {"job.toml: prepare.size", "job.toml: prepare.shape", "job.toml: render[0].mode", "job.toml: render[0].prompt"} <= wheres
+
+
+def test_ambiguous_group_photo_is_refused_then_chosen_by_index(tmp_path, settings, group_rgb):
+    source = make_job(tmp_path / "group", {"t1.png": group_rgb})
+    error = _expect_refusal(tmp_path, settings, source, "ambiguous_face", "face_index")
+    assert len(error["details"]["faces"]) == 6
+    (source / "job.toml").write_text('[subject]\nface_index = { "t1.png" = 2 }\n' + FAST_JOB)
+    result = Engine(settings).run_job(source, tmp_path / "outbox", until="embed")
+    assert result.ok, result.error
+    info = json.loads((result.output_dir / "prepared" / "prepare.json").read_text())
+    assert info["photos"][0]["chosen_face"] == 2
+
+
+def test_photos_of_different_people_are_refused_by_name(tmp_path, settings, astronaut_rgb, group_rgb):
+    source = make_job(tmp_path / "alice", {"a.png": astronaut_rgb, "b.png": group_rgb}, '[subject]\nface = "largest"\n' + FAST_JOB)
+    error = _expect_refusal(tmp_path, settings, source, "identity_mismatch", "a.png vs b.png")
+    assert error["details"]["pairwise"][0]["drift"] > 0.8
+
+
+def test_two_photos_of_the_same_person_make_one_reference(tmp_path, settings, astronaut_rgb):
+    mirrored = np.ascontiguousarray(astronaut_rgb[:, ::-1])
+    source = make_job(tmp_path / "alice", {"a.png": astronaut_rgb, "b.png": mirrored})
+    result = Engine(settings).run_job(source, tmp_path / "outbox", until="embed")
+    assert result.ok, result.error
+    embed = json.loads((result.output_dir / "embedding" / "embed.json").read_text())
+    assert embed["pairwise"][0]["photos"] == ["a.png", "b.png"] and embed["pairwise"][0]["drift"] < 0.1
+    reference = np.load(result.output_dir / "embedding" / "reference.npy")
+    assert reference.shape == (512,) and abs(float(np.linalg.norm(reference)) - 1) < 1e-5
+
+
+def _tiny_matting_model(path: Path) -> Path:
+    """A real ONNX graph with U2-Net's interface (1x3x320x320 -> 1x1x320x320): the mean
+    colour through a sigmoid. Enough to drive rembg's real code path with no download."""
+    graph = helper.make_graph(
+        [helper.make_node("ReduceMean", ["input.1"], ["mean"], axes=[1], keepdims=1), helper.make_node("Sigmoid", ["mean"], ["mask"])],
+        "tiny_matting",
+        [helper.make_tensor_value_info("input.1", TensorProto.FLOAT, [1, 3, 320, 320])],
+        [helper.make_tensor_value_info("mask", TensorProto.FLOAT, [1, 1, 320, 320])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
+    return path
+
+
+def test_background_removal_through_rembg_with_a_staged_model(tmp_path, settings, astronaut_rgb):
+    from engine.config import BackgroundSettings
+
+    _tiny_matting_model(settings.models_dir / "rembg" / "tiny.onnx")
+    staged = settings.with_changes(background=BackgroundSettings(model="tiny", fill_rgb=(0, 255, 0)))
+    source = make_job(tmp_path / "alice", {"a.png": astronaut_rgb})
+    result = Engine(staged).run_job(source, tmp_path / "outbox", until="embed")
+    assert result.ok, result.error
+    info = json.loads((result.output_dir / "prepared" / "prepare.json").read_text())
+    assert info["photos"][0]["background"]["method"] == "rembg"
+    events = [json.loads(line)["event"] for line in (result.output_dir / "audit.jsonl").read_text().splitlines()]
+    assert "background_removal_skipped" not in events
+    state = json.loads((result.output_dir / "state.json").read_text())
+    assert "rembg/tiny.onnx" in state["stages"][0]["models"]
+    # The matte darkened by the mean-colour sigmoid moved pixels toward the green fill.
+    from engine.images import read_rgb
+
+    base = read_rgb(result.output_dir / "prepared" / "0-a_base.png").astype(int)
+    plain = Engine(settings).run_job(source, tmp_path / "outbox2", until="embed")
+    kept = read_rgb(plain.output_dir / "prepared" / "0-a_base.png").astype(int)
+    assert (base[..., 1] - base[..., 0]).mean() > (kept[..., 1] - kept[..., 0]).mean() + 10
+
+
+def test_missing_background_model_can_refuse(tmp_path, settings, astronaut_rgb):
+    from engine.config import BackgroundSettings
+
+    strict = settings.with_changes(background=BackgroundSettings(when_missing="refuse"))
+    source = make_job(tmp_path / "alice", {"a.png": astronaut_rgb})
+    before = folder_snapshot(source)
+    result = run_job(source, tmp_path / "outbox", strict)
+    assert result.error["code"] == "background_model_missing"
+    assert str(settings.models_dir / "rembg" / "u2net.onnx") in result.error["message"]
+    assert folder_snapshot(source) == before
+
+
+def test_until_stops_after_the_named_stage(tmp_path, settings, astronaut_rgb):
+    source = make_job(tmp_path / "alice", {"a.png": astronaut_rgb})
+    result = Engine(settings).run_job(source, tmp_path / "outbox", until="prepare")
+    assert result.outcome == ("partial" if STAGE_NAMES[-1] != "prepare" else "finished")
+    assert (result.output_dir / "prepared" / "prepare.json").exists()
+    assert not (result.output_dir / "embedding").exists()
+    with pytest.raises(ValueError, match="unknown stage"):
+        Engine(settings).run_job(source, tmp_path / "outbox", until="nonsense")
+
+
+def test_cli_run_exit_codes(tmp_path, astronaut_rgb, no_face_rgb, monkeypatch):
+    from engine.__main__ import main
+
+    config = tmp_path / "config.toml"
+    config.write_text(f'[paths]\nmodels = "{tmp_path / "models"}"\n')
+    good = make_job(tmp_path / "alice", {"a.png": astronaut_rgb})
+    bad = make_job(tmp_path / "cup", {"cup.png": no_face_rgb})
+    assert main(["--config", str(config), "run", str(good), "--outbox", str(tmp_path / "outbox"), "--until", "embed"]) == 0
+    assert main(["--config", str(config), "run", str(bad), "--outbox", str(tmp_path / "outbox")]) == 1
+    config.write_text("[faces]\nrequire_pack = true\n")
+    assert main(["--config", str(config), "run", str(good), "--outbox", str(tmp_path / "outbox")]) == 2

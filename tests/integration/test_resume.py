@@ -1,0 +1,156 @@
+"""Crash and resume: SIGKILL at named points, then a re-run that resumes from the ledger and
+ends with outputs identical to an uninterrupted run; changed inputs re-do what they affect."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from engine.audit import AUDIT_FILE, MANIFEST_FILE, verify_audit
+from engine.fsutil import hash_tree
+from engine.runner import WORK_DIR, Engine
+from tests.conftest import REPO, FAST_JOB, make_job
+
+
+def _outputs(job_dir: Path) -> dict[str, str]:
+    """Hashes of everything a job wrote, bar the audit log (timestamps), the ledger and the manifest (job id; its outputs are compared)."""
+    return {k: v for k, v in hash_tree(job_dir, job_dir).items() if k not in (AUDIT_FILE, "state.json", MANIFEST_FILE)}
+
+
+def _events(job_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (job_dir / AUDIT_FILE).read_text().splitlines()]
+
+
+def _engine_cli(config: Path, source: Path, outbox: Path, pause_at: str | None = None, marker: Path | None = None) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    if pause_at:
+        env.update(ENGINE_PAUSE_AT=pause_at, ENGINE_PAUSE_FILE=str(marker))
+    return subprocess.Popen(
+        [sys.executable, "-m", "engine", "--config", str(config), "run", str(source), "--outbox", str(outbox)],
+        env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+
+def _kill_at(config: Path, source: Path, outbox: Path, point: str, tmp_path: Path) -> None:
+    marker = tmp_path / f"paused-{point.replace(':', '_')}"
+    marker.unlink(missing_ok=True)
+    process = _engine_cli(config, source, outbox, point, marker)
+    deadline = time.monotonic() + 120
+    while not marker.exists():
+        if process.poll() is not None:
+            raise AssertionError(f"engine ended before reaching {point}: {process.communicate()}")
+        if time.monotonic() > deadline:
+            process.kill()
+            raise AssertionError(f"engine never reached {point}")
+        time.sleep(0.05)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait(timeout=30)
+    process.communicate()
+    assert process.returncode == -signal.SIGKILL
+
+
+def _two_photo_job(root: Path, astronaut_rgb: np.ndarray) -> tuple[Path, Path]:
+    mirrored = np.ascontiguousarray(astronaut_rgb[:, ::-1])
+    source = make_job(root / "inbox" / "alice", {"a.png": astronaut_rgb, "b.png": mirrored}, FAST_JOB)
+    config = root / "config.toml"
+    (root / "models").mkdir(exist_ok=True)
+    config.write_text(f'[paths]\nmodels = "{root / "models"}"\n')
+    return source, config
+
+
+@pytest.fixture()
+def two_photo_job(tmp_path, astronaut_rgb):
+    return _two_photo_job(tmp_path, astronaut_rgb)
+
+
+@pytest.fixture(scope="module")
+def clean_run(tmp_path_factory, astronaut_rgb) -> Path:
+    """The same job run once without interruption, in a process of its own."""
+    root = tmp_path_factory.mktemp("clean")
+    source, config = _two_photo_job(root, astronaut_rgb)
+    process = _engine_cli(config, source, root / "outbox")
+    assert process.wait(timeout=120) == 0, process.communicate()
+    (clean_dir,) = (root / "outbox" / "alice").iterdir()
+    return clean_dir
+
+
+@pytest.mark.parametrize("point", ["prepare:photo:0", "stage:prepare:written", "stage:embed:written", "job:before_publish"])
+def test_sigkill_then_rerun_resumes_with_identical_outputs(tmp_path, two_photo_job, clean_run, point):
+    source, config = two_photo_job
+    clean_dir = clean_run
+
+    outbox = tmp_path / "outbox"
+    _kill_at(config, source, outbox, point, tmp_path)
+    (work_dir,) = (outbox / WORK_DIR / "alice").iterdir()
+    assert (work_dir / "state.json").exists()
+
+    rerun = _engine_cli(config, source, outbox)
+    stdout, stderr = rerun.communicate(timeout=120)
+    assert rerun.returncode == 0, stderr
+    result = json.loads(stdout.strip().splitlines()[-1])
+    assert result["job_id"] == work_dir.name  # the same job, resumed, not a new one
+    final = Path(result["output"])
+    assert not work_dir.exists()
+    assert _outputs(final) == _outputs(clean_dir)
+    assert json.loads((final / MANIFEST_FILE).read_text())["outputs"] == json.loads((clean_dir / MANIFEST_FILE).read_text())["outputs"]
+    assert verify_audit(final).ok
+    events = _events(final)
+    assert [e["event"] for e in events].count("job_resumed") == 1
+    if point == "prepare:photo:0":
+        assert any(e["event"] == "stage_invalidated" and e["stage"] == "prepare" and e["reason"] == "interrupted" for e in events)
+    if point in ("stage:embed:written", "job:before_publish"):
+        resumed_at = [e["event"] for e in events].index("job_resumed")
+        assert any(e["event"] == "stage_skipped" and e["stage"] == "prepare" for e in events[resumed_at:])
+
+
+def test_changed_inputs_invalidate_from_the_first_affected_stage(tmp_path, two_photo_job, astronaut_rgb):
+    source, config = two_photo_job
+    outbox = tmp_path / "outbox"
+    _kill_at(config, source, outbox, "job:before_publish", tmp_path)  # both stages complete, not yet published
+    (work_dir,) = (outbox / WORK_DIR / "alice").iterdir()
+    ledger = json.loads((work_dir / "state.json").read_text())
+    assert [(s["name"], s["status"]) for s in ledger["stages"]] == [("prepare", "complete"), ("embed", "complete")]
+
+    # An embed-only setting: prepare is kept, embed is re-done.
+    config.write_text(config.read_text() + "[embed]\nsame_person_max_drift = 0.5\n")
+    _kill_at(config, source, outbox, "job:before_publish", tmp_path)
+    events = _events(work_dir)
+    last_run = events[max(i for i, e in enumerate(events) if e["event"] == "job_resumed"):]
+    assert [(e["event"], e.get("stage")) for e in last_run if e["event"].startswith("stage_")][:3] == [
+        ("stage_skipped", "prepare"), ("stage_invalidated", "embed"), ("stage_started", "embed")]
+
+    # A changed photo: everything from prepare on is re-done.
+    from tests.conftest import write_png
+
+    write_png(source / "b.png", np.ascontiguousarray(astronaut_rgb[:, ::-1][:, 8:]))
+    rerun = _engine_cli(config, source, outbox)
+    assert rerun.wait(timeout=120) == 0, rerun.communicate()
+    (final,) = (outbox / "alice").iterdir()
+    events = _events(final)
+    last_run = events[max(i for i, e in enumerate(events) if e["event"] == "job_resumed"):]
+    invalidated = [e for e in last_run if e["event"] == "stage_invalidated"]
+    assert invalidated[0]["stage"] == "prepare" and invalidated[0]["reason"] == "inputs or settings changed"
+    assert invalidated[0]["dropped"] == ["prepare", "embed"]
+    assert verify_audit(final).ok
+
+
+def test_an_artifact_edited_between_runs_is_redone(tmp_path, settings, astronaut_rgb):
+    source = make_job(tmp_path / "alice", {"a.png": astronaut_rgb})
+    engine = Engine(settings)
+    first = engine.run_job(source, tmp_path / "outbox", until="prepare")
+    target = first.output_dir / "prepared" / "0-a_base.png"
+    original = target.read_bytes()
+    target.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))
+    second = engine.run_job(source, tmp_path / "outbox", until="prepare")
+    assert second.job_id == first.job_id
+    assert target.read_bytes() == original
+    reasons = [e.get("reason") for e in _events(second.output_dir) if e["event"] == "stage_invalidated"]
+    assert reasons == ["outputs changed on disk"]

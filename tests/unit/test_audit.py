@@ -1,0 +1,135 @@
+"""The hash chain and manifest catch every kind of edit, and name where it is."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from engine.audit import GENESIS, AuditLog, line_hash, verify_audit, write_manifest
+
+
+def _finished_job(folder: Path) -> Path:
+    folder.mkdir()
+    (folder / "prepared").mkdir()
+    (folder / "prepared" / "a.png").write_bytes(b"\x89PNG fake but fixed")
+    (folder / "report.json").write_text('{"drift": 0.1}')
+    audit = AuditLog(folder / "audit.jsonl", "job-1")
+    audit.event("job_started", inputs={"a.jpg": "00" * 32}, note="first")
+    audit.event("stage_finished", stage="prepare", drift=0.125, values=[1, 2.5, None])
+    digest = write_manifest(folder, "job-1", {"a.jpg": "00" * 32}, {}, demo=False)
+    audit.event("job_finished", manifest_sha256=digest)
+    return folder
+
+
+def test_intact_job_verifies(tmp_path):
+    job = _finished_job(tmp_path / "job")
+    report = verify_audit(job)
+    assert report.ok, report.problems
+    assert report.lines == 3 and report.files_checked == 2
+    lines = [json.loads(line) for line in (job / "audit.jsonl").read_text().splitlines()]
+    assert lines[0]["prev"] == GENESIS
+    assert all(lines[i]["prev"] == lines[i - 1]["hash"] for i in range(1, 3))
+    assert all(line["hash"] == line_hash(line) for line in lines)
+    assert report.head == lines[-1]["hash"]
+
+
+def test_one_edited_byte_of_an_output_is_named(tmp_path):
+    job = _finished_job(tmp_path / "job")
+    data = bytearray((job / "prepared" / "a.png").read_bytes())
+    data[5] ^= 1
+    (job / "prepared" / "a.png").write_bytes(bytes(data))
+    assert verify_audit(job).problems == ["prepared/a.png: changed (sha256 differs from manifest)"]
+
+
+def test_an_edited_audit_line_is_named(tmp_path):
+    job = _finished_job(tmp_path / "job")
+    lines = (job / "audit.jsonl").read_text().splitlines()
+    lines[1] = lines[1].replace('"drift":0.125', '"drift":0.124')
+    (job / "audit.jsonl").write_text("\n".join(lines) + "\n")
+    problems = verify_audit(job).problems
+    assert problems == ["audit.jsonl line 2: content does not match its hash (line edited)"]
+
+
+def test_a_rehashed_line_breaks_the_next_link(tmp_path):
+    job = _finished_job(tmp_path / "job")
+    lines = [json.loads(line) for line in (job / "audit.jsonl").read_text().splitlines()]
+    lines[1]["drift"] = 0.0
+    lines[1]["hash"] = line_hash(lines[1])  # a forger recomputes this line's hash...
+    (job / "audit.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    assert "line 3: 'prev' does not match" in verify_audit(job).problems[0]  # ...and the chain still breaks
+
+
+def test_a_removed_line_is_named(tmp_path):
+    job = _finished_job(tmp_path / "job")
+    lines = (job / "audit.jsonl").read_text().splitlines()
+    (job / "audit.jsonl").write_text("\n".join([lines[0], lines[2]]) + "\n")
+    assert "line 2: 'prev' does not match" in verify_audit(job).problems[0]
+
+
+def test_manifest_edit_added_and_missing_files(tmp_path):
+    job = _finished_job(tmp_path / "job")
+    manifest = json.loads((job / "manifest.json").read_text())
+    manifest["outputs"]["report.json"] = "ff" * 32
+    (job / "manifest.json").write_text(json.dumps(manifest))
+    assert "manifest.json changed" in verify_audit(job).problems[0]
+
+    job2 = _finished_job(tmp_path / "job2")
+    (job2 / "extra.txt").write_text("planted")
+    (job2 / "report.json").unlink()
+    assert verify_audit(job2).problems == ["report.json: missing", "extra.txt: not in the manifest (added after the job finished)"]
+
+
+def test_unfinished_job_is_not_ok(tmp_path):
+    folder = tmp_path / "job"
+    AuditLog(folder / "audit.jsonl", "j").event("job_started")
+    assert "no job_finished event" in verify_audit(folder).problems[0]
+
+
+def test_torn_last_line_is_cut_and_recorded_on_reopen(tmp_path):
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(path, "j")
+    log.event("one")
+    with open(path, "ab") as handle:  # a crash in the middle of writing line 2
+        handle.write(b'{"event":"two","job_')
+    reopened = AuditLog(path, "j")
+    reopened.event("three")
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [line["event"] for line in lines] == ["one", "audit_torn_line_removed", "three"]
+    assert lines[1]["removed_bytes"] == len(b'{"event":"two","job_')
+    assert lines[1]["prev"] == lines[0]["hash"]
+
+
+def test_chain_continues_across_reopen(tmp_path):
+    path = tmp_path / "audit.jsonl"
+    AuditLog(path, "j").event("one")
+    AuditLog(path, "j").event("two")
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert lines[1]["prev"] == lines[0]["hash"]
+
+
+def test_non_finite_and_numpy_values_are_recorded_as_plain_json(tmp_path):
+    import numpy as np
+
+    path = tmp_path / "audit.jsonl"
+    AuditLog(path, "j").event("values", nan=float("nan"), arr=np.arange(3), f=np.float32(0.5), p=Path("/x"))
+    line = json.loads(path.read_text())
+    assert (line["nan"], line["arr"], line["f"], line["p"]) == (None, [0, 1, 2], 0.5, "/x")
+
+
+def test_cli_exit_codes(tmp_path):
+    from engine.__main__ import main
+
+    job = _finished_job(tmp_path / "job")
+    assert main(["verify-audit", str(job)]) == 0
+    (job / "report.json").write_text("{}")
+    assert main(["verify-audit", str(job)]) == 1
+
+
+@pytest.mark.parametrize("garbage", [b"not json\n", b"[1,2]\n"])
+def test_garbage_line_is_named(tmp_path, garbage):
+    job = _finished_job(tmp_path / "job")
+    with open(job / "audit.jsonl", "ab") as handle:
+        handle.write(garbage)
+    assert "line 4: not a JSON object" in verify_audit(job).problems[0]

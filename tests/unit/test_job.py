@@ -1,0 +1,229 @@
+"""job.toml and config.toml validation: every problem named with its key path, all at once."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from engine.config import Settings
+from engine.errors import ConfigError, JobError
+from engine.job import DEFAULT_PHASES, load_job
+from engine.schema import to_plain
+from tests.conftest import FAST_JOB, make_job
+
+REPO = Path(__file__).resolve().parents[2]
+EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
+
+
+def _load(folder: Path, defaults: dict | None = None, denylist: tuple[str, ...] = ("nsfw",)):
+    return load_job(folder, defaults or {}, EXTENSIONS, denylist)
+
+
+def _problems(excinfo: pytest.ExceptionInfo[JobError]) -> dict[str, str]:
+    return {p.where: p.reason for p in excinfo.value.problems}
+
+
+def test_minimal_job_gets_defaults_and_folder_name(tmp_path, astronaut_rgb):
+    folder = make_job(tmp_path / "alice", {"a.png": astronaut_rgb}, '[[render]]\nprompt = "x"\n')
+    job = _load(folder)
+    assert job.subject == "alice"
+    assert job.spec.subject.photos == ("a.png",)
+    assert job.spec.prepare.size == 768 and job.spec.train.phases == DEFAULT_PHASES
+    assert job.spec.verify.seed_list == tuple(range(16))
+    assert job.spec.render[0].mode == "three_pass"
+
+
+def test_config_defaults_apply_under_the_job(tmp_path, astronaut_rgb):
+    folder = make_job(tmp_path / "alice", {"a.png": astronaut_rgb}, '[prepare]\nsize = 256\n[[render]]\nprompt = "x"\n')
+    defaults = {"prepare": {"size": 512, "padding": 1.5}, "verify": {"seeds": [7, 9]}, "render": {"count": 3}}
+    job = _load(folder, defaults)
+    assert job.spec.prepare.size == 256  # the job wins
+    assert job.spec.prepare.padding == 1.5  # the config's default fills in
+    assert job.spec.verify.seed_list == (7, 9)
+    assert job.spec.render[0].count == 3
+
+
+def test_every_problem_is_reported_at_once_with_its_key_path(tmp_path, astronaut_rgb):
+    toml = """
+[subject]
+name = "../etc"
+colour = "red"
+[prepare]
+size = 10
+rotations = "ten"
+[train]
+rank = 8.5
+[[train.phases]]
+name = "COARSE"
+lr = -1
+loss = "l1"
+min_steps = 10
+max_steps = 5
+[verify]
+threshold = 3
+[[render]]
+mode = "one_pass"
+"""
+    folder = make_job(tmp_path / "alice", {"a.png": astronaut_rgb}, toml)
+    with pytest.raises(JobError) as excinfo:
+        _load(folder)
+    problems = _problems(excinfo)
+    assert excinfo.value.code == "invalid_job"
+    expected = {
+        "job.toml: subject.name": "is not allowed",
+        "job.toml: subject.colour": "unknown key",
+        "job.toml: prepare.size": "at least 64",
+        "job.toml: prepare.rotations": "expected an array",
+        "job.toml: train.rank": "expected an integer",
+        "job.toml: train.phases[0].lr": "greater than 0",
+        "job.toml: train.phases[0].loss": "must be one of",
+        "job.toml: verify.threshold": "at most 2",
+        "job.toml: render[0].mode": "must be one of",
+        "job.toml: render[0].prompt": "required key is missing",
+    }
+    for where, reason in expected.items():
+        assert where in problems, f"{where} not reported; got {sorted(problems)}"
+        assert reason in problems[where], (where, problems[where])
+
+
+def test_cross_field_problems(tmp_path, astronaut_rgb):
+    toml = '[train]\n[[train.phases]]\nname = "A"\nmin_steps = 10\nmax_steps = 5\n[[train.phases]]\nname = "A"\n[verify]\nseeds = [1, 1]\n[[render]]\nprompt = "x"\n'
+    folder = make_job(tmp_path / "alice", {"a.png": astronaut_rgb}, toml)
+    with pytest.raises(JobError) as excinfo:
+        _load(folder)
+    problems = _problems(excinfo)
+    assert "above max_steps" in problems["job.toml: train.phases[0].min_steps"]
+    assert "used twice" in problems["job.toml: train.phases[1].name"]
+    assert "distinct" in problems["job.toml: verify.seeds"]
+
+
+def test_render_is_required(tmp_path, astronaut_rgb):
+    folder = make_job(tmp_path / "alice", {"a.png": astronaut_rgb}, "[prepare]\nsize = 128\n")
+    with pytest.raises(JobError) as excinfo:
+        _load(folder)
+    assert "required" in _problems(excinfo)["job.toml: render"]
+
+
+@pytest.mark.parametrize(
+    "photos_value, reason",
+    [
+        ('["../outside.png"]', "points outside the job folder"),
+        ('["/etc/passwd"]', "points outside the job folder"),
+        ('["missing.png"]', "does not exist"),
+        ('["notes.txt"]', "accepted image types"),
+    ],
+)
+def test_photo_paths_are_checked(tmp_path, astronaut_rgb, photos_value, reason):
+    (tmp_path / "outside.png").write_bytes(b"x")
+    folder = make_job(tmp_path / "alice", {"a.png": astronaut_rgb}, f"[subject]\nphotos = {photos_value}\n[[render]]\nprompt = \"x\"\n")
+    (folder / "notes.txt").write_text("hello")
+    with pytest.raises(JobError) as excinfo:
+        _load(folder)
+    assert reason in _problems(excinfo)["job.toml: subject.photos[0]"]
+
+
+def test_symlink_escaping_the_folder_is_refused(tmp_path, astronaut_rgb):
+    outside = make_job(tmp_path / "elsewhere", {"secret.png": astronaut_rgb})
+    folder = make_job(tmp_path / "alice", {}, '[[render]]\nprompt = "x"\n')
+    (folder / "link.png").symlink_to(outside / "secret.png")
+    with pytest.raises(JobError) as excinfo:
+        _load(folder)
+    assert "outside the job folder" in _problems(excinfo)["link.png"]
+
+
+def test_photo_count_limits(tmp_path, astronaut_rgb):
+    empty = make_job(tmp_path / "empty", {}, '[[render]]\nprompt = "x"\n')
+    with pytest.raises(JobError) as excinfo:
+        _load(empty)
+    assert "no photo found" in _problems(excinfo)["job.toml: subject.photos"]
+    many = make_job(tmp_path / "many", {f"{i}.png": astronaut_rgb[:64, :64] for i in range(4)}, '[[render]]\nprompt = "x"\n')
+    with pytest.raises(JobError) as excinfo:
+        _load(many)
+    assert "4 photos found" in _problems(excinfo)["job.toml: subject.photos"]
+
+
+def test_hidden_and_partial_files_are_not_photos(tmp_path, astronaut_rgb):
+    folder = make_job(tmp_path / "alice", {"a.png": astronaut_rgb, ".b.png": astronaut_rgb, "~c.png": astronaut_rgb}, '[[render]]\nprompt = "x"\n')
+    (folder / "d.png.part").write_bytes(b"partial")
+    assert _load(folder).spec.subject.photos == ("a.png",)
+
+
+def test_unsafe_folder_name_needs_a_subject_name(tmp_path, astronaut_rgb):
+    folder = make_job(tmp_path / "Ali ce (copy)", {"a.png": astronaut_rgb}, '[[render]]\nprompt = "x"\n')
+    with pytest.raises(JobError) as excinfo:
+        _load(folder)
+    assert "set subject.name" in _problems(excinfo)["job.toml: subject.name"]
+    (folder / "job.toml").write_text('[subject]\nname = "alice"\n[[render]]\nprompt = "x"\n')
+    assert _load(folder).subject == "alice"
+
+
+def test_denylisted_prompt_is_refused(tmp_path, astronaut_rgb):
+    folder = make_job(tmp_path / "alice", {"a.png": astronaut_rgb}, '[[render]]\nprompt = "an NSFW scene"\n[[render]]\nprompt = "nsfwish is a different word"\n')
+    with pytest.raises(JobError) as excinfo:
+        _load(folder)
+    problems = _problems(excinfo)
+    assert "denied term 'nsfw'" in problems["job.toml: render[0].prompt"]
+    assert "job.toml: render[1].prompt" not in problems
+
+
+@pytest.mark.parametrize(
+    "content, fragment",
+    [
+        (b'[[render]\nprompt = "x"\n', "not valid TOML"),
+        (b"\xff\xfe[render]", "not UTF-8"),
+        (b"[a]\n" + b"x = " + b"[" * 5000 + b"]" * 5000 + b"\n", "nests too deeply"),
+    ],
+)
+def test_bad_toml_gives_a_clear_error(tmp_path, astronaut_rgb, content, fragment):
+    folder = make_job(tmp_path / "alice", {"a.png": astronaut_rgb})
+    (folder / "job.toml").write_bytes(content)
+    with pytest.raises(JobError) as excinfo:
+        _load(folder)
+    assert excinfo.value.code == "invalid_job"
+    assert fragment in excinfo.value.message and "job.toml" in excinfo.value.message
+
+
+def test_missing_job_toml(tmp_path, astronaut_rgb):
+    folder = make_job(tmp_path / "alice", {"a.png": astronaut_rgb})
+    (folder / "job.toml").unlink()
+    with pytest.raises(JobError) as excinfo:
+        _load(folder)
+    assert excinfo.value.code == "missing_job_file"
+
+
+def test_spec_is_frozen(tmp_path, astronaut_rgb):
+    job = _load(make_job(tmp_path / "alice", {"a.png": astronaut_rgb}, FAST_JOB))
+    with pytest.raises(AttributeError):
+        job.spec.prepare.size = 1  # type: ignore[misc]
+
+
+def test_repository_config_equals_built_in_defaults():
+    """config.toml documents the defaults; the two must not drift apart."""
+    loaded = Settings.load(REPO / "config.toml")
+    builtin = Settings()
+    for section in ("paths", "faces", "input", "background", "embed", "render", "models"):
+        assert getattr(loaded, section) == getattr(builtin, section), section
+    from engine.job import JOB_DEFAULT_SECTIONS
+
+    for section, values in loaded.job_defaults.items():
+        default = to_plain(JOB_DEFAULT_SECTIONS[section]())
+        for key, value in values.items():
+            assert default[key] == value, f"[job.{section}] {key}"
+
+
+def test_bad_config_names_file_and_key(tmp_path):
+    path = tmp_path / "config.toml"
+    path.write_text('[faces]\ndetect_size = "big"\nbogus = 1\n[job.prepare]\nsize = 1\n[job.nonsense]\n')
+    with pytest.raises(ConfigError) as excinfo:
+        Settings.load(path)
+    wheres = {p.where for p in excinfo.value.problems}
+    assert {f"{path}: faces.detect_size", f"{path}: faces.bogus", f"{path}: job.prepare.size", f"{path}: job.nonsense"} <= wheres
+
+
+def test_daemon_section_is_passed_through(tmp_path):
+    path = tmp_path / "config.toml"
+    path.write_text('[daemon]\nanything = 1\n')
+    assert Settings.load(path).foreign == {"daemon": {"anything": 1}}
+    assert tomllib.loads(path.read_text())  # sanity
