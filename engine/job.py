@@ -89,7 +89,7 @@ class TrainSpec:
     # Convergence: least-squares slope of the loss over the last `plateau_window` steps;
     # a phase has plateaued when the slope's p-value (H0: slope = 0) is above `plateau_p_value`.
     plateau_window: int = field(default=50, metadata=rule(Int(5, 10_000)))
-    plateau_p_value: float = field(default=0.2, metadata=rule(Float(0.0, 1.0)))
+    plateau_p_value: float = field(default=0.2, metadata=rule(Float(0.0, 0.999, low_open=True)))
     trigger: str = field(default="sks person", metadata=rule(Str(min_len=1, max_len=64)))
 
 
