@@ -98,6 +98,10 @@ class ModelSettings:
     allow_download: bool = field(default=False, metadata=rule(Bool()))
     device: str = field(default="auto", metadata=rule(Str(choices=("auto", "cpu", "cuda"))))
     dtype: str = field(default="auto", metadata=rule(Str(choices=("auto", "float32", "float16", "bfloat16"))))
+    # torch intra-op threads when running on the CPU; 0 = torch's default. 1 was the only
+    # setting free of multi-second stalls on small shared VMs (FINDINGS), and a resumed
+    # training run is bit-exact only with the thread count it started with.
+    cpu_threads: int = field(default=1, metadata=rule(Int(0, 256)))
 
 
 @dataclass(frozen=True)

@@ -27,10 +27,13 @@ class JobInterrupted(Exception):
 class Resources:
     """Models loaded once per process and shared by every job (the daemon keeps one)."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, demo: bool = False) -> None:
         self.settings = settings
+        self.demo = demo
         self._faces: FaceModels | None = None
         self._background: BackgroundRemover | None = None
+        self._pipelines: dict[str, Any] = {}
+        self._hashes: dict[str, dict[str, str]] = {}
 
     def faces(self) -> FaceModels:
         if self._faces is None:
@@ -44,6 +47,44 @@ class Resources:
     def background_model_path(self) -> Path:
         return staged_model_path(self.settings.models_dir, self.settings.background.model)
 
+    def model_ref(self, role: str) -> Any:
+        """Where the `base` or `realism` model is (ConfigError naming what to stage where).
+
+        With demo on, both are the tiny generated model: it is never used otherwise."""
+        from engine.models import resolve_model
+
+        models = self.settings.models
+        name, config = (models.base, models.base_config) if role == "base" else (models.realism, models.realism_config)
+        return resolve_model(name, config, self.settings, demo=self.demo, role=role)
+
+    def pipeline(self, role: str = "base") -> Any:
+        """The loaded diffusion pipeline of `role`, loaded once per process."""
+        if role not in self._pipelines:
+            if role == "realism" and self.demo:
+                self._pipelines[role] = self.pipeline("base")
+            else:
+                from engine.models import load_pipeline
+
+                self._pipelines[role] = load_pipeline(self.model_ref(role), self.settings)
+        return self._pipelines[role]
+
+    def model_hashes(self, role: str = "base") -> dict[str, str]:
+        """sha256 of every weight file of the model of `role`, keyed '<role>/<file>'."""
+        if role not in self._hashes:
+            from engine.models import model_files_hashes
+
+            self._hashes[role] = {f"{role}/{name}": digest for name, digest in model_files_hashes(self.model_ref(role)).items()}
+        return self._hashes[role]
+
+    def base_model_hashes(self) -> dict[str, str]:
+        return self.model_hashes("base")
+
+    def realism_model_hashes(self) -> dict[str, str]:
+        return self.model_hashes("realism")
+
+    def realism_pipeline(self) -> Any:
+        return self.pipeline("realism")
+
     def background(self) -> BackgroundRemover | None:
         """The rembg remover, or None when no model is staged (the caller decides what that means)."""
         if self._background is None and self.background_model_path().is_file():
@@ -54,6 +95,7 @@ class Resources:
 @dataclass
 class StageContext:
     job: LoadedJob
+    job_id: str
     job_dir: Path
     settings: Settings
     resources: Resources
@@ -62,6 +104,7 @@ class StageContext:
     log: Any = field(default_factory=lambda: structlog.get_logger("engine"))
     models_used: dict[str, str] = field(default_factory=dict)  # model name -> sha256, for the manifest
     observer: Observer | None = None
+    fingerprint: str = ""  # of the stage running now (checkpoints are only valid for it)
     stop_requested: threading.Event = field(default_factory=threading.Event)
 
     def progress(self, event: str, **fields: Any) -> None:

@@ -10,6 +10,8 @@ from engine.images import png_bytes
 
 EXAMPLE_JOB = """\
 # An example job: the photo is scikit-image's astronaut (public domain, NASA).
+# Sized to run the whole chain on a 2-core CPU with the demo model in about a minute;
+# a real job keeps the defaults of config.toml (768 px, 1200 steps, 16 seeds, 30 steps).
 [subject]
 name = "astronaut"
 
@@ -18,10 +20,24 @@ size = 256
 rotations = [-10, 10]
 crops = [0.8]
 
+[train]
+max_steps = 300
+
+[verify]
+seeds = 8
+steps = 20
+
 [[render]]
 prompt = "portrait in a spa garden at dusk, candle-lit, 85mm, f/2.8"
 mode = "three_pass"
 count = 1
+steps = 20
+
+[[render]]
+prompt = "portrait on a rainy city street at night, 50mm"
+mode = "two_pass"
+count = 1
+steps = 20
 """
 
 

@@ -64,15 +64,26 @@ class Engine:
         self.settings = settings or Settings.load(None)
         self.demo = demo
         self.observer = observer
-        self.resources = Resources(self.settings)
+        self.resources = Resources(self.settings, demo=demo)
         # Set from another thread (a signal handler) to stop the job in flight at its next
         # safe point; the job stays in the work area and resumes on the next run.
         self.stop_requested = threading.Event()
         self.check_installation()
 
     def check_installation(self) -> None:
-        """Refuse to start (ConfigError naming what to stage where) rather than fail jobs later."""
+        """Refuse to start (ConfigError naming what to stage where) rather than fail jobs later.
+
+        The base diffusion model must be staged (or --demo asked for); the realism model is
+        checked when a job asks for two_pass."""
         self.resources.faces()
+        self.resources.model_ref("base")
+        from engine.models import select_device_dtype
+
+        device, _ = select_device_dtype(self.settings)
+        if device.type == "cpu" and self.settings.models.cpu_threads:
+            import torch
+
+            torch.set_num_threads(self.settings.models.cpu_threads)
 
     def run_job(self, source: Path, outbox: Path, *, job_id: str | None = None, until: str | None = None,
                 failed_dir: Path | None = None) -> JobResult:
@@ -103,7 +114,7 @@ class Engine:
         resumed = (job_dir / AUDIT_FILE).exists()
         audit = AuditLog(job_dir / AUDIT_FILE, job_id, self.observer)
         bound = bound.bind(subject=subject)
-        ctx = StageContext(job=job, job_dir=job_dir, settings=self.settings, resources=self.resources, audit=audit, demo=self.demo,
+        ctx = StageContext(job=job, job_id=job_id, job_dir=job_dir, settings=self.settings, resources=self.resources, audit=audit, demo=self.demo,
                            log=bound, observer=self.observer, stop_requested=self.stop_requested)
         try:
             inputs = input_hashes(job)
@@ -154,24 +165,29 @@ class Engine:
                 ctx.audit.event("stage_skipped", stage=stage.NAME, reason="completed earlier with the same inputs", artifacts=len(record.artifacts))
                 ctx.log.info("stage_skipped", stage=stage.NAME)
             else:
+                interrupted = record is not None and record.status == "running" and record.fingerprint == fingerprint
                 if record is not None:
-                    why = "interrupted" if record.status == "running" and record.fingerprint == fingerprint else (
+                    why = "interrupted" if interrupted else (
                         "inputs or settings changed" if record.fingerprint != fingerprint else "outputs changed on disk")
                     dropped = ledger.drop_from(stage.NAME)
                     ctx.audit.event("stage_invalidated", stage=stage.NAME, reason=why, dropped=dropped)
                     ctx.log.info("stage_invalidated", stage=stage.NAME, reason=why, dropped=dropped)
-                for owned in stage.OUTPUTS:
+                # A stage's scratch (training checkpoints) survives only an interruption of the same run.
+                for owned in stage.OUTPUTS + (() if interrupted else getattr(stage, "SCRATCH", ())):
                     _remove(ctx.path(owned))
                 ledger.start(stage.NAME, fingerprint)
                 ctx.audit.event("stage_started", stage=stage.NAME, fingerprint=fingerprint)
                 started = dt.datetime.now(dt.timezone.utc)
                 ctx.models_used = {}
+                ctx.fingerprint = fingerprint
                 stage.run(ctx)
                 pause_point(f"stage:{stage.NAME}:written")
                 artifacts: dict[str, str] = {}
                 for owned in stage.OUTPUTS:
                     artifacts.update(hash_tree(ctx.path(owned), ctx.job_dir))
                 ledger.complete(stage.NAME, artifacts, ctx.models_used)
+                for scratch in getattr(stage, "SCRATCH", ()):
+                    _remove(ctx.path(scratch))
                 seconds = (dt.datetime.now(dt.timezone.utc) - started).total_seconds()
                 ctx.audit.event("stage_finished", stage=stage.NAME, seconds=round(seconds, 3), artifacts=artifacts, models=dict(ctx.models_used))
                 ctx.log.info("stage_finished", stage=stage.NAME, seconds=round(seconds, 3), artifacts=len(artifacts))

@@ -67,6 +67,14 @@ def settings(tmp_path: Path):
     return Settings.from_table({"paths": {"models": str(tmp_path / "models")}}, root=tmp_path)
 
 
+@pytest.fixture()
+def engine(settings):
+    """An engine on the demo diffusion model (built into the test's models folder)."""
+    from engine.runner import Engine
+
+    return Engine(settings, demo=True)
+
+
 @pytest.fixture(scope="session")
 def face_models():
     from engine.faces import load_face_models
@@ -74,14 +82,41 @@ def face_models():
     return load_face_models(Path("/nonexistent-models"), "buffalo_l")
 
 
+# A job that runs the whole chain on the tiny demo model in a few seconds.
 FAST_JOB = """\
 [prepare]
 size = 128
 rotations = [-10, 10]
 crops = [0.8]
 
+[train]
+rank = 4
+max_steps = 8
+checkpoint_every = 4
+plateau_window = 5
+
+[[train.phases]]
+name = "COARSE"
+min_steps = 2
+max_steps = 4
+
+[[train.phases]]
+name = "FINE"
+lr = 1e-6
+alpha = 2
+loss = "charbonnier"
+optimizer = "adamp"
+min_steps = 2
+max_steps = 4
+
+[verify]
+seeds = 2
+batch_size = 2
+steps = 2
+
 [[render]]
 prompt = "portrait in a garden"
+steps = 2
 """
 
 

@@ -17,26 +17,35 @@ from engine.stages import STAGE_NAMES
 from tests.conftest import FAST_JOB, folder_snapshot, make_job
 
 
-def test_example_job_runs_into_a_verifiable_outbox(tmp_path, settings):
+def test_example_job_prepares_and_embeds(tmp_path, engine):
     from engine.example import write_example_subject
 
     source = write_example_subject(tmp_path / "inbox" / "astronaut")
     before = folder_snapshot(source)
-    result = run_job(source, tmp_path / "outbox", settings, demo=True)
-    assert result.outcome == "finished", result.error
+    result = engine.run_job(source, tmp_path / "outbox", until="embed")
+    assert result.outcome == "partial", result.error
     out = result.output_dir
-    assert out == tmp_path / "outbox" / "astronaut" / result.job_id
+    assert out == tmp_path / "outbox" / ".work" / "astronaut" / result.job_id
     assert folder_snapshot(source) == before  # the engine only reads its input
-    assert not (tmp_path / "outbox" / ".work" / "astronaut" / result.job_id).exists()
     prepared = sorted(p.name for p in (out / "prepared").glob("*.png"))
     assert prepared == ["0-astronaut_base.png", "0-astronaut_crop80.png", "0-astronaut_rot+10.png", "0-astronaut_rot-10.png"]
     embed = json.loads((out / "embedding" / "embed.json").read_text())
     assert embed["dimensions"] == 512
     assert max(row["drift_to_own_base"] for row in embed["images"]) < 0.05
+
+
+def test_finished_job_is_published_with_manifest_and_audit(tmp_path, engine, astronaut_rgb):
+    source = make_job(tmp_path / "alice", {"a.png": astronaut_rgb}, FAST_JOB)
+    result = engine.run_job(source, tmp_path / "outbox")
+    assert result.outcome == "finished", result.error
+    out = result.output_dir
+    assert out == tmp_path / "outbox" / "alice" / result.job_id
+    assert not (tmp_path / "outbox" / ".work" / "alice" / result.job_id).exists()
     manifest = json.loads((out / "manifest.json").read_text())
-    assert set(manifest["inputs"]) == {"astronaut.png", "job.toml"}
+    assert set(manifest["inputs"]) == {"a.png", "job.toml"} and manifest["demo"] is True
     assert any(name.startswith("faces/detector/") for name in manifest["models"])
-    assert "prepared/0-astronaut_base.png" in manifest["outputs"]
+    assert "prepared/0-a_base.png" in manifest["outputs"] and "lora/pytorch_lora_weights.safetensors" in manifest["outputs"]
+    assert any(name.startswith("base/") for name in manifest["models"])
     report = verify_audit(out)
     assert report.ok, report.problems
     events = [json.loads(line) for line in (out / "audit.jsonl").read_text().splitlines()]
@@ -48,9 +57,9 @@ def test_example_job_runs_into_a_verifiable_outbox(tmp_path, settings):
     assert [e["event"] for e in events if e["event"] == "background_removal_skipped"]  # recorded, never silent
 
 
-def test_prepared_crop_is_centred_on_the_face(tmp_path, settings, face_models, astronaut_rgb):
+def test_prepared_crop_is_centred_on_the_face(tmp_path, engine, face_models, astronaut_rgb):
     source = make_job(tmp_path / "alice", {"a.png": astronaut_rgb}, FAST_JOB)
-    result = Engine(settings).run_job(source, tmp_path / "outbox", until="embed")
+    result = engine.run_job(source, tmp_path / "outbox", until="embed")
     info = json.loads((result.output_dir / "prepared" / "prepare.json").read_text())
     (photo,) = info["photos"]
     assert photo["chosen_face"] == 0 and photo["background"]["method"] == "kept"
@@ -65,7 +74,7 @@ def test_prepared_crop_is_centred_on_the_face(tmp_path, settings, face_models, a
 
 def _expect_refusal(tmp_path: Path, settings, source: Path, code: str, text: str) -> dict:
     before = folder_snapshot(source)
-    result = run_job(source, tmp_path / "outbox", settings)
+    result = run_job(source, tmp_path / "outbox", settings, demo=True)
     assert result.outcome == "failed"
     assert result.error["code"] == code, result.error
     assert text in result.error["message"] or any(text in p["reason"] or text in p["where"] for p in result.error["problems"]), result.error
@@ -130,7 +139,7 @@ def test_ambiguous_group_photo_is_refused_then_chosen_by_index(tmp_path, setting
     error = _expect_refusal(tmp_path, settings, source, "ambiguous_face", "face_index")
     assert len(error["details"]["faces"]) == 6
     (source / "job.toml").write_text('[subject]\nface_index = { "t1.png" = 2 }\n' + FAST_JOB)
-    result = Engine(settings).run_job(source, tmp_path / "outbox", until="embed")
+    result = Engine(settings, demo=True).run_job(source, tmp_path / "outbox", until="embed")
     assert result.ok, result.error
     info = json.loads((result.output_dir / "prepared" / "prepare.json").read_text())
     assert info["photos"][0]["chosen_face"] == 2
@@ -145,7 +154,7 @@ def test_photos_of_different_people_are_refused_by_name(tmp_path, settings, astr
 def test_two_photos_of_the_same_person_make_one_reference(tmp_path, settings, astronaut_rgb):
     mirrored = np.ascontiguousarray(astronaut_rgb[:, ::-1])
     source = make_job(tmp_path / "alice", {"a.png": astronaut_rgb, "b.png": mirrored})
-    result = Engine(settings).run_job(source, tmp_path / "outbox", until="embed")
+    result = Engine(settings, demo=True).run_job(source, tmp_path / "outbox", until="embed")
     assert result.ok, result.error
     embed = json.loads((result.output_dir / "embedding" / "embed.json").read_text())
     assert embed["pairwise"][0]["photos"] == ["a.png", "b.png"] and embed["pairwise"][0]["drift"] < 0.1
@@ -175,7 +184,7 @@ def test_background_removal_through_rembg_with_a_staged_model(tmp_path, settings
     _tiny_matting_model(settings.models_dir / "rembg" / "tiny.onnx")
     staged = settings.with_changes(background=BackgroundSettings(model="tiny", fill_rgb=(0, 255, 0)))
     source = make_job(tmp_path / "alice", {"a.png": astronaut_rgb})
-    result = Engine(staged).run_job(source, tmp_path / "outbox", until="embed")
+    result = Engine(staged, demo=True).run_job(source, tmp_path / "outbox", until="embed")
     assert result.ok, result.error
     info = json.loads((result.output_dir / "prepared" / "prepare.json").read_text())
     assert info["photos"][0]["background"]["method"] == "rembg"
@@ -187,7 +196,7 @@ def test_background_removal_through_rembg_with_a_staged_model(tmp_path, settings
     from engine.images import read_rgb
 
     base = read_rgb(result.output_dir / "prepared" / "0-a_base.png").astype(int)
-    plain = Engine(settings).run_job(source, tmp_path / "outbox2", until="embed")
+    plain = Engine(settings, demo=True).run_job(source, tmp_path / "outbox2", until="embed")
     kept = read_rgb(plain.output_dir / "prepared" / "0-a_base.png").astype(int)
     assert (base[..., 1] - base[..., 0]).mean() > (kept[..., 1] - kept[..., 0]).mean() + 10
 
@@ -198,7 +207,7 @@ def test_missing_background_model_can_refuse(tmp_path, settings, astronaut_rgb):
     strict = settings.with_changes(background=BackgroundSettings(when_missing="refuse"))
     source = make_job(tmp_path / "alice", {"a.png": astronaut_rgb})
     before = folder_snapshot(source)
-    result = run_job(source, tmp_path / "outbox", strict)
+    result = run_job(source, tmp_path / "outbox", strict, demo=True, until="embed")
     assert result.error["code"] == "background_model_missing"
     assert str(settings.models_dir / "rembg" / "u2net.onnx") in result.error["message"]
     assert folder_snapshot(source) == before
@@ -206,12 +215,12 @@ def test_missing_background_model_can_refuse(tmp_path, settings, astronaut_rgb):
 
 def test_until_stops_after_the_named_stage(tmp_path, settings, astronaut_rgb):
     source = make_job(tmp_path / "alice", {"a.png": astronaut_rgb})
-    result = Engine(settings).run_job(source, tmp_path / "outbox", until="prepare")
+    result = Engine(settings, demo=True).run_job(source, tmp_path / "outbox", until="prepare")
     assert result.outcome == ("partial" if STAGE_NAMES[-1] != "prepare" else "finished")
     assert (result.output_dir / "prepared" / "prepare.json").exists()
     assert not (result.output_dir / "embedding").exists()
     with pytest.raises(ValueError, match="unknown stage"):
-        Engine(settings).run_job(source, tmp_path / "outbox", until="nonsense")
+        Engine(settings, demo=True).run_job(source, tmp_path / "outbox", until="nonsense")
 
 
 def test_cli_run_exit_codes(tmp_path, astronaut_rgb, no_face_rgb, monkeypatch):
@@ -221,7 +230,9 @@ def test_cli_run_exit_codes(tmp_path, astronaut_rgb, no_face_rgb, monkeypatch):
     config.write_text(f'[paths]\nmodels = "{tmp_path / "models"}"\n')
     good = make_job(tmp_path / "alice", {"a.png": astronaut_rgb})
     bad = make_job(tmp_path / "cup", {"cup.png": no_face_rgb})
-    assert main(["--config", str(config), "run", str(good), "--outbox", str(tmp_path / "outbox"), "--until", "embed"]) == 0
-    assert main(["--config", str(config), "run", str(bad), "--outbox", str(tmp_path / "outbox")]) == 1
+    run = ["--config", str(config), "run", "--outbox", str(tmp_path / "outbox")]
+    assert main(run + [str(good), "--until", "embed", "--demo"]) == 0
+    assert main(run + [str(bad), "--demo"]) == 1
+    assert main(run + [str(good)]) == 2  # no base model staged and no --demo: refused, naming where
     config.write_text("[faces]\nrequire_pack = true\n")
-    assert main(["--config", str(config), "run", str(good), "--outbox", str(tmp_path / "outbox")]) == 2
+    assert main(run + [str(good), "--demo"]) == 2

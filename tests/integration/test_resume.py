@@ -16,33 +16,39 @@ import pytest
 
 from engine.audit import AUDIT_FILE, MANIFEST_FILE, verify_audit
 from engine.fsutil import hash_tree
-from engine.runner import WORK_DIR, Engine
+from engine.runner import WORK_DIR
+from engine.stages import STAGE_NAMES
 from tests.conftest import REPO, FAST_JOB, make_job
 
 
 def _outputs(job_dir: Path) -> dict[str, str]:
-    """Hashes of everything a job wrote, bar the audit log (timestamps), the ledger and the manifest (job id; its outputs are compared)."""
-    return {k: v for k, v in hash_tree(job_dir, job_dir).items() if k not in (AUDIT_FILE, "state.json", MANIFEST_FILE)}
+    """Hashes of everything a job wrote, bar the audit log (timestamps) and the ledger."""
+    return {k: v for k, v in hash_tree(job_dir, job_dir).items() if k not in (AUDIT_FILE, "state.json")}
 
 
 def _events(job_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (job_dir / AUDIT_FILE).read_text().splitlines()]
 
 
-def _engine_cli(config: Path, source: Path, outbox: Path, pause_at: str | None = None, marker: Path | None = None) -> subprocess.Popen:
+JOB_ID = "20260101T000000Z-test01"  # the same id in the clean and the killed run: outputs carry it
+
+
+def _engine_cli(config: Path, source: Path, outbox: Path, pause_at: str | None = None, marker: Path | None = None,
+                job_id: str | None = None) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=str(REPO))
     if pause_at:
         env.update(ENGINE_PAUSE_AT=pause_at, ENGINE_PAUSE_FILE=str(marker))
     return subprocess.Popen(
-        [sys.executable, "-m", "engine", "--config", str(config), "run", str(source), "--outbox", str(outbox)],
+        [sys.executable, "-m", "engine", "--config", str(config), "run", str(source), "--outbox", str(outbox), "--demo"]
+        + (["--job-id", job_id] if job_id else []),
         env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
 
 
-def _kill_at(config: Path, source: Path, outbox: Path, point: str, tmp_path: Path) -> None:
+def _kill_at(config: Path, source: Path, outbox: Path, point: str, tmp_path: Path, job_id: str | None = None) -> None:
     marker = tmp_path / f"paused-{point.replace(':', '_')}"
     marker.unlink(missing_ok=True)
-    process = _engine_cli(config, source, outbox, point, marker)
+    process = _engine_cli(config, source, outbox, point, marker, job_id)
     deadline = time.monotonic() + 120
     while not marker.exists():
         if process.poll() is not None:
@@ -76,7 +82,7 @@ def clean_run(tmp_path_factory, astronaut_rgb) -> Path:
     """The same job run once without interruption, in a process of its own."""
     root = tmp_path_factory.mktemp("clean")
     source, config = _two_photo_job(root, astronaut_rgb)
-    process = _engine_cli(config, source, root / "outbox")
+    process = _engine_cli(config, source, root / "outbox", job_id=JOB_ID)
     assert process.wait(timeout=120) == 0, process.communicate()
     (clean_dir,) = (root / "outbox" / "alice").iterdir()
     return clean_dir
@@ -88,7 +94,7 @@ def test_sigkill_then_rerun_resumes_with_identical_outputs(tmp_path, two_photo_j
     clean_dir = clean_run
 
     outbox = tmp_path / "outbox"
-    _kill_at(config, source, outbox, point, tmp_path)
+    _kill_at(config, source, outbox, point, tmp_path, JOB_ID)
     (work_dir,) = (outbox / WORK_DIR / "alice").iterdir()
     assert (work_dir / "state.json").exists()
 
@@ -100,7 +106,7 @@ def test_sigkill_then_rerun_resumes_with_identical_outputs(tmp_path, two_photo_j
     final = Path(result["output"])
     assert not work_dir.exists()
     assert _outputs(final) == _outputs(clean_dir)
-    assert json.loads((final / MANIFEST_FILE).read_text())["outputs"] == json.loads((clean_dir / MANIFEST_FILE).read_text())["outputs"]
+    assert (final / MANIFEST_FILE).read_bytes() == (clean_dir / MANIFEST_FILE).read_bytes()
     assert verify_audit(final).ok
     events = _events(final)
     assert [e["event"] for e in events].count("job_resumed") == 1
@@ -117,7 +123,7 @@ def test_changed_inputs_invalidate_from_the_first_affected_stage(tmp_path, two_p
     _kill_at(config, source, outbox, "job:before_publish", tmp_path)  # both stages complete, not yet published
     (work_dir,) = (outbox / WORK_DIR / "alice").iterdir()
     ledger = json.loads((work_dir / "state.json").read_text())
-    assert [(s["name"], s["status"]) for s in ledger["stages"]] == [("prepare", "complete"), ("embed", "complete")]
+    assert [(s["name"], s["status"]) for s in ledger["stages"]] == [(name, "complete") for name in STAGE_NAMES]
 
     # An embed-only setting: prepare is kept, embed is re-done.
     config.write_text(config.read_text() + "[embed]\nsame_person_max_drift = 0.5\n")
@@ -138,13 +144,12 @@ def test_changed_inputs_invalidate_from_the_first_affected_stage(tmp_path, two_p
     last_run = events[max(i for i, e in enumerate(events) if e["event"] == "job_resumed"):]
     invalidated = [e for e in last_run if e["event"] == "stage_invalidated"]
     assert invalidated[0]["stage"] == "prepare" and invalidated[0]["reason"] == "inputs or settings changed"
-    assert invalidated[0]["dropped"] == ["prepare", "embed"]
+    assert invalidated[0]["dropped"] == list(STAGE_NAMES)
     assert verify_audit(final).ok
 
 
-def test_an_artifact_edited_between_runs_is_redone(tmp_path, settings, astronaut_rgb):
+def test_an_artifact_edited_between_runs_is_redone(tmp_path, engine, astronaut_rgb):
     source = make_job(tmp_path / "alice", {"a.png": astronaut_rgb})
-    engine = Engine(settings)
     first = engine.run_job(source, tmp_path / "outbox", until="prepare")
     target = first.output_dir / "prepared" / "0-a_base.png"
     original = target.read_bytes()

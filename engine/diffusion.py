@@ -1,0 +1,112 @@
+"""What the verify and render stages share: rendering a batch of seeds, loading the job's
+LoRA into the shared pipeline (and taking it out again), scoring a render's identity."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import json
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from engine.faces import FaceModels, drift
+
+IDENTITY_ADAPTER = "identity"
+
+
+@contextlib.contextmanager
+def identity_lora(pipe: Any, lora_dir: Path) -> Iterator["LoraSwitch"]:
+    """The job's LoRA loaded into `pipe` for the duration of the block, then removed, so the
+    pipeline goes back to the next job as it came."""
+    pipe.load_lora_weights(str(lora_dir), adapter_name=IDENTITY_ADAPTER)
+    try:
+        yield LoraSwitch(pipe)
+    finally:
+        pipe.delete_adapters(IDENTITY_ADAPTER)
+
+
+class LoraSwitch:
+    def __init__(self, pipe: Any) -> None:
+        self._pipe = pipe
+
+    def weight(self, weight: float) -> None:
+        """LoRA on at `weight` (1.0 = as trained); 0.0 renders exactly the base model."""
+        self._pipe.enable_lora()
+        self._pipe.set_adapters([IDENTITY_ADAPTER], adapter_weights=[weight])
+
+    def off(self) -> None:
+        self._pipe.disable_lora()
+
+
+def render(
+    pipe: Any,
+    prompt: str,
+    negative_prompt: str,
+    seeds: Sequence[int],
+    *,
+    steps: int,
+    guidance: float,
+    size: int,
+    init_images: np.ndarray | None = None,
+    strength: float = 0.5,
+) -> np.ndarray:
+    """Render one image per seed in one batched call: N x H x W x 3 uint8.
+
+    Each seed has its own CPU torch.Generator, so a seed gives the same image on any device
+    and in any batch (to within ~1 grey level on CPU, where kernels depend on batch size).
+    With `init_images` the call is img2img at `strength` on the same components.
+    """
+    generators = [torch.Generator(device="cpu").manual_seed(int(seed)) for seed in seeds]
+    count = len(seeds)
+    common = dict(
+        prompt=[prompt] * count,
+        negative_prompt=[negative_prompt] * count,
+        generator=generators,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        output_type="np",
+    )
+    if init_images is None:
+        result = pipe(height=size, width=size, **common)
+    else:
+        image2image = img2img_pipeline(pipe)
+        images = torch.from_numpy(init_images.astype(np.float32) / 255.0).permute(0, 3, 1, 2)
+        # img2img denoises int(steps x strength) steps: never let that be zero.
+        common["num_inference_steps"] = max(steps, math.ceil(1.0 / strength))
+        result = image2image(image=images, strength=strength, **common)
+    return np.clip(np.rint(np.asarray(result.images) * 255.0), 0, 255).astype(np.uint8)
+
+
+def img2img_pipeline(pipe: Any) -> Any:
+    """The image-to-image pipeline on the same components (no second copy of the weights)."""
+    cached = getattr(pipe, "_identity_img2img", None)
+    if cached is None:
+        from diffusers import AutoPipelineForImage2Image
+
+        cached = AutoPipelineForImage2Image.from_pipe(pipe)
+        cached.set_progress_bar_config(disable=True)
+        pipe._identity_img2img = cached
+    return cached
+
+
+def score(faces: FaceModels, rgb: np.ndarray, reference: np.ndarray) -> tuple[float | None, bool]:
+    """(drift to the reference, face found) of a render; the largest face is the subject's.
+    No face found gives (None, False): counted, never scored as 0 or 1."""
+    detected = faces.detect(rgb)
+    if not detected:
+        return None, False
+    face = max(detected, key=lambda f: f.area)
+    return round(drift(reference, faces.embed(rgb, face.keypoints)), 6), True
+
+
+def drift_label(value: float | None) -> str:
+    return "noface" if value is None else f"{value:.4f}"
+
+
+def png_text(**fields: Any) -> dict[str, str]:
+    """PNG text chunks: strings as they are, everything else as JSON."""
+    return {key: value if isinstance(value, str) else json.dumps(value, sort_keys=True) for key, value in fields.items()}

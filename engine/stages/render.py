@@ -1,0 +1,156 @@
+"""Stage 5, render: new scenes that keep the identity, from the seed verify chose.
+
+three_pass (per output):
+  1 anchor  the identity prompt, LoRA 1.0, CFG 5.8, at the selected seed
+  2 scene   the scene prompt, img2img of the anchor, LoRA 0.85, CFG 6.3
+  3 rescue  img2img of the scene, LoRA 0.90, CFG 6.8, then blended 30% back toward the anchor
+two_pass:
+  1 anchor  the scene prompt with the LoRA on the base model
+  2 realism img2img of pass 1 on the realism model (no LoRA: it was trained on the base)
+Every pass is embedded and scored against the reference. drift_report.json/.csv list every
+render of the job (verify candidates included) with seed, prompt, pass, drift, lock state.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from typing import Any
+
+import numpy as np
+
+from engine.context import StageContext
+from engine.diffusion import drift_label, identity_lora, png_text, render, score
+from engine.fsutil import atomic_write_bytes, atomic_write_json, atomic_write_text
+from engine.images import png_bytes
+from engine.job import RenderSpec
+from engine.schema import to_plain
+from engine.stages import embed, train, verify
+
+NAME = "render"
+VERSION = 1
+OUTPUTS = ("renders", "drift_report.json", "drift_report.csv")
+REPORT_JSON = "drift_report.json"
+REPORT_CSV = "drift_report.csv"
+
+# (LoRA weight, CFG, img2img strength) per pass, from the spec.
+ANCHOR = (1.0, 5.8, None)
+SCENE = (0.85, 6.3, 0.6)
+RESCUE = (0.90, 6.8, 0.35)
+RESCUE_BLEND_TO_ANCHOR = 0.30
+TWO_PASS_ANCHOR = (1.0, 6.3, None)
+TWO_PASS_REALISM = (0.0, 5.5, 0.35)
+SEED_STRIDE = 1000  # output i of a render entry uses seed + i * SEED_STRIDE for its scene passes
+
+
+def fingerprint(ctx: StageContext) -> dict[str, object]:
+    needs_realism = any(r.mode == "two_pass" for r in ctx.job.spec.render)
+    return {
+        "render": to_plain(ctx.job.spec.render),
+        "trigger": ctx.job.spec.train.trigger,
+        "identity_prompt": ctx.job.spec.verify.prompt,
+        "negative_prompt": ctx.settings.render.negative_prompt,
+        "base_model": ctx.resources.base_model_hashes(),
+        "realism_model": ctx.resources.realism_model_hashes() if needs_realism else None,
+        "faces": ctx.resources.faces().hashes(),
+        "resolution": train.training_resolution(ctx),
+    }
+
+
+def run(ctx: StageContext) -> None:
+    spec = ctx.job.spec
+    faces = ctx.resources.faces()
+    pipe = ctx.resources.pipeline()
+    ctx.models_used.update(ctx.resources.base_model_hashes())
+    ctx.models_used.update(faces.hashes())
+    reference = embed.load_reference(ctx)
+    chosen = verify.load_outcome(ctx)
+    seed = chosen["best_seed"]
+    locked = chosen["status"] == "locked"
+    size = train.training_resolution(ctx)
+    rows: list[dict[str, Any]] = []
+    ctx.path("renders").mkdir(parents=True, exist_ok=True)
+
+    def keep(entry_index: int, output_index: int, pass_name: str, mode: str, prompt: str, negative: str, pass_seed: int,
+             rgb: np.ndarray, settings: tuple[float, float, float | None]) -> None:
+        drift, face_found = score(faces, rgb, reference)
+        file_name = f"renders/r{entry_index}_{output_index}_{pass_name}_drift_{drift_label(drift)}.png"
+        weight, guidance, strength = settings
+        text = png_text(prompt=prompt, negative_prompt=negative, seed=pass_seed, selected_seed=seed, locked=locked, mode=mode,
+                        pass_name=pass_name, lora_weight=weight, guidance=guidance, strength=strength, drift=drift,
+                        face_found=face_found, demo=ctx.demo, models=ctx.models_used, job_id=ctx.job_id)
+        atomic_write_bytes(ctx.path(file_name), png_bytes(rgb, text))
+        rows.append({"kind": "render", "render": entry_index, "output": output_index, "mode": mode, "pass": pass_name, "seed": pass_seed,
+                     "prompt": prompt, "drift": drift, "face_found": face_found, "locked": locked, "file": file_name})
+        ctx.progress("render_scored", pass_name=pass_name, mode=mode, drift=drift, face_found=face_found)
+
+    with identity_lora(pipe, ctx.path(train.LORA_DIR)) as lora:
+        for entry_index, entry in enumerate(spec.render):
+            prompt = f"{spec.train.trigger}, {entry.prompt}"
+            negative = ", ".join(p for p in (ctx.settings.render.negative_prompt, entry.negative_prompt) if p)
+            if entry.mode == "three_pass":
+                _three_pass(ctx, pipe, lora, entry, entry_index, prompt, negative, seed, size, keep)
+            else:
+                _two_pass(ctx, pipe, lora, entry, entry_index, prompt, negative, seed, size, keep)
+    _write_reports(ctx, chosen, rows)
+
+
+def _three_pass(ctx, pipe, lora, entry: RenderSpec, entry_index, prompt, negative, seed, size, keep) -> None:
+    identity_prompt = ctx.job.spec.verify.prompt
+    lora.weight(ANCHOR[0])
+    (anchor,) = render(pipe, identity_prompt, negative, [seed], steps=entry.steps, guidance=ANCHOR[1], size=size)
+    for output in range(entry.count):
+        keep(entry_index, output, "anchor", "three_pass", identity_prompt, negative, seed, anchor, ANCHOR)
+        scene_seed = seed + (output + 1) * SEED_STRIDE
+        lora.weight(SCENE[0])
+        (scene,) = render(pipe, prompt, negative, [scene_seed], steps=entry.steps, guidance=SCENE[1], size=size, init_images=anchor[None], strength=SCENE[2])
+        keep(entry_index, output, "scene", "three_pass", prompt, negative, scene_seed, scene, SCENE)
+        lora.weight(RESCUE[0])
+        (rescue,) = render(pipe, prompt, negative, [scene_seed + 1], steps=entry.steps, guidance=RESCUE[1], size=size, init_images=scene[None], strength=RESCUE[2])
+        final = np.clip(np.rint((1.0 - RESCUE_BLEND_TO_ANCHOR) * rescue.astype(np.float64) + RESCUE_BLEND_TO_ANCHOR * anchor.astype(np.float64)), 0, 255).astype(np.uint8)
+        keep(entry_index, output, "rescue", "three_pass", prompt, negative, scene_seed + 1, final, RESCUE)
+
+
+def _two_pass(ctx, pipe, lora, entry: RenderSpec, entry_index, prompt, negative, seed, size, keep) -> None:
+    realism = ctx.resources.realism_pipeline()
+    ctx.models_used.update(ctx.resources.realism_model_hashes())
+    lora.weight(TWO_PASS_ANCHOR[0])
+    for output in range(entry.count):
+        pass_seed = seed + output * SEED_STRIDE
+        (anchor,) = render(pipe, prompt, negative, [pass_seed], steps=entry.steps, guidance=TWO_PASS_ANCHOR[1], size=size)
+        keep(entry_index, output, "anchor", "two_pass", prompt, negative, pass_seed, anchor, TWO_PASS_ANCHOR)
+        if realism is pipe:
+            lora.off()  # demo: the realism model is the base model itself, without the LoRA
+        (final,) = render(realism, prompt, negative, [pass_seed + 1], steps=entry.steps, guidance=TWO_PASS_REALISM[1], size=size, init_images=anchor[None], strength=TWO_PASS_REALISM[2])
+        lora.weight(TWO_PASS_ANCHOR[0])
+        keep(entry_index, output, "realism", "two_pass", prompt, negative, pass_seed + 1, final, TWO_PASS_REALISM)
+
+
+def _write_reports(ctx: StageContext, chosen: dict[str, Any], rows: list[dict[str, Any]]) -> None:
+    verify_rows = []
+    for candidate in chosen["candidates"]:
+        for group in ("lora", "control"):
+            result = candidate[group]
+            verify_rows.append({"kind": f"verify_{group}", "render": None, "output": None, "mode": "verify", "pass": group, "seed": candidate["seed"],
+                                "prompt": chosen["prompt"], "drift": result["drift"], "face_found": result["face_found"],
+                                "locked": chosen["status"] == "locked" and candidate["seed"] == chosen["locked_seed"], "file": result["file"]})
+    everything = verify_rows + rows
+    report = {
+        "job_id": ctx.job_id,
+        "subject": ctx.job.subject,
+        "demo": ctx.demo,
+        "note": "demo model: random weights, renders are noise, drifts are meaningless" if ctx.demo else "",
+        "drift": "1 - cosine(reference ArcFace embedding, render embedding); null where no face was found",
+        "seed_selection": {k: chosen[k] for k in ("status", "reason", "best_seed", "best_drift", "locked_seed", "threshold", "faces_not_found")},
+        "renders": everything,
+        "faces_not_found": sum(not row["face_found"] for row in everything),
+    }
+    atomic_write_json(ctx.path(REPORT_JSON), report)
+    buffer = io.StringIO()
+    columns = ["kind", "render", "output", "mode", "pass", "seed", "prompt", "drift", "face_found", "locked", "file"]
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    for row in everything:
+        writer.writerow({k: ("" if row[k] is None else row[k]) for k in columns})
+    atomic_write_text(ctx.path(REPORT_CSV), buffer.getvalue())
+    ctx.audit.event("renders_scored", renders=len(rows), faces_not_found=report["faces_not_found"], status=chosen["status"])

@@ -1,0 +1,396 @@
+"""Stage 3, train: a LoRA on the UNet's attention projections, in adaptive phases.
+
+The phases (default: COARSE, MID, MID_FINE, FINAL_FINE) each have their own learning rate,
+LoRA alpha, loss and optimizer, and end when their loss has converged (a plateau of the
+slope test in `engine.convergence`), at their own step cap, or at the job's total cap.
+The whole loop is `train_lora` below, read top to bottom.
+
+- VAE latent distributions and text embeddings of the few training images are computed
+  once; each step samples from the cached distribution (bit-identical to re-encoding).
+- All randomness of the loop comes from one torch.Generator, so a checkpoint (LoRA tensors,
+  optimizer, generator and global RNG states, convergence state, phase and step), written
+  atomically every `checkpoint_every` steps and at every phase boundary, resumes bit-exactly.
+- alpha is applied by setting each LoRA layer's scaling to alpha / r (peft keeps no alpha in
+  its state dict, so it is re-applied on resume and written into the saved file's metadata).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from engine.context import StageContext
+from engine.convergence import PhaseConvergence
+from engine.faults import pause_point
+from engine.fsutil import atomic_write_bytes, atomic_write_json, atomic_write_text
+from engine.images import read_rgb
+from engine.job import PhaseSpec, TrainSpec
+from engine.schema import to_plain
+from engine.stages import prepare
+
+NAME = "train"
+VERSION = 1
+OUTPUTS = ("lora", "train")
+SCRATCH = ("checkpoints",)  # kept when an interrupted run resumes, removed otherwise
+LORA_DIR = "lora"
+LORA_FILE = "lora/pytorch_lora_weights.safetensors"
+INFO_FILE = "train/train.json"
+LOSS_FILE = "train/loss.csv"
+CHECKPOINT_FILE = "checkpoints/train.pt"
+ADAPTER = "identity_train"  # not "training": that is an nn.Module attribute
+TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]
+CHARBONNIER_EPS = 1e-3
+HUBER_DELTA = 1.0
+DEMO_RESOLUTION = 128  # the tiny demo model's native size
+
+
+def fingerprint(ctx: StageContext) -> dict[str, object]:
+    return {"train": to_plain(ctx.job.spec.train), "base_model": ctx.resources.base_model_hashes(), "resolution": training_resolution(ctx)}
+
+
+def training_resolution(ctx: StageContext) -> int:
+    return DEMO_RESOLUTION if ctx.demo else ctx.job.spec.train.resolution
+
+
+def caption(spec: TrainSpec) -> str:
+    return f"a photo of {spec.trigger}"
+
+
+def run(ctx: StageContext) -> None:
+    spec = ctx.job.spec.train
+    pipe = ctx.resources.pipeline()
+    ctx.models_used.update(ctx.resources.base_model_hashes())
+    images = _training_images(ctx, training_resolution(ctx))
+    result = train_lora(ctx, pipe, images, spec)
+    _write_reports(ctx, spec, result)
+
+
+@dataclass
+class TrainingResult:
+    phases: list[dict[str, Any]]  # per phase: settings, steps, exit reason, summary
+    history: list[tuple[str, int, int, float]]  # (phase, global step, phase step, loss)
+    total_steps: int
+    resumed_from_step: int | None
+
+
+def train_lora(ctx: StageContext, pipe: Any, images: torch.Tensor, spec: TrainSpec) -> TrainingResult:
+    """The training loop: phases, losses, optimizer swaps, convergence, checkpoints."""
+    from diffusers import DDPMScheduler
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+
+    unet = pipe.unet
+    device = unet.device
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    latent_mean, latent_std = _encode_latents(pipe, images)
+    text, added_cond = _encode_text(pipe, caption(spec), images.shape[-1])
+
+    torch.manual_seed(spec.seed)  # LoRA init (peft draws from the global generator)
+    unet.requires_grad_(False)
+    unet.add_adapter(LoraConfig(r=spec.rank, lora_alpha=spec.phases[0].alpha, init_lora_weights="gaussian", target_modules=TARGET_MODULES), adapter_name=ADAPTER)
+    unet.set_adapter(ADAPTER)
+    lora_parameters = [p for n, p in unet.named_parameters() if ADAPTER in n]
+    for parameter in lora_parameters:
+        parameter.data = parameter.data.float()  # train LoRA weights in fp32 even on a bf16 UNet
+        parameter.requires_grad_(True)
+    generator = torch.Generator(device="cpu").manual_seed(spec.seed)
+
+    phase_index, phase_step, global_step = 0, 0, 0
+    history: list[tuple[str, int, int, float]] = []
+    phase_records: list[dict[str, Any]] = []
+    convergence = _new_convergence(spec, spec.phases[0])
+    optimizer_state = None
+    resumed_from = None
+    checkpoint = _load_checkpoint(ctx)
+    if checkpoint is not None:
+        set_peft_model_state_dict(unet, checkpoint["lora"], adapter_name=ADAPTER)
+        phase_index, phase_step, global_step = checkpoint["phase_index"], checkpoint["phase_step"], checkpoint["global_step"]
+        history = [tuple(row) for row in checkpoint["history"]]
+        phase_records = checkpoint["phase_records"]
+        if phase_index < len(spec.phases):
+            convergence = PhaseConvergence.from_dict(checkpoint["convergence"]) if checkpoint["convergence"] else _new_convergence(spec, spec.phases[phase_index])
+        optimizer_state = checkpoint["optimizer"]
+        _restore_rng(checkpoint["rng"], generator)
+        resumed_from = global_step
+        ctx.audit.event("train_resumed", step=global_step, phase=spec.phases[min(phase_index, len(spec.phases) - 1)].name, phase_step=phase_step)
+        ctx.log.info("train_resumed", step=global_step, phase_step=phase_step)
+        ctx.progress("train_resumed", step=global_step, phase=spec.phases[min(phase_index, len(spec.phases) - 1)].name)
+
+    unet.train()
+    try:
+        while phase_index < len(spec.phases) and global_step < spec.max_steps:
+            phase = spec.phases[phase_index]
+            set_lora_alpha(unet, phase.alpha)
+            optimizer = _optimizer(phase, lora_parameters)
+            if optimizer_state is not None:
+                optimizer.load_state_dict(optimizer_state)
+                optimizer_state = None
+            # Read back from the objects the loop really uses (the tests check these, not the config).
+            ctx.progress("phase_observed", phase=phase.name, optimizer_class=type(optimizer).__name__, optimizer_lr=optimizer.param_groups[0]["lr"],
+                         lora_scalings=sorted(lora_scalings(unet)), loss_function=LOSS_FUNCTIONS[phase.loss].__name__)
+            if phase_step == 0:
+                ctx.audit.event("phase_started", phase=phase.name, lr=phase.lr, alpha=phase.alpha, loss=phase.loss, optimizer=phase.optimizer, step=global_step)
+            exit_reason = None
+            while exit_reason is None:
+                loss = _training_step(unet, noise_scheduler, latent_mean, latent_std, text, added_cond, phase, spec.batch_size, generator, device)
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                value = float(loss.detach())
+                phase_step += 1
+                global_step += 1
+                history.append((phase.name, global_step, phase_step, value))
+                ctx.progress("train_step", phase=phase.name, step=global_step, phase_step=phase_step, loss=value)
+                exit_reason = convergence.update(value)
+                if exit_reason is None and global_step >= spec.max_steps:
+                    exit_reason = "total_cap"
+                if exit_reason is None and global_step % spec.checkpoint_every == 0:
+                    _save_checkpoint(ctx, unet, optimizer, convergence, generator, phase_index, phase_step, global_step, history, phase_records)
+                    pause_point(f"train:checkpoint:{global_step}")
+                    ctx.check_stop(f"train step {global_step}")
+            summary = convergence.summary()
+            phase_records.append({**to_plain(phase), "steps": phase_step, "exit_reason": exit_reason, "last_step": global_step, "summary": summary})
+            ctx.audit.event("phase_exit", phase=phase.name, step=global_step, phase_steps=phase_step, reason=exit_reason, **{k: v for k, v in summary.items() if k != "steps"})
+            ctx.log.info("phase_exit", phase=phase.name, step=global_step, reason=exit_reason, p_value=summary["p_value"])
+            if exit_reason == "non_finite":
+                from engine.errors import JobError
+
+                raise JobError("training_diverged", f"training phase {phase.name} produced a non-finite loss at step {global_step}; lower its lr in [[train.phases]]")
+            phase_index += 1
+            phase_step = 0
+            if phase_index < len(spec.phases):
+                convergence = _new_convergence(spec, spec.phases[phase_index])
+            _save_checkpoint(ctx, unet, None, convergence if phase_index < len(spec.phases) else None, generator, phase_index, 0, global_step, history, phase_records)
+            pause_point(f"train:phase_boundary:{phase_index}")
+            ctx.check_stop(f"train phase boundary {phase_index}")
+        for skipped in spec.phases[phase_index:]:
+            phase_records.append({**to_plain(skipped), "steps": 0, "exit_reason": "total_cap", "last_step": global_step, "summary": None})
+        final_alpha = spec.phases[min(phase_index, len(spec.phases)) - 1].alpha
+        save_lora(pipe, unet, ctx.path(LORA_DIR), final_alpha)
+    finally:
+        unet.eval()
+        unet.delete_adapters(ADAPTER)  # the pipeline is shared with later jobs
+    return TrainingResult(phase_records, history, global_step, resumed_from)
+
+
+def set_lora_alpha(unet: torch.nn.Module, alpha: float) -> None:
+    """Change the LoRA scaling (alpha / r) of every LoRA layer of the training adapter."""
+    from peft.tuners.lora import LoraLayer
+
+    for module in unet.modules():
+        if isinstance(module, LoraLayer) and ADAPTER in module.r:
+            module.scaling[ADAPTER] = alpha / module.r[ADAPTER]
+
+
+def lora_scalings(unet: torch.nn.Module) -> set[float]:
+    """The distinct scalings of the training adapter's layers (for tests and the log)."""
+    from peft.tuners.lora import LoraLayer
+
+    return {module.scaling[ADAPTER] for module in unet.modules() if isinstance(module, LoraLayer) and ADAPTER in module.scaling}
+
+
+def save_lora(pipe: Any, unet: torch.nn.Module, directory: Path, alpha: float) -> None:
+    """pytorch_lora_weights.safetensors in the diffusers format, alpha in its metadata.
+
+    Without the metadata, `load_lora_weights` assumes alpha = r and the reloaded LoRA would
+    be wrong whenever alpha != r (FINDINGS)."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, adapter_name=ADAPTER))
+    layers = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in layers.items()}
+    metadata = unet.peft_config[ADAPTER].to_dict()
+    metadata["lora_alpha"] = alpha
+    metadata.pop("alpha_pattern", None)
+    # peft keeps target_modules as a set: its order changes between processes (hash
+    # randomisation), which would make equal LoRAs differ byte for byte.
+    metadata["target_modules"] = sorted(metadata["target_modules"])
+    staging = directory.with_name(f".{directory.name}.incoming")
+    if staging.exists():
+        import shutil
+
+        shutil.rmtree(staging)
+    type(pipe).save_lora_weights(str(staging), unet_lora_layers=layers, unet_lora_adapter_metadata=metadata, safe_serialization=True)
+    canonicalise_safetensors_header(staging / Path(LORA_FILE).name)
+    if directory.exists():
+        import shutil
+
+        shutil.rmtree(directory)
+    staging.rename(directory)
+
+
+def canonicalise_safetensors_header(path: Path) -> None:
+    """Rewrite a .safetensors header with sorted keys, in place.
+
+    safetensors writes its `__metadata__` from a hash map, so the key order (and with it the
+    file's sha256) changes from process to process although nothing else does. Readers
+    locate tensors by their explicit offsets, so key order is free; the header keeps its
+    length (padded with spaces, as the format allows) and the tensor bytes are untouched.
+    """
+    import struct
+
+    with open(path, "r+b") as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        header = json.loads(handle.read(length))
+        canonical = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        if len(canonical) > length:
+            return  # cannot happen for the same content; leave the file as safetensors wrote it
+        handle.seek(8)
+        handle.write(canonical + b" " * (length - len(canonical)))
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _training_step(unet, noise_scheduler, latent_mean, latent_std, text, added_cond, phase: PhaseSpec, batch_size: int,
+                   generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    count = latent_mean.shape[0]
+    index = torch.randint(0, count, (batch_size,), generator=generator)
+    mean, std = latent_mean[index], latent_std[index]
+    latents = mean + std * torch.randn(mean.shape, generator=generator)
+    noise = torch.randn(latents.shape, generator=generator)
+    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch_size,), generator=generator)
+    latents, noise, timesteps = latents.to(device), noise.to(device), timesteps.to(device)
+    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+    if noise_scheduler.config.prediction_type == "v_prediction":
+        target = noise_scheduler.get_velocity(latents, noise, timesteps)
+    else:
+        target = noise
+    encoder_states = text.expand(batch_size, -1, -1)
+    kwargs = {}
+    if added_cond is not None:
+        kwargs["added_cond_kwargs"] = {k: v.expand(batch_size, -1) for k, v in added_cond.items()}
+    with torch.autocast(device_type=device.type, dtype=unet.dtype, enabled=device.type == "cuda" and unet.dtype != torch.float32):
+        prediction = unet(noisy.to(unet.dtype), timesteps, encoder_states, **kwargs).sample
+    return LOSS_FUNCTIONS[phase.loss](prediction.float(), target.float())
+
+
+def mse_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return F.mse_loss(prediction, target)
+
+
+def huber_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return F.huber_loss(prediction, target, delta=HUBER_DELTA)
+
+
+def charbonnier(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """A smooth L1: sqrt(d^2 + eps^2), robust to outliers and differentiable at 0."""
+    return torch.sqrt((prediction - target) ** 2 + CHARBONNIER_EPS**2).mean()
+
+
+LOSS_FUNCTIONS = {"mse": mse_loss, "huber": huber_loss, "charbonnier": charbonnier}
+
+
+def _optimizer(phase: PhaseSpec, parameters: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    if phase.optimizer == "adamp":
+        from adamp import AdamP
+
+        return AdamP(parameters, lr=phase.lr)
+    return torch.optim.AdamW(parameters, lr=phase.lr)
+
+
+def _new_convergence(spec: TrainSpec, phase: PhaseSpec) -> PhaseConvergence:
+    return PhaseConvergence(min_steps=phase.min_steps, max_steps=phase.max_steps, window=spec.plateau_window, p_threshold=spec.plateau_p_value)
+
+
+@torch.no_grad()
+def _encode_latents(pipe: Any, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std of the VAE's latent distribution of every training image, scaled, on the CPU."""
+    vae = pipe.vae
+    distribution = vae.encode(images.to(vae.device, vae.dtype)).latent_dist
+    scale = vae.config.scaling_factor
+    return (distribution.mean.float() * scale).cpu(), (distribution.std.float() * scale).cpu()
+
+
+@torch.no_grad()
+def _encode_text(pipe: Any, prompt: str, resolution: int) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+    """Text embeddings of the caption, once; for SDXL also the pooled embedding and time ids."""
+    device = pipe.unet.device
+    encoded = pipe.encode_prompt(prompt=prompt, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False)
+    if len(encoded) == 4:  # SDXL: (embeds, negative, pooled, negative pooled)
+        time_ids = torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]], dtype=encoded[0].dtype, device=device)
+        return encoded[0], {"text_embeds": encoded[2], "time_ids": time_ids}
+    return encoded[0], None
+
+
+def _training_images(ctx: StageContext, resolution: int) -> torch.Tensor:
+    """Every prepared image (base and augmentations), resized, as a N x 3 x R x R tensor in [-1, 1]."""
+    from PIL import Image
+
+    info = json.loads(ctx.path(prepare.INFO_FILE).read_text("utf-8"))
+    tensors = []
+    for photo in info["photos"]:
+        for image in photo["images"]:
+            rgb = read_rgb(ctx.path(image["file"]))
+            if rgb.shape[0] != resolution:
+                rgb = np.asarray(Image.fromarray(rgb).resize((resolution, resolution), Image.Resampling.LANCZOS))
+            tensors.append(torch.from_numpy(rgb.copy()).permute(2, 0, 1).float() / 127.5 - 1.0)
+    return torch.stack(tensors)
+
+
+def _save_checkpoint(ctx: StageContext, unet, optimizer, convergence, generator, phase_index, phase_step, global_step, history, phase_records) -> None:
+    from peft.utils import get_peft_model_state_dict
+
+    state = {
+        "fingerprint": ctx.fingerprint,
+        "phase_index": phase_index,
+        "phase_step": phase_step,
+        "global_step": global_step,
+        "lora": {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(unet, adapter_name=ADAPTER).items()},
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "convergence": convergence.to_dict() if convergence is not None else None,
+        "rng": {"generator": generator.get_state(), "torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+        "history": history,
+        "phase_records": phase_records,
+        "torch_threads": torch.get_num_threads(),
+    }
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    atomic_write_bytes(ctx.path(CHECKPOINT_FILE), buffer.getvalue())
+    ctx.progress("train_checkpoint", step=global_step)
+
+
+def _load_checkpoint(ctx: StageContext) -> dict[str, Any] | None:
+    """Our own checkpoint of this very stage run, or None. weights_only=False is needed for
+    the numpy/python RNG states; the file is one this engine wrote, never an inbox file."""
+    path = ctx.path(CHECKPOINT_FILE)
+    if not path.is_file():
+        return None
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if state.get("fingerprint") != ctx.fingerprint:
+        ctx.audit.event("train_checkpoint_ignored", reason="written for other inputs or settings")
+        return None
+    if state.get("torch_threads") != torch.get_num_threads():
+        ctx.log.warning("train_threads_differ", checkpoint=state.get("torch_threads"), now=torch.get_num_threads())
+    return state
+
+
+def _restore_rng(rng: dict[str, Any], generator: torch.Generator) -> None:
+    generator.set_state(rng["generator"])
+    torch.set_rng_state(rng["torch"])
+    np.random.set_state(rng["numpy"])
+    random.setstate(rng["python"])
+
+
+def _write_reports(ctx: StageContext, spec: TrainSpec, result: TrainingResult) -> None:
+    atomic_write_json(ctx.path(INFO_FILE), {
+        "caption": caption(spec),
+        "rank": spec.rank,
+        "resolution": training_resolution(ctx),
+        "max_steps": spec.max_steps,
+        "total_steps": result.total_steps,
+        "resumed_from_step": result.resumed_from_step,
+        "phases": result.phases,
+        "target_modules": TARGET_MODULES,
+        "demo": ctx.demo,
+    })
+    rows = ["phase,step,phase_step,loss"] + [f"{phase},{step},{phase_step},{loss!r}" for phase, step, phase_step, loss in result.history]
+    atomic_write_text(ctx.path(LOSS_FILE), "\n".join(rows) + "\n")

@@ -1,0 +1,104 @@
+"""Stage 4, verify (seed discovery): which seed renders the subject closest to the reference?
+
+The identity prompt is rendered at every candidate seed with the LoRA (in batches), and at
+the same seeds without it: the control group, so the report shows what the LoRA adds. Each
+render is detected and embedded; renders where no face is found are counted, never scored.
+The seed with the least drift is locked when its drift is at most the threshold; otherwise
+the job still renders from it, and the report and audit say `not_locked`.
+"""
+
+from __future__ import annotations
+
+import json
+
+from engine.context import StageContext
+from engine.diffusion import drift_label, identity_lora, png_text, render, score
+from engine.fsutil import atomic_write_bytes, atomic_write_json
+from engine.images import png_bytes
+from engine.schema import to_plain
+from engine.stages import embed, train
+
+NAME = "verify"
+VERSION = 1
+OUTPUTS = ("verify",)
+INFO_FILE = "verify/verify.json"
+GUIDANCE = 5.8  # the identity anchor's CFG (spec, render phase 1)
+
+
+def fingerprint(ctx: StageContext) -> dict[str, object]:
+    return {
+        "verify": to_plain(ctx.job.spec.verify),
+        "negative_prompt": ctx.settings.render.negative_prompt,
+        "base_model": ctx.resources.base_model_hashes(),
+        "faces": ctx.resources.faces().hashes(),
+        "resolution": train.training_resolution(ctx),
+    }
+
+
+def run(ctx: StageContext) -> None:
+    spec = ctx.job.spec.verify
+    faces = ctx.resources.faces()
+    pipe = ctx.resources.pipeline()
+    ctx.models_used.update(ctx.resources.base_model_hashes())
+    ctx.models_used.update(faces.hashes())
+    reference = embed.load_reference(ctx)
+    size = train.training_resolution(ctx)
+    negative = ctx.settings.render.negative_prompt
+    seeds = list(spec.seed_list)
+    batches = [seeds[i : i + spec.batch_size] for i in range(0, len(seeds), spec.batch_size)]
+    candidates = {seed: {"seed": seed} for seed in seeds}
+    (ctx.path("verify")).mkdir(parents=True, exist_ok=True)
+    with identity_lora(pipe, ctx.path(train.LORA_DIR)) as lora:
+        for group, with_lora in (("lora", True), ("control", False)):
+            lora.weight(1.0) if with_lora else lora.off()
+            for batch in batches:
+                images = render(pipe, spec.prompt, negative, batch, steps=spec.steps, guidance=GUIDANCE, size=size)
+                for seed, rgb in zip(batch, images):
+                    drift, face_found = score(faces, rgb, reference)
+                    prefix = "" if with_lora else "control_"
+                    file_name = f"verify/{prefix}seed_{seed}_drift_{drift_label(drift)}.png"
+                    text = png_text(prompt=spec.prompt, negative_prompt=negative, seed=seed, group=group, lora_weight=1.0 if with_lora else 0.0,
+                                    guidance=GUIDANCE, steps=spec.steps, drift=drift, face_found=face_found, demo=ctx.demo,
+                                    models=ctx.models_used, job_id=ctx.job_id)
+                    atomic_write_bytes(ctx.path(file_name), png_bytes(rgb, text))
+                    candidates[seed][group] = {"drift": drift, "face_found": face_found, "file": file_name}
+                    ctx.progress("seed_scored", seed=seed, lora=with_lora, drift=drift, face_found=face_found)
+
+    scored = sorted((c["lora"]["drift"], seed) for seed, c in candidates.items() if c["lora"]["drift"] is not None)
+    best_seed = scored[0][1] if scored else seeds[0]
+    best_drift = scored[0][0] if scored else None
+    locked = best_drift is not None and best_drift <= spec.threshold
+    faces_not_found = {group: sum(not c[group]["face_found"] for c in candidates.values()) for group in ("lora", "control")}
+    if not scored:
+        reason = "no face found in any candidate render"
+    elif locked:
+        reason = f"best drift {best_drift:.4f} <= threshold {spec.threshold}"
+    else:
+        reason = f"best drift {best_drift:.4f} > threshold {spec.threshold}"
+    outcome = {
+        "status": "locked" if locked else "not_locked",
+        "reason": reason,
+        "best_seed": best_seed,
+        "best_drift": best_drift,
+        "locked_seed": best_seed if locked else None,
+        "threshold": spec.threshold,
+        "faces_not_found": faces_not_found,
+    }
+    atomic_write_json(ctx.path(INFO_FILE), {
+        **outcome,
+        "prompt": spec.prompt,
+        "negative_prompt": negative,
+        "guidance": GUIDANCE,
+        "steps": spec.steps,
+        "resolution": size,
+        "batch_layout": batches,
+        "ranking": [seed for _, seed in scored],
+        "candidates": [candidates[seed] for seed in seeds],
+        "demo": ctx.demo,
+    })
+    ctx.audit.event("seed_selected", **outcome, candidates=len(seeds))
+    ctx.log.info("seed_selected", **outcome)
+
+
+def load_outcome(ctx: StageContext) -> dict:
+    return json.loads(ctx.path(INFO_FILE).read_text("utf-8"))
