@@ -3,6 +3,7 @@
     python -m engine run inbox/alice --outbox outbox [--until embed] [--config config.toml]
     python -m engine verify-audit outbox/alice/<job-id>
     python -m engine example inbox/astronaut
+    python -m engine models make-demo models/demo
 """
 
 from __future__ import annotations
@@ -35,13 +36,18 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--failed", type=Path, default=None, help="where refused jobs go (default: failed/ beside the outbox)")
     run.add_argument("--until", choices=STAGE_NAMES, default=None, help="stop after this stage")
     run.add_argument("--job-id", default=None, help="resume this job id (default: the unfinished job of this folder, or a new one)")
-    run.add_argument("--demo", action="store_true", help="use the tiny generated diffusion model (noise renders, marked as demo)")
+    run.add_argument("--demo", action="store_true", help="use the tiny generated diffusion model (noise renders, marked as demo); also models.base = \"demo\"")
 
     verify = commands.add_parser("verify-audit", help="check a finished job's audit chain and manifest")
     verify.add_argument("job_out", type=Path)
 
     example = commands.add_parser("example", help="write an example subject folder from a photo a package ships")
     example.add_argument("folder", type=Path)
+
+    models = commands.add_parser("models", help="model utilities")
+    model_commands = models.add_subparsers(dest="models_command", required=True)
+    make_demo = model_commands.add_parser("make-demo", help="build the tiny demo diffusion model (random weights, fixed seed) into a folder")
+    make_demo.add_argument("folder", type=Path)
 
     args = parser.parse_args(argv)
     _configure_logging(args.log_level)
@@ -50,6 +56,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "example":
         folder = write_example_subject(args.folder)
         print(f"example subject written to {folder}")
+        return 0
+    if args.command == "models":
+        from engine.models import make_demo_model
+
+        folder = make_demo_model(args.folder)
+        print(f"demo model (random weights: renders are noise) written to {folder}")
         return 0
     return _run(args)
 

@@ -62,9 +62,10 @@ class Engine:
 
     def __init__(self, settings: Settings | None = None, *, demo: bool = False, observer: Observer | None = None) -> None:
         self.settings = settings or Settings.load(None)
-        self.demo = demo
+        # The tiny demo model is used only when asked for: --demo, or models.base = "demo".
+        self.demo = demo or self.settings.models.base == "demo"
         self.observer = observer
-        self.resources = Resources(self.settings, demo=demo)
+        self.resources = Resources(self.settings, demo=self.demo)
         # Set from another thread (a signal handler) to stop the job in flight at its next
         # safe point; the job stays in the work area and resumes on the next run.
         self.stop_requested = threading.Event()

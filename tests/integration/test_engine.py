@@ -236,3 +236,16 @@ def test_cli_run_exit_codes(tmp_path, astronaut_rgb, no_face_rgb, monkeypatch):
     assert main(run + [str(good)]) == 2  # no base model staged and no --demo: refused, naming where
     config.write_text("[faces]\nrequire_pack = true\n")
     assert main(run + [str(good), "--demo"]) == 2
+
+
+def test_demo_only_when_asked_for(tmp_path, settings):
+    """No staged base model: refused at start-up naming where to stage it; models.base = "demo"
+    (or --demo) is the explicit ask for the tiny model."""
+    from engine.config import ModelSettings
+    from engine.errors import ConfigError
+
+    with pytest.raises(ConfigError) as excinfo:
+        Engine(settings)
+    assert excinfo.value.code == "model_missing"
+    assert str(settings.models_dir / "sd15") in excinfo.value.message
+    assert Engine(settings.with_changes(models=ModelSettings(base="demo"))).demo is True
