@@ -20,6 +20,7 @@ import io
 import json
 import os
 import random
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ import torch.nn.functional as F
 
 from engine.context import StageContext
 from engine.convergence import PhaseConvergence
+from engine.errors import JobError
 from engine.faults import pause_point
 from engine.fsutil import atomic_write_bytes, atomic_write_json, atomic_write_text
 from engine.images import read_rgb
@@ -162,8 +164,6 @@ def train_lora(ctx: StageContext, pipe: Any, images: torch.Tensor, spec: TrainSp
             ctx.audit.event("phase_exit", phase=phase.name, step=global_step, phase_steps=phase_step, reason=exit_reason, **{k: v for k, v in summary.items() if k != "steps"})
             ctx.log.info("phase_exit", phase=phase.name, step=global_step, reason=exit_reason, p_value=summary["p_value"])
             if exit_reason == "non_finite":
-                from engine.errors import JobError
-
                 raise JobError("training_diverged", f"training phase {phase.name} produced a non-finite loss at step {global_step}; lower its lr in [[train.phases]]")
             phase_index += 1
             phase_step = 0
@@ -216,14 +216,10 @@ def save_lora(pipe: Any, unet: torch.nn.Module, directory: Path, alpha: float) -
     metadata["target_modules"] = sorted(metadata["target_modules"])
     staging = directory.with_name(f".{directory.name}.incoming")
     if staging.exists():
-        import shutil
-
         shutil.rmtree(staging)
     type(pipe).save_lora_weights(str(staging), unet_lora_layers=layers, unet_lora_adapter_metadata=metadata, safe_serialization=True)
     canonicalise_safetensors_header(staging / Path(LORA_FILE).name)
     if directory.exists():
-        import shutil
-
         shutil.rmtree(directory)
     staging.rename(directory)
 
