@@ -27,7 +27,7 @@ RUN pip install . \
  && python -c "import engine, daemon, cv2, onnxruntime; print(onnxruntime.get_available_providers())"
 
 RUN useradd --create-home --uid 1000 idrep \
- && mkdir -p /app/models /data/inbox /data/outbox /data/failed /data/work \
+ && mkdir -p /app/models /data/inbox /data/outbox /data/failed \
  && chown -R idrep:idrep /app/models /data
 USER idrep
 VOLUME ["/app/models", "/data"]
@@ -36,4 +36,7 @@ EXPOSE 9108
 HEALTHCHECK --interval=30s --timeout=5s --start-period=120s --retries=3 \
   CMD python -c "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/metrics' % os.environ.get('METRICS_PORT', '9108'), timeout=4)" || exit 1
 
-ENTRYPOINT ["python", "-m", "daemon", "--config", "/app/config.toml", "--inbox", "/data/inbox", "--outbox", "/data/outbox"]
+# The work area must be on the inbox's file system (claiming is a rename), so it is a hidden
+# folder inside the inbox volume rather than a volume of its own.
+ENTRYPOINT ["python", "-m", "daemon", "--config", "/app/config.toml", "--inbox", "/data/inbox", "--outbox", "/data/outbox", \
+            "--failed", "/data/failed", "--work", "/data/inbox/.work"]

@@ -1,13 +1,32 @@
 """The identity pipeline as a library: prepare -> embed -> train -> verify -> render.
 
 Knows nothing of watched folders (that is `daemon/`). The public names are few on purpose.
+They are imported on first use (PEP 562), so that `import engine.fsutil` does not pull in
+torch and diffusers (seconds) for a process that only needs a helper.
 """
 
-from engine.audit import verify_audit
-from engine.config import Settings
-from engine.errors import ConfigError, JobError
-from engine.faces import drift, embed_faces
-from engine.job import JobSpec
-from engine.runner import Engine, JobResult, run_job
+from __future__ import annotations
 
-__all__ = ["run_job", "Engine", "JobResult", "JobSpec", "Settings", "verify_audit", "embed_faces", "drift", "JobError", "ConfigError"]
+import importlib
+from typing import Any
+
+_PUBLIC = {
+    "run_job": "engine.runner",
+    "Engine": "engine.runner",
+    "JobResult": "engine.runner",
+    "JobSpec": "engine.job",
+    "Settings": "engine.config",
+    "verify_audit": "engine.audit",
+    "embed_faces": "engine.faces",
+    "drift": "engine.faces",
+    "JobError": "engine.errors",
+    "ConfigError": "engine.errors",
+}
+
+__all__ = list(_PUBLIC)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'engine' has no attribute {name!r}")
+    return getattr(importlib.import_module(_PUBLIC[name]), name)

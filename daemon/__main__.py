@@ -1,0 +1,129 @@
+"""Command line: run the daemon.
+
+    python -m daemon --config config.toml [--inbox DIR] [--outbox DIR] [--failed DIR] [--work DIR]
+                     [--metrics-port N] [--metrics-host ADDR] [--daemon-id ID] [--poll] [--demo]
+
+Settings come from config.toml's [daemon] table; flags override them (flag paths are relative
+to the current folder). Logs are JSON lines on stdout, one event per line, each with `daemon_id`.
+SIGTERM (or Ctrl-C) stops claiming, lets the job in flight reach its next checkpoint, releases
+its claim (it resumes later, here or in another daemon) and exits 0; a second signal exits at once.
+
+Exit codes: 0 stopped cleanly, 2 refused to start (configuration or installation; the message
+says what to fix), 1 anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import prometheus_client
+import structlog
+
+from engine.config import Settings
+from engine.errors import ConfigError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m daemon", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", type=Path, default=None, help="config.toml (default: ./config.toml if present, else built-in defaults)")
+    parser.add_argument("--inbox", type=Path, help="the watched folder (overrides [daemon] inbox)")
+    parser.add_argument("--outbox", type=Path, help="where finished jobs go (overrides [daemon] outbox)")
+    parser.add_argument("--failed", type=Path, help="where refused/failed jobs go (default: failed/ beside the outbox)")
+    parser.add_argument("--work", type=Path, help="claimed jobs, on the inbox's file system (default: work/ beside the inbox)")
+    parser.add_argument("--metrics-port", type=int, help="Prometheus /metrics port (default 9108; 0: any free port, logged)")
+    parser.add_argument("--metrics-host", help="address the metrics server listens on (default 127.0.0.1)")
+    parser.add_argument("--daemon-id", help="unique id among the daemons sharing this inbox (default: <host>-<pid>)")
+    parser.add_argument("--poll", action="store_true", help="poll the inbox instead of native events (a network share)")
+    parser.add_argument("--demo", action="store_true", help="use the tiny generated diffusion model (noise renders, marked as demo)")
+    parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    args = parser.parse_args(argv)
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # air-gapped: never reach for the hub
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    from daemon.service import Service, default_daemon_id, load_daemon_settings
+
+    config_path = _config_path(args.config)
+    try:
+        settings = Settings.load(config_path)
+        daemon = load_daemon_settings(settings, str(config_path or "built-in defaults"))
+    except ConfigError as error:
+        print(f"refused to start: {error}", file=sys.stderr)
+        return 2
+    overrides: dict[str, Any] = {}
+    for name in ("inbox", "outbox", "failed", "work"):
+        if getattr(args, name) is not None:
+            overrides[name] = str(getattr(args, name).resolve())
+    if args.metrics_port is not None:
+        if not 0 <= args.metrics_port <= 65535:
+            parser.error("--metrics-port must be 0-65535")
+        overrides["metrics_port"] = args.metrics_port
+    if args.metrics_host is not None:
+        overrides["metrics_host"] = args.metrics_host
+    if args.poll:
+        overrides["network_share"] = True
+    daemon = dataclasses.replace(daemon, **overrides, daemon_id=args.daemon_id or daemon.daemon_id or default_daemon_id())
+    configure_logging(args.log_level, daemon.daemon_id)
+    prometheus_client.disable_created_metrics()  # *_created series only clutter a daemon's /metrics
+
+    service = Service(settings, daemon, demo=args.demo)
+    signals_seen = []
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        signals_seen.append(signum)
+        if len(signals_seen) > 1:
+            structlog.get_logger("daemon").warning("second_signal_exit_now", signal=signal.Signals(signum).name)
+            os._exit(1)  # the claim stays; it is taken over when its lease expires
+        service.request_stop(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        return service.run()
+    except ConfigError as error:
+        structlog.get_logger("daemon").error("refused_to_start", code=error.code, message=error.message)
+        print(f"refused to start: {error}", file=sys.stderr)
+        return 2
+    except Exception:  # noqa: BLE001 - logged with its traceback; claims are left to their leases
+        structlog.get_logger("daemon").exception("daemon_crashed")
+        return 1
+
+
+def configure_logging(level: str, daemon_id: str) -> None:
+    """JSON event lines on stdout for every logger of the process (engine's too), each with daemon_id."""
+
+    def add_daemon_id(_logger: Any, _method: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+        event_dict.setdefault("daemon_id", daemon_id)
+        return event_dict
+
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            add_daemon_id,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            structlog.processors.JSONRenderer(sort_keys=True, default=str),
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper())),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stdout),
+        cache_logger_on_first_use=True,
+    )
+
+
+def _config_path(given: Path | None) -> Path | None:
+    if given is not None:
+        return given
+    default = Path("config.toml")
+    return default if default.is_file() else None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,156 @@
+"""Prometheus metrics of one daemon, served on a local port.
+
+Names follow Prometheus conventions: prefix `idrep_`, counters end in `_total`, durations
+are `_seconds` histograms, sizes `_bytes`. Labels have few values (outcome, stage, phase,
+render mode and pass, failure code); never a subject name or job id. Each `DaemonMetrics`
+has its own CollectorRegistry, so several can live in one process (tests).
+
+Most values come from the engine's observer events (`observe`), so the engine knows
+nothing about Prometheus:
+    stage_started {stage} / stage_finished {stage, seconds}     stage durations, stage in progress
+    train_step {phase, step, loss} / train_checkpoint {step} / train_resumed {step, phase}  training
+    seed_scored {lora, drift, face_found}                       verify drift, faces not found
+    render_scored {pass_name, mode, drift, face_found}          render drift, faces not found
+Job outcomes, queue depth and claims are set by the service.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+OUTCOMES = ("finished", "failed", "interrupted", "lost", "crashed")
+# Identity drift = 1 - cosine similarity, 0 (same face) .. 2; the lock threshold is 0.18.
+DRIFT_BUCKETS = (0.05, 0.1, 0.15, 0.18, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0, 1.5, 2.0)
+STAGE_BUCKETS = (0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200)
+JOB_BUCKETS = (1, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400)
+
+
+class GpuMemoryCollector(Collector):
+    """GPU memory of this process, read from torch only if the engine has already imported it
+    and initialised CUDA: the daemon never imports torch itself (a scrape must not load it)."""
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily(
+            "idrep_gpu_memory_bytes",
+            "GPU memory held by this process: allocated by tensors, reserved by the caching allocator (0 without CUDA).",
+            labels=["kind"],
+        )
+        allocated = reserved = 0
+        torch = sys.modules.get("torch")
+        try:
+            if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+                allocated, reserved = torch.cuda.memory_allocated(), torch.cuda.memory_reserved()
+        except RuntimeError:
+            pass  # CUDA in a bad state: the engine will report it; a scrape must not fail
+        family.add_metric(["allocated"], allocated)
+        family.add_metric(["reserved"], reserved)
+        yield family
+
+
+class DaemonMetrics:
+    """Every metric of one daemon, on a private registry."""
+
+    def __init__(self, daemon_id: str, *, stages: Iterable[str] = (), watch: str = "", demo: bool = False) -> None:
+        r = self.registry = CollectorRegistry()
+        self.info = Info("idrep_daemon", "This daemon: its id, how it watches the inbox, demo model or not.", registry=r)
+        self.info.info({"daemon_id": daemon_id, "watch": watch, "demo": str(demo).lower()})
+        self.jobs = Counter("idrep_jobs_total", "Jobs this daemon ended, by outcome: finished, failed (refused or failed, see idrep_job_failures_total), interrupted (stopped, resumable), lost (claim taken over), crashed.", ["outcome"], registry=r)
+        self.job_failures = Counter("idrep_job_failures_total", "Failed jobs by the engine's error code (no_face_found, invalid_job, ...).", ["code"], registry=r)
+        self.job_duration = Histogram("idrep_job_duration_seconds", "Wall time of one run of a job by this daemon.", ["outcome"], buckets=JOB_BUCKETS, registry=r)
+        self.stage_duration = Histogram("idrep_stage_duration_seconds", "Wall time of a stage that ran (skipped stages are not observed).", ["stage"], buckets=STAGE_BUCKETS, registry=r)
+        self.stage_in_progress = Gauge("idrep_stage_in_progress", "1 for the stage running now.", ["stage"], registry=r)
+        self.queue_depth = Gauge("idrep_queue_depth", "Jobs ready to run and waiting: complete inbox folders, and claims waiting to be taken over.", registry=r)
+        self.inbox_copying = Gauge("idrep_inbox_copying", "Inbox folders still being copied (not yet ready).", registry=r)
+        self.job_in_progress = Gauge("idrep_job_in_progress", "1 while this daemon runs a job.", registry=r)
+        self.train_steps = Counter("idrep_train_steps_total", "Training steps done.", registry=r)
+        self.train_checkpoints = Counter("idrep_train_checkpoints_total", "Training checkpoints written.", registry=r)
+        self.train_step = Gauge("idrep_train_step", "Step of the job being trained (over all phases).", registry=r)
+        self.train_loss = Gauge("idrep_train_loss", "Loss of the latest training step.", registry=r)
+        self.train_phase = Gauge("idrep_train_phase", "1 for the training phase running now.", ["phase"], registry=r)
+        self.seed_drift = Histogram("idrep_seed_drift", "Identity drift of seed-discovery renders; lora=false is the control group.", ["lora"], buckets=DRIFT_BUCKETS, registry=r)
+        self.render_drift = Histogram("idrep_render_drift", "Identity drift of final renders, per render mode and pass.", ["mode", "pass_name"], buckets=DRIFT_BUCKETS, registry=r)
+        self.faces_not_found = Counter("idrep_faces_not_found_total", "Generated images in which no face was found (never scored): verify_lora, verify_control, render.", ["kind"], registry=r)
+        self.claims_taken_over = Counter("idrep_claims_taken_over_total", "Claims this daemon took over: expired (a dead daemon's), released (a cleanly stopped one's), restart (its own, after a restart).", ["reason"], registry=r)
+        self.claims_lost = Counter("idrep_claims_lost_total", "Claims another daemon took over from this one while it held them (this daemon was frozen past its lease).", registry=r)
+        r.register(GpuMemoryCollector())
+        for outcome in OUTCOMES:
+            self.jobs.labels(outcome)
+            self.job_duration.labels(outcome)
+        for stage in stages:
+            self.stage_duration.labels(stage)
+            self.stage_in_progress.labels(stage).set(0)
+        for reason in ("expired", "released", "restart"):
+            self.claims_taken_over.labels(reason)
+        self._phase = ""
+        self._server: Any = None
+
+    def serve(self, host: str, port: int) -> int:
+        """Start the /metrics HTTP server on a daemon thread; returns the port (port 0: a free one)."""
+        self._server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        return int(self._server.server_port)
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+    def job_ended(self, outcome: str, seconds: float, code: str | None = None) -> None:
+        self.jobs.labels(outcome).inc()
+        self.job_duration.labels(outcome).observe(seconds)
+        if outcome == "failed":
+            self.job_failures.labels(code or "unknown").inc()
+        self._clear_job_gauges()
+
+    def observe(self, event: str, fields: dict[str, Any]) -> None:
+        """The engine's observer events -> metrics (unknown events are ignored)."""
+        if event == "stage_started":
+            self.stage_in_progress.labels(fields["stage"]).set(1)
+        elif event == "stage_finished":
+            self.stage_in_progress.labels(fields["stage"]).set(0)
+            self.stage_duration.labels(fields["stage"]).observe(float(fields["seconds"]))
+        elif event == "train_step":
+            self.train_steps.inc()
+            self.train_step.set(int(fields["step"]))
+            loss = fields.get("loss")
+            if loss is not None and math.isfinite(float(loss)):
+                self.train_loss.set(float(loss))
+            self._set_phase(str(fields.get("phase", "")))
+        elif event == "train_checkpoint":
+            self.train_checkpoints.inc()
+        elif event == "train_resumed":
+            self.train_step.set(int(fields["step"]))
+            self._set_phase(str(fields.get("phase", "")))
+        elif event == "seed_scored":
+            lora = bool(fields.get("lora"))
+            if not fields.get("face_found", True) or fields.get("drift") is None:
+                self.faces_not_found.labels("verify_lora" if lora else "verify_control").inc()
+            else:
+                self.seed_drift.labels(str(lora).lower()).observe(float(fields["drift"]))
+        elif event == "render_scored":
+            if not fields.get("face_found", True) or fields.get("drift") is None:
+                self.faces_not_found.labels("render").inc()
+            else:
+                self.render_drift.labels(str(fields.get("mode", "")), str(fields.get("pass_name", ""))).observe(float(fields["drift"]))
+
+    def _set_phase(self, phase: str) -> None:
+        if phase == self._phase:
+            return
+        if self._phase:
+            self.train_phase.labels(self._phase).set(0)
+        if phase:
+            self.train_phase.labels(phase).set(1)
+        self._phase = phase
+
+    def _clear_job_gauges(self) -> None:
+        self._set_phase("")
+        for sample in self.stage_in_progress.collect()[0].samples:
+            self.stage_in_progress.labels(sample.labels["stage"]).set(0)
+        self.job_in_progress.set(0)

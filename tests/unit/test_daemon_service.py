@@ -1,0 +1,108 @@
+"""The [daemon] table of config.toml (validated with engine.schema, every problem named), the
+folder layout checks, and the engine events -> Prometheus metrics mapping."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from prometheus_client import generate_latest
+
+from daemon.metrics import DaemonMetrics
+from daemon.service import DaemonPaths, DaemonSettings, load_daemon_settings
+from engine.config import Settings
+from engine.errors import ConfigError
+
+
+def _settings(tmp_path: Path, daemon: object) -> Settings:
+    return Settings.from_table({"daemon": daemon}, root=tmp_path)
+
+
+def test_defaults_and_paths_relative_to_the_config_file(tmp_path):
+    daemon = load_daemon_settings(_settings(tmp_path, {}))
+    assert daemon == DaemonSettings()
+    paths = DaemonPaths.resolve(daemon, tmp_path)
+    assert paths == DaemonPaths(inbox=tmp_path / "inbox", outbox=tmp_path / "outbox", failed=tmp_path / "failed", work=tmp_path / "work")
+    daemon = load_daemon_settings(_settings(tmp_path, {"inbox": "share/in", "outbox": "/srv/out", "work": "share/.claimed", "failed": "bad",
+                                                       "stable_seconds": 2, "network_share": True, "metrics_port": 0, "daemon_id": "gpu-0"}))
+    paths = DaemonPaths.resolve(daemon, tmp_path)
+    assert paths.inbox == tmp_path / "share" / "in" and paths.outbox == Path("/srv/out")
+    assert paths.work == tmp_path / "share" / ".claimed" and paths.failed == tmp_path / "bad"
+    assert daemon.stable_seconds == 2.0 and daemon.network_share and daemon.daemon_id == "gpu-0"
+
+
+def test_every_problem_is_named_with_its_key(tmp_path):
+    with pytest.raises(ConfigError) as excinfo:
+        load_daemon_settings(_settings(tmp_path, {"inbx": "x", "stable_seconds": -1, "network_share": "yes", "metrics_port": 70000,
+                                                  "daemon_id": "has space"}), where="lab.toml")
+    problems = {p.where: p.reason for p in excinfo.value.problems}
+    assert set(problems) == {"lab.toml: daemon.inbx", "lab.toml: daemon.stable_seconds", "lab.toml: daemon.network_share",
+                             "lab.toml: daemon.metrics_port", "lab.toml: daemon.daemon_id"}
+    assert "unknown key" in problems["lab.toml: daemon.inbx"]
+    assert excinfo.value.code == "invalid_config"
+    with pytest.raises(ConfigError) as excinfo:
+        load_daemon_settings(_settings(tmp_path, "not a table"))
+    assert excinfo.value.problems[0].where.endswith("daemon")
+
+
+def test_folders_inside_the_inbox_are_refused_unless_hidden(tmp_path):
+    DaemonPaths(tmp_path / "in", tmp_path / "out", tmp_path / "failed", tmp_path / "in" / ".work").prepare()
+    with pytest.raises(ConfigError, match="inside the inbox"):
+        DaemonPaths(tmp_path / "in", tmp_path / "in" / "out", tmp_path / "failed", tmp_path / "work").prepare()
+
+
+@pytest.mark.skipif(not Path("/dev/shm").is_dir(), reason="needs a second file system")
+def test_work_area_on_another_file_system_is_refused(tmp_path):
+    import tempfile
+
+    with tempfile.TemporaryDirectory(dir="/dev/shm") as other:
+        if os.stat(other).st_dev == os.stat(tmp_path).st_dev:
+            pytest.skip("/dev/shm is on the same file system here")
+        with pytest.raises(ConfigError, match="not on the inbox's file system"):
+            DaemonPaths(tmp_path / "in", tmp_path / "out", tmp_path / "failed", Path(other) / "work").prepare()
+
+
+def _value(metrics: DaemonMetrics, line_start: str) -> float:
+    for line in generate_latest(metrics.registry).decode().splitlines():
+        if line.startswith(line_start + " "):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{line_start} not exposed")
+
+
+def test_engine_events_become_metrics():
+    metrics = DaemonMetrics("d1", stages=("prepare", "embed", "train"))
+    metrics.observe("stage_started", {"stage": "train"})
+    assert _value(metrics, 'idrep_stage_in_progress{stage="train"}') == 1
+    metrics.observe("train_step", {"phase": "COARSE", "step": 1, "loss": 0.5})
+    metrics.observe("train_step", {"phase": "MID", "step": 2, "loss": 0.25})
+    assert _value(metrics, "idrep_train_steps_total") == 2
+    assert _value(metrics, "idrep_train_loss") == 0.25
+    assert _value(metrics, "idrep_train_step") == 2
+    assert _value(metrics, 'idrep_train_phase{phase="MID"}') == 1
+    assert _value(metrics, 'idrep_train_phase{phase="COARSE"}') == 0
+    metrics.observe("stage_finished", {"stage": "train", "seconds": 42.0})
+    assert _value(metrics, 'idrep_stage_duration_seconds_count{stage="train"}') == 1
+    assert _value(metrics, 'idrep_stage_duration_seconds_sum{stage="train"}') == 42
+    metrics.observe("seed_scored", {"seed": 1, "lora": True, "drift": 0.12, "face_found": True})
+    metrics.observe("seed_scored", {"seed": 1, "lora": False, "drift": None, "face_found": False})
+    metrics.observe("render_scored", {"pass_name": "rescue", "mode": "three_pass", "drift": 0.3, "face_found": True})
+    metrics.observe("render_scored", {"pass_name": "anchor", "mode": "three_pass", "drift": None, "face_found": False})
+    assert _value(metrics, 'idrep_seed_drift_bucket{le="0.15",lora="true"}') == 1
+    assert _value(metrics, 'idrep_faces_not_found_total{kind="verify_control"}') == 1
+    assert _value(metrics, 'idrep_faces_not_found_total{kind="render"}') == 1
+    assert _value(metrics, 'idrep_render_drift_count{mode="three_pass",pass_name="rescue"}') == 1
+    metrics.observe("job_finished", {})  # events without a metric are ignored
+    metrics.job_ended("failed", 3.0, "no_face_found")
+    assert _value(metrics, 'idrep_jobs_total{outcome="failed"}') == 1
+    assert _value(metrics, 'idrep_jobs_total{outcome="finished"}') == 0
+    assert _value(metrics, 'idrep_job_failures_total{code="no_face_found"}') == 1
+    assert _value(metrics, 'idrep_train_phase{phase="MID"}') == 0
+    assert _value(metrics, 'idrep_gpu_memory_bytes{kind="allocated"}') >= 0
+
+
+def test_each_daemon_has_its_own_registry():
+    first, second = DaemonMetrics("a"), DaemonMetrics("b")
+    first.job_ended("finished", 1.0)
+    assert _value(first, 'idrep_jobs_total{outcome="finished"}') == 1
+    assert _value(second, 'idrep_jobs_total{outcome="finished"}') == 0
