@@ -2,6 +2,11 @@
 
     python -m daemon --config config.toml [--inbox DIR] [--outbox DIR] [--failed DIR] [--work DIR]
                      [--metrics-port N] [--metrics-host ADDR] [--daemon-id ID] [--poll] [--demo]
+    python -m daemon status --config config.toml [--inbox DIR] [--outbox DIR] [--failed DIR] [--work DIR]
+                     [--last N] [--json]
+
+`status` reads the shared folders (queue, claims and their leases, progress, last results) and
+needs no running daemon: see daemon/status.py.
 
 Settings come from config.toml's [daemon] table; flags override them (flag paths are relative
 to the current folder). Logs are JSON lines on stdout, one event per line, each with `daemon_id`.
@@ -32,6 +37,9 @@ from engine.errors import ConfigError
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["status"]:
+        return status_main(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m daemon", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, default=None, help="config.toml (default: ./config.toml if present, else built-in defaults)")
     parser.add_argument("--inbox", type=Path, help="the watched folder (overrides [daemon] inbox)")
@@ -94,6 +102,34 @@ def main(argv: list[str] | None = None) -> int:
     except Exception:  # noqa: BLE001 - logged with its traceback; claims are left to their leases
         structlog.get_logger("daemon").exception("daemon_crashed")
         return 1
+
+
+def status_main(argv: list[str]) -> int:
+    """`python -m daemon status`: the folders the daemons share, as a person at a terminal wants them."""
+    import json
+
+    from daemon.settings import DaemonPaths, load_daemon_settings
+    from daemon.status import daemon_status, format_daemon_status
+
+    parser = argparse.ArgumentParser(prog="python -m daemon status", description="queue, claims and their leases, progress, last results")
+    parser.add_argument("--config", type=Path, default=None, help="config.toml (default: ./config.toml if present)")
+    for name in ("inbox", "outbox", "failed", "work"):
+        parser.add_argument(f"--{name}", type=Path, help=f"override [daemon] {name}")
+    parser.add_argument("--last", type=int, default=10, help="how many results to list")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of text")
+    args = parser.parse_args(argv)
+    config_path = _config_path(args.config)
+    try:
+        settings = Settings.load(config_path)
+        daemon = load_daemon_settings(settings, str(config_path or "built-in defaults"))
+    except ConfigError as error:
+        print(f"cannot read the configuration: {error}", file=sys.stderr)
+        return 2
+    overrides = {name: str(getattr(args, name).resolve()) for name in ("inbox", "outbox", "failed", "work") if getattr(args, name) is not None}
+    paths = DaemonPaths.resolve(dataclasses.replace(daemon, **overrides), settings.root)  # as the daemon itself resolves them
+    status = daemon_status(paths.inbox, paths.work, paths.outbox, paths.failed, stable_seconds=daemon.stable_seconds, last=args.last)
+    print(json.dumps(status.to_plain(), indent=2) if args.json else format_daemon_status(status), end="\n" if args.json else "")
+    return 0
 
 
 def configure_logging(level: str, daemon_id: str) -> None:

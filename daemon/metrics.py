@@ -11,6 +11,7 @@ nothing about Prometheus:
     train_step {phase, step, loss} / train_checkpoint {step} / train_resumed {step, phase}  training
     seed_scored {lora, drift, face_found}                       verify drift, faces not found
     render_scored {pass_name, mode, drift, face_found}          render drift, faces not found
+    (the same events, through engine.status.StageProgress)      work done / planned in the stage running
 Job outcomes, queue depth and claims are set by the service.
 """
 
@@ -24,6 +25,8 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+from engine.status import StageProgress
 
 OUTCOMES = ("finished", "failed", "interrupted", "lost", "crashed")
 # Identity drift = 1 - cosine similarity, 0 (same face) .. 2; the lock threshold is 0.18.
@@ -74,6 +77,8 @@ class DaemonMetrics:
         self.train_step = Gauge("idrep_train_step", "Step of the job being trained (over all phases).", registry=r)
         self.train_loss = Gauge("idrep_train_loss", "Loss of the latest training step.", registry=r)
         self.train_phase = Gauge("idrep_train_phase", "1 for the training phase running now.", ["phase"], registry=r)
+        self.progress_done = Gauge("idrep_stage_progress_done", "Work done in the stage running now: training steps, seed-discovery images (LoRA and control), render passes.", ["stage"], registry=r)
+        self.progress_planned = Gauge("idrep_stage_progress_planned", "Work the stage running now plans, in the units of idrep_stage_progress_done; for training the job's step cap (phases may converge sooner).", ["stage"], registry=r)
         self.seed_drift = Histogram("idrep_seed_drift", "Identity drift of seed-discovery renders; lora=false is the control group.", ["lora"], buckets=DRIFT_BUCKETS, registry=r)
         self.render_drift = Histogram("idrep_render_drift", "Identity drift of final renders, per render mode and pass.", ["mode", "pass_name"], buckets=DRIFT_BUCKETS, registry=r)
         self.faces_not_found = Counter("idrep_faces_not_found_total", "Generated images in which no face was found (never scored): verify_lora, verify_control, render.", ["kind"], registry=r)
@@ -89,6 +94,7 @@ class DaemonMetrics:
         for reason in ("expired", "released", "restart"):
             self.claims_taken_over.labels(reason)
         self._phase = ""
+        self.progress = StageProgress()
         self._server: Any = None
 
     def serve(self, host: str, port: int) -> int:
@@ -111,6 +117,11 @@ class DaemonMetrics:
 
     def observe(self, event: str, fields: dict[str, Any]) -> None:
         """The engine's observer events -> metrics (unknown events are ignored)."""
+        if self.progress.update(event, fields) or event == "stage_started":
+            stage = self.progress.stage
+            if stage in StageProgress.LONG_STAGES:
+                self.progress_done.labels(stage).set(self.progress.done)
+                self.progress_planned.labels(stage).set(self.progress.total or 0)
         if event == "stage_started":
             self.stage_in_progress.labels(fields["stage"]).set(1)
         elif event == "stage_finished":
@@ -151,6 +162,9 @@ class DaemonMetrics:
 
     def _clear_job_gauges(self) -> None:
         self._set_phase("")
+        for stage in StageProgress.LONG_STAGES:
+            self.progress_done.labels(stage).set(0)
+            self.progress_planned.labels(stage).set(0)
         for sample in self.stage_in_progress.collect()[0].samples:
             self.stage_in_progress.labels(sample.labels["stage"]).set(0)
         self.job_in_progress.set(0)

@@ -20,15 +20,11 @@ only wakes the loop; the metrics server answers scrapes.
 from __future__ import annotations
 
 import datetime as dt
-import errno
 import glob
 import os
-import secrets
 import shutil
-import socket
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,103 +42,17 @@ from daemon.claim import (
     take_over,
 )
 from daemon.metrics import DaemonMetrics
+from daemon.settings import DaemonPaths, DaemonSettings, default_daemon_id, load_daemon_settings  # noqa: F401 - public here too
 from daemon.watch import InboxWatcher, Readiness, Waker
 from engine import ConfigError, Engine, Settings
 from engine.audit import MANIFEST_FILE
-from engine.errors import Problem
 from engine.fsutil import atomic_write_json, fsync_dir
 from engine.job import is_hidden_name, safe_subject_name
 from engine.runner import ERROR_FILE, new_job_id
-from engine.schema import INVALID, Bool, Float, Int, Str, build, rule
 from engine.stages import STAGE_NAMES
 
 # Log a training step every this many steps (and every phase change); metrics see every step.
 TRAIN_LOG_EVERY = 10
-
-
-@dataclass(frozen=True)
-class DaemonSettings:
-    """config.toml's [daemon] table. Paths are relative to the config file's folder."""
-
-    inbox: str = field(default="inbox", metadata=rule(Str(min_len=1, max_len=4096)))
-    outbox: str = field(default="outbox", metadata=rule(Str(min_len=1, max_len=4096)))
-    failed: str = field(default="", metadata=rule(Str(max_len=4096)))  # "": failed/ beside the outbox
-    # Claimed jobs; must be on the inbox's file system (claiming is a rename). "": work/ beside the inbox.
-    work: str = field(default="", metadata=rule(Str(max_len=4096)))
-    # A folder with job.toml is ready when nothing in it changed for this long (or at once with a READY file).
-    stable_seconds: float = field(default=10.0, metadata=rule(Float(0.0, 86_400.0)))
-    # Full listing of the inbox and the work area, whatever the watcher reported.
-    scan_seconds: float = field(default=10.0, metadata=rule(Float(0.1, 3600.0)))
-    # A claim not renewed for this long is taken over by another daemon (renewed every lease/3).
-    lease_seconds: float = field(default=60.0, metadata=rule(Float(0.5, 86_400.0)))
-    # The inbox is a network share (SMB/NFS): inotify sees no remote writes, so poll.
-    network_share: bool = field(default=False, metadata=rule(Bool()))
-    poll_seconds: float = field(default=2.0, metadata=rule(Float(0.1, 600.0)))
-    metrics_port: int = field(default=9108, metadata=rule(Int(0, 65535)))  # 0: any free port (logged)
-    metrics_host: str = field(default="127.0.0.1", metadata=rule(Str(min_len=1, max_len=255)))
-    # Unique among the daemons sharing an inbox; a daemon restarted with the same id resumes
-    # its own claims at once instead of waiting for their leases. "": <host>-<pid>.
-    daemon_id: str = field(default="", metadata=rule(Str(pattern=r"(|[A-Za-z0-9][A-Za-z0-9._@-]{0,127})", pattern_doc="1-128 characters from A-Z a-z 0-9 . _ @ -")))
-    # A job whose runs ended without a clean stop this many times (the daemon was killed, ran
-    # out of memory, ...) goes to failed/ instead of taking down one daemon after another.
-    max_crashes: int = field(default=3, metadata=rule(Int(1, 100)))
-
-
-def load_daemon_settings(settings: Settings, where: str = "config.toml") -> DaemonSettings:
-    """Validate the [daemon] table the engine passed through; every problem named at once."""
-    table = settings.foreign.get("daemon", {})
-    problems: list[Problem] = []
-    if not isinstance(table, dict):
-        problems.append(Problem("daemon", "expected a table"))
-        built: Any = INVALID
-    else:
-        built = build(DaemonSettings, table, "daemon", problems)
-    if problems or built is INVALID:
-        problems = [Problem(f"{where}: {p.where}", p.reason) for p in problems]
-        raise ConfigError("invalid_config", f"{where} has {len(problems)} problem(s): " + "; ".join(map(str, problems[:3])), problems=tuple(problems))
-    return built
-
-
-def default_daemon_id() -> str:
-    return f"{socket.gethostname()}-{os.getpid()}"
-
-
-@dataclass(frozen=True)
-class DaemonPaths:
-    inbox: Path
-    outbox: Path
-    failed: Path
-    work: Path
-
-    @classmethod
-    def resolve(cls, daemon: DaemonSettings, root: Path) -> "DaemonPaths":
-        inbox = (Path(root) / daemon.inbox).resolve()
-        outbox = (Path(root) / daemon.outbox).resolve()
-        failed = (Path(root) / daemon.failed).resolve() if daemon.failed else outbox.parent / "failed"
-        work = (Path(root) / daemon.work).resolve() if daemon.work else inbox.parent / "work"
-        return cls(inbox=inbox, outbox=outbox, failed=failed, work=work)
-
-    def prepare(self) -> None:
-        """Create the folders; refuse layouts that would lose atomicity or be mistaken for jobs."""
-        for path in (self.inbox, self.outbox, self.failed, self.work):
-            path.mkdir(parents=True, exist_ok=True)
-        for name, path in (("outbox", self.outbox), ("failed", self.failed), ("work", self.work)):
-            if path == self.inbox or (path.is_relative_to(self.inbox) and not is_hidden_name(path.relative_to(self.inbox).parts[0])):
-                raise ConfigError("invalid_config", f"the {name} folder {path} is inside the inbox {self.inbox}, where it would be taken for a job folder")
-        # Claiming is a rename from the inbox into the work area, which must be atomic: try one.
-        # (Two bind mounts of one file system also fail here, with EXDEV, as they would later.)
-        probe = self.inbox / f".idrep-rename-probe-{os.getpid()}-{secrets.token_hex(3)}"
-        probe.mkdir()
-        try:
-            os.rename(probe, self.work / probe.name)
-        except OSError as exc:
-            probe.rmdir()
-            if exc.errno != errno.EXDEV:
-                raise
-            raise ConfigError("invalid_config", f"the work area {self.work} is not on the inbox's file system or mount ({self.inbox}): "
-                                                "claiming a job is a rename, which must be atomic; set [daemon] work to a folder on the "
-                                                "same share and mount, e.g. a hidden folder inside the inbox (work = \"inbox/.work\")") from None
-        (self.work / probe.name).rmdir()
 
 
 class Service:
@@ -453,6 +363,9 @@ class Service:
                 if step % TRAIN_LOG_EVERY == 0 or fields.get("phase") != self._last_phase:
                     self.log.info("train_progress", job_id=job_id, step=step, phase=fields.get("phase"), loss=fields.get("loss"))
                 self._last_phase = fields.get("phase")
+            elif event in ("seed_scored", "render_scored"):
+                progress = self.metrics.progress
+                self.log.info("stage_progress", job_id=job_id, stage=progress.stage, done=progress.done, planned=progress.total, at=progress.at)
         except Exception:  # noqa: BLE001 - a metrics bug must never fail a job
             self.log.exception("observer_failed", event=event)
 

@@ -34,6 +34,7 @@ from engine.faults import pause_point
 from engine.fsutil import atomic_write_json, canonical_json, fsync_dir, hash_tree, sha256_bytes, sha256_file
 from engine.job import JOB_FILE, LoadedJob, is_hidden_name, load_job, safe_subject_name
 from engine.ledger import Ledger
+from engine.report import write_report
 from engine.schema import to_plain
 from engine.stages import STAGE_NAMES, STAGES
 
@@ -201,6 +202,7 @@ class Engine:
         """Manifest, last audit line, then one rename into the outbox. A crash before the
         rename leaves a complete job in the work area, which the next run publishes."""
         job = ctx.job
+        write_report(ctx.job_dir, originals=zip(job.spec.subject.photos, job.photos))  # before the manifest, which lists it
         manifest_sha256 = write_manifest(ctx.job_dir, ledger.job_id, inputs, ledger.models(), self.demo)
         ctx.audit.event("job_finished", manifest_sha256=manifest_sha256, demo=self.demo)
         final = outbox / job.subject / ledger.job_id

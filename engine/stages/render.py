@@ -8,7 +8,8 @@ two_pass:
   1 anchor  the scene prompt with the LoRA on the base model
   2 realism img2img of pass 1 on the realism model (no LoRA: it was trained on the base)
 Every pass is embedded and scored against the reference. drift_report.json/.csv list every
-render of the job (verify candidates included) with seed, prompt, pass, drift, lock state.
+render of the job (verify candidates included) with seed, prompt, pass, drift, lock state, and
+beside each drift the distance by a second identity model (engine.identity2, report only).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from engine import identity2
 from engine.context import StageContext
 from engine.diffusion import drift_label, identity_lora, png_text, render, score
 from engine.fsutil import atomic_write_bytes, atomic_write_json, atomic_write_text
@@ -54,6 +56,7 @@ def fingerprint(ctx: StageContext) -> dict[str, object]:
         "realism_model": ctx.resources.realism_model_hashes() if needs_realism else None,
         "faces": ctx.resources.faces().hashes(),
         "resolution": train.training_resolution(ctx),
+        "identity2": identity2.fingerprint(),
     }
 
 
@@ -135,6 +138,9 @@ def _write_reports(ctx: StageContext, chosen: dict[str, Any], rows: list[dict[st
                                 "prompt": chosen["prompt"], "drift": result["drift"], "face_found": result["face_found"],
                                 "locked": chosen["status"] == "locked" and candidate["seed"] == chosen["locked_seed"], "file": result["file"]})
     everything = verify_rows + rows
+    # The second model measures every render only now, after verify has locked the seed.
+    second_model, second_model_files = identity2.annotate(ctx.job_dir, everything, ctx.resources.faces(), chosen["threshold"])
+    ctx.models_used.update(second_model_files)
     report = {
         "job_id": ctx.job_id,
         "subject": ctx.job.subject,
@@ -144,13 +150,16 @@ def _write_reports(ctx: StageContext, chosen: dict[str, Any], rows: list[dict[st
         "seed_selection": {k: chosen[k] for k in ("status", "reason", "best_seed", "best_drift", "locked_seed", "threshold", "faces_not_found")},
         "renders": everything,
         "faces_not_found": sum(not row["face_found"] for row in everything),
+        "identity2": second_model,
     }
     atomic_write_json(ctx.path(REPORT_JSON), report)
     buffer = io.StringIO()
-    columns = ["kind", "render", "output", "mode", "pass", "seed", "prompt", "drift", "face_found", "locked", "file"]
+    columns = ["kind", "render", "output", "mode", "pass", "seed", "prompt", "drift", "face_found", "locked", "file",
+               "identity2_distance", "identity2_verdict", "models_disagree"]
     writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
     for row in everything:
         writer.writerow({k: ("" if row[k] is None else row[k]) for k in columns})
     atomic_write_text(ctx.path(REPORT_CSV), buffer.getvalue())
-    ctx.audit.event("renders_scored", renders=len(rows), faces_not_found=report["faces_not_found"], status=chosen["status"])
+    ctx.audit.event("renders_scored", renders=len(rows), faces_not_found=report["faces_not_found"], status=chosen["status"],
+                    identity2_disagreements=second_model.get("disagreements"))

@@ -101,6 +101,30 @@ def test_engine_events_become_metrics():
     assert _value(metrics, 'idrep_gpu_memory_bytes{kind="allocated"}') >= 0
 
 
+def test_progress_of_the_long_stages_becomes_metrics():
+    metrics = DaemonMetrics("d1", stages=("train", "verify", "render"))
+    spec = {"train": {"max_steps": 300}, "verify": {"seeds": [3, 5, 8]}, "render": [{"mode": "three_pass", "count": 2}, {"mode": "two_pass", "count": 1}]}
+    metrics.observe("job_started", {"spec": spec})
+    metrics.observe("stage_started", {"stage": "train"})
+    assert _value(metrics, 'idrep_stage_progress_planned{stage="train"}') == 300
+    assert _value(metrics, 'idrep_stage_progress_done{stage="train"}') == 0
+    metrics.observe("train_step", {"phase": "COARSE", "step": 7, "loss": 0.5})
+    assert _value(metrics, 'idrep_stage_progress_done{stage="train"}') == 7
+    metrics.observe("stage_finished", {"stage": "train", "seconds": 1.0})
+    metrics.observe("stage_started", {"stage": "verify"})
+    assert _value(metrics, 'idrep_stage_progress_planned{stage="verify"}') == 6  # 3 seeds, with and without the LoRA
+    for lora in (True, False):
+        metrics.observe("seed_scored", {"seed": 3, "lora": lora, "drift": 0.4, "face_found": True})
+    assert _value(metrics, 'idrep_stage_progress_done{stage="verify"}') == 2
+    metrics.observe("stage_started", {"stage": "render"})
+    assert _value(metrics, 'idrep_stage_progress_planned{stage="render"}') == 2 * 3 + 1 * 2
+    metrics.observe("render_scored", {"pass_name": "anchor", "mode": "three_pass", "drift": 0.3, "face_found": True})
+    assert _value(metrics, 'idrep_stage_progress_done{stage="render"}') == 1
+    metrics.job_ended("finished", 9.0)
+    assert _value(metrics, 'idrep_stage_progress_done{stage="render"}') == 0
+    assert _value(metrics, 'idrep_stage_progress_planned{stage="render"}') == 0
+
+
 def test_each_daemon_has_its_own_registry():
     first, second = DaemonMetrics("a"), DaemonMetrics("b")
     first.job_ended("finished", 1.0)

@@ -1,0 +1,102 @@
+"""config.toml's [daemon] table and the folders it names. Apart from the service so that
+readers of the shared folders (`python -m daemon status`) need not import the engine's model stack."""
+
+from __future__ import annotations
+
+import errno
+import os
+import secrets
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from engine.config import Settings
+from engine.errors import ConfigError, Problem
+from engine.job import is_hidden_name
+from engine.schema import INVALID, Bool, Float, Int, Str, build, rule
+
+
+@dataclass(frozen=True)
+class DaemonSettings:
+    """config.toml's [daemon] table. Paths are relative to the config file's folder."""
+
+    inbox: str = field(default="inbox", metadata=rule(Str(min_len=1, max_len=4096)))
+    outbox: str = field(default="outbox", metadata=rule(Str(min_len=1, max_len=4096)))
+    failed: str = field(default="", metadata=rule(Str(max_len=4096)))  # "": failed/ beside the outbox
+    # Claimed jobs; must be on the inbox's file system (claiming is a rename). "": work/ beside the inbox.
+    work: str = field(default="", metadata=rule(Str(max_len=4096)))
+    # A folder with job.toml is ready when nothing in it changed for this long (or at once with a READY file).
+    stable_seconds: float = field(default=10.0, metadata=rule(Float(0.0, 86_400.0)))
+    # Full listing of the inbox and the work area, whatever the watcher reported.
+    scan_seconds: float = field(default=10.0, metadata=rule(Float(0.1, 3600.0)))
+    # A claim not renewed for this long is taken over by another daemon (renewed every lease/3).
+    lease_seconds: float = field(default=60.0, metadata=rule(Float(0.5, 86_400.0)))
+    # The inbox is a network share (SMB/NFS): inotify sees no remote writes, so poll.
+    network_share: bool = field(default=False, metadata=rule(Bool()))
+    poll_seconds: float = field(default=2.0, metadata=rule(Float(0.1, 600.0)))
+    metrics_port: int = field(default=9108, metadata=rule(Int(0, 65535)))  # 0: any free port (logged)
+    metrics_host: str = field(default="127.0.0.1", metadata=rule(Str(min_len=1, max_len=255)))
+    # Unique among the daemons sharing an inbox; a daemon restarted with the same id resumes
+    # its own claims at once instead of waiting for their leases. "": <host>-<pid>.
+    daemon_id: str = field(default="", metadata=rule(Str(pattern=r"(|[A-Za-z0-9][A-Za-z0-9._@-]{0,127})", pattern_doc="1-128 characters from A-Z a-z 0-9 . _ @ -")))
+    # A job whose runs ended without a clean stop this many times (the daemon was killed, ran
+    # out of memory, ...) goes to failed/ instead of taking down one daemon after another.
+    max_crashes: int = field(default=3, metadata=rule(Int(1, 100)))
+
+
+def load_daemon_settings(settings: Settings, where: str = "config.toml") -> DaemonSettings:
+    """Validate the [daemon] table the engine passed through; every problem named at once."""
+    table = settings.foreign.get("daemon", {})
+    problems: list[Problem] = []
+    if not isinstance(table, dict):
+        problems.append(Problem("daemon", "expected a table"))
+        built: Any = INVALID
+    else:
+        built = build(DaemonSettings, table, "daemon", problems)
+    if problems or built is INVALID:
+        problems = [Problem(f"{where}: {p.where}", p.reason) for p in problems]
+        raise ConfigError("invalid_config", f"{where} has {len(problems)} problem(s): " + "; ".join(map(str, problems[:3])), problems=tuple(problems))
+    return built
+
+
+def default_daemon_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+@dataclass(frozen=True)
+class DaemonPaths:
+    inbox: Path
+    outbox: Path
+    failed: Path
+    work: Path
+
+    @classmethod
+    def resolve(cls, daemon: DaemonSettings, root: Path) -> "DaemonPaths":
+        inbox = (Path(root) / daemon.inbox).resolve()
+        outbox = (Path(root) / daemon.outbox).resolve()
+        failed = (Path(root) / daemon.failed).resolve() if daemon.failed else outbox.parent / "failed"
+        work = (Path(root) / daemon.work).resolve() if daemon.work else inbox.parent / "work"
+        return cls(inbox=inbox, outbox=outbox, failed=failed, work=work)
+
+    def prepare(self) -> None:
+        """Create the folders; refuse layouts that would lose atomicity or be mistaken for jobs."""
+        for path in (self.inbox, self.outbox, self.failed, self.work):
+            path.mkdir(parents=True, exist_ok=True)
+        for name, path in (("outbox", self.outbox), ("failed", self.failed), ("work", self.work)):
+            if path == self.inbox or (path.is_relative_to(self.inbox) and not is_hidden_name(path.relative_to(self.inbox).parts[0])):
+                raise ConfigError("invalid_config", f"the {name} folder {path} is inside the inbox {self.inbox}, where it would be taken for a job folder")
+        # Claiming is a rename from the inbox into the work area, which must be atomic: try one.
+        # (Two bind mounts of one file system also fail here, with EXDEV, as they would later.)
+        probe = self.inbox / f".idrep-rename-probe-{os.getpid()}-{secrets.token_hex(3)}"
+        probe.mkdir()
+        try:
+            os.rename(probe, self.work / probe.name)
+        except OSError as exc:
+            probe.rmdir()
+            if exc.errno != errno.EXDEV:
+                raise
+            raise ConfigError("invalid_config", f"the work area {self.work} is not on the inbox's file system or mount ({self.inbox}): "
+                                                "claiming a job is a rename, which must be atomic; set [daemon] work to a folder on the "
+                                                "same share and mount, e.g. a hidden folder inside the inbox (work = \"inbox/.work\")") from None
+        (self.work / probe.name).rmdir()

@@ -1,0 +1,750 @@
+"""report.html: the job's evidence for a person to look at, made from the job folder alone.
+
+Timeline: original photos -> prepared crops -> seed candidates (LoRA beside control, drift
+under each, locked seed and faces-not-found marked) -> renders per pass; loss curves of every
+training phase with its exit reason and step; a drift chart (LoRA vs control, threshold line);
+the second identity model's distances and where it disagrees with ArcFace; settings, model
+hashes, software versions; the audit chain's head hash.
+
+Files (all inside the job folder, all listed in manifest.json):
+    report.html               images by relative path, CSS inline, no script, no network
+    report/drift.png          matplotlib (Agg) charts, also shown in the page
+    report/loss.png
+    report/original_<n>.png   display copies of the input photos (written once, by the runner)
+
+Byte-identical regeneration: `python -m engine report <job>` rebuilds the same bytes from the
+same folder, so the manifest stays valid. Nothing here reads a clock; every list is in a fixed
+order; plots use matplotlib's default style, fixed DPI and no PNG "Software" metadata. The audit
+head shown is the hash of the last line before `job_finished` (the line that seals the
+manifest, which lists this report), so it is the same when the report is made and when it is
+regenerated.
+"""
+
+from __future__ import annotations
+
+import html
+import io
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+from urllib.parse import quote
+
+import numpy as np
+
+from engine.audit import AUDIT_FILE, MANIFEST_FILE
+from engine.fsutil import atomic_write_bytes, sha256_bytes, sha256_file
+
+REPORT_FILE = "report.html"
+ASSETS_DIR = "report"
+DRIFT_CHART = "report/drift.png"
+LOSS_CHART = "report/loss.png"
+ORIGINAL_PATTERN = "report/original_{index}.png"
+ORIGINAL_MAX_SIDE = 1024  # px: display copies only; the inputs' sha256 are in the manifest
+CHART_DPI = 100
+PASS_ORDER = {"anchor": 0, "scene": 1, "rescue": 2, "realism": 1}
+
+
+# ---------------------------------------------------------------------------- entry points
+
+def write_report(job_dir: Path, originals: Iterable[tuple[str, Path]] | None = None) -> dict[str, str]:
+    """Write report.html and its charts into `job_dir`; returns {relative path: sha256}.
+
+    `originals` ((name, path) of each input photo, in job order) is given by the runner, which
+    still has the inputs: their display copies are written first, and kept by regeneration."""
+    job_dir = Path(job_dir)
+    if originals is not None:
+        _write_originals(job_dir, list(originals))
+    files = build_report(job_dir)
+    for rel, data in files.items():
+        atomic_write_bytes(job_dir / rel, data)
+    return {rel: sha256_bytes(data) for rel, data in files.items()}
+
+
+@dataclass
+class Regenerated:
+    written: list[Path] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)  # listed in the manifest with these very bytes
+    conflicts: list[str] = field(default_factory=list)  # would change a file the manifest lists, or add an unlisted one
+
+    @property
+    def ok(self) -> bool:
+        return not self.conflicts
+
+
+def regenerate_report(job_dir: Path, out_dir: Path | None = None) -> Regenerated:
+    """Rebuild the report of a job folder (finished or not).
+
+    Into the job folder itself only where that keeps its manifest true: a finished job's
+    report must come out byte-identical (else nothing is written and `conflicts` says which
+    file differs). With `out_dir` the report is written there instead, linking back to the
+    job's images."""
+    job_dir = Path(job_dir).resolve()
+    result = Regenerated()
+    if out_dir is not None:
+        out_dir = Path(out_dir).resolve()
+        link = os.path.relpath(job_dir, out_dir).replace(os.sep, "/") + "/"
+        for rel, data in build_report(job_dir, link_to_job=link).items():
+            atomic_write_bytes(out_dir / rel, data)
+            result.written.append(out_dir / rel)
+        return result
+    files = build_report(job_dir)
+    manifest_path = job_dir / MANIFEST_FILE
+    if manifest_path.is_file():
+        listed = json.loads(manifest_path.read_text("utf-8")).get("outputs", {})
+        for rel, data in files.items():
+            if listed.get(rel) == sha256_bytes(data):
+                result.unchanged.append(rel)
+            else:
+                why = "differs from the manifest" if rel in listed else "is not in the manifest"
+                result.conflicts.append(f"{rel} {why}")
+        if result.conflicts:
+            return result
+    for rel, data in files.items():
+        if not ((job_dir / rel).is_file() and sha256_file(job_dir / rel) == sha256_bytes(data)):
+            atomic_write_bytes(job_dir / rel, data)
+        result.written.append(job_dir / rel)
+    return result
+
+
+def build_report(job_dir: Path, link_to_job: str = "") -> dict[str, bytes]:
+    """{relative path: bytes} of report.html and its charts; the same folder gives the same bytes."""
+    facts = JobFacts.read(Path(job_dir))
+    return {
+        DRIFT_CHART: drift_chart_png(facts),
+        LOSS_CHART: loss_chart_png(facts),
+        REPORT_FILE: render_html(facts, link_to_job).encode("utf-8"),
+    }
+
+
+# ---------------------------------------------------------------------------- reading the job
+
+@dataclass
+class JobFacts:
+    """Everything the report shows, read from the job folder (missing parts stay None/empty)."""
+
+    job_dir: Path
+    prepare: dict[str, Any] | None
+    embed: dict[str, Any] | None
+    train: dict[str, Any] | None
+    loss: list[tuple[str, int, int, float]]
+    verify: dict[str, Any] | None
+    drift_report: dict[str, Any] | None
+    audit: list[dict[str, Any]]  # the lines up to (not including) the last job_finished
+    originals: dict[int, str]  # photo index -> relative path of its display copy
+
+    @classmethod
+    def read(cls, job_dir: Path) -> "JobFacts":
+        originals = {}
+        for index in range(64):
+            rel = ORIGINAL_PATTERN.format(index=index)
+            if (job_dir / rel).is_file():
+                originals[index] = rel
+        return cls(
+            job_dir=job_dir,
+            prepare=_json(job_dir / "prepared/prepare.json"),
+            embed=_json(job_dir / "embedding/embed.json"),
+            train=_json(job_dir / "train/train.json"),
+            loss=_loss_rows(job_dir / "train/loss.csv"),
+            verify=_json(job_dir / "verify/verify.json"),
+            drift_report=_json(job_dir / "drift_report.json"),
+            audit=_audit_before_finish(job_dir / AUDIT_FILE),
+            originals=originals,
+        )
+
+    @property
+    def rows(self) -> list[dict[str, Any]]:
+        return list((self.drift_report or {}).get("renders", []))
+
+    @property
+    def threshold(self) -> float | None:
+        selection = (self.drift_report or {}).get("seed_selection") or {}
+        return (self.verify or {}).get("threshold", selection.get("threshold"))
+
+    def first(self, event: str) -> dict[str, Any] | None:
+        return next((line for line in self.audit if line.get("event") == event), None)
+
+    def starts(self) -> list[dict[str, Any]]:
+        return [line for line in self.audit if line.get("event") in ("job_started", "job_resumed")]
+
+    @property
+    def job_id(self) -> str:
+        return str((self.drift_report or {}).get("job_id") or (self.audit[0].get("job_id") if self.audit else self.job_dir.name))
+
+    @property
+    def subject(self) -> str:
+        start = self.first("job_started") or {}
+        return str((self.drift_report or {}).get("subject") or start.get("subject") or self.job_dir.parent.name)
+
+    @property
+    def demo(self) -> bool:
+        start = self.first("job_started") or {}
+        return bool((self.drift_report or {}).get("demo", start.get("demo", False)))
+
+
+def _json(path: Path) -> dict[str, Any] | None:
+    return json.loads(path.read_text("utf-8")) if path.is_file() else None
+
+
+def _loss_rows(path: Path) -> list[tuple[str, int, int, float]]:
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text("utf-8").splitlines()[1:]:
+        if line.strip():
+            phase, step, phase_step, loss = line.split(",")
+            rows.append((phase, int(step), int(phase_step), float(loss)))
+    return rows
+
+
+def _audit_before_finish(path: Path) -> list[dict[str, Any]]:
+    """The audit lines the report can know of: all of them up to the last `job_finished`
+    (excluded); a torn or unreadable line ends the reading."""
+    if not path.is_file():
+        return []
+    lines: list[dict[str, Any]] = []
+    for raw in path.read_bytes().split(b"\n"):
+        if not raw.strip():
+            continue
+        try:
+            lines.append(json.loads(raw.decode("utf-8")))
+        except (ValueError, UnicodeDecodeError):
+            break
+    finished = [i for i, line in enumerate(lines) if line.get("event") == "job_finished"]
+    return lines[: finished[-1]] if finished else lines
+
+
+def _write_originals(job_dir: Path, originals: list[tuple[str, Path]]) -> None:
+    """Display copies of the input photos (upright, at most ORIGINAL_MAX_SIDE px)."""
+    import cv2
+
+    from engine.images import load_photo, png_bytes
+
+    assets = job_dir / ASSETS_DIR
+    if assets.is_dir():
+        for stale in sorted(assets.glob("original_*.png")):
+            stale.unlink()
+    for index, (name, path) in enumerate(originals):
+        rgb = load_photo(Path(path), name, max_pixels=1 << 40).rgb  # already accepted by prepare
+        scale = ORIGINAL_MAX_SIDE / max(rgb.shape[:2])
+        if scale < 1.0:
+            rgb = cv2.resize(rgb, (max(1, round(rgb.shape[1] * scale)), max(1, round(rgb.shape[0] * scale))), interpolation=cv2.INTER_AREA)
+        text = {"source": name, "sha256": sha256_file(Path(path)), "note": f"display copy for {REPORT_FILE}, at most {ORIGINAL_MAX_SIDE} px"}
+        atomic_write_bytes(job_dir / ORIGINAL_PATTERN.format(index=index), png_bytes(rgb, text))
+
+
+# ---------------------------------------------------------------------------- charts
+
+def _figure(width: float, height: float, *, left: float = 0.8, right: float = 2.2, top: float = 0.6, bottom: float = 0.7,
+            hspace: float = 0.6, wspace: float = 0.25):
+    """A matplotlib figure on the Agg canvas (no pyplot, no global backend switch), with fixed
+    margins in inches (legends go in the right margin). Fixed rather than constrained layout:
+    it halves the drawing time and cannot move with the data."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(width, height), dpi=CHART_DPI)
+    figure.subplots_adjust(left=left / width, right=1 - right / width, top=1 - top / height, bottom=bottom / height, hspace=hspace, wspace=wspace)
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def _png(draw) -> bytes:
+    """Run `draw()` (which returns a Figure) under matplotlib's default style and fixed
+    settings, and encode it as PNG with no metadata that could change between runs."""
+    import matplotlib
+    import matplotlib.style
+
+    with matplotlib.style.context("default"), matplotlib.rc_context({"svg.hashsalt": "engine-report", "font.family": "DejaVu Sans"}):
+        figure = draw()
+        buffer = io.BytesIO()
+        figure.savefig(buffer, format="png", dpi=CHART_DPI, metadata={"Software": None})
+    return buffer.getvalue()
+
+
+def drift_chart_png(facts: JobFacts) -> bytes:
+    """Seed candidates (LoRA vs control) and renders per pass, ArcFace drift against the
+    lock threshold; and the second model's distances against its tolerances."""
+
+    def draw():
+        figure = _figure(11, 10, top=0.8, bottom=1.3)
+        seeds_axis, renders_axis, second_axis = figure.subplots(3, 1)
+        threshold = facts.threshold
+        candidates = (facts.verify or {}).get("candidates", [])
+        locked_seed = (facts.verify or {}).get("locked_seed")
+        top = _axis_top([c[g]["drift"] for c in candidates for g in ("lora", "control")] + [r["drift"] for r in facts.rows])
+        positions = np.arange(len(candidates), dtype=float)
+        for offset, group, colour in ((-0.15, "lora", "tab:blue"), (0.15, "control", "tab:gray")):
+            found = [(p + offset, c[group]["drift"]) for p, c in zip(positions, candidates) if c[group]["drift"] is not None]
+            missing = [p + offset for p, c in zip(positions, candidates) if c[group]["drift"] is None]
+            if found:
+                seeds_axis.scatter(*zip(*found), color=colour, marker="o", label=f"{group}: ArcFace drift", zorder=3)
+            if missing:
+                seeds_axis.scatter(missing, [top * 0.96] * len(missing), color=colour, marker="x", label=f"{group}: no face found", zorder=3)
+        seeds_axis.set_xticks(positions, [f"{c['seed']}{' (locked)' if c['seed'] == locked_seed else ''}" for c in candidates],
+                              rotation=45 if len(candidates) > 12 else 0)
+        seeds_axis.set_xlabel("seed")
+        seeds_axis.set_title("Seed candidates: LoRA vs control (no LoRA)")
+        render_rows = [r for r in facts.rows if r.get("kind") == "render"]
+        render_positions = np.arange(len(render_rows), dtype=float)
+        found = [(p, r["drift"]) for p, r in zip(render_positions, render_rows) if r["drift"] is not None]
+        missing = [p for p, r in zip(render_positions, render_rows) if r["drift"] is None]
+        if found:
+            renders_axis.scatter(*zip(*found), color="tab:blue", marker="o", label="ArcFace drift", zorder=3)
+        if missing:
+            renders_axis.scatter(missing, [top * 0.96] * len(missing), color="tab:red", marker="x", label="no face found", zorder=3)
+        renders_axis.set_xticks(render_positions, [_render_label(r) for r in render_rows], rotation=45 if len(render_rows) > 8 else 0, fontsize=8)
+        renders_axis.set_title("Renders per pass")
+        for axis in (seeds_axis, renders_axis):
+            if threshold is not None:
+                axis.axhline(threshold, color="tab:red", linestyle="--", linewidth=1, label=f"lock threshold {threshold:g}")
+            axis.set_ylim(0.0, top)
+            axis.set_ylabel("drift (1 - cosine)")
+            axis.set_xlim(-0.6, max(len(axis.get_xticks()), 1) - 0.4)
+            axis.grid(axis="y", alpha=0.3)
+            _legend(axis)
+        _draw_second_model(second_axis, facts)
+        if facts.demo:
+            figure.suptitle("demo model: random weights, renders are noise", color="tab:red")
+        return figure
+
+    return _png(draw)
+
+
+def _draw_second_model(axis, facts: JobFacts) -> None:
+    from engine.identity2 import STRICT_TOLERANCE, TOLERANCE
+
+    rows = facts.rows
+    measured = [(i, r) for i, r in enumerate(rows) if r.get("identity2_distance") is not None]
+    axis.set_title("Second identity model (dlib 128-D): distance to the reference; never used to choose seeds")
+    axis.axhline(TOLERANCE, color="tab:orange", linestyle="--", linewidth=1, label=f"same person (dlib) {TOLERANCE}")
+    axis.axhline(STRICT_TOLERANCE, color="tab:green", linestyle=":", linewidth=1, label=f"strict {STRICT_TOLERANCE}")
+    if measured:
+        for disagree, colour, label in ((False, "tab:blue", "dlib distance"), (True, "tab:red", "dlib distance, models disagree")):
+            points = [(i, r["identity2_distance"]) for i, r in measured if bool(r.get("models_disagree")) == disagree]
+            if points:
+                axis.scatter(*zip(*points), color=colour, marker="o", label=label, zorder=3)
+        axis.set_ylim(0.0, max(1.0, max(r["identity2_distance"] for _, r in measured) * 1.1))
+    else:
+        axis.set_ylim(0.0, 1.0)
+        axis.text(0.5, 0.5, "nothing measured: no face found in any render", transform=axis.transAxes, ha="center", va="center", color="tab:gray")
+    axis.set_xticks(np.arange(len(rows), dtype=float), [_short_label(r) for r in rows], rotation=90, fontsize=7)
+    axis.set_xlim(-0.6, max(len(rows), 1) - 0.4)
+    axis.set_ylabel("distance (Euclidean)")
+    axis.grid(axis="y", alpha=0.3)
+    _legend(axis)
+
+
+def loss_chart_png(facts: JobFacts) -> bytes:
+    """All phases on one axis (phase exits marked with reason and step), then one panel per
+    phase on its own scale."""
+    phases = (facts.train or {}).get("phases", [])
+
+    def draw():
+        panels = max(1, len(phases))
+        rows = 1 + (panels + 1) // 2
+        figure = _figure(11, 3.2 * rows, right=1.4, top=0.5, bottom=0.6, hspace=0.5)
+        grid = figure.add_gridspec(rows, 2)
+        overview = figure.add_subplot(grid[0, :])
+        colours = [f"C{i % 10}" for i in range(len(phases))]
+        for colour, phase in zip(colours, phases):
+            points = [(step, loss) for name, step, _, loss in facts.loss if name == phase["name"]]
+            if points:
+                overview.plot(*zip(*points), color=colour, linewidth=1.2, label=phase["name"])
+            if phase.get("steps"):
+                overview.axvline(phase["last_step"], color=colour, linestyle="--", linewidth=0.8)
+                overview.annotate(f"{phase['name']}: {phase['exit_reason']} @ {phase['last_step']}", xy=(phase["last_step"], 0.98),
+                                  xycoords=("data", "axes fraction"), rotation=90, ha="right", va="top", fontsize=7, color=colour)
+        overview.set_title("Training loss, every phase (dashed: phase exit, with reason and step)")
+        overview.set_xlabel("step")
+        overview.set_ylabel("loss")
+        overview.grid(alpha=0.3)
+        if phases:
+            _legend(overview)
+        else:
+            overview.text(0.5, 0.5, "no training record (train/train.json)", transform=overview.transAxes, ha="center", va="center")
+        for index, (colour, phase) in enumerate(zip(colours, phases)):
+            axis = figure.add_subplot(grid[1 + index // 2, index % 2])
+            points = [(phase_step, loss) for name, _, phase_step, loss in facts.loss if name == phase["name"]]
+            if points:
+                axis.plot(*zip(*points), color=colour, linewidth=1.2)
+            else:
+                axis.text(0.5, 0.5, f"not run ({phase['exit_reason']})", transform=axis.transAxes, ha="center", va="center", color="tab:gray")
+            axis.set_title(f"{phase['name']}: lr {phase['lr']:g}, alpha {phase['alpha']:g}, {phase['loss']}, {phase['optimizer']}", fontsize=9)
+            axis.set_xlabel(f"phase step; exit: {phase['exit_reason']} at step {phase['last_step']} ({phase['steps']} steps{_p_value(phase)})", fontsize=8)
+            axis.grid(alpha=0.3)
+        return figure
+
+    return _png(draw)
+
+
+def _legend(axis) -> None:
+    """A legend outside the plot, on the right, so that it never hides a point."""
+    if axis.get_legend_handles_labels()[0]:
+        axis.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
+
+
+def _axis_top(values: list[float | None]) -> float:
+    present = [v for v in values if v is not None]
+    return max(1.0, max(present) * 1.1) if present else 1.0
+
+
+def _p_value(phase: dict[str, Any]) -> str:
+    summary = phase.get("summary") or {}
+    return f", slope p={summary['p_value']:.3f}" if summary.get("p_value") is not None else ""
+
+
+def _render_label(row: dict[str, Any]) -> str:
+    return f"r{row['render']}.{row['output']} {row['pass']}"
+
+
+def _short_label(row: dict[str, Any]) -> str:
+    if row.get("kind", "").startswith("verify"):
+        return f"seed {row['seed']} {row['pass']}"
+    return _render_label(row)
+
+
+# ---------------------------------------------------------------------------- HTML
+
+CSS = """
+body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;margin:0 auto;max-width:1200px;padding:1rem 2rem;color:#1d1d1f;background:#fff}
+h1{margin-bottom:.2rem} h2{border-bottom:2px solid #ddd;padding-bottom:.2rem;margin-top:2rem}
+.demo{background:#fde8e8;border:2px solid #c62828;padding:.6rem 1rem;font-weight:600}
+.summary{display:grid;grid-template-columns:max-content 1fr;gap:.2rem 1rem;margin:1rem 0}
+.summary dt{font-weight:600} .summary dd{margin:0}
+.row{display:flex;flex-wrap:wrap;gap:.8rem;align-items:flex-start;margin:.6rem 0}
+figure{margin:0;padding:.4rem;border:1px solid #ddd;border-radius:4px;background:#fafafa}
+figure img{display:block;width:192px;height:auto;image-rendering:auto}
+figure.chart img{width:100%;max-width:1000px}
+figure.locked{border:3px solid #2e7d32} figure.noface{border-color:#c62828}
+figcaption{font-size:.8rem;line-height:1.35;max-width:192px;word-wrap:break-word}
+figure.chart figcaption{max-width:none}
+.photo{position:relative;display:inline-block} .photo img{width:320px}
+.box{position:absolute;border:2px solid #9e9e9e} .box.chosen{border-color:#2e7d32} .box.crop{border:2px dashed #1565c0}
+.badge{display:inline-block;padding:0 .35rem;border-radius:3px;font-size:.75rem;font-weight:600;color:#fff;background:#555}
+.badge.locked{background:#2e7d32} .badge.noface{background:#c62828} .badge.disagree{background:#e65100} .badge.best{background:#1565c0}
+table{border-collapse:collapse;margin:.6rem 0} td,th{border:1px solid #ddd;padding:.3rem .5rem;vertical-align:top;text-align:left;font-size:.9rem}
+pre{background:#f5f5f5;padding:.6rem;overflow:auto;max-height:30rem;font-size:.8rem}
+code{font-size:.85rem} .muted{color:#666}
+"""
+
+
+def render_html(facts: JobFacts, link_to_job: str = "") -> str:
+    """The page. `link_to_job` prefixes links to the job's own images (when written elsewhere)."""
+    def job_src(rel: str) -> str:
+        return _attr(link_to_job + quote(rel))
+
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>Identity replication report: {_text(facts.subject)} / {_text(facts.job_id)}</title>",
+        f"<style>{CSS}</style></head><body>",
+        f"<h1>Identity replication report: {_text(facts.subject)}</h1>",
+        f'<p class="muted">job <code>{_text(facts.job_id)}</code>; made from the job folder alone '
+        f"(<code>python -m engine report &lt;job folder&gt;</code> rebuilds it byte for byte)</p>",
+    ]
+    if facts.demo:
+        parts.append('<p class="demo" id="demo-warning">Demo model: random weights. The renders are noise, no face is found in them, '
+                     "and their drifts mean nothing. This report shows the chain works, not an identity.</p>")
+    parts += _summary(facts)
+    parts += _timeline(facts, job_src)
+    parts += _seeds(facts, job_src)
+    parts += _drift(facts)
+    parts += _renders(facts, job_src)
+    parts += _second_model(facts)
+    parts += _training(facts)
+    parts += _settings(facts)
+    parts += _audit(facts)
+    parts.append("</body></html>")
+    return "\n".join(parts) + "\n"
+
+
+def _summary(facts: JobFacts) -> list[str]:
+    selection = (facts.drift_report or {}).get("seed_selection") or {key: (facts.verify or {}).get(key) for key in
+                                                                      ("status", "reason", "best_seed", "best_drift", "locked_seed", "threshold")}
+    second = (facts.drift_report or {}).get("identity2") or {}
+    head, lines = _head(facts)
+    items = [
+        ("seed selection", f"{selection.get('status') or 'not run'}: {selection.get('reason') or ''}"),
+        ("locked seed", _maybe(selection.get("locked_seed"))),
+        ("best seed / drift", f"{_maybe(selection.get('best_seed'))} / {_number(selection.get('best_drift'))}"),
+        ("lock threshold (ArcFace drift)", _maybe(selection.get("threshold"))),
+        ("images scored", str(len(facts.rows))),
+        ("faces not found", str((facts.drift_report or {}).get("faces_not_found", "—"))),
+        ("second model disagreements", _second_summary(second)),
+        ("audit head at report time", f"{head} (line {lines})"),
+    ]
+    out = ['<dl class="summary" id="summary">']
+    out += [f"<dt>{_text(key)}</dt><dd>{_text(value)}</dd>" for key, value in items]
+    out.append("</dl>")
+    return out
+
+
+def _second_summary(second: dict[str, Any]) -> str:
+    if not second:
+        return "not recorded"
+    if not second.get("available"):
+        return f"not measured: {second.get('reason')}"
+    if not second.get("measured"):
+        return f"nothing measured: {second.get('note', 'no face')}"
+    return f"{second['disagreements']} of {second['measured']} measured images"
+
+
+def _timeline(facts: JobFacts, job_src) -> list[str]:
+    out = ['<section id="timeline"><h2>1. Original photos and prepared crops</h2>']
+    if not facts.prepare:
+        return out + ["<p>No prepare record (prepared/prepare.json).</p></section>"]
+    drift_of = {row["file"]: row for row in (facts.embed or {}).get("images", [])}
+    for index, photo in enumerate(facts.prepare["photos"]):
+        out.append(f'<h3>{_text(photo["name"])} <span class="muted">sha256 {_text(photo["sha256"])}</span></h3><div class="row">')
+        if index in facts.originals:
+            out.append(_original_figure(photo, job_src(facts.originals[index]), facts.originals[index]))
+        else:
+            out.append(f'<p class="muted">original not kept in the job folder (sha256 {_text(photo["sha256"])}).</p>')
+        for image in photo["images"]:
+            embedded = drift_of.get(image["file"], {})
+            caption = [f"<b>{_text(image['kind'])}</b> (rotation {image['angle']:g}°, crop {image['scale']:g})",
+                       f"ArcFace drift to reference {_number(embedded.get('drift_to_reference'))}"]
+            out.append(_figure_html(job_src(image["file"]), image["file"], "prepared", caption))
+        out.append("</div>")
+        background = photo.get("background", {})
+        out.append(f'<p class="muted">background: {_text(background.get("method"))} {_text(background.get("reason", ""))}; '
+                   f"faces found: {len(photo['faces'])}, subject: #{photo['chosen_face']}</p>")
+    pairwise = (facts.embed or {}).get("pairwise") or []
+    if pairwise:
+        out.append("<p>Same-person check between photos (ArcFace drift): " +
+                   "; ".join(f"{_text(p['photos'][0])} vs {_text(p['photos'][1])}: {_number(p['drift'])}" for p in pairwise) + "</p>")
+    return out + ["</section>"]
+
+
+def _original_figure(photo: dict[str, Any], src: str, file: str) -> str:
+    width, height = photo["decode"]["size"]
+    boxes = []
+    for number, face in enumerate(photo["faces"]):
+        x1, y1, x2, y2 = face["box"]
+        boxes.append(_box(x1, y1, x2 - x1, y2 - y1, width, height, "box chosen" if number == photo["chosen_face"] else "box"))
+    crop = photo.get("crop")
+    if crop:
+        (cx, cy), side = crop["center"], crop["side"]
+        boxes.append(_box(cx - side / 2, cy - side / 2, side, side, width, height, "box crop"))
+    caption = [f"<b>original</b> {width}×{height} px (display copy)", "green: subject's face; grey: other faces; dashed: crop"]
+    return (f'<figure class="original" data-kind="original" data-file="{_attr(file)}"><div class="photo"><img src="{src}" alt="original {_attr(photo["name"])}">{"".join(boxes)}</div>'
+            f"<figcaption>{'<br>'.join(caption)}</figcaption></figure>")
+
+
+def _box(x: float, y: float, w: float, h: float, width: int, height: int, css: str) -> str:
+    return (f'<div class="{css}" style="left:{100 * x / width:.3f}%;top:{100 * y / height:.3f}%;'
+            f'width:{100 * w / width:.3f}%;height:{100 * h / height:.3f}%"></div>')
+
+
+def _seeds(facts: JobFacts, job_src) -> list[str]:
+    out = ['<section id="seeds"><h2>2. Seed candidates (seed discovery)</h2>']
+    verify = facts.verify
+    if not verify:
+        return out + ["<p>No verify record (verify/verify.json).</p></section>"]
+    rows = {(row["kind"], row["seed"]): row for row in facts.rows if row.get("kind", "").startswith("verify")}
+    rank = {seed: number for number, seed in enumerate(verify.get("ranking", []), start=1)}
+    out.append(f"<p>Prompt <code>{_text(verify['prompt'])}</code>, {verify['steps']} steps, CFG {verify['guidance']:g}, "
+               f"{verify['resolution']} px; batches {_text(json.dumps(verify['batch_layout']))}. Seeds are ranked by ArcFace drift of "
+               f"the LoRA render; the best is locked when its drift is at most {verify['threshold']:g}. "
+               f"{_text(verify['status'])}: {_text(verify['reason'])}. Faces not found: LoRA {verify['faces_not_found']['lora']}, "
+               f"control {verify['faces_not_found']['control']}.</p>")
+    out.append('<table id="seed-table"><tr><th>seed</th><th>with LoRA</th><th>control (no LoRA)</th></tr>')
+    for candidate in verify["candidates"]:
+        seed = candidate["seed"]
+        marks = []
+        if seed == verify.get("locked_seed"):
+            marks.append('<span class="badge locked">LOCKED</span>')
+        elif seed == verify.get("best_seed"):
+            marks.append('<span class="badge best">rendered from (not locked)</span>')
+        if seed in rank:
+            marks.append(f'<span class="muted">rank {rank[seed]}</span>')
+        cells = []
+        for group in ("lora", "control"):
+            result = candidate[group]
+            row = rows.get((f"verify_{group}", seed), {})
+            css = "locked" if group == "lora" and seed == verify.get("locked_seed") else ""
+            cells.append("<td>" + _scored_figure(job_src(result["file"]), result["file"], "candidate", css, f"seed {seed}, {group}", result["drift"],
+                                                 result["face_found"], row) + "</td>")
+        out.append(f"<tr><td><b>{seed}</b><br>{' '.join(marks)}</td>{''.join(cells)}</tr>")
+    return out + ["</table></section>"]
+
+
+def _drift(facts: JobFacts) -> list[str]:
+    caption = ("ArcFace drift (1 − cosine to the reference embedding) of every seed candidate, LoRA beside control, and of every render "
+               "pass; dashed red: the lock threshold; ×: no face found (never scored as 0 or 1). Bottom: the second model's distance "
+               "(red: disagrees with ArcFace).")
+    return ['<section id="drift"><h2>3. Drift chart</h2>',
+            _figure_html(_attr(quote(DRIFT_CHART)), DRIFT_CHART, "chart", [_text(caption)], "drift"), "</section>"]
+
+
+def _renders(facts: JobFacts, job_src) -> list[str]:
+    out = ['<section id="renders"><h2>4. Renders per pass</h2>']
+    renders = [row for row in facts.rows if row.get("kind") == "render"]
+    if not renders:
+        return out + ["<p>No renders (drift_report.json).</p></section>"]
+    selection = (facts.drift_report or {}).get("seed_selection", {})
+    out.append(f"<p>Rendered from seed {_maybe(selection.get('best_seed'))} ({_text(selection.get('status'))}).</p>")
+    groups: dict[tuple[int, int], list[dict[str, Any]]] = {}
+    for row in renders:
+        groups.setdefault((row["render"], row["output"]), []).append(row)
+    for (entry, output), passes in sorted(groups.items()):
+        first = passes[0]
+        out.append(f"<h3>render {entry}, output {output} <span class=\"muted\">{_text(first['mode'])}: {_text(passes[-1]['prompt'])}</span></h3>")
+        out.append('<div class="row">')
+        for row in sorted(passes, key=lambda r: PASS_ORDER.get(r["pass"], 9)):
+            out.append(_scored_figure(job_src(row["file"]), row["file"], "render", "", f"{row['pass']} (seed {row['seed']})", row["drift"], row["face_found"], row))
+        out.append("</div>")
+    return out + ["</section>"]
+
+
+def _second_model(facts: JobFacts) -> list[str]:
+    second = (facts.drift_report or {}).get("identity2")
+    out = ['<section id="identity2"><h2>5. Second identity model</h2>']
+    if not second:
+        return out + ["<p>Not recorded (drift_report.json has no second-model record).</p></section>"]
+    out.append(f"<p>{_text(second['model'])}: {_text(second['distance'])}. Reference: {_text(second['reference'])}. "
+               f"Same person by dlib's tolerance at most {second['tolerance']:g}, by a strict one at most {second['strict_tolerance']:g}. "
+               f"Used for seed selection: {'yes' if second.get('used_for_seed_selection') else 'no'} (measured after the seed was locked).</p>")
+    out.append(f"<p>Disagreement: {_text(second['disagreement_rule'])}.</p>")
+    if not second.get("available"):
+        return out + [f'<p class="demo">Not measured: {_text(second.get("reason"))}</p></section>']
+    note = f"; {second['note']}" if second.get("note") else ""
+    out.append(f"<p>Measured {second.get('measured', 0)} of {len(facts.rows)} images{_text(note)}.</p>")
+    flagged = [row for row in facts.rows if row.get("models_disagree")]
+    if flagged:
+        out.append('<table id="disagreements"><tr><th>image</th><th>ArcFace drift</th><th>dlib distance</th><th>reading</th></tr>')
+        threshold = facts.threshold
+        for row in flagged:
+            if threshold is not None and row["drift"] <= threshold:
+                reading = f"ArcFace: within the lock threshold {threshold:g}; dlib: another person (> {second['tolerance']:g})"
+            else:
+                reading = f"ArcFace: beyond the lock threshold {_maybe(threshold)}; dlib: same person even by the strict {second['strict_tolerance']:g}"
+            out.append(f"<tr><td>{_text(row['file'])}</td><td>{_number(row['drift'])}</td><td>{_number(row['identity2_distance'])}</td>"
+                       f"<td>{_text(reading)}</td></tr>")
+        out.append("</table>")
+    else:
+        out.append('<p id="disagreements">No image where the two models disagree.</p>')
+    return out + ["</section>"]
+
+
+def _training(facts: JobFacts) -> list[str]:
+    out = ['<section id="training"><h2>6. Training</h2>']
+    out.append(_figure_html(_attr(quote(LOSS_CHART)), LOSS_CHART, "chart",
+                            [_text("Loss of every training phase; each phase ends on a plateau of its slope test, at its step cap, or at the job's total cap.")], "loss"))
+    train = facts.train
+    if not train:
+        return out + ["<p>No training record (train/train.json).</p></section>"]
+    out.append(f"<p>Caption <code>{_text(train['caption'])}</code>, rank {train['rank']}, {train['resolution']} px, "
+               f"{train['total_steps']} of at most {train['max_steps']} steps"
+               f"{_resumes(facts)}.</p>")
+    out.append('<table id="phases"><tr><th>phase</th><th>lr</th><th>alpha</th><th>loss</th><th>optimizer</th><th>steps</th>'
+               "<th>exit reason</th><th>at step</th><th>slope p-value</th></tr>")
+    for phase in train["phases"]:
+        summary = phase.get("summary") or {}
+        out.append(f"<tr><td>{_text(phase['name'])}</td><td>{phase['lr']:g}</td><td>{phase['alpha']:g}</td><td>{_text(phase['loss'])}</td>"
+                   f"<td>{_text(phase['optimizer'])}</td><td>{phase['steps']}</td><td>{_text(phase['exit_reason'])}</td>"
+                   f"<td>{phase['last_step']}</td><td>{_number(summary.get('p_value'), 3)}</td></tr>")
+    return out + ["</table></section>"]
+
+
+def _resumes(facts: JobFacts) -> str:
+    """The text ', resumed from step 50, 100', from the audit log's train_resumed lines
+    (train.json keeps no run history, so that a resumed job's files equal an uninterrupted one's)."""
+    steps = [str(line.get("step")) for line in facts.audit if line.get("event") == "train_resumed"]
+    return f", resumed from step {', '.join(steps)}" if steps else ""
+
+
+def _settings(facts: JobFacts) -> list[str]:
+    import matplotlib
+
+    out = ['<section id="settings"><h2>7. Settings, models and software</h2>']
+    starts = facts.starts()
+    latest = starts[-1] if starts else {}
+    models: dict[str, str] = {}
+    for line in facts.audit:
+        if line.get("event") == "stage_finished":
+            models.update(line.get("models") or {})
+    second = (facts.drift_report or {}).get("identity2") or {}
+    models.update(second.get("sha256") or {})
+    out.append("<h3>Model files (sha256)</h3><table id=\"models\"><tr><th>model file</th><th>sha256</th></tr>")
+    out += [f"<tr><td>{_text(name)}</td><td><code>{_text(digest)}</code></td></tr>" for name, digest in sorted(models.items())]
+    out.append("</table>")
+    faces = (latest.get("models") or {}).get("faces") or {}
+    if faces:
+        out.append(f"<p>Face models: {_text(faces.get('pack'))} on {_text(', '.join(faces.get('providers', [])))}.</p>")
+    runs = []
+    for start in starts:
+        if not runs or runs[-1][1] != start.get("versions"):
+            runs.append((f"{start['event']} {start.get('ts', '')}", start.get("versions") or {}))
+    extra = {f"identity2: {name}": version for name, version in (second.get("versions") or {}).items()}
+    extra["report: matplotlib"] = matplotlib.__version__
+    packages = sorted({name for _, versions in runs for name in versions})
+    out.append("<h3>Software versions</h3><table id=\"versions\"><tr><th>package</th>" +
+               "".join(f"<th>{_text(label)}</th>" for label, _ in runs) + "</tr>")
+    out += [f"<tr><td>{_text(name)}</td>" + "".join(f"<td>{_text(versions.get(name, '—'))}</td>" for _, versions in runs) + "</tr>" for name in packages]
+    out += [f"<tr><td>{_text(name)}</td><td colspan=\"{max(1, len(runs))}\">{_text(version)}</td></tr>" for name, version in sorted(extra.items())]
+    out.append("</table>")
+    stages = [line for line in facts.audit if line.get("event") in ("stage_finished", "stage_skipped")]
+    if stages:
+        out.append("<h3>Stages</h3><table id=\"stages\"><tr><th>stage</th><th>event</th><th>seconds</th><th>at (UTC)</th></tr>")
+        out += [f"<tr><td>{_text(line.get('stage'))}</td><td>{_text(line['event'])}</td><td>{_maybe(line.get('seconds'))}</td><td>{_text(line.get('ts'))}</td></tr>"
+                for line in stages]
+        out.append("</table>")
+    for title, key, opened in (("Job (job.toml with defaults)", "spec", " open"), ("Settings (config.toml with defaults)", "settings", ""),
+                               ("Device", "device", "")):
+        if key in latest:
+            out.append(f"<details{opened}><summary>{_text(title)}</summary><pre>{_text(json.dumps(latest[key], indent=2, sort_keys=True, ensure_ascii=False))}</pre></details>")
+    return out + ["</section>"]
+
+
+def _audit(facts: JobFacts) -> list[str]:
+    head, lines = _head(facts)
+    return ['<section id="audit"><h2>8. Audit chain</h2>',
+            f'<p>Head of <code>{AUDIT_FILE}</code> when this report was made: <code id="audit-head">{head}</code> (line {lines}). '
+            f"The next line, <code>job_finished</code>, holds the sha256 of <code>{MANIFEST_FILE}</code>, which lists this report "
+            "and its charts. Check the chain and every file: <code>python -m engine verify-audit &lt;job folder&gt;</code>.</p>",
+            "</section>"]
+
+
+def _head(facts: JobFacts) -> tuple[str, int]:
+    return (facts.audit[-1].get("hash", "—"), len(facts.audit)) if facts.audit else ("—", 0)
+
+
+def _scored_figure(src: str, file: str, kind: str, css: str, title: str, drift: float | None, face_found: bool, row: dict[str, Any]) -> str:
+    caption = [f"<b>{_text(title)}</b>"]
+    if face_found:
+        caption.append(f"ArcFace drift <b>{_number(drift)}</b>")
+    else:
+        caption.append('<span class="badge noface">no face found</span>')
+        css += " noface"
+    if row.get("identity2_distance") is not None:
+        caption.append(f"dlib distance {_number(row['identity2_distance'])} ({_text(row.get('identity2_verdict'))})")
+    if row.get("models_disagree"):
+        caption.append('<span class="badge disagree">models disagree</span>')
+    return _figure_html(src, file, kind, caption, css)
+
+
+def _figure_html(src: str, file: str, kind: str, caption: list[str], css: str = "") -> str:
+    """One image with its caption (HTML, already escaped). `kind` (data-kind) says what it is:
+    prepared, candidate, render or chart."""
+    classes = f"{kind} {css}".strip()
+    return (f'<figure class="{_attr(classes)}" data-kind="{_attr(kind)}" data-file="{_attr(file)}"><img src="{src}" alt="{_attr(file)}">'
+            f"<figcaption>{'<br>'.join(caption)}<br><span class=\"muted\">{_text(file)}</span></figcaption></figure>")
+
+
+def _number(value: Any, digits: int = 4) -> str:
+    return "—" if value is None else f"{value:.{digits}f}"
+
+
+def _maybe(value: Any) -> str:
+    return "—" if value is None else str(value)
+
+
+def _text(value: Any) -> str:
+    return html.escape("" if value is None else str(value), quote=False)
+
+
+def _attr(value: Any) -> str:
+    return html.escape("" if value is None else str(value), quote=True)
