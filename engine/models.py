@@ -362,20 +362,29 @@ def make_demo_model(directory: Path, *, replace: bool = True) -> Path:
     return directory
 
 
-def _build_demo_pipeline() -> tuple[Any, dict[str, int]]:
-    import torch
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+def offline_clip_tokenizer() -> tuple[Any, dict[str, int]]:
+    """A CLIP tokenizer made with no files and no download, and its vocabulary: every
+    byte-level symbol alone and word-final, so any prompt tokenizes with no merges
+    (FINDINGS: transformers 5's CLIPTokenizer(vocab=..., merges=[])). Used by the demo model
+    and by bench/bench_gpu.py's real-size random-weight pipelines."""
     from tokenizers.pre_tokenizers import ByteLevel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTokenizer
 
-    _quiet_libraries()
-    # Every byte-level symbol alone and word-final, so any prompt tokenizes with no merges.
     alphabet = sorted(ByteLevel.alphabet())
     vocab = {symbol: index for index, symbol in enumerate(alphabet)}
     vocab.update({f"{symbol}</w>": len(alphabet) + index for index, symbol in enumerate(alphabet)})
     vocab["<|startoftext|>"] = len(vocab)
     vocab["<|endoftext|>"] = len(vocab)
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77), vocab
+
+
+def _build_demo_pipeline() -> tuple[Any, dict[str, int]]:
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    _quiet_libraries()
+    tokenizer, vocab = offline_clip_tokenizer()
 
     # fork_rng: the fixed seeds must not disturb the caller's global RNG stream.
     with torch.random.fork_rng(devices=[]):
