@@ -1,6 +1,7 @@
 """Seconds per LoRA training step: the engine's step against a re-encode-every-step baseline.
 
     python bench/bench_train.py [--steps 30] [--repeats 4] [--warmup 3] [--batch-size 1] [--threads 1]
+                                [--baseline-attention both|classic|sdpa]
 
 What is measured, on the tiny demo model (engine.models.make_demo_model), 128-px crops of
 scikit-image's astronaut, one UNet LoRA (r=4 on engine.stages.train.TARGET_MODULES), AdamW:
@@ -15,19 +16,31 @@ scikit-image's astronaut, one UNet LoRA (r=4 on engine.stages.train.TARGET_MODUL
             add_noise, UNet, MSE, backward, optimizer step, zero_grad. (The example's gradient
             clipping and learning-rate scheduler are left out: the engine has neither, and
             the comparison is about re-encoding, nothing else.)
+            It runs with one of two attention implementations in the UNet and the VAE:
+    baseline-classic  diffusers' classic `AttnProcessor` (explicit baddbmm + softmax + bmm),
+            the "default attention" the issue asks the baseline to use;
+    baseline-sdpa     `AttnProcessor2_0` (torch's scaled_dot_product_attention), which the
+            engine sets on its UNet (engine.models.load_pipeline) and diffusers picks on torch 2:
+            the pure re-encoding comparison, same attention as ours.
+            With both (the default) one run separates the two effects: sdpa / ours is what
+            encoding once saves, classic / sdpa what SDPA saves, classic / ours both together.
+            The processors are switched between steps, outside the timed calls; one UNet
+            forward with each is compared first (printed: they compute the same attention).
 
 Both read the loss back as a Python float each step, as both real loops do for logging.
 Why: caching the encodings is the trainer's one speed claim (FINDINGS: 17-30 % faster on
 the tiny model, where the UNet dominates); this puts a number on it in one run, same
-pipeline, same adapter, same optimizer. The two loops alternate step by step (and which
+pipeline, same adapter, same optimizer. The loops alternate step by step (and which
 goes first), in `--repeats` rounds, so that load from other processes on a shared machine
-falls on both alike; each round begins with untimed warm-up steps of each loop (the first
-calls allocate and pick kernels). Prints wall-clock median, mean and min seconds per step,
-the median CPU seconds per step (the process's CPU time: the work done, nearly free of the
-waiting that other processes cause) and the ratios baseline / ours of each.
+falls on both alike (with three loops the order rotates); each round begins with untimed
+warm-up steps of each loop (the first calls allocate and pick kernels). Prints wall-clock
+median, mean and min seconds per step, the median CPU seconds per step (the process's CPU
+time: the work done, nearly free of the waiting that other processes cause) and the ratios
+of each: every baseline / ours, and classic / sdpa when both run.
 
 A benchmark, not a test: it asserts nothing except that the baseline's inputs equal the
-engine's cached ones (otherwise the comparison would be of two different computations).
+engine's cached ones and that both attention processors give the same UNet output
+(otherwise the comparison would be of different computations).
 """
 
 from __future__ import annotations
@@ -70,6 +83,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps of each loop at the start of each round")
     parser.add_argument("--batch-size", type=int, default=1, help="images per step (the engine's default is 1)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (FINDINGS: 2 stall on the 2-core VM)")
+    parser.add_argument("--baseline-attention", choices=("both", "classic", "sdpa"), default="both",
+                        help="the baseline's attention: classic AttnProcessor, SDPA (AttnProcessor2_0, as ours), or both as two loops")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -92,6 +107,7 @@ def demo_pipeline(root: Path) -> Any:
 def bench(args: argparse.Namespace, pipe: Any) -> None:
     """Time both loops on `pipe` and print the table."""
     from diffusers import DDPMScheduler
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
     from peft import LoraConfig
 
     from engine.job import PhaseSpec, TrainSpec
@@ -131,6 +147,14 @@ def bench(args: argparse.Namespace, pipe: Any) -> None:
         optimizer.zero_grad(set_to_none=True)
         return float(loss.detach())
 
+    attention = {"sdpa": AttnProcessor2_0, "classic": AttnProcessor}
+    engine_processors = {type(processor).__name__ for processor in unet.attn_processors.values()}
+
+    def use_attention(kind: str) -> None:
+        """Set the attention processor of the UNet and the VAE (outside the timed calls)."""
+        unet.set_attn_processor(attention[kind]())
+        vae.set_attn_processor(attention[kind]())
+
     def baseline_step() -> float:
         pixel_values = images[torch.randint(0, len(images), (args.batch_size,))].to(device, vae.dtype)
         input_ids = tokenizer([prompt] * args.batch_size, padding="max_length", max_length=tokenizer.model_max_length,
@@ -149,24 +173,32 @@ def bench(args: argparse.Namespace, pipe: Any) -> None:
         return float(loss.detach())
 
     check_same_inputs(pipe, images, prompt, latent_mean, text)
+    attention_gap = check_same_attention(unet, latent_mean, text, attention)
 
-    wall: dict[str, list[float]] = {"ours": [], "baseline": []}
-    cpu: dict[str, list[float]] = {"ours": [], "baseline": []}
-    losses: dict[str, list[float]] = {"ours": [], "baseline": []}
-    steps_of = {"ours": our_step, "baseline": baseline_step}
+    # method -> (step function, attention processor it runs with); ours keeps the engine's (SDPA).
+    baselines = ("sdpa", "classic") if args.baseline_attention == "both" else (args.baseline_attention,)
+    steps_of = {"ours": (our_step, "sdpa"), **{f"baseline-{kind}": (baseline_step, kind) for kind in baselines}}
+    methods = list(steps_of)
+    wall: dict[str, list[float]] = {method: [] for method in methods}
+    cpu: dict[str, list[float]] = {method: [] for method in methods}
+    losses: dict[str, list[float]] = {method: [] for method in methods}
     started = time.perf_counter()
     for _ in range(args.repeats):
-        for step in steps_of.values():
+        for step, kind in steps_of.values():
+            use_attention(kind)
             for _ in range(args.warmup):
                 step()
         for index in range(args.steps):
-            # Alternate step by step, and which goes first, so load from other processes falls on both alike.
-            order = ("ours", "baseline") if index % 2 == 0 else ("baseline", "ours")
-            for method in order:
-                wall_seconds, cpu_seconds, loss = time_step(steps_of[method])
+            # Alternate step by step, and rotate which goes first, so load from other processes falls on all alike.
+            shift = index % len(methods)
+            for method in methods[shift:] + methods[:shift]:
+                step, kind = steps_of[method]
+                use_attention(kind)
+                wall_seconds, cpu_seconds, loss = time_step(step)
                 wall[method].append(wall_seconds)
                 cpu[method].append(cpu_seconds)
                 losses[method].append(loss)
+    use_attention("sdpa")
     total = time.perf_counter() - started
 
     print(f"bench_train: torch {torch.__version__}, threads {torch.get_num_threads()}, load average {load_average()}")
@@ -174,17 +206,23 @@ def bench(args: argparse.Namespace, pipe: Any) -> None:
           f"{len(lora_parameters)} LoRA tensors")
     print(f"  {args.repeats} x {args.steps} timed steps per method, alternating step by step, {args.warmup} warm-up steps per method "
           f"per round; {total:.1f} s in all")
-    print(f"  {'method':<9} {'median s/step':>13} {'mean s/step':>11} {'min s/step':>10} {'median CPU s/step':>17} {'mean loss':>9}")
-    for method in ("ours", "baseline"):
-        print(f"  {method:<9} {statistics.median(wall[method]):>13.4f} {statistics.fmean(wall[method]):>11.4f} {min(wall[method]):>10.4f} "
+    print(f"  attention: ours {', '.join(sorted(engine_processors))} (as the engine loads the UNet); baseline-sdpa AttnProcessor2_0, "
+          f"baseline-classic AttnProcessor, in UNet and VAE; one UNet forward differs by {attention_gap:.1e} between them")
+    print(f"  {'method':<16} {'median s/step':>13} {'mean s/step':>11} {'min s/step':>10} {'median CPU s/step':>17} {'mean loss':>9}")
+    for method in methods:
+        print(f"  {method:<16} {statistics.median(wall[method]):>13.4f} {statistics.fmean(wall[method]):>11.4f} {min(wall[method]):>10.4f} "
               f"{statistics.median(cpu[method]):>17.4f} {statistics.fmean(losses[method]):>9.4f}")
-    ratios = {
-        "median": statistics.median(wall["baseline"]) / statistics.median(wall["ours"]),
-        "mean": statistics.fmean(wall["baseline"]) / statistics.fmean(wall["ours"]),
-        "min": min(wall["baseline"]) / min(wall["ours"]),
-        "median CPU": statistics.median(cpu["baseline"]) / statistics.median(cpu["ours"]),
-    }
-    print("  ratio baseline / ours: " + ", ".join(f"{name} {value:.2f}x" for name, value in ratios.items()))
+    pairs = [(method, "ours") for method in methods[1:]]
+    if len(methods) == 3:
+        pairs.append(("baseline-classic", "baseline-sdpa"))
+    for slow, fast in pairs:
+        ratios = {
+            "median": statistics.median(wall[slow]) / statistics.median(wall[fast]),
+            "mean": statistics.fmean(wall[slow]) / statistics.fmean(wall[fast]),
+            "min": min(wall[slow]) / min(wall[fast]),
+            "median CPU": statistics.median(cpu[slow]) / statistics.median(cpu[fast]),
+        }
+        print(f"  ratio {slow} / {fast}: " + ", ".join(f"{name} {value:.2f}x" for name, value in ratios.items()))
 
 
 def astronaut_crops(resolution: int) -> torch.Tensor:
@@ -213,6 +251,23 @@ def check_same_inputs(pipe: Any, images: torch.Tensor, prompt: str, latent_mean:
     text_gap = float((hidden.float() - text.float()).abs().max())
     if latent_gap > 1e-5 or text_gap > 1e-5:
         raise SystemExit(f"baseline encodes differently from the engine: latents differ by {latent_gap:.2e}, text by {text_gap:.2e}")
+
+
+@torch.no_grad()
+def check_same_attention(unet: Any, latent_mean: torch.Tensor, text: torch.Tensor, attention: dict[str, Any]) -> float:
+    """Largest difference of one UNet forward between the two attention processors (they
+    compute the same attention; only the kernels differ). Leaves SDPA set."""
+    latents = latent_mean[:1].to(unet.device, unet.dtype)
+    timestep = torch.tensor([500], device=unet.device)
+    outputs = {}
+    for kind, processor in attention.items():
+        unet.set_attn_processor(processor())
+        outputs[kind] = unet(latents, timestep, text[:1].to(unet.device, unet.dtype)).sample.float()
+    unet.set_attn_processor(attention["sdpa"]())
+    gap = float((outputs["sdpa"] - outputs["classic"]).abs().max())
+    if gap > 1e-3:
+        raise SystemExit(f"classic and SDPA attention give different UNet outputs (max difference {gap:.2e})")
+    return gap
 
 
 def time_step(step: Callable[[], float]) -> tuple[float, float, float]:

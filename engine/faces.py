@@ -205,4 +205,7 @@ def drift(reference: np.ndarray, other: np.ndarray) -> float:
 
 
 def _bgr(rgb: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(rgb[:, :, ::-1])
+    """The same bytes as a reversed-channel copy, ~9x faster (bench/bench_faces.py)."""
+    import cv2
+
+    return cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2BGR)

@@ -79,6 +79,13 @@ class Engine:
         checked when a job asks for two_pass."""
         self.resources.faces()
         self.resources.model_ref("base")
+        self._apply_cpu_threads()
+
+    def _apply_cpu_threads(self) -> None:
+        """torch's intra-op thread count on the CPU (`models.cpu_threads`), in the calling
+        thread: OpenMP keeps it per thread, and a thread torch has not seen yet (the daemon runs
+        each job in a new worker thread) starts with every core. A checkpoint resumes
+        bit-exactly only under the thread count it was written with (FINDINGS)."""
         from engine.models import select_device_dtype
 
         device, _ = select_device_dtype(self.settings)
@@ -97,6 +104,7 @@ class Engine:
         failed_dir where refused/failed jobs go; by default `failed/` beside the outbox.
         """
         source, outbox = Path(source).resolve(), Path(outbox).resolve()
+        self._apply_cpu_threads()
         failed_root = Path(failed_dir).resolve() if failed_dir else outbox.parent / "failed"
         if until is not None and until not in STAGE_NAMES:
             raise ValueError(f"unknown stage {until!r}; stages are {', '.join(STAGE_NAMES)}")
