@@ -42,11 +42,11 @@ from daemon.claim import (
     take_over,
 )
 from daemon.metrics import DaemonMetrics
-from daemon.settings import DaemonPaths, DaemonSettings, default_daemon_id, load_daemon_settings  # noqa: F401 - public here too
+from daemon.settings import DaemonPaths, DaemonSettings, default_daemon_id, load_daemon_settings  # noqa: F401 - re-exported for callers and tests
 from daemon.watch import InboxWatcher, Readiness, Waker
 from engine import ConfigError, Engine, Settings
 from engine.audit import MANIFEST_FILE
-from engine.fsutil import atomic_write_json, fsync_dir
+from engine.fsutil import atomic_write_json, copy_folder_as_dropped, fsync_dir, utf8_safe
 from engine.job import is_hidden_name, safe_subject_name
 from engine.runner import ERROR_FILE, new_job_id
 from engine.stages import STAGE_NAMES
@@ -315,13 +315,13 @@ class Service:
         staging = target.with_name(f".{job.job_id}.incoming")
         shutil.rmtree(staging, ignore_errors=True)
         staging.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copytree(job.folder, staging, symlinks=True)
+        copy_folder_as_dropped(job.folder, staging)
         message = (f"runs of this job ended without a clean stop {job.claim.crashes} times (daemon killed, out of memory, "
                    f"or frozen past its lease; [daemon] max_crashes = {self.config.max_crashes}); it was given up so that it "
                    f"cannot take down one daemon after another. The engine's work folder, if any, is kept under "
                    f"{self.paths.outbox / '.work'}.")
         atomic_write_json(staging / ERROR_FILE, {
-            "job_id": job.job_id, "subject": subject, "source": str(job.folder), "failed_at": _now_iso(),
+            "job_id": job.job_id, "subject": subject, "source": utf8_safe(str(job.folder)), "failed_at": _now_iso(),
             "code": "too_many_crashes", "message": message, "problems": [],
             "details": {"crashes": job.claim.crashes, "last_owner": job.claim.previous_owner},
         })

@@ -23,7 +23,7 @@ from typing import Any, Callable
 import numpy as np
 import structlog
 
-from engine.fsutil import atomic_write_json, canonical_json, fsync_dir, sha256_bytes, sha256_file
+from engine.fsutil import atomic_write_json, canonical_json, fsync_dir, sha256_bytes, sha256_file, utf8_safe
 
 AUDIT_FILE = "audit.jsonl"
 MANIFEST_FILE = "manifest.json"
@@ -43,9 +43,12 @@ def line_hash(record: dict[str, Any]) -> str:
 
 
 def jsonable(value: Any) -> Any:
-    """Plain JSON types for numpy scalars/arrays, paths, tuples and non-finite floats."""
+    """Plain JSON types for numpy scalars/arrays, paths, tuples and non-finite floats; text
+    that UTF-8 cannot hold (a file name in an old encoding) is escaped by `utf8_safe`."""
+    if isinstance(value, str):
+        return utf8_safe(value)
     if isinstance(value, dict):
-        return {str(k): jsonable(v) for k, v in value.items()}
+        return {utf8_safe(str(k)): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [jsonable(v) for v in value]
     if isinstance(value, np.ndarray):
@@ -55,14 +58,16 @@ def jsonable(value: Any) -> Any:
     if isinstance(value, float) and not np.isfinite(value):
         return None
     if isinstance(value, Path):
-        return str(value)
-    if value is None or isinstance(value, (str, int, float, bool)):
+        return utf8_safe(str(value))
+    if value is None or isinstance(value, (int, float, bool)):
         return value
-    return str(value)
+    return utf8_safe(str(value))
 
 
 class _AppendOnlyFile:
-    """structlog's 'logger': appends each rendered line with one write, then fsyncs."""
+    """structlog's 'logger': appends each rendered line, then fsyncs. A line is written whole
+    or not at all: on a full disk write() first writes part of it and only the next call
+    fails, so what was written is cut off again before the error goes up."""
 
     def __init__(self, path: Path) -> None:
         self._path = path
@@ -71,8 +76,15 @@ class _AppendOnlyFile:
         data = (line + "\n").encode("utf-8")
         fd = os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
-            os.write(fd, data)
-            os.fsync(fd)
+            start = os.fstat(fd).st_size
+            try:
+                written = 0
+                while written < len(data):
+                    written += os.write(fd, data[written:])
+                os.fsync(fd)
+            except OSError:
+                os.ftruncate(fd, start)
+                raise
         finally:
             os.close(fd)
 
@@ -100,8 +112,14 @@ class AuditLog:
             self.event("audit_torn_line_removed", **torn)
 
     def event(self, event: str, **fields: Any) -> str:
-        """Record one event; returns its hash (the new head of the chain)."""
-        self._log.info(event, **fields)
+        """Record one event; returns its hash (the new head of the chain). When the line
+        cannot be written (OSError), the chain stays at the previous line."""
+        previous = self.head
+        try:
+            self._log.info(event, **fields)
+        except OSError:
+            self.head = previous
+            raise
         if self._observer is not None:
             self._observer(event, fields)
         return self.head

@@ -1,12 +1,20 @@
-"""Named pause points, so tests can SIGKILL the engine at an exact moment instead of racing it.
+"""Fault injection for tests, driven by the environment so that it reaches a daemon subprocess.
 
-When the environment names a point in ENGINE_PAUSE_AT, the process reaching that point
-creates the file ENGINE_PAUSE_FILE and sleeps until it is killed. Unset (always, outside
-tests) the call costs one dictionary look-up.
+Pause points: when ENGINE_PAUSE_AT names a point, the process reaching it creates the file
+ENGINE_PAUSE_FILE and sleeps until it is killed (tests SIGKILL the engine at an exact moment
+instead of racing it).
+
+Failed writes: ENGINE_FAIL_WRITES="<errno name>:<pattern>", e.g. "ENOSPC:*/prepared/*", makes
+every atomic write (engine.fsutil) to a path matching the fnmatch pattern raise that OSError,
+as a full disk would.
+
+Unset (always, outside tests) each call costs one dictionary look-up.
 """
 
 from __future__ import annotations
 
+import errno
+import fnmatch
 import os
 import time
 from pathlib import Path
@@ -20,3 +28,14 @@ def pause_point(name: str) -> None:
         Path(marker).write_text(f"{os.getpid()} {name}\n", encoding="utf-8")
     while True:
         time.sleep(3600)
+
+
+def write_fault(path: Path) -> None:
+    """Raise the OSError that ENGINE_FAIL_WRITES asks for when `path` matches its pattern."""
+    wanted = os.environ.get("ENGINE_FAIL_WRITES")
+    if not wanted:
+        return
+    name, _, pattern = wanted.partition(":")
+    if fnmatch.fnmatch(str(path), pattern or "*"):
+        code = getattr(errno, name)
+        raise OSError(code, os.strerror(code), str(path))

@@ -3,17 +3,21 @@
 Photos come from outside (a network share, a phone, a scanner): the pixel count is checked
 from the header before any pixel is decoded, truncated or non-image files become a clear
 `JobError`, EXIF orientation is applied, and every mode (CMYK, 16-bit, palette, alpha) ends
-as 8-bit RGB.
+as 8-bit RGB. An animated PNG or WebP gives its first frame (the frame count is recorded in
+`Photo.frames`, hence prepare.json): the same file always gives the same pixels, and a
+burst or "live photo" still shows the subject. GIF is not accepted (it holds 256 colours:
+not evidence-grade).
 """
 
 from __future__ import annotations
 
+import struct
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
+from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
 from engine.errors import JobError
 
@@ -46,14 +50,19 @@ class Photo:
 
 def load_photo(path: Path, name: str, max_pixels: int, fill_rgb: tuple[int, ...] = (255, 255, 255)) -> Photo:
     """Decode `path` safely into an upright RGB array. `name` is how errors refer to the file."""
+    bomb = f"photos may have at most {max_pixels:,} pixels (config input.max_pixels)"
     try:
-        image = Image.open(path)
+        with warnings.catch_warnings():
+            # Pillow warns from 89 M pixels on; our own limit (config) is checked right below.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            warnings.simplefilter("ignore", UserWarning)  # "Corrupt EXIF data": only the rotation hint is lost
+            image = Image.open(path)
     except UnidentifiedImageError:
         raise JobError("unreadable_image", f"{name}: not an image Pillow can read (jpg, png or webp expected)") from None
     except Image.DecompressionBombError as exc:
-        raise JobError("pixel_limit", f"{name}: refused as a decompression bomb ({exc}); photos may have at most {max_pixels:,} pixels (config input.max_pixels)") from None
-    except OSError as exc:
-        raise JobError("unreadable_image", f"{name}: cannot be opened ({exc})") from None
+        raise JobError("pixel_limit", f"{name}: refused as a decompression bomb ({exc}); {bomb}") from None
+    except _DECODE_ERRORS as exc:
+        raise JobError("unreadable_image", f"{name}: cannot be opened: damaged or incomplete ({exc})") from None
     with image:
         if image.format not in ACCEPTED_FORMATS:
             raise JobError("unsupported_image", f"{name}: is a {image.format} file; jpg, png or webp are accepted")
@@ -66,24 +75,25 @@ def load_photo(path: Path, name: str, max_pixels: int, fill_rgb: tuple[int, ...]
             )
         if width == 0 or height == 0:
             raise JobError("unreadable_image", f"{name}: has no pixels ({width}x{height})")
-        frames = int(getattr(image, "n_frames", 1))
-        orientation = int(image.getexif().get(_EXIF_ORIENTATION, 1) or 1)
         mode = image.mode
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
-                image.seek(0)
+                warnings.simplefilter("ignore", UserWarning)  # Pillow's "Corrupt EXIF data": handled below
+                frames = int(getattr(image, "n_frames", 1))
+                image.seek(0)  # an animated PNG/WebP: its first frame
                 image.load()
-                upright = ImageOps.exif_transpose(image)
+                orientation = _exif_orientation(image)
+                upright = image.transpose(_UPRIGHT[orientation]) if orientation in _UPRIGHT else image
+                rgb = _to_rgb(upright, fill_rgb)
         except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
-            raise JobError("pixel_limit", f"{name}: refused as a decompression bomb ({exc}); photos may have at most {max_pixels:,} pixels (config input.max_pixels)") from None
-        except (OSError, SyntaxError, ValueError, EOFError) as exc:
+            raise JobError("pixel_limit", f"{name}: refused as a decompression bomb ({exc}); {bomb}") from None
+        except _DECODE_ERRORS as exc:
             truncated = "truncated" in str(exc).lower() or isinstance(exc, EOFError)
             raise JobError(
                 "truncated_image" if truncated else "unreadable_image",
                 f"{name}: the file is {'truncated (incomplete copy?)' if truncated else 'damaged'}: {exc}",
             ) from None
-        rgb = _to_rgb(upright, fill_rgb)
     return Photo(
         name=name,
         rgb=rgb,
@@ -93,6 +103,29 @@ def load_photo(path: Path, name: str, max_pixels: int, fill_rgb: tuple[int, ...]
         original_mode=mode,
         frames=frames,
     )
+
+
+# What Pillow raises on damaged files: OSError from decoders, SyntaxError/struct.error from
+# parsers, ValueError for a PNG text chunk that inflates past Pillow's limit, EOFError.
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError)
+
+# EXIF orientation -> the transpose that makes the photo upright (1: already upright).
+_UPRIGHT = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+def _exif_orientation(image: Image.Image) -> int:
+    """The EXIF orientation 1-8; 1 when absent or not a valid value (damaged EXIF is common
+    and harmless: it only loses the rotation hint)."""
+    value = image.getexif().get(_EXIF_ORIENTATION, 1)
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
 
 
 def _to_rgb(image: Image.Image, fill_rgb: tuple[int, ...]) -> np.ndarray:

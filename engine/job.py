@@ -7,13 +7,16 @@ prompts have all been checked here.
 
 from __future__ import annotations
 
+import os
 import re
+import stat
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from engine.errors import JobError, Problem
+from engine.fsutil import utf8_safe
 from engine.schema import (
     INVALID,
     Bool,
@@ -26,6 +29,7 @@ from engine.schema import (
     Tables,
     Table,
     build,
+    key_text,
     merge_tables,
     rule,
 )
@@ -33,6 +37,7 @@ from engine.schema import (
 JOB_FILE = "job.toml"
 MAX_PHOTOS = 3
 MAX_JOB_FILE_BYTES = 256 * 1024
+MAX_NESTING = 32  # tables/arrays inside each other; a real job needs 4
 SAFE_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
 SAFE_NAME_DOC = "use 1-64 characters from A-Z a-z 0-9 . _ - starting with a letter or digit"
 
@@ -140,21 +145,72 @@ JOB_DEFAULT_SECTIONS = {"prepare": PrepareSpec, "train": TrainSpec, "verify": Ve
 def read_toml(path: Path, where: str, max_bytes: int = MAX_JOB_FILE_BYTES) -> dict[str, Any]:
     """Parse a TOML file, turning every way it can be wrong into a JobError naming the file."""
     try:
-        size = path.stat().st_size
+        # O_NONBLOCK: a FIFO named job.toml must be refused, not block the daemon forever.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except FileNotFoundError:
         raise JobError("missing_job_file", f"{where} is missing: every job folder needs one") from None
-    if size > max_bytes:
-        raise JobError("invalid_job", f"{where} is {size} bytes; at most {max_bytes} are accepted")
+    except OSError as exc:
+        raise JobError("invalid_job", f"{where} cannot be read ({exc.strerror})") from None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        raise JobError("invalid_job", f"{where} is not a regular file ({_file_kind(info.st_mode)})")
+    with os.fdopen(fd, "rb") as handle:
+        if info.st_size > max_bytes:
+            raise JobError("invalid_job", f"{where} is {info.st_size} bytes; at most {max_bytes} are accepted")
+        data = handle.read(max_bytes + 1)  # it may still be growing (a copy in progress)
+    if len(data) > max_bytes:
+        raise JobError("invalid_job", f"{where} is over {max_bytes} bytes; at most {max_bytes} are accepted")
     try:
-        text = path.read_bytes().decode("utf-8")
+        text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise JobError("invalid_job", f"{where} is not UTF-8 text (byte {exc.start})") from None
+    # tomllib takes time quadratic in the parts of one dotted key (60,000 parts: minutes), and
+    # anything past MAX_NESTING parts is refused below anyway: refuse it before parsing.
+    if deep := _DEEP_DOTTED_KEY.search(text):
+        line = text.count("\n", 0, deep.start()) + 1
+        raise JobError("invalid_job", f"{where} line {line}: a dotted key of more than {MAX_NESTING} parts nests too deeply")
     try:
-        return tomllib.loads(text)
+        table = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise JobError("invalid_job", f"{where} is not valid TOML: {exc}") from None
     except RecursionError:
         raise JobError("invalid_job", f"{where} nests too deeply to parse") from None
+    # Dotted keys (a.a.a... = 1) nest without recursing in the parser, but every later
+    # walk (validation, repr in messages) would recurse: refuse them here.
+    if _nesting_depth(table, MAX_NESTING) > MAX_NESTING:
+        raise JobError("invalid_job", f"{where} nests tables or arrays more than {MAX_NESTING} levels deep")
+    return table
+
+
+# One TOML key part (bare, "basic" or 'literal'), and a chain of more than MAX_NESTING of them
+# joined by dots. Possessive quantifiers and the look-behind keep the search linear in the text.
+# It may also match inside a string value (33 dot-joined words): no prompt looks like that.
+_KEY_PART = r"""(?:[A-Za-z0-9_-]++|"(?:[^"\\\n]|\\.)*+"|'[^'\n]*+')"""
+_DEEP_DOTTED_KEY = re.compile(rf"(?<![A-Za-z0-9_-]){_KEY_PART}(?:[ \t]*+\.[ \t]*+{_KEY_PART}){{{MAX_NESTING},}}+")
+
+
+def _file_kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a named pipe"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a device"), (stat.S_ISBLK, "a device")):
+        if test(mode):
+            return kind
+    return "not a plain file"
+
+
+def _nesting_depth(value: Any, limit: int) -> int:
+    """How deep tables/arrays nest (a scalar is 0), counted without recursion; stops past `limit`."""
+    deepest, stack = 0, [(value, 0)]
+    while stack:
+        node, depth = stack.pop()
+        deepest = max(deepest, depth)
+        if deepest > limit:
+            break
+        if isinstance(node, dict):
+            stack.extend((child, depth + 1) for child in node.values())
+        elif isinstance(node, list):
+            stack.extend((child, depth + 1) for child in node)
+    return deepest
 
 
 def parse_job_table(
@@ -240,7 +296,9 @@ def resolve_photos(folder: Path, spec: JobSpec, extensions: tuple[str, ...], whe
             if is_hidden_name(candidate.name) or candidate.suffix.lower() not in extensions:
                 continue
             if not _inside(candidate, root):
-                problems.append(Problem(candidate.name, "is a link that points outside the job folder; copy the file in instead"))
+                continue  # reported by links_leaving(), as load_job calls it
+            if utf8_safe(candidate.name) != candidate.name:
+                problems.append(Problem(utf8_safe(candidate.name), "the file name is not UTF-8 text (an old encoding?); rename the file"))
                 continue
             if candidate.is_file():
                 photos.append(candidate)
@@ -252,8 +310,39 @@ def resolve_photos(folder: Path, spec: JobSpec, extensions: tuple[str, ...], whe
     known = {p.relative_to(folder).as_posix() for p in photos}
     for name, _ in spec.subject.face_index:
         if name not in known:
-            problems.append(Problem(f"{where}: subject.face_index.{name}", "names no photo of this job"))
+            problems.append(Problem(f"{where}: subject.face_index.{key_text(name)}", "names no photo of this job"))
     return tuple(photos), problems
+
+
+MAX_FOLDER_ENTRIES = 10_000  # files and folders in a job folder; a job is 1-3 photos and job.toml
+
+
+def links_leaving(folder: Path) -> list[Problem]:
+    """Every symbolic link under `folder` whose target is outside it (or cannot be resolved).
+
+    Such a job is refused as a whole, used link or not: its inputs would not be what the lab
+    dropped, the failed/ copy and the audit could not hold them, and a photo linked to another
+    folder may change under a running job. Links that stay inside the folder are fine."""
+    root = folder.resolve()
+    problems: list[Problem] = []
+    seen = 0
+    for parent, dirs, files in os.walk(folder, followlinks=False):
+        seen += len(dirs) + len(files)
+        if seen > MAX_FOLDER_ENTRIES:
+            return [Problem(utf8_safe(folder.name), f"holds more than {MAX_FOLDER_ENTRIES} files and folders; a job folder holds 1 to {MAX_PHOTOS} photos and {JOB_FILE}")]
+        for name in sorted(dirs + files):
+            path = Path(parent) / name
+            if not path.is_symlink():
+                continue
+            relative = utf8_safe(path.relative_to(folder).as_posix())
+            try:
+                if path.resolve().is_relative_to(root):
+                    continue
+                target = utf8_safe(os.readlink(path))
+                problems.append(Problem(relative, f"is a link to {target!r:.120}, outside the job folder; copy the file in instead"))
+            except (OSError, RuntimeError):  # a loop of links
+                problems.append(Problem(relative, "is a link that cannot be followed (a loop of links?); copy the file in instead"))
+    return problems
 
 
 def is_hidden_name(name: str) -> bool:
@@ -287,8 +376,20 @@ def load_job(folder: Path, job_defaults: dict[str, Any], extensions: tuple[str, 
     folder = Path(folder)
     if not folder.is_dir():
         raise JobError("invalid_job", f"{folder} is not a folder")
-    table = read_toml(folder / JOB_FILE, JOB_FILE)
+    link_problems = links_leaving(folder)
+    if any(p.where == JOB_FILE for p in link_problems):  # never read a file from outside the job
+        raise JobError("invalid_job", f"{JOB_FILE} is a link to a file outside the job folder; copy the file in instead", problems=tuple(link_problems))
+    try:
+        table = read_toml(folder / JOB_FILE, JOB_FILE)
+    except JobError as error:
+        if not link_problems:
+            raise
+        problems = link_problems + [Problem(JOB_FILE, error.message)]
+        raise JobError(error.code, f"the job folder has {len(problems)} problems: " + "; ".join(map(str, problems[:3])), problems=tuple(problems)) from None
     spec, problems = parse_job_table(table, job_defaults, folder.name)
+    problems = link_problems + problems
+    if utf8_safe(folder.name) != folder.name:
+        problems.append(Problem(utf8_safe(folder.name), "the folder name is not UTF-8 text (an old encoding?); rename the folder"))
     photos: tuple[Path, ...] = ()
     if spec is not None:
         problems += check_prompts(spec, denylist)

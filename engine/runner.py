@@ -26,12 +26,13 @@ from typing import Any
 
 import structlog
 
-from engine.audit import AUDIT_FILE, LEDGER_FILE, AuditLog, Observer, write_manifest
+from engine.audit import AUDIT_FILE, LEDGER_FILE, MANIFEST_FILE, AuditLog, Observer, jsonable, write_manifest
 from engine.config import Settings
 from engine.context import JobInterrupted, Resources, StageContext
 from engine.errors import ConfigError, JobError
 from engine.faults import pause_point
-from engine.fsutil import atomic_write_json, canonical_json, fsync_dir, hash_tree, sha256_bytes, sha256_file
+from engine.fsutil import (atomic_write_json, canonical_json, copy_folder_as_dropped, fsync_dir, hash_tree, remove_partial_writes, sha256_bytes,
+                           sha256_file)
 from engine.job import JOB_FILE, LoadedJob, is_hidden_name, load_job, safe_subject_name
 from engine.ledger import Ledger
 from engine.report import write_report
@@ -100,7 +101,8 @@ class Engine:
 
         until      the last stage to run (a name from STAGE_NAMES); the job then stays in the work area.
         job_id     resume or create this job; by default the unfinished job of the same source
-                   folder is resumed, or a new id is made.
+                   folder is resumed, or a new id is made. An id already published in the
+                   outbox (a run killed after its publishing rename) is returned as finished.
         failed_dir where refused/failed jobs go; by default `failed/` beside the outbox.
         """
         source, outbox = Path(source).resolve(), Path(outbox).resolve()
@@ -119,6 +121,8 @@ class Engine:
             audit.event("job_started", source=str(source), subject=subject, inputs=_folder_hashes(source), versions=software_versions(), demo=self.demo)
             return self._fail(error, source, subject, job_id, job_dir, failed_root, audit, None, bound)
         subject = job.subject
+        if (outbox / subject / job_id / MANIFEST_FILE).is_file():
+            return self._already_published(outbox / subject / job_id, bound.bind(subject=subject))
         job_dir = outbox / WORK_DIR / subject / job_id
         ledger = Ledger.open(job_dir / LEDGER_FILE, job_id, subject, str(source))
         resumed = (job_dir / AUDIT_FILE).exists()
@@ -135,6 +139,12 @@ class Engine:
                 completed_stages=[r.name for r in ledger.stages if r.status == "complete"],
             )
             bound.info("job_resumed" if resumed else "job_started", source=str(source))
+            if resumed:
+                # A killed run leaves the temporary files of the atomic writes it was in the
+                # middle of (state.json's, a report image's...): they must not be published.
+                partial = remove_partial_writes(job_dir)
+                if partial:
+                    audit.event("partial_writes_removed", files=partial)
             self._run_stages(ctx, ledger, inputs, until)
             if until is not None and until != STAGE_NAMES[-1]:
                 audit.event("job_paused", until=until)
@@ -174,6 +184,8 @@ class Engine:
             if record and record.status == "complete" and record.fingerprint == fingerprint and record.intact(ctx.job_dir):
                 ctx.audit.event("stage_skipped", stage=stage.NAME, reason="completed earlier with the same inputs", artifacts=len(record.artifacts))
                 ctx.log.info("stage_skipped", stage=stage.NAME)
+                for scratch in getattr(stage, "SCRATCH", ()):  # still there after a kill between complete() and its removal
+                    _remove(ctx.path(scratch))
             else:
                 interrupted = record is not None and record.status == "running" and record.fingerprint == fingerprint
                 if record is not None:
@@ -195,11 +207,15 @@ class Engine:
                 artifacts: dict[str, str] = {}
                 for owned in stage.OUTPUTS:
                     artifacts.update(hash_tree(ctx.path(owned), ctx.job_dir))
+                seconds = (dt.datetime.now(dt.timezone.utc) - started).total_seconds()
+                # The audit line before the ledger's commit: a kill between the two re-does the
+                # stage (its lines then appear twice); the other order lost the line for good,
+                # as the next run skips a stage the ledger holds complete.
+                ctx.audit.event("stage_finished", stage=stage.NAME, seconds=round(seconds, 3), artifacts=artifacts, models=dict(ctx.models_used))
                 ledger.complete(stage.NAME, artifacts, ctx.models_used)
+                pause_point(f"stage:{stage.NAME}:complete")
                 for scratch in getattr(stage, "SCRATCH", ()):
                     _remove(ctx.path(scratch))
-                seconds = (dt.datetime.now(dt.timezone.utc) - started).total_seconds()
-                ctx.audit.event("stage_finished", stage=stage.NAME, seconds=round(seconds, 3), artifacts=artifacts, models=dict(ctx.models_used))
                 ctx.log.info("stage_finished", stage=stage.NAME, seconds=round(seconds, 3), artifacts=len(artifacts))
                 record = ledger.record(stage.NAME)
             previous = {"fingerprint": record.fingerprint, "artifacts": record.artifacts}
@@ -218,30 +234,61 @@ class Engine:
         pause_point("job:before_publish")
         os.replace(ctx.job_dir, final)
         fsync_dir(final.parent)
+        pause_point("job:published")
         ledger.path = final / LEDGER_FILE
         ledger.set_outcome("finished")
         ctx.log.info("job_finished", output=str(final), audit_head=ctx.audit.head)
         return JobResult(ledger.job_id, job.subject, "finished", final)
 
+    def _already_published(self, final: Path, bound: Any) -> JobResult:
+        """The job id is already in the outbox: a run killed after the publishing rename, or a
+        command run twice. The published job stands as it is: re-doing it would end in a
+        rename onto a non-empty folder, i.e. an io_error and a failed/ copy of a job that in
+        fact finished. Only its ledger's outcome is settled (a kill between the rename and
+        `set_outcome` leaves "running"); the ledger is not in the manifest."""
+        ledger_path = final / LEDGER_FILE
+        for partial in final.glob(f".{LEDGER_FILE}.*.tmp"):  # the ledger is all a run writes there after the rename
+            partial.unlink()
+        if ledger_path.is_file():
+            ledger = Ledger.open(ledger_path, final.name, final.parent.name, "")
+            if ledger.outcome != "finished":
+                ledger.set_outcome("finished")
+        bound.info("job_already_published", output=str(final))
+        return JobResult(final.name, final.parent.name, "finished", final)
+
     def _fail(self, error: JobError, source: Path, subject: str, job_id: str, job_dir: Path, failed_root: Path,
               audit: AuditLog, ledger: Ledger | None, bound: Any) -> JobResult:
-        """Record the failure, copy the untouched inputs with error.json to failed/, drop the work folder."""
-        audit.event("job_failed", code=error.code, message=error.message, problems=[vars(p) for p in error.problems])
+        """Record the failure, copy the untouched inputs with error.json to failed/, drop the work folder.
+
+        Made to work on a full disk (the usual reason for `disk_full`): the partial outputs are
+        dropped first, which makes room for the failed/ copy, and an audit line that cannot be
+        written is reported in error.json instead of stopping the failure from being published."""
+        try:
+            audit.event("job_failed", code=error.code, message=error.message, problems=[vars(p) for p in error.problems])
+        except OSError as exc:
+            error.details["audit_incomplete"] = f"the job_failed audit line could not be written: {exc.strerror or exc}"
         bound.error("job_failed", code=error.code, message=error.message)
+        _drop_outputs(job_dir)
         target = failed_root / subject / job_id
         staging = target.with_name(f".{job_id}.incoming")
         _remove(staging)
         staging.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copytree(source, staging, symlinks=True)
-        payload = {"job_id": job_id, "subject": subject, "source": str(source), "failed_at": _now(), **error.to_dict()}
+        left_out = copy_folder_as_dropped(source, staging)
+        if left_out:
+            error.details["not_copied"] = left_out
+        payload = jsonable({"job_id": job_id, "subject": subject, "source": str(source), "failed_at": _now(), **error.to_dict()})
         atomic_write_json(staging / ERROR_FILE, payload)
-        shutil.copy2(job_dir / AUDIT_FILE, staging / AUDIT_FILE)
+        if (job_dir / AUDIT_FILE).is_file():
+            shutil.copy2(job_dir / AUDIT_FILE, staging / AUDIT_FILE)
         _fsync_tree(staging)
         _remove(target)
         os.replace(staging, target)
         fsync_dir(target.parent)
         if ledger is not None:
-            ledger.set_outcome("failed")
+            try:
+                ledger.set_outcome("failed")
+            except OSError:
+                pass  # the work folder is removed next: nothing can resume it anyway
         _remove(job_dir)
         return JobResult(job_id, subject, "failed", target, error=payload)
 
@@ -312,6 +359,14 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path)
     elif path.exists() or path.is_symlink():
         path.unlink()
+
+
+def _drop_outputs(job_dir: Path) -> None:
+    """Remove a failed job's partial outputs, keeping its audit log and ledger."""
+    if job_dir.is_dir():
+        for path in job_dir.iterdir():
+            if path.name not in (AUDIT_FILE, LEDGER_FILE):
+                _remove(path)
 
 
 def _fsync_tree(root: Path) -> None:

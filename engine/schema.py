@@ -26,6 +26,14 @@ def rule(check: Checker, doc: str = "") -> dict[str, Any]:
     return {"check": check, "doc": doc}
 
 
+MAX_KEY_CHARS = 64  # a key longer than this is shown cut, with its length (it is junk, not a typo)
+
+
+def key_text(key: str) -> str:
+    """A free-form key as it appears in a problem's place: as is, or cut to MAX_KEY_CHARS."""
+    return key if len(key) <= MAX_KEY_CHARS else f"{key[:MAX_KEY_CHARS]}…({len(key)} characters)"
+
+
 def _type_name(value: Any) -> str:
     return {bool: "boolean", int: "integer", float: "float", str: "string", list: "array", dict: "table"}.get(
         type(value), type(value).__name__
@@ -142,7 +150,7 @@ class MapOf:
         if len(value) > self.max_len:
             problems.append(Problem(where, f"must hold at most {self.max_len} entries"))
             return INVALID
-        items = {k: self.item(v, f"{where}.{k}", problems) for k, v in value.items()}
+        items = {k: self.item(v, f"{where}.{key_text(k)}", problems) for k, v in value.items()}
         return INVALID if any(v is INVALID for v in items.values()) else tuple(sorted(items.items()))
 
 
@@ -198,7 +206,7 @@ def build(cls: type, table: Mapping[str, Any], where: str, problems: list[Proble
     for key in table:
         if key not in fields:
             known = ", ".join(sorted(fields))
-            problems.append(Problem(f"{prefix}{key}", f"unknown key (known here: {known})"))
+            problems.append(Problem(f"{prefix}{key_text(key)}", f"unknown key (known here: {known})"))
             ok = False
     for name, spec in fields.items():
         if name not in table:

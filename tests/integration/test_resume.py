@@ -21,9 +21,21 @@ from engine.stages import STAGE_NAMES
 from tests.conftest import REPO, FAST_JOB, make_job
 
 
+# Files that differ between any two runs of one job: the audit log (timestamps, resume lines)
+# and report.html, a view of it (it shows the audit head hash and the stages' times).
+RUN_SPECIFIC = (AUDIT_FILE, "report.html")
+
+
 def _outputs(job_dir: Path) -> dict[str, str]:
-    """Hashes of everything a job wrote, bar the audit log (timestamps) and the ledger."""
-    return {k: v for k, v in hash_tree(job_dir, job_dir).items() if k not in (AUDIT_FILE, "state.json")}
+    """Hashes of everything a job wrote, bar the run-specific files, the manifest (see `_manifest`) and the ledger."""
+    return {k: v for k, v in hash_tree(job_dir, job_dir).items() if k not in RUN_SPECIFIC + (MANIFEST_FILE, "state.json")}
+
+
+def _manifest(job_dir: Path) -> dict:
+    """manifest.json without the hashes of the run-specific files it lists."""
+    manifest = json.loads((job_dir / MANIFEST_FILE).read_text())
+    manifest["outputs"] = {k: v for k, v in manifest["outputs"].items() if k not in RUN_SPECIFIC}
+    return manifest
 
 
 def _events(job_dir: Path) -> list[dict]:
@@ -88,7 +100,12 @@ def clean_run(tmp_path_factory, astronaut_rgb) -> Path:
     return clean_dir
 
 
-@pytest.mark.parametrize("point", ["prepare:photo:0", "stage:prepare:written", "stage:embed:written", "job:before_publish"])
+# train:phase_boundary:1 resumes training from a checkpoint: train.json once recorded the step
+# it resumed from, so a resumed job's files differed from an uninterrupted one's (bench/soak.py).
+# stage:train:complete comes after the ledger's commit, before the checkpoints are removed:
+# they were once published with the job, and train's stage_finished audit line was lost.
+@pytest.mark.parametrize("point", ["prepare:photo:0", "stage:prepare:written", "stage:embed:written", "train:phase_boundary:1",
+                                   "stage:train:complete", "job:before_publish"])
 def test_sigkill_then_rerun_resumes_with_identical_outputs(tmp_path, two_photo_job, clean_run, point):
     source, config = two_photo_job
     clean_dir = clean_run
@@ -106,15 +123,66 @@ def test_sigkill_then_rerun_resumes_with_identical_outputs(tmp_path, two_photo_j
     final = Path(result["output"])
     assert not work_dir.exists()
     assert _outputs(final) == _outputs(clean_dir)
-    assert (final / MANIFEST_FILE).read_bytes() == (clean_dir / MANIFEST_FILE).read_bytes()
+    assert _manifest(final) == _manifest(clean_dir)
     assert verify_audit(final).ok
     events = _events(final)
     assert [e["event"] for e in events].count("job_resumed") == 1
+    assert {e["stage"] for e in events if e["event"] == "stage_finished"} == set(STAGE_NAMES)
     if point == "prepare:photo:0":
         assert any(e["event"] == "stage_invalidated" and e["stage"] == "prepare" and e["reason"] == "interrupted" for e in events)
+    if point == "train:phase_boundary:1":  # training resumed from its checkpoint, not re-done
+        assert [e["step"] for e in events if e["event"] == "train_resumed"] == [4]
     if point in ("stage:embed:written", "job:before_publish"):
         resumed_at = [e["event"] for e in events].index("job_resumed")
         assert any(e["event"] == "stage_skipped" and e["stage"] == "prepare" for e in events[resumed_at:])
+
+
+def test_sigkill_after_publishing_then_rerun_keeps_the_published_job(tmp_path, two_photo_job):
+    """Found by bench/soak.py: a kill after the publishing rename (before the ledger's last
+    update, or while the process exits), then the same command again, re-did the whole job
+    in the work area and failed it with io_error ("Directory not empty") at its own publish:
+    a failed/ copy of a job that had in fact finished."""
+    source, config = two_photo_job
+    outbox = tmp_path / "outbox"
+    _kill_at(config, source, outbox, "job:published", tmp_path, JOB_ID)
+    final = outbox / "alice" / JOB_ID
+    assert json.loads((final / "state.json").read_text())["outcome"] == "running"  # the kill beat the ledger's update
+    published = hash_tree(final, final)
+
+    rerun = _engine_cli(config, source, outbox, job_id=JOB_ID)
+    stdout, stderr = rerun.communicate(timeout=120)
+    assert rerun.returncode == 0, stderr
+    result = json.loads(stdout.strip().splitlines()[-1])
+    assert (result["job_id"], result["outcome"], Path(result["output"])) == (JOB_ID, "finished", final)
+    assert not (tmp_path / "failed").exists()
+    assert not [p for p in (outbox / WORK_DIR).rglob("*") if p.is_file()]
+    assert json.loads((final / "state.json").read_text())["outcome"] == "finished"
+    after = hash_tree(final, final)
+    assert {k: v for k, v in after.items() if k != "state.json"} == {k: v for k, v in published.items() if k != "state.json"}
+    assert verify_audit(final).ok
+
+
+def test_partial_writes_of_a_killed_run_are_not_published(tmp_path, two_photo_job, clean_run):
+    """Found by bench/soak.py: a SIGKILL inside an atomic write leaves its temporary file
+    (`.<name>.<8 random characters>.tmp`, never renamed); the resumed run published it with
+    the job, and verify-audit then failed the finished job: "not in the manifest"."""
+    source, config = two_photo_job
+    outbox = tmp_path / "outbox"
+    _kill_at(config, source, outbox, "job:before_publish", tmp_path, JOB_ID)
+    work_dir = outbox / WORK_DIR / "alice" / JOB_ID
+    # What a kill while report.html's images or the ledger were being written leaves behind.
+    debris = [".state.json.0a1b_2c3.tmp", "report/.original_0.png.k3x9abqz.tmp"]
+    for rel in debris:
+        (work_dir / rel).write_bytes(b"half a file")
+
+    rerun = _engine_cli(config, source, outbox, job_id=JOB_ID)
+    stdout, stderr = rerun.communicate(timeout=120)
+    assert rerun.returncode == 0, stderr
+    final = outbox / "alice" / JOB_ID
+    assert not [p for p in final.rglob("*") if p.name.endswith(".tmp")]
+    assert verify_audit(final).ok, verify_audit(final).problems
+    assert _outputs(final) == _outputs(clean_run)
+    assert [e["files"] for e in _events(final) if e["event"] == "partial_writes_removed"] == [debris]
 
 
 def test_changed_inputs_invalidate_from_the_first_affected_stage(tmp_path, two_photo_job, astronaut_rgb):
