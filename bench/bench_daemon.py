@@ -83,6 +83,8 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from bench.common import load_average  # noqa: E402
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -509,13 +511,6 @@ def report(args: argparse.Namespace, runs: dict[str, list[tuple[float, float]]],
     print(f"  ledger + audit + hashes + manifest (report.html not counted): {1000 * median(bookkeeping_wall):.1f} ms wall "
           f"({1000 * median(bookkeeping_cpu):.1f} ms CPU) = {100 * median(bookkeeping_wall) / engine_wall:.2f} % of the engine's wall time")
 
-
-def load_average() -> str:
-    """1/5/15-minute load averages: the machine is shared, so the numbers carry its noise."""
-    try:
-        return " ".join(f"{value:.2f}" for value in os.getloadavg())
-    except OSError:
-        return "unknown"
 
 
 if __name__ == "__main__":

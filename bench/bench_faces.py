@@ -58,7 +58,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import logging
-import os
 import shutil
 import statistics
 import sys
@@ -71,6 +70,8 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from bench.common import load_average  # noqa: E402
 
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
@@ -282,13 +283,6 @@ def time_call(run: Callable[[str], Any], name: str) -> tuple[float, float]:
     run(name)
     return time.perf_counter() - wall_started, time.process_time() - cpu_started
 
-
-def load_average() -> str:
-    """1/5/15-minute load averages: the machine is shared, so the numbers carry its noise."""
-    try:
-        return " ".join(f"{value:.2f}" for value in os.getloadavg())
-    except OSError:
-        return "unknown"
 
 
 if __name__ == "__main__":

@@ -36,6 +36,8 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from bench.common import load_average  # noqa: E402
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -139,13 +141,6 @@ def timed(work: Callable[[], np.ndarray]) -> tuple[float, float, np.ndarray]:
     result = work()
     return time.perf_counter() - wall_started, time.process_time() - cpu_started, result
 
-
-def load_average() -> str:
-    """1/5/15-minute load averages: the machine is shared, so the numbers carry its noise."""
-    try:
-        return " ".join(f"{value:.2f}" for value in os.getloadavg())
-    except OSError:
-        return "unknown"
 
 
 if __name__ == "__main__":
