@@ -56,12 +56,10 @@ def main(argv: list[str] | None = None) -> int:
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # air-gapped: never reach for the hub
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    from daemon.service import Service, default_daemon_id, load_daemon_settings
+    from daemon.service import Service, default_daemon_id
 
-    config_path = _config_path(args.config)
     try:
-        settings = Settings.load(config_path)
-        daemon = load_daemon_settings(settings, str(config_path or "built-in defaults"))
+        settings, daemon = _load_config(args.config)
     except ConfigError as error:
         print(f"refused to start: {error}", file=sys.stderr)
         return 2
@@ -108,7 +106,7 @@ def status_main(argv: list[str]) -> int:
     """`python -m daemon status`: the folders the daemons share, as a person at a terminal wants them."""
     import json
 
-    from daemon.settings import DaemonPaths, load_daemon_settings
+    from daemon.settings import DaemonPaths
     from daemon.status import daemon_status, format_daemon_status
 
     parser = argparse.ArgumentParser(prog="python -m daemon status", description="queue, claims and their leases, progress, last results")
@@ -118,10 +116,8 @@ def status_main(argv: list[str]) -> int:
     parser.add_argument("--last", type=int, default=10, help="how many results to list")
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
     args = parser.parse_args(argv)
-    config_path = _config_path(args.config)
     try:
-        settings = Settings.load(config_path)
-        daemon = load_daemon_settings(settings, str(config_path or "built-in defaults"))
+        settings, daemon = _load_config(args.config)
     except ConfigError as error:
         print(f"cannot read the configuration: {error}", file=sys.stderr)
         return 2
@@ -152,6 +148,16 @@ def configure_logging(level: str, daemon_id: str) -> None:
         logger_factory=structlog.PrintLoggerFactory(file=sys.stdout),
         cache_logger_on_first_use=True,
     )
+
+
+def _load_config(given: Path | None) -> tuple[Settings, Any]:
+    """config.toml (the given one, else ./config.toml if present, else built-in defaults) and
+    its [daemon] table; ConfigError names every problem."""
+    from daemon.settings import load_daemon_settings
+
+    config_path = _config_path(given)
+    settings = Settings.load(config_path)
+    return settings, load_daemon_settings(settings, str(config_path or "built-in defaults"))
 
 
 def _config_path(given: Path | None) -> Path | None:
