@@ -32,8 +32,7 @@ from typing import Any
 import prometheus_client
 import structlog
 
-from engine.config import Settings
-from engine.errors import ConfigError
+from engine import ConfigError, Settings
 
 
 def main(argv: list[str] | None = None) -> int:

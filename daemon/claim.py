@@ -1,10 +1,11 @@
-"""Claims: exactly one daemon runs a job, and a dead daemon's job is taken over by another.
+"""Claims: exactly one daemon runs a job, a dead daemon's job is taken over by another, and a
+daemon that lost its claim writes nothing more.
 
 On disk, in the work area (on the inbox's file system, so that a rename is atomic):
 
     <work>/<label>.<job-id>/        one claimed job, a "container"
         <name>/                     the job folder exactly as it was dropped as inbox/<name>/
-        claim.000000.json           its owner: daemon id, host, pid, job id, lease expiry
+        claim.000000.json           its owner: daemon id, host, pid (+ start time), job id, lease
         claim.000001.json           written by the daemon that took it over, and so on
 
 The job folder keeps its name (the subject defaults to it), and nothing is added inside it.
@@ -17,17 +18,24 @@ Claiming a folder of the inbox:
      container. The claim exists before the job folder enters the work area, so a job in
      the work area always has an owner.
 
-The owner is the claim file with the highest generation. The owner renews its lease (it
-rewrites its own file) every lease/3 seconds from a heartbeat thread. A claim whose lease has
-expired (its daemon died or froze) or that its owner released (a clean shutdown) is taken
-over by creating the next generation's file. Claim files are created with link() of a
+The owner is the claim file with the highest generation; the generation is the owner's fencing
+token (it goes into every audit line the job writes). The owner renews its lease (rewrites its
+own file) every lease/3 seconds from a heartbeat thread. Leases are judged on the share's clock
+(daemon.clock): a claim is alive while its file's mtime, stamped by the file system at the last
+renewal, is younger than the lease; never by comparing two hosts' wall clocks. A claim whose
+lease has expired (its daemon died or froze), that its owner released (a clean stop), or that
+its owner put on hold (the disk or share failed it; see `held`) and whose retry time has come,
+is taken over by creating the next generation's file. Claim files are created with link() of a
 complete temporary file: link fails with EEXIST when the name exists, so of several daemons
-taking over at once exactly one wins (this holds on NFS too, unlike most locks), and no
-reader ever sees half a claim. A daemon that was only frozen finds a higher generation at
-its next renewal and stops touching the job.
+taking over at once exactly one wins (this holds on NFS too, unlike most locks), and no reader
+ever sees half a claim.
 
-Leases compare wall-clock times written by different hosts: keep their clocks in sync
-(NTP) to well within `lease_seconds`.
+The owner's own view of its lease (`ClaimFence`, which the engine asks before every write) runs
+on the local boot clock from the start of its last renewal: a daemon frozen past its lease finds
+the fence shut the moment it wakes, before it writes anything, whether or not another daemon has
+taken over yet. A daemon's own claim from before a restart is taken back at once only when the
+recorded process is dead (same host, pid and start time no longer running); otherwise it waits
+for the lease like anyone else.
 """
 
 from __future__ import annotations
@@ -36,7 +44,6 @@ import datetime as dt
 import json
 import os
 import re
-import shutil
 import socket
 import tempfile
 import threading
@@ -48,13 +55,39 @@ from typing import Any
 
 import structlog
 
-from engine.fsutil import atomic_write_json, fsync_dir
-from engine.job import safe_subject_name
+from daemon.clock import local_seconds
+from engine import OwnershipLost
+from engine.jobfolder import atomic_write_json, fsync_dir, remove_tree, safe_subject_name
 
 CLAIM_PATTERN = re.compile(r"claim\.(\d{6,})\.json")
-TRASH = ".trash"  # containers being removed: one rename out of sight, then rmtree
+TRASH = ".trash"  # containers being removed: one rename out of sight, then removed
+REFUSED_DIR = ".refused"  # inbox folders refused without a claim (mount points): one marker each, so that it happens once
 
 log = structlog.get_logger("daemon.claim")
+
+
+def process_start(pid: int) -> int | None:
+    """When process `pid` started (clock ticks after boot, /proc/<pid>/stat field 22): a pid that
+    was reused by another process has another start time. None where /proc cannot tell."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            data = handle.read()
+    except OSError:
+        return None
+    fields = data[data.rindex(b")") + 2:].split()  # the command name may hold spaces and parentheses
+    return int(fields[19])
+
+
+def process_alive(pid: int, started: int | None) -> bool:
+    """Is process `pid` (that started at `started`) still running on this host?"""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # it exists, owned by someone else
+    now_started = process_start(pid)
+    return started is None or now_started is None or now_started == started
 
 
 @dataclass(frozen=True)
@@ -64,15 +97,22 @@ class Owner:
     daemon_id: str
     host: str
     pid: int
+    pid_start: int | None = None
 
     @classmethod
     def this_process(cls, daemon_id: str) -> "Owner":
-        return cls(daemon_id=daemon_id, host=socket.gethostname(), pid=os.getpid())
+        return cls(daemon_id=daemon_id, host=socket.gethostname(), pid=os.getpid(), pid_start=process_start(os.getpid()))
+
+    def is_dead_here(self, host: str, pid: int, pid_start: int | None) -> bool:
+        """Is the process (host, pid, pid_start) known for sure to be dead? Only a process of this
+        host can be known dead; one of another host is judged by its lease."""
+        return host == self.host and not process_alive(pid, pid_start) and (pid, pid_start) != (self.pid, self.pid_start)
 
 
 @dataclass(frozen=True)
 class Claim:
-    """The content of one claim file. Times are wall-clock epoch seconds."""
+    """The content of one claim file. Wall-clock times are for people; leases are judged by the
+    file's mtime on the share's clock."""
 
     job_id: str
     folder: str  # the job folder's name, as dropped in the inbox
@@ -81,22 +121,24 @@ class Claim:
     host: str
     pid: int
     claimed_at: float
-    lease_expires_at: float
-    released: bool = False  # the owner stopped cleanly: anyone may take over at once
+    lease_seconds: float
+    pid_start: int | None = None
+    released: bool = False  # the owner stopped cleanly, or put the job on hold: anyone may take over
     crashes: int = 0  # runs of this job that ended without a clean stop (killed, lease lost, crashed)
     previous_owner: str = ""  # daemon id of the generation before, when taken over
-
-    def expired(self, now: float) -> bool:
-        return self.released or now >= self.lease_expires_at
+    held: str = ""  # why the job is on hold ("disk_full: No space left on device (/outbox/...)"); "" = not held
+    holds: int = 0  # how many times in a row the job was held: its retry waits longer each time
+    retry_seconds: float = 0.0  # a held job may be taken over this long after the hold
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
-        data["lease_expires"] = _iso(self.lease_expires_at)  # for people reading the file
+        data["claimed"] = _iso(self.claimed_at)  # for people reading the file
         return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "Claim":
         fields = {name: data[name] for name in cls.__dataclass_fields__ if name in data}
+        fields.setdefault("lease_seconds", 60.0)
         return cls(**fields)
 
 
@@ -107,6 +149,7 @@ class ClaimedJob:
     container: Path
     generation: int  # highest claim generation found; -1 when there is no claim file
     claim: Claim | None
+    renewed_at: float = 0.0  # the claim file's mtime: its last renewal, on the share's clock
 
     @property
     def job_id(self) -> str:
@@ -121,27 +164,55 @@ class ClaimedJob:
     def has_folder(self) -> bool:
         return self.claim is not None and (self.container / self.claim.folder).is_dir()
 
+    def lease(self, share_now: float) -> str:
+        """live | expired | released | held (waiting for its retry) | retry (held, and due)."""
+        if self.claim is None:
+            return "unknown"
+        age = share_now - self.renewed_at
+        if self.claim.held:
+            return "retry" if age >= self.claim.retry_seconds else "held"
+        if self.claim.released:
+            return "released"
+        return "expired" if age >= self.claim.lease_seconds else "live"
+
+    def takeable(self, share_now: float) -> bool:
+        return self.lease(share_now) in ("expired", "released", "retry")
+
+    def seconds_left(self, share_now: float) -> float | None:
+        """Until the lease expires (live) or the retry is due (held); negative: that long ago."""
+        if self.claim is None:
+            return None
+        window = self.claim.retry_seconds if self.claim.held else self.claim.lease_seconds
+        return self.renewed_at + window - share_now
+
 
 def claim_path(container: Path, generation: int) -> Path:
     return container / f"claim.{generation:06d}.json"
 
 
+def highest_generation(container: Path) -> int:
+    """The container's highest claim generation (-1: none). FileNotFoundError when it is gone."""
+    generations = [int(m.group(1)) for name in os.listdir(container) if (m := CLAIM_PATTERN.fullmatch(name))]
+    return max(generations, default=-1)
+
+
 def read_current(container: Path) -> ClaimedJob:
     """The container's highest-generation claim. Raises FileNotFoundError when the container is gone."""
-    generations = [int(m.group(1)) for name in os.listdir(container) if (m := CLAIM_PATTERN.fullmatch(name))]
-    if not generations:
+    generation = highest_generation(container)
+    if generation < 0:
         return ClaimedJob(container, -1, None)
-    generation = max(generations)
     try:
-        claim = Claim.from_json(json.loads(claim_path(container, generation).read_text("utf-8")))
+        with open(claim_path(container, generation), "rb") as handle:  # content and mtime of one and the same file
+            renewed_at = os.fstat(handle.fileno()).st_mtime
+            claim = Claim.from_json(json.loads(handle.read().decode("utf-8")))
     except FileNotFoundError:
         if not container.is_dir():
             raise
-        claim = None  # removed between listing and reading: the container is being discarded
+        return ClaimedJob(container, generation, None)  # removed between listing and reading: being discarded
     except (OSError, ValueError, TypeError, KeyError) as exc:
         log.warning("claim_unreadable", container=str(container), generation=generation, error=str(exc))
-        claim = None
-    return ClaimedJob(container, generation, claim)
+        return ClaimedJob(container, generation, None)
+    return ClaimedJob(container, generation, claim, renewed_at)
 
 
 def find_claims(work: Path) -> list[ClaimedJob]:
@@ -157,10 +228,11 @@ def find_claims(work: Path) -> list[ClaimedJob]:
     return sorted(found, key=lambda job: (job.job_id, job.container.name))
 
 
-def _create_exclusive(path: Path, value: dict[str, Any]) -> bool:
+def create_exclusive(path: Path, value: dict[str, Any]) -> bool:
     """Create `path` holding `value` unless it exists. True when this call created it."""
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o644)
         with os.fdopen(fd, "wb") as handle:
             handle.write((json.dumps(value, sort_keys=True, indent=2) + "\n").encode("utf-8"))
             handle.flush()
@@ -184,30 +256,30 @@ def claim_folder(source: Path, work: Path, job_id: str, owner: Owner, lease_seco
     container = work / f"{safe_subject_name(source.name)[:64]}.{job_id}"
     work.mkdir(parents=True, exist_ok=True)
     container.mkdir()
-    now = time.time()
     claim = Claim(job_id=job_id, folder=source.name, generation=0, daemon_id=owner.daemon_id, host=owner.host, pid=owner.pid,
-                  claimed_at=now, lease_expires_at=now + lease_seconds)
+                  pid_start=owner.pid_start, claimed_at=_now(), lease_seconds=lease_seconds)
     try:
-        if not _create_exclusive(claim_path(container, 0), claim.to_json()):
+        if not create_exclusive(claim_path(container, 0), claim.to_json()):
             raise FileExistsError(claim_path(container, 0))
         os.rename(source, container / source.name)
     except FileNotFoundError:
-        shutil.rmtree(container, ignore_errors=True)
+        remove_tree(container)
         return None
     except BaseException:
-        shutil.rmtree(container, ignore_errors=True)
+        remove_tree(container)
         raise
     fsync_dir(source.parent)
     fsync_dir(container)
-    return ClaimedJob(container, 0, claim)
+    return read_current(container)
 
 
-def take_over(seen: ClaimedJob, owner: Owner, lease_seconds: float, *, own_restart: bool = False) -> ClaimedJob | None:
+def take_over(seen: ClaimedJob, owner: Owner, lease_seconds: float, share_now: float, *, own_restart: bool = False) -> ClaimedJob | None:
     """Become the owner of the container that `seen` describes, if it is still as seen.
 
-    Allowed when its claim has expired or was released, or (own_restart) when the claim is
-    this daemon's own from before a restart. Returns the new claim, or None when the claim
-    changed since it was seen, is alive, or another daemon won the race.
+    Allowed when its claim has expired, was released, or was held and its retry is due (all on
+    the share's clock `share_now`), or (own_restart) when it is this daemon's own claim from
+    before a restart and the process that made it is dead. Returns the new claim, or None when
+    the claim changed since it was seen, is alive, or another daemon won the race.
     """
     try:
         current = read_current(seen.container)
@@ -216,59 +288,59 @@ def take_over(seen: ClaimedJob, owner: Owner, lease_seconds: float, *, own_resta
     if current.generation != seen.generation or current.claim is None or current.claim.folder != (seen.claim.folder if seen.claim else None):
         return None
     old = current.claim
-    now = time.time()
-    mine = own_restart and old.daemon_id == owner.daemon_id
-    if not mine and not old.expired(now):
+    mine = own_restart and old.daemon_id == owner.daemon_id and owner.is_dead_here(old.host, old.pid, old.pid_start)
+    if not mine and not current.takeable(share_now):
         return None
-    claim = Claim(job_id=old.job_id, folder=old.folder, generation=current.generation + 1, daemon_id=owner.daemon_id,
-                  host=owner.host, pid=owner.pid, claimed_at=now, lease_expires_at=now + lease_seconds,
-                  crashes=old.crashes + (0 if old.released else 1), previous_owner=old.daemon_id)
+    claim = Claim(job_id=old.job_id, folder=old.folder, generation=current.generation + 1, daemon_id=owner.daemon_id, host=owner.host,
+                  pid=owner.pid, pid_start=owner.pid_start, claimed_at=_now(), lease_seconds=lease_seconds,
+                  crashes=old.crashes + (0 if old.released else 1), previous_owner=old.daemon_id, holds=old.holds)
     try:
-        created = _create_exclusive(claim_path(seen.container, claim.generation), claim.to_json())
+        created = create_exclusive(claim_path(seen.container, claim.generation), claim.to_json())
     except FileNotFoundError:
         return None  # the container was discarded meanwhile
-    return ClaimedJob(seen.container, claim.generation, claim) if created else None
+    return read_current(seen.container) if created else None
 
 
 def still_owned(job: ClaimedJob) -> bool:
     """No later generation exists and the container is still there."""
     try:
-        return read_current(job.container).generation == job.generation
+        return highest_generation(job.container) == job.generation
     except FileNotFoundError:
         return False
 
 
-def renew(job: ClaimedJob, lease_seconds: float) -> ClaimedJob | None:
-    """Extend the lease of a claim this daemon holds; None when it was lost (taken over, or gone)."""
+def renew(job: ClaimedJob) -> ClaimedJob | None:
+    """Extend the lease of a claim this daemon holds (rewrite its file: the share stamps the
+    renewal); None when it was lost (taken over, or gone)."""
     assert job.claim is not None
     if not still_owned(job):
         return None
-    claim = replace(job.claim, lease_expires_at=time.time() + lease_seconds)
-    atomic_write_json(claim_path(job.container, job.generation), claim.to_json())
-    return replace(job, claim=claim)
+    atomic_write_json(claim_path(job.container, job.generation), job.claim.to_json())
+    return job
 
 
-def release(job: ClaimedJob, *, crashed: bool = False) -> bool:
-    """Give the claim up so that any daemon may take the job over at once (it resumes from
-    its checkpoints). `crashed` counts this run as one that did not end cleanly."""
+def release(job: ClaimedJob, *, crashed: bool = False, held: str = "", retry_seconds: float = 0.0) -> bool:
+    """Give the claim up so that another daemon (or this one) may take the job over: at once,
+    or, when `held` says why the job is on hold, after `retry_seconds`. It resumes from its
+    checkpoints. `crashed` counts this run as one that did not end cleanly."""
     assert job.claim is not None
     if not still_owned(job):
         return False
-    claim = replace(job.claim, released=True, lease_expires_at=time.time(), crashes=job.claim.crashes + int(crashed))
+    claim = replace(job.claim, released=True, crashes=job.claim.crashes + int(crashed), held=held,
+                    holds=job.claim.holds + 1 if held else 0, retry_seconds=retry_seconds if held else 0.0)
     atomic_write_json(claim_path(job.container, job.generation), claim.to_json())
     return True
 
 
 def discard(container: Path, work: Path) -> None:
-    """Remove a container: one rename out of sight (other daemons never see half of it), then rmtree."""
+    """Remove a container: one rename out of sight (other daemons never see half of it), then remove it."""
     trash = Path(work) / TRASH
     trash.mkdir(exist_ok=True)
     target = trash / container.name
-    if target.exists():
-        shutil.rmtree(target)
+    remove_tree(target)
     os.rename(container, target)
     fsync_dir(Path(work))
-    shutil.rmtree(target)
+    remove_tree(target)
 
 
 def empty_trash(work: Path) -> None:
@@ -276,20 +348,83 @@ def empty_trash(work: Path) -> None:
     trash = Path(work) / TRASH
     if trash.is_dir():
         for entry in trash.iterdir():
-            shutil.rmtree(entry, ignore_errors=True)
+            try:
+                remove_tree(entry)
+            except OSError as exc:
+                log.warning("trash_not_removed", path=str(entry), error=str(exc))
+
+
+class ClaimFence:
+    """The engine's fence (engine.jobfolder.Fence) for the one claim this daemon holds.
+
+    `check` refuses (OwnershipLost) once the claim is known lost, once its lease is past on the
+    local boot clock (a renewal overdue: the process was frozen, or the share failed it), and
+    with io=True also when a later generation exists. Past half its lease without a renewal (the
+    heartbeat thread is late: a busy host), the fence renews on the spot, while the claim is still
+    this daemon's and its file still fresh on the share's clock; so a heartbeat that was merely
+    slow costs nothing, and one frozen with the whole process is caught on waking."""
+
+    def __init__(self, job: ClaimedJob, lease_seconds: float, renew_now: Callable[[], bool]) -> None:
+        self.token = job.generation
+        self.container = job.container
+        self.lease_seconds = lease_seconds
+        self.margin = lease_seconds / 10  # clock rates drift; a renewal's own write takes time
+        self._renew_now = renew_now
+        started = local_seconds()
+        self._valid_until = started + lease_seconds - self.margin
+        self._renew_by = started + lease_seconds / 2
+        self._lost = ""
+        self._lock = threading.Lock()
+
+    def renewed(self, started_at: float) -> None:
+        """A renewal that started at local time `started_at` succeeded."""
+        with self._lock:
+            self._valid_until = max(self._valid_until, started_at + self.lease_seconds - self.margin)
+            self._renew_by = max(self._renew_by, started_at + self.lease_seconds / 2)
+
+    def lose(self, why: str) -> None:
+        with self._lock:
+            self._lost = self._lost or why
+
+    @property
+    def lost(self) -> str:
+        return self._lost
+
+    def check(self, what: str, *, io: bool = True) -> None:
+        if self._lost:
+            raise OwnershipLost(f"{what}: {self._lost}")
+        if local_seconds() >= self._renew_by:
+            self._renew_now()
+        if local_seconds() >= self._valid_until:
+            self.lose(f"the lease of claim generation {self.token} ran out (renewal overdue by more than the lease: the process was "
+                      "frozen, or the share refused the renewals)")
+            raise OwnershipLost(f"{what}: {self._lost}")
+        if io:
+            try:
+                current = highest_generation(self.container)
+            except FileNotFoundError:
+                current = -1
+            if current != self.token:
+                self.lose(f"claim generation {self.token} was taken over (generation {current} exists)" if current > self.token
+                          else "the claimed job's container is gone")
+                raise OwnershipLost(f"{what}: {self._lost}")
 
 
 class Heartbeat:
-    """Renews the lease of the one claim this daemon holds, every lease/3 seconds, on its own
-    thread, so that a long stage never lets the lease lapse. Calls `on_lost(job)` (from its
-    thread) when another daemon took the claim over."""
+    """Renews the lease of the one claim this daemon holds (and the daemon's presence), every
+    lease/3 seconds, on its own thread, so that a long stage never lets the lease lapse. Calls
+    `on_lost(job)` (from its thread) when another daemon took the claim over."""
 
-    def __init__(self, lease_seconds: float, on_lost: Callable[[ClaimedJob], None]) -> None:
+    def __init__(self, lease_seconds: float, on_lost: Callable[[ClaimedJob], None], share_now: Callable[[], float],
+                 also: Callable[[], None] | None = None) -> None:
         self.lease_seconds = lease_seconds
         self.interval = lease_seconds / 3
         self.on_lost = on_lost
+        self.share_now = share_now
+        self.also = also  # renews the daemon's presence on every beat
         self._job: ClaimedJob | None = None
-        self._lock = threading.Lock()
+        self._fence: ClaimFence | None = None
+        self._lock = threading.RLock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="claim-heartbeat", daemon=True)
 
@@ -301,30 +436,77 @@ class Heartbeat:
         if self._thread.ident is not None:
             self._thread.join(timeout=10)
 
-    def hold(self, job: ClaimedJob) -> None:
+    def hold(self, job: ClaimedJob) -> ClaimFence:
+        """Start renewing `job`; returns the fence the engine asks before each write."""
         with self._lock:
             self._job = job
+            self._fence = ClaimFence(job, self.lease_seconds, self.renew_now)
+            return self._fence
+
+    def lose(self, why: str) -> None:
+        """Shut the fence of the claim held now (this process must not write for it any more)."""
+        with self._lock:
+            if self._fence is not None:
+                self._fence.lose(why)
 
     def drop(self) -> ClaimedJob | None:
         """Stop renewing; returns the claim as last renewed (None if it was lost)."""
         with self._lock:
-            job, self._job = self._job, None
-        return job
+            job, fence = self._job, self._fence
+            self._job = self._fence = None
+        return None if job is None or (fence is not None and fence.lost) else job
+
+    def renew_now(self) -> bool:
+        """Renew at once (the fence found the lease past on the local clock). False when the claim
+        is lost or its file is too old on the share's clock for a renewal to be safe: another
+        daemon may already have judged it expired."""
+        with self._lock:
+            job, fence = self._job, self._fence
+            if job is None or fence is None:
+                return False
+            try:
+                started = local_seconds()
+                current = read_current(job.container)
+                if current.generation != job.generation or self.share_now() - current.renewed_at >= self.lease_seconds - fence.margin:
+                    return False
+                return self._renew(job, fence, started)
+            except OSError as exc:
+                log.warning("claim_renew_failed", job_id=job.job_id, error=str(exc))
+                return False
+
+    def _renew(self, job: ClaimedJob, fence: ClaimFence, started: float) -> bool:
+        renewed = renew(job)
+        if renewed is None:
+            fence.lose(f"claim generation {job.generation} was taken over by another daemon")
+            self._job = None
+            self.on_lost(job)
+            return False
+        fence.renewed(started)
+        return True
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
+            if self.also is not None:
+                try:
+                    self.also()
+                except Exception:  # noqa: BLE001 - the presence must not stop the claim's renewals
+                    log.exception("presence_renew_failed")
             with self._lock:
-                job = self._job
-                if job is None:
+                job, fence = self._job, self._fence
+                if job is None or fence is None:
+                    continue
+                if fence.lost:  # the fence found out first (at a write): report it once
+                    self._job = None
+                    self.on_lost(job)
                     continue
                 try:
-                    renewed = renew(job, self.lease_seconds)
-                except OSError as exc:  # a network share hiccup: try again next beat
+                    self._renew(job, fence, local_seconds())
+                except OSError as exc:  # a network share hiccup: try again next beat (the fence shuts if it lasts)
                     log.warning("claim_renew_failed", job_id=job.job_id, error=str(exc))
-                    continue
-                self._job = renewed
-            if renewed is None:
-                self.on_lost(job)
+
+
+def _now() -> float:
+    return time.time()
 
 
 def _iso(epoch: float) -> str:

@@ -13,22 +13,32 @@ nothing about Prometheus:
     render_scored {pass_name, mode, drift, face_found}          render drift, faces not found
     (the same events, through engine.status.StageProgress)      work done / planned in the stage running
 Job outcomes, queue depth and claims are set by the service.
+
+The /metrics server answers from a small fixed pool of threads (METRICS_THREADS), with a
+timeout on every connection: a scraper, or anything else that connects and says nothing, can
+hold up at most that many threads, never one thread per connection.
 """
 
 from __future__ import annotations
 
 import math
+import socket
 import sys
+import threading
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, make_wsgi_app
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from engine.status import StageProgress
 
-OUTCOMES = ("finished", "failed", "interrupted", "lost", "crashed")
+OUTCOMES = ("finished", "failed", "held", "interrupted", "lost", "crashed")
+METRICS_THREADS = 4  # requests answered at once; more wait in the listen backlog
+METRICS_CONNECTION_TIMEOUT_SECONDS = 5.0  # a connection that sends no request for this long is closed
 # Identity drift = 1 - cosine similarity, 0 (same face) .. 2; the lock threshold is 0.18.
 DRIFT_BUCKETS = (0.05, 0.1, 0.15, 0.18, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0, 1.5, 2.0)
 STAGE_BUCKETS = (0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200)
@@ -64,7 +74,11 @@ class DaemonMetrics:
         r = self.registry = CollectorRegistry()
         self.info = Info("idrep_daemon", "This daemon: its id, how it watches the inbox, demo model or not.", registry=r)
         self.info.info({"daemon_id": daemon_id, "watch": watch, "demo": str(demo).lower()})
-        self.jobs = Counter("idrep_jobs_total", "Jobs this daemon ended, by outcome: finished, failed (refused or failed, see idrep_job_failures_total), interrupted (stopped, resumable), lost (claim taken over), crashed.", ["outcome"], registry=r)
+        self.jobs = Counter("idrep_jobs_total", "Runs of jobs this daemon ended, by outcome: finished, failed (refused or failed, see idrep_job_failures_total), held (the disk, share or permissions failed it: kept claimed, retried later), interrupted (stopped, resumable), lost (claim taken over), crashed.", ["outcome"], registry=r)
+        self.job_holds = Counter("idrep_job_holds_total", "Runs of jobs held because the installation failed them, by code: disk_full, outbox_unwritable, io_error.", ["code"], registry=r)
+        self.jobs_held = Gauge("idrep_jobs_held", "Claimed jobs on hold in the work area (waiting for their retry), at the last scan.", registry=r)
+        self.ready = Gauge("idrep_ready", "1 while this daemon claims new jobs; 0 while it pauses because a folder it writes failed its probe (see the claiming_paused log line).", registry=r)
+        self.clock_skew = Gauge("idrep_clock_skew_seconds", "This host's wall clock minus the share's (the work area's file times); leases are judged on the share's clock.", registry=r)
         self.job_failures = Counter("idrep_job_failures_total", "Failed jobs by the engine's error code (no_face_found, invalid_job, ...).", ["code"], registry=r)
         self.job_duration = Histogram("idrep_job_duration_seconds", "Wall time of one run of a job by this daemon.", ["outcome"], buckets=JOB_BUCKETS, registry=r)
         self.stage_duration = Histogram("idrep_stage_duration_seconds", "Wall time of a stage that ran (skipped stages are not observed).", ["stage"], buckets=STAGE_BUCKETS, registry=r)
@@ -98,14 +112,16 @@ class DaemonMetrics:
         self._server: Any = None
 
     def serve(self, host: str, port: int) -> int:
-        """Start the /metrics HTTP server on a daemon thread; returns the port (port 0: a free one)."""
-        self._server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        """Start the /metrics HTTP server (a thread, plus its bounded pool); returns the port (port 0: a free one)."""
+        self._server = make_server(host, port, make_wsgi_app(self.registry), server_class=_PooledWSGIServer, handler_class=_QuietHandler)
+        threading.Thread(target=self._server.serve_forever, name="metrics-server", daemon=True).start()
         return int(self._server.server_port)
 
     def close(self) -> None:
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
+            self._server.pool.shutdown(wait=False, cancel_futures=True)
             self._server = None
 
     def job_ended(self, outcome: str, seconds: float, code: str | None = None) -> None:
@@ -113,6 +129,8 @@ class DaemonMetrics:
         self.job_duration.labels(outcome).observe(seconds)
         if outcome == "failed":
             self.job_failures.labels(code or "unknown").inc()
+        elif outcome == "held":
+            self.job_holds.labels(code or "unknown").inc()
         self._clear_job_gauges()
 
     def observe(self, event: str, fields: dict[str, Any]) -> None:
@@ -168,3 +186,36 @@ class DaemonMetrics:
         for sample in self.stage_in_progress.collect()[0].samples:
             self.stage_in_progress.labels(sample.labels["stage"]).set(0)
         self.job_in_progress.set(0)
+
+
+class _PooledWSGIServer(WSGIServer):
+    """wsgiref's server with its requests handed to a fixed pool of threads (prometheus_client's
+    own server starts one thread per connection, without bound)."""
+
+    daemon_threads = True
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.pool = ThreadPoolExecutor(max_workers=METRICS_THREADS, thread_name_prefix="metrics")
+        # Accepting stops while every thread is busy: waiting connections stay in the kernel's
+        # backlog, not in a queue of open sockets here.
+        self._slots = threading.BoundedSemaphore(METRICS_THREADS)
+
+    def process_request(self, request: socket.socket, client_address: Any) -> None:
+        request.settimeout(METRICS_CONNECTION_TIMEOUT_SECONDS)
+        self._slots.acquire()
+        self.pool.submit(self._handle, request, client_address)
+
+    def _handle(self, request: socket.socket, client_address: Any) -> None:
+        try:
+            self.finish_request(request, client_address)
+        except Exception:  # noqa: BLE001 - a broken or timed-out connection: drop it
+            pass
+        finally:
+            self.shutdown_request(request)
+            self._slots.release()
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the stdlib's name
+        """No access log on stderr (the daemon's log is JSON on stdout)."""

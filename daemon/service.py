@@ -4,25 +4,38 @@ A job's life is a sequence of folders (rq's queued -> started -> finished/failed
 
     inbox/<name>/                         dropped by the lab, being copied, then ready
     <work>/<label>.<job-id>/<name>/       claimed by one daemon (claim files beside it, see claim.py)
-    outbox/<subject>/<job-id>/            finished, published by the engine in one rename
-    failed/<subject>/<job-id>/            refused or failed: a copy of the inputs + error.json
+    outbox/<subject>/<job-id>/            finished, published by the engine in one rename, with
+                                          inputs/: the dropped folder, byte for byte
+    failed/<subject>/<job-id>/            refused or failed: inputs/ + error.json + audit.jsonl
 
-The claimed folder is removed only after the engine returned "finished" or "failed", i.e.
-once its outbox or failed/ copy is complete. An interrupted job (SIGTERM, or the claim was
-lost) stays in the work area and resumes from the engine's ledger with the same job id, in
-this daemon after a restart or in another daemon that takes the claim over.
+At every instant each dropped file is, byte for byte, in the inbox, in the claimed folder, or in
+a published job's inputs/ (the claimed folder is removed only once the published copy exists,
+was verified by hash, and matches the claimed folder). Writes into a claimed folder while its
+job ran (a person whose shell sat in it) are not lost either: the job ran from its own verified
+copy, and the claimed folder as it is then goes to failed/ under a new job id
+(`changed_after_claim`) before anything is removed.
+
+When the disk, a share or a permission fails a job (the engine says "held": disk_full,
+outbox_unwritable, io_error), the job stays claimed and is released on hold: it is retried after
+`hold_retry_seconds`, doubled at each hold in a row; the folders are probed again, and while one
+fails its probe the daemon claims nothing new (`idrep_ready` 0, a `claiming_paused` line naming
+the path). Such faults never count as crashes; `too_many_crashes` is for runs that really died.
+
+An interrupted job (SIGTERM, or the claim was lost) stays in the work area and resumes from the
+engine's ledger with the same job id, in this daemon after a restart or in another daemon that
+takes the claim over. A daemon that lost its claim (it was frozen past its lease) writes nothing
+more: the engine asks the claim's fence before every write.
 
 Threads: the main thread runs the loop below and receives signals; one worker thread runs the
-engine (one job at a time: one GPU); the claim heartbeat renews the lease; watchdog's thread
-only wakes the loop; the metrics server answers scrapes.
+engine (one job at a time: one GPU); the claim heartbeat renews the lease and the daemon's
+presence; watchdog's thread only wakes the loop; the metrics server answers scrapes.
 """
 
 from __future__ import annotations
 
-import datetime as dt
-import glob
+import hashlib
+import json
 import os
-import shutil
 import threading
 import time
 from pathlib import Path
@@ -31,6 +44,7 @@ from typing import Any
 import structlog
 
 from daemon.claim import (
+    REFUSED_DIR,
     ClaimedJob,
     Heartbeat,
     Owner,
@@ -41,18 +55,19 @@ from daemon.claim import (
     release,
     take_over,
 )
+from daemon.clock import ShareClock
 from daemon.metrics import DaemonMetrics
+from daemon.presence import Presence, register
 from daemon.settings import DaemonPaths, DaemonSettings, default_daemon_id, load_daemon_settings  # noqa: F401 - re-exported for callers and tests
 from daemon.watch import InboxWatcher, Readiness, Waker
-from engine import ConfigError, Engine, Settings
-from engine.audit import MANIFEST_FILE
-from engine.fsutil import atomic_write_json, copy_folder_as_dropped, fsync_dir, utf8_safe
-from engine.job import is_hidden_name, safe_subject_name
-from engine.runner import ERROR_FILE, new_job_id
-from engine.stages import STAGE_NAMES
+from engine import ConfigError, Engine, JobError, OwnershipLost, Settings
+from engine.jobfolder import (AUDIT_FILE, INPUTS_DIR, LEDGER_FILE, STAGE_NAMES, atomic_write_json, classify_os_error, describe_os_error,
+                              failure_record, find_published, inputs_changed, new_job_id, publish_failure, remove_leftover_work,
+                              safe_subject_name, utf8_safe, work_dir)
 
 # Log a training step every this many steps (and every phase change); metrics see every step.
 TRAIN_LOG_EVERY = 10
+HOLD_RETRY_MAX_SECONDS = 3600.0
 
 
 class Service:
@@ -70,14 +85,18 @@ class Service:
         self.readiness = Readiness(self.paths.inbox, daemon.stable_seconds)
         self.waker = Waker()
         self.watcher = InboxWatcher(self.paths.inbox, self.waker, polling=daemon.network_share, poll_seconds=daemon.poll_seconds)
-        self.heartbeat = Heartbeat(daemon.lease_seconds, self._claim_lost)
+        self.clock = ShareClock(self.paths.work, self.daemon_id)
+        self.heartbeat = Heartbeat(daemon.lease_seconds, self._claim_lost, self.clock.now, also=self._renew_presence)
         self.engine: Engine | None = None
+        self.presence: Presence | None = None
         self.metrics_port: int | None = None
         self._stopping = threading.Event()
         self._worker: threading.Thread | None = None
         self._current: ClaimedJob | None = None
         self._recoveries: list[ClaimedJob] = []  # this daemon's own claims from before a restart
-        self._takeovers: list[ClaimedJob] = []  # expired or released claims of other daemons
+        self._takeovers: list[ClaimedJob] = []  # expired, released or due held claims of any daemon
+        self._paused: str = ""  # why claiming is paused (a folder failed its probe); "" = claiming
+        self._skewed = False
         self._exit_code = 0
         self._last_phase: str | None = None
 
@@ -85,15 +104,18 @@ class Service:
 
     def run(self) -> int:
         """Start everything, loop until stopped, stop cleanly. Raises ConfigError when the
-        installation is unusable (folders, models): nothing has been claimed then."""
+        installation is unusable (folders, models, a daemon id in use): nothing has been claimed then."""
         self.paths.prepare()
+        # Before anything slow: a second process with this daemon id is refused at once.
+        self.presence = register(self.paths.work, self.owner, self.config.lease_seconds, self.clock)
+        self.heartbeat.start()  # renews the presence from now on (and the claims, once there are)
         try:
-            self.metrics_port = self.metrics.serve(self.config.metrics_host, self.config.metrics_port)
-        except OSError as exc:
-            raise ConfigError("invalid_config", f"cannot serve metrics on {self.config.metrics_host}:{self.config.metrics_port} ({exc}); "
-                                                "set [daemon] metrics_port / metrics_host or --metrics-port") from None
-        self.log.info("metrics_listening", host=self.config.metrics_host, port=self.metrics_port)
-        try:
+            try:
+                self.metrics_port = self.metrics.serve(self.config.metrics_host, self.config.metrics_port)
+            except OSError as exc:
+                raise ConfigError("invalid_config", f"cannot serve metrics on {self.config.metrics_host}:{self.config.metrics_port} ({exc}); "
+                                                    "set [daemon] metrics_port / metrics_host or --metrics-port") from None
+            self.log.info("metrics_listening", host=self.config.metrics_host, port=self.metrics_port)
             self.engine = Engine(self.settings, demo=self.demo, observer=self._observe)
             if self._stopping.is_set():
                 return 0
@@ -102,12 +124,12 @@ class Service:
                                 if job.claim and job.claim.daemon_id == self.daemon_id and job.has_folder()]
             self.watcher.start()
             self.metrics.info.info({"daemon_id": self.daemon_id, "watch": self.watcher.kind, "demo": str(self.demo).lower()})
-            self.heartbeat.start()
+            self.metrics.ready.set(1)
             self.log.info(
                 "daemon_started", watch=self.watcher.kind, observer=self.watcher.observer_name, pid=os.getpid(), host=self.owner.host,
                 inbox=str(self.paths.inbox), outbox=str(self.paths.outbox), failed=str(self.paths.failed), work=str(self.paths.work),
                 stable_seconds=self.config.stable_seconds, scan_seconds=self.config.scan_seconds, lease_seconds=self.config.lease_seconds,
-                own_claims_to_recover=[job.job_id for job in self._recoveries], demo=self.demo,
+                own_claims_to_recover=[job.job_id for job in self._recoveries], demo=self.demo, presence_generation=self.presence.generation,
             )
             self._loop()
         except BaseException:
@@ -118,8 +140,9 @@ class Service:
         return self._exit_code
 
     def request_stop(self, reason: str = "signal") -> None:
-        """Stop claiming; the job in flight stops at its next safe point (a checkpoint), stays
-        resumable, and its claim is released. Safe to call from a signal handler."""
+        """Stop claiming; the job in flight stops at its next safe point (at most one denoising
+        step or training checkpoint away), stays resumable, and its claim is released. Safe to
+        call from a signal handler."""
         if not self._stopping.is_set():
             self._stopping.set()
             if self.engine is not None:
@@ -136,8 +159,22 @@ class Service:
             self._worker.join()
             self._worker = None
         self.heartbeat.stop()
+        if self.presence is not None:
+            try:
+                self.presence.release()
+            except OSError as exc:
+                self.log.warning("presence_not_released", error=str(exc))
         self.metrics.close()
         self.log.info("daemon_stopped", exit_code=self._exit_code)
+
+    def _renew_presence(self) -> None:
+        """Heartbeat thread: keep this daemon's presence fresh; a later generation means another
+        process took this daemon id over while this one was frozen: stop, writing nothing more."""
+        if self.presence is not None and not self.presence.renew():
+            self.log.error("daemon_id_taken_over_by_another_process", daemon_id=self.daemon_id)
+            self._exit_code = self._exit_code or 1
+            self.heartbeat.lose(f"daemon id {self.daemon_id} was taken over by another process")
+            self.request_stop("daemon_id_taken_over")
 
     # ---- the loop ----------------------------------------------------------------------
 
@@ -156,28 +193,43 @@ class Service:
                     self._scan(now)
                     next_scan = now + self.config.scan_seconds
                 self.readiness.refresh(now)
-                if self._worker is None and not self._stopping.is_set():
+                if self._worker is None and not self._stopping.is_set() and not self._paused:
                     self._start_next()
-            except OSError as exc:  # a share that hiccups (EIO, ESTALE, EACCES): say so, try again next tick
+            except OSError as exc:  # a share that hiccups (EIO, ESTALE, EACCES): say so, look at the folders, try again
                 self.log.warning("file_system_error", error=str(exc), filename=exc.filename)
+                self._probe_folders()
                 self.waker.wait(min(1.0, self.config.scan_seconds))
             ready, copying = self.readiness.counts()
             self.metrics.queue_depth.set(ready + len(self._takeovers) + len(self._recoveries))
             self.metrics.inbox_copying.set(copying)
             self.waker.wait(tick)
 
+    def _probe_folders(self) -> bool:
+        """Probe every folder the daemon writes; pause claiming while one fails (True: all well)."""
+        problems = self.paths.probe()
+        if problems and not self._paused:
+            self.log.error("claiming_paused", problems=problems)
+        elif not problems and self._paused:
+            self.log.info("claiming_resumed", was=self._paused)
+        self._paused = "; ".join(problems)
+        self.metrics.ready.set(0 if problems else 1)
+        return not problems
+
     def _scan(self, now: float) -> None:
         """Full listing of the inbox and the work area (catches every missed event)."""
+        if self._paused:
+            self._probe_folders()
         try:
             self.readiness.scan(now)
         except OSError as exc:  # a network share that went away: keep going, say so
             self.log.warning("inbox_unreachable", inbox=str(self.paths.inbox), error=str(exc))
         try:
             claims = find_claims(self.paths.work)
+            share_now = self.clock.now()
         except OSError as exc:
             self.log.warning("work_area_unreachable", work=str(self.paths.work), error=str(exc))
             return
-        wall = time.time()
+        self._check_clock(share_now)
         current = self._current.container if self._current else None
         recovering = {job.container for job in self._recoveries}
         takeovers = []
@@ -185,48 +237,71 @@ class Service:
             if job.container == current or job.container in recovering:
                 continue
             if job.has_folder():
-                if job.claim is not None and job.claim.expired(wall):
+                if job.takeable(share_now):
                     takeovers.append(job)
-            elif self._is_leftover(job, wall):
+            elif self._is_leftover(job, share_now):
                 self.log.info("leftover_container_removed", container=job.container.name)
                 try:
                     discard(job.container, self.paths.work)
                 except OSError as exc:
                     self.log.warning("leftover_container_not_removed", container=job.container.name, error=str(exc))
+        self.metrics.jobs_held.set(sum(1 for job in claims if job.claim is not None and job.claim.held))
         self._takeovers = takeovers
 
-    def _is_leftover(self, job: ClaimedJob, wall: float) -> bool:
+    def _check_clock(self, share_now: float) -> None:
+        skew = time.time() - share_now
+        self.metrics.clock_skew.set(round(skew, 3))
+        skewed = abs(skew) > self.config.lease_seconds / 10
+        if skewed and not self._skewed:
+            self.log.warning("clock_skew", seconds=round(skew, 3), share=str(self.paths.work), lease_seconds=self.config.lease_seconds,
+                             note="this host's wall clock differs from the share's; leases are judged on the share's clock, "
+                                  "but job ids and log times use this host's: set up NTP")
+        self._skewed = skewed
+
+    def _is_leftover(self, job: ClaimedJob, share_now: float) -> bool:
         """A container without a job folder whose claim is dead: its daemon died between
         creating it and moving the folder in, or while removing it. Never one with a folder."""
         try:
             if any(entry.is_dir() for entry in job.container.iterdir()):
                 return False
-            old = wall - job.container.stat().st_mtime > self.config.lease_seconds
+            old = share_now - job.container.stat().st_mtime > self.config.lease_seconds
         except FileNotFoundError:
             return False
-        return old and (job.claim is None or job.claim.expired(wall))
+        return old and (job.claim is None or job.takeable(share_now))
 
     def _start_next(self) -> None:
         """Own claims from before a restart, then claims to take over, then the inbox in arrival order."""
+        share_now = self.clock.now() if self._recoveries or self._takeovers else 0.0
         while self._recoveries:
-            job = take_over(self._recoveries.pop(0), self.owner, self.config.lease_seconds, own_restart=True)
+            seen = self._recoveries.pop(0)
+            job = take_over(seen, self.owner, self.config.lease_seconds, share_now, own_restart=True)
             if job is not None:
-                self._begin(job, taken_over="restart")
+                self._begin(job, taken_over="restart" if seen.claim is None or not seen.claim.held else "held")
                 return
+            self._takeovers.append(seen)  # its process may be alive (frozen): wait for its lease like anyone
         while self._takeovers:
             seen = self._takeovers.pop(0)
-            job = take_over(seen, self.owner, self.config.lease_seconds)
+            job = take_over(seen, self.owner, self.config.lease_seconds, share_now)
             if job is not None:
-                self._begin(job, taken_over="released" if seen.claim and seen.claim.released else "expired")
+                reason = "held" if seen.claim and seen.claim.held else ("released" if seen.claim and seen.claim.released else "expired")
+                self._begin(job, taken_over=reason)
                 return
+        inbox_device = os.stat(self.paths.inbox).st_dev
         for folder in self.readiness.ready_in_arrival_order():
             if not self.readiness.confirm(folder.name, time.monotonic()):
                 continue
             self.readiness.forget(folder.name)  # claimed, or gone, or seen again at the next scan
+            source = self.paths.inbox / folder.name
             try:
-                job = claim_folder(self.paths.inbox / folder.name, self.paths.work, new_job_id(), self.owner, self.config.lease_seconds)
+                if os.lstat(source).st_dev != inbox_device:
+                    self._refuse_mount_point(source)
+                    continue
+                job = claim_folder(source, self.paths.work, new_job_id(), self.owner, self.config.lease_seconds)
+            except FileNotFoundError:
+                continue
             except OSError as exc:
-                self.log.error("claim_failed", folder=folder.name, error=str(exc), retry_in_seconds=self.config.scan_seconds)
+                self.log.error("claim_failed", folder=folder.name, error=describe_os_error(exc), retry_in_seconds=self.config.scan_seconds)
+                self._probe_folders()
                 continue
             if job is None:
                 self.log.info("claimed_elsewhere", folder=folder.name)
@@ -243,105 +318,189 @@ class Service:
             self.log.info("claim_taken_over", job_id=job.job_id, folder=job.claim.folder, reason=taken_over,
                           previous_owner=job.claim.previous_owner, generation=job.generation, crashes=job.claim.crashes)
         self._current = job
-        self.heartbeat.hold(job)
+        fence = self.heartbeat.hold(job)
         self.metrics.job_in_progress.set(1)
-        self._worker = threading.Thread(target=self._run_job, args=(job,), name=f"job-{job.job_id}", daemon=True)
+        self._worker = threading.Thread(target=self._run_job, args=(job, fence), name=f"job-{job.job_id}", daemon=True)
         self._worker.start()
+
+    # ---- inbox folders refused without a claim -----------------------------------------
+
+    def _refuse_mount_point(self, source: Path) -> None:
+        """A job folder that is a mount point cannot be claimed (a rename cannot move it): its
+        content goes to failed/ once, with `mount_point`; the folder itself is left as it is."""
+        info = os.lstat(source)
+        key = hashlib.sha256(f"{source.name}\0{info.st_dev}\0{info.st_ino}".encode("utf-8", "surrogateescape")).hexdigest()[:32]
+        marker = self.paths.work / REFUSED_DIR / f"{key}.json"
+        if marker.exists():
+            return  # refused before; `daemon status` lists it
+        job_id, subject = new_job_id(), safe_subject_name(source.name)
+        error = JobError("mount_point", f"{utf8_safe(source.name)} is a mount point, not a folder of the inbox's file system: a job is "
+                                       "claimed by a rename, which cannot move a mount; its content was copied here. Copy the folder into "
+                                       "the inbox instead of mounting it there, then unmount and remove it")
+        try:
+            target, _ = publish_failure(inputs_from=source, failed_root=self.paths.failed, subject=subject, job_id=job_id,
+                                        record=failure_record(job_id, subject, source, error))
+            atomic_write_json(marker, {"folder": utf8_safe(source.name), "st_dev": info.st_dev, "st_ino": info.st_ino,
+                                       "job_id": job_id, "failed": str(target), "reason": "mount_point"})
+        except OSError as exc:
+            self.log.error("refusal_not_published", folder=utf8_safe(source.name), code="mount_point", error=describe_os_error(exc))
+            self._probe_folders()
+            return
+        self.metrics.jobs.labels("failed").inc()
+        self.metrics.job_failures.labels("mount_point").inc()
+        self.log.error("job_refused", job_id=job_id, folder=utf8_safe(source.name), code="mount_point", failed=str(target))
 
     # ---- one job (worker thread) -------------------------------------------------------
 
-    def _run_job(self, job: ClaimedJob) -> None:
+    def _run_job(self, job: ClaimedJob, fence: Any) -> None:
         assert self.engine is not None and job.claim is not None
         started = time.monotonic()
-        outcome, code = "crashed", None
+        outcome, code, error = "crashed", None, None
         log = self.log.bind(job_id=job.job_id)
         try:
-            published = self._published(job.job_id)
-            if published:
-                # The daemon died after the engine published the job but before the claim
-                # was cleared: running it again would run it twice.
-                log.info("job_already_published", outcome=published)
-                outcome = published
-            elif job.claim.crashes >= self.config.max_crashes:
-                outcome, code = "failed", "too_many_crashes"
-                self._give_up(job, log)
-            else:
-                result = self.engine.run_job(job.folder, self.paths.outbox, job_id=job.job_id, failed_dir=self.paths.failed)
-                outcome = result.outcome
-                code = result.error.get("code") if result.error else None
-        except ConfigError as error:
+            outcome, code, error = self._attempt(job, fence, log)
+        except ConfigError as config_error:
             # The installation is at fault, not the job: keep it resumable and stop this daemon.
-            log.error("installation_error", code=error.code, message=error.message)
+            log.error("installation_error", code=config_error.code, message=config_error.message)
             outcome, self._exit_code = "interrupted", 2
             self.request_stop("installation_error")
-        except Exception:  # noqa: BLE001 - a bug must not strand the job: release it, counted as a crash
-            log.exception("job_crashed")
-        held = self.heartbeat.drop()
-        if held is None:
+        except OwnershipLost as lost:
+            log.error("claim_lost_while_settling", at=lost.where)
             outcome = "lost"
+        except BaseException:  # noqa: BLE001 - a bug must not strand the job: it is released, counted as a crash
+            log.exception("job_crashed")
+        finally:
+            try:
+                self._settle(job, outcome, error, log)
+            except BaseException:  # noqa: BLE001 - settling failed: the claim stays, and expires for a retry
+                log.exception("claim_not_settled", outcome=outcome)
+            seconds = time.monotonic() - started
+            self.metrics.job_ended(outcome, seconds, code)
+            log.info("job_ended", outcome=outcome, code=code, seconds=round(seconds, 3), folder=job.claim.folder)
+            self._current = None
+            if not self._stopping.is_set() and self.engine is not None:
+                self.engine.stop_requested.clear()
+            self.waker.event.set()
+
+    def _attempt(self, job: ClaimedJob, fence: Any, log: Any) -> tuple[str, str | None, dict[str, Any] | None]:
+        """Run the job (or settle one already published); returns (outcome, code, error)."""
+        assert self.engine is not None and job.claim is not None
+        published = find_published(self.paths.outbox, self.paths.failed, job.job_id)
+        if published is not None:
+            # The daemon died after the engine published the job but before the claim was
+            # cleared: running it again would run it twice.
+            log.info("job_already_published", outcome=published[0])
+            if remove_leftover_work(self.paths.outbox, job.job_id):
+                log.info("leftover_work_folder_removed")
+            outcome, code, error, folder = published[0], None, None, published[1]
+        elif job.claim.crashes >= self.config.max_crashes:
+            outcome, code, error, folder = self._give_up(job, fence, log)
         else:
-            self._settle(held, outcome, log)
-        seconds = time.monotonic() - started
-        self.metrics.job_ended(outcome, seconds, code)
-        log.info("job_ended", outcome=outcome, code=code, seconds=round(seconds, 3), folder=job.claim.folder)
-        self._current = None
-        if not self._stopping.is_set() and self.engine is not None:
-            self.engine.stop_requested.clear()  # set by a lost claim; not by SIGTERM
-        self.waker.event.set()
+            result = self.engine.run_job(job.folder, self.paths.outbox, job_id=job.job_id, failed_dir=self.paths.failed, fence=fence,
+                                         refresh_inputs=False)
+            outcome, error, folder = result.outcome, result.error, result.output_dir
+            code = error.get("code") if error else None
+        if outcome in ("finished", "failed"):
+            held = self._check_claimed_folder(job, folder, fence, log)
+            if held is not None:
+                return "held", held["code"], held
+        return outcome, code, error
 
-    def _settle(self, job: ClaimedJob, outcome: str, log: Any) -> None:
-        """Remove the claimed folder once its outbox/failed copy is complete; otherwise release it."""
+    def _give_up(self, job: ClaimedJob, fence: Any, log: Any) -> tuple[str, str | None, dict[str, Any] | None, Path]:
+        """Publish the job to failed/ as too_many_crashes (through the one failure publisher),
+        from the engine's verified copy of its inputs when there is one."""
+        assert job.claim is not None
+        work = work_dir(self.paths.outbox, job.job_id)
+        ledger = _read_json(work / LEDGER_FILE) or {}
+        subject = ledger.get("subject") or safe_subject_name(job.claim.folder)
+        inputs = work / INPUTS_DIR if ledger.get("inputs") and (work / INPUTS_DIR).is_dir() else job.folder
+        error = JobError("too_many_crashes",
+                         f"runs of this job ended without a clean stop {job.claim.crashes} times (daemon killed, out of memory, or frozen "
+                         f"past its lease; [daemon] max_crashes = {self.config.max_crashes}); it was given up so that it cannot take down "
+                         "one daemon after another", details={"crashes": job.claim.crashes, "last_owner": job.claim.previous_owner})
         try:
-            if outcome in ("finished", "failed"):
-                discard(job.container, self.paths.work)
-            elif not release(job, crashed=outcome == "crashed"):
-                log.warning("claim_lost_before_release")
+            target, record = publish_failure(inputs_from=inputs, failed_root=self.paths.failed, subject=subject, job_id=job.job_id,
+                                             record=failure_record(job.job_id, subject, job.folder, error), audit=work / AUDIT_FILE,
+                                             check=fence.check)
         except OSError as exc:
-            log.error("claim_not_settled", outcome=outcome, error=str(exc))
+            return "held", *self._hold_record(exc, "too_many_crashes could not be published to failed/"), work
+        log.error("job_given_up", code="too_many_crashes", crashes=job.claim.crashes, failed=str(target))
+        try:
+            remove_leftover_work(self.paths.outbox, job.job_id)
+        except OSError as exc:
+            log.warning("work_folder_not_removed", error=str(exc))
+        return "failed", "too_many_crashes", record, target
 
-    def _published(self, job_id: str) -> str | None:
-        """"finished" / "failed" when the engine already published this job id, else None."""
-        for base, marker, outcome in ((self.paths.outbox, MANIFEST_FILE, "finished"), (self.paths.failed, ERROR_FILE, "failed")):
-            for path in glob.glob(os.path.join(glob.escape(str(base)), "*", glob.escape(job_id), marker)):
-                if not is_hidden_name(Path(path).parent.parent.name):
-                    return outcome
-        return None
-
-    def _give_up(self, job: ClaimedJob, log: Any) -> None:
-        """Copy the inputs to failed/ with error.json (as the engine does for a failed job)."""
+    def _check_claimed_folder(self, job: ClaimedJob, published: Path, fence: Any, log: Any) -> dict[str, Any] | None:
+        """Before the claimed folder goes: does it still hold exactly what the job copied? Files
+        written into it while the job ran (it ran from its own copy) go to failed/ under a new job
+        id, `changed_after_claim`, so that nothing dropped is ever lost. Returns a hold record
+        when that copy cannot be made (the claimed folder then stays)."""
+        try:
+            changes = inputs_changed(job.folder, published)
+        except OSError as exc:
+            return self._hold_record(exc, "the claimed folder could not be compared with the published inputs")[1]
+        if changes is None:
+            return None
+        if not changes["added"] and not changes["changed"]:
+            log.warning("claimed_folder_changed", removed=changes["removed"], note="files removed while the job ran; the job's copy holds them")
+            return None
+        job_id = new_job_id()
         assert job.claim is not None
         subject = safe_subject_name(job.claim.folder)
-        target = self.paths.failed / subject / job.job_id
-        staging = target.with_name(f".{job.job_id}.incoming")
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.parent.mkdir(parents=True, exist_ok=True)
-        copy_folder_as_dropped(job.folder, staging)
-        message = (f"runs of this job ended without a clean stop {job.claim.crashes} times (daemon killed, out of memory, "
-                   f"or frozen past its lease; [daemon] max_crashes = {self.config.max_crashes}); it was given up so that it "
-                   f"cannot take down one daemon after another. The engine's work folder, if any, is kept under "
-                   f"{self.paths.outbox / '.work'}.")
-        atomic_write_json(staging / ERROR_FILE, {
-            "job_id": job.job_id, "subject": subject, "source": utf8_safe(str(job.folder)), "failed_at": _now_iso(),
-            "code": "too_many_crashes", "message": message, "problems": [],
-            "details": {"crashes": job.claim.crashes, "last_owner": job.claim.previous_owner},
-        })
-        for path in staging.rglob("*"):
-            if path.is_file() and not path.is_symlink():
-                with open(path, "rb") as handle:
-                    os.fsync(handle.fileno())
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
-        fsync_dir(target.parent)
-        log.error("job_given_up", code="too_many_crashes", crashes=job.claim.crashes, failed=str(target))
+        written = changes["added"] + changes["changed"]
+        error = JobError("changed_after_claim",
+                         f"files of the job folder were written after job {job.job_id} had copied it (while it ran): "
+                         f"{', '.join(written[:10])}. Job {job.job_id} ran from the folder as it was when claimed "
+                         f"({published / INPUTS_DIR}); the files written afterwards are kept here (the rest is there). To run them, "
+                         "make a job folder of them and drop it again.",
+                         details={"ran_as": job.job_id, "published": str(published), **changes})
+        try:
+            target, _ = publish_failure(inputs_from=job.folder, failed_root=self.paths.failed, subject=subject, job_id=job_id,
+                                        record=failure_record(job_id, subject, job.folder, error), check=fence.check,
+                                        only=frozenset(written))
+        except OSError as exc:
+            return self._hold_record(exc, "the claimed folder, changed while its job ran, could not be copied to failed/")[1]
+        log.error("claimed_folder_changed", failed=str(target), new_job_id=job_id, **changes)
+        self.metrics.job_failures.labels("changed_after_claim").inc()
+        return None
+
+    def _hold_record(self, exc: OSError, what: str) -> tuple[str, dict[str, Any]]:
+        code = classify_os_error(exc) or "io_error"
+        return code, {"code": code, "message": f"{what}: {describe_os_error(exc)}; the job stays claimed, nothing was lost", "problems": [],
+                      "details": {"errno": exc.errno, "path": utf8_safe(str(exc.filename or ""))}}
+
+    def _settle(self, job: ClaimedJob, outcome: str, error: dict[str, Any] | None, log: Any) -> None:
+        """Finished or failed (published, and the claimed folder checked): remove the container.
+        Held: release it on hold for a later retry, and probe the folders. Interrupted or
+        crashed: release it now. Lost: touch nothing (another daemon owns it)."""
+        held = self.heartbeat.drop()
+        if held is None or outcome == "lost":
+            if outcome != "lost":
+                log.warning("claim_lost_before_settling", outcome=outcome)
+            return
+        try:
+            if outcome in ("finished", "failed"):
+                discard(held.container, self.paths.work)
+            elif outcome == "held":
+                assert held.claim is not None
+                retry = min(self.config.hold_retry_seconds * 2 ** held.claim.holds, HOLD_RETRY_MAX_SECONDS)
+                reason = f"{(error or {}).get('code', 'io_error')}: {(error or {}).get('message', '')}"[:500]
+                if not release(held, held=reason, retry_seconds=retry):
+                    log.warning("claim_lost_before_release")
+                log.error("job_held", reason=reason, retry_in_seconds=retry, holds=held.claim.holds + 1)
+                self._probe_folders()
+            elif not release(held, crashed=outcome == "crashed"):
+                log.warning("claim_lost_before_release")
+        except OSError as exc:
+            log.error("claim_not_settled", outcome=outcome, error=describe_os_error(exc))
+            self._probe_folders()
 
     def _claim_lost(self, job: ClaimedJob) -> None:
-        """Heartbeat thread: another daemon owns the job now. Stop at the next safe point and
-        touch nothing of it afterwards (the other daemon resumes from the checkpoints)."""
+        """Heartbeat thread: another daemon owns the job now. Its fence is shut (the engine
+        stops at its next write or denoising step and writes nothing more)."""
         self.metrics.claims_lost.inc()
         self.log.error("claim_lost", job_id=job.job_id, generation=job.generation)
-        if self.engine is not None:
-            self.engine.stop_requested.set()
 
     # ---- engine events (worker thread) -------------------------------------------------
 
@@ -370,5 +529,8 @@ class Service:
             self.log.exception("observer_failed", event=event)
 
 
-def _now_iso() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text("utf-8"))
+    except (OSError, ValueError):
+        return None

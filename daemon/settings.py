@@ -3,18 +3,15 @@ readers of the shared folders (`python -m daemon status`) need not import the en
 
 from __future__ import annotations
 
-import errno
 import os
-import secrets
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine.config import Settings
-from engine.errors import ConfigError, Problem
-from engine.job import is_hidden_name
-from engine.schema import INVALID, Bool, Float, Int, Str, build, rule
+from engine import ConfigError, Settings
+from engine.jobfolder import WORK_DIR, is_hidden_name, probe_folder, probe_rename
+from engine.schema import INVALID, Bool, Float, Int, Problem, Str, build, rule
 
 
 @dataclass(frozen=True)
@@ -43,6 +40,9 @@ class DaemonSettings:
     # A job whose runs ended without a clean stop this many times (the daemon was killed, ran
     # out of memory, ...) goes to failed/ instead of taking down one daemon after another.
     max_crashes: int = field(default=3, metadata=rule(Int(1, 100)))
+    # A job held because the disk, share or permissions failed it (disk_full, outbox_unwritable,
+    # io_error) is retried after this long, doubled at each hold in a row up to an hour.
+    hold_retry_seconds: float = field(default=30.0, metadata=rule(Float(0.1, 3600.0)))
 
 
 def load_daemon_settings(settings: Settings, where: str = "config.toml") -> DaemonSettings:
@@ -80,23 +80,29 @@ class DaemonPaths:
         return cls(inbox=inbox, outbox=outbox, failed=failed, work=work)
 
     def prepare(self) -> None:
-        """Create the folders; refuse layouts that would lose atomicity or be mistaken for jobs."""
-        for path in (self.inbox, self.outbox, self.failed, self.work):
-            path.mkdir(parents=True, exist_ok=True)
+        """Create the folders; refuse layouts that would lose atomicity or be mistaken for jobs,
+        and folders that cannot be written (ConfigError naming each path and its fault)."""
         for name, path in (("outbox", self.outbox), ("failed", self.failed), ("work", self.work)):
             if path == self.inbox or (path.is_relative_to(self.inbox) and not is_hidden_name(path.relative_to(self.inbox).parts[0])):
                 raise ConfigError("invalid_config", f"the {name} folder {path} is inside the inbox {self.inbox}, where it would be taken for a job folder")
-        # Claiming is a rename from the inbox into the work area, which must be atomic: try one.
-        # (Two bind mounts of one file system also fail here, with EXDEV, as they would later.)
-        probe = self.inbox / f".idrep-rename-probe-{os.getpid()}-{secrets.token_hex(3)}"
-        probe.mkdir()
-        try:
-            os.rename(probe, self.work / probe.name)
-        except OSError as exc:
-            probe.rmdir()
-            if exc.errno != errno.EXDEV:
-                raise
-            raise ConfigError("invalid_config", f"the work area {self.work} is not on the inbox's file system or mount ({self.inbox}): "
-                                                "claiming a job is a rename, which must be atomic; set [daemon] work to a folder on the "
-                                                "same share and mount, e.g. a hidden folder inside the inbox (work = \"inbox/.work\")") from None
-        (self.work / probe.name).rmdir()
+        problems = self.probe()
+        if problems:
+            raise ConfigError("folder_unusable", "; ".join(problems))
+
+    def probe(self) -> list[str]:
+        """Every folder the daemon writes must take a file (create, write, fsync, rename, remove),
+        and the renames that hand a job on must be atomic: inbox -> work (claiming; two bind
+        mounts of one file system fail here too, with EXDEV, as they would later) and the
+        outbox's work area -> the outbox (publishing). [] when all is well."""
+        problems = [problem for path in (self.inbox, self.work, self.outbox, self.outbox / WORK_DIR, self.failed)
+                    if (problem := probe_folder(path)) is not None]
+        if problems:
+            return problems
+        claiming = probe_rename(self.inbox, self.work, f"the work area {self.work} is not on the inbox's file system or mount ({self.inbox}): "
+                                "claiming a job is a rename, which must be atomic; set [daemon] work to a folder on the same share and "
+                                'mount, e.g. a hidden folder inside the inbox (work = "inbox/.work")')
+        publishing = probe_rename(self.outbox / WORK_DIR, self.outbox, f"the outbox's work area {self.outbox / WORK_DIR} is not on the "
+                                  f"outbox's file system or mount ({self.outbox}): publishing a finished job is a rename, which must be "
+                                  "atomic; do not mount another disk there")
+        problems += [problem for problem in (claiming, publishing) if problem is not None]
+        return problems

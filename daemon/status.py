@@ -3,9 +3,11 @@
 It needs no running daemon and talks to none: it reads the same folders they share, so it
 works from any host that mounts them, and it changes nothing.
 - queue: the inbox's job folders, ready (a READY file, or job.toml and nothing changed for
-  `stable_seconds` by the files' times) or still being copied;
-- claims: every job in the work area, the daemon holding it (id, host, pid) and its lease:
-  live, expired (the next daemon to scan takes it over and resumes it) or released;
+  `stable_seconds` by the files' times) or still being copied; folders with a temporary name
+  (`x.part`, `x.tmp`, `~x`), which are never taken for jobs; mount points refused once;
+- claims: every job in the work area, the daemon holding it (id, host, pid) and its lease, on
+  the share's clock: live, expired (the next daemon to scan takes it over and resumes it),
+  released, or held (the disk, share or permissions failed it: why, and when it is retried);
 - progress of each claimed job: stage, phase or images done, last event (the engine's ledger
   and audit log in <outbox>/.work, read by engine.status);
 - the last N results, with lock state or failure code.
@@ -13,14 +15,17 @@ works from any host that mounts them, and it changes nothing.
 
 from __future__ import annotations
 
+import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from daemon.claim import ClaimedJob, find_claims
-from daemon.watch import READY_MARKER, folder_signature, list_inbox
-from engine.job import JOB_FILE
+from daemon.claim import REFUSED_DIR, ClaimedJob, find_claims
+from daemon.clock import ShareClock
+from daemon.watch import READY_MARKER, folder_signature, list_inbox, list_temporary
+from engine.jobfolder import JOB_FILE
 from engine.status import Running, Status, format_results, outbox_status, stage_position
 
 
@@ -38,10 +43,12 @@ class HeldClaim:
     daemon_id: str | None  # None: no readable claim file (being created or discarded)
     host: str | None
     pid: int | None
-    lease: str  # live | expired | released | unknown
-    lease_seconds_left: float | None  # negative: expired that long ago
+    lease: str  # live | expired | released | held | retry (held, and due) | unknown
+    lease_seconds_left: float | None  # live: until it expires (negative: expired that long ago); held: until its retry
     crashes: int
     progress: Running | None  # the engine's view of the job, when it has started
+    held: str = ""  # why the job is on hold
+    holds: int = 0
 
 
 @dataclass
@@ -49,25 +56,43 @@ class DaemonStatus:
     inbox: Path
     work: Path
     waiting: list[Waiting] = field(default_factory=list)
+    ignored: list[tuple[str, str]] = field(default_factory=list)  # (folder, why) never taken for jobs
     claims: list[HeldClaim] = field(default_factory=list)
     engine: Status | None = None  # results (and in-progress jobs) from the outbox
+    clock: str = "share"  # share: leases judged on the work area's clock | host: on this host's (the share could not be written)
 
     def to_plain(self) -> dict[str, Any]:
         return {"inbox": str(self.inbox), "work": str(self.work), "waiting": [vars(w) for w in self.waiting],
+                "ignored": [{"folder": f, "why": w} for f, w in self.ignored], "clock": self.clock,
                 "claims": [{**vars(c), "progress": None if c.progress is None else vars(c.progress)} for c in self.claims],
                 "results": [] if self.engine is None else [vars(r) for r in self.engine.results]}
 
 
 def daemon_status(inbox: Path, work: Path, outbox: Path, failed: Path, *, stable_seconds: float, last: int = 10,
                   now: float | None = None) -> DaemonStatus:
-    """The shared folders' state at wall-clock `now` (default: the current time)."""
-    now = time.time() if now is None else now
+    """The shared folders' state at `now` (default: the share's time now, read off a probe file
+    in the work area; this host's clock when the share cannot be written)."""
     status = DaemonStatus(inbox=Path(inbox), work=Path(work))
+    if now is None:
+        try:
+            now = ShareClock(status.work, f"status-{os.uname().nodename}").now()
+        except OSError:
+            now, status.clock = time.time(), "host"
     if status.inbox.is_dir():
         for name in sorted(list_inbox(status.inbox)):
             signature = folder_signature(status.inbox / name)
             if signature is not None:
                 status.waiting.append(_waiting(name, signature, stable_seconds, now))
+        status.ignored = [(name, "temporary name (.part/.tmp/~): taken for a copy in progress, never for a job; rename it to start it")
+                          for name in list_temporary(status.inbox)]
+    refused = status.work / REFUSED_DIR
+    if refused.is_dir():
+        for marker in sorted(refused.glob("*.json")):
+            try:
+                data = json.loads(marker.read_text("utf-8"))
+            except (OSError, ValueError):
+                continue
+            status.ignored.append((data.get("folder", "?"), f"{data.get('reason')}: refused once, its content is in {data.get('failed')}"))
     engine = outbox_status(Path(outbox), failed=Path(failed), last=last)
     status.engine = engine
     running = {job.job_id: job for job in engine.running}
@@ -95,9 +120,10 @@ def _held(job: ClaimedJob, progress: Running | None, now: float) -> HeldClaim:
     if claim is None:
         return HeldClaim(folder="?", job_id=job.job_id, daemon_id=None, host=None, pid=None, lease="unknown",
                          lease_seconds_left=None, crashes=0, progress=progress)
-    lease = "released" if claim.released else ("expired" if claim.expired(now) else "live")
-    return HeldClaim(folder=claim.folder, job_id=claim.job_id, daemon_id=claim.daemon_id, host=claim.host, pid=claim.pid, lease=lease,
-                     lease_seconds_left=round(claim.lease_expires_at - now, 1), crashes=claim.crashes, progress=progress)
+    left = job.seconds_left(now)
+    return HeldClaim(folder=claim.folder, job_id=claim.job_id, daemon_id=claim.daemon_id, host=claim.host, pid=claim.pid, lease=job.lease(now),
+                     lease_seconds_left=None if left is None else round(left, 1), crashes=claim.crashes, progress=progress,
+                     held=claim.held, holds=claim.holds)
 
 
 def format_daemon_status(status: DaemonStatus) -> str:
@@ -107,8 +133,9 @@ def format_daemon_status(status: DaemonStatus) -> str:
     out += [f"  {'ready  ' if w.ready else 'copying'}  {w.folder}  ({w.why})" for w in status.waiting[:20]]
     if len(status.waiting) > 20:
         out.append(f"  ... {len(status.waiting) - 20} more")
+    out += [f"  ignored  {folder}  ({why})" for folder, why in status.ignored[:20]]
     out.append("")
-    out.append(f"claimed in {status.work}: {len(status.claims) or 'none'}")
+    out.append(f"claimed in {status.work}: {len(status.claims) or 'none'}" + (" (leases judged on this host's clock: the share could not be written)" if status.clock == "host" else ""))
     for claim in status.claims:
         if claim.daemon_id is None:
             out.append(f"  {claim.job_id}  no readable claim file (being claimed or removed)")
@@ -117,6 +144,10 @@ def format_daemon_status(status: DaemonStatus) -> str:
             lease = f"lease live, {claim.lease_seconds_left:.0f} s left"
         elif claim.lease == "expired":
             lease = f"LEASE EXPIRED {-(claim.lease_seconds_left or 0):.0f} s ago: the next daemon to scan takes it over and resumes it"
+        elif claim.lease == "held":
+            lease = f"held: {claim.held}; retried in {claim.lease_seconds_left:.0f} s (hold {claim.holds})"
+        elif claim.lease == "retry":
+            lease = f"held: {claim.held}; retry due: the next daemon to scan takes it up (hold {claim.holds})"
         else:
             lease = "released by a clean stop: the next daemon to scan resumes it"
         crashes = f", {claim.crashes} crashed run(s)" if claim.crashes else ""

@@ -35,7 +35,7 @@ from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 from watchdog.observers.polling import PollingObserver
 
-from engine.job import JOB_FILE, is_hidden_name
+from engine.jobfolder import JOB_FILE, is_hidden_name, is_temporary_name
 
 READY_MARKER = "READY"
 # A job folder holds 1-3 photos and a job.toml; a tree far larger than this is not a job, and
@@ -79,6 +79,14 @@ def folder_signature(folder: Path) -> tuple[EntryKey, ...] | None:
     if count > MAX_ENTRIES:
         entries.append(("<entries>", count, 0))
     return tuple(sorted(entries))
+
+
+def list_temporary(inbox: Path) -> list[str]:
+    """Folders of the inbox that are not taken for jobs because of their temporary names
+    (`x.part`, `x.tmp`, `~x`, ...): a copy tool is still writing them, or they were left so."""
+    with os.scandir(inbox) as listing:
+        return sorted(entry.name for entry in listing if is_temporary_name(entry.name) and not entry.name.startswith(".")
+                      and entry.is_dir(follow_symlinks=False))
 
 
 def list_inbox(inbox: Path) -> dict[str, int]:

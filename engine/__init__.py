@@ -1,6 +1,8 @@
 """The identity pipeline as a library: prepare -> embed -> train -> verify -> render.
 
-Knows nothing of watched folders (that is `daemon/`). The public names are few on purpose.
+Knows nothing of watched folders (that is `daemon/`). The public names are few on purpose;
+`engine.jobfolder` is the job-folder vocabulary (where a job is on disk, publishing a failure)
+that the daemon shares with the engine.
 They are imported on first use (PEP 562), so that `import engine.fsutil` does not pull in
 torch and diffusers (seconds) for a process that only needs a helper.
 """
@@ -21,6 +23,8 @@ _PUBLIC = {
     "drift": "engine.faces",
     "JobError": "engine.errors",
     "ConfigError": "engine.errors",
+    "JobInterrupted": "engine.errors",
+    "OwnershipLost": "engine.errors",
 }
 
 __all__ = list(_PUBLIC)

@@ -85,12 +85,18 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    """Exit codes: 0 done (or stopped as asked), 1 the job failed (failed/ holds it), 2 refused to
+    start (configuration, models or folders: the message says what to fix), 3 held (the disk, the
+    share or a permission is at fault: nothing was lost, run it again once that is fixed)."""
     from engine.runner import Engine  # imports the model stack; keep `verify-audit` light
 
+    outbox = args.outbox.resolve()
+    failed = args.failed.resolve() if args.failed else outbox.parent / "failed"
     try:
+        Engine.check_folders(outbox, failed)
         settings = Settings.load(_config_path(args.config))
         engine = Engine(settings, demo=args.demo, observer=ProgressObserver())
-        result = engine.run_job(args.job, args.outbox, job_id=args.job_id, until=args.until, failed_dir=args.failed)
+        result = engine.run_job(args.job, outbox, job_id=args.job_id, until=args.until, failed_dir=failed)
     except ConfigError as error:
         print(f"refused to start: {error}", file=sys.stderr)
         return 2
@@ -100,6 +106,9 @@ def _run(args: argparse.Namespace) -> int:
             print(f"  - {problem['where']}: {problem['reason']}", file=sys.stderr)
         print(f"inputs and error.json are in {result.output_dir}", file=sys.stderr)
         return 1
+    if result.outcome == "held":
+        print(f"job {result.job_id} held: {result.error['code']}: {result.error['message']}", file=sys.stderr)
+        return 3
     print(json.dumps({"job_id": result.job_id, "subject": result.subject, "outcome": result.outcome, "output": str(result.output_dir)}))
     return 0
 

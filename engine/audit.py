@@ -1,14 +1,18 @@
 """Hash-chained audit log, job manifest, and their verifier.
 
 Each line of `audit.jsonl` is one structlog event rendered as canonical JSON with `ts`,
-`job_id`, `event`, the event's fields, `prev` (the previous line's `hash`; GENESIS for
-the first) and `hash` = sha256 of the canonical JSON of the line without `hash`. Lines are
-appended with one write and fsynced, so a crash loses at most the line being written; a
-torn last line is cut off at the next open and the cut is itself recorded.
+`job_id`, `event`, the event's fields, `fence` (the owner's fencing token: the generation of
+the daemon's claim on the job when the line was written, 0 for `python -m engine run`), `prev`
+(the previous line's `hash`; GENESIS for the first) and `hash` = sha256 of the canonical JSON of
+the line without `hash`. Lines are appended with one write and fsynced, so a crash loses at most
+the line being written; a torn last line is cut off at the next open and the cut is itself
+recorded. Before each append the file must still end where this log's last line ended: a line
+another process appended meanwhile (a daemon that lost its claim and did not know yet) stops
+this writer (OwnershipLost) instead of forking the chain.
 
-`manifest.json` lists the sha256 of every input, model and output file; the job's last
-event (`job_finished`) holds the manifest's own sha256, so any edited output, manifest or
-audit line is found by `verify_audit`.
+`manifest.json` lists the sha256 of every input (the job's `inputs/` copy of the dropped
+folder), model and output file; the job's last event (`job_finished`) holds the manifest's own
+sha256, so any edited input, output, manifest or audit line is found by `verify_audit`.
 """
 
 from __future__ import annotations
@@ -23,11 +27,11 @@ from typing import Any, Callable
 import numpy as np
 import structlog
 
-from engine.fsutil import atomic_write_json, canonical_json, fsync_dir, sha256_bytes, sha256_file, utf8_safe
+from engine.errors import OwnershipLost
+from engine.fsutil import atomic_write_json, canonical_json, check_write, fsync_dir, sha256_bytes, sha256_file, tree_listing, utf8_safe, walk_tree
+from engine.jobfolder import AUDIT_FILE, INPUTS_DIR, LEDGER_FILE, MANIFEST_FILE
 
-AUDIT_FILE = "audit.jsonl"
-MANIFEST_FILE = "manifest.json"
-LEDGER_FILE = "state.json"
+MANIFEST_VERSION = 2  # 2: every file of the dropped folder is in inputs/ and listed under "inputs"
 GENESIS = "0" * 64
 # Called with (event name, fields) after each audit event and each progress report; the
 # daemon turns these into metrics without the engine knowing about it.
@@ -67,16 +71,22 @@ def jsonable(value: Any) -> Any:
 class _AppendOnlyFile:
     """structlog's 'logger': appends each rendered line, then fsyncs. A line is written whole
     or not at all: on a full disk write() first writes part of it and only the next call
-    fails, so what was written is cut off again before the error goes up."""
+    fails, so what was written is cut off again before the error goes up. `size` is where this
+    writer's last line ended: a file of another size was written by someone else."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, size: int) -> None:
         self._path = path
+        self.size = size
 
     def msg(self, line: str) -> None:
         data = (line + "\n").encode("utf-8")
+        check_write(str(self._path))
         fd = os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
             start = os.fstat(fd).st_size
+            if start != self.size:
+                raise OwnershipLost(f"{self._path} holds {start} bytes where this writer left {self.size}: another process "
+                                    "appended to it (a second owner of the job)")
             try:
                 written = 0
                 while written < len(data):
@@ -85,6 +95,7 @@ class _AppendOnlyFile:
             except OSError:
                 os.ftruncate(fd, start)
                 raise
+            self.size = start + len(data)
         finally:
             os.close(fd)
 
@@ -94,7 +105,7 @@ class _AppendOnlyFile:
 class AuditLog:
     """Appends hash-chained events to one job's `audit.jsonl` (resuming an existing chain)."""
 
-    def __init__(self, path: Path, job_id: str, observer: "Observer | None" = None) -> None:
+    def __init__(self, path: Path, job_id: str, observer: "Observer | None" = None, fence: int = 0) -> None:
         self.path = Path(path)
         self._observer = observer
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -102,12 +113,16 @@ class AuditLog:
         self.head, torn = _recover_head(self.path)
         if new_file:
             fsync_dir(self.path.parent)
+        self._file = _AppendOnlyFile(self.path, self.path.stat().st_size if self.path.exists() else 0)
         self._log = structlog.wrap_logger(
-            _AppendOnlyFile(self.path),
+            self._file,
             processors=[self._stamp, self._chain],
+            # Its own wrapper: the process's log level (e.g. `--log-level warning`) must never
+            # filter audit events, which are all written at "info".
+            wrapper_class=structlog.make_filtering_bound_logger(0),
             context_class=dict,
             cache_logger_on_first_use=False,
-        ).bind(job_id=job_id)
+        ).bind(job_id=job_id, fence=fence)
         if torn is not None:
             self.event("audit_torn_line_removed", **torn)
 
@@ -160,14 +175,17 @@ def _recover_head(path: Path) -> tuple[str, dict[str, Any] | None]:
     return json.loads(lines[-1])["hash"], torn
 
 
+def _outputs(job_dir: Path) -> dict[str, str]:
+    """Every output file of a job folder (not its inputs/, not the unlisted files) -> sha256."""
+    return {entry.rel: sha256_file(Path(entry.path)) for entry in walk_tree(job_dir)
+            if entry.kind == "file" and entry.rel not in UNLISTED and not entry.rel.startswith(INPUTS_DIR + "/") and not entry.name.endswith(".tmp")}
+
+
 def write_manifest(job_dir: Path, job_id: str, inputs: dict[str, str], models: dict[str, str], demo: bool) -> str:
-    """Hash every output file of the job folder into manifest.json; returns its sha256."""
-    outputs: dict[str, str] = {}
-    for path in sorted(job_dir.rglob("*")):
-        rel = path.relative_to(job_dir).as_posix()
-        if path.is_file() and rel not in UNLISTED and not path.name.endswith(".tmp"):
-            outputs[rel] = sha256_file(path)
-    manifest = {"job_id": job_id, "demo": demo, "inputs": inputs, "models": models, "outputs": outputs}
+    """Hash every output file of the job folder into manifest.json; returns its sha256.
+
+    `inputs` is the Listing of the job's inputs/ (rel path -> sha256, "dir" or "link:<target>")."""
+    manifest = {"version": MANIFEST_VERSION, "job_id": job_id, "demo": demo, "inputs": inputs, "models": models, "outputs": _outputs(job_dir)}
     atomic_write_json(job_dir / MANIFEST_FILE, manifest)
     return sha256_file(job_dir / MANIFEST_FILE)
 
@@ -201,6 +219,7 @@ def verify_audit(job_dir: Path) -> AuditReport:
     prev = GENESIS
     finished: dict[str, Any] | None = None
     job_ids: set[str] = set()
+    fence = 0
     raw_lines = audit_path.read_bytes().split(b"\n")
     if raw_lines and raw_lines[-1] == b"":
         raw_lines.pop()
@@ -223,6 +242,12 @@ def verify_audit(job_dir: Path) -> AuditReport:
         prev = record["hash"]
         job_ids.add(str(record.get("job_id")))
         report.lines = number
+        line_fence = record.get("fence", 0)
+        if isinstance(line_fence, int) and line_fence < fence:
+            report.problems.append(f"{AUDIT_FILE} line {number}: written by the job's owner of generation {line_fence} after one of generation "
+                                   f"{fence} (a daemon that had lost its claim kept writing)")
+        elif isinstance(line_fence, int):
+            fence = line_fence
         if record.get("event") == "job_finished":
             finished = record
     report.head = prev
@@ -249,8 +274,25 @@ def verify_audit(job_dir: Path) -> AuditReport:
         elif sha256_file(path) != expected:
             report.problems.append(f"{rel}: changed (sha256 differs from manifest)")
     listed = set(manifest.get("outputs", {}))
-    for path in sorted(job_dir.rglob("*")):
-        rel = path.relative_to(job_dir).as_posix()
-        if path.is_file() and rel not in listed and rel not in UNLISTED:
-            report.problems.append(f"{rel}: not in the manifest (added after the job finished)")
+    for entry in walk_tree(job_dir):
+        unlisted = entry.rel in UNLISTED or entry.rel.startswith(INPUTS_DIR + "/") or entry.rel in listed
+        if entry.kind in ("file", "link", "special") and not unlisted:
+            report.problems.append(f"{entry.rel}: not in the manifest (added after the job finished)")
+    _verify_inputs(job_dir, manifest, report)
     return report
+
+
+def _verify_inputs(job_dir: Path, manifest: dict[str, Any], report: AuditReport) -> None:
+    """The job's inputs/ holds exactly what the manifest lists: the folder as it was dropped."""
+    if manifest.get("version", 1) < 2:
+        return  # made before inputs/ was kept: only the hashes of the used inputs were recorded
+    expected = manifest.get("inputs", {})
+    found = tree_listing(job_dir / INPUTS_DIR).entries if (job_dir / INPUTS_DIR).is_dir() else {}
+    report.files_checked += sum(1 for value in expected.values() if value != "dir" and not value.startswith("link:"))
+    for rel in sorted(set(expected) | set(found)):
+        if rel not in found:
+            report.problems.append(f"{INPUTS_DIR}/{rel}: missing (the manifest lists it as dropped)")
+        elif rel not in expected:
+            report.problems.append(f"{INPUTS_DIR}/{rel}: not in the manifest's inputs (added after the job finished)")
+        elif found[rel] != expected[rel]:
+            report.problems.append(f"{INPUTS_DIR}/{rel}: changed (differs from the manifest's inputs)")

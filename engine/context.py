@@ -12,16 +12,10 @@ import threading
 from engine.audit import AuditLog, Observer
 from engine.background import BackgroundRemover, staged_model_path
 from engine.config import Settings
+from engine.errors import JobInterrupted, OwnershipLost  # noqa: F401 - JobInterrupted is re-exported for the stages
 from engine.faces import FaceModels, load_face_models
+from engine.jobfolder import Fence, NoFence
 from engine.job import LoadedJob
-
-
-class JobInterrupted(Exception):
-    """A stop was requested (SIGTERM); the job stopped at a safe point and can be resumed."""
-
-    def __init__(self, where: str) -> None:
-        super().__init__(f"stopped at {where}")
-        self.where = where
 
 
 class Resources:
@@ -106,6 +100,7 @@ class StageContext:
     observer: Observer | None = None
     fingerprint: str = ""  # of the stage running now (checkpoints are only valid for it)
     stop_requested: threading.Event = field(default_factory=threading.Event)
+    fence: Fence = field(default_factory=NoFence)  # the job's owner (the daemon's claim); see Engine.run_job
 
     def progress(self, event: str, **fields: Any) -> None:
         """Report progress that is not worth an audit line (a training step, a seed rendered)."""
@@ -113,7 +108,10 @@ class StageContext:
             self.observer(event, fields)
 
     def check_stop(self, where: str) -> None:
-        """Called at safe points (after a checkpoint): leaves the job resumable if a stop was asked for."""
+        """Called at safe points (after a checkpoint, before every image, at every denoising
+        step): stops a job whose claim was lost (OwnershipLost), or one asked to stop (SIGTERM:
+        JobInterrupted, the job stays resumable). Touches no disk: cheap enough for every step."""
+        self.fence.check(where, io=False)
         if self.stop_requested.is_set():
             raise JobInterrupted(where)
 

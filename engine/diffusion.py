@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import math
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -53,12 +53,15 @@ def render(
     size: int,
     init_images: np.ndarray | None = None,
     strength: float = 0.5,
+    on_step: Callable[[], None] | None = None,
 ) -> np.ndarray:
     """Render one image per seed in one batched call: N x H x W x 3 uint8.
 
     Each seed has its own CPU torch.Generator, so a seed gives the same image on any device
     and in any batch (to within ~1 grey level on CPU, where kernels depend on batch size).
-    With `init_images` the call is img2img at `strength` on the same components.
+    With `init_images` the call is img2img at `strength` on the same components. `on_step` is
+    called after every denoising step (the stage's stop check: what it raises ends the call, so
+    a SIGTERM waits for one step, not for the whole image).
     """
     generators = [torch.Generator(device="cpu").manual_seed(int(seed)) for seed in seeds]
     count = len(seeds)
@@ -70,6 +73,12 @@ def render(
         guidance_scale=guidance,
         output_type="np",
     )
+    if on_step is not None:
+        def after_step(_pipe: Any, _step: int, _timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+            on_step()
+            return tensors
+
+        common["callback_on_step_end"] = after_step
     if init_images is None:
         result = pipe(height=size, width=size, **common)
     else:

@@ -59,3 +59,17 @@ class ConfigError(JobError):
 
     Not the job's fault: a lab must fix the installation, so callers refuse to start.
     """
+
+
+class JobInterrupted(Exception):
+    """A stop was requested (SIGTERM); the job stopped at a safe point and can be resumed."""
+
+    def __init__(self, where: str) -> None:
+        super().__init__(f"stopped at {where}")
+        self.where = where
+
+
+class OwnershipLost(JobInterrupted):
+    """This process no longer owns the job (another daemon took its claim over, or its lease
+    lapsed while it was frozen): it must stop at once and write nothing more, not even a line
+    saying that it stopped. Raised by the owner's fence (see `Engine.run_job(fence=...)`)."""

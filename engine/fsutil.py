@@ -1,19 +1,30 @@
-"""Small file-system helpers shared by every layer: hashing, atomic writes, copying a job folder.
+"""Small file-system helpers shared by every layer: hashing, atomic writes, whole trees.
 
 Every file another process may read is written to a temporary name in the same
 folder, fsynced, and renamed over the target (maildir's tmp -> new), so a reader
 or a crash never sees half a file.
+
+Every write made here first asks the *write guard* of the calling context, when one is set
+(`guarded_writes`): the runner sets one for the job in flight, so that a process that lost
+its claim on the job (another daemon took it over) writes nothing more, whatever stage it is
+in. Trees (a dropped job folder, which may be nested arbitrarily deep) are walked, copied,
+hashed and removed with an explicit stack, never by recursion: Python's recursive os.walk,
+shutil.copytree and shutil.rmtree overflow its stack on a deep tree.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import errno
 import hashlib
 import json
 import os
 import re
-import shutil
 import stat
 import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -65,17 +76,44 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+# ---------------------------------------------------------------------------- the write guard
+
+_write_guard: contextvars.ContextVar[Callable[[str], None] | None] = contextvars.ContextVar("write_guard", default=None)
+
+
+@contextlib.contextmanager
+def guarded_writes(check: Callable[[str], None]) -> Iterator[None]:
+    """Within the block (in this thread's context), every write made through this module
+    first calls `check(what)`, which raises to refuse it (engine.errors.OwnershipLost)."""
+    token = _write_guard.set(check)
+    try:
+        yield
+    finally:
+        _write_guard.reset(token)
+
+
+def check_write(what: str) -> None:
+    """Ask the write guard of this context (if any) whether `what` may be written now."""
+    check = _write_guard.get()
+    if check is not None:
+        check(what)
+
+
+# ---------------------------------------------------------------------------- atomic files
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write `data` to `path` so that readers see the old file or the new one, never half."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, 0o644)  # mkstemp makes 0600: evidence is read by reviewers on the share, not only by this user
     try:
         with os.fdopen(fd, "wb") as handle:
             write_fault(path)
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
+        check_write(str(path))  # just before the file becomes visible under its name
         os.replace(tmp_name, path)
     except BaseException as exc:
         try:
@@ -97,11 +135,11 @@ def remove_partial_writes(root: Path) -> list[str]:
     that no live process is writing to (a job folder being resumed by its one engine)."""
     root = Path(root)
     removed = []
-    for path in sorted(root.rglob("*.tmp")):
-        if path.is_file() and not path.is_symlink() and _PARTIAL_WRITE.fullmatch(path.name):
-            path.unlink()
-            removed.append(path.relative_to(root).as_posix())
-    return removed
+    for entry in walk_tree(root):
+        if entry.kind == "file" and _PARTIAL_WRITE.fullmatch(entry.name):
+            os.unlink(entry.path)
+            removed.append(entry.rel)
+    return sorted(removed)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -113,36 +151,208 @@ def atomic_write_json(path: Path, value: Any) -> None:
     atomic_write_text(path, json.dumps(value, sort_keys=True, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
 
 
-def copy_folder_as_dropped(source: Path, target: Path) -> list[str]:
-    """Copy a job folder as it was dropped (for failed/): files and folders, links as links,
-    never followed (one may point anywhere, e.g. /etc/passwd). Named pipes, sockets and
-    devices have no content to keep and reading one may block forever: they are left out,
-    and their paths (relative to `source`) returned."""
-    left_out: list[str] = []
-
-    def special_files(folder: str, names: list[str]) -> list[str]:
-        skipped = []
-        for name in names:
-            mode = os.lstat(os.path.join(folder, name)).st_mode
-            if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode) or stat.S_ISLNK(mode)):
-                skipped.append(name)
-                left_out.append(utf8_safe(os.path.relpath(os.path.join(folder, name), source)))
-        return skipped
-
-    shutil.copytree(source, target, symlinks=True, ignore=special_files)
-    return left_out
-
-
 def hash_tree(root: Path, relative_to: Path) -> dict[str, str]:
     """sha256 of every regular file under `root` (a file or a folder), keyed by POSIX path
     relative to `relative_to`. Temporary files of atomic writes are skipped."""
     root = Path(root)
     if root.is_file():
         return {root.relative_to(relative_to).as_posix(): sha256_file(root)}
-    hashes: dict[str, str] = {}
     if not root.is_dir():
-        return hashes
-    for path in sorted(root.rglob("*")):
-        if path.is_file() and not path.is_symlink() and not path.name.endswith(".tmp"):
-            hashes[path.relative_to(relative_to).as_posix()] = sha256_file(path)
-    return hashes
+        return {}
+    prefix = root.relative_to(relative_to).as_posix() + "/"
+    prefix = "" if prefix == "./" else prefix
+    return {prefix + entry.rel: sha256_file(Path(entry.path)) for entry in walk_tree(root)
+            if entry.kind == "file" and not entry.name.endswith(".tmp")}
+
+
+# ---------------------------------------------------------------------------- whole trees
+
+class TreeLimit(Exception):
+    """A tree is deeper, or holds more entries, than the walk allows."""
+
+    def __init__(self, limit: str, where: str, allowed: int) -> None:
+        super().__init__(f"{where}: more than {allowed} {limit}")
+        self.limit = limit  # "levels" | "entries"
+        self.where = where
+        self.allowed = allowed
+
+
+@dataclass(frozen=True)
+class TreeEntry:
+    rel: str  # POSIX path relative to the walked root, as UTF-8-safe text (utf8_safe)
+    path: str  # the full path, as the OS spells it
+    kind: str  # "dir" | "file" | "link" | "special" (a pipe, socket or device: no content to keep)
+    depth: int  # 1 for the root's own entries
+    info: os.stat_result  # lstat: links are never followed
+
+    @property
+    def name(self) -> str:
+        return os.path.basename(self.path)
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISLNK(mode):
+        return "link"
+    if stat.S_ISDIR(mode):
+        return "dir"
+    if stat.S_ISREG(mode):
+        return "file"
+    return "special"
+
+
+def walk_tree(root: Path, *, max_depth: int | None = None, max_entries: int | None = None) -> Iterator[TreeEntry]:
+    """Every entry under the folder `root`, a folder before its content, names sorted; links
+    are reported, never followed. An explicit stack instead of recursion: any depth works.
+    Raises TreeLimit past `max_depth` levels or `max_entries` entries."""
+    root_path = os.fspath(root)
+    stack: list[tuple[str, str, int]] = [(root_path, "", 0)]
+    count = 0
+    while stack:
+        folder, prefix, depth = stack.pop()
+        with os.scandir(folder) as listing:
+            children = sorted(listing, key=lambda item: item.name)
+        if children and max_depth is not None and depth + 1 > max_depth:
+            raise TreeLimit("levels", utf8_safe(prefix.rstrip("/")) or ".", max_depth)
+        below = []
+        for child in children:
+            count += 1
+            if max_entries is not None and count > max_entries:
+                raise TreeLimit("entries", ".", max_entries)
+            info = child.stat(follow_symlinks=False)
+            rel = prefix + child.name
+            entry = TreeEntry(rel=utf8_safe(rel), path=child.path, kind=_kind(info.st_mode), depth=depth + 1, info=info)
+            yield entry
+            if entry.kind == "dir":
+                below.append((child.path, rel + "/", depth + 1))
+        stack.extend(reversed(below))
+
+
+@dataclass
+class Listing:
+    """What a tree holds: rel path -> sha256 (a file), "link:<target>" or "dir"; `left_out`
+    names the special files (pipes, sockets, devices), which have no content to compare or copy."""
+
+    entries: dict[str, str] = field(default_factory=dict)
+    left_out: list[str] = field(default_factory=list)
+
+    def differences(self, other: "Listing") -> dict[str, list[str]]:
+        """{added, changed, removed}: what `other` holds that this listing does not, and so on."""
+        added = sorted(set(other.entries) - set(self.entries))
+        removed = sorted(set(self.entries) - set(other.entries))
+        changed = sorted(k for k in set(self.entries) & set(other.entries) if self.entries[k] != other.entries[k])
+        return {"added": added, "changed": changed, "removed": removed}
+
+
+def tree_listing(root: Path, *, max_depth: int | None = None, max_entries: int | None = None) -> Listing:
+    """The Listing of the folder `root` (every file hashed)."""
+    listing = Listing()
+    for entry in walk_tree(root, max_depth=max_depth, max_entries=max_entries):
+        if entry.kind == "file":
+            listing.entries[entry.rel] = sha256_file(Path(entry.path))
+        elif entry.kind == "link":
+            listing.entries[entry.rel] = "link:" + utf8_safe(os.readlink(entry.path))
+        elif entry.kind == "dir":
+            listing.entries[entry.rel] = "dir"
+        else:
+            listing.left_out.append(entry.rel)
+    return listing
+
+
+def copy_tree(source: Path, target: Path, *, max_depth: int | None = None, max_entries: int | None = None,
+              only: frozenset[str] | None = None) -> Listing:
+    """Copy the folder `source` to `target` (which must not exist) as it is: every file byte
+    for byte with its mode and times, folders, links as links (never followed: one may point
+    anywhere, e.g. /etc/passwd). Special files have no content to keep, and opening one may
+    block forever: they are left out. With `only` (Listing paths), just those entries and the
+    folders above them. Returns the Listing of what was copied, hashed from the bytes as they
+    were read (compare it with tree_listing(target) to verify the copy)."""
+    listing = Listing()
+    target_path = os.fspath(target)
+    source_path = os.fspath(source)
+    os.mkdir(target_path)
+    folders = [(source_path, target_path)]
+    above = set() if only is None else {"/".join(rel.split("/")[:n]) for rel in only for n in range(1, rel.count("/") + 1)}
+    for entry in walk_tree(source, max_depth=max_depth, max_entries=max_entries):
+        if only is not None and entry.rel not in only and not (entry.kind == "dir" and entry.rel in above):
+            continue
+        destination = os.path.join(target_path, os.path.relpath(entry.path, source_path))
+        if entry.kind == "dir":
+            os.mkdir(destination)
+            folders.append((entry.path, destination))
+            listing.entries[entry.rel] = "dir"
+        elif entry.kind == "link":
+            link_target = os.readlink(entry.path)
+            os.symlink(link_target, destination)
+            os.utime(destination, ns=(entry.info.st_atime_ns, entry.info.st_mtime_ns), follow_symlinks=False)
+            listing.entries[entry.rel] = "link:" + utf8_safe(link_target)
+        elif entry.kind == "file":
+            listing.entries[entry.rel] = _copy_file(entry.path, destination, entry.info)
+        else:
+            listing.left_out.append(entry.rel)
+    for folder, destination in reversed(folders):  # deepest first: filling a folder changes its mtime
+        info = os.lstat(folder)
+        os.chmod(destination, stat.S_IMODE(info.st_mode) | stat.S_IRWXU)
+        os.utime(destination, ns=(info.st_atime_ns, info.st_mtime_ns))
+    return listing
+
+
+def _copy_file(source: str, destination: str, info: os.stat_result) -> str:
+    """Copy one regular file; returns the sha256 of the bytes copied. O_NOFOLLOW and
+    O_NONBLOCK: a file swapped for a link or a pipe after it was listed is refused, not followed
+    or waited on."""
+    digest = hashlib.sha256()
+    fd = os.open(source, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file any more", source)
+        out = os.open(destination, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            while chunk := os.read(fd, _CHUNK):
+                digest.update(chunk)
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(out, view):]
+            os.fchmod(out, stat.S_IMODE(info.st_mode) | stat.S_IRUSR | stat.S_IWUSR)
+        finally:
+            os.close(out)
+    finally:
+        os.close(fd)
+    os.utime(destination, ns=(info.st_atime_ns, info.st_mtime_ns))
+    return digest.hexdigest()
+
+
+def fsync_tree(root: Path) -> None:
+    """Make every file and folder under `root` (and `root` itself) durable."""
+    for entry in walk_tree(root):
+        if entry.kind == "file":
+            fd = os.open(entry.path, os.O_RDONLY | os.O_NOFOLLOW)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        elif entry.kind == "dir":
+            fsync_dir(Path(entry.path))
+    fsync_dir(Path(root))
+
+
+def remove_tree(path: Path) -> None:
+    """Remove a file, a link or a whole folder (any depth); nothing when it does not exist."""
+    path = os.fspath(path)
+    check_write(path)
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISDIR(info.st_mode):
+        os.unlink(path)
+        return
+    folders = [path]
+    for entry in walk_tree(Path(path)):
+        if entry.kind == "dir":
+            folders.append(entry.path)
+            if not entry.info.st_mode & stat.S_IWUSR:
+                os.chmod(entry.path, stat.S_IMODE(entry.info.st_mode) | stat.S_IRWXU)
+        else:
+            os.unlink(entry.path)
+    for folder in reversed(folders):  # a folder after everything inside it
+        os.rmdir(folder)

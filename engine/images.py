@@ -51,6 +51,8 @@ class Photo:
 def load_photo(path: Path, name: str, max_pixels: int, fill_rgb: tuple[int, ...] = (255, 255, 255)) -> Photo:
     """Decode `path` safely into an upright RGB array. `name` is how errors refer to the file."""
     bomb = f"photos may have at most {max_pixels:,} pixels (config input.max_pixels)"
+    if Path(path).stat().st_size == 0:
+        raise JobError("empty_file", f"{name}: is empty (0 bytes): a copy that did not complete, or a placeholder; drop the photo again")
     try:
         with warnings.catch_warnings():
             # Pillow warns from 89 M pixels on; our own limit (config) is checked right below.

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.errors import JobError, Problem
-from engine.fsutil import utf8_safe
+from engine.fsutil import TreeLimit, utf8_safe, walk_tree
 from engine.schema import (
     INVALID,
     Bool,
@@ -315,6 +315,7 @@ def resolve_photos(folder: Path, spec: JobSpec, extensions: tuple[str, ...], whe
 
 
 MAX_FOLDER_ENTRIES = 10_000  # files and folders in a job folder; a job is 1-3 photos and job.toml
+MAX_FOLDER_DEPTH = 16  # levels of sub-folders in a job folder (notes, raw files...); deeper is refused as too_deep
 
 
 def links_leaving(folder: Path) -> list[Problem]:
@@ -325,29 +326,30 @@ def links_leaving(folder: Path) -> list[Problem]:
     folder may change under a running job. Links that stay inside the folder are fine."""
     root = folder.resolve()
     problems: list[Problem] = []
-    seen = 0
-    for parent, dirs, files in os.walk(folder, followlinks=False):
-        seen += len(dirs) + len(files)
-        if seen > MAX_FOLDER_ENTRIES:
-            return [Problem(utf8_safe(folder.name), f"holds more than {MAX_FOLDER_ENTRIES} files and folders; a job folder holds 1 to {MAX_PHOTOS} photos and {JOB_FILE}")]
-        for name in sorted(dirs + files):
-            path = Path(parent) / name
-            if not path.is_symlink():
+    try:
+        links = [entry for entry in walk_tree(folder, max_entries=MAX_FOLDER_ENTRIES) if entry.kind == "link"]
+    except TreeLimit:
+        return [Problem(utf8_safe(folder.name), f"holds more than {MAX_FOLDER_ENTRIES} files and folders; a job folder holds 1 to {MAX_PHOTOS} photos and {JOB_FILE}")]
+    for entry in links:
+        path = Path(entry.path)
+        try:
+            if path.resolve().is_relative_to(root):
                 continue
-            relative = utf8_safe(path.relative_to(folder).as_posix())
-            try:
-                if path.resolve().is_relative_to(root):
-                    continue
-                target = utf8_safe(os.readlink(path))
-                problems.append(Problem(relative, f"is a link to {target!r:.120}, outside the job folder; copy the file in instead"))
-            except (OSError, RuntimeError):  # a loop of links
-                problems.append(Problem(relative, "is a link that cannot be followed (a loop of links?); copy the file in instead"))
+            target = utf8_safe(os.readlink(path))
+            problems.append(Problem(entry.rel, f"is a link to {target!r:.120}, outside the job folder; copy the file in instead"))
+        except (OSError, RuntimeError):  # a loop of links
+            problems.append(Problem(entry.rel, "is a link that cannot be followed (a loop of links?); copy the file in instead"))
     return problems
 
 
 def is_hidden_name(name: str) -> bool:
     """Names that copy tools use while a transfer is in progress, and hidden files."""
-    return name.startswith((".", "~")) or name.endswith((".tmp", ".part", ".partial", ".crdownload"))
+    return name.startswith(".") or is_temporary_name(name)
+
+
+def is_temporary_name(name: str) -> bool:
+    """The names copy tools give a file or folder while it is being transferred."""
+    return name.startswith("~") or name.endswith((".tmp", ".part", ".partial", ".crdownload"))
 
 
 def _inside(path: Path, root: Path) -> bool:
@@ -371,9 +373,14 @@ class LoadedJob:
         return self.spec.subject.name
 
 
-def load_job(folder: Path, job_defaults: dict[str, Any], extensions: tuple[str, ...], denylist: tuple[str, ...]) -> LoadedJob:
-    """Read and validate `folder/job.toml`. Raises one JobError listing every problem."""
+def load_job(folder: Path, job_defaults: dict[str, Any], extensions: tuple[str, ...], denylist: tuple[str, ...],
+             folder_name: str | None = None) -> LoadedJob:
+    """Read and validate `folder/job.toml`. Raises one JobError listing every problem.
+
+    `folder_name` is the name the folder was dropped under (the subject's default), when
+    `folder` is the job's own copy of it (engine.jobfolder.INPUTS_DIR)."""
     folder = Path(folder)
+    folder_name = folder.name if folder_name is None else folder_name
     if not folder.is_dir():
         raise JobError("invalid_job", f"{folder} is not a folder")
     link_problems = links_leaving(folder)
@@ -386,10 +393,10 @@ def load_job(folder: Path, job_defaults: dict[str, Any], extensions: tuple[str, 
             raise
         problems = link_problems + [Problem(JOB_FILE, error.message)]
         raise JobError(error.code, f"the job folder has {len(problems)} problems: " + "; ".join(map(str, problems[:3])), problems=tuple(problems)) from None
-    spec, problems = parse_job_table(table, job_defaults, folder.name)
+    spec, problems = parse_job_table(table, job_defaults, folder_name)
     problems = link_problems + problems
-    if utf8_safe(folder.name) != folder.name:
-        problems.append(Problem(utf8_safe(folder.name), "the folder name is not UTF-8 text (an old encoding?); rename the folder"))
+    if utf8_safe(folder_name) != folder_name:
+        problems.append(Problem(utf8_safe(folder_name), "the folder name is not UTF-8 text (an old encoding?); rename the folder"))
     photos: tuple[Path, ...] = ()
     if spec is not None:
         problems += check_prompts(spec, denylist)
@@ -401,7 +408,7 @@ def load_job(folder: Path, job_defaults: dict[str, Any], extensions: tuple[str, 
             f"{JOB_FILE} has {len(problems)} problem{'s' * (len(problems) != 1)}: " + "; ".join(map(str, problems[:3])) + (" ..." if len(problems) > 3 else ""),
             problems=tuple(problems),
         )
-    name = spec.subject.name or folder.name
+    name = spec.subject.name or folder_name
     photo_names = tuple(p.relative_to(folder).as_posix() for p in photos)
     subject = SubjectSpec(name=name, photos=photo_names, face=spec.subject.face, face_index=spec.subject.face_index)
     spec = JobSpec(render=spec.render, subject=subject, prepare=spec.prepare, train=spec.train, verify=spec.verify)

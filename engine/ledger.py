@@ -1,5 +1,8 @@
 """The job's ledger, `state.json`: which stages are done, with which inputs, making which files.
 
+It also holds the job's `inputs`: the Listing of its inputs/ copy of the dropped folder
+(engine.jobfolder), as verified when the copy was made.
+
 A stage's *fingerprint* hashes everything its result depends on (its own settings, code
 version, model hashes, and the previous stage's fingerprint and artifacts). A completed
 stage whose fingerprint still matches and whose artifacts are intact is skipped on a
@@ -16,7 +19,7 @@ from typing import Any
 
 from engine.fsutil import atomic_write_json, sha256_file
 
-LEDGER_VERSION = 1
+LEDGER_VERSION = 2  # 2: inputs, and the work folder named by the job id alone
 
 
 @dataclass
@@ -40,24 +43,28 @@ class StageRecord:
 class Ledger:
     path: Path
     job_id: str
-    subject: str
     source: str
+    subject: str = ""  # known once job.toml was read
+    inputs: dict[str, str] = field(default_factory=dict)  # the Listing of inputs/: rel path -> sha256 | "dir" | "link:<target>"
+    not_copied: list[str] = field(default_factory=list)  # special files of the dropped folder (pipes...): no content to keep
     stages: list[StageRecord] = field(default_factory=list)
     outcome: str = "running"  # running | finished | failed
 
     @classmethod
-    def open(cls, path: Path, job_id: str, subject: str, source: str) -> "Ledger":
+    def open(cls, path: Path, job_id: str, source: str) -> "Ledger":
         """Load the ledger at `path`, or start an empty one (not written until changed)."""
         if not path.exists():
-            return cls(path=path, job_id=job_id, subject=subject, source=source)
+            return cls(path=path, job_id=job_id, source=source)
         data = json.loads(path.read_text("utf-8"))
         if data.get("version") != LEDGER_VERSION:
             raise ValueError(f"{path}: ledger version {data.get('version')} is not {LEDGER_VERSION}")
         return cls(
             path=path,
             job_id=data["job_id"],
-            subject=data["subject"],
             source=data["source"],
+            subject=data.get("subject", ""),
+            inputs=data.get("inputs", {}),
+            not_copied=data.get("not_copied", []),
             stages=[StageRecord(**record) for record in data["stages"]],
             outcome=data.get("outcome", "running"),
         )
@@ -105,6 +112,8 @@ class Ledger:
                 "job_id": self.job_id,
                 "subject": self.subject,
                 "source": self.source,
+                "inputs": self.inputs,
+                "not_copied": self.not_copied,
                 "outcome": self.outcome,
                 "stages": [vars(r) for r in self.stages],
             },

@@ -1,23 +1,27 @@
 """The sequential engine: one job folder in, one verifiable result folder out.
 
-Lifecycle on disk (each a folder you can look at):
-    <outbox>/.work/<subject>/<job-id>/   while running (ledger state.json, audit.jsonl)
+Lifecycle on disk (each a folder you can look at; the names are engine.jobfolder's):
+    <outbox>/.work/<job-id>/             while running: inputs/ (the dropped folder, copied and
+                                         verified first: every stage, and the report, read only
+                                         this copy), ledger state.json, audit.jsonl, outputs
     <outbox>/<subject>/<job-id>/         finished: renamed here in one step, manifest written
-    <failed>/<subject>/<job-id>/         refused or failed: a copy of the inputs + error.json + audit.jsonl
-The source folder is only read, never changed. A crash at any point costs at most the stage
-in flight: running the same folder again finds the unfinished job by its source path and
-resumes from the ledger.
+    <failed>/<subject>/<job-id>/         refused or failed: inputs/ + error.json + audit.jsonl
+The source folder is only read, and only until its copy is verified. A crash at any point costs
+at most the stage in flight: running the same folder again finds the unfinished job by its
+source path and resumes from the ledger.
+
+When the disk, the share or a permission is at fault (a full or read-only outbox or failed/,
+a share that went away), the job is not to blame: it is *held* (outcome "held", code disk_full /
+outbox_unwritable / io_error naming the path), stays resumable in the work area, and nothing is
+lost; run it again (the daemon retries it) once the fault is fixed.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import errno
 import importlib.metadata
 import os
 import platform
-import secrets
-import shutil
 import threading
 import traceback
 from dataclasses import dataclass
@@ -26,21 +30,22 @@ from typing import Any
 
 import structlog
 
-from engine.audit import AUDIT_FILE, LEDGER_FILE, MANIFEST_FILE, AuditLog, Observer, jsonable, write_manifest
+from engine.audit import AuditLog, Observer, jsonable, write_manifest
 from engine.config import Settings
-from engine.context import JobInterrupted, Resources, StageContext
-from engine.errors import ConfigError, JobError
+from engine.context import Resources, StageContext
+from engine.errors import ConfigError, JobError, JobInterrupted, OwnershipLost
 from engine.faults import pause_point
-from engine.fsutil import (atomic_write_json, canonical_json, copy_folder_as_dropped, fsync_dir, hash_tree, remove_partial_writes, sha256_bytes,
-                           sha256_file)
-from engine.job import JOB_FILE, LoadedJob, is_hidden_name, load_job, safe_subject_name
+from engine.fsutil import (Listing, canonical_json, fsync_dir, guarded_writes, hash_tree, remove_partial_writes, remove_tree, sha256_bytes,
+                           sha256_file, tree_listing, utf8_safe)
+from engine.job import JOB_FILE, LoadedJob, load_job, safe_subject_name
+from engine.jobfolder import (AUDIT_FILE, ERROR_FILE, INPUTS_DIR, LEDGER_FILE, MANIFEST_FILE, WORK_DIR, Fence, NoFence, check_dropped_folder,  # noqa: F401
+                              classify_os_error, copy_verified, describe_os_error, failure_record, find_published, new_job_id,
+                              probe_job_targets, publish_failure, remove_leftover_work, work_dir)
 from engine.ledger import Ledger
 from engine.report import write_report
 from engine.schema import to_plain
 from engine.stages import STAGE_NAMES, STAGES
 
-WORK_DIR = ".work"
-ERROR_FILE = "error.json"
 VERSIONED_PACKAGES = ("torch", "diffusers", "transformers", "peft", "insightface", "onnxruntime", "rembg", "numpy", "pillow", "opencv-python-headless", "scipy")
 
 log = structlog.get_logger("engine")
@@ -50,13 +55,16 @@ log = structlog.get_logger("engine")
 class JobResult:
     job_id: str
     subject: str
-    outcome: str  # "finished" | "partial" (stopped by --until) | "interrupted" (stop requested) | "failed"
+    # "finished" | "partial" (stopped by --until) | "interrupted" (stop requested) | "failed" |
+    # "held" (the disk, share or permissions are at fault: resumable, nothing lost) |
+    # "lost" (another owner took the job over: this process wrote nothing more)
+    outcome: str
     output_dir: Path
     error: dict[str, Any] | None = None
 
     @property
     def ok(self) -> bool:
-        return self.outcome != "failed"
+        return self.outcome not in ("failed", "held")
 
 
 class Engine:
@@ -82,6 +90,14 @@ class Engine:
         self.resources.model_ref("base")
         self._apply_cpu_threads()
 
+    @staticmethod
+    def check_folders(outbox: Path, failed: Path) -> None:
+        """Refuse to start (ConfigError naming the path and the fault) when the outbox, its work
+        area or failed/ cannot be written, or the work area is not on the outbox's file system."""
+        problems = probe_job_targets(Path(outbox), Path(failed))
+        if problems:
+            raise ConfigError("folder_unusable", "; ".join(problems))
+
     def _apply_cpu_threads(self) -> None:
         """torch's intra-op thread count on the CPU (`models.cpu_threads`), in the calling
         thread: OpenMP keeps it per thread, and a thread torch has not seen yet (the daemon runs
@@ -96,77 +112,169 @@ class Engine:
             torch.set_num_threads(self.settings.models.cpu_threads)
 
     def run_job(self, source: Path, outbox: Path, *, job_id: str | None = None, until: str | None = None,
-                failed_dir: Path | None = None) -> JobResult:
+                failed_dir: Path | None = None, fence: Fence | None = None, refresh_inputs: bool = True) -> JobResult:
         """Run (or resume) the job in folder `source`; results go under `outbox`.
 
         until      the last stage to run (a name from STAGE_NAMES); the job then stays in the work area.
         job_id     resume or create this job; by default the unfinished job of the same source
-                   folder is resumed, or a new id is made. An id already published in the
-                   outbox (a run killed after its publishing rename) is returned as finished.
+                   folder is resumed, or a new id is made. An id already published (in the outbox
+                   or in failed/: a run killed after its publishing rename) is returned as it is.
         failed_dir where refused/failed jobs go; by default `failed/` beside the outbox.
+        fence      the job's owner (the daemon's claim): every write the job makes (audit line,
+                   ledger, output, publishing) first asks it, and stops with outcome "lost" when
+                   this process no longer owns the job; its token goes into every audit line.
+        refresh_inputs  on a resume, copy the source again when it differs from the job's inputs/
+                   (a person changed a photo and runs the folder again). The daemon says False:
+                   once its copy is verified, the claimed folder is never read again.
         """
         source, outbox = Path(source).resolve(), Path(outbox).resolve()
         self._apply_cpu_threads()
         failed_root = Path(failed_dir).resolve() if failed_dir else outbox.parent / "failed"
         if until is not None and until not in STAGE_NAMES:
             raise ValueError(f"unknown stage {until!r}; stages are {', '.join(STAGE_NAMES)}")
+        fence = fence or NoFence()
         job_id = job_id or find_unfinished_job(outbox, source) or new_job_id()
+        with guarded_writes(fence.check):
+            try:
+                return self._run(source, outbox, failed_root, job_id, until, fence, refresh_inputs)
+            except OwnershipLost as lost:
+                log.warning("job_ownership_lost", job_id=job_id, at=lost.where)
+                return JobResult(job_id, safe_subject_name(source.name), "lost", work_dir(outbox, job_id))
+
+    def _run(self, source: Path, outbox: Path, failed_root: Path, job_id: str, until: str | None, fence: Fence,
+             refresh_inputs: bool) -> JobResult:
         bound = log.bind(job_id=job_id)
+        published = find_published(outbox, failed_root, job_id)
+        if published is not None:
+            return self._already_published(outbox, job_id, *published, bound)
+        job_dir = work_dir(outbox, job_id)
+        subject = safe_subject_name(source.name)  # until job.toml has been read
+        audit: AuditLog | None = None
+        ledger: Ledger | None = None
+        job: LoadedJob | None = None
         try:
-            job = load_job(source, self.settings.job_defaults, self.settings.input.extensions, self.settings.render.denylist)
-        except JobError as error:
-            subject = safe_subject_name(source.name)
-            job_dir = outbox / WORK_DIR / subject / job_id
-            audit = AuditLog(job_dir / AUDIT_FILE, job_id, self.observer)
-            audit.event("job_started", source=str(source), subject=subject, inputs=_folder_hashes(source), versions=software_versions(), demo=self.demo)
-            return self._fail(error, source, subject, job_id, job_dir, failed_root, audit, None, bound)
-        subject = job.subject
-        if (outbox / subject / job_id / MANIFEST_FILE).is_file():
-            return self._already_published(outbox / subject / job_id, bound.bind(subject=subject))
-        job_dir = outbox / WORK_DIR / subject / job_id
-        ledger = Ledger.open(job_dir / LEDGER_FILE, job_id, subject, str(source))
-        resumed = (job_dir / AUDIT_FILE).exists()
-        audit = AuditLog(job_dir / AUDIT_FILE, job_id, self.observer)
-        bound = bound.bind(subject=subject)
-        ctx = StageContext(job=job, job_id=job_id, job_dir=job_dir, settings=self.settings, resources=self.resources, audit=audit, demo=self.demo,
-                           log=bound, observer=self.observer, stop_requested=self.stop_requested)
-        try:
-            inputs = input_hashes(job)
-            audit.event(
-                "job_resumed" if resumed else "job_started",
-                source=str(source), subject=subject, inputs=inputs, spec=to_plain(job.spec), settings=self.settings.to_plain(),
-                versions=software_versions(), models=self._model_facts(), device=device_facts(), demo=self.demo,
-                completed_stages=[r.name for r in ledger.stages if r.status == "complete"],
-            )
-            bound.info("job_resumed" if resumed else "job_started", source=str(source))
+            ledger = Ledger.open(job_dir / LEDGER_FILE, job_id, utf8_safe(str(source)))
+            if not ledger.path.exists():
+                ledger.save()  # first of all: a job the next run can find by its source, whatever happens next
+            resumed = (job_dir / AUDIT_FILE).exists()
+            audit = AuditLog(job_dir / AUDIT_FILE, job_id, self.observer, fence=fence.token)
             if resumed:
                 # A killed run leaves the temporary files of the atomic writes it was in the
                 # middle of (state.json's, a report image's...): they must not be published.
                 partial = remove_partial_writes(job_dir)
                 if partial:
                     audit.event("partial_writes_removed", files=partial)
-            self._run_stages(ctx, ledger, inputs, until)
+            try:
+                copied = self._inputs(source, job_dir, ledger, audit, refresh_inputs)
+            except JobError as error:  # a tree no job folder is: refused before it is copied
+                audit.event("job_started", source=str(source), subject=subject, inputs={}, versions=software_versions(), demo=self.demo)
+                return self._fail(error, source, subject, job_id, job_dir, failed_root, audit, ledger, fence, bound)
+            start = dict(source=str(source), inputs=copied.entries, not_copied=copied.left_out, versions=software_versions(), demo=self.demo)
+            try:
+                job = load_job(job_dir / INPUTS_DIR, self.settings.job_defaults, self.settings.input.extensions, self.settings.render.denylist,
+                               folder_name=source.name)
+            except JobError as error:
+                audit.event("job_resumed" if resumed else "job_started", subject=subject, **start)
+                refused = JobError("invalid_job", f"{JOB_FILE} is not a regular file (a named pipe, socket or device)") if JOB_FILE in copied.left_out else error
+                return self._fail(refused, source, subject, job_id, job_dir, failed_root, audit, ledger, fence, bound)
+            subject = job.subject
+            if ledger.subject != subject:
+                ledger.subject = subject
+                ledger.save()
+            bound = bound.bind(subject=subject)
+            ctx = StageContext(job=job, job_id=job_id, job_dir=job_dir, settings=self.settings, resources=self.resources, audit=audit, demo=self.demo,
+                               log=bound, observer=self.observer, stop_requested=self.stop_requested, fence=fence)
+            used = input_hashes(job)
+            audit.event(
+                "job_resumed" if resumed else "job_started", subject=subject, **start, spec=to_plain(job.spec), settings=self.settings.to_plain(),
+                models=self._model_facts(), device=device_facts(), completed_stages=[r.name for r in ledger.stages if r.status == "complete"],
+            )
+            bound.info("job_resumed" if resumed else "job_started", source=str(source))
+            self._run_stages(ctx, ledger, used, until)
             if until is not None and until != STAGE_NAMES[-1]:
                 audit.event("job_paused", until=until)
                 return JobResult(job_id, subject, "partial", job_dir)
-            return self._finish(ctx, ledger, inputs, outbox)
+            return self._finish(ctx, ledger, outbox)
+        except OwnershipLost:
+            raise  # nothing more may be written, not even that we stopped
         except JobInterrupted as stop:
+            assert audit is not None
             audit.event("job_interrupted", at=stop.where)
             bound.info("job_interrupted", at=stop.where)
             return JobResult(job_id, subject, "interrupted", job_dir)
         except ConfigError as error:
             # The installation, not the job, is at fault: keep the job resumable and refuse.
-            audit.event("job_stopped", code=error.code, message=error.message)
+            if audit is not None:
+                audit.event("job_stopped", code=error.code, message=error.message)
             raise
         except JobError as error:
-            return self._fail(error, source, subject, job_id, job_dir, failed_root, audit, ledger, bound)
+            return self._fail(error, source, subject, job_id, job_dir, failed_root, audit, ledger, fence, bound)
         except OSError as exc:
-            code = "disk_full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else "io_error"
-            error = JobError(code, f"{exc.strerror or exc} ({exc.filename or 'no file name'})", details={"errno": exc.errno})
-            return self._fail(error, source, subject, job_id, job_dir, failed_root, audit, ledger, bound)
+            code = self._installation_fault(exc, source, outbox, failed_root)
+            if code is not None:
+                return self._held(code, exc, subject, job_id, job_dir, audit, bound)
+            error = JobError("internal_error", f"{type(exc).__name__}: {describe_os_error(exc)}", details={"errno": exc.errno, "traceback": traceback.format_exc()})
+            return self._fail(error, source, subject, job_id, job_dir, failed_root, audit, ledger, fence, bound)
         except Exception as exc:  # noqa: BLE001 - a bug must fail the job visibly, not kill the daemon
             error = JobError("internal_error", f"{type(exc).__name__}: {exc}", details={"traceback": traceback.format_exc()})
-            return self._fail(error, source, subject, job_id, job_dir, failed_root, audit, ledger, bound)
+            return self._fail(error, source, subject, job_id, job_dir, failed_root, audit, ledger, fence, bound)
+
+    def _inputs(self, source: Path, job_dir: Path, ledger: Ledger, audit: AuditLog, refresh: bool) -> Listing:
+        """The job's own copy of the dropped folder, `inputs/`: made (and verified) once, before
+        anything reads the job; on a resume checked against the ledger, and copied again only when
+        it was damaged, or when `refresh` and the source changed."""
+        inputs = job_dir / INPUTS_DIR
+        if inputs.is_dir() and ledger.inputs:
+            kept = Listing(tree_listing(inputs).entries, ledger.not_copied)
+            if kept.entries == ledger.inputs:
+                if not refresh:
+                    return kept
+                now = tree_listing(source)
+                if now.entries == kept.entries:
+                    return kept
+                audit.event("inputs_changed", **Listing(ledger.inputs).differences(now))
+            else:
+                audit.event("inputs_damaged", **Listing(ledger.inputs).differences(kept))
+        check_dropped_folder(source)
+        copied = copy_verified(source, inputs)
+        ledger.inputs, ledger.not_copied = copied.entries, copied.left_out
+        ledger.save()
+        pause_point("job:inputs_copied")
+        return copied
+
+    def _installation_fault(self, exc: OSError, source: Path, outbox: Path, failed_root: Path) -> str | None:
+        """disk_full / outbox_unwritable / io_error when the disk, the share or a permission is to
+        blame for `exc`, not the job; None when the job (or a bug) is."""
+        code = classify_os_error(exc)
+        if code is not None:
+            return code
+        if exc.filename is not None and str(exc.filename).startswith(str(source)):
+            return "io_error"  # the job folder itself cannot be read any more (a share that went away)
+        if probe_job_targets(outbox, failed_root):
+            return "io_error"  # an error of any kind, and the folders fail their probe: the installation
+        return None
+
+    def _held(self, code: str, exc: OSError, subject: str, job_id: str, job_dir: Path, audit: AuditLog | None, bound: Any,
+              pending: dict[str, Any] | None = None) -> JobResult:
+        """The installation is at fault: the job stays as it is (resumable), nothing is lost."""
+        what = "the failure of this job could not be published" if pending else "the job cannot go on"
+        message = (f"{what}: {describe_os_error(exc)}; the job is held, nothing was lost (the job folder is untouched, the work so "
+                   "far is kept), and it resumes when run again once the disk, share or permission is fixed")
+        error = {"code": code, "message": message, "problems": [], "details": {"errno": exc.errno, "path": utf8_safe(str(exc.filename or ""))}}
+        if pending:
+            error["details"]["pending_failure"] = pending
+        if audit is not None:
+            try:
+                audit.event("job_held", code=code, message=message, errno=exc.errno, path=exc.filename)
+            except OSError:
+                pass  # the same fault, most likely: the result says it all
+        bound.error("job_held", code=code, message=message)
+        if not (job_dir / LEDGER_FILE).exists():
+            try:  # not even its ledger could be written: nothing there to resume from, or to find it by
+                remove_tree(job_dir)
+            except OSError:
+                pass
+        return JobResult(job_id, subject, "held", job_dir, error=error)
 
     def _model_facts(self) -> dict[str, Any]:
         remover_path = self.resources.background_model_path()
@@ -176,6 +284,8 @@ class Engine:
         }
 
     def _run_stages(self, ctx: StageContext, ledger: Ledger, inputs: dict[str, str], until: str | None) -> None:
+        """`inputs`: the hashes of the files the job uses (job.toml and its photos): a note
+        beside them can change without re-doing anything."""
         previous = {"inputs": inputs}
         for stage in STAGES:
             ctx.check_stop(f"before {stage.NAME}")
@@ -185,7 +295,7 @@ class Engine:
                 ctx.audit.event("stage_skipped", stage=stage.NAME, reason="completed earlier with the same inputs", artifacts=len(record.artifacts))
                 ctx.log.info("stage_skipped", stage=stage.NAME)
                 for scratch in getattr(stage, "SCRATCH", ()):  # still there after a kill between complete() and its removal
-                    _remove(ctx.path(scratch))
+                    remove_tree(ctx.path(scratch))
             else:
                 interrupted = record is not None and record.status == "running" and record.fingerprint == fingerprint
                 if record is not None:
@@ -196,7 +306,7 @@ class Engine:
                     ctx.log.info("stage_invalidated", stage=stage.NAME, reason=why, dropped=dropped)
                 # A stage's scratch (training checkpoints) survives only an interruption of the same run.
                 for owned in stage.OUTPUTS + (() if interrupted else getattr(stage, "SCRATCH", ())):
-                    _remove(ctx.path(owned))
+                    remove_tree(ctx.path(owned))
                 ledger.start(stage.NAME, fingerprint)
                 ctx.audit.event("stage_started", stage=stage.NAME, fingerprint=fingerprint)
                 started = dt.datetime.now(dt.timezone.utc)
@@ -215,24 +325,25 @@ class Engine:
                 ledger.complete(stage.NAME, artifacts, ctx.models_used)
                 pause_point(f"stage:{stage.NAME}:complete")
                 for scratch in getattr(stage, "SCRATCH", ()):
-                    _remove(ctx.path(scratch))
+                    remove_tree(ctx.path(scratch))
                 ctx.log.info("stage_finished", stage=stage.NAME, seconds=round(seconds, 3), artifacts=len(artifacts))
                 record = ledger.record(stage.NAME)
             previous = {"fingerprint": record.fingerprint, "artifacts": record.artifacts}
             if stage.NAME == until:
                 return
 
-    def _finish(self, ctx: StageContext, ledger: Ledger, inputs: dict[str, str], outbox: Path) -> JobResult:
+    def _finish(self, ctx: StageContext, ledger: Ledger, outbox: Path) -> JobResult:
         """Manifest, last audit line, then one rename into the outbox. A crash before the
         rename leaves a complete job in the work area, which the next run publishes."""
         job = ctx.job
         write_report(ctx.job_dir, originals=zip(job.spec.subject.photos, job.photos))  # before the manifest, which lists it
-        manifest_sha256 = write_manifest(ctx.job_dir, ledger.job_id, inputs, ledger.models(), self.demo)
+        manifest_sha256 = write_manifest(ctx.job_dir, ledger.job_id, ledger.inputs, ledger.models(), self.demo)
         ctx.audit.event("job_finished", manifest_sha256=manifest_sha256, demo=self.demo)
         final = outbox / job.subject / ledger.job_id
         final.parent.mkdir(parents=True, exist_ok=True)
         pause_point("job:before_publish")
-        os.replace(ctx.job_dir, final)
+        ctx.fence.check("publish to the outbox")
+        os.rename(ctx.job_dir, final)  # onto an existing folder this fails: a published job is never replaced
         fsync_dir(final.parent)
         pause_point("job:published")
         ledger.path = final / LEDGER_FILE
@@ -240,57 +351,64 @@ class Engine:
         ctx.log.info("job_finished", output=str(final), audit_head=ctx.audit.head)
         return JobResult(ledger.job_id, job.subject, "finished", final)
 
-    def _already_published(self, final: Path, bound: Any) -> JobResult:
-        """The job id is already in the outbox: a run killed after the publishing rename, or a
-        command run twice. The published job stands as it is: re-doing it would end in a
-        rename onto a non-empty folder, i.e. an io_error and a failed/ copy of a job that in
-        fact finished. Only its ledger's outcome is settled (a kill between the rename and
-        `set_outcome` leaves "running"); the ledger is not in the manifest."""
-        ledger_path = final / LEDGER_FILE
-        for partial in final.glob(f".{LEDGER_FILE}.*.tmp"):  # the ledger is all a run writes there after the rename
-            partial.unlink()
-        if ledger_path.is_file():
-            ledger = Ledger.open(ledger_path, final.name, final.parent.name, "")
-            if ledger.outcome != "finished":
-                ledger.set_outcome("finished")
-        bound.info("job_already_published", output=str(final))
-        return JobResult(final.name, final.parent.name, "finished", final)
+    def _already_published(self, outbox: Path, job_id: str, outcome: str, folder: Path, bound: Any) -> JobResult:
+        """The job id is already published: a run killed after the publishing rename, or a
+        command run twice. The published job stands as it is (re-doing it would end in a rename
+        onto a non-empty folder). Only what a kill can leave behind is settled: a finished job's
+        ledger outcome (a kill between the rename and `set_outcome` leaves "running"; the
+        ledger is not in the manifest), and a failed job's work folder (a kill between the
+        rename into failed/ and its removal)."""
+        error = None
+        if outcome == "finished":
+            ledger_path = folder / LEDGER_FILE
+            for partial in folder.glob(f".{LEDGER_FILE}.*.tmp"):  # the ledger is all a run writes there after the rename
+                partial.unlink()
+            if ledger_path.is_file():
+                ledger = Ledger.open(ledger_path, job_id, "")
+                if ledger.outcome != "finished":
+                    ledger.set_outcome("finished")
+        else:
+            import json
+
+            error = json.loads((folder / ERROR_FILE).read_text("utf-8"))
+        if remove_leftover_work(outbox, job_id):
+            bound.info("leftover_work_folder_removed", job_id=job_id)
+        bound.info("job_already_published", output=str(folder), outcome=outcome)
+        return JobResult(job_id, folder.parent.name, outcome, folder, error=error)
 
     def _fail(self, error: JobError, source: Path, subject: str, job_id: str, job_dir: Path, failed_root: Path,
-              audit: AuditLog, ledger: Ledger | None, bound: Any) -> JobResult:
-        """Record the failure, copy the untouched inputs with error.json to failed/, drop the work folder.
+              audit: AuditLog | None, ledger: Ledger | None, fence: Fence, bound: Any) -> JobResult:
+        """Record the failure and publish it to failed/ (engine.jobfolder.publish_failure: copy of
+        the inputs -> verify -> one rename, with error.json and the audit log), then drop the work
+        folder. When failed/ cannot be written the job is held instead: nothing is removed.
 
-        Made to work on a full disk (the usual reason for `disk_full`): the partial outputs are
-        dropped first, which makes room for the failed/ copy, and an audit line that cannot be
-        written is reported in error.json instead of stopping the failure from being published."""
-        try:
-            audit.event("job_failed", code=error.code, message=error.message, problems=[vars(p) for p in error.problems])
-        except OSError as exc:
-            error.details["audit_incomplete"] = f"the job_failed audit line could not be written: {exc.strerror or exc}"
-        bound.error("job_failed", code=error.code, message=error.message)
-        _drop_outputs(job_dir)
-        target = failed_root / subject / job_id
-        staging = target.with_name(f".{job_id}.incoming")
-        _remove(staging)
-        staging.parent.mkdir(parents=True, exist_ok=True)
-        left_out = copy_folder_as_dropped(source, staging)
-        if left_out:
-            error.details["not_copied"] = left_out
-        payload = jsonable({"job_id": job_id, "subject": subject, "source": str(source), "failed_at": _now(), **error.to_dict()})
-        atomic_write_json(staging / ERROR_FILE, payload)
-        if (job_dir / AUDIT_FILE).is_file():
-            shutil.copy2(job_dir / AUDIT_FILE, staging / AUDIT_FILE)
-        _fsync_tree(staging)
-        _remove(target)
-        os.replace(staging, target)
-        fsync_dir(target.parent)
-        if ledger is not None:
+        Made to work on a full disk (the usual reason a publication fails): the partial outputs
+        are dropped first, which makes room for the failed/ copy, and an audit line that cannot
+        be written is reported in error.json instead of stopping the failure from being published."""
+        if audit is not None:
             try:
-                ledger.set_outcome("failed")
-            except OSError:
-                pass  # the work folder is removed next: nothing can resume it anyway
-        _remove(job_dir)
-        return JobResult(job_id, subject, "failed", target, error=payload)
+                audit.event("job_failed", code=error.code, message=error.message, problems=[vars(p) for p in error.problems])
+            except OSError as exc:
+                error.details["audit_incomplete"] = f"the job_failed audit line could not be written: {exc.strerror or exc}"
+        bound.error("job_failed", code=error.code, message=error.message)
+        try:
+            _drop_outputs(job_dir)
+        except OSError:
+            pass  # a read-only work area: the publication below says what is wrong
+        inputs = job_dir / INPUTS_DIR if ledger is not None and ledger.inputs and (job_dir / INPUTS_DIR).is_dir() else source
+        if inputs != source and ledger is not None and ledger.not_copied:
+            error.details["not_copied"] = ledger.not_copied  # left out when the inputs were copied
+        record = jsonable(failure_record(job_id, subject, source, error))
+        try:
+            target, record = publish_failure(inputs_from=inputs, failed_root=failed_root, subject=subject, job_id=job_id, record=record,
+                                             audit=job_dir / AUDIT_FILE, check=fence.check)
+        except OSError as exc:
+            return self._held(classify_os_error(exc) or "io_error", exc, subject, job_id, job_dir, audit, bound, pending=record)
+        try:
+            remove_tree(job_dir)
+        except OSError as exc:  # published all the same; the next run of this id removes the leftover
+            bound.warning("work_folder_not_removed", job_id=job_id, error=str(exc))
+        return JobResult(job_id, subject, "failed", target, error=record)
 
 
 def run_job(source: Path, outbox: Path, settings: Settings | None = None, *, demo: bool = False, **options: Any) -> JobResult:
@@ -298,17 +416,12 @@ def run_job(source: Path, outbox: Path, settings: Settings | None = None, *, dem
     return Engine(settings, demo=demo).run_job(source, outbox, **options)
 
 
-def new_job_id() -> str:
-    """Sortable and unique across daemons: UTC time + 24 random bits."""
-    return dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3)
-
-
 def find_unfinished_job(outbox: Path, source: Path) -> str | None:
     """The id of the newest unfinished job that came from `source`, if any."""
     candidates = []
-    for ledger_path in (outbox / WORK_DIR).glob(f"*/*/{LEDGER_FILE}"):
+    for ledger_path in (outbox / WORK_DIR).glob(f"*/{LEDGER_FILE}"):
         data = Ledger.peek(ledger_path)
-        if data and data.get("source") == str(source) and data.get("outcome") == "running":
+        if data and data.get("source") == utf8_safe(str(source)) and data.get("outcome") == "running":
             candidates.append(data["job_id"])
     return max(candidates) if candidates else None
 
@@ -318,16 +431,6 @@ def input_hashes(job: LoadedJob) -> dict[str, str]:
     for name, path in zip(job.spec.subject.photos, job.photos):
         hashes[name] = sha256_file(path)
     return dict(sorted(hashes.items()))
-
-
-def _folder_hashes(folder: Path, limit: int = 64) -> dict[str, str]:
-    """Hashes of the visible regular files of a folder that could not be read as a job."""
-    hashes: dict[str, str] = {}
-    if folder.is_dir():
-        for path in sorted(folder.iterdir())[:limit]:
-            if path.is_file() and not path.is_symlink() and not is_hidden_name(path.name):
-                hashes[path.name] = sha256_file(path)
-    return hashes
 
 
 def software_versions() -> dict[str, str]:
@@ -354,29 +457,9 @@ def device_facts() -> dict[str, Any]:
     return facts
 
 
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    elif path.exists() or path.is_symlink():
-        path.unlink()
-
-
 def _drop_outputs(job_dir: Path) -> None:
-    """Remove a failed job's partial outputs, keeping its audit log and ledger."""
+    """Remove a failed job's partial outputs, keeping its inputs/, audit log and ledger."""
     if job_dir.is_dir():
         for path in job_dir.iterdir():
-            if path.name not in (AUDIT_FILE, LEDGER_FILE):
-                _remove(path)
-
-
-def _fsync_tree(root: Path) -> None:
-    for path in sorted(root.rglob("*")):
-        if path.is_file() and not path.is_symlink():
-            with open(path, "rb") as handle:
-                os.fsync(handle.fileno())
-    for folder in sorted({p.parent for p in root.rglob("*")} | {root}):
-        fsync_dir(folder)
-
-
-def _now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+            if path.name not in (AUDIT_FILE, LEDGER_FILE, INPUTS_DIR):
+                remove_tree(path)

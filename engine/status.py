@@ -1,7 +1,7 @@
 """Where jobs stand, for a person at a terminal.
 
 - `outbox_status` / `format_status`: `python -m engine status --outbox DIR` reads only the disk:
-  the inbox's waiting folders (the queue), the work area's ledgers (<outbox>/.work/*/*/state.json)
+  the inbox's waiting folders (the queue), the work area's ledgers (<outbox>/.work/*/state.json)
   and audit logs (jobs in progress: stage, phase, last event), finished jobs' drift_report.json
   (lock state) and failed jobs' error.json.
 - `StageProgress`: how far the long stages are (training steps, seed renders, render passes),
@@ -22,11 +22,9 @@ from typing import Any, TextIO
 
 import structlog
 
-from engine.audit import AUDIT_FILE, LEDGER_FILE
+from engine.jobfolder import AUDIT_FILE, ERROR_FILE, LEDGER_FILE, WORK_DIR, find_published, is_hidden_name
 from engine.stages import STAGE_NAMES
 
-WORK_DIR = ".work"  # engine.runner.WORK_DIR (not imported: that pulls in the model stack)
-ERROR_FILE = "error.json"
 REPORT_JSON = "drift_report.json"
 _TAIL_BYTES = 64 * 1024
 
@@ -80,8 +78,10 @@ def outbox_status(outbox: Path, *, inbox: Path | None = None, failed: Path | Non
     failed = Path(failed) if failed is not None else outbox.parent / "failed"
     status = Status(outbox=outbox, inbox=inbox)
     if inbox is not None and Path(inbox).is_dir():
-        status.queue = sorted(p.name for p in Path(inbox).iterdir() if p.is_dir() and not p.name.startswith((".", "~")) and (p / "job.toml").is_file())
-    for ledger_path in sorted((outbox / WORK_DIR).glob(f"*/*/{LEDGER_FILE}")):
+        status.queue = sorted(p.name for p in Path(inbox).iterdir() if p.is_dir() and not is_hidden_name(p.name) and (p / "job.toml").is_file())
+    for ledger_path in sorted((outbox / WORK_DIR).glob(f"*/{LEDGER_FILE}")):
+        if find_published(outbox, failed, ledger_path.parent.name) is not None:
+            continue  # a leftover of a published job (a kill right after publishing): the next run of it removes it
         running = _running(ledger_path)
         if running is not None:
             status.running.append(running)
@@ -102,9 +102,10 @@ def _running(ledger_path: Path) -> Running | None:
     stage = in_flight or next((name for name in STAGE_NAMES if name not in done), None)
     lines = _audit_tail(ledger_path.parent / AUDIT_FILE)
     last = lines[-1] if lines else {}
-    state = {"job_interrupted": "interrupted", "job_paused": "paused", "job_stopped": "stopped"}.get(last.get("event", ""), "running")
-    return Running(subject=ledger.get("subject", ledger_path.parent.parent.name), job_id=ledger.get("job_id", ledger_path.parent.name),
-                   stage=stage, stages_done=len(done), state=state, detail=_stage_detail(stage, lines, ledger_path.parent),
+    state = {"job_interrupted": "interrupted", "job_paused": "paused", "job_stopped": "stopped", "job_held": "held"}.get(last.get("event", ""), "running")
+    return Running(subject=ledger.get("subject") or "?", job_id=ledger.get("job_id", ledger_path.parent.name),
+                   stage=stage, stages_done=len(done), state=state,
+                   detail=f"{last.get('code')}: {last.get('message')}" if state == "held" else _stage_detail(stage, lines, ledger_path.parent),
                    last_event=last.get("event", "—"), last_event_ts=last.get("ts"))
 
 

@@ -32,6 +32,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True)
+def _structlog_as_it_was():
+    """A test that calls a CLI's main() configures structlog to print to the stream pytest
+    captured for it; later tests must not log to that closed stream."""
+    yield
+    import structlog
+
+    structlog.reset_defaults()
+
+
 @pytest.fixture(scope="session")
 def astronaut_rgb() -> np.ndarray:
     from skimage import data

@@ -98,18 +98,28 @@ def run(ctx: StageContext) -> None:
     _write_reports(ctx, chosen, rows)
 
 
+def _render_one(ctx: StageContext, where: str, pipe: Any, prompt: str, negative: str, seed: int, **options: Any) -> np.ndarray:
+    """One image, with the stop check before it and at every denoising step (a SIGTERM or a lost
+    claim waits for one step)."""
+    ctx.check_stop(where)
+    (image,) = render(pipe, prompt, negative, [seed], on_step=lambda: ctx.check_stop(where), **options)
+    return image
+
+
 def _three_pass(ctx, pipe, lora, entry: RenderSpec, entry_index, prompt, negative, seed, size, keep) -> None:
     identity_prompt = ctx.job.spec.verify.prompt
     lora.weight(ANCHOR[0])
-    (anchor,) = render(pipe, identity_prompt, negative, [seed], steps=entry.steps, guidance=ANCHOR[1], size=size)
+    anchor = _render_one(ctx, f"render {entry_index} anchor", pipe, identity_prompt, negative, seed, steps=entry.steps, guidance=ANCHOR[1], size=size)
     for output in range(entry.count):
         keep(entry_index, output, "anchor", "three_pass", identity_prompt, negative, seed, anchor, ANCHOR)
         scene_seed = seed + (output + 1) * SEED_STRIDE
         lora.weight(SCENE[0])
-        (scene,) = render(pipe, prompt, negative, [scene_seed], steps=entry.steps, guidance=SCENE[1], size=size, init_images=anchor[None], strength=SCENE[2])
+        scene = _render_one(ctx, f"render {entry_index}.{output} scene", pipe, prompt, negative, scene_seed, steps=entry.steps, guidance=SCENE[1],
+                            size=size, init_images=anchor[None], strength=SCENE[2])
         keep(entry_index, output, "scene", "three_pass", prompt, negative, scene_seed, scene, SCENE)
         lora.weight(RESCUE[0])
-        (rescue,) = render(pipe, prompt, negative, [scene_seed + 1], steps=entry.steps, guidance=RESCUE[1], size=size, init_images=scene[None], strength=RESCUE[2])
+        rescue = _render_one(ctx, f"render {entry_index}.{output} rescue", pipe, prompt, negative, scene_seed + 1, steps=entry.steps,
+                             guidance=RESCUE[1], size=size, init_images=scene[None], strength=RESCUE[2])
         final = np.clip(np.rint((1.0 - RESCUE_BLEND_TO_ANCHOR) * rescue.astype(np.float64) + RESCUE_BLEND_TO_ANCHOR * anchor.astype(np.float64)), 0, 255).astype(np.uint8)
         keep(entry_index, output, "rescue", "three_pass", prompt, negative, scene_seed + 1, final, RESCUE)
 
@@ -120,11 +130,13 @@ def _two_pass(ctx, pipe, lora, entry: RenderSpec, entry_index, prompt, negative,
     lora.weight(TWO_PASS_ANCHOR[0])
     for output in range(entry.count):
         pass_seed = seed + output * SEED_STRIDE
-        (anchor,) = render(pipe, prompt, negative, [pass_seed], steps=entry.steps, guidance=TWO_PASS_ANCHOR[1], size=size)
+        anchor = _render_one(ctx, f"render {entry_index}.{output} anchor", pipe, prompt, negative, pass_seed, steps=entry.steps,
+                             guidance=TWO_PASS_ANCHOR[1], size=size)
         keep(entry_index, output, "anchor", "two_pass", prompt, negative, pass_seed, anchor, TWO_PASS_ANCHOR)
         if realism is pipe:
             lora.off()  # demo: the realism model is the base model itself, without the LoRA
-        (final,) = render(realism, prompt, negative, [pass_seed + 1], steps=entry.steps, guidance=TWO_PASS_REALISM[1], size=size, init_images=anchor[None], strength=TWO_PASS_REALISM[2])
+        final = _render_one(ctx, f"render {entry_index}.{output} realism", realism, prompt, negative, pass_seed + 1, steps=entry.steps,
+                            guidance=TWO_PASS_REALISM[1], size=size, init_images=anchor[None], strength=TWO_PASS_REALISM[2])
         lora.weight(TWO_PASS_ANCHOR[0])
         keep(entry_index, output, "realism", "two_pass", prompt, negative, pass_seed + 1, final, TWO_PASS_REALISM)
 

@@ -20,7 +20,6 @@ import io
 import json
 import os
 import random
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,7 @@ from engine.context import StageContext
 from engine.convergence import PhaseConvergence
 from engine.errors import JobError
 from engine.faults import pause_point
-from engine.fsutil import atomic_write_bytes, atomic_write_json, atomic_write_text
+from engine.fsutil import atomic_write_bytes, atomic_write_json, atomic_write_text, check_write, remove_tree
 from engine.images import read_rgb
 from engine.job import PhaseSpec, TrainSpec
 from engine.schema import to_plain
@@ -88,7 +87,7 @@ def train_lora(ctx: StageContext, pipe: Any, images: torch.Tensor, spec: TrainSp
     """The training loop: phases, losses, optimizer swaps, convergence, checkpoints."""
     from diffusers import DDPMScheduler
     from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+    from peft.utils import set_peft_model_state_dict
 
     unet = pipe.unet
     device = unet.device
@@ -215,12 +214,11 @@ def save_lora(pipe: Any, unet: torch.nn.Module, directory: Path, alpha: float) -
     # randomisation), which would make equal LoRAs differ byte for byte.
     metadata["target_modules"] = sorted(metadata["target_modules"])
     staging = directory.with_name(f".{directory.name}.incoming")
-    if staging.exists():
-        shutil.rmtree(staging)
+    remove_tree(staging)
     type(pipe).save_lora_weights(str(staging), unet_lora_layers=layers, unet_lora_adapter_metadata=metadata, safe_serialization=True)
     canonicalise_safetensors_header(staging / Path(LORA_FILE).name)
-    if directory.exists():
-        shutil.rmtree(directory)
+    remove_tree(directory)
+    check_write(str(directory))
     staging.rename(directory)
 
 

@@ -52,7 +52,10 @@ def run(ctx: StageContext) -> None:
         for group, with_lora in (("lora", True), ("control", False)):
             lora.weight(1.0) if with_lora else lora.off()
             for batch in batches:
-                images = render(pipe, spec.prompt, negative, batch, steps=spec.steps, guidance=GUIDANCE, size=size)
+                where = f"verify: {group} seeds {batch[0]}-{batch[-1]}"
+                ctx.check_stop(where)
+                images = render(pipe, spec.prompt, negative, batch, steps=spec.steps, guidance=GUIDANCE, size=size,
+                                on_step=lambda: ctx.check_stop(where))
                 for seed, rgb in zip(batch, images):
                     drift, face_found = score(faces, rgb, reference)
                     prefix = "" if with_lora else "control_"

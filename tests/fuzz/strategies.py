@@ -26,7 +26,7 @@ from tests.conftest import FAST_JOB
 
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 DENYLIST = ("nsfw", "cartoon")
-IMAGE_CODES = {"unreadable_image", "truncated_image", "unsupported_image", "pixel_limit"}
+IMAGE_CODES = {"unreadable_image", "truncated_image", "unsupported_image", "pixel_limit", "empty_file"}
 JOB_CODES = {"invalid_job", "missing_job_file"}
 # A refusal is read by a person: it may quote a key or a value, but never pages of them.
 MAX_MESSAGE_CHARS = 4000
@@ -193,13 +193,14 @@ def tree_snapshot(folder: Path) -> dict[str, bytes | str]:
 
 def check_failed_copy(result: Any, before: dict[str, bytes | str], codes: set[str], names: tuple[str, ...]) -> dict[str, Any]:
     """A job the engine refused: outcome "failed", a clear error, and in failed/<subject>/<id>/
-    the inputs exactly as dropped (links as links, pipes left out) beside error.json and
-    audit.jsonl. Returns error.json."""
+    inputs/ holding the folder exactly as dropped (links as links, pipes left out) beside
+    error.json and audit.jsonl. Returns error.json."""
     assert result.outcome == "failed", result
     error = json.loads((result.output_dir / "error.json").read_text(encoding="utf-8"))
     assert error == json.loads(json.dumps(result.error)), "error.json differs from the result's error"
     check_error(JobError(error["code"], error["message"], tuple(Problem(**p) for p in error["problems"])), codes, names)
-    copied = {k: v for k, v in tree_snapshot(result.output_dir).items() if k not in ("error.json", "audit.jsonl")}
+    assert sorted(p.name for p in result.output_dir.iterdir()) == [AUDIT_FILE, "error.json", "inputs"]
+    copied = tree_snapshot(result.output_dir / "inputs")
     expected = {k: v for k, v in before.items() if v != "<special>"}
     assert copied == expected, f"failed/ holds {sorted(copied)}, the job folder held {sorted(expected)}"
     assert sorted(error["details"].get("not_copied", [])) == sorted(k for k, v in before.items() if v == "<special>")

@@ -1,7 +1,9 @@
 """The daemon (a real `python -m daemon` subprocess, tests/e2e/conftest.py's harness) fed hostile
-folders: links that leave the job folder, and a job whose outputs hit a full disk
-(ENGINE_FAIL_WRITES, engine/faults.py). Each lands in failed/ with error.json and its inputs as
-dropped; the daemon keeps serving, and a good job dropped afterwards finishes."""
+folders: links that leave the job folder, each refused into failed/ with error.json and its
+inputs as dropped; and a job whose outputs hit a full disk (ENGINE_FAIL_WRITES, engine/faults.py),
+which is the disk's fault, not the job's: it is held, claimed and intact, never failed. The daemon
+keeps serving, and a good job dropped afterwards finishes. (Real full and read-only disks:
+tests/faults/.)"""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import pytest
 from daemon.claim import find_claims
 from engine.audit import verify_audit
 from engine.fsutil import sha256_bytes
+from engine.jobfolder import INPUTS_DIR
 from tests.e2e.conftest import FAST_JOB, Lab, photo_bytes
 from tests.fuzz.strategies import tree_snapshot
 
@@ -43,7 +46,8 @@ def test_daemon_refuses_links_and_survives_a_full_disk(lab, tmp_path):
     (outside / "job.toml").write_text(FAST_JOB, encoding="utf-8")
     outside_before = tree_snapshot(outside)
     lab.inbox.mkdir(parents=True, exist_ok=True)
-    daemon = lab.start(env={"ENGINE_FAIL_WRITES": "ENOSPC:*/.work/diskfull/*/prepared/*"})
+    lab.configure(hold_retry_seconds=0.5)
+    daemon = lab.start(env={"ENGINE_FAIL_WRITES": "ENOSPC:*/prepared/0-full_*"})
 
     def photo_links_out(folder: Path) -> None:
         (folder / "job.toml").write_text(FAST_JOB)
@@ -64,14 +68,17 @@ def test_daemon_refuses_links_and_survives_a_full_disk(lab, tmp_path):
 
     def disk_full(folder: Path) -> None:
         (folder / "job.toml").write_text(FAST_JOB)
+        (folder / "full.png").write_bytes(photo)
+
+    def good(folder: Path) -> None:
+        (folder / "job.toml").write_text(FAST_JOB)
         (folder / "photo.png").write_bytes(photo)
 
     expected = {  # folder -> (code, a name error.json must quote)
         "photolink": ("invalid_job", "photo.png"), "joblink": ("invalid_job", "job.toml"),
         "dirlink": ("invalid_job", "photos"), "passwd": ("invalid_job", "notes.txt"),
-        "diskfull": ("disk_full", "prepared/"),
     }
-    makers = {"photolink": photo_links_out, "joblink": job_links_out, "dirlink": subfolder_links_out, "passwd": passwd, "diskfull": disk_full}
+    makers = {"photolink": photo_links_out, "joblink": job_links_out, "dirlink": subfolder_links_out, "passwd": passwd}
     dropped = {name: _drop(lab, name, make) for name, make in makers.items()}
     for name in dropped:
         ended = daemon.wait_for("job_ended", 90, folder=name)
@@ -83,19 +90,29 @@ def test_daemon_refuses_links_and_survives_a_full_disk(lab, tmp_path):
         error = json.loads((failed_dir / "error.json").read_text(encoding="utf-8"))
         assert error["code"] == code and error["job_id"] == failed_dir.name
         assert quoted in error["message"] or any(quoted in p["where"] for p in error["problems"]), error
-        copy = {k: v for k, v in tree_snapshot(failed_dir).items() if k not in ("error.json", "audit.jsonl")}
-        assert copy == snapshot, f"{name}: the failed/ copy is not the folder as dropped"
+        assert tree_snapshot(failed_dir / INPUTS_DIR) == snapshot, f"{name}: the failed/ copy is not the folder as dropped"
         assert verify_audit(failed_dir).problems == ["audit.jsonl: no job_finished event (job incomplete)"]
         assert not (lab.inbox / name).exists()
-    assert "No space left on device" in json.loads(next((lab.failed / "diskfull").iterdir()).joinpath("error.json").read_text())["message"]
     assert tree_snapshot(outside) == outside_before
     assert find_claims(lab.work) == []
 
-    _drop(lab, "good", disk_full)  # the same kind of folder, but not under the full "disk"
+    # The disk fills under a job: held (twice at least: its retries back off), never failed, never lost.
+    full = _drop(lab, "diskfull", disk_full)
+    held = daemon.wait_for("job_ended", 90, folder="diskfull", outcome="held")
+    assert held["code"] == "disk_full"
+    daemon.wait_for("job_ended", 90, where=lambda e: e.get("folder") == "diskfull" and e is not held and e.get("outcome") == "held")
+    [claim] = find_claims(lab.work)
+    assert claim.claim.held.startswith("disk_full: ") and "No space left on device" in claim.claim.held and claim.claim.crashes == 0
+    assert tree_snapshot(claim.folder) == full and not (lab.failed / "diskfull").exists()
+
+    _drop(lab, "good", good)  # the same kind of folder, but not under the full "disk"
     ended = daemon.wait_for("job_ended", 180, folder="good")
     assert ended["outcome"] == "finished", ended
     [job_dir] = lab.finished_jobs()["good"]
     assert verify_audit(job_dir).ok
     assert json.loads((job_dir / "manifest.json").read_text())["inputs"]["photo.png"] == sha256_bytes(photo)
     assert daemon.process.poll() is None, "the daemon died"
+    metrics = daemon.metrics()
+    assert metrics['idrep_jobs_total{outcome="held"}'] >= 2 and metrics['idrep_jobs_total{outcome="crashed"}'] == 0
+    assert metrics['idrep_job_holds_total{code="disk_full"}'] >= 2 and metrics["idrep_ready"] == 1
     assert daemon.terminate() == 0

@@ -210,8 +210,8 @@ def test_any_photo_decodes_upright_or_is_named(photo, extension, how):
             assert np.abs(result.rgb.astype(int) - expected.astype(int)).max() <= 1, "decoded pixels differ from the encoded ones"
         else:  # lossy: close to the (upright) original, and the right way up
             assert result.rgb.shape[:2] == upright_source.shape[:2]
-    elif how[0] == "zero":
-        assert isinstance(result, JobError) and result.code == "unreadable_image"
+    elif how[0] == "zero":  # 0 bytes: an incomplete copy, said as such (not "not an image")
+        assert isinstance(result, JobError) and result.code == "empty_file"
     if not isinstance(result, JobError):  # a flipped byte may be a new size in the header: still within the limit
         h, w = result.rgb.shape[:2]
         assert w * h <= MAX_PIXELS and result.original_size[0] * result.original_size[1] == w * h
@@ -354,7 +354,7 @@ def _prepare_cases(face_rgb: np.ndarray) -> dict[str, tuple[str, bytes]]:
 
 PREPARED = {"cmyk": ("jpeg", 1), "rgb16": ("png", 1), "orientation6": ("jpeg", 6), "orientation8": ("png", 8),
             "animated_webp": ("webp", 1), "png_named_jpg": ("png", 1), "jpeg_named_png": ("jpeg", 1)}
-REFUSED = {"truncated": "truncated_image", "zero_bytes": "unreadable_image", "gif_named_png": "unsupported_image", "bomb_named_jpg": "pixel_limit"}
+REFUSED = {"truncated": "truncated_image", "zero_bytes": "empty_file", "gif_named_png": "unsupported_image", "bomb_named_jpg": "pixel_limit"}
 
 
 @pytest.mark.parametrize("case", [*PREPARED, *REFUSED])

@@ -20,7 +20,8 @@ import pytest
 import torch
 
 from engine.audit import verify_audit
-from engine.runner import WORK_DIR, Engine
+from engine.jobfolder import WORK_DIR
+from engine.runner import Engine
 from tests.conftest import REPO, make_job
 
 PHASES = """
@@ -241,7 +242,7 @@ def test_training_killed_mid_phase_resumes_bit_exact(tmp_path, astronaut_rgb):
 
     clean = _run_cli(config, source, tmp_path / "clean")
     assert clean.wait(timeout=300) == 0, clean.communicate()
-    (clean_dir,) = (tmp_path / "clean" / WORK_DIR / "alice").iterdir()
+    (clean_dir,) = (tmp_path / "clean" / WORK_DIR).iterdir()
 
     marker = tmp_path / "paused"
     killed = _run_cli(config, source, tmp_path / "outbox", {"ENGINE_PAUSE_AT": "train:checkpoint:6", "ENGINE_PAUSE_FILE": str(marker)})
@@ -257,7 +258,7 @@ def test_training_killed_mid_phase_resumes_bit_exact(tmp_path, astronaut_rgb):
     resumed = _run_cli(config, source, tmp_path / "outbox")
     _, stderr = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, stderr
-    (work_dir,) = (tmp_path / "outbox" / WORK_DIR / "alice").iterdir()
+    (work_dir,) = (tmp_path / "outbox" / WORK_DIR).iterdir()
     events = [json.loads(line) for line in (work_dir / "audit.jsonl").read_text().splitlines()]
     resumed_events = [e for e in events if e["event"] == "train_resumed"]
     assert resumed_events and resumed_events[0]["step"] == 6  # said in the log: from which step

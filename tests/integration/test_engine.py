@@ -12,6 +12,8 @@ import pytest
 from onnx import TensorProto, helper
 
 from engine.audit import verify_audit
+from engine.fsutil import tree_listing
+from engine.jobfolder import INPUTS_DIR, work_dir
 from engine.runner import Engine, run_job
 from engine.stages import STAGE_NAMES
 from tests.conftest import FAST_JOB, folder_snapshot, make_job
@@ -25,8 +27,9 @@ def test_example_job_prepares_and_embeds(tmp_path, engine):
     result = engine.run_job(source, tmp_path / "outbox", until="embed")
     assert result.outcome == "partial", result.error
     out = result.output_dir
-    assert out == tmp_path / "outbox" / ".work" / "astronaut" / result.job_id
+    assert out == work_dir(tmp_path / "outbox", result.job_id)
     assert folder_snapshot(source) == before  # the engine only reads its input
+    assert folder_snapshot(out / INPUTS_DIR) == before  # and works from its own copy of it
     prepared = sorted(p.name for p in (out / "prepared").glob("*.png"))
     assert prepared == ["0-astronaut_base.png", "0-astronaut_crop80.png", "0-astronaut_rot+10.png", "0-astronaut_rot-10.png"]
     embed = json.loads((out / "embedding" / "embed.json").read_text())
@@ -40,7 +43,7 @@ def test_finished_job_is_published_with_manifest_and_audit(tmp_path, engine, ast
     assert result.outcome == "finished", result.error
     out = result.output_dir
     assert out == tmp_path / "outbox" / "alice" / result.job_id
-    assert not (tmp_path / "outbox" / ".work" / "alice" / result.job_id).exists()
+    assert not work_dir(tmp_path / "outbox", result.job_id).exists()
     manifest = json.loads((out / "manifest.json").read_text())
     assert set(manifest["inputs"]) == {"a.png", "job.toml"} and manifest["demo"] is True
     assert any(name.startswith("faces/detector/") for name in manifest["models"])
@@ -55,6 +58,55 @@ def test_finished_job_is_published_with_manifest_and_audit(tmp_path, engine, ast
     assert first["inputs"] == manifest["inputs"]
     assert first["models"]["faces"]["sha256"] and "device" in first and first["demo"] is True
     assert [e["event"] for e in events if e["event"] == "background_removal_skipped"]  # recorded, never silent
+
+
+def test_a_finished_job_keeps_every_dropped_file_byte_for_byte_and_verify_audit_checks_them(tmp_path, engine, astronaut_rgb):
+    """Extra files, a sub-folder, an unused photo, a link inside: inputs/ is the folder as dropped."""
+    source = make_job(tmp_path / "alice", {"a.png": astronaut_rgb, "unused.png": astronaut_rgb[::2, ::2]},
+                      '[subject]\nphotos = ["a.png"]\n' + FAST_JOB)
+    (source / "notes.txt").write_text("taken 2026-11-30, camera 2\n")
+    (source / "raw" / "day 1").mkdir(parents=True)
+    (source / "raw" / "day 1" / "IMG_0001.CR3").write_bytes(bytes(range(256)) * 64)
+    (source / "empty folder").mkdir()
+    (source / "same.png").symlink_to("a.png")
+    before = folder_snapshot(source)
+    result = engine.run_job(source, tmp_path / "outbox")
+    assert result.outcome == "finished", result.error
+    assert folder_snapshot(result.output_dir / INPUTS_DIR) == before
+    assert folder_snapshot(source) == before
+    manifest = json.loads((result.output_dir / "manifest.json").read_text())
+    assert manifest["inputs"] == tree_listing(source).entries  # every file hashed, folders and links listed
+    assert manifest["inputs"]["raw/day 1/IMG_0001.CR3"] and manifest["inputs"]["same.png"] == "link:a.png"
+    assert verify_audit(result.output_dir).ok
+    (result.output_dir / INPUTS_DIR / "unused.png").write_bytes(b"swapped")  # the unused photo is evidence too
+    assert verify_audit(result.output_dir).problems == [f"{INPUTS_DIR}/unused.png: changed (differs from the manifest's inputs)"]
+
+
+def test_the_job_reads_its_own_copy_never_the_folder_after_copying_it(tmp_path, settings, astronaut_rgb, monkeypatch):
+    """A photo replaced in the source while the job runs changes nothing the job writes: its
+    report shows, and its manifest lists, the photo as it was copied."""
+    from engine.images import png_bytes
+
+    source = make_job(tmp_path / "alice", {"a.png": astronaut_rgb}, FAST_JOB)
+    original = (source / "a.png").read_bytes()
+
+    def replace_the_photo(event: str, fields: dict) -> None:
+        if event == "stage_started" and fields.get("stage") == "prepare":
+            (source / "a.png").write_bytes(png_bytes(astronaut_rgb[::-1]))  # a person's shell sat in the folder
+
+    result = Engine(settings, demo=True, observer=replace_the_photo).run_job(source, tmp_path / "outbox")
+    assert result.outcome == "finished", result.error
+    kept = result.output_dir / INPUTS_DIR / "a.png"
+    assert kept.read_bytes() == original and (source / "a.png").read_bytes() != original
+    from engine.fsutil import sha256_bytes
+
+    manifest = json.loads((result.output_dir / "manifest.json").read_text())
+    assert manifest["inputs"]["a.png"] == sha256_bytes(original)
+    from PIL import Image
+
+    shown = Image.open(result.output_dir / "report" / "original_0.png")
+    assert shown.text["sha256"] == sha256_bytes(original)  # the report's "original" is the photo as copied
+    assert verify_audit(result.output_dir).ok
 
 
 def test_prepared_crop_is_centred_on_the_face(tmp_path, engine, face_models, astronaut_rgb):
@@ -81,14 +133,13 @@ def _expect_refusal(tmp_path: Path, settings, source: Path, code: str, text: str
     failed = tmp_path / "failed" / result.subject / result.job_id
     assert result.output_dir == failed
     assert folder_snapshot(source) == before  # input intact in place
-    copy = folder_snapshot(failed)
-    error = json.loads(copy.pop("error.json"))
-    copy.pop("audit.jsonl")
-    assert copy == before  # and a byte-identical copy beside error.json
+    assert sorted(p.name for p in failed.iterdir()) == ["audit.jsonl", "error.json", INPUTS_DIR]
+    assert folder_snapshot(failed / INPUTS_DIR) == before  # and a byte-identical copy beside error.json
+    error = json.loads((failed / "error.json").read_text())
     assert error["code"] == code and error["job_id"] == result.job_id
     audit = [json.loads(line) for line in (failed / "audit.jsonl").read_text().splitlines()]
     assert audit[-1]["event"] == "job_failed" and audit[-1]["code"] == code
-    assert not (tmp_path / "outbox" / ".work" / result.subject / result.job_id).exists()
+    assert not work_dir(tmp_path / "outbox", result.job_id).exists()
     return error
 
 
@@ -233,6 +284,9 @@ def test_cli_run_exit_codes(tmp_path, astronaut_rgb, no_face_rgb, monkeypatch):
     run = ["--config", str(config), "run", "--outbox", str(tmp_path / "outbox")]
     assert main(run + [str(good), "--until", "embed", "--demo"]) == 0
     assert main(run + [str(bad), "--demo"]) == 1
+    monkeypatch.setenv("ENGINE_FAIL_WRITES", "ENOSPC:*/prepared/*")
+    assert main(run + [str(make_job(tmp_path / "dora", {"a.png": astronaut_rgb})), "--demo"]) == 3  # held: the disk, not the job
+    monkeypatch.delenv("ENGINE_FAIL_WRITES")
     assert main(run + [str(good)]) == 2  # no base model staged and no --demo: refused, naming where
     config.write_text("[faces]\nrequire_pack = true\n")
     assert main(run + [str(good), "--demo"]) == 2

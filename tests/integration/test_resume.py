@@ -16,7 +16,7 @@ import pytest
 
 from engine.audit import AUDIT_FILE, MANIFEST_FILE, verify_audit
 from engine.fsutil import hash_tree
-from engine.runner import WORK_DIR
+from engine.jobfolder import WORK_DIR, work_dir
 from engine.stages import STAGE_NAMES
 from tests.conftest import REPO, FAST_JOB, make_job
 
@@ -112,16 +112,16 @@ def test_sigkill_then_rerun_resumes_with_identical_outputs(tmp_path, two_photo_j
 
     outbox = tmp_path / "outbox"
     _kill_at(config, source, outbox, point, tmp_path, JOB_ID)
-    (work_dir,) = (outbox / WORK_DIR / "alice").iterdir()
-    assert (work_dir / "state.json").exists()
+    (killed,) = (outbox / WORK_DIR).iterdir()
+    assert (killed / "state.json").exists()
 
     rerun = _engine_cli(config, source, outbox)
     stdout, stderr = rerun.communicate(timeout=120)
     assert rerun.returncode == 0, stderr
     result = json.loads(stdout.strip().splitlines()[-1])
-    assert result["job_id"] == work_dir.name  # the same job, resumed, not a new one
+    assert result["job_id"] == killed.name  # the same job, resumed, not a new one
     final = Path(result["output"])
-    assert not work_dir.exists()
+    assert not killed.exists()
     assert _outputs(final) == _outputs(clean_dir)
     assert _manifest(final) == _manifest(clean_dir)
     assert verify_audit(final).ok
@@ -154,7 +154,7 @@ def test_sigkill_after_publishing_then_rerun_keeps_the_published_job(tmp_path, t
     assert rerun.returncode == 0, stderr
     result = json.loads(stdout.strip().splitlines()[-1])
     assert (result["job_id"], result["outcome"], Path(result["output"])) == (JOB_ID, "finished", final)
-    assert not (tmp_path / "failed").exists()
+    assert not any((tmp_path / "failed").iterdir())  # made by the start-up probe, and empty
     assert not [p for p in (outbox / WORK_DIR).rglob("*") if p.is_file()]
     assert json.loads((final / "state.json").read_text())["outcome"] == "finished"
     after = hash_tree(final, final)
@@ -169,11 +169,11 @@ def test_partial_writes_of_a_killed_run_are_not_published(tmp_path, two_photo_jo
     source, config = two_photo_job
     outbox = tmp_path / "outbox"
     _kill_at(config, source, outbox, "job:before_publish", tmp_path, JOB_ID)
-    work_dir = outbox / WORK_DIR / "alice" / JOB_ID
+    killed = work_dir(outbox, JOB_ID)
     # What a kill while report.html's images or the ledger were being written leaves behind.
     debris = [".state.json.0a1b_2c3.tmp", "report/.original_0.png.k3x9abqz.tmp"]
     for rel in debris:
-        (work_dir / rel).write_bytes(b"half a file")
+        (killed / rel).write_bytes(b"half a file")
 
     rerun = _engine_cli(config, source, outbox, job_id=JOB_ID)
     stdout, stderr = rerun.communicate(timeout=120)
@@ -189,14 +189,14 @@ def test_changed_inputs_invalidate_from_the_first_affected_stage(tmp_path, two_p
     source, config = two_photo_job
     outbox = tmp_path / "outbox"
     _kill_at(config, source, outbox, "job:before_publish", tmp_path)  # both stages complete, not yet published
-    (work_dir,) = (outbox / WORK_DIR / "alice").iterdir()
-    ledger = json.loads((work_dir / "state.json").read_text())
+    (killed,) = (outbox / WORK_DIR).iterdir()
+    ledger = json.loads((killed / "state.json").read_text())
     assert [(s["name"], s["status"]) for s in ledger["stages"]] == [(name, "complete") for name in STAGE_NAMES]
 
     # An embed-only setting: prepare is kept, embed is re-done.
     config.write_text(config.read_text() + "[embed]\nsame_person_max_drift = 0.5\n")
     _kill_at(config, source, outbox, "job:before_publish", tmp_path)
-    events = _events(work_dir)
+    events = _events(killed)
     last_run = events[max(i for i, e in enumerate(events) if e["event"] == "job_resumed"):]
     assert [(e["event"], e.get("stage")) for e in last_run if e["event"].startswith("stage_")][:3] == [
         ("stage_skipped", "prepare"), ("stage_invalidated", "embed"), ("stage_started", "embed")]
@@ -213,6 +213,8 @@ def test_changed_inputs_invalidate_from_the_first_affected_stage(tmp_path, two_p
     invalidated = [e for e in last_run if e["event"] == "stage_invalidated"]
     assert invalidated[0]["stage"] == "prepare" and invalidated[0]["reason"] == "inputs or settings changed"
     assert invalidated[0]["dropped"] == list(STAGE_NAMES)
+    assert [e["changed"] for e in events if e["event"] == "inputs_changed"] == [["b.png"]]  # copied again, and said so
+    assert (final / "inputs" / "b.png").read_bytes() == (source / "b.png").read_bytes()
     assert verify_audit(final).ok
 
 

@@ -8,17 +8,23 @@ from pathlib import Path
 import pytest
 
 from engine.audit import GENESIS, AuditLog, line_hash, verify_audit, write_manifest
+from engine.errors import OwnershipLost
+from engine.fsutil import tree_listing
 
 
 def _finished_job(folder: Path) -> Path:
     folder.mkdir()
+    (folder / "inputs" / "notes").mkdir(parents=True)
+    (folder / "inputs" / "a.jpg").write_bytes(b"a photo, as dropped")
+    (folder / "inputs" / "notes" / "n.txt").write_text("a note beside it")
     (folder / "prepared").mkdir()
     (folder / "prepared" / "a.png").write_bytes(b"\x89PNG fake but fixed")
     (folder / "report.json").write_text('{"drift": 0.1}')
+    inputs = tree_listing(folder / "inputs").entries
     audit = AuditLog(folder / "audit.jsonl", "job-1")
-    audit.event("job_started", inputs={"a.jpg": "00" * 32}, note="first")
+    audit.event("job_started", inputs=inputs, note="first")
     audit.event("stage_finished", stage="prepare", drift=0.125, values=[1, 2.5, None])
-    digest = write_manifest(folder, "job-1", {"a.jpg": "00" * 32}, {}, demo=False)
+    digest = write_manifest(folder, "job-1", inputs, {}, demo=False)
     audit.event("job_finished", manifest_sha256=digest)
     return folder
 
@@ -27,7 +33,7 @@ def test_intact_job_verifies(tmp_path):
     job = _finished_job(tmp_path / "job")
     report = verify_audit(job)
     assert report.ok, report.problems
-    assert report.lines == 3 and report.files_checked == 2
+    assert report.lines == 3 and report.files_checked == 4  # 2 outputs, 2 dropped files
     lines = [json.loads(line) for line in (job / "audit.jsonl").read_text().splitlines()]
     assert lines[0]["prev"] == GENESIS
     assert all(lines[i]["prev"] == lines[i - 1]["hash"] for i in range(1, 3))
@@ -133,3 +139,52 @@ def test_garbage_line_is_named(tmp_path, garbage):
     with open(job / "audit.jsonl", "ab") as handle:
         handle.write(garbage)
     assert "line 4: not a JSON object" in verify_audit(job).problems[0]
+
+
+@pytest.mark.parametrize("edit, problem", [
+    (lambda inputs: (inputs / "a.jpg").write_bytes(b"another photo"), "inputs/a.jpg: changed (differs from the manifest's inputs)"),
+    (lambda inputs: (inputs / "notes" / "n.txt").unlink(), "inputs/notes/n.txt: missing (the manifest lists it as dropped)"),
+    (lambda inputs: (inputs / "b.jpg").write_bytes(b"slipped in"), "inputs/b.jpg: not in the manifest's inputs (added after the job finished)"),
+])
+def test_the_dropped_files_kept_in_inputs_are_checked(tmp_path, edit, problem):
+    job = _finished_job(tmp_path / "job")
+    edit(job / "inputs")
+    assert verify_audit(job).problems == [problem]
+
+
+def test_a_line_from_a_stale_owner_after_its_successor_is_named(tmp_path):
+    """A daemon that lost its claim (generation 1) and wrote after the one that took over (2)."""
+    folder = tmp_path / "job"
+    folder.mkdir()
+    AuditLog(folder / "audit.jsonl", "job-1", fence=1).event("job_started")
+    AuditLog(folder / "audit.jsonl", "job-1", fence=2).event("job_resumed")
+    AuditLog(folder / "audit.jsonl", "job-1", fence=1).event("stage_finished", stage="prepare")
+    problems = verify_audit(folder).problems
+    assert problems[0] == ("audit.jsonl line 3: written by the job's owner of generation 1 after one of generation 2 "
+                           "(a daemon that had lost its claim kept writing)")
+
+
+def test_a_second_writer_of_one_log_is_stopped_before_it_forks_the_chain(tmp_path):
+    path = tmp_path / "audit.jsonl"
+    first, second = AuditLog(path, "job-1", fence=1), None
+    first.event("job_started")
+    second = AuditLog(path, "job-1", fence=2)  # took the job over: it read the head so far
+    second.event("job_resumed")
+    with pytest.raises(OwnershipLost):
+        first.event("stage_finished")  # the old owner, unaware: refused, nothing written
+    lines = path.read_text().splitlines()
+    assert len(lines) == 2 and verify_audit(tmp_path).problems == ["audit.jsonl: no job_finished event (job incomplete)"]
+
+
+def test_audit_lines_are_written_whatever_the_log_level(tmp_path):
+    """The CLI's --log-level warning once filtered every audit event (all "info") out."""
+    import logging
+
+    import structlog
+
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.ERROR))
+    try:
+        AuditLog(tmp_path / "audit.jsonl", "job-1").event("job_started")
+    finally:
+        structlog.reset_defaults()
+    assert len((tmp_path / "audit.jsonl").read_text().splitlines()) == 1

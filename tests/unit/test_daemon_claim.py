@@ -4,16 +4,20 @@ between real processes (exactly one winner, every time)."""
 from __future__ import annotations
 
 import json
+import os
+import socket
 import subprocess
 import sys
 import textwrap
 import time
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from daemon.claim import (
+    ClaimFence,
     Heartbeat,
     Owner,
     claim_folder,
@@ -24,8 +28,12 @@ from daemon.claim import (
     read_current,
     release,
     renew,
+    process_alive,
+    process_start,
     take_over,
 )
+from daemon.clock import ShareClock
+from engine import OwnershipLost
 from tests.conftest import REPO, folder_snapshot
 
 A = Owner("daemon-a", "host-a", 101)
@@ -41,6 +49,23 @@ def _job_folder(inbox: Path, name: str = "alice") -> Path:
     return folder
 
 
+def _share_now(tmp_path: Path) -> float:
+    return ShareClock(tmp_path / "work", "test").now()
+
+
+def _age(job, seconds: float) -> None:
+    """Make the claim's last renewal `seconds` older on the share's clock (its file's mtime)."""
+    path = claim_path(job.container, job.generation)
+    info = path.stat()
+    os.utime(path, (info.st_atime - seconds, info.st_mtime - seconds))
+
+
+def _dead_pid() -> int:
+    """The pid of a process that has exited."""
+    process = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
+    return int(process.stdout)
+
+
 def test_claim_moves_the_folder_unchanged_and_writes_the_claim_beside_it(tmp_path):
     source = _job_folder(tmp_path / "inbox")
     before = folder_snapshot(source)
@@ -52,9 +77,9 @@ def test_claim_moves_the_folder_unchanged_and_writes_the_claim_beside_it(tmp_pat
     assert sorted(p.name for p in job.container.iterdir()) == ["alice", "claim.000000.json"]
     on_disk = json.loads(claim_path(job.container, 0).read_text())
     assert on_disk["daemon_id"] == "daemon-a" and on_disk["host"] == "host-a" and on_disk["pid"] == 101
-    assert on_disk["job_id"] == "20250101T000000Z-abcdef" and on_disk["folder"] == "alice"
-    assert 29 < on_disk["lease_expires_at"] - time.time() <= 30
+    assert on_disk["job_id"] == "20250101T000000Z-abcdef" and on_disk["folder"] == "alice" and on_disk["lease_seconds"] == 30
     assert read_current(job.container).claim == job.claim
+    assert job.lease(_share_now(tmp_path)) == "live"
 
 
 def test_claim_of_a_vanished_folder_leaves_nothing(tmp_path):
@@ -64,68 +89,136 @@ def test_claim_of_a_vanished_folder_leaves_nothing(tmp_path):
 
 
 def test_a_live_claim_is_not_taken_over_an_expired_one_is(tmp_path):
-    job = claim_folder(_job_folder(tmp_path / "inbox"), tmp_path / "work", "j1", A, lease_seconds=30)
+    claim_folder(_job_folder(tmp_path / "inbox"), tmp_path / "work", "j1", A, lease_seconds=30)
     [seen] = find_claims(tmp_path / "work")
-    assert take_over(seen, B, 30) is None
-    job = claim_folder(_job_folder(tmp_path / "inbox", "bob"), tmp_path / "work", "j2", A, lease_seconds=0.2)
-    time.sleep(0.3)
+    assert take_over(seen, B, 30, _share_now(tmp_path)) is None
+    job = claim_folder(_job_folder(tmp_path / "inbox", "bob"), tmp_path / "work", "j2", A, lease_seconds=30)
+    _age(job, 31)  # its owner has not renewed it for 31 s of the share's time
     seen = read_current(job.container)
-    taken = take_over(seen, B, 30)
+    assert seen.lease(_share_now(tmp_path)) == "expired"
+    taken = take_over(seen, B, 30, _share_now(tmp_path))
     assert taken is not None and taken.generation == 1
     assert taken.claim.daemon_id == "daemon-b" and taken.claim.previous_owner == "daemon-a"
     assert taken.claim.job_id == "j2"  # the same job id: the engine resumes from its ledger
     assert taken.claim.crashes == 1  # the owner never released it: its run ended uncleanly
-    assert take_over(seen, A, 30) is None  # a stale view never wins
-    assert renew(job, 30) is None  # the old owner finds out at its next renewal
+    assert take_over(seen, A, 30, _share_now(tmp_path)) is None  # a stale view never wins
+    assert renew(job) is None  # the old owner finds out at its next renewal
     assert read_current(job.container).claim == taken.claim
+
+
+def test_leases_are_judged_on_the_shares_clock_not_on_the_hosts(tmp_path):
+    """A claim written by a host whose clock runs 2 minutes behind (its wall-clock fields say so)
+    is still live: what counts is how long ago the share stamped its last renewal."""
+    job = claim_folder(_job_folder(tmp_path / "inbox"), tmp_path / "work", "j1", A, lease_seconds=30)
+    behind = replace(job.claim, claimed_at=time.time() - 120)
+    claim_path(job.container, 0).write_text(json.dumps(behind.to_json()))
+    seen = read_current(job.container)
+    assert seen.lease(_share_now(tmp_path)) == "live"
+    assert take_over(seen, B, 30, _share_now(tmp_path)) is None
+    # ... and a daemon whose clock runs 2 minutes ahead judges it by the same share time.
+    assert take_over(seen, B, 30, _share_now(tmp_path) + 0.0) is None
 
 
 def test_released_claim_is_taken_over_at_once_without_counting_a_crash(tmp_path):
     job = claim_folder(_job_folder(tmp_path / "inbox"), tmp_path / "work", "j1", A, lease_seconds=300)
     assert release(job)
-    taken = take_over(read_current(job.container), B, 30)
+    taken = take_over(read_current(job.container), B, 30, _share_now(tmp_path))
     assert taken is not None and taken.claim.crashes == 0 and not taken.claim.released
     assert not release(job)  # no longer A's to release
 
 
-def test_own_claim_is_recovered_at_once_after_a_restart_others_are_not(tmp_path):
+def test_a_held_claim_waits_for_its_retry_and_backs_off(tmp_path):
     job = claim_folder(_job_folder(tmp_path / "inbox"), tmp_path / "work", "j1", A, lease_seconds=300)
+    assert release(job, held="disk_full: No space left on device (/outbox/.work/j1/prepared/a.png)", retry_seconds=20)
     seen = read_current(job.container)
-    assert take_over(seen, B, 30, own_restart=True) is None
-    restarted = Owner("daemon-a", "host-a", 999)
-    taken = take_over(seen, restarted, 30, own_restart=True)
-    assert taken is not None and taken.claim.pid == 999 and taken.generation == 1
+    assert seen.lease(_share_now(tmp_path)) == "held" and 19 < seen.seconds_left(_share_now(tmp_path)) <= 20
+    assert take_over(seen, B, 30, _share_now(tmp_path)) is None  # not before its retry
+    _age(seen, 21)
+    seen = read_current(job.container)
+    assert seen.lease(_share_now(tmp_path)) == "retry"
+    taken = take_over(seen, B, 30, _share_now(tmp_path))
+    assert taken is not None and taken.claim.crashes == 0 and taken.claim.holds == 1 and not taken.claim.held
+    assert release(taken, held="disk_full: again", retry_seconds=40)
+    assert read_current(job.container).claim.holds == 2  # held twice in a row: the daemon waits longer
+    again = take_over(read_current(job.container), A, 30, _share_now(tmp_path) + 41)
+    assert again is not None and release(again)
+    assert read_current(job.container).claim.holds == 0  # a run that was not held resets the count
 
 
-def test_renew_extends_the_lease(tmp_path):
-    job = claim_folder(_job_folder(tmp_path / "inbox"), tmp_path / "work", "j1", A, lease_seconds=1)
-    renewed = renew(job, 100)
-    assert renewed is not None and renewed.claim.lease_expires_at > job.claim.lease_expires_at + 50
-    assert read_current(job.container).claim.lease_expires_at == renewed.claim.lease_expires_at
+def test_own_claim_is_recovered_at_once_after_a_restart_only_when_its_process_is_dead(tmp_path):
+    host = socket.gethostname()
+    alive = Owner("daemon-a", host, os.getpid(), process_start(os.getpid()))
+    job = claim_folder(_job_folder(tmp_path / "inbox"), tmp_path / "work", "j1", alive, lease_seconds=300)
+    seen = read_current(job.container)
+    restarted = Owner("daemon-a", host, 999_999)
+    assert take_over(seen, B, 30, _share_now(tmp_path), own_restart=True) is None  # not B's own
+    # The recorded process runs (perhaps frozen): a process with the same daemon id waits for the lease.
+    assert take_over(seen, restarted, 30, _share_now(tmp_path), own_restart=True) is None
+    dead = Owner("daemon-a", host, _dead_pid(), 12345)
+    job = claim_folder(_job_folder(tmp_path / "inbox", "bob"), tmp_path / "work", "j2", dead, lease_seconds=300)
+    taken = take_over(read_current(job.container), restarted, 30, _share_now(tmp_path), own_restart=True)
+    assert taken is not None and taken.claim.pid == 999_999 and taken.generation == 1
+    assert process_alive(os.getpid(), process_start(os.getpid())) and not process_alive(os.getpid(), 1)  # a reused pid is not the owner
 
 
-def test_heartbeat_renews_and_reports_a_lost_claim(tmp_path):
+def test_renew_restamps_the_lease(tmp_path):
+    job = claim_folder(_job_folder(tmp_path / "inbox"), tmp_path / "work", "j1", A, lease_seconds=30)
+    _age(job, 25)
+    assert read_current(job.container).lease(_share_now(tmp_path)) == "live"
+    assert renew(job) is not None
+    assert _share_now(tmp_path) - read_current(job.container).renewed_at < 1
+
+
+def test_heartbeat_renews_and_reports_a_lost_claim_and_shuts_the_fence(tmp_path):
     job = claim_folder(_job_folder(tmp_path / "inbox"), tmp_path / "work", "j1", A, lease_seconds=0.6)
     lost = []
-    heartbeat = Heartbeat(0.6, lost.append)
+    clock = ShareClock(tmp_path / "work", "test")
+    heartbeat = Heartbeat(0.6, lost.append, clock.now)
     heartbeat.start()
     try:
-        heartbeat.hold(job)
+        fence = heartbeat.hold(job)
         time.sleep(1.0)  # several beats: the lease never lapses
-        current = read_current(job.container)
-        assert not current.claim.expired(time.time())
-        assert current.claim.lease_expires_at > job.claim.lease_expires_at
-        # B takes it over by force (as if A had been frozen past its lease)...
-        forced = current.claim.__class__(**{**current.claim.__dict__, "lease_expires_at": 0.0})
-        claim_path(job.container, 0).write_text(json.dumps(forced.to_json()))
-        assert take_over(read_current(job.container), B, 30) is not None
+        assert read_current(job.container).lease(clock.now()) == "live"
+        fence.check("a write")  # open
+        _age(read_current(job.container), 10)  # B takes it over (as if A had been frozen past its lease)...
+        assert take_over(read_current(job.container), B, 30, clock.now()) is not None
+        with pytest.raises(OwnershipLost):
+            fence.check("the next write")  # ... A's very next write is refused ...
         deadline = time.monotonic() + 3
         while not lost and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert [j.job_id for j in lost] == ["j1"]  # ... and A hears of it
+        assert [j.job_id for j in lost] == ["j1"]  # ... and its heartbeat hears of it
         assert heartbeat.drop() is None
     finally:
         heartbeat.stop()
+
+
+def test_a_fence_shuts_when_its_lease_lapses_unrenewed(tmp_path):
+    """No heartbeat (a frozen process): the fence shuts by the local clock alone, before anyone took over."""
+    job = claim_folder(_job_folder(tmp_path / "inbox"), tmp_path / "work", "j1", A, lease_seconds=0.5)
+    fence = ClaimFence(job, 0.5, renew_now=lambda: False)
+    fence.check("a write")
+    time.sleep(0.5)
+    with pytest.raises(OwnershipLost, match="ran out"):
+        fence.check("a write after a freeze", io=False)
+    with pytest.raises(OwnershipLost):
+        fence.check("and every one after it")
+
+
+def test_a_slow_heartbeat_costs_nothing_the_fence_renews_a_fresh_claim_itself(tmp_path):
+    job = claim_folder(_job_folder(tmp_path / "inbox"), tmp_path / "work", "j1", A, lease_seconds=1.0)
+    clock = ShareClock(tmp_path / "work", "test")
+    heartbeat = Heartbeat(1.0, lambda job: None, clock.now)  # never started: its beats are late
+    fence = heartbeat.hold(job)
+    time.sleep(0.6)  # past half the lease with no renewal: the heartbeat is late
+    fence.check("a write")  # renewed on the spot
+    assert clock.now() - read_current(job.container).renewed_at < 0.2
+    time.sleep(0.6)
+    fence.check("a write")  # and again: 1.2 s after the claim, well past its lease of 1 s
+    _age(read_current(job.container), 5)  # too old on the share: another daemon may have judged it expired
+    time.sleep(0.92)
+    with pytest.raises(OwnershipLost):
+        fence.check("a write")
 
 
 def test_discard_removes_the_container_in_one_step(tmp_path):
@@ -141,8 +234,10 @@ RACER = textwrap.dedent("""
     import json, sys, time
     from pathlib import Path
     from daemon.claim import Owner, claim_folder, read_current, take_over
+    from daemon.clock import ShareClock
     work, rounds, me = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
     owner = Owner(me, "host", 0)
+    clock = ShareClock(work, me)
     print("ready", flush=True)
     start = float(sys.stdin.readline())  # the same instant for every racer, sent once all are ready
     for mode in ("claim", "takeover"):
@@ -154,7 +249,7 @@ RACER = textwrap.dedent("""
                 won = claim_folder(work.parent / "inbox" / f"job{number}", work, f"{me}-{number}", owner, 0.0) is not None
             else:  # everyone takes over the (expired) claim of job<n> at once
                 [seen] = [job for job in map(read_current, work.iterdir()) if job.claim and job.claim.folder == f"job{number}"]
-                won = take_over(seen, owner, 30) is not None
+                won = take_over(seen, owner, 30, clock.now()) is not None
             print(json.dumps({"mode": mode, "round": number, "won": won, "me": me}), flush=True)
 """)
 ROUNDS = 8

@@ -10,9 +10,9 @@ import time
 from pathlib import Path
 
 from daemon.__main__ import main
-from daemon.claim import Owner, claim_folder
+from daemon.claim import Owner, claim_folder, release
 from daemon.status import daemon_status, format_daemon_status
-from engine.audit import AUDIT_FILE, LEDGER_FILE
+from engine.jobfolder import AUDIT_FILE, LEDGER_FILE, work_dir
 
 STABLE = 10.0
 
@@ -38,11 +38,14 @@ def _layout(tmp_path: Path) -> dict[str, Path]:
     _folder(inbox, "copying", {"job.toml": "", "a.jpg": "x"}, age_seconds=1)
     _folder(inbox, "no-job", {"a.jpg": "x"}, age_seconds=60)
     _folder(inbox, ".hidden", {"job.toml": ""}, age_seconds=60)
+    _folder(inbox, "eve.part", {"job.toml": ""}, age_seconds=60)  # a copy tool's name: never a job, but listed
     # A live claim whose job the engine is training, and a claim of a dead daemon.
     live = claim_folder(_folder(inbox, "alice", {"job.toml": ""}, 60), paths["work"], "J1", Owner("gpu-0", "host-a", 11), lease_seconds=600)
     dead = claim_folder(_folder(inbox, "bob", {"job.toml": ""}, 60), paths["work"], "J2", Owner("gpu-1", "host-b", 22), lease_seconds=0.5)
-    assert live and dead
-    job_dir = paths["outbox"] / ".work" / "alice" / "J1"
+    held = claim_folder(_folder(inbox, "dave", {"job.toml": ""}, 60), paths["work"], "J3", Owner("gpu-1", "host-b", 22), lease_seconds=60)
+    assert live and dead and held
+    assert release(held, held="disk_full: No space left on device (/outbox/.work/J3/prepared)", retry_seconds=300)
+    job_dir = work_dir(paths["outbox"], "J1")
     job_dir.mkdir(parents=True)
     (job_dir / LEDGER_FILE).write_text(json.dumps({"job_id": "J1", "subject": "alice", "outcome": "running", "stages": [
         {"name": "prepare", "status": "complete"}, {"name": "embed", "status": "complete"}, {"name": "train", "status": "running"}]}))
@@ -64,6 +67,8 @@ def test_status_reads_queue_claims_progress_and_results(tmp_path):
     assert claims["J1"].daemon_id == "gpu-0" and claims["J1"].lease == "live" and claims["J1"].folder == "alice"
     assert claims["J1"].progress is not None and claims["J1"].progress.stage == "train"
     assert claims["J2"].lease == "expired" and claims["J2"].lease_seconds_left < 0 and claims["J2"].progress is None
+    assert claims["J3"].lease == "held" and claims["J3"].held.startswith("disk_full") and 290 < claims["J3"].lease_seconds_left <= 300
+    assert status.ignored == [("eve.part", "temporary name (.part/.tmp/~): taken for a copy in progress, never for a job; rename it to start it")]
     text = format_daemon_status(status)
     assert "5 folder(s), 2 ready, 2 still copying" not in text  # hidden folders are not jobs
     assert "4 folder(s), 2 ready, 2 still copying" in text
@@ -71,6 +76,8 @@ def test_status_reads_queue_claims_progress_and_results(tmp_path):
     assert "stage train (3/5), running: training: phase MID since step 120" in text
     assert "bob  J2  held by gpu-1 (host host-b, pid 22); LEASE EXPIRED" in text and "takes it over" in text
     assert "carol  J0  FAILED  no_face_found: no face in a.jpg" in text
+    assert "dave  J3  held by gpu-1 (host host-b, pid 22); held: disk_full: No space left on device" in text and "retried in 29" in text
+    assert "ignored  eve.part  (temporary name" in text
 
 
 def test_the_cli_reads_the_folders_of_the_config(tmp_path, capsys):
@@ -81,7 +88,7 @@ def test_the_cli_reads_the_folders_of_the_config(tmp_path, capsys):
     assert "held by gpu-0" in capsys.readouterr().out
     assert main(["status", "--config", str(config), "--json"]) == 0
     plain = json.loads(capsys.readouterr().out)
-    assert [c["job_id"] for c in plain["claims"]] == ["J1", "J2"] and plain["claims"][0]["progress"]["stage"] == "train"
+    assert [c["job_id"] for c in plain["claims"]] == ["J1", "J2", "J3"] and plain["claims"][0]["progress"]["stage"] == "train"
     assert plain["results"][0]["error"].startswith("no_face_found")
     assert main(["status", "--config", str(config), "--inbox", str(tmp_path / "elsewhere")]) == 0
     assert "elsewhere: 0 folder(s)" in capsys.readouterr().out

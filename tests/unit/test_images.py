@@ -62,13 +62,21 @@ def test_configured_pixel_limit(tmp_path, astronaut_rgb):
     assert _load(path, max_pixels=512 * 512).rgb.shape == (512, 512, 3)
 
 
-@pytest.mark.parametrize("content", [b"", b"hello, not a photo", b"GIF89a" + b"\x00" * 20])
+@pytest.mark.parametrize("content", [b"hello, not a photo", b"GIF89a" + b"\x00" * 20])
 def test_non_images(tmp_path, content):
     path = tmp_path / "photo.jpg"
     path.write_bytes(content)
     with pytest.raises(JobError) as excinfo:
         _load(path)
     assert excinfo.value.code in ("unreadable_image", "unsupported_image")
+
+
+def test_an_empty_file_is_called_empty_not_a_non_image(tmp_path):
+    path = tmp_path / "photo.jpg"
+    path.write_bytes(b"")
+    with pytest.raises(JobError) as excinfo:
+        _load(path)
+    assert excinfo.value.code == "empty_file" and "photo.jpg" in excinfo.value.message and "0 bytes" in excinfo.value.message
     assert "photo.jpg" in excinfo.value.message
 
 
