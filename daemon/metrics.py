@@ -193,6 +193,7 @@ class _PooledWSGIServer(WSGIServer):
     own server starts one thread per connection, without bound)."""
 
     daemon_threads = True
+    request_queue_size = 64  # connections waiting in the kernel while every thread is busy
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

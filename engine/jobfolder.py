@@ -127,13 +127,24 @@ def copy_verified(source: Path, target: Path) -> Listing:
     target = Path(target)
     staging = target.with_name(target.name + _INCOMING)
     remove_tree(staging)
-    copied = copy_tree(source, staging)
-    _verify_copy(copied, staging)
-    fsync_tree(staging)
+    try:
+        copied = copy_tree(source, staging)
+        _verify_copy(copied, staging)
+        fsync_tree(staging)
+    except BaseException:
+        _remove_quietly(staging)  # a half copy on a full disk would only keep it full
+        raise
     remove_tree(target)
     os.rename(staging, target)
     fsync_dir(target.parent)
     return copied
+
+
+def _remove_quietly(path: Path) -> None:
+    try:
+        remove_tree(path)
+    except (OSError, OwnershipLost):
+        pass
 
 
 def _verify_copy(copied: Listing, folder: Path) -> None:
@@ -257,19 +268,23 @@ def publish_failure(*, inputs_from: Path, failed_root: Path, subject: str, job_i
     staging = target.with_name(f".{job_id}{_INCOMING}")
     remove_tree(staging)
     staging.parent.mkdir(parents=True, exist_ok=True)
-    os.mkdir(staging)
-    copied = copy_tree(inputs_from, staging / INPUTS_DIR, only=only)
-    _verify_copy(copied, staging / INPUTS_DIR)
-    record = dict(record)
-    if copied.left_out:
-        record["details"] = {**record.get("details", {}), "not_copied": copied.left_out}
-    atomic_write_json(staging / ERROR_FILE, record)
-    if audit is not None and Path(audit).is_file():
-        atomic_write_bytes(staging / AUDIT_FILE, Path(audit).read_bytes())
-    fsync_tree(staging)
-    if check is not None:
-        check("publish to failed/")
-    os.rename(staging, target)  # onto an existing, non-empty folder this fails: nothing of anyone's is replaced
+    try:
+        os.mkdir(staging)
+        copied = copy_tree(inputs_from, staging / INPUTS_DIR, only=only)
+        _verify_copy(copied, staging / INPUTS_DIR)
+        record = dict(record)
+        if copied.left_out:
+            record["details"] = {**record.get("details", {}), "not_copied": copied.left_out}
+        atomic_write_json(staging / ERROR_FILE, record)
+        if audit is not None and Path(audit).is_file():
+            atomic_write_bytes(staging / AUDIT_FILE, Path(audit).read_bytes())
+        fsync_tree(staging)
+        if check is not None:
+            check("publish to failed/")
+        os.rename(staging, target)  # onto an existing, non-empty folder this fails: nothing of anyone's is replaced
+    except BaseException:
+        _remove_quietly(staging)  # nothing half-made stays in failed/ (nor fills a full disk)
+        raise
     fsync_dir(target.parent)
     return target, record
 

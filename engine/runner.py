@@ -404,6 +404,7 @@ class Engine:
                                              audit=job_dir / AUDIT_FILE, check=fence.check)
         except OSError as exc:
             return self._held(classify_os_error(exc) or "io_error", exc, subject, job_id, job_dir, audit, bound, pending=record)
+        pause_point("job:failed_published")
         try:
             remove_tree(job_dir)
         except OSError as exc:  # published all the same; the next run of this id removes the leftover

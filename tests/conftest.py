@@ -3,7 +3,10 @@ and job-folder builders. Nothing here downloads anything."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -153,3 +156,15 @@ def make_job(folder: Path, photos: dict[str, np.ndarray | bytes], job_toml: str 
 def folder_snapshot(folder: Path) -> dict[str, bytes]:
     """Every file under `folder` with its bytes (to prove inputs are untouched)."""
     return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="session")
+def shared_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One models folder for every test that runs daemon subprocesses (e2e, fuzz, faults): the tiny
+    demo model is built into it once here, instead of by the first daemon of every test (~30 s each)."""
+    models = tmp_path_factory.mktemp("models")
+    if importlib.util.find_spec("engine.models") is not None:
+        build = "import sys; from pathlib import Path; from engine.models import demo_model_dir, make_demo_model; make_demo_model(demo_model_dir(Path(sys.argv[1])))"
+        subprocess.run([sys.executable, "-c", build, str(models)], cwd=REPO, check=True, capture_output=True, timeout=600,
+                       env=dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1"))
+    return models

@@ -5,7 +5,6 @@ real photo. Nothing is mocked."""
 from __future__ import annotations
 
 import datetime as dt
-import importlib.util
 import json
 import os
 import signal
@@ -117,19 +116,26 @@ class Daemon:
                 except ValueError:
                     pass  # not JSON: kept in raw; test_logs_are_json checks there is none
 
-    def named(self, event: str, **fields: Any) -> list[dict[str, Any]]:
+    def named(self, event: str, after: int = 0, **fields: Any) -> list[dict[str, Any]]:
+        """Its log lines of `event` with these fields (only those after line number `after`: see `mark`)."""
         with self._lock:
-            return [e for e in self.events if e.get("event") == event and all(e.get(k) == v for k, v in fields.items())]
+            return [e for e in self.events[after:] if e.get("event") == event and all(e.get(k) == v for k, v in fields.items())]
 
-    def wait_for(self, event: str, timeout: float = 60, where: Callable[[dict[str, Any]], bool] | None = None, **fields: Any) -> dict[str, Any]:
+    def mark(self) -> int:
+        """How many log lines so far: `wait_for(..., after=mark)` waits for a line logged from now on."""
+        with self._lock:
+            return len(self.events)
+
+    def wait_for(self, event: str, timeout: float = 60, where: Callable[[dict[str, Any]], bool] | None = None, after: int = 0,
+                 **fields: Any) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            found = [e for e in self.named(event, **fields) if where is None or where(e)]
+            found = [e for e in self.named(event, after, **fields) if where is None or where(e)]
             if found:
                 return found[0]
             if self.process.poll() is not None:
                 time.sleep(0.2)  # let the reader drain the last lines
-                found = [e for e in self.named(event, **fields) if where is None or where(e)]
+                found = [e for e in self.named(event, after, **fields) if where is None or where(e)]
                 if found:
                     return found[0]
                 raise AssertionError(f"{self.name} exited ({self.process.returncode}) before logging {event} {fields}\n{self.tail()}")
@@ -222,18 +228,6 @@ class Lab:
                 daemon.process.send_signal(signal.SIGKILL)
                 daemon.process.wait(30)
             daemon._stderr.close()
-
-
-@pytest.fixture(scope="session")
-def shared_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One models folder for every e2e test. When the engine has diffusion stages, the tiny demo
-    model is built into it once here, instead of by the first daemon of every test (~30 s each)."""
-    models = tmp_path_factory.mktemp("models")
-    if importlib.util.find_spec("engine.models") is not None:
-        build = "import sys; from pathlib import Path; from engine.models import demo_model_dir, make_demo_model; make_demo_model(demo_model_dir(Path(sys.argv[1])))"
-        subprocess.run([sys.executable, "-c", build, str(models)], cwd=REPO, check=True, capture_output=True, timeout=600,
-                       env=dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1"))
-    return models
 
 
 @pytest.fixture()

@@ -229,3 +229,21 @@ def test_an_artifact_edited_between_runs_is_redone(tmp_path, engine, astronaut_r
     assert target.read_bytes() == original
     reasons = [e.get("reason") for e in _events(second.output_dir) if e["event"] == "stage_invalidated"]
     assert reasons == ["outputs changed on disk"]
+
+
+def test_sigkill_right_after_publishing_a_failure_leaves_nothing_running(tmp_path, two_photo_job):
+    """It was: a kill between the rename into failed/ and the work folder's removal left
+    outbox/.work/... that `engine status` showed as running forever."""
+    from engine.status import outbox_status
+
+    source, config = two_photo_job
+    (source / "job.toml").write_text("colour = 'blue'\n")  # refused at once: invalid_job
+    outbox = tmp_path / "outbox"
+    _kill_at(config, source, outbox, "job:failed_published", tmp_path, JOB_ID)
+    assert work_dir(outbox, JOB_ID).exists() and (tmp_path / "failed" / "alice" / JOB_ID / "error.json").is_file()
+    assert outbox_status(outbox).running == []  # a leftover of a published failure is not a job in progress
+    rerun = _engine_cli(config, source, outbox, job_id=JOB_ID)
+    stdout, stderr = rerun.communicate(timeout=120)
+    assert rerun.returncode == 1, stderr  # the same failed job, as it was published
+    assert not work_dir(outbox, JOB_ID).exists()
+    assert [p.name for p in (tmp_path / "failed" / "alice").iterdir()] == [JOB_ID]
