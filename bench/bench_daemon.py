@@ -14,8 +14,9 @@ job two ways, alternating which goes first, so that load from other processes fa
            (confirm the folder, claim_folder: container, claim file, rename; the job_claimed
            log line; _begin: heartbeat hold, gauges, a worker thread), and the worker's
            Service._run_job (published check, Engine.run_job with the service's observer
-           turning engine events into Prometheus metrics and log lines, _settle: discard the
-           claimed folder, job_ended metrics and log line), joined.
+           turning engine events into Prometheus metrics and log lines, the claimed folder
+           compared by hash with the published inputs/, _settle: discard the claimed folder,
+           job_ended metrics and log line), joined.
 
 Every step of the daemon path is timed where it runs (a wrapper around the named function:
 wall seconds and the calling thread's CPU seconds, exclusive of the steps timed inside it).
@@ -115,17 +116,20 @@ steps = 2
 """
 
 DAEMON_STEPS = ("readiness.touch", "Service._start_next", "readiness.confirm", "claim_folder", "Service._run_job",
-                "Service._published", "Service._settle", "Service._observe")
-ENGINE_STEPS = ("Ledger.save", "AuditLog.event", "audit header facts", "hash_tree", "input_hashes", "write_manifest", "write_report")
+                "find_published", "inputs_changed", "Service._settle", "Service._observe")
+ENGINE_STEPS = ("copy_verified", "Ledger.save", "AuditLog.event", "audit header facts", "hash_tree", "input_hashes", "write_manifest",
+                "write_report")
 STEP_NOTES = {
     "readiness.touch": "watch event: look at the new folder",
     "Service._start_next": "pick the folder, job_claimed log, start worker",
     "readiness.confirm": "re-list the folder before claiming",
     "claim_folder": "container, claim file (fsync, link), rename",
     "Service._run_job": "heartbeat, job_ended metrics + log line",
-    "Service._published": "glob outbox/failed for this job id",
-    "Service._settle": "discard the claimed folder (rename, rmtree)",
+    "find_published": "look for this job id in outbox/ and failed/",
+    "inputs_changed": "hash the claimed folder against the published inputs/",
+    "Service._settle": "discard the claimed folder (rename, remove)",
     "Service._observe": "engine events -> metrics + log lines",
+    "copy_verified": "copy the dropped folder to inputs/, verify by hash, fsync",
     "Ledger.save": "state.json, atomic + fsync",
     "AuditLog.event": "hash-chained line + fsync (observer excluded)",
     "audit header facts": "versions, model facts, device",
@@ -255,7 +259,8 @@ def bench(args: argparse.Namespace, root: Path) -> None:
     from engine.images import png_bytes
     from engine.ledger import Ledger
     from engine.models import demo_model_dir, make_demo_model
-    from engine.runner import Engine, new_job_id
+    from engine.jobfolder import new_job_id
+    from engine.runner import Engine
 
     job_toml = FAST_JOB if args.job == "fast" else EXAMPLE_JOB
     photo = png_bytes(data.astronaut())
@@ -290,7 +295,8 @@ def bench(args: argparse.Namespace, root: Path) -> None:
     timer.wrap(service.readiness, "confirm", "readiness.confirm")
     timer.wrap(service, "_start_next", "Service._start_next")
     timer.wrap(service, "_run_job", "Service._run_job")
-    timer.wrap(service, "_published", "Service._published")
+    timer.wrap(service_module, "find_published", "find_published")
+    timer.wrap(service_module, "inputs_changed", "inputs_changed")
     timer.wrap(service, "_settle", "Service._settle")
     timer.wrap(service_module, "claim_folder", "claim_folder")
     timer.wrap(engine, "run_job", "Engine.run_job")
@@ -299,7 +305,7 @@ def bench(args: argparse.Namespace, root: Path) -> None:
     for name in ("software_versions", "device_facts"):
         timer.wrap(runner_module, name, "audit header facts")
     timer.wrap(engine, "_model_facts", "audit header facts")
-    for name in ("hash_tree", "input_hashes", "write_manifest", "write_report"):
+    for name in ("copy_verified", "hash_tree", "input_hashes", "write_manifest", "write_report"):
         timer.wrap(runner_module, name, name)
 
     def run_direct(index: int) -> tuple[float, float]:
@@ -356,7 +362,7 @@ def bench(args: argparse.Namespace, root: Path) -> None:
     probe = drop_job(service.paths.inbox / "probe", job_toml, photo)
     held = claim_folder(probe, service.paths.work, new_job_id(), service.owner, config.lease_seconds)
     assert held is not None
-    renew_wall = median_seconds(lambda: renew(held, config.lease_seconds), 20)
+    renew_wall = median_seconds(lambda: renew(held), 20)
     discard(held.container, service.paths.work)
     drop_job(service.paths.inbox / "copying", job_toml, photo).joinpath("READY").unlink()  # a folder still being copied
     service.readiness.scan(time.monotonic())

@@ -77,10 +77,12 @@ sys.path.insert(0, str(REPO))
 
 from engine.audit import AUDIT_FILE, GENESIS, LEDGER_FILE, MANIFEST_FILE, line_hash  # noqa: E402  (light: no torch)
 from engine.fsutil import sha256_file  # noqa: E402
+from engine.jobfolder import WORK_DIR  # noqa: E402
+from engine.jobfolder import work_dir as job_work_dir  # noqa: E402
+from engine.ledger import LEDGER_VERSION  # noqa: E402
 
 JOB_ID = "20260101T000000Z-soak00"  # fixed, so that the clean and the killed runs are comparable
 SUBJECT = "astronaut"  # the example subject's name (engine/example.py)
-WORK_DIR = ".work"  # engine.runner.WORK_DIR (not imported: engine.runner pulls in torch)
 REPORT_FILE = "report.html"
 STARTUP, FINISH, PUBLISHED = "startup", "finish", "published"
 # Audit events that only record how a job was resumed; absent from an uninterrupted run.
@@ -222,7 +224,7 @@ def soak_rounds(soak: Soak) -> None:
 
 def plan_kill(soak: Soak, outbox: Path) -> tuple[str, float]:
     """A segment still ahead of this attempt, and a delay into it drawn from the clean run's duration of it."""
-    ledger = _read_json(outbox / WORK_DIR / SUBJECT / JOB_ID / LEDGER_FILE) or {}
+    ledger = _read_json(job_work_dir(outbox, JOB_ID) / LEDGER_FILE) or {}
     complete = {record["name"] for record in ledger.get("stages", []) if record["status"] == "complete"}
     ahead = [STARTUP] + [stage for stage in soak.stages if stage not in complete] + [FINISH]
     target = soak.rng.choice(ahead)
@@ -231,7 +233,7 @@ def plan_kill(soak: Soak, outbox: Path) -> tuple[str, float]:
 
 def run_attempt(soak: Soak, outbox: Path, round_number: int, number: int, target: str | None, delay: float | None) -> Attempt:
     """Run the command once; SIGKILL it `delay` seconds after segment `target` begins (if given)."""
-    work_dir = outbox / WORK_DIR / SUBJECT / JOB_ID
+    work_dir = job_work_dir(outbox, JOB_ID)
     final_dir = outbox / SUBJECT / JOB_ID
     tail = AuditTail(work_dir / AUDIT_FILE)
     (soak.workdir / "logs").mkdir(parents=True, exist_ok=True)
@@ -320,13 +322,13 @@ class AuditTail:
 def check_after_kill(outbox: Path) -> list[str]:
     """What a kill may never leave behind: a ledger that does not parse, a broken audit chain."""
     problems = []
-    work_dir, final_dir = outbox / WORK_DIR / SUBJECT / JOB_ID, outbox / SUBJECT / JOB_ID
+    work_dir, final_dir = job_work_dir(outbox, JOB_ID), outbox / SUBJECT / JOB_ID
     job_dir = final_dir if final_dir.is_dir() else work_dir
     ledger_path = job_dir / LEDGER_FILE
     if ledger_path.exists():
         try:
             ledger = json.loads(ledger_path.read_text("utf-8"))
-            if ledger.get("version") != 1 or ledger.get("job_id") != JOB_ID:
+            if ledger.get("version") != LEDGER_VERSION or ledger.get("job_id") != JOB_ID:
                 problems.append(f"{ledger_path}: unexpected ledger {ledger.get('version')}/{ledger.get('job_id')}")
         except ValueError as exc:
             problems.append(f"{ledger_path}: corrupt ledger after a kill ({exc})")

@@ -34,7 +34,6 @@ presence; watchdog's thread only wakes the loop; the metrics server answers scra
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import threading
 import time
@@ -61,8 +60,8 @@ from daemon.presence import Presence, register
 from daemon.settings import DaemonPaths, DaemonSettings, default_daemon_id, load_daemon_settings  # noqa: F401 - re-exported for callers and tests
 from daemon.watch import InboxWatcher, Readiness, Waker
 from engine import ConfigError, Engine, JobError, OwnershipLost, Settings
-from engine.jobfolder import (AUDIT_FILE, INPUTS_DIR, LEDGER_FILE, STAGE_NAMES, atomic_write_json, classify_os_error, describe_os_error,
-                              failure_record, find_published, inputs_changed, new_job_id, publish_failure, remove_leftover_work,
+from engine.jobfolder import (AUDIT_FILE, INPUTS_DIR, STAGE_NAMES, atomic_write_json, classify_os_error, describe_os_error, failure_record,
+                              find_published, inputs_changed, kept_inputs, new_job_id, publish_failure, remove_leftover_work,
                               safe_subject_name, utf8_safe, work_dir)
 
 # Log a training step every this many steps (and every phase change); metrics see every step.
@@ -411,9 +410,9 @@ class Service:
         from the engine's verified copy of its inputs when there is one."""
         assert job.claim is not None
         work = work_dir(self.paths.outbox, job.job_id)
-        ledger = _read_json(work / LEDGER_FILE) or {}
-        subject = ledger.get("subject") or safe_subject_name(job.claim.folder)
-        inputs = work / INPUTS_DIR if ledger.get("inputs") and (work / INPUTS_DIR).is_dir() else job.folder
+        subject, copied = kept_inputs(self.paths.outbox, job.job_id)
+        subject = subject or safe_subject_name(job.claim.folder)
+        inputs = copied or job.folder
         error = JobError("too_many_crashes",
                          f"runs of this job ended without a clean stop {job.claim.crashes} times (daemon killed, out of memory, or frozen "
                          f"past its lease; [daemon] max_crashes = {self.config.max_crashes}); it was given up so that it cannot take down "
@@ -436,6 +435,9 @@ class Service:
         written into it while the job ran (it ran from its own copy) go to failed/ under a new job
         id, `changed_after_claim`, so that nothing dropped is ever lost. Returns a hold record
         when that copy cannot be made (the claimed folder then stays)."""
+        if not job.folder.is_dir():
+            log.warning("claimed_folder_gone", note="removed while its job ran; the job's copy holds it")
+            return None
         try:
             changes = inputs_changed(job.folder, published)
         except OSError as exc:
@@ -527,10 +529,3 @@ class Service:
                 self.log.info("stage_progress", job_id=job_id, stage=progress.stage, done=progress.done, planned=progress.total, at=progress.at)
         except Exception:  # noqa: BLE001 - a metrics bug must never fail a job
             self.log.exception("observer_failed", event=event)
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(path.read_text("utf-8"))
-    except (OSError, ValueError):
-        return None

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from engine import ConfigError, Settings
-from engine.jobfolder import WORK_DIR, is_hidden_name, probe_folder, probe_rename
+from engine.jobfolder import is_hidden_name, probe_folder, probe_job_targets, probe_rename
 from engine.schema import INVALID, Bool, Float, Int, Problem, Str, build, rule
 
 
@@ -94,15 +94,11 @@ class DaemonPaths:
         and the renames that hand a job on must be atomic: inbox -> work (claiming; two bind
         mounts of one file system fail here too, with EXDEV, as they would later) and the
         outbox's work area -> the outbox (publishing). [] when all is well."""
-        problems = [problem for path in (self.inbox, self.work, self.outbox, self.outbox / WORK_DIR, self.failed)
-                    if (problem := probe_folder(path)) is not None]
-        if problems:
-            return problems
-        claiming = probe_rename(self.inbox, self.work, f"the work area {self.work} is not on the inbox's file system or mount ({self.inbox}): "
-                                "claiming a job is a rename, which must be atomic; set [daemon] work to a folder on the same share and "
-                                'mount, e.g. a hidden folder inside the inbox (work = "inbox/.work")')
-        publishing = probe_rename(self.outbox / WORK_DIR, self.outbox, f"the outbox's work area {self.outbox / WORK_DIR} is not on the "
-                                  f"outbox's file system or mount ({self.outbox}): publishing a finished job is a rename, which must be "
-                                  "atomic; do not mount another disk there")
-        problems += [problem for problem in (claiming, publishing) if problem is not None]
+        problems = [problem for path in (self.inbox, self.work) if (problem := probe_folder(path)) is not None]
+        problems += probe_job_targets(self.outbox, self.failed)
+        if not problems:
+            claiming = probe_rename(self.inbox, self.work, f"the work area {self.work} is not on the inbox's file system or mount "
+                                    f"({self.inbox}): claiming a job is a rename, which must be atomic; set [daemon] work to a folder on "
+                                    'the same share and mount, e.g. a hidden folder inside the inbox (work = "inbox/.work")')
+            problems += [claiming] if claiming is not None else []
         return problems

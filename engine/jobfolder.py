@@ -94,6 +94,17 @@ def find_published(outbox: Path, failed: Path, job_id: str) -> tuple[str, Path] 
     return None
 
 
+def kept_inputs(outbox: Path, job_id: str) -> tuple[str, Path | None]:
+    """What the engine kept of a job it started: (the subject job.toml named, "" when it was never
+    read; the verified inputs/ copy of the dropped folder, None when there is none yet)."""
+    from engine.ledger import Ledger
+
+    folder = work_dir(outbox, job_id)
+    ledger = Ledger.peek(folder / LEDGER_FILE) or {}
+    copied = folder / INPUTS_DIR if ledger.get("inputs") and (folder / INPUTS_DIR).is_dir() else None
+    return str(ledger.get("subject") or ""), copied
+
+
 def remove_leftover_work(outbox: Path, job_id: str) -> bool:
     """Remove the work folder of a job that is already published (a kill between the publishing
     rename and the clean-up leaves it). True when there was one."""
@@ -235,8 +246,8 @@ def probe_job_targets(outbox: Path, failed: Path) -> list[str]:
     work = outbox / WORK_DIR
     problems = [problem for folder in (outbox, work, failed) if (problem := probe_folder(folder)) is not None]
     if not problems:
-        renamed = probe_rename(work, outbox, f"the work area {work} is not on the outbox's file system or mount ({outbox}): publishing a "
-                                             "finished job is a rename, which must be atomic; do not mount another disk there")
+        renamed = probe_rename(work, outbox, f"the outbox's work area {work} is not on the outbox's file system or mount ({outbox}): "
+                                             "publishing a finished job is a rename, which must be atomic; do not mount another disk there")
         if renamed is not None:
             problems.append(renamed)
     return problems

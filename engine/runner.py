@@ -343,7 +343,7 @@ class Engine:
         final.parent.mkdir(parents=True, exist_ok=True)
         pause_point("job:before_publish")
         ctx.fence.check("publish to the outbox")
-        os.rename(ctx.job_dir, final)  # onto an existing folder this fails: a published job is never replaced
+        os.rename(ctx.job_dir, final)  # onto an existing, non-empty folder this fails: a published job is never replaced
         fsync_dir(final.parent)
         pause_point("job:published")
         ledger.path = final / LEDGER_FILE

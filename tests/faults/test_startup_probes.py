@@ -46,5 +46,5 @@ def test_unwritable_or_split_folders_are_refused_at_start_by_name(lab):
                           "--failed", str(failed), "--demo"], cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True,
                          text=True, timeout=120)
     assert run.returncode == 2, run.stderr
-    assert f"the work area {scratch} is not on the outbox's file system or mount ({outbox})" in run.stderr
+    assert f"the outbox's work area {scratch} is not on the outbox's file system or mount ({outbox})" in run.stderr
     assert check_evidence(lab, dropped)["alice"] == ["inbox"]  # nothing was touched

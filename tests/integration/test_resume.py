@@ -104,8 +104,40 @@ def clean_run(tmp_path_factory, astronaut_rgb) -> Path:
 # it resumed from, so a resumed job's files differed from an uninterrupted one's (bench/soak.py).
 # stage:train:complete comes after the ledger's commit, before the checkpoints are removed:
 # they were once published with the job, and train's stage_finished audit line was lost.
-@pytest.mark.parametrize("point", ["prepare:photo:0", "stage:prepare:written", "stage:embed:written", "train:phase_boundary:1",
-                                   "stage:train:complete", "job:before_publish"])
+KILL_POINTS = ["prepare:photo:0", "stage:prepare:written", "stage:embed:written", "train:phase_boundary:1", "stage:train:complete",
+               "job:before_publish"]
+
+
+def test_sigkill_at_each_point_in_turn_then_rerun_resumes_with_identical_outputs(tmp_path, two_photo_job, clean_run):
+    """Every kill point of the slow test below, in one job: each run is killed at the next point
+    (resuming what the one before left), then a last run finishes it. Seven engine processes
+    instead of twelve."""
+    source, config = two_photo_job
+    outbox = tmp_path / "outbox"
+    for point in KILL_POINTS:
+        _kill_at(config, source, outbox, point, tmp_path, JOB_ID)
+        assert (work_dir(outbox, JOB_ID) / "state.json").exists(), point
+    rerun = _engine_cli(config, source, outbox)
+    stdout, stderr = rerun.communicate(timeout=120)
+    assert rerun.returncode == 0, stderr
+    result = json.loads(stdout.strip().splitlines()[-1])
+    assert result["job_id"] == JOB_ID  # the same job, resumed every time, never a new one
+    final = Path(result["output"])
+    assert not work_dir(outbox, JOB_ID).exists()
+    assert _outputs(final) == _outputs(clean_run)
+    assert _manifest(final) == _manifest(clean_run)
+    assert verify_audit(final).ok
+    events = _events(final)
+    assert [e["event"] for e in events].count("job_resumed") == len(KILL_POINTS)
+    assert {e["stage"] for e in events if e["event"] == "stage_finished"} == set(STAGE_NAMES)
+    assert any(e["event"] == "stage_invalidated" and e["stage"] == "prepare" and e["reason"] == "interrupted" for e in events)
+    assert [e["step"] for e in events if e["event"] == "train_resumed"] == [4]  # training resumed from its checkpoint, not re-done
+    last_run = events[max(i for i, e in enumerate(events) if e["event"] == "job_resumed"):]
+    assert {e["stage"] for e in last_run if e["event"] == "stage_skipped"} == set(STAGE_NAMES)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point", KILL_POINTS)
 def test_sigkill_then_rerun_resumes_with_identical_outputs(tmp_path, two_photo_job, clean_run, point):
     source, config = two_photo_job
     clean_dir = clean_run

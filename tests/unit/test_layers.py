@@ -1,0 +1,39 @@
+"""The layers stay apart: engine/ imports nothing of daemon/, and daemon/ imports only the
+`engine` package's public names and the few engine modules that are vocabulary shared on
+purpose, never the runner, the stages, the audit log or the file helpers behind them."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+from tests.conftest import REPO
+
+# What daemon/ may import from the engine, and why.
+DAEMON_MAY_IMPORT = {
+    "engine": "the public names (Engine, Settings, JobError, ConfigError, OwnershipLost, ...)",
+    "engine.jobfolder": "the job-folder vocabulary: names, look-ups, the failure publisher, disk discipline",
+    "engine.schema": "the config language [daemon] is validated in, like every table of config.toml",
+    "engine.status": "read-only views of job folders (daemon status) and stage progress (metrics)",
+}
+
+
+def _imports(path: Path) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text("utf-8"))):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+    return found
+
+
+def test_the_daemon_imports_only_the_engines_public_names_and_its_shared_vocabulary():
+    for path in sorted((REPO / "daemon").glob("*.py")):
+        reached = {name for name in _imports(path) if name == "engine" or name.startswith("engine.")}
+        assert reached <= set(DAEMON_MAY_IMPORT), f"{path.name} imports {sorted(reached - set(DAEMON_MAY_IMPORT))}"
+
+
+def test_the_engine_knows_nothing_of_the_daemon():
+    for path in sorted((REPO / "engine").rglob("*.py")):
+        assert not {name for name in _imports(path) if name == "daemon" or name.startswith("daemon.")}, path
