@@ -10,11 +10,12 @@ needs no running daemon: see daemon/status.py.
 
 Settings come from config.toml's [daemon] table; flags override them (flag paths are relative
 to the current folder). Logs are JSON lines on stdout, one event per line, each with `daemon_id`.
-SIGTERM (or Ctrl-C) stops claiming, lets the job in flight reach its next checkpoint, releases
-its claim (it resumes later, here or in another daemon) and exits 0; a second signal exits at once.
+SIGTERM (or Ctrl-C) stops claiming, lets the job in flight reach its next safe point (the next
+denoising step in seed discovery and rendering, the next checkpoint in training), releases its
+claim (it resumes later, here or in another daemon) and exits 0; a second signal exits at once.
 
-Exit codes: 0 stopped cleanly, 2 refused to start (configuration or installation; the message
-says what to fix), 1 anything else.
+Exit codes: 0 stopped cleanly, 2 refused to start (configuration, installation, a folder that
+cannot be written, a daemon id already in use; the message says what to fix), 1 anything else.
 """
 
 from __future__ import annotations

@@ -366,6 +366,10 @@ class Service:
         except OwnershipLost as lost:
             log.error("claim_lost_while_settling", at=lost.where)
             outcome = "lost"
+        except OSError as exc:  # the daemon's own look at the job's folders failed: the disk or share, not the job
+            code, error = self._hold_record(exc, "the job's folders could not be read")
+            outcome = "held"
+            log.error("job_folders_unreadable", code=code, error=describe_os_error(exc))
         except BaseException:  # noqa: BLE001 - a bug must not strand the job: it is released, counted as a crash
             log.exception("job_crashed")
         finally:

@@ -28,7 +28,8 @@ import numpy as np
 import structlog
 
 from engine.errors import OwnershipLost
-from engine.fsutil import atomic_write_json, canonical_json, check_write, fsync_dir, sha256_bytes, sha256_file, tree_listing, utf8_safe, walk_tree
+from engine.fsutil import (Listing, atomic_write_json, canonical_json, check_write, fsync_dir, sha256_bytes, sha256_file, tree_listing, utf8_safe,
+                           walk_tree)
 from engine.jobfolder import AUDIT_FILE, INPUTS_DIR, LEDGER_FILE, MANIFEST_FILE
 
 MANIFEST_VERSION = 2  # 2: every file of the dropped folder is in inputs/ and listed under "inputs"
@@ -289,10 +290,7 @@ def _verify_inputs(job_dir: Path, manifest: dict[str, Any], report: AuditReport)
     expected = manifest.get("inputs", {})
     found = tree_listing(job_dir / INPUTS_DIR).entries if (job_dir / INPUTS_DIR).is_dir() else {}
     report.files_checked += sum(1 for value in expected.values() if value != "dir" and not value.startswith("link:"))
-    for rel in sorted(set(expected) | set(found)):
-        if rel not in found:
-            report.problems.append(f"{INPUTS_DIR}/{rel}: missing (the manifest lists it as dropped)")
-        elif rel not in expected:
-            report.problems.append(f"{INPUTS_DIR}/{rel}: not in the manifest's inputs (added after the job finished)")
-        elif found[rel] != expected[rel]:
-            report.problems.append(f"{INPUTS_DIR}/{rel}: changed (differs from the manifest's inputs)")
+    differences = Listing(expected).differences(Listing(found))
+    report.problems += [f"{INPUTS_DIR}/{rel}: missing (the manifest lists it as dropped)" for rel in differences["removed"]]
+    report.problems += [f"{INPUTS_DIR}/{rel}: not in the manifest's inputs (added after the job finished)" for rel in differences["added"]]
+    report.problems += [f"{INPUTS_DIR}/{rel}: changed (differs from the manifest's inputs)" for rel in differences["changed"]]

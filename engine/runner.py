@@ -144,11 +144,14 @@ class Engine:
     def _run(self, source: Path, outbox: Path, failed_root: Path, job_id: str, until: str | None, fence: Fence,
              refresh_inputs: bool) -> JobResult:
         bound = log.bind(job_id=job_id)
-        published = find_published(outbox, failed_root, job_id)
-        if published is not None:
-            return self._already_published(outbox, job_id, *published, bound)
         job_dir = work_dir(outbox, job_id)
         subject = safe_subject_name(source.name)  # until job.toml has been read
+        try:
+            published = find_published(outbox, failed_root, job_id)
+        except OSError as exc:  # the outbox or failed/ cannot even be listed: a share that went away
+            return self._held(self._installation_fault(exc, source, outbox, failed_root) or "io_error", exc, subject, job_id, job_dir, None, bound)
+        if published is not None:
+            return self._already_published(outbox, job_id, *published, bound)
         audit: AuditLog | None = None
         ledger: Ledger | None = None
         job: LoadedJob | None = None
