@@ -1,7 +1,7 @@
 """Harness for the fault suite: real daemons (tests/e2e/conftest.py's `Lab`) on real faults —
-read-only bind mounts, full tmpfs, a tmpfs mounted where a folder should be, SIGSTOP, a clock
-skewed by libfaketime, deep trees — and the one check every case ends with: where each dropped
-file is.
+tmpfs mounts remounted read-only or filled to the last byte, a tmpfs mounted where a folder
+should be, SIGSTOP, a clock skewed by libfaketime, deep trees — and the one check every case
+ends with: where each dropped file is.
 
 The promise checked (`check_evidence`): every file the lab dropped exists, byte for byte, in
 exactly one of inbox/, a claimed folder in the work area, a published job's inputs/ or a failed
@@ -63,19 +63,9 @@ def tmpfs(folder: Path, size: str = "64m") -> Path:
     return folder
 
 
-def bind_self(folder: Path) -> Path:
-    """`folder` bind-mounted onto itself, so that it can be made read-only alone."""
-    folder.mkdir(parents=True, exist_ok=True)
-    mount_or_skip("--bind", str(folder), str(folder))
-    return folder
-
-
 def set_read_only(folder: Path, read_only: bool) -> None:
-    """Remount a mount point (tmpfs or bind) read-only or read-write: a share that turned read-only."""
-    options = "remount,ro" if read_only else "remount,rw"
-    made = _run("mount", "-o", options, str(folder))
-    if made.returncode != 0:  # a bind mount wants its flags said as a bind
-        made = _run("mount", "-o", options.replace("remount,", "remount,bind,"), str(folder))
+    """Remount a mount point read-only or read-write again: a share that turned read-only."""
+    made = _run("mount", "-o", "remount,ro" if read_only else "remount,rw", str(folder))
     assert made.returncode == 0, made.stderr
 
 
