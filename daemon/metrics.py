@@ -96,7 +96,7 @@ class DaemonMetrics:
         self.seed_drift = Histogram("idrep_seed_drift", "Identity drift of seed-discovery renders; lora=false is the control group.", ["lora"], buckets=DRIFT_BUCKETS, registry=r)
         self.render_drift = Histogram("idrep_render_drift", "Identity drift of final renders, per render mode and pass.", ["mode", "pass_name"], buckets=DRIFT_BUCKETS, registry=r)
         self.faces_not_found = Counter("idrep_faces_not_found_total", "Generated images in which no face was found (never scored): verify_lora, verify_control, render.", ["kind"], registry=r)
-        self.claims_taken_over = Counter("idrep_claims_taken_over_total", "Claims this daemon took over: expired (a dead daemon's), released (a cleanly stopped one's), restart (its own, after a restart).", ["reason"], registry=r)
+        self.claims_taken_over = Counter("idrep_claims_taken_over_total", "Claims this daemon took over: expired (a dead or frozen daemon's), released (a cleanly stopped one's), restart (its own, after a restart), held (a held job whose retry was due).", ["reason"], registry=r)
         self.claims_lost = Counter("idrep_claims_lost_total", "Claims another daemon took over from this one while it held them (this daemon was frozen past its lease).", registry=r)
         r.register(GpuMemoryCollector())
         for outcome in OUTCOMES:
@@ -105,8 +105,10 @@ class DaemonMetrics:
         for stage in stages:
             self.stage_duration.labels(stage)
             self.stage_in_progress.labels(stage).set(0)
-        for reason in ("expired", "released", "restart"):
+        for reason in ("expired", "released", "restart", "held"):
             self.claims_taken_over.labels(reason)
+        for code in ("disk_full", "outbox_unwritable", "io_error"):
+            self.job_holds.labels(code)
         self._phase = ""
         self.progress = StageProgress()
         self._server: Any = None
