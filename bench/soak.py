@@ -77,7 +77,7 @@ sys.path.insert(0, str(REPO))
 
 from engine.audit import AUDIT_FILE, GENESIS, LEDGER_FILE, MANIFEST_FILE, line_hash  # noqa: E402  (light: no torch)
 from engine.fsutil import sha256_file  # noqa: E402
-from engine.jobfolder import WORK_DIR  # noqa: E402
+from engine.jobfolder import SIGNATURE_FILE, WORK_DIR  # noqa: E402
 from engine.jobfolder import work_dir as job_work_dir  # noqa: E402
 from engine.ledger import LEDGER_VERSION  # noqa: E402
 
@@ -359,7 +359,7 @@ def compare_round(soak: Soak, outbox: Path, result: RoundResult) -> None:
     result.files_identical = sum(1 for rel, digest in clean.items() if final.get(rel) == digest)
     result.not_identical = sorted(rel for rel in set(clean) | set(final) if clean.get(rel) != final.get(rel))
     for rel in sorted(set(clean) | set(final)):
-        if rel in (AUDIT_FILE, MANIFEST_FILE, REPORT_FILE):
+        if rel in (AUDIT_FILE, MANIFEST_FILE, REPORT_FILE, SIGNATURE_FILE):  # signature.json: the signed head names the audit head
             continue
         if rel not in final:
             result.problems.append(f"{rel}: missing")

@@ -59,10 +59,9 @@ from daemon.metrics import DaemonMetrics
 from daemon.presence import Presence, register
 from daemon.settings import DaemonPaths, DaemonSettings, default_daemon_id, load_daemon_settings  # noqa: F401 - re-exported for callers and tests
 from daemon.watch import InboxWatcher, Readiness, Waker
-from engine import ConfigError, Engine, JobError, OwnershipLost, Settings
-from engine.jobfolder import (AUDIT_FILE, INPUTS_DIR, STAGE_NAMES, atomic_write_json, classify_os_error, describe_os_error, failure_record,
-                              find_published, inputs_changed, kept_inputs, new_job_id, publish_failure, remove_leftover_work,
-                              safe_subject_name, utf8_safe, work_dir)
+from engine import ConfigError, Engine, JobError, JobResult, OwnershipLost, Settings
+from engine.jobfolder import (INPUTS_DIR, STAGE_NAMES, atomic_write_json, classify_os_error, describe_os_error, find_published,
+                              inputs_changed, new_job_id, safe_subject_name, utf8_safe)
 
 # Log a training step every this many steps (and every phase change); metrics see every step.
 TRAIN_LOG_EVERY = 10
@@ -336,9 +335,9 @@ class Service:
         error = JobError("mount_point", f"{utf8_safe(source.name)} is a mount point, not a folder of the inbox's file system: a job is "
                                        "claimed by a rename, which cannot move a mount; its content was copied here. Copy the folder into "
                                        "the inbox instead of mounting it there, then unmount and remove it")
+        assert self.engine is not None
         try:
-            target, _ = publish_failure(inputs_from=source, failed_root=self.paths.failed, subject=subject, job_id=job_id,
-                                        record=failure_record(job_id, subject, source, error))
+            target = self.engine.publish_refusal(error, source, self.paths.outbox, self.paths.failed, job_id=job_id, subject=subject).output_dir
             atomic_write_json(marker, {"folder": utf8_safe(source.name), "st_dev": info.st_dev, "st_ino": info.st_ino,
                                        "job_id": job_id, "failed": str(target), "reason": "mount_point"})
         except OSError as exc:
@@ -388,51 +387,36 @@ class Service:
     def _attempt(self, job: ClaimedJob, fence: Any, log: Any) -> tuple[str, str | None, dict[str, Any] | None]:
         """Run the job (or settle one already published); returns (outcome, code, error)."""
         assert self.engine is not None and job.claim is not None
-        published = find_published(self.paths.outbox, self.paths.failed, job.job_id)
-        if published is not None:
-            # The daemon died after the engine published the job but before the claim was
-            # cleared: running it again would run it twice.
-            log.info("job_already_published", outcome=published[0])
-            if remove_leftover_work(self.paths.outbox, job.job_id):
-                log.info("leftover_work_folder_removed")
-            outcome, code, error, folder = published[0], None, None, published[1]
-        elif job.claim.crashes >= self.config.max_crashes:
-            outcome, code, error, folder = self._give_up(job, fence, log)
+        if job.claim.crashes >= self.config.max_crashes and find_published(self.paths.outbox, self.paths.failed, job.job_id) is None:
+            result = self._give_up(job, fence, log)
         else:
+            # Also for a job already published (the daemon died after the engine's publishing
+            # rename, before the claim was cleared): the engine then only settles what a kill can
+            # leave (its journal line, a leftover work folder) and never runs it twice.
             result = self.engine.run_job(job.folder, self.paths.outbox, job_id=job.job_id, failed_dir=self.paths.failed, fence=fence,
                                          refresh_inputs=False)
-            outcome, error, folder = result.outcome, result.error, result.output_dir
-            code = error.get("code") if error else None
-        if outcome in ("finished", "failed"):
-            held = self._check_claimed_folder(job, folder, fence, log)
+        code = result.error.get("code") if result.error else None
+        if result.outcome in ("finished", "failed"):
+            held = self._check_claimed_folder(job, result.output_dir, fence, log)
             if held is not None:
                 return "held", held["code"], held
-        return outcome, code, error
+        return result.outcome, code, result.error
 
-    def _give_up(self, job: ClaimedJob, fence: Any, log: Any) -> tuple[str, str | None, dict[str, Any] | None, Path]:
-        """Publish the job to failed/ as too_many_crashes (through the one failure publisher),
-        from the engine's verified copy of its inputs when there is one."""
-        assert job.claim is not None
-        work = work_dir(self.paths.outbox, job.job_id)
-        subject, copied = kept_inputs(self.paths.outbox, job.job_id)
-        subject = subject or safe_subject_name(job.claim.folder)
-        inputs = copied or job.folder
+    def _give_up(self, job: ClaimedJob, fence: Any, log: Any) -> JobResult:
+        """Publish the job to failed/ as too_many_crashes, from the engine's verified copy of its
+        inputs when there is one (the engine's publish_refusal: the one failure publisher)."""
+        assert self.engine is not None and job.claim is not None
         error = JobError("too_many_crashes",
                          f"runs of this job ended without a clean stop {job.claim.crashes} times (daemon killed, out of memory, or frozen "
                          f"past its lease; [daemon] max_crashes = {self.config.max_crashes}); it was given up so that it cannot take down "
                          "one daemon after another", details={"crashes": job.claim.crashes, "last_owner": job.claim.previous_owner})
         try:
-            target, record = publish_failure(inputs_from=inputs, failed_root=self.paths.failed, subject=subject, job_id=job.job_id,
-                                             record=failure_record(job.job_id, subject, job.folder, error), audit=work / AUDIT_FILE,
-                                             check=fence.check)
+            result = self.engine.publish_refusal(error, job.folder, self.paths.outbox, self.paths.failed, job_id=job.job_id, fence=fence)
         except OSError as exc:
-            return "held", *self._hold_record(exc, "too_many_crashes could not be published to failed/"), work
-        log.error("job_given_up", code="too_many_crashes", crashes=job.claim.crashes, failed=str(target))
-        try:
-            remove_leftover_work(self.paths.outbox, job.job_id)
-        except OSError as exc:
-            log.warning("work_folder_not_removed", error=str(exc))
-        return "failed", "too_many_crashes", record, target
+            _code, record = self._hold_record(exc, "too_many_crashes could not be published to failed/")
+            return JobResult(job.job_id, safe_subject_name(job.claim.folder), "held", job.folder, error=record)
+        log.error("job_given_up", code="too_many_crashes", crashes=job.claim.crashes, failed=str(result.output_dir))
+        return result
 
     def _check_claimed_folder(self, job: ClaimedJob, published: Path, fence: Any, log: Any) -> dict[str, Any] | None:
         """Before the claimed folder goes: does it still hold exactly what the job copied? Files
@@ -462,12 +446,11 @@ class Service:
                          "make a job folder of them and drop it again.",
                          details={"ran_as": job.job_id, "published": str(published), **changes})
         try:
-            target, _ = publish_failure(inputs_from=job.folder, failed_root=self.paths.failed, subject=subject, job_id=job_id,
-                                        record=failure_record(job_id, subject, job.folder, error), check=fence.check,
-                                        only=frozenset(written))
+            refused = self.engine.publish_refusal(error, job.folder, self.paths.outbox, self.paths.failed, job_id=job_id, subject=subject,
+                                                  only=frozenset(written), fence=fence)
         except OSError as exc:
             return self._hold_record(exc, "the claimed folder, changed while its job ran, could not be copied to failed/")[1]
-        log.error("claimed_folder_changed", failed=str(target), new_job_id=job_id, **changes)
+        log.error("claimed_folder_changed", failed=str(refused.output_dir), new_job_id=job_id, **changes)
         self.metrics.job_failures.labels("changed_after_claim").inc()
         return None
 

@@ -1,7 +1,9 @@
 """Command line: run one job, verify an audit trail, make an example subject.
 
     python -m engine run inbox/alice --outbox outbox [--until embed] [--config config.toml]
-    python -m engine verify-audit outbox/alice/<job-id>
+    python -m engine verify-audit outbox/alice/<job-id> [--trusted-key PUB.pem] [--trusted-ca CA.pem] [--require-signed]
+    python -m engine verify-journal outbox [--failed DIR] [--trusted-key PUB.pem] [--trusted-ca CA.pem]
+    python -m engine keys init --out DIR [--lab NAME]
     python -m engine report outbox/alice/<job-id> [--out DIR]
     python -m engine status --outbox outbox [--inbox inbox] [--last 10] [--json]
     python -m engine example inbox/astronaut
@@ -41,8 +43,22 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--job-id", default=None, help="resume this job id (default: the unfinished job of this folder, or a new one)")
     run.add_argument("--demo", action="store_true", help="use the tiny generated diffusion model (noise renders, marked as demo); also models.base = \"demo\"")
 
-    verify = commands.add_parser("verify-audit", help="check a finished job's audit chain and manifest")
+    verify = commands.add_parser("verify-audit", help="check a job's audit chain, manifest, inputs, signed head, journal line and images' credentials")
     verify.add_argument("job_out", type=Path)
+    journal = commands.add_parser("verify-journal", help="check a whole outbox: every job is in its journal, and each is as signed")
+    journal.add_argument("outbox", type=Path)
+    journal.add_argument("--failed", type=Path, default=None, help="the failed jobs' folder (default: failed/ beside the outbox)")
+    for checker in (verify, journal):
+        checker.add_argument("--trusted-key", type=Path, default=None,
+                             help="the lab's audit-signing.pub.pem (default: the one in [trust] keys of --config, if any)")
+        checker.add_argument("--trusted-ca", type=Path, default=None, help="the lab CA, lab-ca.cert.pem (default: the one in [trust] keys)")
+        checker.add_argument("--require-signed", action="store_true", help="fail an unsigned job (or journal) instead of saying so")
+
+    keys = commands.add_parser("keys", help="the lab's signing keys")
+    key_commands = keys.add_subparsers(dest="keys_command", required=True)
+    keys_init = key_commands.add_parser("init", help="make a new set of lab keys (offline): audit signing key, lab CA, content signer")
+    keys_init.add_argument("--out", type=Path, required=True, help="a new folder for them (private keys are written 0600)")
+    keys_init.add_argument("--lab", default="Forensic lab", help="the lab's name, for the certificates")
 
     report = commands.add_parser("report", help="regenerate a job's report.html from its folder (byte-identical for a finished job)")
     report.add_argument("job_out", type=Path)
@@ -66,7 +82,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _configure_logging(args.log_level)
     if args.command == "verify-audit":
-        return _verify(args.job_out)
+        return _verify(args.job_out, *_trust_anchors(args), args.require_signed)
+    if args.command == "verify-journal":
+        return _verify_journal(args.outbox, args.failed, *_trust_anchors(args), args.require_signed)
+    if args.command == "keys":
+        return _keys_init(args.out, args.lab)
     if args.command == "report":
         return _report(args.job_out, args.out)
     if args.command == "status":
@@ -113,15 +133,78 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _verify(job_out: Path) -> int:
-    report = verify_audit(job_out)
+def _trust_anchors(args: argparse.Namespace) -> tuple[object | None, bytes | None]:
+    """The reviewer's public key and lab CA: the flags, else the files of [trust] keys in --config."""
+    from engine.trust import AUDIT_PUBLIC_KEY, CA_CERT, load_public_key
+
+    keys_dir = None
+    config = _config_path(args.config)
+    if config is not None and (args.trusted_key is None or args.trusted_ca is None):
+        try:
+            keys_dir = Settings.load(config).keys_dir
+        except ConfigError:
+            keys_dir = None
+    key_path = args.trusted_key or (keys_dir / AUDIT_PUBLIC_KEY if keys_dir and (keys_dir / AUDIT_PUBLIC_KEY).is_file() else None)
+    ca_path = args.trusted_ca or (keys_dir / CA_CERT if keys_dir and (keys_dir / CA_CERT).is_file() else None)
+    return (load_public_key(key_path) if key_path else None), (Path(ca_path).read_bytes() if ca_path else None)
+
+
+def _verify(job_out: Path, trusted_key: object | None, trusted_ca: bytes | None, require_signed: bool) -> int:
+    report = verify_audit(job_out, trusted_key=trusted_key, trusted_ca=trusted_ca)
+    trust = report.trust
+    signed = trust.signed if trust is not None else "unsigned"
+    if require_signed and signed not in ("trusted", "signed"):
+        report.problems.append(f"the job is {signed}, and --require-signed was given")
     if report.ok:
-        print(f"OK: {report.lines} audit lines chained, {report.files_checked} files match the manifest; head {report.head}")
+        line = f"OK: {report.lines} audit lines chained, {report.files_checked} files match the manifest; head {report.head}"
+        if trust is not None:
+            line += f"; signed head: {signed}" + (f" (key {trust.key_fingerprint[:16]})" if trust.key_fingerprint else "")
+            line += f"; journal: {trust.journal}"
+            if trust.credentials:
+                line += "; Content Credentials: " + ", ".join(f"{count} {state}" for state, count in sorted(trust.credentials.items()))
+        print(line)
+        for note in trust.notes if trust is not None else []:
+            print(f"  note: {note}")
         return 0
     print(f"FAILED: {job_out}", file=sys.stderr)
     for problem in report.problems:
         print(f"  - {problem}", file=sys.stderr)
     return 1
+
+
+def _verify_journal(outbox: Path, failed: Path | None, trusted_key: object | None, trusted_ca: bytes | None, require_signed: bool) -> int:
+    from engine.trust import verify_journal
+
+    report = verify_journal(outbox, failed, trusted=trusted_key, trusted_ca=trusted_ca)
+    if require_signed and report.signed not in ("trusted", "signed"):
+        report.problems.append(f"the journal is {report.signed}, and --require-signed was given")
+    if report.ok:
+        print(f"OK: {report.entries} journal lines chained ({report.signed}), {report.jobs_checked} jobs as signed; "
+              f"journal head {report.head} (keep a note of it: a journal cut back to an earlier head looks whole)")
+        if report.signed == "unsigned":
+            print("  note: UNSIGNED: no lab key signed this journal; it shows a removed or edited line, but someone who can write the "
+                  "share could rewrite it consistently")
+        return 0
+    print(f"FAILED: {outbox}", file=sys.stderr)
+    for problem in report.problems:
+        print(f"  - {problem}", file=sys.stderr)
+    return 1
+
+
+def _keys_init(out: Path, lab: str) -> int:
+    from engine.trust import CA_KEY, make_lab_keys
+
+    try:
+        files = make_lab_keys(out, lab)
+    except ConfigError as error:
+        print(f"refused: {error}", file=sys.stderr)
+        return 2
+    print(f"lab keys written to {out}:")
+    for name, path in files.items():
+        print(f"  {name}  ({oct(path.stat().st_mode & 0o777)})")
+    print(f"Set [trust] keys = \"{out}\" in config.toml (mount it read-only in the container). Move {CA_KEY} somewhere offline: it is "
+          "needed only to issue a new content-signer certificate. Give reviewers audit-signing.pub.pem and lab-ca.cert.pem.")
+    return 0
 
 
 def _report(job_out: Path, out: Path | None) -> int:

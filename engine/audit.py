@@ -30,16 +30,17 @@ import structlog
 from engine.errors import OwnershipLost
 from engine.fsutil import (Listing, atomic_write_json, canonical_json, check_write, fsync_dir, sha256_bytes, sha256_file, tree_listing, utf8_safe,
                            walk_tree)
-from engine.jobfolder import AUDIT_FILE, INPUTS_DIR, LEDGER_FILE, MANIFEST_FILE
+from engine.jobfolder import AUDIT_FILE, ERROR_FILE, INPUTS_DIR, LEDGER_FILE, MANIFEST_FILE, SIGNATURE_FILE
+from engine.trust import check_job
 
-MANIFEST_VERSION = 2  # 2: every file of the dropped folder is in inputs/ and listed under "inputs"
+MANIFEST_VERSION = 3  # 2: every file of the dropped folder is in inputs/ and listed under "inputs"; 3: signature.json, "trust"
 GENESIS = "0" * 64
 # Called with (event name, fields) after each audit event and each progress report; the
 # daemon turns these into metrics without the engine knowing about it.
 Observer = Callable[[str, dict[str, Any]], None]
 # Files of a job folder that the manifest does not list: the manifest itself, the log
-# that holds the manifest's hash, and the engine's working ledger.
-UNLISTED = frozenset({AUDIT_FILE, MANIFEST_FILE, LEDGER_FILE})
+# that holds the manifest's hash, the engine's working ledger, and the signed head of both.
+UNLISTED = frozenset({AUDIT_FILE, MANIFEST_FILE, LEDGER_FILE, SIGNATURE_FILE})
 
 
 def line_hash(record: dict[str, Any]) -> str:
@@ -182,11 +183,13 @@ def _outputs(job_dir: Path) -> dict[str, str]:
             if entry.kind == "file" and entry.rel not in UNLISTED and not entry.rel.startswith(INPUTS_DIR + "/") and not entry.name.endswith(".tmp")}
 
 
-def write_manifest(job_dir: Path, job_id: str, inputs: dict[str, str], models: dict[str, str], demo: bool) -> str:
+def write_manifest(job_dir: Path, job_id: str, inputs: dict[str, str], models: dict[str, str], demo: bool, trust: dict[str, Any]) -> str:
     """Hash every output file of the job folder into manifest.json; returns its sha256.
 
-    `inputs` is the Listing of the job's inputs/ (rel path -> sha256, "dir" or "link:<target>")."""
-    manifest = {"version": MANIFEST_VERSION, "job_id": job_id, "demo": demo, "inputs": inputs, "models": models, "outputs": _outputs(job_dir)}
+    `inputs` is the Listing of the job's inputs/ (rel path -> sha256, "dir" or "link:<target>");
+    `trust` who signs the job (engine.trust: a key fingerprint and the content signer, or unsigned)."""
+    manifest = {"version": MANIFEST_VERSION, "job_id": job_id, "demo": demo, "trust": trust, "inputs": inputs, "models": models,
+                "outputs": _outputs(job_dir)}
     atomic_write_json(job_dir / MANIFEST_FILE, manifest)
     return sha256_file(job_dir / MANIFEST_FILE)
 
@@ -200,14 +203,18 @@ class AuditReport:
     head: str = GENESIS
     files_checked: int = 0
     problems: list[str] = field(default_factory=list)
+    trust: Any = None  # engine.trust.TrustFindings: the signed head, the journal line, the images' Content Credentials
 
     @property
     def ok(self) -> bool:
         return not self.problems
 
 
-def verify_audit(job_dir: Path) -> AuditReport:
-    """Check the audit chain line by line and every file listed in the manifest.
+def verify_audit(job_dir: Path, *, trusted_key: Any = None, trusted_ca: bytes | None = None, journal: bool = True) -> AuditReport:
+    """Check the audit chain line by line, every file listed in the manifest, the job's inputs/,
+    and its signed records (engine.trust): the signed head against `trusted_key` (an Ed25519
+    public key; None: only against the key it names), the outbox's journal line (`journal`), and
+    every generated image's Content Credentials against the lab CA `trusted_ca` (PEM).
 
     Names the first broken line (1-based) and each changed, missing or unlisted file.
     """
@@ -258,6 +265,10 @@ def verify_audit(job_dir: Path) -> AuditReport:
         report.problems.append(f"{AUDIT_FILE}: lines of several jobs ({', '.join(sorted(job_ids))})")
     manifest_path = job_dir / MANIFEST_FILE
     if finished is None:
+        if (job_dir / ERROR_FILE).is_file():  # a failed job: its signed head seals error.json and the log
+            report.trust = check_job(job_dir, where="failed", audit_head_now=report.head, audit_lines_now=report.lines, manifest=None,
+                                     trusted_key=trusted_key, trusted_ca=trusted_ca, journal=journal)
+            report.problems += report.trust.problems
         report.problems.append(f"{AUDIT_FILE}: no job_finished event (job incomplete)")
         return report
     if not manifest_path.is_file():
@@ -280,6 +291,9 @@ def verify_audit(job_dir: Path) -> AuditReport:
         if entry.kind in ("file", "link", "special") and not unlisted:
             report.problems.append(f"{entry.rel}: not in the manifest (added after the job finished)")
     _verify_inputs(job_dir, manifest, report)
+    report.trust = check_job(job_dir, where="outbox", audit_head_now=report.head, audit_lines_now=report.lines, manifest=manifest,
+                             trusted_key=trusted_key, trusted_ca=trusted_ca, journal=journal)
+    report.problems += report.trust.problems
     return report
 
 

@@ -105,6 +105,17 @@ class ModelSettings:
 
 
 @dataclass(frozen=True)
+class TrustSettings:
+    """The lab's keys (engine.trust): `keys` is the folder `python -m engine keys init` made (a
+    path relative to config.toml, or absolute; in the container a read-only mount). With no keys,
+    jobs run unsigned and every record says so; `require = true` refuses to start without them.
+    A reviewer's side needs only the public files: the audit key's `.pub.pem` and the lab CA."""
+
+    keys: str = field(default="", metadata=rule(Str(max_len=4096)))
+    require: bool = field(default=False, metadata=rule(Bool()))
+
+
+@dataclass(frozen=True)
 class _SettingsTable:
     """What config.toml may hold (the shape `build` validates)."""
 
@@ -115,9 +126,10 @@ class _SettingsTable:
     embed: EmbedSettings = field(default_factory=EmbedSettings, metadata=rule(Table(EmbedSettings)))
     render: RenderSettings = field(default_factory=RenderSettings, metadata=rule(Table(RenderSettings)))
     models: ModelSettings = field(default_factory=ModelSettings, metadata=rule(Table(ModelSettings)))
+    trust: TrustSettings = field(default_factory=TrustSettings, metadata=rule(Table(TrustSettings)))
 
 
-SECTIONS = ("paths", "faces", "input", "background", "embed", "render", "models")
+SECTIONS = ("paths", "faces", "input", "background", "embed", "render", "models", "trust")
 
 
 @dataclass(frozen=True)
@@ -132,12 +144,18 @@ class Settings:
     embed: EmbedSettings = EmbedSettings()
     render: RenderSettings = RenderSettings()
     models: ModelSettings = ModelSettings()
+    trust: TrustSettings = TrustSettings()
     job_defaults: dict[str, Any] = field(default_factory=dict)  # raw [job.*] tables, validated
     foreign: dict[str, Any] = field(default_factory=dict)  # sections other layers own ([daemon])
 
     @property
     def models_dir(self) -> Path:
         return (self.root / self.paths.models).resolve()
+
+    @property
+    def keys_dir(self) -> Path | None:
+        """The lab's keys folder ([trust] keys), or None: jobs are unsigned."""
+        return (self.root / self.trust.keys).resolve() if self.trust.keys else None
 
     @classmethod
     def load(cls, path: Path | None) -> "Settings":

@@ -12,7 +12,7 @@ import threading
 from engine.audit import AuditLog, Observer
 from engine.background import BackgroundRemover, staged_model_path
 from engine.config import Settings
-from engine.errors import JobInterrupted, OwnershipLost  # noqa: F401 - JobInterrupted is re-exported for the stages
+from engine.errors import ConfigError, JobInterrupted, OwnershipLost  # noqa: F401 - JobInterrupted is re-exported for the stages
 from engine.faces import FaceModels, load_face_models
 from engine.jobfolder import Fence, NoFence
 from engine.job import LoadedJob
@@ -28,6 +28,8 @@ class Resources:
         self._background: BackgroundRemover | None = None
         self._pipelines: dict[str, Any] = {}
         self._hashes: dict[str, dict[str, str]] = {}
+        self._keys: Any = None
+        self._credentials: Any = None
 
     def faces(self) -> FaceModels:
         if self._faces is None:
@@ -79,6 +81,41 @@ class Resources:
     def realism_pipeline(self) -> Any:
         return self.pipeline("realism")
 
+    def keys(self) -> Any:
+        """The lab's keys (engine.trust.LabKeys) from [trust] keys, or None: records are unsigned.
+        ConfigError naming what is missing where; `[trust] require` refuses to go unsigned."""
+        if self._keys is None:
+            from engine.trust import LabKeys
+
+            folder = self.settings.keys_dir
+            if folder is None:
+                if self.settings.trust.require:
+                    raise ConfigError("keys_missing", "[trust] require = true, but [trust] keys names no folder: make lab keys with "
+                                                      "`python -m engine keys init --out DIR` and set [trust] keys = DIR")
+                self._keys = False
+            else:
+                self._keys = LabKeys.load(folder)
+        return self._keys or None
+
+    def trust_facts(self) -> dict[str, Any]:
+        """Who signs this installation's records (for the audit log and the report)."""
+        from engine.trust import UNSIGNED_FACTS
+
+        keys = self.keys()
+        return keys.facts() if keys is not None else dict(UNSIGNED_FACTS)
+
+    def credentials(self) -> Any:
+        """The C2PA signer of generated images (engine.credentials), or None without keys."""
+        if self._credentials is None:
+            keys = self.keys()
+            if keys is None:
+                self._credentials = False
+            else:
+                from engine.credentials import ContentCredentials
+
+                self._credentials = ContentCredentials(keys)
+        return self._credentials or None
+
     def background(self) -> BackgroundRemover | None:
         """The rembg remover, or None when no model is staged (the caller decides what that means)."""
         if self._background is None and self.background_model_path().is_file():
@@ -117,3 +154,18 @@ class StageContext:
 
     def path(self, relative: str) -> Path:
         return self.job_dir / relative
+
+    def write_generated_image(self, relative: str, rgb: Any, text: dict[str, str], facts: dict[str, Any]) -> str:
+        """Write an image the model generated: a PNG with its text chunks and, with lab keys, C2PA
+        Content Credentials (created by a trained model, from the job's photos, `facts` as our
+        assertion). Returns "signed" or "unsigned", for the records that list the image."""
+        from engine.fsutil import atomic_write_bytes
+        from engine.images import png_bytes
+
+        data = png_bytes(rgb, text)
+        credentials = self.resources.credentials()
+        if credentials is not None:
+            data = credentials.sign_png(data, title=Path(relative).name, facts={"job_id": self.job_id, "demo": self.demo, **facts},
+                                        ingredients=list(zip(self.job.spec.subject.photos, self.job.photos)))
+        atomic_write_bytes(self.path(relative), data)
+        return "signed" if credentials is not None else "unsigned"

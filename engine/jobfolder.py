@@ -4,9 +4,11 @@ are called, how a finished or failed job is found, and the one code that publish
     <outbox>/.work/<job-id>/           while it runs: inputs/ (the dropped folder, copied and
                                        verified before anything reads it), state.json (ledger),
                                        audit.jsonl, the outputs so far
-    <outbox>/<subject>/<job-id>/       finished: the work folder, moved here in one rename
+    <outbox>/<subject>/<job-id>/       finished: the work folder, moved here in one rename, with
+                                       manifest.json and signature.json (its signed head)
     <failed>/<subject>/<job-id>/       refused or failed: inputs/ (the dropped folder as it was),
-                                       error.json, audit.jsonl
+                                       error.json, audit.jsonl, signature.json
+    <outbox>/.journal/journal.jsonl    one signed line per published or failed job (engine.trust)
 
 The daemon (which knows nothing of diffusion) imports this module and the `engine` package's
 public names, nothing else of the engine: the names, the look-ups, the publishing order and the
@@ -39,6 +41,7 @@ ERROR_FILE = "error.json"
 AUDIT_FILE = "audit.jsonl"
 MANIFEST_FILE = "manifest.json"
 LEDGER_FILE = "state.json"
+SIGNATURE_FILE = "signature.json"  # the signed head of a published or failed job (engine.trust)
 _INCOMING = ".incoming"  # suffix of a folder being filled before its publishing rename
 
 # errno values that say the installation (disk, share, permissions), not the job, is at fault.
@@ -262,11 +265,11 @@ def failure_record(job_id: str, subject: str, source: Path | str, error: JobErro
 
 def publish_failure(*, inputs_from: Path, failed_root: Path, subject: str, job_id: str, record: dict[str, Any],
                     audit: Path | None = None, check: Callable[[str], None] | None = None,
-                    only: frozenset[str] | None = None) -> tuple[Path, dict[str, Any]]:
+                    only: frozenset[str] | None = None, seal: Callable[[Path], Any] | None = None) -> tuple[Path, dict[str, Any]]:
     """The one code that writes failed/: `failed/<subject>/<job-id>/` with inputs/ (a verified
     copy of the folder `inputs_from`, or of just the paths `only`), error.json (`record`, plus what
-    could not be copied) and a copy of the job's audit log. Copy -> verify -> fsync ->
-    `check("publish")` -> one rename.
+    could not be copied), a copy of the job's audit log, and what `seal(staging folder)` adds (the
+    signed head). Copy -> verify -> seal -> fsync -> `check("publish")` -> one rename.
 
     Returns (the folder, the record as written). Already published (a re-run after a kill): the
     folder as it is. OSError when a step fails: failed/ then holds no trace of this job but a
@@ -289,6 +292,8 @@ def publish_failure(*, inputs_from: Path, failed_root: Path, subject: str, job_i
         atomic_write_json(staging / ERROR_FILE, record)
         if audit is not None and Path(audit).is_file():
             atomic_write_bytes(staging / AUDIT_FILE, Path(audit).read_bytes())
+        if seal is not None:
+            seal(staging)
         fsync_tree(staging)
         if check is not None:
             check("publish to failed/")

@@ -701,10 +701,22 @@ def _settings(facts: JobFacts) -> list[str]:
 
 def _audit(facts: JobFacts) -> list[str]:
     head, lines = _head(facts)
-    return ['<section id="audit"><h2>8. Audit chain</h2>',
+    starts = facts.starts()
+    trust = (starts[-1] if starts else {}).get("trust") or {}
+    if trust.get("signed"):
+        signer = (f'<p id="signer">Signed by the lab: audit key <code>{_text(trust.get("key_fingerprint"))}</code> (Ed25519) signs this job\'s '
+                  f"head in <code>signature.json</code> and its line in the outbox's journal; every generated image carries C2PA Content "
+                  f"Credentials signed by <code>{_text(trust.get('content_signer'))}</code> under the lab CA <code>{_text(trust.get('lab_ca'))}</code>.</p>")
+    else:
+        signer = ('<p id="signer"><b>UNSIGNED.</b> No lab key was configured ([trust] keys): the records below are hash-chained, which shows '
+                  "an edited byte, but someone who can write the share could rewrite them consistently; the images carry no Content "
+                  "Credentials.</p>")
+    return ['<section id="audit"><h2>8. Audit chain and signatures</h2>',
             f'<p>Head of <code>{AUDIT_FILE}</code> when this report was made: <code id="audit-head">{head}</code> (line {lines}). '
             f"The next line, <code>job_finished</code>, holds the sha256 of <code>{MANIFEST_FILE}</code>, which lists this report "
-            "and its charts. Check the chain and every file: <code>python -m engine verify-audit &lt;job folder&gt;</code>.</p>",
+            "and its charts. Check the chain, every file, the signature and the images' credentials: "
+            "<code>python -m engine verify-audit &lt;job folder&gt; --trusted-key audit-signing.pub.pem --trusted-ca lab-ca.cert.pem</code>; "
+            "the whole outbox: <code>python -m engine verify-journal &lt;outbox&gt;</code>.</p>", signer,
             "</section>"]
 
 
@@ -723,6 +735,8 @@ def _scored_figure(src: str, file: str, kind: str, css: str, title: str, drift: 
         caption.append(f"dlib distance {_number(row['identity2_distance'])} ({_text(row.get('identity2_verdict'))})")
     if row.get("models_disagree"):
         caption.append('<span class="badge disagree">models disagree</span>')
+    if row.get("credentials"):
+        caption.append(f'<span class="muted">C2PA Content Credentials: {_text(row["credentials"])}</span>')
     return _figure_html(src, file, kind, caption, css)
 
 

@@ -38,13 +38,14 @@ from engine.faults import pause_point
 from engine.fsutil import (Listing, canonical_json, fsync_dir, guarded_writes, hash_tree, remove_partial_writes, remove_tree, sha256_bytes,
                            sha256_file, tree_listing, utf8_safe)
 from engine.job import JOB_FILE, LoadedJob, load_job, safe_subject_name
-from engine.jobfolder import (AUDIT_FILE, ERROR_FILE, INPUTS_DIR, LEDGER_FILE, MANIFEST_FILE, WORK_DIR, Fence, NoFence, check_dropped_folder,  # noqa: F401
-                              classify_os_error, copy_verified, describe_os_error, failure_record, find_published, new_job_id,
-                              probe_job_targets, publish_failure, remove_leftover_work, work_dir)
+from engine.jobfolder import (AUDIT_FILE, ERROR_FILE, INPUTS_DIR, LEDGER_FILE, MANIFEST_FILE, SIGNATURE_FILE, WORK_DIR, Fence, NoFence,  # noqa: F401
+                              check_dropped_folder, classify_os_error, copy_verified, describe_os_error, failure_record, find_published,
+                              kept_inputs, new_job_id, probe_job_targets, publish_failure, remove_leftover_work, work_dir)
 from engine.ledger import Ledger
 from engine.report import write_report
 from engine.schema import to_plain
 from engine.stages import STAGE_NAMES, STAGES
+from engine.trust import append_journal, head_statement, sign_head
 
 VERSIONED_PACKAGES = ("torch", "diffusers", "transformers", "peft", "insightface", "onnxruntime", "rembg", "numpy", "pillow", "opencv-python-headless", "scipy")
 
@@ -85,9 +86,10 @@ class Engine:
         """Refuse to start (ConfigError naming what to stage where) rather than fail jobs later.
 
         The base diffusion model must be staged (or --demo asked for); the realism model is
-        checked when a job asks for two_pass."""
+        checked when a job asks for two_pass; lab keys named by [trust] keys must be there."""
         self.resources.faces()
         self.resources.model_ref("base")
+        self.resources.keys()
         self._apply_cpu_threads()
 
     @staticmethod
@@ -172,7 +174,8 @@ class Engine:
             except JobError as error:  # a tree no job folder is: refused before it is copied
                 audit.event("job_started", source=str(source), subject=subject, inputs={}, versions=software_versions(), demo=self.demo)
                 return self._fail(error, source, subject, job_id, job_dir, failed_root, audit, ledger, fence, bound)
-            start = dict(source=str(source), inputs=copied.entries, not_copied=copied.left_out, versions=software_versions(), demo=self.demo)
+            start = dict(source=str(source), inputs=copied.entries, not_copied=copied.left_out, versions=software_versions(), demo=self.demo,
+                         trust=self.resources.trust_facts())
             try:
                 job = load_job(job_dir / INPUTS_DIR, self.settings.job_defaults, self.settings.input.extensions, self.settings.render.denylist,
                                folder_name=source.name)
@@ -340,8 +343,10 @@ class Engine:
         rename leaves a complete job in the work area, which the next run publishes."""
         job = ctx.job
         write_report(ctx.job_dir, originals=zip(job.spec.subject.photos, job.photos))  # before the manifest, which lists it
-        manifest_sha256 = write_manifest(ctx.job_dir, ledger.job_id, ledger.inputs, ledger.models(), self.demo)
+        manifest_sha256 = write_manifest(ctx.job_dir, ledger.job_id, ledger.inputs, ledger.models(), self.demo, self.resources.trust_facts())
         ctx.audit.event("job_finished", manifest_sha256=manifest_sha256, demo=self.demo)
+        statement = head_statement(ctx.job_dir, where="outbox", path=f"{job.subject}/{ledger.job_id}", job_id=ledger.job_id, subject=job.subject)
+        signed = sign_head(ctx.job_dir, statement, self.resources.keys())  # the last file: it vouches for the audit head and the manifest
         final = outbox / job.subject / ledger.job_id
         final.parent.mkdir(parents=True, exist_ok=True)
         pause_point("job:before_publish")
@@ -352,7 +357,22 @@ class Engine:
         ledger.path = final / LEDGER_FILE
         ledger.set_outcome("finished")
         ctx.log.info("job_finished", output=str(final), audit_head=ctx.audit.head)
-        return JobResult(ledger.job_id, job.subject, "finished", final)
+        return self._journal(outbox, signed, JobResult(ledger.job_id, job.subject, "finished", final), ctx.log)
+
+    def _journal(self, outbox: Path, signed: dict[str, Any], result: JobResult, bound: Any) -> JobResult:
+        """The outbox's journal line of a job just published. When it cannot be written the job
+        stands published, and the result is "held": the next run of the job id writes the line
+        (it is written once, whatever the number of tries)."""
+        try:
+            append_journal(outbox, signed, self.resources.keys())
+        except OSError as exc:
+            message = (f"the job is published in {result.output_dir}, but its journal line could not be written: {describe_os_error(exc)}; "
+                       "run it again (the daemon does) once the outbox can be written: the line is added then")
+            bound.error("journal_not_written", message=message)
+            return JobResult(result.job_id, result.subject, "held", result.output_dir,
+                             error={"code": classify_os_error(exc) or "io_error", "message": message, "problems": [],
+                                    "details": {"errno": exc.errno, "published_as": result.outcome}})
+        return result
 
     def _already_published(self, outbox: Path, job_id: str, outcome: str, folder: Path, bound: Any) -> JobResult:
         """The job id is already published: a run killed after the publishing rename, or a
@@ -377,7 +397,12 @@ class Engine:
         if remove_leftover_work(outbox, job_id):
             bound.info("leftover_work_folder_removed", job_id=job_id)
         bound.info("job_already_published", output=str(folder), outcome=outcome)
-        return JobResult(job_id, folder.parent.name, outcome, folder, error=error)
+        result = JobResult(job_id, folder.parent.name, outcome, folder, error=error)
+        if (folder / SIGNATURE_FILE).is_file():  # a kill between the publishing rename and the journal line: write it now
+            import json
+
+            return self._journal(outbox, json.loads((folder / SIGNATURE_FILE).read_text("utf-8")), result, bound)
+        return result
 
     def _fail(self, error: JobError, source: Path, subject: str, job_id: str, job_dir: Path, failed_root: Path,
               audit: AuditLog | None, ledger: Ledger | None, fence: Fence, bound: Any) -> JobResult:
@@ -403,8 +428,7 @@ class Engine:
             error.details["not_copied"] = ledger.not_copied  # left out when the inputs were copied
         record = jsonable(failure_record(job_id, subject, source, error))
         try:
-            target, record = publish_failure(inputs_from=inputs, failed_root=failed_root, subject=subject, job_id=job_id, record=record,
-                                             audit=job_dir / AUDIT_FILE, check=fence.check)
+            target, record, signed = self._publish_failure(inputs, failed_root, subject, job_id, record, job_dir / AUDIT_FILE, fence.check)
         except OSError as exc:
             return self._held(classify_os_error(exc) or "io_error", exc, subject, job_id, job_dir, audit, bound, pending=record)
         pause_point("job:failed_published")
@@ -412,12 +436,61 @@ class Engine:
             remove_tree(job_dir)
         except OSError as exc:  # published all the same; the next run of this id removes the leftover
             bound.warning("work_folder_not_removed", job_id=job_id, error=str(exc))
-        return JobResult(job_id, subject, "failed", target, error=record)
+        return self._journal(outbox_of(job_dir), signed, JobResult(job_id, subject, "failed", target, error=record), bound)
+
+    def _publish_failure(self, inputs: Path, failed_root: Path, subject: str, job_id: str, record: dict[str, Any], audit: Path | None,
+                         check: Any, only: frozenset[str] | None = None) -> tuple[Path, dict[str, Any], dict[str, Any]]:
+        """engine.jobfolder.publish_failure, sealed with the job's signed head. Returns (folder, record, signed head)."""
+        signed: dict[str, Any] = {}
+
+        def seal(staging: Path) -> None:
+            statement = head_statement(staging, where="failed", path=f"{subject}/{job_id}", job_id=job_id, subject=subject)
+            signed.update(sign_head(staging, statement, self.resources.keys()))
+
+        target, record = publish_failure(inputs_from=inputs, failed_root=failed_root, subject=subject, job_id=job_id, record=record,
+                                         audit=audit, check=check, only=only, seal=seal)
+        if not signed:  # published by an earlier run (a kill after the rename): its head is in the folder
+            import json
+
+            signed = json.loads((target / SIGNATURE_FILE).read_text("utf-8"))
+        return target, record, signed
+
+    def publish_refusal(self, error: JobError, source: Path, outbox: Path, failed_dir: Path, *, job_id: str | None = None,
+                        subject: str | None = None, only: frozenset[str] | None = None, fence: Fence | None = None) -> JobResult:
+        """Publish to failed/ a job the daemon does not run: given up (too_many_crashes: `job_id`,
+        from the engine's verified copy of its inputs when there is one, with its audit log), or a
+        folder it refuses (a mount point, files written into a claimed folder: a new job id, just
+        the paths `only`). Signed and journaled like every failure, through the one publisher.
+        OSError when failed/ cannot be written: nothing was published, the caller keeps the input."""
+        fence = fence or NoFence()
+        outbox, failed_root, source = Path(outbox).resolve(), Path(failed_dir).resolve(), Path(source)
+        job_id = job_id or new_job_id()
+        bound = log.bind(job_id=job_id)
+        with guarded_writes(fence.check):
+            kept_subject, kept = kept_inputs(outbox, job_id)
+            subject = subject or kept_subject or safe_subject_name(source.name)
+            # The job's audit log (a job given up has one; a refused folder gets its first line
+            # here), so that every failed/ folder holds the chain its signed head seals.
+            audit = AuditLog(work_dir(outbox, job_id) / AUDIT_FILE, job_id, self.observer, fence=fence.token)
+            listing = kept and tree_listing(kept)
+            audit.event("job_refused", source=str(source), subject=subject, code=error.code, message=error.message,
+                        inputs=listing.entries if listing else {}, only=sorted(only) if only else None, versions=software_versions(),
+                        trust=self.resources.trust_facts())
+            record = jsonable(failure_record(job_id, subject, source, error))
+            target, record, signed = self._publish_failure(kept or source, failed_root, subject, job_id, record, audit.path, fence.check, only)
+            bound.error("failure_published", code=error.code, failed=str(target))
+            remove_leftover_work(outbox, job_id)
+            return self._journal(outbox, signed, JobResult(job_id, subject, "failed", target, error=record), bound)
 
 
 def run_job(source: Path, outbox: Path, settings: Settings | None = None, *, demo: bool = False, **options: Any) -> JobResult:
     """Run one job folder (see `Engine.run_job`); loads models for this one call."""
     return Engine(settings, demo=demo).run_job(source, outbox, **options)
+
+
+def outbox_of(job_dir: Path) -> Path:
+    """The outbox of a work folder (<outbox>/.work/<job-id>)."""
+    return Path(job_dir).parent.parent
 
 
 def find_unfinished_job(outbox: Path, source: Path) -> str | None:

@@ -23,14 +23,13 @@ import numpy as np
 from engine import identity2
 from engine.context import StageContext
 from engine.diffusion import drift_label, identity_lora, png_text, render, score
-from engine.fsutil import atomic_write_bytes, atomic_write_json, atomic_write_text
-from engine.images import png_bytes
+from engine.fsutil import atomic_write_json, atomic_write_text, sha256_file
 from engine.job import RenderSpec
 from engine.schema import to_plain
 from engine.stages import embed, train, verify
 
 NAME = "render"
-VERSION = 1
+VERSION = 2  # 2: images carry C2PA Content Credentials (with lab keys); the drift report says which
 OUTPUTS = ("renders", "drift_report.json", "drift_report.csv")
 REPORT_JSON = "drift_report.json"
 REPORT_CSV = "drift_report.csv"
@@ -57,6 +56,7 @@ def fingerprint(ctx: StageContext) -> dict[str, object]:
         "faces": ctx.resources.faces().hashes(),
         "resolution": train.training_resolution(ctx),
         "identity2": identity2.fingerprint(),
+        "content_signer": ctx.resources.trust_facts().get("content_signer"),
     }
 
 
@@ -72,6 +72,7 @@ def run(ctx: StageContext) -> None:
     locked = chosen["status"] == "locked"
     size = train.training_resolution(ctx)
     rows: list[dict[str, Any]] = []
+    lora_sha256 = sha256_file(ctx.path(train.LORA_FILE))
     ctx.path("renders").mkdir(parents=True, exist_ok=True)
 
     def keep(entry_index: int, output_index: int, pass_name: str, mode: str, prompt: str, negative: str, pass_seed: int,
@@ -82,9 +83,13 @@ def run(ctx: StageContext) -> None:
         text = png_text(prompt=prompt, negative_prompt=negative, seed=pass_seed, selected_seed=seed, locked=locked, mode=mode,
                         pass_name=pass_name, lora_weight=weight, guidance=guidance, strength=strength, drift=drift,
                         face_found=face_found, demo=ctx.demo, models=ctx.models_used, job_id=ctx.job_id)
-        atomic_write_bytes(ctx.path(file_name), png_bytes(rgb, text))
+        credentials = ctx.write_generated_image(file_name, rgb, text, {
+            "stage": NAME, "render": entry_index, "output": output_index, "mode": mode, "pass": pass_name, "seed": pass_seed,
+            "selected_seed": seed, "locked": locked, "prompt": prompt, "lora_weight": weight, "guidance": guidance, "strength": strength,
+            "drift": drift, "face_found": face_found, "models": dict(ctx.models_used), "lora_sha256": lora_sha256 if weight else None})
         rows.append({"kind": "render", "render": entry_index, "output": output_index, "mode": mode, "pass": pass_name, "seed": pass_seed,
-                     "prompt": prompt, "drift": drift, "face_found": face_found, "locked": locked, "file": file_name})
+                     "prompt": prompt, "drift": drift, "face_found": face_found, "locked": locked, "file": file_name,
+                     "credentials": credentials})
         ctx.progress("render_scored", pass_name=pass_name, mode=mode, drift=drift, face_found=face_found)
 
     with identity_lora(pipe, ctx.path(train.LORA_DIR)) as lora:
@@ -148,7 +153,8 @@ def _write_reports(ctx: StageContext, chosen: dict[str, Any], rows: list[dict[st
             result = candidate[group]
             verify_rows.append({"kind": f"verify_{group}", "render": None, "output": None, "mode": "verify", "pass": group, "seed": candidate["seed"],
                                 "prompt": chosen["prompt"], "drift": result["drift"], "face_found": result["face_found"],
-                                "locked": chosen["status"] == "locked" and candidate["seed"] == chosen["locked_seed"], "file": result["file"]})
+                                "locked": chosen["status"] == "locked" and candidate["seed"] == chosen["locked_seed"], "file": result["file"],
+                                "credentials": result.get("credentials", "unsigned")})
     everything = verify_rows + rows
     # The second model measures every render only now, after verify has locked the seed.
     second_model, second_model_files = identity2.annotate(ctx.job_dir, everything, ctx.resources.faces(), chosen["threshold"])
@@ -166,7 +172,7 @@ def _write_reports(ctx: StageContext, chosen: dict[str, Any], rows: list[dict[st
     }
     atomic_write_json(ctx.path(REPORT_JSON), report)
     buffer = io.StringIO()
-    columns = ["kind", "render", "output", "mode", "pass", "seed", "prompt", "drift", "face_found", "locked", "file",
+    columns = ["kind", "render", "output", "mode", "pass", "seed", "prompt", "drift", "face_found", "locked", "file", "credentials",
                "identity2_distance", "identity2_verdict", "models_disagree"]
     writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
     writer.writeheader()

@@ -13,13 +13,12 @@ import json
 
 from engine.context import StageContext
 from engine.diffusion import drift_label, identity_lora, png_text, render, score
-from engine.fsutil import atomic_write_bytes, atomic_write_json
-from engine.images import png_bytes
+from engine.fsutil import atomic_write_json, sha256_file
 from engine.schema import to_plain
 from engine.stages import embed, train
 
 NAME = "verify"
-VERSION = 1
+VERSION = 2  # 2: images carry C2PA Content Credentials (with lab keys); verify.json says which
 OUTPUTS = ("verify",)
 INFO_FILE = "verify/verify.json"
 GUIDANCE = 5.8  # the identity anchor's CFG (spec, render phase 1)
@@ -32,6 +31,7 @@ def fingerprint(ctx: StageContext) -> dict[str, object]:
         "base_model": ctx.resources.base_model_hashes(),
         "faces": ctx.resources.faces().hashes(),
         "resolution": train.training_resolution(ctx),
+        "content_signer": ctx.resources.trust_facts().get("content_signer"),
     }
 
 
@@ -47,6 +47,7 @@ def run(ctx: StageContext) -> None:
     seeds = list(spec.seed_list)
     batches = [seeds[i : i + spec.batch_size] for i in range(0, len(seeds), spec.batch_size)]
     candidates = {seed: {"seed": seed} for seed in seeds}
+    lora_sha256 = sha256_file(ctx.path(train.LORA_FILE))
     (ctx.path("verify")).mkdir(parents=True, exist_ok=True)
     with identity_lora(pipe, ctx.path(train.LORA_DIR)) as lora:
         for group, with_lora in (("lora", True), ("control", False)):
@@ -63,8 +64,11 @@ def run(ctx: StageContext) -> None:
                     text = png_text(prompt=spec.prompt, negative_prompt=negative, seed=seed, group=group, lora_weight=1.0 if with_lora else 0.0,
                                     guidance=GUIDANCE, steps=spec.steps, drift=drift, face_found=face_found, demo=ctx.demo,
                                     models=ctx.models_used, job_id=ctx.job_id)
-                    atomic_write_bytes(ctx.path(file_name), png_bytes(rgb, text))
-                    candidates[seed][group] = {"drift": drift, "face_found": face_found, "file": file_name}
+                    credentials = ctx.write_generated_image(file_name, rgb, text, {
+                        "stage": NAME, "group": group, "seed": seed, "prompt": spec.prompt, "lora_weight": 1.0 if with_lora else 0.0,
+                        "guidance": GUIDANCE, "steps": spec.steps, "drift": drift, "face_found": face_found,
+                        "models": dict(ctx.models_used), "lora_sha256": lora_sha256 if with_lora else None})
+                    candidates[seed][group] = {"drift": drift, "face_found": face_found, "file": file_name, "credentials": credentials}
                     ctx.progress("seed_scored", seed=seed, lora=with_lora, drift=drift, face_found=face_found)
 
     scored = sorted((c["lora"]["drift"], seed) for seed, c in candidates.items() if c["lora"]["drift"] is not None)

@@ -1,9 +1,9 @@
 """The job worker thread ends every run with `job_ended` and a settled claim, whatever ends it.
 It was: an exception outside `Exception` (SystemExit, KeyboardInterrupt, or one raised while
 settling) killed the thread uncaught, with no job_ended, the job's gauges stuck at "in progress"
-and its claim never released; and an OSError from the daemon's own look at the folders counted
-as a crash. A real Service in this process, with faults injected where nothing real raises them
-on demand: the engine's run_job raising SystemExit, the look-up of published jobs raising EIO."""
+and its claim never released; and an OSError from looking the job up in the outbox counted as a
+crash. A real Service in this process, with faults injected where nothing real raises them on
+demand: the engine's run_job raising SystemExit, the look-up of published jobs raising EIO."""
 
 from __future__ import annotations
 
@@ -67,12 +67,12 @@ def test_a_job_run_that_dies_of_systemexit_still_ends_and_releases_its_claim(tmp
     assert not runner.is_alive()
 
 
-def test_a_share_error_in_the_daemons_own_look_at_the_folders_holds_the_job_it_is_no_crash(tmp_path, shared_models, monkeypatch):
-    import daemon.service as service_module
+def test_a_share_error_while_looking_the_job_up_holds_it_it_is_no_crash(tmp_path, shared_models, monkeypatch):
+    import engine.runner as runner_module
 
     service, runner = _started(tmp_path, shared_models, hold_retry_seconds=0.2)
     try:
-        real = service_module.find_published
+        real = runner_module.find_published
         failures = []
 
         def share_went_away(*args, **kwargs):
@@ -81,7 +81,7 @@ def test_a_share_error_in_the_daemons_own_look_at_the_folders_holds_the_job_it_i
                 raise OSError(errno.EIO, "Input/output error", str(service.paths.outbox))
             return real(*args, **kwargs)
 
-        monkeypatch.setattr(service_module, "find_published", share_went_away)
+        monkeypatch.setattr(runner_module, "find_published", share_went_away)
         dropped = {"olga": drops_of(drop_job(service.paths.inbox, "olga"))}
         _wait(lambda: _value(service, "idrep_jobs_total", outcome="finished") >= 1, "the job to finish after its hold")
         assert _value(service, "idrep_jobs_total", outcome="held") == 1 and _value(service, "idrep_jobs_total", outcome="crashed") == 0

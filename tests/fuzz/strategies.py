@@ -199,7 +199,7 @@ def check_failed_copy(result: Any, before: dict[str, bytes | str], codes: set[st
     error = json.loads((result.output_dir / "error.json").read_text(encoding="utf-8"))
     assert error == json.loads(json.dumps(result.error)), "error.json differs from the result's error"
     check_error(JobError(error["code"], error["message"], tuple(Problem(**p) for p in error["problems"])), codes, names)
-    assert sorted(p.name for p in result.output_dir.iterdir()) == [AUDIT_FILE, "error.json", "inputs"]
+    assert sorted(p.name for p in result.output_dir.iterdir()) == [AUDIT_FILE, "error.json", "inputs", "signature.json"]
     copied = tree_snapshot(result.output_dir / "inputs")
     expected = {k: v for k, v in before.items() if v != "<special>"}
     assert copied == expected, f"failed/ holds {sorted(copied)}, the job folder held {sorted(expected)}"

@@ -80,7 +80,7 @@ def test_report_regenerates_byte_identical_from_the_outbox(finished, tmp_path, c
     from engine.__main__ import main
 
     job, _, _, _ = finished
-    copy = tmp_path / job.name
+    copy = tmp_path / job.parent.name / job.name  # <subject>/<job-id>: the signed head names where the job is
     shutil.copytree(job, copy)
     before = {rel: (copy / rel).read_bytes() for rel in (REPORT_FILE, DRIFT_CHART, LOSS_CHART)}
     for rel in before:
@@ -99,7 +99,7 @@ def test_report_regenerates_byte_identical_from_the_outbox(finished, tmp_path, c
     # ... but can be written elsewhere, linking back to the job's images.
     elsewhere = tmp_path / "review"
     assert main(["report", str(copy), "--out", str(elsewhere)]) == 0
-    assert f'src="../{copy.name}/renders/' in (elsewhere / REPORT_FILE).read_text()
+    assert f'src="../{copy.parent.name}/{copy.name}/renders/' in (elsewhere / REPORT_FILE).read_text()
 
 
 def test_report_shows_every_image_in_headless_chromium(finished):

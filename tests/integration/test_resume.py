@@ -21,9 +21,10 @@ from engine.stages import STAGE_NAMES
 from tests.conftest import REPO, FAST_JOB, make_job
 
 
-# Files that differ between any two runs of one job: the audit log (timestamps, resume lines)
-# and report.html, a view of it (it shows the audit head hash and the stages' times).
-RUN_SPECIFIC = (AUDIT_FILE, "report.html")
+# Files that differ between any two runs of one job: the audit log (timestamps, resume lines),
+# report.html, a view of it (it shows the audit head hash and the stages' times), and the signed
+# head of both (signature.json names the audit head).
+RUN_SPECIFIC = (AUDIT_FILE, "report.html", "signature.json")
 
 
 def _outputs(job_dir: Path) -> dict[str, str]:

@@ -10,6 +10,7 @@ import pytest
 from engine.audit import GENESIS, AuditLog, line_hash, verify_audit, write_manifest
 from engine.errors import OwnershipLost
 from engine.fsutil import tree_listing
+from engine.trust import UNSIGNED_FACTS, head_statement, sign_head
 
 
 def _finished_job(folder: Path) -> Path:
@@ -24,8 +25,10 @@ def _finished_job(folder: Path) -> Path:
     audit = AuditLog(folder / "audit.jsonl", "job-1")
     audit.event("job_started", inputs=inputs, note="first")
     audit.event("stage_finished", stage="prepare", drift=0.125, values=[1, 2.5, None])
-    digest = write_manifest(folder, "job-1", inputs, {}, demo=False)
+    digest = write_manifest(folder, "job-1", inputs, {}, demo=False, trust=UNSIGNED_FACTS)
     audit.event("job_finished", manifest_sha256=digest)
+    sign_head(folder, head_statement(folder, where="outbox", path=f"{folder.parent.name}/{folder.name}", job_id=folder.name,
+                                     subject=folder.parent.name), None)
     return folder
 
 

@@ -1,0 +1,104 @@
+"""C2PA Content Credentials in every image the engine generates (c2pa-python).
+
+Each PNG of seed discovery and rendering carries, inside the file, a manifest signed with the
+lab's content-signer certificate (engine.trust): a `c2pa.actions` assertion saying it was
+created by a trained model (digitalSourceType trainedAlgorithmicMedia, the marking the EU AI
+Act's duty for synthetic images points to), the job's input photos as `inputTo` ingredients,
+and our own assertion (`org.idrep.generation`: job id, seed, pass, drift, lock state, the base
+model's and the LoRA's sha256). The PNG text chunks stay as they were. Offline: no timestamp
+authority, no remote manifest or OCSP fetch; thumbnails off (they add ~0.3 MB an image).
+
+A reader must ask for the validation state "Trusted" against the lab CA (`trust.user_anchors`):
+"Valid" only means the manifest is intact and signed by someone, not by the lab (FINDINGS).
+Signatures are randomised (ECDSA, new instance ids): a resumed job's images differ from a clean
+run's in their credentials only.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+import c2pa
+
+from engine.trust import LabKeys
+
+ASSERTION_LABEL = "org.idrep.generation"
+DIGITAL_SOURCE_TYPE = "http://cv.iptc.org/newscodes/digitalsourcetype/trainedAlgorithmicMedia"
+CLAIM_GENERATOR = "identity-replication-daemon"
+# Offline, and no thumbnails (FINDINGS: 4 ms and +3.9 KB a 768 px image without, 96 ms and +325 KB with).
+SETTINGS = {"builder": {"thumbnail": {"enabled": False}}, "verify": {"remote_manifest_fetch": False, "ocsp_fetch": False}}
+
+
+def _version() -> str:
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version("identity-replication-daemon")
+    except importlib.metadata.PackageNotFoundError:
+        return "0"
+
+
+class ContentCredentials:
+    """Signs PNG bytes with the lab's content signer; one per process (the signer is reused)."""
+
+    def __init__(self, keys: LabKeys) -> None:
+        self.keys = keys
+        self._signer = c2pa.Signer.from_info(c2pa.C2paSignerInfo(c2pa.C2paSigningAlg.ES256, keys.signer_chain_pem, keys.signer_key_pem, None))
+        self._context = c2pa.Context.from_dict(SETTINGS)
+        self._generator = [{"name": CLAIM_GENERATOR, "version": _version()}]
+
+    def sign_png(self, png: bytes, *, title: str, facts: dict[str, Any], ingredients: list[tuple[str, Path]]) -> bytes:
+        """`png` with a signed manifest: created by a trained model, from `ingredients` ((name,
+        path) of the job's input photos), with `facts` as our assertion."""
+        manifest = {
+            "claim_generator_info": self._generator,
+            "title": title,
+            "assertions": [
+                {"label": "c2pa.actions", "data": {"actions": [{"action": "c2pa.created", "digitalSourceType": DIGITAL_SOURCE_TYPE}]}},
+                {"label": ASSERTION_LABEL, "data": facts},
+            ],
+        }
+        builder = c2pa.Builder(manifest, self._context)
+        for name, path in ingredients:
+            with open(path, "rb") as photo:
+                builder.add_ingredient({"title": name, "relationship": "inputTo"}, _mime(path), photo)
+        signed = io.BytesIO()
+        builder.sign(self._signer, "image/png", io.BytesIO(png), signed)
+        return signed.getvalue()
+
+
+def _mime(path: Path) -> str:
+    """The ingredient's type, from its bytes (the job's photos are jpg, png or webp: engine.images)."""
+    with open(path, "rb") as handle:
+        head = handle.read(12)
+    if head.startswith(b"\x89PNG"):
+        return "image/png"
+    if head.startswith(b"\xff\xd8"):
+        return "image/jpeg"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "image/webp"
+    return "application/octet-stream"
+
+
+def read_credentials(path: Path, trusted_ca: bytes | None) -> tuple[str, dict[str, Any] | None, str]:
+    """(validation state, the active manifest, what is wrong) of a PNG. The state is c2pa's:
+    "Trusted" (signed under `trusted_ca`), "Valid" (intact, someone else's certificate: or no CA
+    given), "Invalid", or "none" when the file carries no Content Credentials."""
+    settings = dict(SETTINGS)
+    if trusted_ca is not None:
+        settings["trust"] = {"user_anchors": trusted_ca.decode("ascii")}
+    try:
+        with open(path, "rb") as handle:
+            reader = c2pa.Reader("image/png", handle, context=c2pa.Context.from_dict(settings))
+            state = reader.get_validation_state() or "none"
+            manifest = reader.get_active_manifest()
+            results = reader.get_validation_results() or {}
+    except c2pa.C2paError as exc:
+        text = str(exc)
+        if "ManifestNotFound" in type(exc).__name__ or "not found" in text.lower():
+            return "none", None, "no Content Credentials in the file"
+        return "Invalid", None, f"{type(exc).__name__}: {text[:200]}"
+    failures = [item.get("code", "?") for item in (results.get("activeManifest") or {}).get("failure", [])] if isinstance(results, dict) else []
+    return state, manifest, ", ".join(failures)

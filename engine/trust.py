@@ -1,0 +1,498 @@
+"""Signed records: the lab's keys, the signed head of every published job, the outbox's journal.
+
+The hash chain of audit.jsonl and manifest.json catch an edited byte, but anyone who can write
+the share can rewrite a job consistently (re-hash the chain from the changed line on). What they
+cannot recompute is a signature by a key they do not hold:
+
+- **Lab keys** (`python -m engine keys init --out DIR`, offline, `cryptography`), in one folder:
+      audit-signing.key.pem     Ed25519 private key: signs job heads and journal lines (0600)
+      audit-signing.pub.pem     its public key, what a reviewer verifies with
+      lab-ca.key.pem            the lab CA's private key (0600): issues signer certificates; keep it offline
+      lab-ca.cert.pem           the lab CA: the trust anchor of the images' Content Credentials
+      content-signer.key.pem    ES256 key that signs the images' C2PA manifests (0600)
+      content-signer.chain.pem  its certificate (CA:false, digitalSignature, emailProtection, SKI/AKI) + the CA's
+  Config `[trust] keys` names the folder; the daemon needs the audit key and the content signer,
+  a reviewer only the two public files. Private keys never go into an outbox.
+- **Signed head** (`signature.json` in every published or failed job folder, not in its manifest,
+  which it signs): a statement of the job id, subject, where it is (outbox or failed/, and its
+  path there), the audit log's head hash and line count, and the manifest's (or error.json's)
+  sha256, signed with Ed25519 over its canonical JSON.
+- **Journal** (`<outbox>/.journal/journal.jsonl`): one line per published or failed job with its
+  signed statement; hash-chained, each line signed too, appended under an exclusive lock (several
+  daemons share an outbox) and behind the job's fence. It is what tells a deleted job, two
+  subjects' folders swapped, or a folder put back from an older copy: `verify_journal`.
+  Cutting the journal back to an earlier line together with the jobs after it is the one edit a
+  signature cannot show: keep a note of the head `verify-journal` prints.
+Without keys the same records are written unsigned, and every check says `unsigned` plainly.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import fcntl
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from engine.errors import ConfigError
+from engine.fsutil import atomic_write_json, canonical_json, check_write, fsync_dir, sha256_bytes, sha256_file
+from engine.jobfolder import AUDIT_FILE, ERROR_FILE, MANIFEST_FILE, SIGNATURE_FILE
+
+AUDIT_KEY = "audit-signing.key.pem"
+AUDIT_PUBLIC_KEY = "audit-signing.pub.pem"
+CA_KEY = "lab-ca.key.pem"
+CA_CERT = "lab-ca.cert.pem"
+SIGNER_KEY = "content-signer.key.pem"
+SIGNER_CHAIN = "content-signer.chain.pem"
+JOURNAL_DIR = ".journal"
+JOURNAL_FILE = "journal.jsonl"
+GENESIS = "0" * 64
+STATEMENT_VERSION = 1
+
+
+# ---------------------------------------------------------------------------- keys
+
+def make_lab_keys(out: Path, lab: str = "Forensic lab", *, ca_days: int = 3650, signer_days: int = 1825) -> dict[str, Path]:
+    """Make a new set of lab keys in the folder `out` (created; refused when it holds keys already).
+    Returns {file name: path}."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    existing = [name for name in (AUDIT_KEY, CA_KEY, SIGNER_KEY) if (out / name).exists()]
+    if existing:
+        raise ConfigError("keys_exist", f"{out} already holds lab keys ({', '.join(existing)}): a new set would orphan every "
+                                        "signature made with them; choose another folder")
+    now = dt.datetime.now(dt.timezone.utc)
+    audit = ed25519.Ed25519PrivateKey.generate()
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{lab} CA"), x509.NameAttribute(NameOID.ORGANIZATION_NAME, lab)])
+    no_usage = dict(content_commitment=False, key_encipherment=False, data_encipherment=False, key_agreement=False,
+                    encipher_only=False, decipher_only=False)
+    ca_cert = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+               .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=5))
+               .not_valid_after(now + dt.timedelta(days=ca_days))
+               .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+               .add_extension(x509.KeyUsage(digital_signature=False, key_cert_sign=True, crl_sign=True, **no_usage), critical=True)
+               .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
+               .sign(ca_key, hashes.SHA256()))
+    signer_key = ec.generate_private_key(ec.SECP256R1())
+    signer_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{lab} content signer"), x509.NameAttribute(NameOID.ORGANIZATION_NAME, lab)])
+    # c2pa refuses a signer certificate without these: CA:false, digitalSignature, an EKU it
+    # accepts (emailProtection; documentSigning needs an extra trust setting), SKI and AKI (FINDINGS).
+    signer_cert = (x509.CertificateBuilder().subject_name(signer_name).issuer_name(ca_name).public_key(signer_key.public_key())
+                   .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=5))
+                   .not_valid_after(now + dt.timedelta(days=signer_days))
+                   .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+                   .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=False, crl_sign=False, **no_usage), critical=True)
+                   .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.EMAIL_PROTECTION]), critical=False)
+                   .add_extension(x509.SubjectKeyIdentifier.from_public_key(signer_key.public_key()), critical=False)
+                   .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+                   .sign(ca_key, hashes.SHA256()))
+    private = dict(encoding=serialization.Encoding.PEM, format=serialization.PrivateFormat.PKCS8, encryption_algorithm=serialization.NoEncryption())
+    files = {
+        AUDIT_KEY: (audit.private_bytes(**private), 0o600),
+        AUDIT_PUBLIC_KEY: (audit.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo), 0o644),
+        CA_KEY: (ca_key.private_bytes(**private), 0o600),
+        CA_CERT: (ca_cert.public_bytes(serialization.Encoding.PEM), 0o644),
+        SIGNER_KEY: (signer_key.private_bytes(**private), 0o600),
+        SIGNER_CHAIN: (signer_cert.public_bytes(serialization.Encoding.PEM) + ca_cert.public_bytes(serialization.Encoding.PEM), 0o644),
+    }
+    for name, (data, mode) in files.items():
+        _write_new(out / name, data, mode)
+    fsync_dir(out)
+    return {name: out / name for name in files}
+
+
+def _write_new(path: Path, data: bytes, mode: int) -> None:
+    """Create `path` with `mode` from the first byte on (a private key is never readable by others, not even briefly)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fingerprint(public_key: ed25519.Ed25519PublicKey) -> str:
+    """sha256 of the raw 32-byte public key, hex: how records and people name a key."""
+    return sha256_bytes(public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw))
+
+
+def load_public_key(path: Path) -> ed25519.Ed25519PublicKey:
+    key = serialization.load_pem_public_key(Path(path).read_bytes())
+    if not isinstance(key, ed25519.Ed25519PublicKey):
+        raise ConfigError("invalid_key", f"{path} is not an Ed25519 public key")
+    return key
+
+
+@dataclass(frozen=True)
+class LabKeys:
+    """The keys a job is signed with, loaded from the [trust] keys folder."""
+
+    folder: Path
+    audit_key: ed25519.Ed25519PrivateKey
+    signer_key_pem: bytes
+    signer_chain_pem: bytes
+    ca_cert_pem: bytes
+
+    @property
+    def public_key(self) -> ed25519.Ed25519PublicKey:
+        return self.audit_key.public_key()
+
+    @property
+    def key_fingerprint(self) -> str:
+        return fingerprint(self.public_key)
+
+    @property
+    def signer_subject(self) -> str:
+        return x509.load_pem_x509_certificate(self.signer_chain_pem).subject.rfc4514_string()
+
+    @property
+    def ca_subject(self) -> str:
+        return x509.load_pem_x509_certificate(self.ca_cert_pem).subject.rfc4514_string()
+
+    def facts(self) -> dict[str, Any]:
+        """Who signs, for the audit log and the report (no secret in it)."""
+        return {"signed": True, "key_fingerprint": self.key_fingerprint, "content_signer": self.signer_subject, "lab_ca": self.ca_subject}
+
+    @classmethod
+    def load(cls, folder: Path) -> "LabKeys":
+        folder = Path(folder)
+        missing = [name for name in (AUDIT_KEY, SIGNER_KEY, SIGNER_CHAIN, CA_CERT) if not (folder / name).is_file()]
+        if missing:
+            raise ConfigError("keys_missing", f"[trust] keys = {folder}: {', '.join(missing)} missing; make a set with "
+                                              "`python -m engine keys init --out DIR` and point [trust] keys at it")
+        audit = serialization.load_pem_private_key((folder / AUDIT_KEY).read_bytes(), password=None)
+        if not isinstance(audit, ed25519.Ed25519PrivateKey):
+            raise ConfigError("invalid_key", f"{folder / AUDIT_KEY} is not an Ed25519 private key")
+        return cls(folder=folder, audit_key=audit, signer_key_pem=(folder / SIGNER_KEY).read_bytes(),
+                   signer_chain_pem=(folder / SIGNER_CHAIN).read_bytes(), ca_cert_pem=(folder / CA_CERT).read_bytes())
+
+    def sign(self, data: bytes) -> str:
+        return base64.b64encode(self.audit_key.sign(data)).decode("ascii")
+
+
+UNSIGNED_FACTS = {"signed": False, "note": "no [trust] keys configured: records are hash-chained but unsigned"}
+
+
+# ---------------------------------------------------------------------------- signed heads
+
+def audit_head(path: Path) -> tuple[str, int]:
+    """(hash of the last line, number of lines) of an audit log; (GENESIS, 0) when there is none."""
+    if not Path(path).is_file():
+        return GENESIS, 0
+    lines = [line for line in Path(path).read_bytes().split(b"\n") if line.strip()]
+    return (json.loads(lines[-1])["hash"], len(lines)) if lines else (GENESIS, 0)
+
+
+def head_statement(folder: Path, *, where: str, path: str, job_id: str, subject: str) -> dict[str, Any]:
+    """What a signature vouches for, read from the job folder: `where` is "outbox" or "failed",
+    `path` the folder's place there ("<subject>/<job-id>")."""
+    head, lines = audit_head(folder / AUDIT_FILE)
+    sealed = folder / (MANIFEST_FILE if where == "outbox" else ERROR_FILE)
+    return {"version": STATEMENT_VERSION, "kind": "finished" if where == "outbox" else "failed", "where": where, "path": path,
+            "job_id": job_id, "subject": subject, "audit_head": head, "audit_lines": lines,
+            ("manifest_sha256" if where == "outbox" else "error_sha256"): sha256_file(sealed)}
+
+
+def sign_head(folder: Path, statement: dict[str, Any], keys: LabKeys | None) -> dict[str, Any]:
+    """Write signature.json into `folder` (before its publishing rename); returns its content."""
+    document: dict[str, Any] = {"statement": statement, "algorithm": "Ed25519" if keys else None}
+    if keys is None:
+        document.update(signature=None, key_fingerprint=None, public_key=None, note=UNSIGNED_FACTS["note"])
+    else:
+        raw = keys.public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        document.update(signature=keys.sign(canonical_json(statement).encode("utf-8")), key_fingerprint=keys.key_fingerprint,
+                        public_key=base64.b64encode(raw).decode("ascii"))
+    atomic_write_json(folder / SIGNATURE_FILE, document)
+    return document
+
+
+def check_signature(document: dict[str, Any], trusted: ed25519.Ed25519PublicKey | None) -> tuple[str, list[str]]:
+    """("trusted" | "signed" (valid, but no trusted key to check against) | "unsigned", problems)."""
+    if document.get("signature") is None:
+        return "unsigned", []
+    try:
+        embedded = ed25519.Ed25519PublicKey.from_public_bytes(base64.b64decode(document.get("public_key") or ""))
+        key = trusted or embedded
+        key.verify(base64.b64decode(document["signature"]), canonical_json(document.get("statement")).encode("utf-8"))
+    except (InvalidSignature, ValueError, TypeError) as exc:
+        who = f"the trusted key {fingerprint(trusted)[:16]}" if trusted else "the key it names"
+        return "forged", [f"{SIGNATURE_FILE}: the signature does not verify with {who} ({type(exc).__name__}): the statement was "
+                          "changed, or signed by another key"]
+    return ("trusted" if trusted else "signed"), []
+
+
+# ---------------------------------------------------------------------------- the journal
+
+def journal_path(outbox: Path) -> Path:
+    return Path(outbox) / JOURNAL_DIR / JOURNAL_FILE
+
+
+def journal_line_hash(record: dict[str, Any]) -> str:
+    return sha256_bytes(canonical_json({k: v for k, v in record.items() if k not in ("hash", "signature")}).encode("utf-8"))
+
+
+def append_journal(outbox: Path, document: dict[str, Any], keys: LabKeys | None) -> dict[str, Any]:
+    """Append the signed head `document` to the outbox's journal (once: a head already there is
+    not written again, so a re-run after a kill repairs a missing line and adds no other).
+    Exclusive lock, fence check, one write, fsync."""
+    path = journal_path(outbox)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = os.open(path.with_suffix(".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        lines = read_journal(path)
+        statement_sha = sha256_bytes(canonical_json(document["statement"]).encode("utf-8"))
+        for line in lines:
+            if line.get("statement_sha256") == statement_sha:
+                return line
+        statement = document["statement"]
+        record = {"seq": len(lines) + 1, "ts": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "where": statement["where"],
+                  "path": statement["path"], "job_id": statement["job_id"], "kind": statement["kind"], "statement": statement,
+                  "statement_sha256": statement_sha, "statement_signature": document.get("signature"),
+                  "key_fingerprint": document.get("key_fingerprint"), "prev": lines[-1]["hash"] if lines else GENESIS}
+        record["signature"] = keys.sign(journal_line_hash(record).encode("ascii")) if keys else None
+        record["hash"] = journal_line_hash(record)
+        data = (canonical_json(record) + "\n").encode("utf-8")
+        check_write(str(path))
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            start = os.fstat(fd).st_size
+            try:
+                written = 0
+                while written < len(data):
+                    written += os.write(fd, data[written:])
+                os.fsync(fd)
+            except OSError:
+                os.ftruncate(fd, start)  # never half a line
+                raise
+        finally:
+            os.close(fd)
+        return record
+    finally:
+        os.close(lock)
+
+
+def read_journal(path: Path) -> list[dict[str, Any]]:
+    """Every line of a journal (a torn last line is left out); [] when there is none."""
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        return []
+    lines = []
+    for raw in data.split(b"\n")[:-1]:
+        try:
+            lines.append(json.loads(raw.decode("utf-8")))
+        except (ValueError, UnicodeDecodeError):
+            lines.append({"unreadable": raw[:80].decode("utf-8", "replace")})
+    return lines
+
+
+@dataclass
+class JournalReport:
+    """What `verify_journal` found. `ok` only when `problems` is empty."""
+
+    outbox: Path
+    entries: int = 0
+    head: str = GENESIS
+    signed: str = "unsigned"  # trusted | signed | unsigned | mixed
+    jobs_checked: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def verify_journal(outbox: Path, failed: Path | None = None, *, trusted: ed25519.Ed25519PublicKey | None = None,
+                   trusted_ca: bytes | None = None) -> JournalReport:
+    """Check an outbox as a whole: the journal's chain and signatures; every journal entry's job
+    folder exists where the entry says, holds the very head the journal recorded, and passes
+    verify_audit; every job folder of the outbox (and of `failed`, default failed/ beside it) is
+    in the journal. Names a deleted job, swapped folders, a folder put back from another version."""
+    from engine.audit import verify_audit
+
+    outbox = Path(outbox)
+    failed = Path(failed) if failed is not None else outbox.parent / "failed"
+    roots = {"outbox": outbox, "failed": failed}
+    report = JournalReport(outbox=outbox)
+    lines = read_journal(journal_path(outbox))
+    report.entries = len(lines)
+    prev, states, latest = GENESIS, set(), {}
+    for number, line in enumerate(lines, start=1):
+        if "unreadable" in line:
+            report.problems.append(f"journal line {number}: not JSON ({line['unreadable']!r})")
+            break
+        if line.get("prev") != prev:
+            report.problems.append(f"journal line {number}: 'prev' does not match line {number - 1} (a line removed, inserted or reordered)")
+            break
+        if line.get("hash") != journal_line_hash(line):
+            report.problems.append(f"journal line {number}: content does not match its hash (line edited)")
+            break
+        prev = line["hash"]
+        state, problems = _check_line(line, trusted)
+        states.add(state)
+        report.problems += [f"journal line {number}: {problem}" for problem in problems]
+        latest[(line.get("where"), line.get("path"))] = (number, line)
+    report.head = prev
+    report.signed = states.pop() if len(states) == 1 else ("mixed" if states else "unsigned")
+    for (where, rel), (number, line) in sorted(latest.items(), key=lambda item: item[1][0]):
+        folder = roots.get(where, outbox) / str(rel)
+        label = f"{where}:{rel}"
+        if not (folder / SIGNATURE_FILE).is_file():
+            report.problems.append(f"journal line {number}: {label}: the job folder is missing (deleted?)" if not folder.exists()
+                                   else f"journal line {number}: {label}: the job folder has no {SIGNATURE_FILE}")
+            continue
+        document = json.loads((folder / SIGNATURE_FILE).read_text("utf-8"))
+        held = document.get("statement") or {}
+        if sha256_bytes(canonical_json(held).encode("utf-8")) != line.get("statement_sha256"):
+            if (held.get("where"), held.get("path")) != (where, rel):
+                report.problems.append(f"journal line {number}: {label} holds the job recorded as {held.get('where')}:{held.get('path')} "
+                                       "(folders swapped or moved?)")
+            else:
+                report.problems.append(f"journal line {number}: {label} holds another version of the job than the journal recorded "
+                                       "(put back from an older copy, or rewritten?)")
+            continue
+        report.jobs_checked += 1
+        audit = verify_audit(folder, trusted_key=trusted, trusted_ca=trusted_ca, journal=False)
+        expected_audit = ["audit.jsonl: no job_finished event (job incomplete)"] if where == "failed" else []
+        report.problems += [f"{label}: {problem}" for problem in audit.problems if problem not in expected_audit]
+    for where, root in roots.items():
+        if not root.is_dir():
+            continue
+        for subject in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            for job in sorted(p for p in subject.iterdir() if p.is_dir() and not p.name.startswith(".")):
+                if (where, f"{subject.name}/{job.name}") not in latest:
+                    report.problems.append(f"{where}:{subject.name}/{job.name}: not in the journal (added by hand, or the journal was "
+                                           "cut back)")
+    return report
+
+
+def _check_line(line: dict[str, Any], trusted: ed25519.Ed25519PublicKey | None) -> tuple[str, list[str]]:
+    """The line's own signature and the statement's."""
+    if line.get("signature") is None:
+        return "unsigned", []
+    key = trusted
+    if key is None:
+        return "signed", []  # a reviewer's key is what makes a line trusted; without it only the chain is checked
+    problems = []
+    try:
+        key.verify(base64.b64decode(line["signature"]), journal_line_hash(line).encode("ascii"))
+    except (InvalidSignature, ValueError, TypeError):
+        problems.append("the line's signature does not verify with the trusted key (edited, or signed by another key)")
+    try:
+        key.verify(base64.b64decode(line.get("statement_signature") or ""), canonical_json(line.get("statement")).encode("utf-8"))
+    except (InvalidSignature, ValueError, TypeError):
+        problems.append("the job's signed head in it does not verify with the trusted key")
+    return ("trusted" if not problems else "forged"), problems
+
+
+# ---------------------------------------------------------------------------- checking one job
+
+@dataclass
+class TrustFindings:
+    """What the signed records say of one job folder (part of engine.audit.verify_audit)."""
+
+    signed: str = "unsigned"  # trusted | signed (valid, no trusted key given) | unsigned | forged | missing | older (no signed heads yet)
+    key_fingerprint: str | None = None
+    journal: str = "not checked"  # found | missing | not checked
+    credentials: dict[str, int] = field(default_factory=dict)  # C2PA validation state -> images
+    problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def check_job(job_dir: Path, *, where: str, audit_head_now: str, audit_lines_now: int, manifest: dict[str, Any] | None,
+              trusted_key: ed25519.Ed25519PublicKey | None, trusted_ca: bytes | None, journal: bool) -> TrustFindings:
+    """The job's signed head against the folder it is in (its path, job id, subject, audit head,
+    manifest or error.json), the outbox's journal line, and every generated image's C2PA state."""
+    job_dir = Path(job_dir)
+    found = TrustFindings()
+    path = job_dir / SIGNATURE_FILE
+    if not path.is_file():
+        if manifest is not None and manifest.get("version", 1) < 3:
+            found.signed = "older"
+            found.notes.append("made before jobs had signed heads: checked by its hash chain only")
+        else:
+            found.signed = "missing"
+            found.problems.append(f"{SIGNATURE_FILE} is missing (the job's signed head: removed?)")
+        return found
+    document = json.loads(path.read_text("utf-8"))
+    found.signed, problems = check_signature(document, trusted_key)
+    found.problems += problems
+    found.key_fingerprint = document.get("key_fingerprint")
+    statement = document.get("statement") or {}
+    expected = {"where": where, "path": f"{job_dir.parent.name}/{job_dir.name}", "job_id": job_dir.name, "subject": job_dir.parent.name,
+                "audit_head": audit_head_now, "audit_lines": audit_lines_now}
+    sealed, key = (MANIFEST_FILE, "manifest_sha256") if where == "outbox" else (ERROR_FILE, "error_sha256")
+    expected[key] = sha256_file(job_dir / sealed) if (job_dir / sealed).is_file() else None
+    for name, value in expected.items():
+        if statement.get(name) != value:
+            found.problems.append(f"{SIGNATURE_FILE}: the signed {name} is {statement.get(name)!r}, the folder's is {value!r}" +
+                                  _what_it_means(name))
+    if found.signed == "unsigned":
+        found.notes.append("UNSIGNED: no lab key signed this job; its records are hash-chained, which shows an edited byte, but "
+                           "someone who can write the share could rewrite them consistently")
+    elif found.signed == "signed":
+        found.notes.append(f"signed by key {found.key_fingerprint}, not checked against a trusted key (give --trusted-key, or [trust] keys)")
+    journal_file = journal_path(job_dir.parent.parent)
+    if journal and where == "outbox" and not journal_file.is_file():
+        found.journal = "not found"
+        found.notes.append(f"no journal at {journal_file} (the folder was checked on its own, away from its outbox; "
+                           "`verify-journal OUTBOX` checks the outbox as a whole)")
+    elif journal and where == "outbox":
+        statement_sha = sha256_bytes(canonical_json(statement).encode("utf-8"))
+        if any(line.get("statement_sha256") == statement_sha for line in read_journal(journal_file)):
+            found.journal = "found"
+        else:
+            found.journal = "missing"
+            found.problems.append(f"not in the outbox's journal ({journal_file}): published by hand, or the journal was cut back or replaced")
+    if manifest is not None:
+        _check_credentials(job_dir, manifest, trusted_ca, found)
+    return found
+
+
+def _what_it_means(name: str) -> str:
+    return {
+        "path": " (the folder was moved or swapped with another)",
+        "job_id": " (the folder was renamed or swapped)",
+        "subject": " (the folder was moved under another subject)",
+        "audit_head": " (audit.jsonl was rewritten after it was signed)",
+        "audit_lines": " (audit.jsonl was rewritten after it was signed)",
+        "manifest_sha256": " (manifest.json was rewritten after it was signed)",
+        "error_sha256": " (error.json was rewritten after it was signed)",
+        "where": " (moved between the outbox and failed/)",
+    }.get(name, "")
+
+
+GENERATED_IMAGE_FOLDERS = ("verify/", "renders/")
+
+
+def _check_credentials(job_dir: Path, manifest: dict[str, Any], trusted_ca: bytes | None, found: TrustFindings) -> None:
+    """Every image the model generated carries Content Credentials of the lab (signed jobs only)."""
+    from engine.credentials import read_credentials
+
+    signed_job = bool((manifest.get("trust") or {}).get("signed"))
+    for rel in sorted(manifest.get("outputs", {})):
+        if not rel.endswith(".png") or not rel.startswith(GENERATED_IMAGE_FOLDERS) or not (job_dir / rel).is_file():
+            continue
+        state, _manifest, detail = read_credentials(job_dir / rel, trusted_ca)
+        found.credentials[state] = found.credentials.get(state, 0) + 1
+        if not signed_job:
+            continue
+        if state == "none":
+            found.problems.append(f"{rel}: carries no Content Credentials ({detail}; re-saved without them?)")
+        elif state == "Invalid":
+            found.problems.append(f"{rel}: its Content Credentials do not validate ({detail or 'tampered'})")
+        elif state == "Valid" and trusted_ca is not None:
+            found.problems.append(f"{rel}: its Content Credentials are signed, but not under the lab CA (another signer's certificate)")
+    if signed_job and trusted_ca is None and found.credentials:
+        found.notes.append("Content Credentials checked for integrity only: give --trusted-ca (the lab CA) to require the lab's signature")
