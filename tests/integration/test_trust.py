@@ -97,7 +97,13 @@ def _rewrite_manifest(job: Path) -> None:
     _rechain(job / "audit.jsonl", seal)
 
 
-def test_keys_init_makes_what_c2pa_needs_with_private_keys_closed(lab_keys, tmp_path):
+def test_keys_init_makes_what_c2pa_needs_with_private_keys_closed(lab_keys, tmp_path, capsys):
+    from engine.__main__ import main
+
+    assert main(["keys", "init", "--out", str(tmp_path / "cli-keys"), "--lab", "CLI Lab"]) == 0
+    assert "Move lab-ca.key.pem somewhere offline" in capsys.readouterr().out
+    assert LabKeys.load(tmp_path / "cli-keys").signer_subject.startswith("O=CLI Lab")
+    assert main(["keys", "init", "--out", str(tmp_path / "cli-keys")]) == 2  # never over an existing set
     for name in (AUDIT_KEY, CA_KEY, SIGNER_KEY):
         assert (lab_keys / name).stat().st_mode & 0o777 == 0o600, name
     signer, ca = x509.load_pem_x509_certificates((lab_keys / SIGNER_CHAIN).read_bytes())
@@ -289,3 +295,34 @@ def _text_chunks(image: Image.Image):
     for key, value in image.text.items():
         info.add_itxt(key, value)
     return info
+
+
+RACER = """
+import sys
+from pathlib import Path
+from engine.trust import LabKeys, append_journal
+outbox, keys, me = Path(sys.argv[1]), LabKeys.load(Path(sys.argv[2])), sys.argv[3]
+for number in range(15):
+    statement = {"where": "outbox", "path": f"{me}/{number}", "job_id": f"{me}-{number}", "kind": "finished", "subject": me}
+    from engine.fsutil import canonical_json
+    append_journal(outbox, {"statement": statement, "signature": keys.sign(canonical_json(statement).encode()),
+                            "key_fingerprint": keys.key_fingerprint}, keys)
+"""
+
+
+def test_daemons_appending_to_one_journal_at_once_keep_one_chain(tmp_path, lab_keys, anchors):
+    """Several daemons share an outbox: their lines interleave, the chain stays one."""
+    import subprocess
+    import sys
+
+    from engine.trust import read_journal
+    from tests.conftest import REPO
+
+    racers = [subprocess.Popen([sys.executable, "-c", RACER, str(tmp_path / "outbox"), str(lab_keys), f"d{i}"], cwd=REPO)
+              for i in range(3)]
+    assert [racer.wait(120) for racer in racers] == [0, 0, 0]
+    lines = read_journal(journal_path(tmp_path / "outbox"))
+    assert len(lines) == 45 and [line["seq"] for line in lines] == list(range(1, 46))
+    assert all(line["prev"] == before["hash"] for before, line in zip(lines, lines[1:]))
+    report = verify_journal(tmp_path / "outbox", trusted=anchors["trusted_key"])
+    assert report.signed == "trusted" and not [p for p in report.problems if "missing" not in p]  # (the folders are not there)
