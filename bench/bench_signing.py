@@ -30,29 +30,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.bench_daemon import FAST_JOB  # noqa: E402  (the e2e tests' job, as the daemon bench runs it)
 from bench.common import load_average  # noqa: E402
-
-FAST_JOB = """\
-[prepare]
-size = 64
-rotations = []
-crops = []
-remove_background = false
-
-[train]
-max_steps = 1
-resolution = 128
-
-[verify]
-seeds = 1
-steps = 1
-batch_size = 1
-
-[[render]]
-prompt = "portrait in a garden"
-count = 1
-steps = 2
-"""
 
 
 def main() -> int:
