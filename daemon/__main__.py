@@ -4,9 +4,11 @@
                      [--metrics-port N] [--metrics-host ADDR] [--daemon-id ID] [--poll] [--demo]
     python -m daemon status --config config.toml [--inbox DIR] [--outbox DIR] [--failed DIR] [--work DIR]
                      [--last N] [--json]
+    python -m daemon health [--config config.toml] [--port N]
 
 `status` reads the shared folders (queue, claims and their leases, progress, last results) and
-needs no running daemon: see daemon/status.py.
+needs no running daemon: see daemon/status.py. `health` asks a running daemon's /metrics
+whether it claims jobs (the container's healthcheck).
 
 Settings come from config.toml's [daemon] table; flags override them (flag paths are relative
 to the current folder). Logs are JSON lines on stdout, one event per line, each with `daemon_id`.
@@ -40,7 +42,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["status"]:
         return status_main(argv[1:])
-    parser = argparse.ArgumentParser(prog="python -m daemon", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    if argv[:1] == ["health"]:
+        return health_main(argv[1:])
+    parser = argparse.ArgumentParser(prog="python -m daemon", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="other commands: python -m daemon status --help (the shared folders, no daemon needed); "
+                                            "python -m daemon health --help (the container's healthcheck)")
     parser.add_argument("--config", type=Path, default=None, help="config.toml (default: ./config.toml if present, else built-in defaults)")
     parser.add_argument("--inbox", type=Path, help="the watched folder (overrides [daemon] inbox)")
     parser.add_argument("--outbox", type=Path, help="where finished jobs go (overrides [daemon] outbox)")
@@ -125,6 +131,46 @@ def status_main(argv: list[str]) -> int:
     paths = DaemonPaths.resolve(dataclasses.replace(daemon, **overrides), settings.root)  # as the daemon itself resolves them
     status = daemon_status(paths.inbox, paths.work, paths.outbox, paths.failed, stable_seconds=daemon.stable_seconds, last=args.last)
     print(json.dumps(status.to_plain(), indent=2) if args.json else format_daemon_status(status), end="\n" if args.json else "")
+    return 0
+
+
+def health_main(argv: list[str]) -> int:
+    """`python -m daemon health`: the container's healthcheck. Reads the daemon's own /metrics and
+    prints one line: "ready", "waiting for models: ...", "claiming paused: ..." or why /metrics
+    did not answer. Exit 0 only when ready (docker shows the line in `docker inspect`)."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    parser = argparse.ArgumentParser(prog="python -m daemon health", description=health_main.__doc__)
+    parser.add_argument("--config", type=Path, default=None, help="config.toml (default: ./config.toml if present)")
+    parser.add_argument("--port", type=int, default=None, help="the metrics port (default: [daemon] metrics_port)")
+    parser.add_argument("--timeout", type=float, default=5.0)
+    args = parser.parse_args(argv)
+    try:
+        _settings, daemon = _load_config(args.config)
+    except ConfigError as error:
+        print(f"unhealthy: cannot read the configuration: {error}")
+        return 1
+    port = args.port if args.port is not None else daemon.metrics_port
+    host = "127.0.0.1" if daemon.metrics_host in ("0.0.0.0", "::", "") else daemon.metrics_host
+    url = f"http://{host}:{port}/metrics"
+    try:
+        with urllib.request.urlopen(url, timeout=args.timeout) as response:  # noqa: S310 - our own loopback port
+            text = response.read().decode("utf-8")
+    except OSError as exc:
+        print(f"unhealthy: {url} did not answer ({exc}); the daemon is starting, stopped or hung")
+        return 1
+    values = {sample.name: sample.value for family in text_string_to_metric_families(text) for sample in family.samples if not sample.labels}
+    missing = int(values.get("idrep_models_missing", 0))
+    if missing:
+        print(f"waiting for models: {missing} missing (the models_missing log line names each and where it goes; "
+              "python -m engine models check)")
+        return 1
+    if values.get("idrep_ready", 0) != 1:
+        print("claiming paused: a folder the daemon writes failed its probe, or it is still starting (see the claiming_paused log line)")
+        return 1
+    print("ready")
     return 0
 
 

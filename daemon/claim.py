@@ -57,7 +57,7 @@ import structlog
 
 from daemon.clock import local_seconds
 from engine import OwnershipLost
-from engine.jobfolder import atomic_write_json, fsync_dir, remove_tree, safe_subject_name
+from engine.jobfolder import atomic_write_json, fsync_dir, remove_tree, safe_subject_name, shared_file_mode
 
 CLAIM_PATTERN = re.compile(r"claim\.(\d{6,})\.json")
 TRASH = ".trash"  # containers being removed: one rename out of sight, then removed
@@ -232,7 +232,7 @@ def create_exclusive(path: Path, value: dict[str, Any]) -> bool:
     """Create `path` holding `value` unless it exists. True when this call created it."""
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        os.fchmod(fd, 0o644)
+        os.fchmod(fd, shared_file_mode())
         with os.fdopen(fd, "wb") as handle:
             handle.write((json.dumps(value, sort_keys=True, indent=2) + "\n").encode("utf-8"))
             handle.flush()

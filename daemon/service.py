@@ -60,7 +60,7 @@ from daemon.presence import Presence, register
 from daemon.settings import DaemonPaths, DaemonSettings, default_daemon_id, load_daemon_settings  # noqa: F401 - re-exported for callers and tests
 from daemon.watch import InboxWatcher, Readiness, Waker
 from engine import ConfigError, Engine, JobError, JobResult, OwnershipLost, Settings
-from engine.jobfolder import (INPUTS_DIR, STAGE_NAMES, atomic_write_json, classify_os_error, describe_os_error, find_published,
+from engine.jobfolder import (INPUTS_DIR, STAGE_NAMES, atomic_write_json, set_umask, classify_os_error, describe_os_error, find_published,
                               inputs_changed, new_job_id, safe_subject_name, utf8_safe)
 
 # Log a training step every this many steps (and every phase change); metrics see every step.
@@ -103,6 +103,8 @@ class Service:
     def run(self) -> int:
         """Start everything, loop until stopped, stop cleanly. Raises ConfigError when the
         installation is unusable (folders, models, a daemon id in use): nothing has been claimed then."""
+        if self.config.umask:
+            set_umask(int(self.config.umask, 8))  # before the first file: outputs, failed/ copies, claims
         self.paths.prepare()
         # Before anything slow: a second process with this daemon id is refused at once.
         self.presence = register(self.paths.work, self.owner, self.config.lease_seconds, self.clock)
@@ -114,9 +116,9 @@ class Service:
                 raise ConfigError("invalid_config", f"cannot serve metrics on {self.config.metrics_host}:{self.config.metrics_port} ({exc}); "
                                                     "set [daemon] metrics_port / metrics_host or --metrics-port") from None
             self.log.info("metrics_listening", host=self.config.metrics_host, port=self.metrics_port)
-            self.engine = Engine(self.settings, demo=self.demo, observer=self._observe)
-            if self._stopping.is_set():
-                return 0
+            self.engine = self._load_engine()
+            if self.engine is None or self._stopping.is_set():
+                return self._exit_code
             empty_trash(self.paths.work)
             self._recoveries = [job for job in find_claims(self.paths.work)
                                 if job.claim and job.claim.daemon_id == self.daemon_id and job.has_folder()]
@@ -130,12 +132,43 @@ class Service:
                 own_claims_to_recover=[job.job_id for job in self._recoveries], demo=self.demo, presence_generation=self.presence.generation,
             )
             self._loop()
+        except ConfigError:
+            self._exit_code = 2  # what __main__ exits with for a refusal: daemon_stopped says the same
+            raise
         except BaseException:
             self._exit_code = self._exit_code or 1
             raise
         finally:
             self._shutdown()
         return self._exit_code
+
+    def _load_engine(self) -> Engine | None:
+        """The engine, once every model it needs is staged. Until then (weights not copied yet,
+        a share not mounted yet) serve /metrics with idrep_ready 0 and idrep_models_missing, log
+        `models_missing` naming every file and where it goes, and look again every
+        models_retry_seconds: a restart policy would only loop. None when stopped meanwhile."""
+        missing: list[str] = []
+        while not self._stopping.is_set():
+            try:
+                engine = Engine(self.settings, demo=self.demo, observer=self._observe)
+            except ConfigError as error:
+                if error.code != "model_missing":
+                    raise
+                now_missing = [str(problem) for problem in error.problems] or [error.message]
+                if now_missing != missing:
+                    self.log.error("models_missing", missing=now_missing, models_dir=str(self.settings.models_dir),
+                                   retry_seconds=self.config.models_retry_seconds,
+                                   note="no job is claimed until these are staged; `python -m engine models check` lists them")
+                missing = now_missing
+                self.metrics.models_missing.set(len(missing))
+                self.metrics.ready.set(0)
+                self._stopping.wait(self.config.models_retry_seconds)
+                continue
+            if missing:
+                self.log.info("models_staged", were_missing=len(missing))
+            self.metrics.models_missing.set(0)
+            return engine
+        return None
 
     def request_stop(self, reason: str = "signal") -> None:
         """Stop claiming; the job in flight stops at its next safe point (at most one denoising
@@ -353,10 +386,10 @@ class Service:
     def _run_job(self, job: ClaimedJob, fence: Any) -> None:
         assert self.engine is not None and job.claim is not None
         started = time.monotonic()
-        outcome, code, error = "crashed", None, None
+        outcome, code, error, output = "crashed", None, None, None
         log = self.log.bind(job_id=job.job_id)
         try:
-            outcome, code, error = self._attempt(job, fence, log)
+            outcome, code, error, output = self._attempt(job, fence, log)
         except ConfigError as config_error:
             # The installation is at fault, not the job: keep it resumable and stop this daemon.
             log.error("installation_error", code=config_error.code, message=config_error.message)
@@ -378,14 +411,16 @@ class Service:
                 log.exception("claim_not_settled", outcome=outcome)
             seconds = time.monotonic() - started
             self.metrics.job_ended(outcome, seconds, code)
-            log.info("job_ended", outcome=outcome, code=code, seconds=round(seconds, 3), folder=job.claim.folder)
+            where = {"output": str(output)} if output is not None and outcome in ("finished", "failed") else {}
+            log.info("job_ended", outcome=outcome, code=code, seconds=round(seconds, 3), folder=job.claim.folder, **where)
             self._current = None
             if not self._stopping.is_set() and self.engine is not None:
                 self.engine.stop_requested.clear()
             self.waker.event.set()
 
-    def _attempt(self, job: ClaimedJob, fence: Any, log: Any) -> tuple[str, str | None, dict[str, Any] | None]:
-        """Run the job (or settle one already published); returns (outcome, code, error)."""
+    def _attempt(self, job: ClaimedJob, fence: Any, log: Any) -> tuple[str, str | None, dict[str, Any] | None, Path | None]:
+        """Run the job (or settle one already published); returns (outcome, code, error, where it
+        was published: the outbox's folder, or failed/'s)."""
         assert self.engine is not None and job.claim is not None
         if job.claim.crashes >= self.config.max_crashes and find_published(self.paths.outbox, self.paths.failed, job.job_id) is None:
             result = self._give_up(job, fence, log)
@@ -394,13 +429,13 @@ class Service:
             # rename, before the claim was cleared): the engine then only settles what a kill can
             # leave (its journal line, a leftover work folder) and never runs it twice.
             result = self.engine.run_job(job.folder, self.paths.outbox, job_id=job.job_id, failed_dir=self.paths.failed, fence=fence,
-                                         refresh_inputs=False)
+                                         refresh_inputs=False, origin=self.paths.inbox / job.claim.folder)
         code = result.error.get("code") if result.error else None
         if result.outcome in ("finished", "failed"):
             held = self._check_claimed_folder(job, result.output_dir, fence, log)
             if held is not None:
-                return "held", held["code"], held
-        return result.outcome, code, result.error
+                return "held", held["code"], held, None
+        return result.outcome, code, result.error, result.output_dir
 
     def _give_up(self, job: ClaimedJob, fence: Any, log: Any) -> JobResult:
         """Publish the job to failed/ as too_many_crashes, from the engine's verified copy of its
@@ -411,7 +446,8 @@ class Service:
                          f"past its lease; [daemon] max_crashes = {self.config.max_crashes}); it was given up so that it cannot take down "
                          "one daemon after another", details={"crashes": job.claim.crashes, "last_owner": job.claim.previous_owner})
         try:
-            result = self.engine.publish_refusal(error, job.folder, self.paths.outbox, self.paths.failed, job_id=job.job_id, fence=fence)
+            result = self.engine.publish_refusal(error, job.folder, self.paths.outbox, self.paths.failed, job_id=job.job_id, fence=fence,
+                                                 origin=self.paths.inbox / job.claim.folder)
         except OSError as exc:
             _code, record = self._hold_record(exc, "too_many_crashes could not be published to failed/")
             return JobResult(job.job_id, safe_subject_name(job.claim.folder), "held", job.folder, error=record)
@@ -447,7 +483,7 @@ class Service:
                          details={"ran_as": job.job_id, "published": str(published), **changes})
         try:
             refused = self.engine.publish_refusal(error, job.folder, self.paths.outbox, self.paths.failed, job_id=job_id, subject=subject,
-                                                  only=frozenset(written), fence=fence)
+                                                  only=frozenset(written), fence=fence, origin=self.paths.inbox / job.claim.folder)
         except OSError as exc:
             return self._hold_record(exc, "the claimed folder, changed while its job ran, could not be copied to failed/")[1]
         log.error("claimed_folder_changed", failed=str(refused.output_dir), new_job_id=job_id, **changes)
@@ -504,8 +540,6 @@ class Service:
                 self.log.info("job_resuming", job_id=job_id, completed_stages=fields.get("completed_stages"))
             elif event == "train_checkpoint":
                 self.log.info("train_checkpoint", job_id=job_id, step=fields.get("step"))
-            elif event == "train_resumed":
-                self.log.info("training_resumed", job_id=job_id, step=fields.get("step"), phase=fields.get("phase"))
             elif event == "train_step":
                 step = int(fields.get("step", 0))
                 if step % TRAIN_LOG_EVERY == 0 or fields.get("phase") != self._last_phase:

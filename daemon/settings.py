@@ -43,6 +43,12 @@ class DaemonSettings:
     # A job held because the disk, share or permissions failed it (disk_full, outbox_unwritable,
     # io_error) is retried after this long, doubled at each hold in a row up to an hour.
     hold_retry_seconds: float = field(default=30.0, metadata=rule(Float(0.1, 3600.0)))
+    # The modes of everything the daemon writes (outputs, failed/ copies): "022" gives 0644 files
+    # and 0755 folders, "027" keeps others out. "": the umask the daemon was started with.
+    umask: str = field(default="", metadata=rule(Str(pattern=r"(|0?[0-7]{3})", pattern_doc='"" or three octal digits, e.g. "022" or "027"')))
+    # While a model the configuration needs is missing, the daemon serves /metrics (idrep_ready
+    # 0), logs models_missing naming every file and where it goes, and looks again this often.
+    models_retry_seconds: float = field(default=30.0, metadata=rule(Float(0.1, 3600.0)))
 
 
 def load_daemon_settings(settings: Settings, where: str = "config.toml") -> DaemonSettings:

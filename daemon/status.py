@@ -33,7 +33,7 @@ from engine.status import Running, Status, format_results, outbox_status, stage_
 class Waiting:
     folder: str
     ready: bool
-    why: str  # "READY file", "unchanged for 42 s", "no job.toml yet", "changed 3 s ago"
+    why: str  # "READY file", "unchanged for 42 s", "no job.toml yet", "waiting for job.toml: ...", "changed 3 s ago"
 
 
 @dataclass
@@ -109,6 +109,8 @@ def _waiting(name: str, signature: tuple[tuple[str, int, int], ...], stable_seco
     newest = max((mtime_ns for _, _, mtime_ns in signature), default=0) / 1e9
     quiet = now - newest
     if JOB_FILE not in top:
+        if quiet >= stable_seconds:  # not a copy in progress any more: someone forgot the job file
+            return Waiting(name, False, f"waiting for {JOB_FILE}: unchanged for {quiet:.0f} s without one; it starts once {JOB_FILE} is there")
         return Waiting(name, False, f"no {JOB_FILE} yet")
     if quiet >= stable_seconds:
         return Waiting(name, True, f"unchanged for {quiet:.0f} s")
@@ -129,8 +131,10 @@ def _held(job: ClaimedJob, progress: Running | None, now: float) -> HeldClaim:
 def format_daemon_status(status: DaemonStatus) -> str:
     """The status as lines for a terminal."""
     ready = [w for w in status.waiting if w.ready]
-    out = [f"inbox {status.inbox}: {len(status.waiting)} folder(s), {len(ready)} ready, {len(status.waiting) - len(ready)} still copying"]
-    out += [f"  {'ready  ' if w.ready else 'copying'}  {w.folder}  ({w.why})" for w in status.waiting[:20]]
+    lacking = [w for w in status.waiting if w.why.startswith(f"waiting for {JOB_FILE}")]
+    out = [f"inbox {status.inbox}: {len(status.waiting)} folder(s), {len(ready)} ready, {len(status.waiting) - len(ready) - len(lacking)} still copying"
+           + (f", {len(lacking)} waiting for {JOB_FILE}" if lacking else "")]
+    out += [f"  {'ready  ' if w.ready else 'waiting' if w in lacking else 'copying'}  {w.folder}  ({w.why})" for w in status.waiting[:20]]
     if len(status.waiting) > 20:
         out.append(f"  ... {len(status.waiting) - 20} more")
     out += [f"  ignored  {folder}  ({why})" for folder, why in status.ignored[:20]]

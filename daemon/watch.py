@@ -25,6 +25,7 @@ from __future__ import annotations
 import os
 import stat
 import threading
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +47,12 @@ MAX_ENTRIES = 2000
 EntryKey = tuple[str, int, int]
 
 log = structlog.get_logger("daemon.watch")
+
+# watchdog 7's inotify emitter warns "Callback with id ... already exists for watch" each time a
+# watched folder is moved within the tree it watches (every claim: inbox/<name> -> the work area
+# inside the inbox). It only re-registers the same callback; the events still come, and the full
+# scan every scan_seconds catches any that would not. Not a line a lab should read on every job.
+warnings.filterwarnings("ignore", message="Callback with id .* already exists for watch", category=RuntimeWarning)
 
 
 def folder_signature(folder: Path) -> tuple[EntryKey, ...] | None:
@@ -114,6 +121,7 @@ class InboxFolder:
     changed_at: float = 0.0  # monotonic seconds of the last change seen
     ready: bool = False
     ready_because: str = ""  # "marker" | "stable"
+    lacks_job_file_said: bool = False  # the "waiting_for_job_file" line was logged for this quiet spell
 
     @property
     def arrival(self) -> tuple[float, int, str]:
@@ -203,6 +211,13 @@ class Readiness:
             folder.ready, folder.ready_because = True, "stable"
         else:
             folder.ready, folder.ready_because = False, ""
+        if JOB_FILE in names or folder.changed_at == now:
+            folder.lacks_job_file_said = False
+        elif now - folder.changed_at >= self.stable_seconds and not folder.lacks_job_file_said:
+            # Photos and no job file, and nothing changing: not a copy in progress, a forgotten job.toml.
+            folder.lacks_job_file_said = True
+            log.warning("waiting_for_job_file", folder=folder.name, entries=len(signature),
+                        note=f"unchanged for {self.stable_seconds:g} s without {JOB_FILE}; the job starts once {JOB_FILE} is there")
 
 
 def observer_class(polling: bool) -> type:

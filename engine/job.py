@@ -291,9 +291,12 @@ def resolve_photos(folder: Path, spec: JobSpec, extensions: tuple[str, ...], whe
             photos.append(candidate)
         if len(set(p.name for p in photos)) != len(photos):
             problems.append(Problem(f"{where}: subject.photos", "the same photo is listed twice"))
-    else:
+    ignored: list[str] = []  # files that are not of an accepted type: named when no photo is found
+    if not spec.subject.photos:
         for candidate in sorted(folder.iterdir()):
             if is_hidden_name(candidate.name) or candidate.suffix.lower() not in extensions:
+                if not is_hidden_name(candidate.name) and candidate.name != JOB_FILE and candidate.is_file():
+                    ignored.append(utf8_safe(candidate.name))
                 continue
             if not _inside(candidate, root):
                 continue  # reported by links_leaving(), as load_job calls it
@@ -304,7 +307,9 @@ def resolve_photos(folder: Path, spec: JobSpec, extensions: tuple[str, ...], whe
                 photos.append(candidate)
     if not problems:
         if not photos:
-            problems.append(Problem(f"{where}: subject.photos", f"no photo found: put 1 to {MAX_PHOTOS} images ({', '.join(extensions)}) in the job folder"))
+            skipped = (f"; not used, as their type is not accepted: {', '.join(ignored[:10])}" + (f" and {len(ignored) - 10} more" if len(ignored) > 10 else "")
+                       + " (convert them, e.g. HEIC to JPEG or PNG)") if ignored else ""
+            problems.append(Problem(f"{where}: subject.photos", f"no photo found: put 1 to {MAX_PHOTOS} images ({', '.join(extensions)}) in the job folder{skipped}"))
         elif len(photos) > MAX_PHOTOS:
             problems.append(Problem(f"{where}: subject.photos", f"{len(photos)} photos found; a job takes 1 to {MAX_PHOTOS} (list them in subject.photos)"))
     known = {p.relative_to(folder).as_posix() for p in photos}

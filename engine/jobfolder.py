@@ -25,13 +25,14 @@ import datetime as dt
 import errno
 import os
 import secrets
+import stat
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
 from engine.errors import JobError, OwnershipLost  # noqa: F401 - OwnershipLost is part of this vocabulary (fences raise it)
-from engine.fsutil import (Listing, TreeLimit, atomic_write_bytes, atomic_write_json, copy_tree, fsync_dir, fsync_tree, remove_tree,
-                           tree_listing, utf8_safe, walk_tree)
+from engine.fsutil import (Listing, TreeLimit, atomic_write_bytes, atomic_write_json, copy_tree, fsync_dir, fsync_tree, remove_tree,  # noqa: F401
+                           set_umask, share_modes, shared_file_mode, tree_listing, utf8_safe, walk_tree)
 from engine.job import JOB_FILE, MAX_FOLDER_DEPTH, MAX_FOLDER_ENTRIES, is_hidden_name, is_temporary_name, safe_subject_name  # noqa: F401
 from engine.stages import STAGE_NAMES  # noqa: F401 - plain data: the daemon's metrics label stages with it
 
@@ -219,8 +220,24 @@ def probe_folder(folder: Path) -> str | None:
                 os.unlink(leftover)
             except OSError:
                 pass
-        return f"{folder}: cannot be written: {exc.strerror or exc}"
+        return f"{folder}: cannot be written: {exc.strerror or exc}{_who_may_write(folder, exc)}"
     return None
+
+
+def _who_may_write(folder: Path, exc: OSError) -> str:
+    """For a refused permission: who this process is and whose the folder is (a container run as
+    the invoking user, a share mounted for another uid, a folder docker created as root)."""
+    if exc.errno not in (errno.EACCES, errno.EPERM):
+        return ""
+    where = folder
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    try:
+        info = where.stat()
+    except OSError:
+        return ""
+    return (f" (this process runs as uid {os.getuid()} gid {os.getgid()}; {where} belongs to uid {info.st_uid} gid {info.st_gid}, "
+            f"mode {stat.S_IMODE(info.st_mode):04o}: make it writable for this uid, or run as its owner)")
 
 
 def probe_rename(source_folder: Path, target_folder: Path, exdev_message: str) -> str | None:
@@ -294,6 +311,7 @@ def publish_failure(*, inputs_from: Path, failed_root: Path, subject: str, job_i
             atomic_write_bytes(staging / AUDIT_FILE, Path(audit).read_bytes())
         if seal is not None:
             seal(staging)
+        share_modes(staging)
         fsync_tree(staging)
         if check is not None:
             check("publish to failed/")

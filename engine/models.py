@@ -592,7 +592,7 @@ def model_files_hashes(ref: ModelRef) -> dict[str, str]:
     A checkpoint is hashed once: results are cached in <models>/.hash-cache.json keyed by
     (absolute path, size, mtime_ns), so a 5 GB file costs ~10 s the first time only.
     """
-    files = _model_files(ref)
+    files = model_files(ref)
     cache_path = ref.models_dir / HASH_CACHE_FILE
     cache = _read_hash_cache(cache_path)
     started = time.perf_counter()
@@ -619,7 +619,7 @@ def model_files_hashes(ref: ModelRef) -> dict[str, str]:
     return dict(sorted(hashes.items()))
 
 
-def _model_files(ref: ModelRef) -> dict[str, Path]:
+def model_files(ref: ModelRef) -> dict[str, Path]:
     if ref.kind == KIND_SINGLE_FILE:
         files = {ref.path.name: ref.path}
         if ref.config_path is not None:

@@ -281,7 +281,7 @@ def drift_chart_png(facts: JobFacts) -> bytes:
             if found:
                 seeds_axis.scatter(*zip(*found), color=colour, marker="o", label=f"{group}: ArcFace drift", zorder=3)
             if missing:
-                seeds_axis.scatter(missing, [top * 0.96] * len(missing), color=colour, marker="x", label=f"{group}: no face found", zorder=3)
+                _no_face_marks(seeds_axis, missing, colour, f"{group}: no face found (no drift)")
         seeds_axis.set_xticks(positions, [f"{c['seed']}{' (locked)' if c['seed'] == locked_seed else ''}" for c in candidates],
                               rotation=45 if len(candidates) > 12 else 0)
         seeds_axis.set_xlabel("seed")
@@ -293,7 +293,7 @@ def drift_chart_png(facts: JobFacts) -> bytes:
         if found:
             renders_axis.scatter(*zip(*found), color="tab:blue", marker="o", label="ArcFace drift", zorder=3)
         if missing:
-            renders_axis.scatter(missing, [top * 0.96] * len(missing), color="tab:red", marker="x", label="no face found", zorder=3)
+            _no_face_marks(renders_axis, missing, "tab:red", "no face found (no drift)")
         renders_axis.set_xticks(render_positions, [_render_label(r) for r in render_rows], rotation=45 if len(render_rows) > 8 else 0, fontsize=8)
         renders_axis.set_title("Renders per pass")
         for axis in (seeds_axis, renders_axis):
@@ -310,6 +310,15 @@ def drift_chart_png(facts: JobFacts) -> bytes:
         return figure
 
     return _png(draw)
+
+
+def _no_face_marks(axis, positions: list[float], colour: str, label: str) -> None:
+    """Images without a face have no drift: mark them in a strip above the plot area (x in data,
+    y in axes coordinates), never at a drift value someone could read off the scale."""
+    from matplotlib.transforms import blended_transform_factory
+
+    axis.scatter(positions, [1.04] * len(positions), color=colour, marker="x", label=label, zorder=3, clip_on=False,
+                 transform=blended_transform_factory(axis.transData, axis.transAxes))
 
 
 def _draw_second_model(axis, facts: JobFacts) -> None:
@@ -447,6 +456,9 @@ def render_html(facts: JobFacts, link_to_job: str = "") -> str:
     if facts.demo:
         parts.append('<p class="demo" id="demo-warning">Demo model: random weights. The renders are noise, no face is found in them, '
                      "and their drifts mean nothing. This report shows the chain works, not an identity.</p>")
+    fallback = _face_models(facts).get("fallback")
+    if fallback:
+        parts.append(f'<p class="demo" id="face-pack-fallback">Face pack: {_text(fallback)}.</p>')
     parts += _summary(facts)
     parts += _timeline(facts, job_src)
     parts += _seeds(facts, job_src)
@@ -470,7 +482,7 @@ def _summary(facts: JobFacts) -> list[str]:
         ("locked seed", _maybe(selection.get("locked_seed"))),
         ("best seed / drift", f"{_maybe(selection.get('best_seed'))} / {_number(selection.get('best_drift'))}"),
         ("lock threshold (ArcFace drift)", _maybe(selection.get("threshold"))),
-        ("images scored", str(len(facts.rows))),
+        ("images scored (a face found)", f"{sum(1 for row in facts.rows if row.get('face_found'))} of {len(facts.rows)} rendered"),
         ("faces not found", str((facts.drift_report or {}).get("faces_not_found", "—"))),
         ("second model disagreements", _second_summary(second)),
         ("audit head at report time", f"{head} (line {lines})"),
@@ -479,6 +491,12 @@ def _summary(facts: JobFacts) -> list[str]:
     out += [f"<dt>{_text(key)}</dt><dd>{_text(value)}</dd>" for key, value in items]
     out.append("</dl>")
     return out
+
+
+def _face_models(facts: JobFacts) -> dict[str, Any]:
+    """The face models of the latest run (its job_started / job_resumed line)."""
+    starts = facts.starts()
+    return ((starts[-1] if starts else {}).get("models") or {}).get("faces") or {}
 
 
 def _second_summary(second: dict[str, Any]) -> str:
@@ -591,7 +609,10 @@ def _renders(facts: JobFacts, job_src) -> list[str]:
         groups.setdefault((row["render"], row["output"]), []).append(row)
     for (entry, output), passes in sorted(groups.items()):
         first = passes[0]
-        out.append(f"<h3>render {entry}, output {output} <span class=\"muted\">{_text(first['mode'])}: {_text(passes[-1]['prompt'])}</span></h3>")
+        negative = passes[-1].get("negative_prompt")
+        shown_negative = f"; negative: {_text(negative or '(none)')}" if negative is not None else ""
+        out.append(f"<h3>render {entry}, output {output} <span class=\"muted\">{_text(first['mode'])}: {_text(passes[-1]['prompt'])}"
+                   f"{shown_negative}</span></h3>")
         out.append('<div class="row">')
         for row in sorted(passes, key=lambda r: PASS_ORDER.get(r["pass"], 9)):
             out.append(_scored_figure(job_src(row["file"]), row["file"], "render", "", f"{row['pass']} (seed {row['seed']})", row["drift"], row["face_found"], row))
@@ -671,9 +692,12 @@ def _settings(facts: JobFacts) -> list[str]:
     out.append("<h3>Model files (sha256)</h3><table id=\"models\"><tr><th>model file</th><th>sha256</th></tr>")
     out += [f"<tr><td>{_text(name)}</td><td><code>{_text(digest)}</code></td></tr>" for name, digest in sorted(models.items())]
     out.append("</table>")
-    faces = (latest.get("models") or {}).get("faces") or {}
+    faces = _face_models(facts)
     if faces:
-        out.append(f"<p>Face models: {_text(faces.get('pack'))} on {_text(', '.join(faces.get('providers', [])))}.</p>")
+        providers = faces.get("providers") or []
+        if isinstance(providers, dict):  # what each onnxruntime session got; older audits hold a list: what was asked for
+            providers = sorted({name for session in providers.values() for name in session})
+        out.append(f"<p>Face models: {_text(faces.get('pack'))} on {_text(', '.join(providers))}.</p>")
     runs = []
     for start in starts:
         if not runs or runs[-1][1] != start.get("versions"):

@@ -35,9 +35,10 @@ from engine.config import Settings
 from engine.context import Resources, StageContext
 from engine.errors import ConfigError, JobError, JobInterrupted, OwnershipLost
 from engine.faults import pause_point
-from engine.fsutil import (Listing, canonical_json, fsync_dir, guarded_writes, hash_tree, remove_partial_writes, remove_tree, sha256_bytes,
+from engine.fsutil import (Listing, canonical_json, fsync_dir, guarded_writes, hash_tree, remove_partial_writes, remove_tree, sha256_bytes, share_modes,
                            sha256_file, tree_listing, utf8_safe)
 from engine.job import JOB_FILE, LoadedJob, load_job, safe_subject_name
+from engine.version import engine_version
 from engine.jobfolder import (AUDIT_FILE, ERROR_FILE, INPUTS_DIR, LEDGER_FILE, MANIFEST_FILE, SIGNATURE_FILE, WORK_DIR, Fence, NoFence,  # noqa: F401
                               check_dropped_folder, classify_os_error, copy_verified, describe_os_error, failure_record, find_published,
                               kept_inputs, new_job_id, probe_job_targets, publish_failure, remove_leftover_work, work_dir)
@@ -71,11 +72,16 @@ class JobResult:
 class Engine:
     """Runs jobs one after another, keeping models loaded between them."""
 
-    def __init__(self, settings: Settings | None = None, *, demo: bool = False, observer: Observer | None = None) -> None:
+    def __init__(self, settings: Settings | None = None, *, demo: bool = False, observer: Observer | None = None,
+                 until: str | None = None) -> None:
+        """`until`: the last stage this engine will be asked to run (None: all of them); only
+        the models of those stages are checked (`--until embed` needs no diffusion weights)."""
         self.settings = settings or Settings.load(None)
         # The tiny demo model is used only when asked for: --demo, or models.base = "demo".
         self.demo = demo or self.settings.models.base == "demo"
         self.observer = observer
+        self.until = until
+        self._origin: str | None = None  # the job in hand's folder as dropped (run_job's `origin`)
         self.resources = Resources(self.settings, demo=self.demo)
         # Set from another thread (a signal handler) to stop the job in flight at its next
         # safe point; the job stays in the work area and resumes on the next run.
@@ -85,12 +91,22 @@ class Engine:
     def check_installation(self) -> None:
         """Refuse to start (ConfigError naming what to stage where) rather than fail jobs later.
 
-        The base diffusion model must be staged (or --demo asked for); the realism model is
-        checked when a job asks for two_pass; lab keys named by [trust] keys must be there."""
-        self.resources.faces()
-        self.resources.model_ref("base")
+        Every model the stages up to `until` need must be staged (engine.inventory: one
+        ConfigError("model_missing") names them all); the realism model is checked when a job
+        asks for two_pass; lab keys named by [trust] keys must be there. Logs `engine_ready`:
+        device, dtype, the face pack in use and the onnxruntime providers its sessions got (and
+        engine.faces a `face_pack_fallback` warning when the pack asked for is not staged)."""
+        from engine.inventory import require_models
+        from engine.models import select_device_dtype
+
+        require_models(self.settings, demo=self.demo, until=self.until)
+        faces = self.resources.faces()
         self.resources.keys()
         self._apply_cpu_threads()
+        device, dtype = select_device_dtype(self.settings)
+        log.info("engine_ready", device=str(device), dtype=str(dtype).removeprefix("torch."), face_pack=faces.files.pack,
+                 face_pack_requested=faces.files.requested, face_providers=faces.session_providers, demo=self.demo,
+                 until=self.until, version=engine_version())
 
     @staticmethod
     def check_folders(outbox: Path, failed: Path) -> None:
@@ -114,7 +130,8 @@ class Engine:
             torch.set_num_threads(self.settings.models.cpu_threads)
 
     def run_job(self, source: Path, outbox: Path, *, job_id: str | None = None, until: str | None = None,
-                failed_dir: Path | None = None, fence: Fence | None = None, refresh_inputs: bool = True) -> JobResult:
+                failed_dir: Path | None = None, fence: Fence | None = None, refresh_inputs: bool = True,
+                origin: Path | str | None = None) -> JobResult:
         """Run (or resume) the job in folder `source`; results go under `outbox`.
 
         until      the last stage to run (a name from STAGE_NAMES); the job then stays in the work area.
@@ -128,12 +145,20 @@ class Engine:
         refresh_inputs  on a resume, copy the source again when it differs from the job's inputs/
                    (a person changed a photo and runs the folder again). The daemon says False:
                    once its copy is verified, the claimed folder is never read again.
+        origin     where the folder was dropped, when `source` is not that place any more (the
+                   daemon's claim moved it into its work area): the audit log and error.json name
+                   this, the path a person knows and looks for.
         """
         source, outbox = Path(source).resolve(), Path(outbox).resolve()
+        self._origin = utf8_safe(str(origin)) if origin is not None else None
         self._apply_cpu_threads()
         failed_root = Path(failed_dir).resolve() if failed_dir else outbox.parent / "failed"
         if until is not None and until not in STAGE_NAMES:
             raise ValueError(f"unknown stage {until!r}; stages are {', '.join(STAGE_NAMES)}")
+        if self.until is not None and STAGE_NAMES.index(until or STAGE_NAMES[-1]) > STAGE_NAMES.index(self.until):
+            from engine.inventory import require_models
+
+            require_models(self.settings, demo=self.demo, until=until)  # models this engine did not check at start
         fence = fence or NoFence()
         job_id = job_id or find_unfinished_job(outbox, source) or new_job_id()
         with guarded_writes(fence.check):
@@ -172,9 +197,9 @@ class Engine:
             try:
                 copied = self._inputs(source, job_dir, ledger, audit, refresh_inputs)
             except JobError as error:  # a tree no job folder is: refused before it is copied
-                audit.event("job_started", source=str(source), subject=subject, inputs={}, versions=software_versions(), demo=self.demo)
+                audit.event("job_started", **self._source_facts(source), subject=subject, inputs={}, versions=software_versions(), demo=self.demo)
                 return self._fail(error, source, subject, job_id, job_dir, failed_root, audit, ledger, fence, bound)
-            start = dict(source=str(source), inputs=copied.entries, not_copied=copied.left_out, versions=software_versions(), demo=self.demo,
+            start = dict(**self._source_facts(source), inputs=copied.entries, not_copied=copied.left_out, versions=software_versions(), demo=self.demo,
                          trust=self.resources.trust_facts())
             try:
                 job = load_job(job_dir / INPUTS_DIR, self.settings.job_defaults, self.settings.input.extensions, self.settings.render.denylist,
@@ -195,7 +220,7 @@ class Engine:
                 "job_resumed" if resumed else "job_started", subject=subject, **start, spec=to_plain(job.spec), settings=self.settings.to_plain(),
                 models=self._model_facts(), device=device_facts(), completed_stages=[r.name for r in ledger.stages if r.status == "complete"],
             )
-            bound.info("job_resumed" if resumed else "job_started", source=str(source))
+            bound.info("job_resumed" if resumed else "job_started", **self._source_facts(source))
             self._run_stages(ctx, ledger, used, until)
             if until is not None and until != STAGE_NAMES[-1]:
                 audit.event("job_paused", until=until)
@@ -224,6 +249,12 @@ class Engine:
         except Exception as exc:  # noqa: BLE001 - a bug must fail the job visibly, not kill the daemon
             error = JobError("internal_error", f"{type(exc).__name__}: {exc}", details={"traceback": traceback.format_exc()})
             return self._fail(error, source, subject, job_id, job_dir, failed_root, audit, ledger, fence, bound)
+
+    def _source_facts(self, source: Path) -> dict[str, str]:
+        """`source`: the folder as dropped; `read_from`: where this run read it, when elsewhere."""
+        if self._origin is None or self._origin == utf8_safe(str(source)):
+            return {"source": utf8_safe(str(source))}
+        return {"source": self._origin, "read_from": utf8_safe(str(source))}
 
     def _inputs(self, source: Path, job_dir: Path, ledger: Ledger, audit: AuditLog, refresh: bool) -> Listing:
         """The job's own copy of the dropped folder, `inputs/`: made (and verified) once, before
@@ -347,6 +378,7 @@ class Engine:
         ctx.audit.event("job_finished", manifest_sha256=manifest_sha256, demo=self.demo)
         statement = head_statement(ctx.job_dir, where="outbox", path=f"{job.subject}/{ledger.job_id}", job_id=ledger.job_id, subject=job.subject)
         signed = sign_head(ctx.job_dir, statement, self.resources.keys())  # the last file: it vouches for the audit head and the manifest
+        share_modes(ctx.job_dir)  # reviewers on the share read it: the umask's modes, whatever wrote each file
         final = outbox / job.subject / ledger.job_id
         final.parent.mkdir(parents=True, exist_ok=True)
         pause_point("job:before_publish")
@@ -426,7 +458,7 @@ class Engine:
         inputs = job_dir / INPUTS_DIR if ledger is not None and ledger.inputs and (job_dir / INPUTS_DIR).is_dir() else source
         if inputs != source and ledger is not None and ledger.not_copied:
             error.details["not_copied"] = ledger.not_copied  # left out when the inputs were copied
-        record = jsonable(failure_record(job_id, subject, source, error))
+        record = jsonable(failure_record(job_id, subject, self._origin or source, error))
         try:
             target, record, signed = self._publish_failure(inputs, failed_root, subject, job_id, record, job_dir / AUDIT_FILE, fence.check)
         except OSError as exc:
@@ -456,7 +488,8 @@ class Engine:
         return target, record, signed
 
     def publish_refusal(self, error: JobError, source: Path, outbox: Path, failed_dir: Path, *, job_id: str | None = None,
-                        subject: str | None = None, only: frozenset[str] | None = None, fence: Fence | None = None) -> JobResult:
+                        subject: str | None = None, only: frozenset[str] | None = None, fence: Fence | None = None,
+                        origin: Path | str | None = None) -> JobResult:
         """Publish to failed/ a job the daemon does not run: given up (too_many_crashes: `job_id`,
         from the engine's verified copy of its inputs when there is one, with its audit log), or a
         folder it refuses (a mount point, files written into a claimed folder: a new job id, just
@@ -464,6 +497,7 @@ class Engine:
         OSError when failed/ cannot be written: nothing was published, the caller keeps the input."""
         fence = fence or NoFence()
         outbox, failed_root, source = Path(outbox).resolve(), Path(failed_dir).resolve(), Path(source)
+        self._origin = utf8_safe(str(origin)) if origin is not None else None
         job_id = job_id or new_job_id()
         bound = log.bind(job_id=job_id)
         with guarded_writes(fence.check):
@@ -473,10 +507,10 @@ class Engine:
             # here), so that every failed/ folder holds the chain its signed head seals.
             audit = AuditLog(work_dir(outbox, job_id) / AUDIT_FILE, job_id, self.observer, fence=fence.token)
             listing = kept and tree_listing(kept)
-            audit.event("job_refused", source=str(source), subject=subject, code=error.code, message=error.message,
+            audit.event("job_refused", **self._source_facts(source), subject=subject, code=error.code, message=error.message,
                         inputs=listing.entries if listing else {}, only=sorted(only) if only else None, versions=software_versions(),
                         trust=self.resources.trust_facts())
-            record = jsonable(failure_record(job_id, subject, source, error))
+            record = jsonable(failure_record(job_id, subject, self._origin or source, error))
             target, record, signed = self._publish_failure(kept or source, failed_root, subject, job_id, record, audit.path, fence.check, only)
             bound.error("failure_published", code=error.code, failed=str(target))
             remove_leftover_work(outbox, job_id)
@@ -511,7 +545,7 @@ def input_hashes(job: LoadedJob) -> dict[str, str]:
 
 
 def software_versions() -> dict[str, str]:
-    versions = {"python": platform.python_version()}
+    versions = {"identity-replication-daemon": engine_version(), "python": platform.python_version()}
     for package in VERSIONED_PACKAGES:
         try:
             versions[package] = importlib.metadata.version(package)

@@ -119,9 +119,13 @@ def _choose_face(name: str, faces: list[Face], mode: str, index: int | None, amb
     by_area = sorted(range(len(faces)), key=lambda i: faces[i].area, reverse=True)
     largest = by_area[0]
     if mode == "auto" and len(faces) > 1 and faces[by_area[1]].area >= ambiguous_ratio * faces[largest].area:
+        similar = [i for i in range(len(faces)) if faces[i].area >= ambiguous_ratio * faces[largest].area]
+        similar_listing = ", ".join(f"#{i} at x={faces[i].center[0]:.0f} y={faces[i].center[1]:.0f} ({faces[i].side:.0f} px)" for i in similar)
+        smaller = len(faces) - len(similar)
         raise JobError(
             "ambiguous_face",
-            f"{name}: {len(faces)} faces of similar size, so the subject is ambiguous: {listing}. "
+            f"{name}: {len(similar)} faces of similar size (each at least {ambiguous_ratio:.0%} of the largest's area), so the subject "
+            f"is ambiguous: {similar_listing}" + (f" ({smaller} smaller face{'s' if smaller > 1 else ''} not counted)" if smaller else "") + ". "
             f"Name the subject's face in job.toml: [subject] face_index = {{ \"{name}\" = N }} (faces counted left to right from 0), or face = \"largest\"",
             details={"faces": [f.facts() for f in faces]},
         )

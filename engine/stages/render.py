@@ -29,7 +29,8 @@ from engine.schema import to_plain
 from engine.stages import embed, train, verify
 
 NAME = "render"
-VERSION = 2  # 2: images carry C2PA Content Credentials (with lab keys); the drift report says which
+VERSION = 3  # 2: images carry C2PA Content Credentials (with lab keys); the drift report says which
+#             3: the drift report's rows carry the effective negative prompt, the CSV a demo column
 OUTPUTS = ("renders", "drift_report.json", "drift_report.csv")
 REPORT_JSON = "drift_report.json"
 REPORT_CSV = "drift_report.csv"
@@ -85,10 +86,10 @@ def run(ctx: StageContext) -> None:
                         face_found=face_found, demo=ctx.demo, models=ctx.models_used, job_id=ctx.job_id)
         credentials = ctx.write_generated_image(file_name, rgb, text, {
             "stage": NAME, "render": entry_index, "output": output_index, "mode": mode, "pass": pass_name, "seed": pass_seed,
-            "selected_seed": seed, "locked": locked, "prompt": prompt, "lora_weight": weight, "guidance": guidance, "strength": strength,
+            "selected_seed": seed, "locked": locked, "prompt": prompt, "negative_prompt": negative, "lora_weight": weight, "guidance": guidance, "strength": strength,
             "drift": drift, "face_found": face_found, "models": dict(ctx.models_used), "lora_sha256": lora_sha256 if weight else None})
         rows.append({"kind": "render", "render": entry_index, "output": output_index, "mode": mode, "pass": pass_name, "seed": pass_seed,
-                     "prompt": prompt, "drift": drift, "face_found": face_found, "locked": locked, "file": file_name,
+                     "prompt": prompt, "negative_prompt": negative, "drift": drift, "face_found": face_found, "locked": locked, "file": file_name,
                      "credentials": credentials})
         ctx.progress("render_scored", pass_name=pass_name, mode=mode, drift=drift, face_found=face_found)
 
@@ -152,7 +153,7 @@ def _write_reports(ctx: StageContext, chosen: dict[str, Any], rows: list[dict[st
         for group in ("lora", "control"):
             result = candidate[group]
             verify_rows.append({"kind": f"verify_{group}", "render": None, "output": None, "mode": "verify", "pass": group, "seed": candidate["seed"],
-                                "prompt": chosen["prompt"], "drift": result["drift"], "face_found": result["face_found"],
+                                "prompt": chosen["prompt"], "negative_prompt": chosen.get("negative_prompt", ""), "drift": result["drift"], "face_found": result["face_found"],
                                 "locked": chosen["status"] == "locked" and candidate["seed"] == chosen["locked_seed"], "file": result["file"],
                                 "credentials": result.get("credentials", "unsigned")})
     everything = verify_rows + rows
@@ -172,12 +173,13 @@ def _write_reports(ctx: StageContext, chosen: dict[str, Any], rows: list[dict[st
     }
     atomic_write_json(ctx.path(REPORT_JSON), report)
     buffer = io.StringIO()
-    columns = ["kind", "render", "output", "mode", "pass", "seed", "prompt", "drift", "face_found", "locked", "file", "credentials",
-               "identity2_distance", "identity2_verdict", "models_disagree"]
+    # `demo` on every row: a CSV travels without its JSON, and a demo model's drifts mean nothing.
+    columns = ["demo", "kind", "render", "output", "mode", "pass", "seed", "prompt", "negative_prompt", "drift", "face_found", "locked", "file",
+               "credentials", "identity2_distance", "identity2_verdict", "models_disagree"]
     writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
     for row in everything:
-        writer.writerow({k: ("" if row[k] is None else row[k]) for k in columns})
+        writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in columns} | {"demo": str(ctx.demo).lower()})
     atomic_write_text(ctx.path(REPORT_CSV), buffer.getvalue())
     ctx.audit.event("renders_scored", renders=len(rows), faces_not_found=report["faces_not_found"], status=chosen["status"],
                     identity2_disagreements=second_model.get("disagreements"))

@@ -46,10 +46,10 @@ steps = 2
 """
 
 
-def write_config(folder: Path, models: Path, **daemon: Any) -> Path:
-    """config.toml in `folder`: a models folder without face models (the embedded ones are used)
-    and a [daemon] table."""
-    lines = ["[paths]", f"models = {json.dumps(str(models))}", "", "[daemon]"]
+def write_config(folder: Path, models: Path, extra_toml: str = "", **daemon: Any) -> Path:
+    """config.toml in `folder`: a models folder without face models (the embedded ones are used),
+    `extra_toml` (other tables, as TOML text) and a [daemon] table."""
+    lines = ["[paths]", f"models = {json.dumps(str(models))}", "", extra_toml, "[daemon]"]
     for key, value in daemon.items():
         lines.append(f"{key} = {json.dumps(value)}")
     path = folder / "config.toml"
@@ -90,14 +90,15 @@ def audit_events(job_dir: Path) -> list[dict[str, Any]]:
 class Daemon:
     """One `python -m daemon` process; its stdout JSON lines are collected in `events`."""
 
-    def __init__(self, config: Path, log_dir: Path, *args: str, env: dict[str, str] | None = None, name: str = "daemon") -> None:
+    def __init__(self, config: Path, log_dir: Path, *args: str, env: dict[str, str] | None = None, name: str = "daemon",
+                 demo: bool = True) -> None:
         self.name = name
         environment = {k: v for k, v in os.environ.items() if not k.startswith("ENGINE_PAUSE")}
         environment.update(PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1", **(env or {}))
         self.stderr_path = log_dir / f"{name}.{time.monotonic_ns()}.stderr"
         self._stderr = open(self.stderr_path, "wb")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "daemon", "--config", str(config), "--demo", *args],
+            [sys.executable, "-m", "daemon", "--config", str(config), *(["--demo"] if demo else []), *args],
             cwd=REPO, env=environment, stdout=subprocess.PIPE, stderr=self._stderr, text=True,
         )
         self.events: list[dict[str, Any]] = []
@@ -198,15 +199,15 @@ class Lab:
         self.daemons: list[Daemon] = []
         self.config: Path | None = None
 
-    def configure(self, **daemon: Any) -> Path:
+    def configure(self, extra_toml: str = "", **daemon: Any) -> Path:
         settings = {"stable_seconds": 1.5, "scan_seconds": 1.0, "lease_seconds": 2.0, "metrics_port": 0, **daemon}
-        self.config = write_config(self.root, self.models, **settings)
+        self.config = write_config(self.root, self.models, extra_toml, **settings)
         return self.config
 
-    def start(self, *args: str, name: str = "daemon", env: dict[str, str] | None = None, wait: bool = True) -> Daemon:
+    def start(self, *args: str, name: str = "daemon", env: dict[str, str] | None = None, wait: bool = True, demo: bool = True) -> Daemon:
         if self.config is None:
             self.configure()
-        daemon = Daemon(self.config, self.root, *args, env=env, name=name)
+        daemon = Daemon(self.config, self.root, *args, env=env, name=name, demo=demo)
         self.daemons.append(daemon)
         return daemon.wait_started() if wait else daemon
 

@@ -285,9 +285,10 @@ def test_sigkill_during_training_resumes_from_its_checkpoint(lab):
     assert killed.wait_for("train_checkpoint", 5, job_id=job_id, step=10)
     killed.kill()
     restarted = lab.start(name="restarted")
-    resumed = restarted.wait_for("training_resumed", 120, job_id=job_id)
+    resumed = restarted.wait_for("train_resumed", 120, job_id=job_id)
     assert resumed["step"] == 10, f"training did not resume from its checkpoint: {resumed}"  # the log says from which step
     assert restarted.wait_for("job_ended", 300, job_id=job_id)["outcome"] == "finished"
+    assert len(restarted.named("train_resumed")) == 1 and restarted.named("training_resumed") == []  # one line for one resume
     [job_dir] = lab.finished_jobs()["heidi"]
     events = audit_events(job_dir)
     names = Counter(e["event"] for e in events)

@@ -4,6 +4,7 @@ refused job leaves behind (its inputs, untouched, with error.json)."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -189,6 +190,9 @@ def test_ambiguous_group_photo_is_refused_then_chosen_by_index(tmp_path, setting
     source = make_job(tmp_path / "group", {"t1.png": group_rgb})
     error = _expect_refusal(tmp_path, settings, source, "ambiguous_face", "face_index")
     assert len(error["details"]["faces"]) == 6
+    areas = [(x2 - x1) * (y2 - y1) for x1, y1, x2, y2 in (face["box"] for face in error["details"]["faces"])]
+    similar = {i for i, area in enumerate(areas) if area >= 0.6 * max(areas)}  # input.ambiguous_face_ratio
+    assert {int(n) for n in re.findall(r"#(\d+) at", error["message"])} == similar, error["message"]  # only those really similar in size
     (source / "job.toml").write_text('[subject]\nface_index = { "t1.png" = 2 }\n' + FAST_JOB)
     result = Engine(settings, demo=True).run_job(source, tmp_path / "outbox", until="embed")
     assert result.ok, result.error

@@ -61,7 +61,8 @@ def test_status_reads_queue_claims_progress_and_results(tmp_path):
     status = daemon_status(paths["inbox"], paths["work"], paths["outbox"], paths["failed"], stable_seconds=STABLE, now=time.time() + 1)
     waiting = {w.folder: (w.ready, w.why) for w in status.waiting}
     assert waiting == {"marked": (True, "READY file"), "settled": (True, waiting["settled"][1]), "copying": (False, waiting["copying"][1]),
-                       "no-job": (False, "no job.toml yet")}
+                       "no-job": (False, waiting["no-job"][1])}
+    assert waiting["no-job"][1].startswith("waiting for job.toml: unchanged for 6")  # older than stable_seconds: not a copy in progress
     assert waiting["settled"][1].startswith("unchanged for 6") and "ready after 10 s unchanged" in waiting["copying"][1]
     claims = {c.job_id: c for c in status.claims}
     assert claims["J1"].daemon_id == "gpu-0" and claims["J1"].lease == "live" and claims["J1"].folder == "alice"
@@ -70,8 +71,9 @@ def test_status_reads_queue_claims_progress_and_results(tmp_path):
     assert claims["J3"].lease == "held" and claims["J3"].held.startswith("disk_full") and 290 < claims["J3"].lease_seconds_left <= 300
     assert status.ignored == [("eve.part", "temporary name (.part/.tmp/~): taken for a copy in progress, never for a job; rename it to start it")]
     text = format_daemon_status(status)
-    assert "5 folder(s), 2 ready, 2 still copying" not in text  # hidden folders are not jobs
-    assert "4 folder(s), 2 ready, 2 still copying" in text
+    assert "5 folder(s)" not in text  # hidden folders are not jobs
+    assert "4 folder(s), 2 ready, 1 still copying, 1 waiting for job.toml" in text
+    assert "  waiting  no-job  (waiting for job.toml" in text
     assert "alice  J1  held by gpu-0 (host host-a, pid 11); lease live" in text
     assert "stage train (3/5), running: training: phase MID since step 120" in text
     assert "bob  J2  held by gpu-1 (host host-b, pid 22); LEASE EXPIRED" in text and "takes it over" in text

@@ -76,6 +76,26 @@ def test_no_job_toml_never_ready(tmp_path):
     assert readiness.counts() == (0, 1)
 
 
+def test_a_quiet_folder_without_job_toml_is_said_once_per_quiet_spell(tmp_path):
+    from structlog.testing import capture_logs
+
+    folder = _drop(tmp_path, "alice", {"photo.jpg": b"x"})
+    readiness = Readiness(tmp_path, STABLE)
+    with capture_logs() as logs:
+        readiness.scan(now=0.0)
+        readiness.refresh(now=STABLE - 1)  # could still be a copy in progress: nothing said
+        assert [e for e in logs if e["event"] == "waiting_for_job_file"] == []
+        readiness.refresh(now=STABLE + 1)
+        readiness.refresh(now=STABLE + 100)
+        said = [e for e in logs if e["event"] == "waiting_for_job_file"]
+        assert len(said) == 1 and said[0]["folder"] == "alice" and "job.toml" in said[0]["note"]
+        (folder / "job.toml").write_text("")
+        readiness.refresh(now=STABLE + 101)
+        readiness.refresh(now=2 * STABLE + 102)
+    assert _ready(readiness) == ["alice"]
+    assert len([e for e in logs if e["event"] == "waiting_for_job_file"]) == 1
+
+
 def test_ready_marker_makes_a_folder_ready_at_once(tmp_path):
     _drop(tmp_path, "alice", {"photo.jpg": b"x", "job.toml": b"", "READY": b""})
     readiness = Readiness(tmp_path, STABLE)

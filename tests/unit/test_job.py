@@ -138,6 +138,11 @@ def test_photo_count_limits(tmp_path, astronaut_rgb):
     with pytest.raises(JobError) as excinfo:
         _load(empty)
     assert "no photo found" in _problems(excinfo)["job.toml: subject.photos"]
+    (empty / "IMG_0042.HEIC").write_bytes(b"\x00\x00\x00\x18ftypheic")  # an iPhone's photo, not an accepted type
+    with pytest.raises(JobError) as excinfo:
+        _load(empty)
+    said = _problems(excinfo)["job.toml: subject.photos"]
+    assert "no photo found" in said and "IMG_0042.HEIC" in said and "job.toml" not in said.split("not used")[1]
     many = make_job(tmp_path / "many", {f"{i}.png": astronaut_rgb[:64, :64] for i in range(4)}, '[[render]]\nprompt = "x"\n')
     with pytest.raises(JobError) as excinfo:
         _load(many)

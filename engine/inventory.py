@@ -1,0 +1,188 @@
+"""Every model the configuration uses, staged or missing, without loading any of them.
+
+One list serves the start-up check (`Engine.check_installation`: refuse, naming every missing
+file and where it goes, before a job is claimed) and the pre-flight `python -m engine models
+check` (the same list with sizes and sha256, exit 0 only when nothing needed is missing).
+
+What each stage needs:
+    faces       the insightface pack (faces.pack under <models>/insightface/), every stage;
+                when it is not staged the embedded buffalo_s is used, loudly, unless
+                faces.require_pack refuses that
+    background  the rembg model (<models>/rembg/<model>.onnx), prepare; needed only with
+                background.when_missing = "refuse" (else the original background is kept, and
+                the audit says so); not checked at start-up: a job that needs it fails naming it
+    base        the diffusion model (models.base), train, verify and render
+    realism     the second diffusion model (models.realism), render, when the configuration's
+                job default is two_pass; checked when a job asks for two_pass, not at start-up
+    identity2   dlib's models from face_recognition_models, the report's second opinion
+                (optional: the report says when it is missing)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from engine.errors import ConfigError, Problem
+from engine.fsutil import sha256_file
+
+if TYPE_CHECKING:
+    from engine.config import Settings
+
+DIFFUSION_STAGES = ("train", "verify", "render")  # the stages that load models.base
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    role: str  # faces | faces_fallback | background | base | realism | identity2
+    key: str  # the config key that names it ("" for a package's own files)
+    path: Path | None  # where it is (or must be staged)
+    staged: bool
+    required: bool  # missing and required: the installation is refused
+    problem: str = ""  # why it is not usable: what to stage where
+    note: str = ""  # e.g. "not staged: the embedded buffalo_s is used instead"
+    files: dict[str, Path] = field(default_factory=dict)  # what is loaded, by stable name
+    # Checked at start-up (False: a job.toml can do without it, so a job that needs it fails
+    # naming it instead: the background model, the realism model).
+    at_start: bool = True
+
+    @property
+    def missing(self) -> bool:
+        return self.required and not self.staged
+
+    def describe(self, hashes: bool = False) -> dict[str, Any]:
+        files = []
+        for name, path in sorted(self.files.items()):
+            item: dict[str, Any] = {"name": name, "path": str(path), "bytes": path.stat().st_size}
+            if hashes:
+                item["sha256"] = sha256_file(path)
+            files.append(item)
+        return {
+            "role": self.role, "key": self.key, "path": str(self.path) if self.path else None, "staged": self.staged,
+            "required": self.required, "problem": self.problem, "note": self.note,
+            "bytes": sum(item["bytes"] for item in files), "files": files,
+        }
+
+
+def stages_through(until: str | None) -> tuple[str, ...]:
+    from engine.stages import STAGE_NAMES
+
+    return tuple(STAGE_NAMES) if until is None else tuple(STAGE_NAMES[: STAGE_NAMES.index(until) + 1])
+
+
+def inventory(settings: Settings, *, demo: bool = False, until: str | None = None) -> list[ModelEntry]:
+    """Every model the stages up to `until` (all by default) use, staged or not. Builds the demo
+    model with `demo` (as a run would); loads nothing."""
+    stages = stages_through(until)
+    entries = _face_entries(settings)
+    if "prepare" in stages:
+        entries.append(_background_entry(settings))
+    diffusion = any(stage in DIFFUSION_STAGES for stage in stages)
+    entries.append(_diffusion_entry(settings, "base", demo, required=diffusion))
+    two_pass = settings.job_defaults.get("render", {}).get("mode") == "two_pass"
+    if "render" in stages and not demo:
+        entries.append(dataclasses.replace(
+            _diffusion_entry(settings, "realism", demo, required=two_pass, optional_note="used only by two_pass renders (job.toml [render] mode)"),
+            at_start=False))
+    if "render" in stages:
+        entries.append(_identity2_entry())
+    return entries
+
+
+def require_models(settings: Settings, *, demo: bool = False, until: str | None = None) -> list[ModelEntry]:
+    """The start-up check: ConfigError("model_missing") listing every missing model at once."""
+    entries = inventory(settings, demo=demo, until=until)
+    missing = [entry for entry in entries if entry.missing and entry.at_start]
+    if missing:
+        problems = tuple(Problem(entry.key or entry.role, entry.problem) for entry in missing)
+        message = missing[0].problem if len(missing) == 1 else f"{len(missing)} models are missing: " + "; ".join(map(str, problems))
+        raise ConfigError("model_missing", message, problems=problems)
+    return entries
+
+
+def _face_entries(settings: Settings) -> list[ModelEntry]:
+    from engine.faces import locate_face_models, staged_pack_dir
+
+    s = settings.faces
+    pack_dir = staged_pack_dir(settings.models_dir, s.pack)
+    try:
+        files = locate_face_models(settings.models_dir, s.pack, s.require_pack)
+    except ConfigError as error:
+        return [ModelEntry("faces", "faces.pack", pack_dir, staged=False, required=True, problem=error.message)]
+    found = {f"detector/{files.detector.name}": files.detector, f"recognizer/{files.recognizer.name}": files.recognizer}
+    if not files.embedded:
+        return [ModelEntry("faces", "faces.pack", pack_dir, staged=True, required=True, files=found)]
+    return [
+        ModelEntry("faces", "faces.pack", pack_dir, staged=False, required=False,
+                   problem=f"the insightface {s.pack} pack is not staged at {pack_dir}/",
+                   note=f"the embedded {files.pack} is used instead (faces.require_pack = true refuses that)"),
+        ModelEntry("faces_fallback", "", files.detector.parent, staged=True, required=True, files=found, note=files.pack),
+    ]
+
+
+def _background_entry(settings: Settings) -> ModelEntry:
+    from engine.background import staged_model_path
+
+    path = staged_model_path(settings.models_dir, settings.background.model)
+    refuse = settings.background.when_missing == "refuse" and settings.job_defaults.get("prepare", {}).get("remove_background", True)
+    if path.is_file():
+        return ModelEntry("background", "background.model", path, staged=True, required=refuse, files={path.name: path}, at_start=False)
+    return ModelEntry("background", "background.model", path, staged=False, required=refuse, at_start=False,
+                      problem=f"background.model = {settings.background.model!r}: no rembg model at {path}; copy {path.name} there",
+                      note="" if refuse else "photos keep their original background (background.when_missing = \"keep\")")
+
+
+def _diffusion_entry(settings: Settings, role: str, demo: bool, *, required: bool, optional_note: str = "") -> ModelEntry:
+    from engine.models import model_files, resolve_model
+
+    models = settings.models
+    name, config = (models.base, models.base_config) if role == "base" else (models.realism, models.realism_config)
+    key = f"models.{role}"
+    try:
+        ref = resolve_model(name, config, settings, demo, role=role)
+    except ConfigError as error:
+        return ModelEntry(role, key, settings.models_dir / name, staged=False, required=required, problem=error.message,
+                          note="" if required else optional_note or "not needed by the stages asked for")
+    files = {} if ref.kind == "hub_id" else model_files(ref)
+    note = "demo: random weights, renders are noise" if ref.is_demo else ("from the hub (models.allow_download)" if ref.kind == "hub_id" else "")
+    return ModelEntry(role, key, ref.path, staged=True, required=required, files=files, note=note)
+
+
+def _identity2_entry() -> ModelEntry:
+    from engine import identity2
+
+    files, why = identity2.locate()
+    if files is None:
+        return ModelEntry("identity2", "", None, staged=False, required=False, problem=why,
+                          note="the report goes without the second identity model's opinion")
+    found = {f"shape_predictor/{files.shape_predictor.name}": files.shape_predictor, f"recognizer/{files.recognizer.name}": files.recognizer}
+    return ModelEntry("identity2", "", files.recognizer.parent, staged=True, required=False, files=found, note="dlib (face_recognition_models)")
+
+
+def format_inventory(entries: list[ModelEntry], described: list[dict[str, Any]], models_dir: Path) -> str:
+    """`engine models check` for a person at a terminal."""
+    lines = [f"models folder: {models_dir}"]
+    for entry, plain in zip(entries, described):
+        state = "staged" if entry.staged else ("MISSING" if entry.required else "missing (optional)")
+        label = f"{entry.role} ({entry.key})" if entry.key else entry.role
+        lines.append(f"[{state}] {label}: {entry.path or ''}" + (f"  {_size(plain['bytes'])}" if entry.staged else ""))
+        if entry.problem and not entry.staged:
+            lines.append(f"    {entry.problem}")
+        if entry.note:
+            lines.append(f"    {entry.note}")
+        for item in plain["files"]:
+            digest = f"  sha256 {item['sha256']}" if "sha256" in item else ""
+            lines.append(f"    {item['name']}  {_size(item['bytes'])}{digest}")
+    missing = [entry for entry in entries if entry.missing]
+    lines.append(f"{len(missing)} needed model(s) missing" if missing else "every needed model is staged")
+    return "\n".join(lines) + "\n"
+
+
+def _size(count: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if count < 1024 or unit == "GB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    return f"{count} B"
