@@ -106,8 +106,8 @@ def test_bad_jobs_land_in_failed_with_inputs_intact(one_daemon):
         drop_job(staging, name, **options)
         inputs[name] = folder_snapshot(staging / name)
         (staging / name).rename(lab.inbox / name)
-    for name in inputs:
-        assert daemon.wait_for("job_ended", 60, folder=name)["outcome"] == "failed"
+    ended = {name: daemon.wait_for("job_ended", 60, folder=name) for name in inputs}
+    assert {line["outcome"] for line in ended.values()} == {"failed"}
     expected_codes = {"unknown-key": "invalid_job", "truncated": "truncated_image", "no-face": "no_face_found"}
     for name, snapshot in inputs.items():
         [failed_dir] = list((lab.failed / name).iterdir())
@@ -115,6 +115,8 @@ def test_bad_jobs_land_in_failed_with_inputs_intact(one_daemon):
         error = json.loads((failed_dir / "error.json").read_text())
         assert error["code"] == expected_codes[name], error
         assert error["job_id"] == failed_dir.name and error["message"]
+        assert error["source"] == str((lab.inbox / name).resolve())  # the folder as dropped, not the claim's work path
+        assert ended[name]["output"] == str(failed_dir.resolve())  # the daemon says where the failed copy went
         assert not (lab.inbox / name).exists() and name not in lab.finished_jobs()
     unknown = json.loads((next((lab.failed / "unknown-key").iterdir()) / "error.json").read_text())
     assert any(p["where"].endswith("colour") for p in unknown["problems"])
