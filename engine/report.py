@@ -660,6 +660,12 @@ def _training(facts: JobFacts) -> list[str]:
     out.append(f"<p>Caption <code>{_text(train['caption'])}</code>, rank {train['rank']}, {train['resolution']} px, "
                f"{train['total_steps']} of at most {train['max_steps']} steps"
                f"{_resumes(facts)}.</p>")
+    files = train.get("lora_files") or {}
+    if files:
+        out.append(f'<p id="lora-files">The LoRA, trigger word <code>{_text(train.get("trigger"))}</code> (put it in the prompt): '
+                   f'<code>{_text(files.get("diffusers"))}</code> for diffusers (<code>pipe.load_lora_weights</code>); '
+                   f'<code>{_text(files.get("kohya"))}</code>, the same LoRA in kohya\'s format, for AUTOMATIC1111/Forge, ComfyUI, '
+                   "InvokeAI and Fooocus (its metadata names this job, the subject, the trigger word and the base model's sha256).</p>")
     out.append('<table id="phases"><tr><th>phase</th><th>lr</th><th>alpha</th><th>loss</th><th>optimizer</th><th>steps</th>'
                "<th>exit reason</th><th>at step</th><th>slope p-value</th></tr>")
     for phase in train["phases"]:

@@ -39,7 +39,7 @@ from engine.schema import to_plain
 from engine.stages import prepare
 
 NAME = "train"
-VERSION = 2  # 2: train.json no longer records the step a resume started from
+VERSION = 3  # 2: train.json no longer records the step a resume started from; 3: lora/ also holds the kohya-format file
 OUTPUTS = ("lora", "train")
 SCRATCH = ("checkpoints",)  # kept when an interrupted run resumes, removed otherwise
 LORA_DIR = "lora"
@@ -174,7 +174,7 @@ def train_lora(ctx: StageContext, pipe: Any, images: torch.Tensor, spec: TrainSp
         for skipped in spec.phases[phase_index:]:
             phase_records.append({**to_plain(skipped), "steps": 0, "exit_reason": "total_cap", "last_step": global_step, "summary": None})
         final_alpha = spec.phases[min(phase_index, len(spec.phases)) - 1].alpha
-        save_lora(pipe, unet, ctx.path(LORA_DIR), final_alpha)
+        save_lora(pipe, unet, ctx.path(LORA_DIR), final_alpha, kohya=kohya_export(ctx, pipe, spec, final_alpha, global_step, int(images.shape[0])))
     finally:
         unet.eval()
         unet.delete_adapters(ADAPTER)  # the pipeline is shared with later jobs
@@ -197,15 +197,41 @@ def lora_scalings(unet: torch.nn.Module) -> set[float]:
     return {module.scaling[ADAPTER] for module in unet.modules() if isinstance(module, LoraLayer) and ADAPTER in module.scaling}
 
 
-def save_lora(pipe: Any, unet: torch.nn.Module, directory: Path, alpha: float) -> None:
-    """pytorch_lora_weights.safetensors in the diffusers format, alpha in its metadata.
+def kohya_file(ctx: StageContext) -> str:
+    """lora/<subject>_<job-id>.safetensors: the same LoRA in kohya's format (engine.kohya)."""
+    from engine.kohya import kohya_file_name
+
+    return f"{LORA_DIR}/{kohya_file_name(ctx.job.subject, ctx.job_id)}"
+
+
+def kohya_export(ctx: StageContext, pipe: Any, spec: TrainSpec, alpha: float, steps: int, images: int) -> tuple[str, dict[str, str]]:
+    """The kohya file's name in lora/ and its metadata (engine.kohya.kohya_metadata)."""
+    from engine.kohya import kohya_metadata
+    from engine.version import engine_version
+
+    name = Path(kohya_file(ctx)).name
+    return name, kohya_metadata(
+        pipeline_class=type(pipe).__name__, rank=spec.rank, alpha=alpha, resolution=training_resolution(ctx), steps=steps,
+        max_steps=spec.max_steps, images=images, output_name=Path(name).stem, trigger=spec.trigger, job_id=ctx.job_id,
+        subject=ctx.job.subject, base_model_hashes=ctx.resources.base_model_hashes(), train_fingerprint=ctx.fingerprint, demo=ctx.demo,
+        engine_version=engine_version())
+
+
+def save_lora(pipe: Any, unet: torch.nn.Module, directory: Path, alpha: float, *, kohya: tuple[str, dict[str, str]] | None = None) -> None:
+    """pytorch_lora_weights.safetensors in the diffusers format, alpha in its metadata; with
+    `kohya` (file name, metadata), the same LoRA in kohya's format beside it. Both appear at once
+    (written into a staging folder, then one rename).
 
     Without the metadata, `load_lora_weights` assumes alpha = r and the reloaded LoRA would
     be wrong whenever alpha != r (FINDINGS)."""
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
 
-    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, adapter_name=ADAPTER))
+    from engine.kohya import kohya_state_dict
+
+    peft_layers = get_peft_model_state_dict(unet, adapter_name=ADAPTER)
+    layers = convert_state_dict_to_diffusers(peft_layers)
     layers = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in layers.items()}
     metadata = unet.peft_config[ADAPTER].to_dict()
     metadata["lora_alpha"] = alpha
@@ -217,6 +243,10 @@ def save_lora(pipe: Any, unet: torch.nn.Module, directory: Path, alpha: float) -
     remove_tree(staging)
     type(pipe).save_lora_weights(str(staging), unet_lora_layers=layers, unet_lora_adapter_metadata=metadata, safe_serialization=True)
     canonicalise_safetensors_header(staging / Path(LORA_FILE).name)
+    if kohya is not None:
+        name, kohya_meta = kohya
+        save_file(kohya_state_dict(peft_layers, alpha), str(staging / name), metadata=kohya_meta)
+        canonicalise_safetensors_header(staging / name)
     remove_tree(directory)
     check_write(str(directory))
     staging.rename(directory)
@@ -388,6 +418,9 @@ def _write_reports(ctx: StageContext, spec: TrainSpec, result: TrainingResult) -
         "phases": result.phases,
         "target_modules": TARGET_MODULES,
         "demo": ctx.demo,
+        "trigger": spec.trigger,
+        # The same LoRA twice: diffusers' format, and kohya's for AUTOMATIC1111/Forge, ComfyUI, InvokeAI, Fooocus.
+        "lora_files": {"diffusers": LORA_FILE, "kohya": kohya_file(ctx)},
     })
     rows = ["phase,step,phase_step,loss"] + [f"{phase},{step},{phase_step},{loss!r}" for phase, step, phase_step, loss in result.history]
     atomic_write_text(ctx.path(LOSS_FILE), "\n".join(rows) + "\n")

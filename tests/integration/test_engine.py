@@ -59,6 +59,16 @@ def test_finished_job_is_published_with_manifest_and_audit(tmp_path, engine, ast
     assert first["inputs"] == manifest["inputs"]
     assert first["models"]["faces"]["sha256"] and "device" in first and first["demo"] is True
     assert [e["event"] for e in events if e["event"] == "background_removal_skipped"]  # recorded, never silent
+    # The kohya-format LoRA beside the diffusers one: in the manifest, named in the report, and
+    # its metadata leads back to this job's audit log (the train stage's fingerprint).
+    from engine.kohya import read_kohya_metadata
+
+    kohya = f"lora/alice_{result.job_id}.safetensors"
+    assert kohya in manifest["outputs"]
+    meta = read_kohya_metadata(out / kohya)
+    [train_started] = [e for e in events if e["event"] == "stage_started" and e["stage"] == "train"]
+    assert meta["idrep.job_id"] == result.job_id and meta["idrep.train_fingerprint"] == train_started["fingerprint"]
+    assert 'id="lora-files"' in (out / "report.html").read_text() and kohya in (out / "report.html").read_text()
 
 
 def test_a_finished_job_keeps_every_dropped_file_byte_for_byte_and_verify_audit_checks_them(tmp_path, engine, astronaut_rgb):
