@@ -77,8 +77,8 @@ class PhaseSpec:
 DEFAULT_PHASES = (
     PhaseSpec("COARSE", 1e-4, 8.0, "mse", "adamw", 50, 400),
     PhaseSpec("MID", 3e-5, 4.0, "huber", "adamw", 50, 400),
-    PhaseSpec("MID_FINE", 1e-6, 2.0, "charbonnier", "adamp", 25, 200),
-    PhaseSpec("FINAL_FINE", 5e-7, 1.0, "charbonnier", "adamp", 25, 200),
+    PhaseSpec("MID_FINE", 1e-6, 2.0, "charbonnier", "adamp", 30, 200),  # 30: the first step the convergence test judges
+    PhaseSpec("FINAL_FINE", 5e-7, 1.0, "charbonnier", "adamp", 30, 200),
 )
 
 
@@ -91,10 +91,21 @@ class TrainSpec:
     batch_size: int = field(default=1, metadata=rule(Int(1, 64)))
     seed: int = field(default=0, metadata=rule(Int(0, 2**32 - 1)))
     checkpoint_every: int = field(default=50, metadata=rule(Int(1, 100_000)))
-    # Convergence: least-squares slope of the loss over the last `plateau_window` steps;
-    # a phase has plateaued when the slope's p-value (H0: slope = 0) is above `plateau_p_value`.
-    plateau_window: int = field(default=50, metadata=rule(Int(5, 10_000)))
+    # Convergence (engine/convergence.py). improvement_bound: the loss on a fixed probe set of
+    # `probe_size` (latent, noise, timestep) tuples, evaluated every `probe_every` steps; a phase has
+    # converged when the upper `convergence_confidence` bound of its improvement over the next
+    # `convergence_horizon` steps, from the slope of the probe losses of the last `plateau_window`
+    # steps, is at most `convergence_epsilon` x their level (and diverges when the lower bound of
+    # the rise is above it). no_visible_trend: the older rule, kept for comparison: the per-step
+    # loss's slope over `plateau_window` steps has a p-value above `plateau_p_value`.
+    convergence: str = field(default="improvement_bound", metadata=rule(Str(choices=("improvement_bound", "no_visible_trend"))))
+    plateau_window: int = field(default=100, metadata=rule(Int(3, 10_000)))
     plateau_p_value: float = field(default=0.2, metadata=rule(Float(0.0, 0.999, low_open=True)))
+    probe_size: int = field(default=8, metadata=rule(Int(1, 64)))
+    probe_every: int = field(default=10, metadata=rule(Int(1, 1000)))
+    convergence_horizon: int = field(default=100, metadata=rule(Int(1, 100_000)))
+    convergence_epsilon: float = field(default=0.01, metadata=rule(Float(0.0, 1.0, low_open=True)))
+    convergence_confidence: float = field(default=0.95, metadata=rule(Float(0.5, 0.9999, low_open=True)))
     trigger: str = field(default="sks person", metadata=rule(Str(min_len=1, max_len=64)))
 
 
@@ -107,7 +118,8 @@ class VerifySpec:
     )
     base_seed: int = field(default=0, metadata=rule(Int(0, 2**32 - 1)))
     threshold: float = field(default=0.18, metadata=rule(Float(0.0, 2.0)))
-    prompt: str = field(default="a photo of sks person, portrait, neutral background", metadata=rule(Str(min_len=1, max_len=1000)))
+    # "{trigger}" stands for train.trigger (engine.job.verify_prompt), so a custom trigger is the one verified.
+    prompt: str = field(default="a photo of {trigger}, portrait, neutral background", metadata=rule(Str(min_len=1, max_len=1000)))
     batch_size: int = field(default=4, metadata=rule(Int(1, 64)))
     steps: int = field(default=30, metadata=rule(Int(1, 200)))
 
@@ -249,16 +261,47 @@ def _cross_checks(spec: JobSpec, where: str) -> list[Problem]:
             problems.append(Problem(f"{where}: train.phases[{i}].name", f"phase name {phase.name!r} is used twice"))
     if spec.train.rank > 0 and not spec.train.phases:
         problems.append(Problem(f"{where}: train.phases", "at least one phase is needed"))
+    problems += _convergence_checks(spec.train, where)
     seeds = spec.verify.seed_list
     if len(set(seeds)) != len(seeds):
         problems.append(Problem(f"{where}: verify.seeds", "seeds must be distinct"))
     return problems
 
 
-def check_prompts(spec: JobSpec, denylist: tuple[str, ...], where: str = JOB_FILE) -> list[Problem]:
-    """Refuse prompts holding a denylisted term (whole words, any case)."""
+def _convergence_checks(train: TrainSpec, where: str) -> list[Problem]:
+    """Settings under which a phase could never exit by convergence, or a min_steps that never
+    acts: refused, not silently run to the step cap."""
     problems: list[Problem] = []
-    prompts = [("verify.prompt", spec.verify.prompt)] + [(f"render[{i}].prompt", r.prompt) for i, r in enumerate(spec.render)]
+    if train.convergence == "improvement_bound":
+        first_judged = 3 * train.probe_every  # the slope's error needs 3 probe losses
+        if train.plateau_window // train.probe_every < 3:
+            problems.append(Problem(f"{where}: train.plateau_window", f"{train.plateau_window} steps hold {train.plateau_window // train.probe_every} "
+                                    f"probe losses at one every {train.probe_every} steps; the convergence test needs at least 3 "
+                                    f"(plateau_window >= {first_judged})"))
+    else:
+        first_judged = train.plateau_window
+    for i, phase in enumerate(train.phases):
+        if phase.max_steps < first_judged:
+            problems.append(Problem(f"{where}: train.phases[{i}].max_steps", f"phase {phase.name}: {phase.max_steps} steps end before the "
+                                    f"convergence test first judges (step {first_judged}), so it could only stop at its cap"))
+        elif 0 < phase.min_steps < first_judged:
+            problems.append(Problem(f"{where}: train.phases[{i}].min_steps", f"phase {phase.name}: min_steps {phase.min_steps} never acts, as the "
+                                    f"convergence test first judges at step {first_judged}; set 0 or at least {first_judged}"))
+    return problems
+
+
+def verify_prompt(spec: JobSpec) -> str:
+    """The prompt seed discovery renders: verify.prompt with "{trigger}" replaced by train.trigger."""
+    return spec.verify.prompt.replace("{trigger}", spec.train.trigger)
+
+
+def check_prompts(spec: JobSpec, denylist: tuple[str, ...], where: str = JOB_FILE) -> list[Problem]:
+    """Refuse prompts holding a denylisted term (whole words, any case): every text that reaches a
+    pipeline as a prompt, the trigger included (it is put in front of every render prompt and is
+    the verify prompt's subject)."""
+    problems: list[Problem] = []
+    prompts = ([("train.trigger", spec.train.trigger), ("verify.prompt", verify_prompt(spec))]
+               + [(f"render[{i}].prompt", r.prompt) for i, r in enumerate(spec.render)])  # not negative prompts: they steer away
     for key, prompt in prompts:
         for term in denylist:
             if re.search(rf"(?<!\w){re.escape(term)}(?!\w)", prompt, flags=re.IGNORECASE):

@@ -187,14 +187,17 @@ def _json(path: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text("utf-8")) if path.is_file() else None
 
 
-def _loss_rows(path: Path) -> list[tuple[str, int, int, float]]:
+def _loss_rows(path: Path) -> list[tuple[str, int, int, float, float | None]]:
+    """(phase, step, phase step, loss, probe loss or None) per row of train/loss.csv (older
+    files have no probe_loss column)."""
     if not path.is_file():
         return []
     rows = []
     for line in path.read_text("utf-8").splitlines()[1:]:
         if line.strip():
-            phase, step, phase_step, loss = line.split(",")
-            rows.append((phase, int(step), int(phase_step), float(loss)))
+            phase, step, phase_step, loss, *rest = line.split(",")
+            probe = float(rest[0]) if rest and rest[0] else None
+            rows.append((phase, int(step), int(phase_step), float(loss), probe))
     return rows
 
 
@@ -358,7 +361,7 @@ def loss_chart_png(facts: JobFacts) -> bytes:
         overview = figure.add_subplot(grid[0, :])
         colours = [f"C{i % 10}" for i in range(len(phases))]
         for colour, phase in zip(colours, phases):
-            points = [(step, loss) for name, step, _, loss in facts.loss if name == phase["name"]]
+            points = [(step, loss) for name, step, _, loss, _ in facts.loss if name == phase["name"]]
             if points:
                 overview.plot(*zip(*points), color=colour, linewidth=1.2, label=phase["name"])
             if phase.get("steps"):
@@ -375,13 +378,17 @@ def loss_chart_png(facts: JobFacts) -> bytes:
             overview.text(0.5, 0.5, "no training record (train/train.json)", transform=overview.transAxes, ha="center", va="center")
         for index, (colour, phase) in enumerate(zip(colours, phases)):
             axis = figure.add_subplot(grid[1 + index // 2, index % 2])
-            points = [(phase_step, loss) for name, _, phase_step, loss in facts.loss if name == phase["name"]]
+            points = [(phase_step, loss) for name, _, phase_step, loss, _ in facts.loss if name == phase["name"]]
+            probes = [(phase_step, probe) for name, _, phase_step, _, probe in facts.loss if name == phase["name"] and probe is not None]
             if points:
-                axis.plot(*zip(*points), color=colour, linewidth=1.2)
+                axis.plot(*zip(*points), color=colour, linewidth=1.2, alpha=0.5 if probes else 1.0, label="step loss")
+                if probes:  # the signal the convergence test judges
+                    axis.plot(*zip(*probes), color="black", marker="o", markersize=2.5, linewidth=1.0, label="probe loss")
+                    axis.legend(loc="best", fontsize=7)  # inside: outside it would cover the panel beside it
             else:
                 axis.text(0.5, 0.5, f"not run ({phase['exit_reason']})", transform=axis.transAxes, ha="center", va="center", color="tab:gray")
             axis.set_title(f"{phase['name']}: lr {phase['lr']:g}, alpha {phase['alpha']:g}, {phase['loss']}, {phase['optimizer']}", fontsize=9)
-            axis.set_xlabel(f"phase step; exit: {phase['exit_reason']} at step {phase['last_step']} ({phase['steps']} steps{_p_value(phase)})", fontsize=8)
+            axis.set_xlabel(f"phase step; {phase['exit_reason']} at step {phase['last_step']} ({phase['steps']} steps{_p_value(phase)})", fontsize=8)
             axis.grid(alpha=0.3)
         return figure
 
@@ -401,6 +408,8 @@ def _axis_top(values: list[float | None]) -> float:
 
 def _p_value(phase: dict[str, Any]) -> str:
     summary = phase.get("summary") or {}
+    if summary.get("improvement_upper") is not None and summary.get("allowed") is not None:
+        return f"; bound {summary['improvement_upper']:.2g} vs {summary['allowed']:.2g}"
     return f", slope p={summary['p_value']:.3f}" if summary.get("p_value") is not None else ""
 
 
@@ -653,7 +662,7 @@ def _second_model(facts: JobFacts) -> list[str]:
 def _training(facts: JobFacts) -> list[str]:
     out = ['<section id="training"><h2>6. Training</h2>']
     out.append(_figure_html(_attr(quote(LOSS_CHART)), LOSS_CHART, "chart",
-                            [_text("Loss of every training phase; each phase ends on a plateau of its slope test, at its step cap, or at the job's total cap.")], "loss"))
+                            [_text("Loss of every training phase; each phase ends when its probe loss has converged (or diverges), at its step cap, or at the job's total cap.")], "loss"))
     train = facts.train
     if not train:
         return out + ["<p>No training record (train/train.json).</p></section>"]
@@ -667,12 +676,15 @@ def _training(facts: JobFacts) -> list[str]:
                    f'<code>{_text(files.get("kohya"))}</code>, the same LoRA in kohya\'s format, for AUTOMATIC1111/Forge, ComfyUI, '
                    "InvokeAI and Fooocus (its metadata names this job, the subject, the trigger word and the base model's sha256).</p>")
     out.append('<table id="phases"><tr><th>phase</th><th>lr</th><th>alpha</th><th>loss</th><th>optimizer</th><th>steps</th>'
-               "<th>exit reason</th><th>at step</th><th>slope p-value</th></tr>")
+               "<th>exit reason</th><th>at step</th><th>probe loss</th><th>improvement bound / allowed</th><th>slope p-value</th></tr>")
     for phase in train["phases"]:
         summary = phase.get("summary") or {}
+        bound = (f"{_number(summary.get('improvement_upper'), 4)} / {_number(summary.get('allowed'), 4)}"
+                 if summary.get("allowed") is not None else "—")
         out.append(f"<tr><td>{_text(phase['name'])}</td><td>{phase['lr']:g}</td><td>{phase['alpha']:g}</td><td>{_text(phase['loss'])}</td>"
                    f"<td>{_text(phase['optimizer'])}</td><td>{phase['steps']}</td><td>{_text(phase['exit_reason'])}</td>"
-                   f"<td>{phase['last_step']}</td><td>{_number(summary.get('p_value'), 3)}</td></tr>")
+                   f"<td>{phase['last_step']}</td><td>{_number(summary.get('probe_loss'), 4)}</td><td>{bound}</td>"
+                   f"<td>{_number(summary.get('p_value'), 3)}</td></tr>")
     return out + ["</table></section>"]
 
 

@@ -311,7 +311,7 @@ class ProgressObserver:
     def __call__(self, event: str, fields: dict[str, Any]) -> None:
         progress = self.progress
         if event == "stage_started" or (event in ("stage_finished", "job_failed", "job_interrupted", "job_stopped", "job_finished")):
-            self._close()
+            self._close(finished=event == "stage_finished")
         moved = progress.update(event, fields)
         if event == "stage_started":
             self._open(progress.stage)
@@ -337,8 +337,12 @@ class ProgressObserver:
             self._log.info("progress", stage=self._stage, done=progress.done, total=progress.total, at=progress.at)
         self._shown = progress.done
 
-    def _close(self) -> None:
+    def _close(self, finished: bool = False) -> None:
         if self._bar is not None:
+            if finished and self._bar.total and self._bar.n < self._bar.total:
+                # Training that converged before its step cap: done is done, the bar ends at 100 %.
+                self._bar.total = self._bar.n
+                self._bar.refresh()
             self._bar.close()
             self._bar = None
         elif self._stage in StageProgress.LONG_STAGES and self._shown:

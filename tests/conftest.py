@@ -106,11 +106,13 @@ crops = [0.8]
 rank = 4
 max_steps = 8
 checkpoint_every = 4
-plateau_window = 5
+plateau_window = 3
+probe_every = 1
+probe_size = 2
 
 [[train.phases]]
 name = "COARSE"
-min_steps = 2
+min_steps = 3
 max_steps = 4
 
 [[train.phases]]
@@ -119,7 +121,7 @@ lr = 1e-6
 alpha = 2
 loss = "charbonnier"
 optimizer = "adamp"
-min_steps = 2
+min_steps = 3
 max_steps = 4
 
 [verify]

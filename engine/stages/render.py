@@ -24,13 +24,14 @@ from engine import identity2
 from engine.context import StageContext
 from engine.diffusion import drift_label, identity_lora, png_text, render, score
 from engine.fsutil import atomic_write_json, atomic_write_text, sha256_file
-from engine.job import RenderSpec
+from engine.job import RenderSpec, verify_prompt
 from engine.schema import to_plain
 from engine.stages import embed, train, verify
 
 NAME = "render"
-VERSION = 3  # 2: images carry C2PA Content Credentials (with lab keys); the drift report says which
+VERSION = 4  # 2: images carry C2PA Content Credentials (with lab keys); the drift report says which
 #             3: the drift report's rows carry the effective negative prompt, the CSV a demo column
+#             4: the anchor's prompt is verify's with its {trigger} filled in (engine.job.verify_prompt)
 OUTPUTS = ("renders", "drift_report.json", "drift_report.csv")
 REPORT_JSON = "drift_report.json"
 REPORT_CSV = "drift_report.csv"
@@ -50,7 +51,7 @@ def fingerprint(ctx: StageContext) -> dict[str, object]:
     return {
         "render": to_plain(ctx.job.spec.render),
         "trigger": ctx.job.spec.train.trigger,
-        "identity_prompt": ctx.job.spec.verify.prompt,
+        "identity_prompt": verify_prompt(ctx.job.spec),
         "negative_prompt": ctx.settings.render.negative_prompt,
         "base_model": ctx.resources.base_model_hashes(),
         "realism_model": ctx.resources.realism_model_hashes() if needs_realism else None,
@@ -113,7 +114,7 @@ def _render_one(ctx: StageContext, where: str, pipe: Any, prompt: str, negative:
 
 
 def _three_pass(ctx, pipe, lora, entry: RenderSpec, entry_index, prompt, negative, seed, size, keep) -> None:
-    identity_prompt = ctx.job.spec.verify.prompt
+    identity_prompt = verify_prompt(ctx.job.spec)  # the seed's own prompt, its {trigger} filled in
     lora.weight(ANCHOR[0])
     anchor = _render_one(ctx, f"render {entry_index} anchor", pipe, identity_prompt, negative, seed, steps=entry.steps, guidance=ANCHOR[1], size=size)
     for output in range(entry.count):

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.context import StageContext
-from engine.convergence import PhaseConvergence
+from engine.convergence import RULE_IMPROVEMENT_BOUND, PhaseConvergence
 from engine.errors import JobError
 from engine.faults import pause_point
 from engine.fsutil import atomic_write_bytes, atomic_write_json, atomic_write_text, check_write, remove_tree
@@ -78,7 +78,7 @@ def run(ctx: StageContext) -> None:
 @dataclass
 class TrainingResult:
     phases: list[dict[str, Any]]  # per phase: settings, steps, exit reason, summary
-    history: list[tuple[str, int, int, float]]  # (phase, global step, phase step, loss)
+    history: list[tuple]  # (phase, global step, phase step, loss, probe loss or None)
     total_steps: int
     resumed_from_step: int | None  # this call resumed from a checkpoint at that step (audit: train_resumed)
 
@@ -95,6 +95,9 @@ def train_lora(ctx: StageContext, pipe: Any, images: torch.Tensor, spec: TrainSp
     latent_mean, latent_std = _encode_latents(pipe, images)
     text, added_cond = _encode_text(pipe, caption(spec), images.shape[-1])
 
+    probe = make_probe_set(latent_mean, latent_std, spec.probe_size, noise_scheduler.config.num_train_timesteps, spec.seed) \
+        if spec.convergence == RULE_IMPROVEMENT_BOUND else None
+
     torch.manual_seed(spec.seed)  # LoRA init (peft draws from the global generator)
     unet.requires_grad_(False)
     unet.add_adapter(LoraConfig(r=spec.rank, lora_alpha=spec.phases[0].alpha, init_lora_weights="gaussian", target_modules=TARGET_MODULES), adapter_name=ADAPTER)
@@ -106,7 +109,7 @@ def train_lora(ctx: StageContext, pipe: Any, images: torch.Tensor, spec: TrainSp
     generator = torch.Generator(device="cpu").manual_seed(spec.seed)
 
     phase_index, phase_step, global_step = 0, 0, 0
-    history: list[tuple[str, int, int, float]] = []
+    history: list[tuple] = []
     phase_records: list[dict[str, Any]] = []
     convergence = _new_convergence(spec, spec.phases[0])
     optimizer_state = None
@@ -149,9 +152,12 @@ def train_lora(ctx: StageContext, pipe: Any, images: torch.Tensor, spec: TrainSp
                 value = float(loss.detach())
                 phase_step += 1
                 global_step += 1
-                history.append((phase.name, global_step, phase_step, value))
+                probed = None
+                if probe is not None and convergence.wants_probe(phase_step):
+                    probed = probe_loss(unet, noise_scheduler, probe, text, added_cond, phase, device)
+                history.append((phase.name, global_step, phase_step, value, probed))
                 ctx.progress("train_step", phase=phase.name, step=global_step, phase_step=phase_step, loss=value)
-                exit_reason = convergence.update(value)
+                exit_reason = convergence.update(value, probed)
                 if exit_reason is None and global_step >= spec.max_steps:
                     exit_reason = "total_cap"
                 if exit_reason is None and global_step % spec.checkpoint_every == 0:
@@ -161,7 +167,8 @@ def train_lora(ctx: StageContext, pipe: Any, images: torch.Tensor, spec: TrainSp
             summary = convergence.summary()
             phase_records.append({**to_plain(phase), "steps": phase_step, "exit_reason": exit_reason, "last_step": global_step, "summary": summary})
             ctx.audit.event("phase_exit", phase=phase.name, step=global_step, phase_steps=phase_step, reason=exit_reason, **{k: v for k, v in summary.items() if k != "steps"})
-            ctx.log.info("phase_exit", phase=phase.name, step=global_step, reason=exit_reason, p_value=summary["p_value"])
+            ctx.log.info("phase_exit", phase=phase.name, step=global_step, reason=exit_reason, p_value=summary["p_value"],
+                         improvement_upper=summary.get("improvement_upper"), allowed=summary.get("allowed"), probe_loss=summary.get("probe_loss"))
             if exit_reason == "non_finite":
                 raise JobError("training_diverged", f"training phase {phase.name} produced a non-finite loss at step {global_step}; lower its lr in [[train.phases]]")
             phase_index += 1
@@ -282,6 +289,45 @@ def _training_step(unet, noise_scheduler, latent_mean, latent_std, text, added_c
     latents = mean + std * torch.randn(mean.shape, generator=generator)
     noise = torch.randn(latents.shape, generator=generator)
     timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch_size,), generator=generator)
+    return _denoising_loss(unet, noise_scheduler, latents, noise, timesteps, text, added_cond, phase, device)
+
+
+@dataclass(frozen=True)
+class ProbeSet:
+    """Fixed (latent, noise, timestep) tuples: the loss on them changes only as the weights do,
+    not with the random draw of each step, so it shows a trend the per-step loss hides.
+
+    Drawn once from a generator of its own (`seed + PROBE_SEED_OFFSET`): evaluating it takes
+    nothing from the training generator, so a resume stays bit-exact. One timestep per equal
+    slice of [0, T): the probe sees every noise level, not a random handful."""
+
+    latents: torch.Tensor
+    noise: torch.Tensor
+    timesteps: torch.Tensor
+
+
+PROBE_SEED_OFFSET = 0x9E3779B9
+
+
+def make_probe_set(latent_mean: torch.Tensor, latent_std: torch.Tensor, size: int, num_train_timesteps: int, seed: int) -> ProbeSet:
+    generator = torch.Generator(device="cpu").manual_seed((seed + PROBE_SEED_OFFSET) % 2**63)
+    index = torch.arange(size) % latent_mean.shape[0]  # every training image in turn
+    mean, std = latent_mean[index], latent_std[index]
+    latents = mean + std * torch.randn(mean.shape, generator=generator)
+    noise = torch.randn(latents.shape, generator=generator)
+    offsets = torch.rand(size, generator=generator, dtype=torch.float64)
+    timesteps = ((torch.arange(size, dtype=torch.float64) + offsets) * num_train_timesteps / size).long().clamp(0, num_train_timesteps - 1)
+    return ProbeSet(latents, noise, timesteps)
+
+
+@torch.no_grad()
+def probe_loss(unet, noise_scheduler, probe: ProbeSet, text, added_cond, phase: PhaseSpec, device: torch.device) -> float:
+    """The phase's loss on the probe set, with today's weights (no gradients, no optimizer step)."""
+    return float(_denoising_loss(unet, noise_scheduler, probe.latents, probe.noise, probe.timesteps, text, added_cond, phase, device))
+
+
+def _denoising_loss(unet, noise_scheduler, latents, noise, timesteps, text, added_cond, phase: PhaseSpec, device: torch.device) -> torch.Tensor:
+    batch_size = latents.shape[0]
     latents, noise, timesteps = latents.to(device), noise.to(device), timesteps.to(device)
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
     if noise_scheduler.config.prediction_type == "v_prediction":
@@ -322,7 +368,9 @@ def _optimizer(phase: PhaseSpec, parameters: list[torch.nn.Parameter]) -> torch.
 
 
 def _new_convergence(spec: TrainSpec, phase: PhaseSpec) -> PhaseConvergence:
-    return PhaseConvergence(min_steps=phase.min_steps, max_steps=phase.max_steps, window=spec.plateau_window, p_threshold=spec.plateau_p_value)
+    return PhaseConvergence(min_steps=phase.min_steps, max_steps=phase.max_steps, window=spec.plateau_window, p_threshold=spec.plateau_p_value,
+                            rule=spec.convergence, probe_every=spec.probe_every, horizon=spec.convergence_horizon,
+                            epsilon=spec.convergence_epsilon, confidence=spec.convergence_confidence)
 
 
 @torch.no_grad()
@@ -422,5 +470,7 @@ def _write_reports(ctx: StageContext, spec: TrainSpec, result: TrainingResult) -
         # The same LoRA twice: diffusers' format, and kohya's for AUTOMATIC1111/Forge, ComfyUI, InvokeAI, Fooocus.
         "lora_files": {"diffusers": LORA_FILE, "kohya": kohya_file(ctx)},
     })
-    rows = ["phase,step,phase_step,loss"] + [f"{phase},{step},{phase_step},{loss!r}" for phase, step, phase_step, loss in result.history]
+    # probe_loss: the loss on the fixed probe set after that step, where it was evaluated (empty elsewhere).
+    rows = ["phase,step,phase_step,loss,probe_loss"] + [
+        f"{row[0]},{row[1]},{row[2]},{row[3]!r}," + ("" if len(row) < 5 or row[4] is None else repr(row[4])) for row in result.history]
     atomic_write_text(ctx.path(LOSS_FILE), "\n".join(rows) + "\n")

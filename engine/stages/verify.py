@@ -14,11 +14,12 @@ import json
 from engine.context import StageContext
 from engine.diffusion import drift_label, identity_lora, png_text, render, score
 from engine.fsutil import atomic_write_json, sha256_file
+from engine.job import verify_prompt
 from engine.schema import to_plain
 from engine.stages import embed, train
 
 NAME = "verify"
-VERSION = 2  # 2: images carry C2PA Content Credentials (with lab keys); verify.json says which
+VERSION = 3  # 2: images carry C2PA Content Credentials (with lab keys); verify.json says which; 3: the prompt's {trigger} is train.trigger
 OUTPUTS = ("verify",)
 INFO_FILE = "verify/verify.json"
 GUIDANCE = 5.8  # the identity anchor's CFG (spec, render phase 1)
@@ -27,6 +28,7 @@ GUIDANCE = 5.8  # the identity anchor's CFG (spec, render phase 1)
 def fingerprint(ctx: StageContext) -> dict[str, object]:
     return {
         "verify": to_plain(ctx.job.spec.verify),
+        "prompt": verify_prompt(ctx.job.spec),
         "negative_prompt": ctx.settings.render.negative_prompt,
         "base_model": ctx.resources.base_model_hashes(),
         "faces": ctx.resources.faces().hashes(),
@@ -44,6 +46,7 @@ def run(ctx: StageContext) -> None:
     reference = embed.load_reference(ctx)
     size = train.training_resolution(ctx)
     negative = ctx.settings.render.negative_prompt
+    prompt = verify_prompt(ctx.job.spec)  # "{trigger}" -> train.trigger
     seeds = list(spec.seed_list)
     batches = [seeds[i : i + spec.batch_size] for i in range(0, len(seeds), spec.batch_size)]
     candidates = {seed: {"seed": seed} for seed in seeds}
@@ -55,17 +58,17 @@ def run(ctx: StageContext) -> None:
             for batch in batches:
                 where = f"verify: {group} seeds {batch[0]}-{batch[-1]}"
                 ctx.check_stop(where)
-                images = render(pipe, spec.prompt, negative, batch, steps=spec.steps, guidance=GUIDANCE, size=size,
+                images = render(pipe, prompt, negative, batch, steps=spec.steps, guidance=GUIDANCE, size=size,
                                 on_step=lambda: ctx.check_stop(where))
                 for seed, rgb in zip(batch, images):
                     drift, face_found = score(faces, rgb, reference)
                     prefix = "" if with_lora else "control_"
                     file_name = f"verify/{prefix}seed_{seed}_drift_{drift_label(drift)}.png"
-                    text = png_text(prompt=spec.prompt, negative_prompt=negative, seed=seed, group=group, lora_weight=1.0 if with_lora else 0.0,
+                    text = png_text(prompt=prompt, negative_prompt=negative, seed=seed, group=group, lora_weight=1.0 if with_lora else 0.0,
                                     guidance=GUIDANCE, steps=spec.steps, drift=drift, face_found=face_found, demo=ctx.demo,
                                     models=ctx.models_used, job_id=ctx.job_id)
                     credentials = ctx.write_generated_image(file_name, rgb, text, {
-                        "stage": NAME, "group": group, "seed": seed, "prompt": spec.prompt, "lora_weight": 1.0 if with_lora else 0.0,
+                        "stage": NAME, "group": group, "seed": seed, "prompt": prompt, "lora_weight": 1.0 if with_lora else 0.0,
                         "guidance": GUIDANCE, "steps": spec.steps, "drift": drift, "face_found": face_found,
                         "models": dict(ctx.models_used), "lora_sha256": lora_sha256 if with_lora else None})
                     candidates[seed][group] = {"drift": drift, "face_found": face_found, "file": file_name, "credentials": credentials}
@@ -93,7 +96,7 @@ def run(ctx: StageContext) -> None:
     }
     atomic_write_json(ctx.path(INFO_FILE), {
         **outcome,
-        "prompt": spec.prompt,
+        "prompt": prompt,
         "negative_prompt": negative,
         "guidance": GUIDANCE,
         "steps": spec.steps,

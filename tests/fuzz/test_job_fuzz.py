@@ -4,18 +4,21 @@ nesting, unicode, raw garbage. Each gives a loaded job or an `invalid_job` namin
 from __future__ import annotations
 
 import copy
+import dataclasses
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from engine.config import Settings
 from engine.errors import ConfigError, JobError
 from engine.images import png_bytes
-from engine.job import JOB_FILE, MAX_JOB_FILE_BYTES
+from engine.job import JOB_FILE, MAX_JOB_FILE_BYTES, JobSpec
+from engine.schema import Table, Tables
 from tests.fuzz.strategies import (
     BASE_TABLE,
     JOB_CODES,
@@ -180,3 +183,75 @@ def test_toml_writer_round_trips_the_base_job():
     import tomllib
 
     assert tomllib.loads(dumps(BASE_TABLE)) == BASE_TABLE
+
+
+def _valid_value(check, rng):
+    """A value the key's own rule accepts (None where the rule is not a plain scalar one)."""
+    from engine.schema import Bool, Float, Int, Str
+
+    if isinstance(check, Bool):
+        return rng.random() < 0.5
+    if isinstance(check, Int):
+        low, high = check.low if check.low is not None else -1000, check.high if check.high is not None else 1000
+        return rng.choice([low, high, rng.randint(low, min(high, low + 2000))])
+    if isinstance(check, Float):
+        low, high = check.low if check.low is not None else -10.0, check.high if check.high is not None else 10.0
+        value = rng.uniform(low, high)
+        return value if not (check.low_open and value <= low) else (low + high) / 2
+    if isinstance(check, Str) and check.choices:
+        return rng.choice(check.choices)
+    if isinstance(check, Str) and check.pattern is None:
+        return "portrait by a window"[: max(check.min_len, min(check.max_len, rng.randint(1, 20)))]
+    return None
+
+
+def _rule_of(path: tuple):
+    cls, check = JobSpec, None
+    for part in path:
+        if isinstance(part, int):
+            continue
+        check = next(f for f in dataclasses.fields(cls) if f.name == part).metadata.get("check")
+        if isinstance(check, (Tables, Table)):
+            cls = check.item.cls if isinstance(check, Tables) else check.cls
+    return check
+
+
+def _spec_value(spec, path: tuple):
+    value = spec
+    for part in path:
+        value = value[part] if isinstance(part, int) else getattr(value, part)
+    return value
+
+
+def test_valid_values_of_every_key_are_accepted_and_reach_the_spec():
+    """The random tables above are nearly always refused (on `render`), so they say little about
+    accepted input. Here each of 300 jobs sets 1-3 keys to values their own rules accept: the job
+    must load with exactly those values in its spec, unless a cross-field rule refuses it (and
+    then it names one of the keys that were set)."""
+    import random
+
+    rng = random.Random(13)
+    candidates = [path for path in KEY_PATHS if _valid_value(_rule_of(path), rng) is not None]
+    accepted = refused = 0
+    for _ in range(300):
+        table = copy.deepcopy(BASE_TABLE)
+        chosen = {}
+        for path in rng.sample(candidates, rng.randint(1, 3)):
+            value = _valid_value(_rule_of(path), rng)
+            set_path(table, path, value)
+            chosen[path] = value
+        with tempfile.TemporaryDirectory() as root:
+            result = load_or_refuse(_folder(root, table))
+        if isinstance(result, JobError):
+            refused += 1
+            check_error(result, JOB_CODES, (JOB_FILE,))
+            wheres = " ".join(p.where for p in result.problems)
+            assert any(path_name(path).split("[")[0].split(".")[0] in wheres for path in chosen), (chosen, wheres)
+            continue
+        accepted += 1
+        for path, value in chosen.items():
+            got = _spec_value(result.spec, path)
+            got = list(got) if isinstance(got, tuple) else got
+            assert got == value or (isinstance(value, float) and got == pytest.approx(value)), (path, value, got)
+    print(f"valid-job fuzz: {accepted} accepted, {refused} refused by cross-field rules")
+    assert accepted >= 0.6 * 300, (accepted, refused)  # a strategy of valid jobs must mostly make valid jobs

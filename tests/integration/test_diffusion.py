@@ -70,6 +70,8 @@ rank = 4
 max_steps = 40
 checkpoint_every = 3
 plateau_window = 5
+probe_every = 1
+probe_size = 4
 {PHASES}
 
 [verify]
@@ -135,7 +137,7 @@ def test_outbox_holds_everything_the_spec_lists(demo_run):
 
 
 def test_each_phase_runs_with_its_own_settings_read_back(demo_run):
-    _, events, _, _ = demo_run
+    result, events, _, _ = demo_run
     started = [fields for name, fields in events if name == "phase_observed"]
     assert [p["phase"] for p in started] == ["COARSE", "MID", "MID_FINE", "FINAL_FINE"]
     assert [p["optimizer_class"] for p in started] == ["AdamW", "AdamW", "AdamP", "AdamP"]
@@ -143,7 +145,23 @@ def test_each_phase_runs_with_its_own_settings_read_back(demo_run):
     assert [p["lora_scalings"] for p in started] == [[8 / 4], [4 / 4], [2 / 4], [1 / 4]]  # alpha / r on every LoRA layer
     assert [p["loss_function"] for p in started] == ["mse_loss", "huber_loss", "charbonnier", "charbonnier"]
     exits = [fields for name, fields in events if name == "phase_exit"]
-    assert len(exits) == 4 and all(e["reason"] in ("plateau", "max_steps", "total_cap") for e in exits)
+    assert len(exits) == 4 and all(e["reason"] in ("converged", "diverging", "max_steps", "total_cap") for e in exits)
+    for exit in exits:  # the reason agrees with the steps run and the statistics recorded
+        assert 4 <= exit["phase_steps"] <= 8 and exit["rule"] == "improvement_bound" and exit["probe_loss"] is not None
+        if exit["reason"] == "converged":
+            assert exit["improvement_upper"] <= exit["allowed"]
+        elif exit["reason"] == "max_steps":
+            assert exit["phase_steps"] == 8 and exit["improvement_upper"] > exit["allowed"]
+    # The low-lr phases' probe loss barely moves: they stop by convergence at their min_steps,
+    # before their cap (a job long enough for the convergence exit to happen, not only exist).
+    assert [e["reason"] for e in exits][2:] == ["converged", "converged"] and [e["phase_steps"] for e in exits][2:] == [4, 4], exits
+    # loss.csv: one row per step of each phase, each with its probe loss (probe_every = 1), the
+    # last probe loss of a phase the one its exit recorded.
+    rows = [line.split(",") for line in (result.output_dir / "train" / "loss.csv").read_text().splitlines()[1:]]
+    for exit in exits:
+        mine = [row for row in rows if row[0] == exit["phase"]]
+        assert len(mine) == exit["phase_steps"] and all(row[4] for row in mine)
+        assert float(mine[-1][4]) == exit["probe_loss"]
     steps = [fields for name, fields in events if name == "train_step"]
     assert steps and all(np.isfinite(s["loss"]) for s in steps)
 

@@ -14,7 +14,6 @@ Measured on this project's 2-core CPU (dlib-bin 20.0.1, buffalo_s ArcFace), for 
 from __future__ import annotations
 
 import importlib.util
-import inspect
 import os
 import json
 import time
@@ -119,10 +118,25 @@ def test_the_disagreement_rule():
     assert identity2.models_disagree(0.5, THRESHOLD, 0.41) is False
 
 
-def test_seed_selection_never_sees_the_second_model():
-    from engine.stages import verify
+def test_seed_selection_never_sees_the_second_model(tmp_path, settings, astronaut_rgb, monkeypatch):
+    """Every function of the second model raises: seed discovery still runs to its choice; the
+    render stage, which does use the model, then fails (so the trap was live)."""
+    from engine.runner import Engine
+    from tests.conftest import FAST_JOB, make_job
 
-    assert "identity2" not in inspect.getsource(verify)
+    def trap(*_args, **_kwargs):
+        raise AssertionError("the second identity model was used")
+
+    engine = Engine(settings, demo=True)  # its start-up check lists the second model's files: not seed selection
+    for name in ("locate", "load", "distance", "verdict", "models_disagree", "annotate", "reference_descriptor", "model_hashes"):
+        monkeypatch.setattr(identity2, name, trap)
+    source = make_job(tmp_path / "alice", {"a.png": astronaut_rgb}, FAST_JOB)
+    result = engine.run_job(source, tmp_path / "outbox", until="verify")
+    assert result.outcome == "partial", result.error
+    chosen = json.loads((result.output_dir / "verify" / "verify.json").read_text())
+    assert chosen["status"] in ("locked", "not_locked") and chosen["best_seed"] is not None
+    result = engine.run_job(source, tmp_path / "outbox", job_id=result.job_id)
+    assert result.outcome == "failed" and "the second identity model was used" in result.error["message"]
 
 
 def test_the_report_flags_renders_where_the_models_disagree(tmp_path, face_models, astronaut_rgb, group_rgb):

@@ -162,6 +162,6 @@ def test_status_shows_the_job_in_progress_then_its_result(finished, capsys):
 
 def test_progress_bars_follow_training_seeds_and_renders(finished):
     _, _, _, progress = finished
-    assert "train: 100%" in progress and "8/8" in progress
+    assert "train: 100%" in progress and "/8 " in progress  # planned: the step cap; ended 100 % when the phases converged earlier
     assert "verify: 100%" in progress and "6/6" in progress  # 3 seeds, LoRA and control
     assert "render: 100%" in progress and "3/3" in progress

@@ -225,7 +225,7 @@ def test_bad_settings_are_refused(kwargs):
 
 def test_summary_before_and_after_steps():
     phase = PhaseConvergence(min_steps=0, max_steps=100, window=5, p_threshold=0.5)
-    assert phase.summary() == {"steps": 0, "mean": None, "variance": None, "slope": None, "p_value": None}
+    assert phase.summary() == {"rule": "no_visible_trend", "steps": 0, "mean": None, "variance": None, "slope": None, "p_value": None}
     for loss in [1, 2, 2, 3, 4]:
         phase.update(loss)
     summary = phase.summary()

@@ -232,3 +232,42 @@ def test_daemon_section_is_passed_through(tmp_path):
     path.write_text('[daemon]\nanything = 1\n')
     assert Settings.load(path).foreign == {"daemon": {"anything": 1}}
     assert tomllib.loads(path.read_text())  # sanity
+
+
+def test_convergence_settings_that_could_never_act_are_refused(tmp_path, astronaut_rgb):
+    """A window longer than a phase silently disabled the convergence exit; a min_steps shorter
+    than the first judged step never acted. Both are refused, naming the key."""
+    phases = '[[train.phases]]\nname = "ONLY"\nmin_steps = {min}\nmax_steps = {max}\n'
+    cases = {
+        "train.plateau_window": ("[train]\nplateau_window = 20\nprobe_every = 10\n", 0, 400, "needs at least 3"),
+        "train.phases[0].max_steps": ("[train]\nprobe_every = 10\n", 0, 20, "could only stop at its cap"),
+        "train.phases[0].min_steps": ("[train]\nprobe_every = 10\n", 25, 400, "never acts"),
+    }
+    for key, (train, low, high, said) in cases.items():
+        folder = make_job(tmp_path / key.replace("[", "").replace("]", ""), {"a.png": astronaut_rgb},
+                          train + phases.format(min=low, max=high) + '[[render]]\nprompt = "x"\n')
+        with pytest.raises(JobError) as excinfo:
+            _load(folder)
+        assert said in _problems(excinfo)[f"job.toml: {key}"], _problems(excinfo)
+    # The old rule: a phase shorter than its window could never plateau.
+    folder = make_job(tmp_path / "old", {"a.png": astronaut_rgb},
+                      '[train]\nconvergence = "no_visible_trend"\nplateau_window = 50\n' + phases.format(min=0, max=40) + '[[render]]\nprompt = "x"\n')
+    with pytest.raises(JobError) as excinfo:
+        _load(folder)
+    assert "could only stop at its cap" in _problems(excinfo)["job.toml: train.phases[0].max_steps"]
+    ok = make_job(tmp_path / "ok", {"a.png": astronaut_rgb}, "[train]\nprobe_every = 10\n" + phases.format(min=30, max=400) + '[[render]]\nprompt = "x"\n')
+    assert _load(ok).spec.train.phases[0].min_steps == 30
+    assert _load(make_job(tmp_path / "defaults", {"a.png": astronaut_rgb}, '[[render]]\nprompt = "x"\n')).spec.train.convergence == "improvement_bound"
+
+
+def test_the_trigger_is_checked_against_the_denylist_and_is_what_verify_renders(tmp_path, astronaut_rgb):
+    from engine.job import verify_prompt
+
+    denied = make_job(tmp_path / "denied", {"a.png": astronaut_rgb}, '[train]\ntrigger = "nsfw person"\n[[render]]\nprompt = "x"\n')
+    with pytest.raises(JobError) as excinfo:
+        _load(denied)
+    assert "denied term 'nsfw'" in _problems(excinfo)["job.toml: train.trigger"]
+    custom = _load(make_job(tmp_path / "custom", {"a.png": astronaut_rgb}, '[train]\ntrigger = "zqx woman"\n[[render]]\nprompt = "x"\n'))
+    assert verify_prompt(custom.spec) == "a photo of zqx woman, portrait, neutral background"  # not the default's "sks person"
+    own = _load(make_job(tmp_path / "own", {"a.png": astronaut_rgb}, '[verify]\nprompt = "studio photo of {trigger}"\n[[render]]\nprompt = "x"\n'))
+    assert verify_prompt(own.spec) == "studio photo of sks person"
