@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import logging
 import os
 import signal
 import sys
@@ -35,7 +34,7 @@ from typing import Any
 import prometheus_client
 import structlog
 
-from engine import ConfigError, Settings
+from engine import ConfigError, Settings, configure_json_logging, find_config
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -181,19 +180,7 @@ def configure_logging(level: str, daemon_id: str) -> None:
         event_dict.setdefault("daemon_id", daemon_id)
         return event_dict
 
-    structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            add_daemon_id,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.format_exc_info,
-            structlog.processors.JSONRenderer(sort_keys=True, default=str),
-        ],
-        wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper())),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stdout),
-        cache_logger_on_first_use=True,
-    )
+    configure_json_logging(level, sys.stdout, extra=add_daemon_id)
 
 
 def _load_config(given: Path | None) -> tuple[Settings, Any]:
@@ -201,16 +188,9 @@ def _load_config(given: Path | None) -> tuple[Settings, Any]:
     its [daemon] table; ConfigError names every problem."""
     from daemon.settings import load_daemon_settings
 
-    config_path = _config_path(given)
+    config_path = find_config(given)
     settings = Settings.load(config_path)
     return settings, load_daemon_settings(settings, str(config_path or "built-in defaults"))
-
-
-def _config_path(given: Path | None) -> Path | None:
-    if given is not None:
-        return given
-    default = Path("config.toml")
-    return default if default.is_file() else None
 
 
 if __name__ == "__main__":

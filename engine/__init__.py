@@ -25,6 +25,8 @@ _PUBLIC = {
     "ConfigError": "engine.errors",
     "JobInterrupted": "engine.errors",
     "OwnershipLost": "engine.errors",
+    "find_config": "engine.cli",  # the CLIs' shared set-up
+    "configure_json_logging": "engine.cli",
 }
 
 __all__ = list(_PUBLIC)

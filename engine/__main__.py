@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 from pathlib import Path
 
-import structlog
 
 from engine.audit import verify_audit
+from engine.cli import configure_json_logging, find_config
 from engine.config import Settings
 from engine.errors import ConfigError
 from engine.example import write_example_subject
@@ -125,7 +124,7 @@ def _run(args: argparse.Namespace) -> int:
     failed = args.failed.resolve() if args.failed else outbox.parent / "failed"
     try:
         Engine.check_folders(outbox, failed)
-        settings = Settings.load(_config_path(args.config))
+        settings = Settings.load(find_config(args.config))
         engine = Engine(settings, demo=args.demo, observer=ProgressObserver(), until=args.until)
         result = engine.run_job(args.job, outbox, job_id=args.job_id, until=args.until, failed_dir=failed)
     except ConfigError as error:
@@ -149,7 +148,7 @@ def _models_check(args: argparse.Namespace) -> int:
     from engine.inventory import format_inventory, inventory
 
     try:
-        settings = Settings.load(_config_path(args.config))
+        settings = Settings.load(find_config(args.config))
         entries = inventory(settings, demo=args.demo, until=args.until)
     except ConfigError as error:
         print(f"cannot check the models: {error}", file=sys.stderr)
@@ -168,7 +167,7 @@ def _trust_anchors(args: argparse.Namespace) -> tuple[object | None, bytes | Non
     from engine.trust import AUDIT_PUBLIC_KEY, CA_CERT, load_public_key
 
     keys_dir = None
-    config = _config_path(args.config)
+    config = find_config(args.config)
     if config is not None and (args.trusted_key is None or args.trusted_ca is None):
         try:
             keys_dir = Settings.load(config).keys_dir
@@ -269,26 +268,9 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
-def _config_path(given: Path | None) -> Path | None:
-    if given is not None:
-        return given
-    default = Path("config.toml")
-    return default if default.is_file() else None
-
-
 def _configure_logging(level: str) -> None:
     """JSON event lines on stderr (the CLI's, not the library's, choice)."""
-    structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.JSONRenderer(sort_keys=True),
-        ],
-        wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper())),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
-        cache_logger_on_first_use=True,
-    )
+    configure_json_logging(level, sys.stderr)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 

@@ -1,0 +1,42 @@
+"""What the two command lines (`python -m engine`, `python -m daemon`) share: where config.toml
+is, and JSON log lines. One owner, so that the CLIs cannot drift apart (issue 14)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+import structlog
+
+DEFAULT_CONFIG = "config.toml"
+
+
+def find_config(given: Path | None) -> Path | None:
+    """The config file a CLI reads: the one given, else ./config.toml if there is one, else None
+    (the built-in defaults)."""
+    if given is not None:
+        return given
+    default = Path(DEFAULT_CONFIG)
+    return default if default.is_file() else None
+
+
+def configure_json_logging(level: str, stream: IO[str], *, extra: Callable[[Any, str, dict[str, Any]], dict[str, Any]] | None = None) -> None:
+    """One JSON event per line on `stream`, sorted keys, UTC ISO timestamps, for every logger of
+    the process (the engine's too); `extra` is one more processor (the daemon's daemon_id)."""
+    processors: list[Any] = [structlog.contextvars.merge_contextvars]
+    if extra is not None:
+        processors.append(extra)
+    processors += [
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        structlog.processors.format_exc_info,
+        structlog.processors.JSONRenderer(sort_keys=True, default=str),
+    ]
+    structlog.configure(
+        processors=processors,
+        wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper())),
+        logger_factory=structlog.PrintLoggerFactory(file=stream),
+        cache_logger_on_first_use=True,
+    )
