@@ -107,10 +107,11 @@ def final_probe_loss(engine, job_dir: Path) -> float:
     from engine.diffusion import identity_lora
     from engine.images import read_rgb
     from engine.job import PhaseSpec
-    from engine.stages import prepare, train
+    from engine import layout
+    from engine.stages import train
 
     pipe = engine.resources.pipeline()
-    info = json.loads((job_dir / prepare.INFO_FILE).read_text())
+    info = json.loads((job_dir / layout.PREPARE_INFO).read_text())
     images = torch.stack([torch.from_numpy(np.ascontiguousarray(read_rgb(job_dir / image["file"]))).permute(2, 0, 1).float() / 127.5 - 1.0
                           for photo in info["photos"] for image in photo["images"]])
     from diffusers import DDPMScheduler
@@ -119,7 +120,7 @@ def final_probe_loss(engine, job_dir: Path) -> float:
     mean, std = train._encode_latents(pipe, images)
     text, added = train._encode_text(pipe, "a photo of sks person", images.shape[-1])
     probe = train.make_probe_set(mean, std, 16, scheduler.config.num_train_timesteps, seed=12345)
-    with identity_lora(pipe, job_dir / train.LORA_DIR) as lora:
+    with identity_lora(pipe, job_dir / layout.LORA_DIR) as lora:
         lora.weight(1.0)
         return train.probe_loss(pipe.unet, scheduler, probe, text, added, PhaseSpec("PROBE", loss="mse"), pipe.unet.device)
 

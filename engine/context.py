@@ -152,6 +152,14 @@ class StageContext:
         if self.stop_requested.is_set():
             raise JobInterrupted(where)
 
+    @property
+    def training_resolution(self) -> int:
+        """The side, in pixels, the LoRA is trained and seeds and renders are made at: the demo
+        model's own 128 px, else train.resolution (one owner; stages used to ask the train stage)."""
+        from engine.models import DEMO_RESOLUTION
+
+        return DEMO_RESOLUTION if self.demo else self.job.spec.train.resolution
+
     def path(self, relative: str) -> Path:
         return self.job_dir / relative
 

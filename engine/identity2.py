@@ -31,13 +31,13 @@ from __future__ import annotations
 import functools
 import importlib.metadata
 import importlib.util
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from engine import layout
 from engine.faces import FaceModels
 from engine.fsutil import sha256_file
 from engine.images import read_rgb
@@ -183,15 +183,13 @@ def annotate(job_dir: Path, rows: list[dict[str, Any]], faces: FaceModels, thres
 
 
 def reference_descriptor(job_dir: Path, model: SecondIdentityModel, faces: FaceModels) -> np.ndarray | None:
-    """Mean descriptor of the prepared base image of every photo (prepared/prepare.json)."""
-    prepared = json.loads((job_dir / "prepared" / "prepare.json").read_text("utf-8"))
+    """Mean descriptor of the prepared base image of every photo (engine.layout.prepared_images)."""
     descriptors = []
-    for photo in prepared["photos"]:
-        for image in photo["images"]:
-            if image["kind"] == "base":
-                descriptor = model.describe_largest(faces, read_rgb(job_dir / image["file"]))
-                if descriptor is not None:
-                    descriptors.append(descriptor)
+    for image in layout.prepared_images(job_dir):
+        if image.is_base:
+            descriptor = model.describe_largest(faces, read_rgb(job_dir / image.file))
+            if descriptor is not None:
+                descriptors.append(descriptor)
     return np.mean(descriptors, axis=0) if descriptors else None
 
 

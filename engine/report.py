@@ -33,6 +33,7 @@ from urllib.parse import quote
 
 import numpy as np
 
+from engine import layout
 from engine.audit import AUDIT_FILE, MANIFEST_FILE
 from engine.fsutil import atomic_write_bytes, sha256_bytes, sha256_file
 
@@ -143,12 +144,12 @@ class JobFacts:
                 originals[index] = rel
         return cls(
             job_dir=job_dir,
-            prepare=_json(job_dir / "prepared/prepare.json"),
-            embed=_json(job_dir / "embedding/embed.json"),
-            train=_json(job_dir / "train/train.json"),
-            loss=_loss_rows(job_dir / "train/loss.csv"),
-            verify=_json(job_dir / "verify/verify.json"),
-            drift_report=_json(job_dir / "drift_report.json"),
+            prepare=_json(job_dir / layout.PREPARE_INFO),
+            embed=_json(job_dir / layout.EMBED_INFO),
+            train=_json(job_dir / layout.TRAIN_INFO),
+            loss=_loss_rows(job_dir / layout.LOSS_FILE),
+            verify=_json(job_dir / layout.VERIFY_INFO),
+            drift_report=_json(job_dir / layout.DRIFT_REPORT_JSON),
             audit=_audit_before_finish(job_dir / AUDIT_FILE),
             originals=originals,
         )

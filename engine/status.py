@@ -23,9 +23,10 @@ from typing import Any, TextIO
 import structlog
 
 from engine.jobfolder import AUDIT_FILE, ERROR_FILE, LEDGER_FILE, WORK_DIR, find_published, is_hidden_name
+from engine.layout import DRIFT_REPORT_JSON
 from engine.stages import STAGE_NAMES
 
-REPORT_JSON = "drift_report.json"
+REPORT_JSON = DRIFT_REPORT_JSON  # engine.layout owns the name
 _TAIL_BYTES = 64 * 1024
 
 

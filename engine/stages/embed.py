@@ -10,25 +10,24 @@ pairwise drift exceeds `embed.same_person_max_drift` are refused by name, never 
 from __future__ import annotations
 
 import io
-import json
 from itertools import combinations
 
 import numpy as np
 
+from engine import layout
 from engine.context import StageContext
 from engine.errors import JobError
 from engine.faces import drift, normalise
 from engine.fsutil import atomic_write_bytes, atomic_write_json
 from engine.images import read_rgb
 from engine.schema import to_plain
-from engine.stages import prepare
 
 NAME = "embed"
 VERSION = 1
-OUTPUTS = ("embedding",)
-EMBEDDINGS_FILE = "embedding/embeddings.npy"
-REFERENCE_FILE = "embedding/reference.npy"
-INFO_FILE = "embedding/embed.json"
+OUTPUTS = (layout.EMBEDDING_DIR,)
+EMBEDDINGS_FILE = layout.EMBEDDINGS_FILE
+REFERENCE_FILE = layout.REFERENCE_FILE
+INFO_FILE = layout.EMBED_INFO
 
 
 def fingerprint(ctx: StageContext) -> dict[str, object]:
@@ -38,17 +37,15 @@ def fingerprint(ctx: StageContext) -> dict[str, object]:
 def run(ctx: StageContext) -> None:
     faces_model = ctx.resources.faces()
     ctx.models_used.update(faces_model.hashes())
-    prepared = json.loads(ctx.path(prepare.INFO_FILE).read_text("utf-8"))
     rows: list[dict[str, object]] = []
     vectors: list[np.ndarray] = []
-    for photo in prepared["photos"]:
-        for image in photo["images"]:
-            rgb = read_rgb(ctx.path(image["file"]))
-            vectors.append(faces_model.embed(rgb, np.asarray(image["keypoints"], dtype=np.float32)))
-            rows.append({"photo": photo["name"], "file": image["file"], "kind": image["kind"]})
+    for image in layout.prepared_images(ctx.job_dir):
+        rgb = read_rgb(ctx.path(image.file))
+        vectors.append(faces_model.embed(rgb, np.asarray(image.keypoints, dtype=np.float32)))
+        rows.append({"photo": image.photo, "file": image.file, "kind": image.kind})
     embeddings = np.stack(vectors).astype(np.float32)
     base_index = {row["photo"]: i for i, row in enumerate(rows) if row["kind"] == "base"}
-    names = [photo["name"] for photo in prepared["photos"]]
+    names = layout.photo_names(ctx.job_dir)
 
     pairwise = [
         {"photos": [a, b], "drift": round(drift(embeddings[base_index[a]], embeddings[base_index[b]]), 6)}

@@ -18,6 +18,7 @@ import cv2
 import numpy as np
 
 from engine.context import StageContext
+from engine import layout
 from engine.errors import JobError
 from engine.faces import Face
 from engine.faults import pause_point
@@ -27,8 +28,8 @@ from engine.schema import to_plain
 
 NAME = "prepare"
 VERSION = 1
-OUTPUTS = ("prepared",)
-INFO_FILE = "prepared/prepare.json"
+OUTPUTS = (layout.PREPARED_DIR,)
+INFO_FILE = layout.PREPARE_INFO
 # The crop is centred a little below the face box centre so that the chin and neck are kept.
 _CENTER_SHIFT_DOWN = 0.1
 
@@ -73,7 +74,7 @@ def run(ctx: StageContext) -> None:
             file_name = f"{stem}_{kind}.png"
             prepared, keypoints = _warp(small_rgb, small_kps, small_center, small_side * scale, angle, spec.prepare.size, settings.background.fill_rgb)
             atomic_write_bytes(out_dir / file_name, png_bytes(prepared, {"source": name, "variant": kind, "demo": str(ctx.demo).lower()}))
-            images.append({"file": f"prepared/{file_name}", "kind": kind, "angle": angle, "scale": scale, "keypoints": np.round(keypoints, 3).tolist()})
+            images.append({"file": f"{layout.PREPARED_DIR}/{file_name}", "kind": kind, "angle": angle, "scale": scale, "keypoints": np.round(keypoints, 3).tolist()})
         records.append({
             "name": name,
             "sha256": sha256_file(path),

@@ -20,21 +20,21 @@ from typing import Any
 
 import numpy as np
 
-from engine import identity2
+from engine import identity2, layout
 from engine.context import StageContext
 from engine.diffusion import drift_label, identity_lora, png_text, render, score
 from engine.fsutil import atomic_write_json, atomic_write_text, sha256_file
 from engine.job import RenderSpec, verify_prompt
 from engine.schema import to_plain
-from engine.stages import embed, train, verify
+from engine.stages import embed, verify
 
 NAME = "render"
 VERSION = 4  # 2: images carry C2PA Content Credentials (with lab keys); the drift report says which
 #             3: the drift report's rows carry the effective negative prompt, the CSV a demo column
 #             4: the anchor's prompt is verify's with its {trigger} filled in (engine.job.verify_prompt)
-OUTPUTS = ("renders", "drift_report.json", "drift_report.csv")
-REPORT_JSON = "drift_report.json"
-REPORT_CSV = "drift_report.csv"
+OUTPUTS = (layout.RENDERS_DIR, layout.DRIFT_REPORT_JSON, layout.DRIFT_REPORT_CSV)
+REPORT_JSON = layout.DRIFT_REPORT_JSON
+REPORT_CSV = layout.DRIFT_REPORT_CSV
 
 # (LoRA weight, CFG, img2img strength) per pass, from the spec.
 ANCHOR = (1.0, 5.8, None)
@@ -56,7 +56,7 @@ def fingerprint(ctx: StageContext) -> dict[str, object]:
         "base_model": ctx.resources.base_model_hashes(),
         "realism_model": ctx.resources.realism_model_hashes() if needs_realism else None,
         "faces": ctx.resources.faces().hashes(),
-        "resolution": train.training_resolution(ctx),
+        "resolution": ctx.training_resolution,
         "identity2": identity2.fingerprint(),
         "content_signer": ctx.resources.trust_facts().get("content_signer"),
     }
@@ -72,15 +72,15 @@ def run(ctx: StageContext) -> None:
     chosen = verify.load_outcome(ctx)
     seed = chosen["best_seed"]
     locked = chosen["status"] == "locked"
-    size = train.training_resolution(ctx)
+    size = ctx.training_resolution
     rows: list[dict[str, Any]] = []
-    lora_sha256 = sha256_file(ctx.path(train.LORA_FILE))
+    lora_sha256 = sha256_file(ctx.path(layout.LORA_FILE))
     ctx.path("renders").mkdir(parents=True, exist_ok=True)
 
     def keep(entry_index: int, output_index: int, pass_name: str, mode: str, prompt: str, negative: str, pass_seed: int,
              rgb: np.ndarray, settings: tuple[float, float, float | None]) -> None:
         drift, face_found = score(faces, rgb, reference)
-        file_name = f"renders/r{entry_index}_{output_index}_{pass_name}_drift_{drift_label(drift)}.png"
+        file_name = f"{layout.RENDERS_DIR}/r{entry_index}_{output_index}_{pass_name}_drift_{drift_label(drift)}.png"
         weight, guidance, strength = settings
         text = png_text(prompt=prompt, negative_prompt=negative, seed=pass_seed, selected_seed=seed, locked=locked, mode=mode,
                         pass_name=pass_name, lora_weight=weight, guidance=guidance, strength=strength, drift=drift,
@@ -94,7 +94,7 @@ def run(ctx: StageContext) -> None:
                      "credentials": credentials})
         ctx.progress("render_scored", pass_name=pass_name, mode=mode, drift=drift, face_found=face_found)
 
-    with identity_lora(pipe, ctx.path(train.LORA_DIR)) as lora:
+    with identity_lora(pipe, ctx.path(layout.LORA_DIR)) as lora:
         for entry_index, entry in enumerate(spec.render):
             prompt = f"{spec.train.trigger}, {entry.prompt}"
             negative = ", ".join(p for p in (ctx.settings.render.negative_prompt, entry.negative_prompt) if p)

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from engine import layout
 from engine.context import StageContext
 from engine.convergence import RULE_IMPROVEMENT_BOUND, PhaseConvergence
 from engine.errors import JobError
@@ -36,22 +37,20 @@ from engine.fsutil import atomic_write_bytes, atomic_write_json, atomic_write_te
 from engine.images import read_rgb
 from engine.job import PhaseSpec, TrainSpec
 from engine.schema import to_plain
-from engine.stages import prepare
 
 NAME = "train"
 VERSION = 3  # 2: train.json no longer records the step a resume started from; 3: lora/ also holds the kohya-format file
-OUTPUTS = ("lora", "train")
-SCRATCH = ("checkpoints",)  # kept when an interrupted run resumes, removed otherwise
-LORA_DIR = "lora"
-LORA_FILE = "lora/pytorch_lora_weights.safetensors"
-INFO_FILE = "train/train.json"
-LOSS_FILE = "train/loss.csv"
-CHECKPOINT_FILE = "checkpoints/train.pt"
+OUTPUTS = (layout.LORA_DIR, layout.TRAIN_DIR)
+SCRATCH = (layout.CHECKPOINTS_DIR,)  # kept when an interrupted run resumes, removed otherwise
+LORA_DIR = layout.LORA_DIR
+LORA_FILE = layout.LORA_FILE
+INFO_FILE = layout.TRAIN_INFO
+LOSS_FILE = layout.LOSS_FILE
+CHECKPOINT_FILE = layout.CHECKPOINT_FILE
 ADAPTER = "identity_train"  # not "training": that is an nn.Module attribute
 TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]
 CHARBONNIER_EPS = 1e-3
 HUBER_DELTA = 1.0
-DEMO_RESOLUTION = 128  # the tiny demo model's native size
 
 
 def fingerprint(ctx: StageContext) -> dict[str, object]:
@@ -59,7 +58,7 @@ def fingerprint(ctx: StageContext) -> dict[str, object]:
 
 
 def training_resolution(ctx: StageContext) -> int:
-    return DEMO_RESOLUTION if ctx.demo else ctx.job.spec.train.resolution
+    return ctx.training_resolution
 
 
 def caption(spec: TrainSpec) -> str:
@@ -397,14 +396,12 @@ def _training_images(ctx: StageContext, resolution: int) -> torch.Tensor:
     """Every prepared image (base and augmentations), resized, as a N x 3 x R x R tensor in [-1, 1]."""
     from PIL import Image
 
-    info = json.loads(ctx.path(prepare.INFO_FILE).read_text("utf-8"))
     tensors = []
-    for photo in info["photos"]:
-        for image in photo["images"]:
-            rgb = read_rgb(ctx.path(image["file"]))
-            if rgb.shape[0] != resolution:
-                rgb = np.asarray(Image.fromarray(rgb).resize((resolution, resolution), Image.Resampling.LANCZOS))
-            tensors.append(torch.from_numpy(rgb.copy()).permute(2, 0, 1).float() / 127.5 - 1.0)
+    for image in layout.prepared_images(ctx.job_dir):
+        rgb = read_rgb(ctx.path(image.file))
+        if rgb.shape[0] != resolution:
+            rgb = np.asarray(Image.fromarray(rgb).resize((resolution, resolution), Image.Resampling.LANCZOS))
+        tensors.append(torch.from_numpy(rgb.copy()).permute(2, 0, 1).float() / 127.5 - 1.0)
     return torch.stack(tensors)
 
 

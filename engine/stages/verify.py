@@ -11,17 +11,18 @@ from __future__ import annotations
 
 import json
 
+from engine import layout
 from engine.context import StageContext
 from engine.diffusion import drift_label, identity_lora, png_text, render, score
 from engine.fsutil import atomic_write_json, sha256_file
 from engine.job import verify_prompt
 from engine.schema import to_plain
-from engine.stages import embed, train
+from engine.stages import embed
 
 NAME = "verify"
 VERSION = 3  # 2: images carry C2PA Content Credentials (with lab keys); verify.json says which; 3: the prompt's {trigger} is train.trigger
-OUTPUTS = ("verify",)
-INFO_FILE = "verify/verify.json"
+OUTPUTS = (layout.VERIFY_DIR,)
+INFO_FILE = layout.VERIFY_INFO
 GUIDANCE = 5.8  # the identity anchor's CFG (spec, render phase 1)
 
 
@@ -32,7 +33,7 @@ def fingerprint(ctx: StageContext) -> dict[str, object]:
         "negative_prompt": ctx.settings.render.negative_prompt,
         "base_model": ctx.resources.base_model_hashes(),
         "faces": ctx.resources.faces().hashes(),
-        "resolution": train.training_resolution(ctx),
+        "resolution": ctx.training_resolution,
         "content_signer": ctx.resources.trust_facts().get("content_signer"),
     }
 
@@ -44,15 +45,15 @@ def run(ctx: StageContext) -> None:
     ctx.models_used.update(ctx.resources.base_model_hashes())
     ctx.models_used.update(faces.hashes())
     reference = embed.load_reference(ctx)
-    size = train.training_resolution(ctx)
+    size = ctx.training_resolution
     negative = ctx.settings.render.negative_prompt
     prompt = verify_prompt(ctx.job.spec)  # "{trigger}" -> train.trigger
     seeds = list(spec.seed_list)
     batches = [seeds[i : i + spec.batch_size] for i in range(0, len(seeds), spec.batch_size)]
     candidates = {seed: {"seed": seed} for seed in seeds}
-    lora_sha256 = sha256_file(ctx.path(train.LORA_FILE))
+    lora_sha256 = sha256_file(ctx.path(layout.LORA_FILE))
     (ctx.path("verify")).mkdir(parents=True, exist_ok=True)
-    with identity_lora(pipe, ctx.path(train.LORA_DIR)) as lora:
+    with identity_lora(pipe, ctx.path(layout.LORA_DIR)) as lora:
         for group, with_lora in (("lora", True), ("control", False)):
             lora.weight(1.0) if with_lora else lora.off()
             for batch in batches:
@@ -63,7 +64,7 @@ def run(ctx: StageContext) -> None:
                 for seed, rgb in zip(batch, images):
                     drift, face_found = score(faces, rgb, reference)
                     prefix = "" if with_lora else "control_"
-                    file_name = f"verify/{prefix}seed_{seed}_drift_{drift_label(drift)}.png"
+                    file_name = f"{layout.VERIFY_DIR}/{prefix}seed_{seed}_drift_{drift_label(drift)}.png"
                     text = png_text(prompt=prompt, negative_prompt=negative, seed=seed, group=group, lora_weight=1.0 if with_lora else 0.0,
                                     guidance=GUIDANCE, steps=spec.steps, drift=drift, face_found=face_found, demo=ctx.demo,
                                     models=ctx.models_used, job_id=ctx.job_id)

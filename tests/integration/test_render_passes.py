@@ -8,7 +8,6 @@ threshold and the render from the locked seed are exercised."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest

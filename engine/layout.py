@@ -1,0 +1,63 @@
+"""Where each thing of a job is, inside its job folder: the one owner of the stages' output
+names (the stage that writes a file and every reader of it, the report, `status`, the second
+identity model, name it from here), and typed access to the prepared images.
+
+Names only: importing this pulls in nothing heavy, so readers of job folders can use it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+# prepare
+PREPARED_DIR = "prepared"
+PREPARE_INFO = "prepared/prepare.json"
+# embed
+EMBEDDING_DIR = "embedding"
+EMBEDDINGS_FILE = "embedding/embeddings.npy"
+REFERENCE_FILE = "embedding/reference.npy"
+EMBED_INFO = "embedding/embed.json"
+# train
+LORA_DIR = "lora"
+LORA_FILE = "lora/pytorch_lora_weights.safetensors"
+TRAIN_DIR = "train"
+TRAIN_INFO = "train/train.json"
+LOSS_FILE = "train/loss.csv"
+CHECKPOINTS_DIR = "checkpoints"
+CHECKPOINT_FILE = "checkpoints/train.pt"
+# verify
+VERIFY_DIR = "verify"
+VERIFY_INFO = "verify/verify.json"
+# render
+RENDERS_DIR = "renders"
+DRIFT_REPORT_JSON = "drift_report.json"
+DRIFT_REPORT_CSV = "drift_report.csv"
+
+
+@dataclass(frozen=True)
+class PreparedImage:
+    """One training image prepare wrote: whose photo, which file, which kind ("base" or an
+    augmentation), and the face's five keypoints in it."""
+
+    photo: str
+    file: str
+    kind: str
+    keypoints: tuple[tuple[float, float], ...]
+
+    @property
+    def is_base(self) -> bool:
+        return self.kind == "base"
+
+
+def prepared_images(job_dir: Path) -> list[PreparedImage]:
+    """Every prepared image of the job, in prepare.json's order (photo by photo)."""
+    info = json.loads((Path(job_dir) / PREPARE_INFO).read_text("utf-8"))
+    return [PreparedImage(photo["name"], image["file"], image["kind"], tuple(tuple(point) for point in image.get("keypoints", ())))
+            for photo in info["photos"] for image in photo["images"]]
+
+
+def photo_names(job_dir: Path) -> list[str]:
+    """The job's photos, in prepare.json's order."""
+    return [photo["name"] for photo in json.loads((Path(job_dir) / PREPARE_INFO).read_text("utf-8"))["photos"]]
