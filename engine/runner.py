@@ -38,7 +38,6 @@ from engine.faults import pause_point
 from engine.fsutil import (Listing, canonical_json, fsync_dir, guarded_writes, hash_tree, remove_partial_writes, remove_tree, sha256_bytes, share_modes,
                            sha256_file, tree_listing, utf8_safe)
 from engine.job import JOB_FILE, LoadedJob, load_job, safe_subject_name
-from engine.version import engine_version
 from engine.jobfolder import (AUDIT_FILE, ERROR_FILE, INPUTS_DIR, LEDGER_FILE, MANIFEST_FILE, SIGNATURE_FILE, WORK_DIR, Fence, NoFence,  # noqa: F401
                               check_dropped_folder, classify_os_error, copy_verified, describe_os_error, failure_record, find_published,
                               kept_inputs, new_job_id, probe_job_targets, publish_failure, remove_leftover_work, work_dir)
@@ -47,6 +46,7 @@ from engine.report import write_report
 from engine.schema import to_plain
 from engine.stages import STAGE_NAMES, STAGES
 from engine.trust import append_journal, head_statement, sign_head
+from engine.version import engine_version
 
 VERSIONED_PACKAGES = ("torch", "diffusers", "transformers", "peft", "insightface", "onnxruntime", "rembg", "numpy", "pillow", "opencv-python-headless", "scipy")
 
