@@ -25,6 +25,7 @@ _PUBLIC = {
     "ConfigError": "engine.errors",
     "JobInterrupted": "engine.errors",
     "OwnershipLost": "engine.errors",
+    "JobOutcome": "engine.lifecycle",  # a run's outcome; StrEnum, equal to the plain strings
     "find_config": "engine.cli",  # the CLIs' shared set-up
     "configure_json_logging": "engine.cli",
 }

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.fsutil import atomic_write_json, sha256_file
+from engine.lifecycle import LedgerOutcome, StageStatus
 
 LEDGER_VERSION = 2  # 2: inputs, and the work folder named by the job id alone
 
@@ -26,7 +27,7 @@ LEDGER_VERSION = 2  # 2: inputs, and the work folder named by the job id alone
 class StageRecord:
     name: str
     fingerprint: str
-    status: str  # "running" | "complete"
+    status: str  # StageStatus: "running" | "complete"
     artifacts: dict[str, str] = field(default_factory=dict)  # relative path -> sha256
     models: dict[str, str] = field(default_factory=dict)  # model file name -> sha256 it used
 
@@ -48,7 +49,7 @@ class Ledger:
     inputs: dict[str, str] = field(default_factory=dict)  # the Listing of inputs/: rel path -> sha256 | "dir" | "link:<target>"
     not_copied: list[str] = field(default_factory=list)  # special files of the dropped folder (pipes...): no content to keep
     stages: list[StageRecord] = field(default_factory=list)
-    outcome: str = "running"  # running | finished | failed
+    outcome: str = LedgerOutcome.RUNNING  # LedgerOutcome: running | finished | failed
 
     @classmethod
     def open(cls, path: Path, job_id: str, source: str) -> "Ledger":
@@ -66,7 +67,7 @@ class Ledger:
             inputs=data.get("inputs", {}),
             not_copied=data.get("not_copied", []),
             stages=[StageRecord(**record) for record in data["stages"]],
-            outcome=data.get("outcome", "running"),
+            outcome=data.get("outcome", LedgerOutcome.RUNNING),
         )
 
     def record(self, name: str) -> StageRecord | None:
@@ -82,13 +83,13 @@ class Ledger:
 
     def start(self, name: str, fingerprint: str) -> None:
         self.drop_from(name)
-        self.stages.append(StageRecord(name=name, fingerprint=fingerprint, status="running"))
+        self.stages.append(StageRecord(name=name, fingerprint=fingerprint, status=StageStatus.RUNNING))
         self.save()
 
     def complete(self, name: str, artifacts: dict[str, str], models: dict[str, str]) -> None:
         record = self.record(name)
-        assert record is not None and record.status == "running", f"stage {name} was not started"
-        record.status = "complete"
+        assert record is not None and record.status == StageStatus.RUNNING, f"stage {name} was not started"
+        record.status = StageStatus.COMPLETE
         record.artifacts = dict(sorted(artifacts.items()))
         record.models = dict(sorted(models.items()))
         self.save()

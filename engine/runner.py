@@ -42,6 +42,7 @@ from engine.jobfolder import (AUDIT_FILE, ERROR_FILE, INPUTS_DIR, LEDGER_FILE, M
                               check_dropped_folder, classify_os_error, copy_verified, describe_os_error, failure_record, find_published,
                               kept_inputs, new_job_id, probe_job_targets, publish_failure, remove_leftover_work, work_dir)
 from engine.ledger import Ledger
+from engine.lifecycle import JobOutcome, LedgerOutcome, StageStatus
 from engine.report import write_report
 from engine.schema import to_plain
 from engine.stages import STAGE_NAMES, STAGES
@@ -66,7 +67,7 @@ class JobResult:
 
     @property
     def ok(self) -> bool:
-        return self.outcome not in ("failed", "held")
+        return self.outcome not in (JobOutcome.FAILED, JobOutcome.HELD)
 
 
 class Engine:
@@ -166,7 +167,7 @@ class Engine:
                 return self._run(source, outbox, failed_root, job_id, until, fence, refresh_inputs)
             except OwnershipLost as lost:
                 log.warning("job_ownership_lost", job_id=job_id, at=lost.where)
-                return JobResult(job_id, safe_subject_name(source.name), "lost", work_dir(outbox, job_id))
+                return JobResult(job_id, safe_subject_name(source.name), JobOutcome.LOST, work_dir(outbox, job_id))
 
     def _run(self, source: Path, outbox: Path, failed_root: Path, job_id: str, until: str | None, fence: Fence,
              refresh_inputs: bool) -> JobResult:
@@ -218,13 +219,13 @@ class Engine:
             used = input_hashes(job)
             audit.event(
                 "job_resumed" if resumed else "job_started", subject=subject, **start, spec=to_plain(job.spec), settings=self.settings.to_plain(),
-                models=self._model_facts(), device=device_facts(), completed_stages=[r.name for r in ledger.stages if r.status == "complete"],
+                models=self._model_facts(), device=device_facts(), completed_stages=[r.name for r in ledger.stages if r.status == StageStatus.COMPLETE],
             )
             bound.info("job_resumed" if resumed else "job_started", **self._source_facts(source))
             self._run_stages(ctx, ledger, used, until)
             if until is not None and until != STAGE_NAMES[-1]:
                 audit.event("job_paused", until=until)
-                return JobResult(job_id, subject, "partial", job_dir)
+                return JobResult(job_id, subject, JobOutcome.PARTIAL, job_dir)
             return self._finish(ctx, ledger, outbox)
         except OwnershipLost:
             raise  # nothing more may be written, not even that we stopped
@@ -232,7 +233,7 @@ class Engine:
             assert audit is not None
             audit.event("job_interrupted", at=stop.where)
             bound.info("job_interrupted", at=stop.where)
-            return JobResult(job_id, subject, "interrupted", job_dir)
+            return JobResult(job_id, subject, JobOutcome.INTERRUPTED, job_dir)
         except ConfigError as error:
             # The installation, not the job, is at fault: keep the job resumable and refuse.
             if audit is not None:
@@ -311,7 +312,7 @@ class Engine:
                 remove_tree(job_dir)
             except OSError:
                 pass
-        return JobResult(job_id, subject, "held", job_dir, error=error)
+        return JobResult(job_id, subject, JobOutcome.HELD, job_dir, error=error)
 
     def _model_facts(self) -> dict[str, Any]:
         remover_path = self.resources.background_model_path()
@@ -328,13 +329,13 @@ class Engine:
             ctx.check_stop(f"before {stage.NAME}")
             fingerprint = sha256_bytes(canonical_json({"stage": stage.NAME, "version": stage.VERSION, "config": stage.fingerprint(ctx), "previous": previous}).encode())
             record = ledger.record(stage.NAME)
-            if record and record.status == "complete" and record.fingerprint == fingerprint and record.intact(ctx.job_dir):
+            if record and record.status == StageStatus.COMPLETE and record.fingerprint == fingerprint and record.intact(ctx.job_dir):
                 ctx.audit.event("stage_skipped", stage=stage.NAME, reason="completed earlier with the same inputs", artifacts=len(record.artifacts))
                 ctx.log.info("stage_skipped", stage=stage.NAME)
                 for scratch in getattr(stage, "SCRATCH", ()):  # still there after a kill between complete() and its removal
                     remove_tree(ctx.path(scratch))
             else:
-                interrupted = record is not None and record.status == "running" and record.fingerprint == fingerprint
+                interrupted = record is not None and record.status == StageStatus.RUNNING and record.fingerprint == fingerprint
                 if record is not None:
                     why = "interrupted" if interrupted else (
                         "inputs or settings changed" if record.fingerprint != fingerprint else "outputs changed on disk")
@@ -387,9 +388,9 @@ class Engine:
         fsync_dir(final.parent)
         pause_point("job:published")
         ledger.path = final / LEDGER_FILE
-        ledger.set_outcome("finished")
+        ledger.set_outcome(LedgerOutcome.FINISHED)
         ctx.log.info("job_finished", output=str(final), audit_head=ctx.audit.head)
-        return self._journal(outbox, signed, JobResult(ledger.job_id, job.subject, "finished", final), ctx.log)
+        return self._journal(outbox, signed, JobResult(ledger.job_id, job.subject, JobOutcome.FINISHED, final), ctx.log)
 
     def _journal(self, outbox: Path, signed: dict[str, Any], result: JobResult, bound: Any) -> JobResult:
         """The outbox's journal line of a job just published. When it cannot be written the job
@@ -401,7 +402,7 @@ class Engine:
             message = (f"the job is published in {result.output_dir}, but its journal line could not be written: {describe_os_error(exc)}; "
                        "run it again (the daemon does) once the outbox can be written: the line is added then")
             bound.error("journal_not_written", message=message)
-            return JobResult(result.job_id, result.subject, "held", result.output_dir,
+            return JobResult(result.job_id, result.subject, JobOutcome.HELD, result.output_dir,
                              error={"code": classify_os_error(exc) or "io_error", "message": message, "problems": [],
                                     "details": {"errno": exc.errno, "published_as": result.outcome}})
         return result
@@ -414,14 +415,14 @@ class Engine:
         ledger is not in the manifest), and a failed job's work folder (a kill between the
         rename into failed/ and its removal)."""
         error = None
-        if outcome == "finished":
+        if outcome == JobOutcome.FINISHED:
             ledger_path = folder / LEDGER_FILE
             for partial in folder.glob(f".{LEDGER_FILE}.*.tmp"):  # the ledger is all a run writes there after the rename
                 partial.unlink()
             if ledger_path.is_file():
                 ledger = Ledger.open(ledger_path, job_id, "")
-                if ledger.outcome != "finished":
-                    ledger.set_outcome("finished")
+                if ledger.outcome != LedgerOutcome.FINISHED:
+                    ledger.set_outcome(LedgerOutcome.FINISHED)
         else:
             import json
 
@@ -468,7 +469,7 @@ class Engine:
             remove_tree(job_dir)
         except OSError as exc:  # published all the same; the next run of this id removes the leftover
             bound.warning("work_folder_not_removed", job_id=job_id, error=str(exc))
-        return self._journal(outbox_of(job_dir), signed, JobResult(job_id, subject, "failed", target, error=record), bound)
+        return self._journal(outbox_of(job_dir), signed, JobResult(job_id, subject, JobOutcome.FAILED, target, error=record), bound)
 
     def _publish_failure(self, inputs: Path, failed_root: Path, subject: str, job_id: str, record: dict[str, Any], audit: Path | None,
                          check: Any, only: frozenset[str] | None = None) -> tuple[Path, dict[str, Any], dict[str, Any]]:
@@ -514,7 +515,7 @@ class Engine:
             target, record, signed = self._publish_failure(kept or source, failed_root, subject, job_id, record, audit.path, fence.check, only)
             bound.error("failure_published", code=error.code, failed=str(target))
             remove_leftover_work(outbox, job_id)
-            return self._journal(outbox, signed, JobResult(job_id, subject, "failed", target, error=record), bound)
+            return self._journal(outbox, signed, JobResult(job_id, subject, JobOutcome.FAILED, target, error=record), bound)
 
 
 def run_job(source: Path, outbox: Path, settings: Settings | None = None, *, demo: bool = False, **options: Any) -> JobResult:
@@ -532,7 +533,7 @@ def find_unfinished_job(outbox: Path, source: Path) -> str | None:
     candidates = []
     for ledger_path in (outbox / WORK_DIR).glob(f"*/{LEDGER_FILE}"):
         data = Ledger.peek(ledger_path)
-        if data and data.get("source") == utf8_safe(str(source)) and data.get("outcome") == "running":
+        if data and data.get("source") == utf8_safe(str(source)) and data.get("outcome") == LedgerOutcome.RUNNING:
             candidates.append(data["job_id"])
     return max(candidates) if candidates else None
 
