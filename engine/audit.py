@@ -27,6 +27,7 @@ from typing import Any, Callable
 import numpy as np
 import structlog
 
+from engine.chain import GENESIS, chain_break
 from engine.errors import OwnershipLost
 from engine.fsutil import (Listing, atomic_write_json, canonical_json, check_write, fsync_dir, sha256_bytes, sha256_file, tree_listing, utf8_safe,
                            walk_tree)
@@ -34,7 +35,6 @@ from engine.jobfolder import AUDIT_FILE, ERROR_FILE, INPUTS_DIR, LEDGER_FILE, MA
 from engine.trust import check_job
 
 MANIFEST_VERSION = 3  # 2: every file of the dropped folder is in inputs/ and listed under "inputs"; 3: signature.json, "trust"
-GENESIS = "0" * 64
 # Called with (event name, fields) after each audit event and each progress report; the
 # daemon turns these into metrics without the engine knowing about it.
 Observer = Callable[[str, dict[str, Any]], None]
@@ -241,11 +241,9 @@ def verify_audit(job_dir: Path, *, trusted_key: Any = None, trusted_ca: bytes | 
         except (ValueError, UnicodeDecodeError) as exc:
             report.problems.append(f"{AUDIT_FILE} line {number}: not a JSON object ({exc})")
             break
-        if record.get("prev") != prev:
-            report.problems.append(f"{AUDIT_FILE} line {number}: 'prev' does not match line {number - 1}'s hash (line removed, inserted or reordered)")
-            break
-        if record.get("hash") != line_hash(record):
-            report.problems.append(f"{AUDIT_FILE} line {number}: content does not match its hash (line edited)")
+        broken = chain_break(record, number, prev, line_hash)
+        if broken:
+            report.problems.append(f"{AUDIT_FILE} line {number}: {broken}")
             break
         prev = record["hash"]
         job_ids.add(str(record.get("job_id")))

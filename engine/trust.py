@@ -43,6 +43,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from engine.chain import GENESIS, chain_break
 from engine.errors import ConfigError
 from engine.fsutil import atomic_write_json, canonical_json, check_write, fsync_dir, sha256_bytes, sha256_file
 from engine.jobfolder import AUDIT_FILE, ERROR_FILE, MANIFEST_FILE, SIGNATURE_FILE
@@ -55,7 +56,6 @@ SIGNER_KEY = "content-signer.key.pem"
 SIGNER_CHAIN = "content-signer.chain.pem"
 JOURNAL_DIR = ".journal"
 JOURNAL_FILE = "journal.jsonl"
-GENESIS = "0" * 64
 STATEMENT_VERSION = 1
 
 
@@ -332,11 +332,9 @@ def verify_journal(outbox: Path, failed: Path | None = None, *, trusted: ed25519
         if "unreadable" in line:
             report.problems.append(f"journal line {number}: not JSON ({line['unreadable']!r})")
             break
-        if line.get("prev") != prev:
-            report.problems.append(f"journal line {number}: 'prev' does not match line {number - 1} (a line removed, inserted or reordered)")
-            break
-        if line.get("hash") != journal_line_hash(line):
-            report.problems.append(f"journal line {number}: content does not match its hash (line edited)")
+        broken = chain_break(line, number, prev, journal_line_hash)
+        if broken:
+            report.problems.append(f"journal line {number}: {broken}")
             break
         prev = line["hash"]
         state, problems = _check_line(line, trusted)

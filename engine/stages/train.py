@@ -54,11 +54,7 @@ HUBER_DELTA = 1.0
 
 
 def fingerprint(ctx: StageContext) -> dict[str, object]:
-    return {"train": to_plain(ctx.job.spec.train), "base_model": ctx.resources.base_model_hashes(), "resolution": training_resolution(ctx)}
-
-
-def training_resolution(ctx: StageContext) -> int:
-    return ctx.training_resolution
+    return {"train": to_plain(ctx.job.spec.train), "base_model": ctx.resources.base_model_hashes(), "resolution": ctx.training_resolution}
 
 
 def caption(spec: TrainSpec) -> str:
@@ -69,7 +65,7 @@ def run(ctx: StageContext) -> None:
     spec = ctx.job.spec.train
     pipe = ctx.resources.pipeline()
     ctx.models_used.update(ctx.resources.base_model_hashes())
-    images = _training_images(ctx, training_resolution(ctx))
+    images = _training_images(ctx, ctx.training_resolution)
     result = train_lora(ctx, pipe, images, spec)
     _write_reports(ctx, spec, result)
 
@@ -217,7 +213,7 @@ def kohya_export(ctx: StageContext, pipe: Any, spec: TrainSpec, alpha: float, st
 
     name = Path(kohya_file(ctx)).name
     return name, kohya_metadata(
-        pipeline_class=type(pipe).__name__, rank=spec.rank, alpha=alpha, resolution=training_resolution(ctx), steps=steps,
+        pipeline_class=type(pipe).__name__, rank=spec.rank, alpha=alpha, resolution=ctx.training_resolution, steps=steps,
         max_steps=spec.max_steps, images=images, output_name=Path(name).stem, trigger=spec.trigger, job_id=ctx.job_id,
         subject=ctx.job.subject, base_model_hashes=ctx.resources.base_model_hashes(), train_fingerprint=ctx.fingerprint, demo=ctx.demo,
         engine_version=engine_version())
@@ -453,7 +449,7 @@ def _write_reports(ctx: StageContext, spec: TrainSpec, result: TrainingResult) -
     atomic_write_json(ctx.path(INFO_FILE), {
         "caption": caption(spec),
         "rank": spec.rank,
-        "resolution": training_resolution(ctx),
+        "resolution": ctx.training_resolution,
         "max_steps": spec.max_steps,
         "total_steps": result.total_steps,
         # No resumed_from_step: a resume is run history, not a result. Recorded here it made
