@@ -60,7 +60,7 @@ from daemon.presence import Presence, register
 from daemon.settings import DaemonPaths, DaemonSettings, default_daemon_id, load_daemon_settings  # noqa: F401 - re-exported for callers and tests
 from daemon.watch import InboxWatcher, Readiness, Waker
 from engine import ConfigError, Engine, JobError, JobResult, OwnershipLost, Settings
-from engine.jobfolder import (INPUTS_DIR, STAGE_NAMES, atomic_write_json, set_umask, classify_os_error, describe_os_error, find_published,
+from engine.jobfolder import (INPUTS_DIR, all_stage_names, atomic_write_json, set_umask, classify_os_error, describe_os_error, find_published,
                               inputs_changed, new_job_id, safe_subject_name, utf8_safe)
 
 # Log a training step every this many steps (and every phase change); metrics see every step.
@@ -79,7 +79,7 @@ class Service:
         self.daemon_id = daemon.daemon_id or default_daemon_id()
         self.owner = Owner.this_process(self.daemon_id)
         self.log = structlog.get_logger("daemon").bind(daemon_id=self.daemon_id)
-        self.metrics = DaemonMetrics(self.daemon_id, stages=STAGE_NAMES, demo=demo)
+        self.metrics = DaemonMetrics(self.daemon_id, stages=all_stage_names(), demo=demo)
         self.readiness = Readiness(self.paths.inbox, daemon.stable_seconds)
         self.waker = Waker()
         self.watcher = InboxWatcher(self.paths.inbox, self.waker, polling=daemon.network_share, poll_seconds=daemon.poll_seconds)

@@ -25,7 +25,7 @@ from engine.cli import configure_json_logging, find_config
 from engine.config import Settings
 from engine.errors import ConfigError
 from engine.example import write_example_subject
-from engine.stages import STAGE_NAMES
+from engine.kinds import all_stage_names
 from engine.status import ProgressObserver
 
 
@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--outbox", type=Path, required=True, help="where the finished job goes (<outbox>/<subject>/<job-id>/); "
                      "its work area is <outbox>/.work/")
     run.add_argument("--failed", type=Path, default=None, help="where refused jobs go (default: failed/ beside the outbox)")
-    run.add_argument("--until", choices=STAGE_NAMES, default=None, help="stop after this stage")
+    run.add_argument("--until", choices=all_stage_names(), default=None, help="stop after this stage")
     run.add_argument("--job-id", default=None, help="resume this job id (default: the unfinished job of this folder, or a new one)")
     run.add_argument("--demo", action="store_true", help="use the tiny generated diffusion model (noise renders, marked as demo); also models.base = \"demo\"")
 
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     check = model_commands.add_parser(
         "check", help="pre-flight: every model the configuration uses, staged or missing, with path, size and sha256 "
                       "(exit 0 only when every needed one is there)")
-    check.add_argument("--until", choices=STAGE_NAMES, default=None, help="only the models of the stages up to this one")
+    check.add_argument("--until", choices=all_stage_names(), default=None, help="only the models of the stages up to this one")
     check.add_argument("--demo", action="store_true", help="as `run --demo` would (the tiny generated diffusion model)")
     check.add_argument("--no-hash", action="store_true", help="sizes only, no sha256 (quick)")
     check.add_argument("--json", action="store_true", help="print JSON instead of text")

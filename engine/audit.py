@@ -183,12 +183,13 @@ def _outputs(job_dir: Path) -> dict[str, str]:
             if entry.kind == "file" and entry.rel not in UNLISTED and not entry.rel.startswith(INPUTS_DIR + "/") and not entry.name.endswith(".tmp")}
 
 
-def write_manifest(job_dir: Path, job_id: str, inputs: dict[str, str], models: dict[str, str], demo: bool, trust: dict[str, Any]) -> str:
+def write_manifest(job_dir: Path, job_id: str, inputs: dict[str, str], models: dict[str, str], demo: bool, trust: dict[str, Any], *,
+                   kind: str) -> str:
     """Hash every output file of the job folder into manifest.json; returns its sha256.
 
     `inputs` is the Listing of the job's inputs/ (rel path -> sha256, "dir" or "link:<target>");
     `trust` who signs the job (engine.trust: a key fingerprint and the content signer, or unsigned)."""
-    manifest = {"version": MANIFEST_VERSION, "job_id": job_id, "demo": demo, "trust": trust, "inputs": inputs, "models": models,
+    manifest = {"version": MANIFEST_VERSION, "job_id": job_id, "kind": kind, "demo": demo, "trust": trust, "inputs": inputs, "models": models,
                 "outputs": _outputs(job_dir)}
     atomic_write_json(job_dir / MANIFEST_FILE, manifest)
     return sha256_file(job_dir / MANIFEST_FILE)

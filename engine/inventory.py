@@ -67,9 +67,11 @@ class ModelEntry:
 
 
 def stages_through(until: str | None) -> tuple[str, ...]:
-    from engine.stages import STAGE_NAMES
+    """The stages a run up to `until` may reach, whatever the job's kind (the engine checks models
+    before it has read a job)."""
+    from engine.kinds import all_kinds
 
-    return tuple(STAGE_NAMES) if until is None else tuple(STAGE_NAMES[: STAGE_NAMES.index(until) + 1])
+    return tuple(dict.fromkeys(name for kind in all_kinds() if until is None or until in kind.stages for name in kind.stages_through(until)))
 
 
 def inventory(settings: Settings, *, demo: bool = False, until: str | None = None) -> list[ModelEntry]:

@@ -1,4 +1,5 @@
-"""job.toml -> a frozen, validated `JobSpec`, with every problem reported at once.
+"""job.toml -> a frozen, validated spec of its kind (`KindSpec`; `JobSpec` for replicate), with every
+problem reported at once.
 
 Defaults come from config.toml's `[job.*]` tables (see `engine.config`), which come from the
 dataclass defaults below. Deeper code trusts a JobSpec: ranges, types, photo paths and
@@ -7,6 +8,7 @@ prompts have all been checked here.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import stat
@@ -139,13 +141,22 @@ class RenderSpec:
     steps: int = field(default=30, metadata=rule(Int(1, 200)))
 
 
-@dataclass(frozen=True)
-class JobSpec:
-    """Everything one job asks for. `subject.name` and `subject.photos` are always filled in."""
+@dataclass(frozen=True, kw_only=True)
+class KindSpec:
+    """What every kind's job.toml has: its kind (engine.kinds), who the subject is, how the photos
+    are prepared. A kind's spec subclasses this with its own sections. `subject.name` and
+    `subject.photos` are always filled in once loaded."""
 
-    render: tuple[RenderSpec, ...] = field(metadata=rule(Tables(RenderSpec, 1, 16)))
+    kind: str = field(default="replicate", metadata=rule(Str(min_len=1, max_len=64)))
     subject: SubjectSpec = field(default_factory=SubjectSpec, metadata=rule(Table(SubjectSpec)))
     prepare: PrepareSpec = field(default_factory=PrepareSpec, metadata=rule(Table(PrepareSpec)))
+
+
+@dataclass(frozen=True, kw_only=True)
+class JobSpec(KindSpec):
+    """A `replicate` job (engine.kinds.replicate): trained, verified, rendered."""
+
+    render: tuple[RenderSpec, ...] = field(metadata=rule(Tables(RenderSpec, 1, 16)))
     train: TrainSpec = field(default_factory=TrainSpec, metadata=rule(Table(TrainSpec)))
     verify: VerifySpec = field(default_factory=VerifySpec, metadata=rule(Table(VerifySpec)))
 
@@ -230,28 +241,45 @@ def parse_job_table(
     defaults: dict[str, Any],
     folder_name: str,
     where: str = JOB_FILE,
-) -> tuple[JobSpec | None, list[Problem]]:
-    """Merge config defaults under the job's table and validate; returns (spec, problems)."""
+) -> tuple[KindSpec | None, list[Problem]]:
+    """Merge config defaults under the job's table and validate it as its kind's spec (engine.kinds);
+    returns (spec, problems). Defaults apply to the kind's own sections only; a section of
+    another kind is refused, naming it and its kind."""
+    from engine.kinds import DEFAULT_KIND, known_kinds, kind_named, sections_of_other_kinds
+
     problems: list[Problem] = []
-    merged = merge_tables({k: v for k, v in defaults.items() if k != "render"}, table)
+    name = table.get("kind", DEFAULT_KIND)
+    if not isinstance(name, str) or name not in known_kinds():
+        return None, [Problem(f"{where}: kind", f"{name!r:.80} is not a job kind; known kinds: {', '.join(known_kinds())}")]
+    kind = kind_named(name)
+    foreign = sections_of_other_kinds(kind)
+    for key in table:
+        if key in foreign:
+            owners = " and ".join(repr(owner) for owner in foreign[key])
+            problems.append(Problem(f"{where}: {key_text(key)}", f"belongs to kind {owners}, not to this job's kind {kind.name!r} "
+                                    f"(its sections: {', '.join(kind.sections)})"))
+    table = {key: value for key, value in table.items() if key not in foreign}
+    merged = merge_tables({k: v for k, v in defaults.items() if k != "render" and k in kind.sections}, table)
     render_defaults = defaults.get("render", {})
-    if isinstance(merged.get("render"), list):
+    if "render" in kind.sections and isinstance(merged.get("render"), list):
         merged["render"] = [
             merge_tables(render_defaults, entry) if isinstance(entry, dict) else entry for entry in merged["render"]
         ]
-    spec = build(JobSpec, merged, "", problems)
-    problems = [Problem(f"{where}: {p.where}", p.reason) for p in problems]
+    spec_problems: list[Problem] = []
+    spec = build(kind.spec, merged, "", spec_problems)
+    problems += [Problem(f"{where}: {p.where}", p.reason) for p in spec_problems]
     if spec is INVALID:
         return None, problems
     if not spec.subject.name and not re.fullmatch(SAFE_NAME, folder_name):
         problems.append(
             Problem(f"{where}: subject.name", f"the folder name {folder_name!r:.80} is not a safe subject name; set subject.name ({SAFE_NAME_DOC})")
         )
-    problems += _cross_checks(spec, where)
+    problems += kind.checks(spec, where)
     return spec, problems
 
 
-def _cross_checks(spec: JobSpec, where: str) -> list[Problem]:
+def replicate_checks(spec: JobSpec, where: str) -> list[Problem]:
+    """A replicate job's checks between keys (engine.kinds.replicate)."""
     problems: list[Problem] = []
     names = [p.name for p in spec.train.phases]
     for i, phase in enumerate(spec.train.phases):
@@ -295,21 +323,28 @@ def verify_prompt(spec: JobSpec) -> str:
     return spec.verify.prompt.replace("{trigger}", spec.train.trigger)
 
 
-def check_prompts(spec: JobSpec, denylist: tuple[str, ...], where: str = JOB_FILE) -> list[Problem]:
-    """Refuse prompts holding a denylisted term (whole words, any case): every text that reaches a
-    pipeline as a prompt, the trigger included (it is put in front of every render prompt and is
-    the verify prompt's subject)."""
+def replicate_prompts(spec: JobSpec) -> list[tuple[str, str]]:
+    """Every text of a replicate job that reaches a pipeline as a prompt: the trigger (put in front
+    of every render prompt, and the verify prompt's subject), the verify prompt, the render
+    prompts (not negative prompts: they steer away)."""
+    return ([("train.trigger", spec.train.trigger), ("verify.prompt", verify_prompt(spec))]
+            + [(f"render[{i}].prompt", r.prompt) for i, r in enumerate(spec.render)])
+
+
+def check_prompts(spec: KindSpec, denylist: tuple[str, ...], where: str = JOB_FILE) -> list[Problem]:
+    """Refuse prompts holding a denylisted term (whole words, any case): every text its kind says
+    reaches a pipeline as a prompt (engine.kinds.Kind.prompts)."""
+    from engine.kinds import kind_named
+
     problems: list[Problem] = []
-    prompts = ([("train.trigger", spec.train.trigger), ("verify.prompt", verify_prompt(spec))]
-               + [(f"render[{i}].prompt", r.prompt) for i, r in enumerate(spec.render)])  # not negative prompts: they steer away
-    for key, prompt in prompts:
+    for key, prompt in kind_named(spec.kind).prompts(spec):
         for term in denylist:
             if re.search(rf"(?<!\w){re.escape(term)}(?!\w)", prompt, flags=re.IGNORECASE):
                 problems.append(Problem(f"{where}: {key}", f"contains the denied term {term!r} (config render.denylist)"))
     return problems
 
 
-def resolve_photos(folder: Path, spec: JobSpec, extensions: tuple[str, ...], where: str = JOB_FILE) -> tuple[tuple[Path, ...], list[Problem]]:
+def resolve_photos(folder: Path, spec: KindSpec, extensions: tuple[str, ...], where: str = JOB_FILE) -> tuple[tuple[Path, ...], list[Problem]]:
     """The photo files of a job: listed in subject.photos, or every image in the folder.
 
     Every path must stay inside the folder after resolving symbolic links; the count must
@@ -413,12 +448,16 @@ class LoadedJob:
     """A validated job: its spec with the subject name and photo list filled in."""
 
     folder: Path
-    spec: JobSpec
+    spec: Any  # its kind's spec (a KindSpec; JobSpec for replicate)
     photos: tuple[Path, ...]
 
     @property
     def subject(self) -> str:
         return self.spec.subject.name
+
+    @property
+    def kind(self) -> str:
+        return self.spec.kind
 
 
 def load_job(folder: Path, job_defaults: dict[str, Any], extensions: tuple[str, ...], denylist: tuple[str, ...],
@@ -458,8 +497,7 @@ def load_job(folder: Path, job_defaults: dict[str, Any], extensions: tuple[str, 
         )
     name = spec.subject.name or folder_name
     photo_names = tuple(p.relative_to(folder).as_posix() for p in photos)
-    subject = SubjectSpec(name=name, photos=photo_names, face=spec.subject.face, face_index=spec.subject.face_index)
-    spec = JobSpec(render=spec.render, subject=subject, prepare=spec.prepare, train=spec.train, verify=spec.verify)
+    spec = dataclasses.replace(spec, subject=dataclasses.replace(spec.subject, name=name, photos=photo_names))
     return LoadedJob(folder=folder, spec=spec, photos=photos)
 
 

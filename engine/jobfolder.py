@@ -34,7 +34,7 @@ from engine.errors import JobError, OwnershipLost  # noqa: F401 - OwnershipLost 
 from engine.fsutil import (Listing, TreeLimit, atomic_write_bytes, atomic_write_json, copy_tree, fsync_dir, fsync_tree, remove_tree,  # noqa: F401
                            set_umask, share_modes, shared_file_mode, tree_listing, utf8_safe, walk_tree)
 from engine.job import JOB_FILE, MAX_FOLDER_DEPTH, MAX_FOLDER_ENTRIES, is_hidden_name, is_temporary_name, safe_subject_name  # noqa: F401
-from engine.stages import STAGE_NAMES  # noqa: F401 - plain data: the daemon's metrics label stages with it
+from engine.kinds import all_stage_names  # noqa: F401 - plain data: the daemon's metrics label stages with it
 
 WORK_DIR = ".work"
 INPUTS_DIR = "inputs"

@@ -46,6 +46,7 @@ class Ledger:
     job_id: str
     source: str
     subject: str = ""  # known once job.toml was read
+    kind: str = ""  # the job's kind (engine.kinds), known once job.toml was read; "" in older ledgers: replicate
     inputs: dict[str, str] = field(default_factory=dict)  # the Listing of inputs/: rel path -> sha256 | "dir" | "link:<target>"
     not_copied: list[str] = field(default_factory=list)  # special files of the dropped folder (pipes...): no content to keep
     stages: list[StageRecord] = field(default_factory=list)
@@ -64,6 +65,7 @@ class Ledger:
             job_id=data["job_id"],
             source=data["source"],
             subject=data.get("subject", ""),
+            kind=data.get("kind", ""),
             inputs=data.get("inputs", {}),
             not_copied=data.get("not_copied", []),
             stages=[StageRecord(**record) for record in data["stages"]],
@@ -112,6 +114,7 @@ class Ledger:
                 "version": LEDGER_VERSION,
                 "job_id": self.job_id,
                 "subject": self.subject,
+                "kind": self.kind,
                 "source": self.source,
                 "inputs": self.inputs,
                 "not_copied": self.not_copied,

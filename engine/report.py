@@ -28,7 +28,8 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 from urllib.parse import quote
 
 import numpy as np
@@ -36,6 +37,7 @@ import numpy as np
 from engine import layout
 from engine.audit import AUDIT_FILE, MANIFEST_FILE
 from engine.fsutil import atomic_write_bytes, sha256_bytes, sha256_file
+from engine.kinds import DEFAULT_KIND, Kind, kind_named
 
 REPORT_FILE = "report.html"
 ASSETS_DIR = "report"
@@ -110,13 +112,12 @@ def regenerate_report(job_dir: Path, out_dir: Path | None = None) -> Regenerated
 
 
 def build_report(job_dir: Path, link_to_job: str = "") -> dict[str, bytes]:
-    """{relative path: bytes} of report.html and its charts; the same folder gives the same bytes."""
+    """{relative path: bytes} of report.html and the charts of its kind's sections; the same
+    folder gives the same bytes."""
     facts = JobFacts.read(Path(job_dir))
-    return {
-        DRIFT_CHART: drift_chart_png(facts),
-        LOSS_CHART: loss_chart_png(facts),
-        REPORT_FILE: render_html(facts, link_to_job).encode("utf-8"),
-    }
+    files = {rel: chart(facts) for name in facts.kind.report for rel, chart in SECTIONS[name][1].items()}
+    files[REPORT_FILE] = render_html(facts, link_to_job).encode("utf-8")
+    return files
 
 
 # ---------------------------------------------------------------------------- reading the job
@@ -177,6 +178,12 @@ class JobFacts:
     def subject(self) -> str:
         start = self.first("job_started") or {}
         return str((self.drift_report or {}).get("subject") or start.get("subject") or self.job_dir.parent.name)
+
+    @property
+    def kind(self) -> Kind:
+        """The job's kind, from its job_started line (older jobs have none: replicate)."""
+        start = self.first("job_started") or {}
+        return kind_named(str(start.get("kind") or DEFAULT_KIND))
 
     @property
     def demo(self) -> bool:
@@ -454,12 +461,13 @@ def render_html(facts: JobFacts, link_to_job: str = "") -> str:
     def job_src(rel: str) -> str:
         return _attr(link_to_job + quote(rel))
 
+    title = facts.kind.title or f"{facts.kind.name} report"
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
-        f"<title>Identity replication report: {_text(facts.subject)} / {_text(facts.job_id)}</title>",
+        f"<title>{_text(title)}: {_text(facts.subject)} / {_text(facts.job_id)}</title>",
         f"<style>{CSS}</style></head><body>",
-        f"<h1>Identity replication report: {_text(facts.subject)}</h1>",
+        f"<h1>{_text(title)}: {_text(facts.subject)}</h1>",
         f'<p class="muted">job <code>{_text(facts.job_id)}</code>; made from the job folder alone '
         f"(<code>python -m engine report &lt;job folder&gt;</code> rebuilds it byte for byte)</p>",
     ]
@@ -469,15 +477,8 @@ def render_html(facts: JobFacts, link_to_job: str = "") -> str:
     fallback = _face_models(facts).get("fallback")
     if fallback:
         parts.append(f'<p class="demo" id="face-pack-fallback">Face pack: {_text(fallback)}.</p>')
-    parts += _summary(facts)
-    parts += _timeline(facts, job_src)
-    parts += _seeds(facts, job_src)
-    parts += _drift(facts)
-    parts += _renders(facts, job_src)
-    parts += _second_model(facts)
-    parts += _training(facts)
-    parts += _settings(facts)
-    parts += _audit(facts)
+    for name in facts.kind.report:
+        parts += SECTIONS[name][0](facts, job_src)
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"
 
@@ -805,3 +806,18 @@ def _text(value: Any) -> str:
 
 def _attr(value: Any) -> str:
     return html.escape("" if value is None else str(value), quote=True)
+
+
+# The report's sections by name (a kind lists those it shows, in order: engine.kinds.Kind.report):
+# name -> (builder(facts, job_src) -> HTML lines, {chart file: chart builder(facts) -> PNG} it shows).
+SECTIONS: dict[str, tuple[Callable[[JobFacts, Callable[[str], str]], list[str]], dict[str, Callable[[JobFacts], bytes]]]] = {
+    "summary": (lambda facts, job_src: _summary(facts), {}),
+    "timeline": (_timeline, {}),
+    "seeds": (_seeds, {}),
+    "drift": (lambda facts, job_src: _drift(facts), {DRIFT_CHART: drift_chart_png}),
+    "renders": (_renders, {}),
+    "second_model": (lambda facts, job_src: _second_model(facts), {}),
+    "training": (lambda facts, job_src: _training(facts), {LOSS_CHART: loss_chart_png}),
+    "settings": (lambda facts, job_src: _settings(facts), {}),
+    "audit": (lambda facts, job_src: _audit(facts), {}),
+}

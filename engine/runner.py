@@ -45,7 +45,8 @@ from engine.ledger import Ledger
 from engine.lifecycle import JobOutcome, LedgerOutcome, StageStatus
 from engine.report import write_report
 from engine.schema import to_plain
-from engine.stages import STAGE_NAMES, STAGES
+from engine.kinds import Kind, all_stage_names, kind_named
+from engine.stages import stage_module
 from engine.trust import append_journal, head_statement, sign_head
 from engine.version import engine_version
 
@@ -135,7 +136,7 @@ class Engine:
                 origin: Path | str | None = None) -> JobResult:
         """Run (or resume) the job in folder `source`; results go under `outbox`.
 
-        until      the last stage to run (a name from STAGE_NAMES); the job then stays in the work area.
+        until      the last stage to run (one of the job's kind's stages); the job then stays in the work area.
         job_id     resume or create this job; by default the unfinished job of the same source
                    folder is resumed, or a new id is made. An id already published (in the outbox
                    or in failed/: a run killed after its publishing rename) is returned as it is.
@@ -154,12 +155,12 @@ class Engine:
         self._origin = utf8_safe(str(origin)) if origin is not None else None
         self._apply_cpu_threads()
         failed_root = Path(failed_dir).resolve() if failed_dir else outbox.parent / "failed"
-        if until is not None and until not in STAGE_NAMES:
-            raise ValueError(f"unknown stage {until!r}; stages are {', '.join(STAGE_NAMES)}")
-        if self.until is not None and STAGE_NAMES.index(until or STAGE_NAMES[-1]) > STAGE_NAMES.index(self.until):
+        if until is not None and until not in all_stage_names():
+            raise ValueError(f"unknown stage {until!r}; stages are {', '.join(all_stage_names())}")
+        if self.until is not None and until != self.until:
             from engine.inventory import require_models
 
-            require_models(self.settings, demo=self.demo, until=until)  # models this engine did not check at start
+            require_models(self.settings, demo=self.demo, until=until)  # models this engine may not have checked at start
         fence = fence or NoFence()
         job_id = job_id or find_unfinished_job(outbox, source) or new_job_id()
         with guarded_writes(fence.check):
@@ -210,20 +211,23 @@ class Engine:
                 refused = JobError("invalid_job", f"{JOB_FILE} is not a regular file (a named pipe, socket or device)") if JOB_FILE in copied.left_out else error
                 return self._fail(refused, source, subject, job_id, job_dir, failed_root, audit, ledger, fence, bound)
             subject = job.subject
-            if ledger.subject != subject:
-                ledger.subject = subject
+            kind = kind_named(job.kind)
+            if (ledger.subject, ledger.kind) != (subject, kind.name):
+                ledger.subject, ledger.kind = subject, kind.name
                 ledger.save()
             bound = bound.bind(subject=subject)
             ctx = StageContext(job=job, job_id=job_id, job_dir=job_dir, settings=self.settings, resources=self.resources, audit=audit, demo=self.demo,
                                log=bound, observer=self.observer, stop_requested=self.stop_requested, fence=fence)
             used = input_hashes(job)
             audit.event(
-                "job_resumed" if resumed else "job_started", subject=subject, **start, spec=to_plain(job.spec), settings=self.settings.to_plain(),
+                "job_resumed" if resumed else "job_started", subject=subject, kind=kind.name, **start, spec=to_plain(job.spec), settings=self.settings.to_plain(),
                 models=self._model_facts(), device=device_facts(), completed_stages=[r.name for r in ledger.stages if r.status == StageStatus.COMPLETE],
             )
             bound.info("job_resumed" if resumed else "job_started", **self._source_facts(source))
-            self._run_stages(ctx, ledger, used, until)
-            if until is not None and until != STAGE_NAMES[-1]:
+            if until is not None and until not in kind.stages:
+                raise ConfigError("unknown_stage", f"--until {until}: a {kind.name} job has no such stage; its stages are {', '.join(kind.stages)}")
+            self._run_stages(ctx, kind, ledger, used, until)
+            if until is not None and until != kind.stages[-1]:
                 audit.event("job_paused", until=until)
                 return JobResult(job_id, subject, JobOutcome.PARTIAL, job_dir)
             return self._finish(ctx, ledger, outbox)
@@ -321,11 +325,20 @@ class Engine:
             "background": {"path": str(remover_path), "sha256": sha256_file(remover_path)} if remover_path.is_file() else {"path": str(remover_path), "staged": False},
         }
 
-    def _run_stages(self, ctx: StageContext, ledger: Ledger, inputs: dict[str, str], until: str | None) -> None:
-        """`inputs`: the hashes of the files the job uses (job.toml and its photos): a note
-        beside them can change without re-doing anything."""
+    def _run_stages(self, ctx: StageContext, kind: Kind, ledger: Ledger, inputs: dict[str, str], until: str | None) -> None:
+        """Run `kind`'s stages in order, skipping those the ledger holds complete with the same
+        fingerprint. `inputs`: the hashes of the files the job uses (job.toml and its photos):
+        a note beside them can change without re-doing anything."""
+        foreign = [record.name for record in ledger.stages if record.name not in kind.stages]
+        if foreign:  # job.toml's kind changed since the last run: what the other kind made goes
+            for name in foreign:
+                for owned in stage_module(name).OUTPUTS + getattr(stage_module(name), "SCRATCH", ()):
+                    remove_tree(ctx.path(owned))
+            ledger.stages = [record for record in ledger.stages if record.name in kind.stages]
+            ledger.save()
+            ctx.audit.event("stages_dropped", stages=foreign, reason=f"not stages of this job's kind {kind.name!r}")
         previous = {"inputs": inputs}
-        for stage in STAGES:
+        for stage in map(stage_module, kind.stages):
             ctx.check_stop(f"before {stage.NAME}")
             fingerprint = sha256_bytes(canonical_json({"stage": stage.NAME, "version": stage.VERSION, "config": stage.fingerprint(ctx), "previous": previous}).encode())
             record = ledger.record(stage.NAME)
@@ -375,7 +388,8 @@ class Engine:
         rename leaves a complete job in the work area, which the next run publishes."""
         job = ctx.job
         write_report(ctx.job_dir, originals=zip(job.spec.subject.photos, job.photos))  # before the manifest, which lists it
-        manifest_sha256 = write_manifest(ctx.job_dir, ledger.job_id, ledger.inputs, ledger.models(), self.demo, self.resources.trust_facts())
+        manifest_sha256 = write_manifest(ctx.job_dir, ledger.job_id, ledger.inputs, ledger.models(), self.demo, self.resources.trust_facts(),
+                                         kind=ctx.job.kind)
         ctx.audit.event("job_finished", manifest_sha256=manifest_sha256, demo=self.demo)
         statement = head_statement(ctx.job_dir, where="outbox", path=f"{job.subject}/{ledger.job_id}", job_id=ledger.job_id, subject=job.subject)
         signed = sign_head(ctx.job_dir, statement, self.resources.keys())  # the last file: it vouches for the audit head and the manifest

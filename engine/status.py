@@ -22,9 +22,9 @@ from typing import Any, TextIO
 
 import structlog
 
-from engine.jobfolder import AUDIT_FILE, ERROR_FILE, LEDGER_FILE, WORK_DIR, find_published, is_hidden_name
-from engine.layout import DRIFT_REPORT_JSON
-from engine.stages import STAGE_NAMES
+from engine.jobfolder import AUDIT_FILE, ERROR_FILE, LEDGER_FILE, MANIFEST_FILE, WORK_DIR, find_published, is_hidden_name
+from engine.kinds import DEFAULT_KIND, all_stage_names, known_kinds, kind_named
+from engine.layout import DRIFT_REPORT_JSON, RENDERS_DIR, VERIFY_DIR
 
 REPORT_JSON = DRIFT_REPORT_JSON  # engine.layout owns the name
 _TAIL_BYTES = 64 * 1024
@@ -42,6 +42,8 @@ class Running:
     detail: str  # e.g. "phase MID since step 12 (max 1200)"
     last_event: str
     last_event_ts: str | None
+    kind: str = DEFAULT_KIND
+    stages_total: int = 0  # of the job's kind
 
 
 @dataclass
@@ -58,6 +60,7 @@ class Result:
     disagreements: int | None = None
     error: str | None = None
     path: str = ""
+    kind: str = DEFAULT_KIND
 
 
 @dataclass
@@ -86,7 +89,8 @@ def outbox_status(outbox: Path, *, inbox: Path | None = None, failed: Path | Non
         running = _running(ledger_path)
         if running is not None:
             status.running.append(running)
-    results = [_finished(path.parent) for path in (outbox.glob(f"*/*/{REPORT_JSON}") if outbox.is_dir() else [])]
+    results = [_finished(path.parent) for path in (outbox.glob(f"*/*/{MANIFEST_FILE}") if outbox.is_dir() else [])
+               if not is_hidden_name(path.parent.parent.name)]  # not the work area's: a job there is not published yet
     results += [_failed(path.parent) for path in (failed.glob(f"*/*/{ERROR_FILE}") if failed.is_dir() else [])]
     results.sort(key=lambda r: (r.finished_ts or "", r.job_id), reverse=True)
     status.results = results[:last]
@@ -100,14 +104,16 @@ def _running(ledger_path: Path) -> Running | None:
     stages = ledger.get("stages", [])
     done = [s["name"] for s in stages if s.get("status") == "complete"]
     in_flight = next((s["name"] for s in stages if s.get("status") == "running"), None)
-    stage = in_flight or next((name for name in STAGE_NAMES if name not in done), None)
+    kind = ledger.get("kind") or DEFAULT_KIND  # older ledgers have none: they are replicate jobs
+    names = kind_named(kind).stages if kind in known_kinds() else all_stage_names()
+    stage = in_flight or next((name for name in names if name not in done), None)
     lines = _audit_tail(ledger_path.parent / AUDIT_FILE)
     last = lines[-1] if lines else {}
     state = {"job_interrupted": "interrupted", "job_paused": "paused", "job_stopped": "stopped", "job_held": "held"}.get(last.get("event", ""), "running")
     return Running(subject=ledger.get("subject") or "?", job_id=ledger.get("job_id", ledger_path.parent.name),
                    stage=stage, stages_done=len(done), state=state,
                    detail=f"{last.get('code')}: {last.get('message')}" if state == "held" else _stage_detail(stage, lines, ledger_path.parent),
-                   last_event=last.get("event", "—"), last_event_ts=last.get("ts"))
+                   last_event=last.get("event", "—"), last_event_ts=last.get("ts"), kind=kind, stages_total=len(names))
 
 
 def _stage_detail(stage: str | None, lines: list[dict[str, Any]], job_dir: Path) -> str:
@@ -122,15 +128,17 @@ def _stage_detail(stage: str | None, lines: list[dict[str, Any]], job_dir: Path)
             return f"training: resumed at step {phase.get('step')}"
         return f"training: phase {phase.get('phase')} since step {phase.get('step')}"
     if stage == "verify":
-        rendered = len(list((job_dir / "verify").glob("*.png")))
+        rendered = len(list((job_dir / VERIFY_DIR).glob("*.png")))
         return f"seed discovery: {rendered} candidate renders written"
     if stage == "render":
-        rendered = len(list((job_dir / "renders").glob("*.png")))
+        rendered = len(list((job_dir / RENDERS_DIR).glob("*.png")))
         return f"rendering: {rendered} images written"
     return ""
 
 
 def _finished(job_dir: Path) -> Result:
+    """A published job (its manifest is there); the lock state from its drift report, when its kind writes one."""
+    kind = (_read_json(job_dir / MANIFEST_FILE) or {}).get("kind") or DEFAULT_KIND
     report = _read_json(job_dir / REPORT_JSON) or {}
     selection = report.get("seed_selection") or {}
     second = report.get("identity2") or {}
@@ -139,7 +147,7 @@ def _finished(job_dir: Path) -> Result:
         subject=job_dir.parent.name, job_id=job_dir.name, outcome="finished", finished_ts=_last_ts(job_dir / AUDIT_FILE),
         lock=selection.get("status"), best_seed=selection.get("best_seed"), best_drift=selection.get("best_drift"),
         scored=sum(1 for r in rows if r.get("drift") is not None), faces_not_found=int(report.get("faces_not_found", 0)),
-        disagreements=second.get("disagreements") if second.get("measured") else None, path=str(job_dir),
+        disagreements=second.get("disagreements") if second.get("measured") else None, path=str(job_dir), kind=kind,
     )
 
 
@@ -193,7 +201,8 @@ def format_status(status: Status, now: dt.datetime | None = None) -> str:
     out.append("")
     out.append(f"in progress: {len(status.running) or 'none'}")
     for job in status.running:
-        out.append(f"  {job.subject}  {job.job_id}  {job.state}  stage {stage_position(job)}")
+        kind = f"  {job.kind}" if job.kind != DEFAULT_KIND else ""  # the default kind goes without saying
+        out.append(f"  {job.subject}  {job.job_id}{kind}  {job.state}  stage {stage_position(job)}")
         if job.detail:
             out.append(f"      {job.detail}")
         out.append(f"      last event {job.last_event} {_ago(job.last_event_ts, now)}")
@@ -210,6 +219,9 @@ def format_results(results: list[Result]) -> list[str]:
         if result.outcome == "failed":
             out.append(f"  {when}  {result.subject}  {result.job_id}  FAILED  {result.error}")
             continue
+        if result.kind != DEFAULT_KIND and not result.lock:  # a kind without seed discovery: nothing locked to show
+            out.append(f"  {when}  {result.subject}  {result.job_id}  {result.kind}  FINISHED")
+            continue
         drift = "—" if result.best_drift is None else f"{result.best_drift:.4f}"
         second = "" if result.disagreements is None else f"  models disagree on {result.disagreements}"
         out.append(f"  {when}  {result.subject}  {result.job_id}  {(result.lock or '?').upper()}  seed {result.best_seed} drift {drift}  "
@@ -219,7 +231,7 @@ def format_results(results: list[Result]) -> list[str]:
 
 def stage_position(job: Running) -> str:
     """e.g. "train (3/5)", or what a job past its last stage is doing."""
-    return f"{job.stage} ({job.stages_done + 1}/{len(STAGE_NAMES)})" if job.stage else "all stages done, publishing"
+    return f"{job.stage} ({job.stages_done + 1}/{job.stages_total})" if job.stage else "all stages done, publishing"
 
 
 def _ago(ts: str | None, now: dt.datetime) -> str:

@@ -1,26 +1,34 @@
-"""The stages, in order. Each is one module with NAME, VERSION, OUTPUTS (paths it owns in
-the job folder), `fingerprint(ctx)` (everything its result depends on, besides the previous
-stage) and `run(ctx)`. VERSION changes when a stage's code changes its results. SCRATCH
-(optional) lists working files, such as training checkpoints, kept only so that an
-interrupted run of the same stage can resume; they are removed once the stage completes.
+"""The stages. Each is one module with NAME, VERSION, OUTPUTS (paths it owns in the job folder,
+names from engine.layout), `models(ctx)` (the model roles it uses: engine.context.Resources
+hashes them, and the runner puts them both in the stage's fingerprint and in `models_used`),
+`fingerprint(ctx)` (everything else its result depends on, besides the previous stage) and
+`run(ctx)`. VERSION changes when a stage's code changes its results. SCRATCH (optional) lists
+working files, such as training checkpoints, kept only so that an interrupted run of the same
+stage can resume; they are removed once the stage completes.
 
-STAGE_NAMES is plain data, so that readers of job folders (`status`, the daemon's metrics)
-need not import the stages, which pull in torch and diffusers; STAGES imports them on first use."""
+Which stages a job runs, in which order, is its kind's (engine.kinds). A stage reads what an
+earlier one wrote through engine.layout, never by importing that stage.
+
+STAGE_MODULES is plain data, so that readers of job folders (`status`, the daemon's metrics)
+need not import the stages, which pull in torch and diffusers; `stage_module` imports one on use."""
 
 from __future__ import annotations
 
+import importlib
 from types import ModuleType
 
-STAGE_NAMES = ("prepare", "embed", "train", "verify", "render")
+STAGE_MODULES = {
+    "prepare": "engine.stages.prepare",
+    "embed": "engine.stages.embed",
+    "train": "engine.stages.train",
+    "verify": "engine.stages.verify",
+    "render": "engine.stages.render",
+}
 
 
-def __getattr__(name: str) -> tuple[ModuleType, ...]:
-    if name == "STAGES":
-        from engine.stages import embed, prepare, render, train, verify
-
-        stages = (prepare, embed, train, verify, render)
-        if tuple(stage.NAME for stage in stages) != STAGE_NAMES:
-            raise RuntimeError(f"STAGE_NAMES {STAGE_NAMES} disagrees with the stage modules")
-        globals()["STAGES"] = stages
-        return stages
-    raise AttributeError(f"module 'engine.stages' has no attribute {name!r}")
+def stage_module(name: str) -> ModuleType:
+    """The module of stage `name` (imported on first use)."""
+    module = importlib.import_module(STAGE_MODULES[name])
+    if module.NAME != name:
+        raise RuntimeError(f"stage module {module.__name__} calls itself {module.NAME!r}, not {name!r}")
+    return module

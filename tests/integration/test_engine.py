@@ -16,8 +16,10 @@ from engine.audit import verify_audit
 from engine.fsutil import tree_listing
 from engine.jobfolder import INPUTS_DIR, work_dir
 from engine.runner import Engine, run_job
-from engine.stages import STAGE_NAMES
+from engine.kinds.replicate import REPLICATE
 from tests.conftest import FAST_JOB, folder_snapshot, make_job
+
+STAGE_NAMES = REPLICATE.stages  # a replicate job's stages, in order
 
 
 def test_example_job_prepares_and_embeds(tmp_path, engine):
@@ -45,8 +47,19 @@ def test_finished_job_is_published_with_manifest_and_audit(tmp_path, engine, ast
     out = result.output_dir
     assert out == tmp_path / "outbox" / "alice" / result.job_id
     assert not work_dir(tmp_path / "outbox", result.job_id).exists()
+    # Every file a replicate job publishes (the same list before job kinds came: issue 14).
+    files = sorted(p.relative_to(out).as_posix().replace(result.job_id, "<job-id>") for p in out.rglob("*") if p.is_file())
+    assert files == [
+        "audit.jsonl", "drift_report.csv", "drift_report.json", "embedding/embed.json", "embedding/embeddings.npy", "embedding/reference.npy",
+        "inputs/a.png", "inputs/job.toml", "lora/alice_<job-id>.safetensors", "lora/pytorch_lora_weights.safetensors", "manifest.json",
+        "prepared/0-a_base.png", "prepared/0-a_crop80.png", "prepared/0-a_rot+10.png", "prepared/0-a_rot-10.png", "prepared/prepare.json",
+        "renders/r0_0_anchor_drift_noface.png", "renders/r0_0_rescue_drift_noface.png", "renders/r0_0_scene_drift_noface.png",
+        "report.html", "report/drift.png", "report/loss.png", "report/original_0.png", "signature.json", "state.json",
+        "train/loss.csv", "train/train.json", "verify/control_seed_0_drift_noface.png", "verify/control_seed_1_drift_noface.png",
+        "verify/seed_0_drift_noface.png", "verify/seed_1_drift_noface.png", "verify/verify.json",
+    ]
     manifest = json.loads((out / "manifest.json").read_text())
-    assert set(manifest["inputs"]) == {"a.png", "job.toml"} and manifest["demo"] is True
+    assert set(manifest["inputs"]) == {"a.png", "job.toml"} and manifest["demo"] is True and manifest["kind"] == "replicate"
     assert any(name.startswith("faces/detector/") for name in manifest["models"])
     assert "prepared/0-a_base.png" in manifest["outputs"] and "lora/pytorch_lora_weights.safetensors" in manifest["outputs"]
     assert any(name.startswith("base/") for name in manifest["models"])
@@ -54,7 +67,7 @@ def test_finished_job_is_published_with_manifest_and_audit(tmp_path, engine, ast
     assert report.ok, report.problems
     events = [json.loads(line) for line in (out / "audit.jsonl").read_text().splitlines()]
     first = events[0]
-    assert first["event"] == "job_started"
+    assert first["event"] == "job_started" and first["kind"] == "replicate"
     assert set(first["versions"]) >= {"python", "torch", "diffusers", "peft", "insightface", "onnxruntime"}
     assert first["inputs"] == manifest["inputs"]
     assert first["models"]["faces"]["sha256"] and "device" in first and first["demo"] is True

@@ -17,8 +17,10 @@ import pytest
 from engine.audit import AUDIT_FILE, MANIFEST_FILE, verify_audit
 from engine.fsutil import hash_tree
 from engine.jobfolder import WORK_DIR, work_dir
-from engine.stages import STAGE_NAMES
+from engine.kinds.replicate import REPLICATE
 from tests.conftest import REPO, FAST_JOB, make_job
+
+STAGE_NAMES = REPLICATE.stages  # a replicate job's stages, in order
 
 
 # Files that differ between any two runs of one job: the audit log (timestamps, resume lines),

@@ -25,7 +25,7 @@ def _finished_job(folder: Path) -> Path:
     audit = AuditLog(folder / "audit.jsonl", "job-1")
     audit.event("job_started", inputs=inputs, note="first")
     audit.event("stage_finished", stage="prepare", drift=0.125, values=[1, 2.5, None])
-    digest = write_manifest(folder, "job-1", inputs, {}, demo=False, trust=UNSIGNED_FACTS)
+    digest = write_manifest(folder, "job-1", inputs, {}, demo=False, trust=UNSIGNED_FACTS, kind="replicate")
     audit.event("job_finished", manifest_sha256=digest)
     sign_head(folder, head_statement(folder, where="outbox", path=f"{folder.parent.name}/{folder.name}", job_id=folder.name,
                                      subject=folder.parent.name), None)

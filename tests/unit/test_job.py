@@ -271,3 +271,41 @@ def test_the_trigger_is_checked_against_the_denylist_and_is_what_verify_renders(
     assert verify_prompt(custom.spec) == "a photo of zqx woman, portrait, neutral background"  # not the default's "sks person"
     own = _load(make_job(tmp_path / "own", {"a.png": astronaut_rgb}, '[verify]\nprompt = "studio photo of {trigger}"\n[[render]]\nprompt = "x"\n'))
     assert verify_prompt(own.spec) == "studio photo of sks person"
+
+
+def test_kind_is_replicate_by_default_and_an_unknown_kind_is_refused_listing_the_known(tmp_path, astronaut_rgb):
+    folder = make_job(tmp_path / "alice", {"a.png": astronaut_rgb}, '[[render]]\nprompt = "x"\n')
+    assert _load(folder).kind == "replicate"
+    for value in ('"retouche"', "3", '["replicate"]'):
+        (folder / "job.toml").write_text(f'kind = {value}\n[[render]]\nprompt = "x"\n')
+        with pytest.raises(JobError) as excinfo:
+            _load(folder)
+        assert _problems(excinfo)["job.toml: kind"].endswith("is not a job kind; known kinds: replicate")
+
+
+def test_a_section_of_another_kind_is_refused_naming_the_key_and_its_kind(tmp_path, astronaut_rgb):
+    """The defaults of another kind's sections (config.toml's [job.train]) do not reach a job of
+    this kind; a section the job itself gives is refused, with the kind it belongs to."""
+    from dataclasses import dataclass
+
+    from engine.job import KindSpec
+    from engine.kinds import Kind, register_kind, unregister_kind
+
+    @dataclass(frozen=True, kw_only=True)
+    class PrepareOnly(KindSpec):
+        pass
+
+    register_kind(Kind(name="prepare_only", stages=("prepare",), spec=PrepareOnly))
+    try:
+        folder = make_job(tmp_path / "alice", {"a.png": astronaut_rgb}, 'kind = "prepare_only"\n[prepare]\nsize = 256\n')
+        job = _load(folder, defaults={"train": {"rank": 4}, "prepare": {"padding": 1.5}})
+        assert job.kind == "prepare_only" and job.spec.prepare.size == 256 and job.spec.prepare.padding == 1.5
+        (folder / "job.toml").write_text('kind = "prepare_only"\n[train]\nrank = 4\n[[render]]\nprompt = "x"\n[colour]\nx = 1\n')
+        with pytest.raises(JobError) as excinfo:
+            _load(folder)
+        problems = _problems(excinfo)
+        assert problems["job.toml: train"] == "belongs to kind 'replicate', not to this job's kind 'prepare_only' (its sections: subject, prepare)"
+        assert problems["job.toml: render"].startswith("belongs to kind 'replicate'")
+        assert problems["job.toml: colour"].startswith("unknown key")
+    finally:
+        unregister_kind("prepare_only")

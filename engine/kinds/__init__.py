@@ -1,0 +1,132 @@
+"""Job kinds: which pipeline a job asks for (job.toml's top-level `kind`; "replicate" when absent).
+
+A kind is data (`Kind`): its name, its stages in order (names from engine.stages), the frozen
+dataclass its job.toml is read into (`kind`, `subject`, `prepare` and the kind's own sections),
+the report's sections, and its own checks (the prompts the denylist screens, cross-checks between
+keys). The runner, ledger, resume, audit log, outbox, failed/, report and status work the same for
+every kind, from this data alone: a new kind is one module in this package calling `register_kind`
+(imported at the bottom of this file), plus the stages of its own in engine/stages.
+
+This module owns the registry of kinds and what a job folder's kind is. Plain data: importing it
+pulls in no stage (readers of job folders, `status` and the daemon's metrics, use it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from engine.errors import Problem
+
+DEFAULT_KIND = "replicate"
+# The sections every kind's spec has: who the subject is, and how the photos are prepared.
+COMMON_SECTIONS = ("subject", "prepare")
+
+
+def _no_prompts(spec: Any) -> list[tuple[str, str]]:
+    return []
+
+
+def _no_checks(spec: Any, where: str) -> list[Problem]:
+    return []
+
+
+@dataclass(frozen=True)
+class Kind:
+    """One pipeline. `spec`: a frozen dataclass with fields `kind`, `subject`, `prepare` and the
+    kind's own sections (engine.schema rules in their metadata, as engine.job's); `stages`: stage
+    names (engine.stages.stage_module); `report`: the report's sections, in order (names of
+    engine.report.SECTIONS), with the charts they show; `prompts(spec)`: (key, text) of every text
+    that reaches a pipeline as a prompt, for the denylist; `checks(spec, where)`: problems between
+    keys that no single key's rule can see."""
+
+    name: str
+    stages: tuple[str, ...]
+    spec: type
+    report: tuple[str, ...] = ("timeline", "settings", "audit")
+    prompts: Callable[[Any], list[tuple[str, str]]] = _no_prompts
+    checks: Callable[[Any, str], list[Problem]] = _no_checks
+    summary: str = ""  # one line for `--help` and the README
+    title: str = ""  # the report's heading ("<name> report" when empty)
+
+    def __post_init__(self) -> None:
+        names = {f.name for f in dataclasses.fields(self.spec)}
+        missing = {"kind", *COMMON_SECTIONS} - names
+        if missing:
+            raise TypeError(f"kind {self.name!r}: its spec {self.spec.__name__} lacks {', '.join(sorted(missing))}")
+        if not self.stages:
+            raise TypeError(f"kind {self.name!r} has no stages")
+        if len(set(self.stages)) != len(self.stages):
+            raise TypeError(f"kind {self.name!r} lists a stage twice")
+
+    @property
+    def sections(self) -> tuple[str, ...]:
+        """The top-level job.toml keys of this kind (besides `kind`)."""
+        return tuple(f.name for f in dataclasses.fields(self.spec) if f.name != "kind")
+
+    def stages_through(self, until: str | None) -> tuple[str, ...]:
+        """The stages up to and including `until` (all of them for None)."""
+        return self.stages if until is None else self.stages[: self.stages.index(until) + 1]
+
+
+_KINDS: dict[str, Kind] = {}
+
+
+def register_kind(kind: Kind) -> Kind:
+    """Add a kind (a module of this package at import; a test for a kind of its own). A name
+    already taken by another kind is refused: a job's kind must mean one pipeline."""
+    from engine.stages import STAGE_MODULES
+
+    unknown = [name for name in kind.stages if name not in STAGE_MODULES]
+    if unknown:
+        raise ValueError(f"kind {kind.name!r}: unknown stage(s) {', '.join(unknown)}; stages are {', '.join(STAGE_MODULES)}")
+    if _KINDS.get(kind.name, kind) is not kind:
+        raise ValueError(f"a kind named {kind.name!r} is already registered")
+    _KINDS[kind.name] = kind
+    return kind
+
+
+def unregister_kind(name: str) -> None:
+    """Remove a kind (tests that registered one of their own)."""
+    if name == DEFAULT_KIND:
+        raise ValueError(f"the default kind {DEFAULT_KIND!r} cannot be removed")
+    _KINDS.pop(name, None)
+
+
+def known_kinds() -> tuple[str, ...]:
+    return tuple(sorted(_KINDS))
+
+
+def kind_named(name: str) -> Kind:
+    """The kind called `name`; KeyError (with the known kinds) for any other."""
+    try:
+        return _KINDS[name]
+    except KeyError:
+        raise KeyError(f"{name!r} is not a job kind; known kinds: {', '.join(known_kinds())}") from None
+
+
+def all_kinds() -> tuple[Kind, ...]:
+    return tuple(_KINDS[name] for name in known_kinds())
+
+
+def sections_of_other_kinds(kind: Kind) -> dict[str, tuple[str, ...]]:
+    """Section -> the kinds it belongs to, for the sections `kind` does not have."""
+    owners: dict[str, list[str]] = {}
+    for other in all_kinds():
+        for section in other.sections:
+            if section not in kind.sections:
+                owners.setdefault(section, []).append(other.name)
+    return {section: tuple(names) for section, names in owners.items()}
+
+
+def all_stage_names() -> tuple[str, ...]:
+    """Every stage some kind runs, in the order the kinds first list them (for `--until`)."""
+    names: list[str] = []
+    for kind in [_KINDS[DEFAULT_KIND], *all_kinds()]:
+        names += [name for name in kind.stages if name not in names]
+    return tuple(names)
+
+
+from engine.kinds import replicate  # noqa: E402,F401 - registers the built-in kinds
