@@ -34,9 +34,13 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from engine import JobOutcome
 from engine.status import StageProgress
 
-OUTCOMES = ("finished", "failed", "held", "interrupted", "lost", "crashed")
+# The daemon's own outcome: a run that ended without a clean stop (a bug, a kill); counted towards max_crashes.
+CRASHED = "crashed"
+# Every engine.JobOutcome a daemon's run can end in (not partial: it never stops at --until), and CRASHED.
+OUTCOMES = tuple(o.value for o in JobOutcome if o != JobOutcome.PARTIAL) + (CRASHED,)
 METRICS_THREADS = 4  # requests answered at once; more wait in the listen backlog
 METRICS_CONNECTION_TIMEOUT_SECONDS = 5.0  # a connection that sends no request for this long is closed
 # Identity drift = 1 - cosine similarity, 0 (same face) .. 2; the lock threshold is 0.18.
@@ -130,9 +134,9 @@ class DaemonMetrics:
     def job_ended(self, outcome: str, seconds: float, code: str | None = None) -> None:
         self.jobs.labels(outcome).inc()
         self.job_duration.labels(outcome).observe(seconds)
-        if outcome == "failed":
+        if outcome == JobOutcome.FAILED:
             self.job_failures.labels(code or "unknown").inc()
-        elif outcome == "held":
+        elif outcome == JobOutcome.HELD:
             self.job_holds.labels(code or "unknown").inc()
         self._clear_job_gauges()
 

@@ -55,16 +55,17 @@ from daemon.claim import (
     take_over,
 )
 from daemon.clock import ShareClock
-from daemon.metrics import DaemonMetrics
+from daemon.metrics import CRASHED, DaemonMetrics
 from daemon.presence import Presence, register
 from daemon.settings import DaemonPaths, DaemonSettings, default_daemon_id, load_daemon_settings  # noqa: F401 - re-exported for callers and tests
 from daemon.watch import InboxWatcher, Readiness, Waker
-from engine import ConfigError, Engine, JobError, JobResult, OwnershipLost, Settings
+from engine import ConfigError, Engine, JobError, JobOutcome, JobResult, OwnershipLost, Settings
 from engine.jobfolder import (INPUTS_DIR, all_stage_names, atomic_write_json, set_umask, classify_os_error, describe_os_error, find_published,
                               inputs_changed, new_job_id, safe_subject_name, utf8_safe)
 
 # Log a training step every this many steps (and every phase change); metrics see every step.
 TRAIN_LOG_EVERY = 10
+PUBLISHED = (JobOutcome.FINISHED, JobOutcome.FAILED)  # outcomes after which the job is in the outbox or failed/
 HOLD_RETRY_MAX_SECONDS = 3600.0
 
 
@@ -377,7 +378,7 @@ class Service:
             self.log.error("refusal_not_published", folder=utf8_safe(source.name), code="mount_point", error=describe_os_error(exc))
             self._probe_folders()
             return
-        self.metrics.jobs.labels("failed").inc()
+        self.metrics.jobs.labels(JobOutcome.FAILED).inc()
         self.metrics.job_failures.labels("mount_point").inc()
         self.log.error("job_refused", job_id=job_id, folder=utf8_safe(source.name), code="mount_point", failed=str(target))
 
@@ -386,21 +387,21 @@ class Service:
     def _run_job(self, job: ClaimedJob, fence: Any) -> None:
         assert self.engine is not None and job.claim is not None
         started = time.monotonic()
-        outcome, code, error, output = "crashed", None, None, None
+        outcome, code, error, output = CRASHED, None, None, None
         log = self.log.bind(job_id=job.job_id)
         try:
             outcome, code, error, output = self._attempt(job, fence, log)
         except ConfigError as config_error:
             # The installation is at fault, not the job: keep it resumable and stop this daemon.
             log.error("installation_error", code=config_error.code, message=config_error.message)
-            outcome, self._exit_code = "interrupted", 2
+            outcome, self._exit_code = JobOutcome.INTERRUPTED, 2
             self.request_stop("installation_error")
         except OwnershipLost as lost:
             log.error("claim_lost_while_settling", at=lost.where)
-            outcome = "lost"
+            outcome = JobOutcome.LOST
         except OSError as exc:  # the daemon's own look at the job's folders failed: the disk or share, not the job
             code, error = self._hold_record(exc, "the job's folders could not be read")
-            outcome = "held"
+            outcome = JobOutcome.HELD
             log.error("job_folders_unreadable", code=code, error=describe_os_error(exc))
         except BaseException:  # noqa: BLE001 - a bug must not strand the job: it is released, counted as a crash
             log.exception("job_crashed")
@@ -411,7 +412,7 @@ class Service:
                 log.exception("claim_not_settled", outcome=outcome)
             seconds = time.monotonic() - started
             self.metrics.job_ended(outcome, seconds, code)
-            where = {"output": str(output)} if output is not None and outcome in ("finished", "failed") else {}
+            where = {"output": str(output)} if output is not None and outcome in PUBLISHED else {}
             log.info("job_ended", outcome=outcome, code=code, seconds=round(seconds, 3), folder=job.claim.folder, **where)
             self._current = None
             if not self._stopping.is_set() and self.engine is not None:
@@ -431,10 +432,10 @@ class Service:
             result = self.engine.run_job(job.folder, self.paths.outbox, job_id=job.job_id, failed_dir=self.paths.failed, fence=fence,
                                          refresh_inputs=False, origin=self.paths.inbox / job.claim.folder)
         code = result.error.get("code") if result.error else None
-        if result.outcome in ("finished", "failed"):
+        if result.outcome in PUBLISHED:
             held = self._check_claimed_folder(job, result.output_dir, fence, log)
             if held is not None:
-                return "held", held["code"], held, None
+                return JobOutcome.HELD, held["code"], held, None
         return result.outcome, code, result.error, result.output_dir
 
     def _give_up(self, job: ClaimedJob, fence: Any, log: Any) -> JobResult:
@@ -450,7 +451,7 @@ class Service:
                                                  origin=self.paths.inbox / job.claim.folder)
         except OSError as exc:
             _code, record = self._hold_record(exc, "too_many_crashes could not be published to failed/")
-            return JobResult(job.job_id, safe_subject_name(job.claim.folder), "held", job.folder, error=record)
+            return JobResult(job.job_id, safe_subject_name(job.claim.folder), JobOutcome.HELD, job.folder, error=record)
         log.error("job_given_up", code="too_many_crashes", crashes=job.claim.crashes, failed=str(result.output_dir))
         return result
 
@@ -500,14 +501,14 @@ class Service:
         Held: release it on hold for a later retry, and probe the folders. Interrupted or
         crashed: release it now. Lost: touch nothing (another daemon owns it)."""
         held = self.heartbeat.drop()
-        if held is None or outcome == "lost":
-            if outcome != "lost":
+        if held is None or outcome == JobOutcome.LOST:
+            if outcome != JobOutcome.LOST:
                 log.warning("claim_lost_before_settling", outcome=outcome)
             return
         try:
-            if outcome in ("finished", "failed"):
+            if outcome in PUBLISHED:
                 discard(held.container, self.paths.work)
-            elif outcome == "held":
+            elif outcome == JobOutcome.HELD:
                 assert held.claim is not None
                 retry = min(self.config.hold_retry_seconds * 2 ** held.claim.holds, HOLD_RETRY_MAX_SECONDS)
                 reason = f"{(error or {}).get('code', 'io_error')}: {(error or {}).get('message', '')}"[:500]
@@ -515,7 +516,7 @@ class Service:
                     log.warning("claim_lost_before_release")
                 log.error("job_held", reason=reason, retry_in_seconds=retry, holds=held.claim.holds + 1)
                 self._probe_folders()
-            elif not release(held, crashed=outcome == "crashed"):
+            elif not release(held, crashed=outcome == CRASHED):
                 log.warning("claim_lost_before_release")
         except OSError as exc:
             log.error("claim_not_settled", outcome=outcome, error=describe_os_error(exc))

@@ -26,6 +26,7 @@ from engine.config import Settings
 from engine.errors import ConfigError
 from engine.example import write_example_subject
 from engine.kinds import all_stage_names
+from engine.lifecycle import JobOutcome
 from engine.status import ProgressObserver
 
 
@@ -130,13 +131,13 @@ def _run(args: argparse.Namespace) -> int:
     except ConfigError as error:
         print(f"refused to start: {error}", file=sys.stderr)
         return 2
-    if result.outcome == "failed":
+    if result.outcome == JobOutcome.FAILED:
         print(f"job {result.job_id} failed: {result.error['code']}: {result.error['message']}", file=sys.stderr)
         for problem in result.error.get("problems", []):
             print(f"  - {problem['where']}: {problem['reason']}", file=sys.stderr)
         print(f"inputs and error.json are in {result.output_dir}", file=sys.stderr)
         return 1
-    if result.outcome == "held":
+    if result.outcome == JobOutcome.HELD:
         print(f"job {result.job_id} held: {result.error['code']}: {result.error['message']}", file=sys.stderr)
         return 3
     print(json.dumps({"job_id": result.job_id, "subject": result.subject, "outcome": result.outcome, "output": str(result.output_dir)}))
@@ -237,10 +238,11 @@ def _keys_init(out: Path, lab: str) -> int:
 
 
 def _report(job_out: Path, out: Path | None) -> int:
+    from engine.jobfolder import AUDIT_FILE
     from engine.report import REPORT_FILE, regenerate_report
 
-    if not (job_out / "audit.jsonl").is_file():
-        print(f"{job_out}: not a job folder (no audit.jsonl)", file=sys.stderr)
+    if not (job_out / AUDIT_FILE).is_file():
+        print(f"{job_out}: not a job folder (no {AUDIT_FILE})", file=sys.stderr)
         return 2
     result = regenerate_report(job_out, out)
     if not result.ok:
