@@ -1,4 +1,5 @@
-"""The identity pipeline as a library: prepare -> embed -> train -> verify -> render.
+"""The identity pipeline as a library: job kinds (engine.kinds), each an ordered list of stages;
+the default kind, replicate, is prepare -> embed -> train -> verify -> render.
 
 Knows nothing of watched folders (that is `daemon/`). The public names are few on purpose;
 `engine.jobfolder` is the job-folder vocabulary (where a job is on disk, publishing a failure)
@@ -17,6 +18,10 @@ _PUBLIC = {
     "Engine": "engine.runner",
     "JobResult": "engine.runner",
     "JobSpec": "engine.job",
+    "KindSpec": "engine.job",
+    "Kind": "engine.kinds",
+    "register_kind": "engine.kinds",
+    "known_kinds": "engine.kinds",
     "Settings": "engine.config",
     "verify_audit": "engine.audit",
     "embed_faces": "engine.faces",

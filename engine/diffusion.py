@@ -1,5 +1,6 @@
 """What the verify and render stages share: rendering a batch of seeds, loading the job's
-LoRA into the shared pipeline (and taking it out again), scoring a render's identity."""
+LoRA into the shared pipeline (and taking it out again), naming and labelling a render.
+(Scoring a render's identity is engine.faces.score.)"""
 
 from __future__ import annotations
 
@@ -13,7 +14,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from engine.faces import FaceModels, drift
 
 IDENTITY_ADAPTER = "identity"
 
@@ -26,6 +26,10 @@ def identity_lora(pipe: Any, lora_dir: Path) -> Iterator["LoraSwitch"]:
     try:
         yield LoraSwitch(pipe)
     finally:
+        # Enabled again before it goes: `disable_lora` is a flag on the LoRA layers that outlives
+        # the adapter, and a block that ended with the LoRA off (a control render, a demo realism
+        # pass, an interruption) left every later adapter of the pipeline without effect.
+        pipe.enable_lora()
         pipe.delete_adapters(IDENTITY_ADAPTER)
 
 
@@ -52,6 +56,7 @@ def render(
     guidance: float,
     size: int,
     init_images: np.ndarray | None = None,
+    img2img: Any = None,
     strength: float = 0.5,
     on_step: Callable[[], None] | None = None,
 ) -> np.ndarray:
@@ -59,7 +64,8 @@ def render(
 
     Each seed has its own CPU torch.Generator, so a seed gives the same image on any device
     and in any batch (to within ~1 grey level on CPU, where kernels depend on batch size).
-    With `init_images` the call is img2img at `strength` on the same components. `on_step` is
+    With `init_images` the call is image-to-image at `strength`, through `img2img`: the pipeline
+    engine.resources made from `pipe` (the same components, LoRA included). `on_step` is
     called after every denoising step (the stage's stop check: what it raises ends the call, so
     a SIGTERM waits for one step, not for the whole image).
     """
@@ -82,34 +88,13 @@ def render(
     if init_images is None:
         result = pipe(height=size, width=size, **common)
     else:
-        image2image = img2img_pipeline(pipe)
+        if img2img is None:
+            raise ValueError("init_images needs the img2img pipeline of `pipe` (engine.resources.Resources.img2img)")
         images = torch.from_numpy(init_images.astype(np.float32) / 255.0).permute(0, 3, 1, 2)
         # img2img denoises int(steps x strength) steps: never let that be zero.
         common["num_inference_steps"] = max(steps, math.ceil(1.0 / strength))
-        result = image2image(image=images, strength=strength, **common)
+        result = img2img(image=images, strength=strength, **common)
     return np.clip(np.rint(np.asarray(result.images) * 255.0), 0, 255).astype(np.uint8)
-
-
-def img2img_pipeline(pipe: Any) -> Any:
-    """The image-to-image pipeline on the same components (no second copy of the weights)."""
-    cached = getattr(pipe, "_identity_img2img", None)
-    if cached is None:
-        from diffusers import AutoPipelineForImage2Image
-
-        cached = AutoPipelineForImage2Image.from_pipe(pipe)
-        cached.set_progress_bar_config(disable=True)
-        pipe._identity_img2img = cached
-    return cached
-
-
-def score(faces: FaceModels, rgb: np.ndarray, reference: np.ndarray) -> tuple[float | None, bool]:
-    """(drift to the reference, face found) of a render; the largest face is the subject's.
-    No face found gives (None, False): counted, never scored as 0 or 1."""
-    detected = faces.detect(rgb)
-    if not detected:
-        return None, False
-    face = max(detected, key=lambda f: f.area)
-    return round(drift(reference, faces.embed(rgb, face.keypoints)), 6), True
 
 
 def drift_label(value: float | None) -> str:

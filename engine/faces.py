@@ -236,6 +236,16 @@ def drift(reference: np.ndarray, other: np.ndarray) -> float:
     return float(1.0 - np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b)))
 
 
+def score(faces: FaceModels, rgb: np.ndarray, reference: np.ndarray) -> tuple[float | None, bool]:
+    """(drift to the reference, face found) of a render; the largest face is the subject's.
+    No face found gives (None, False): counted, never scored as 0 or 1."""
+    detected = faces.detect(rgb)
+    if not detected:
+        return None, False
+    face = max(detected, key=lambda f: f.area)
+    return round(drift(reference, faces.embed(rgb, face.keypoints)), 6), True
+
+
 def _bgr(rgb: np.ndarray) -> np.ndarray:
     """The same bytes as a reversed-channel copy, ~9x faster (bench/bench_faces.py)."""
     import cv2

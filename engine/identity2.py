@@ -32,6 +32,7 @@ import functools
 import importlib.metadata
 import importlib.util
 from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -83,16 +84,17 @@ def model_hashes(files: Identity2Files) -> dict[str, str]:
     }
 
 
-def fingerprint() -> dict[str, Any]:
-    """What the second model's numbers depend on (for the render stage's fingerprint)."""
+def settings() -> dict[str, Any]:
+    """What the second model's numbers depend on besides its files (the render stage's
+    fingerprint; the files' hashes come with its `identity2` model role, engine.resources)."""
     files, reason = locate()
     if files is None:
         return {"unavailable": reason}
-    return {"model": MODEL_NAME, "sha256": model_hashes(files), "tolerance": TOLERANCE, "strict_tolerance": STRICT_TOLERANCE}
+    return {"model": MODEL_NAME, "tolerance": TOLERANCE, "strict_tolerance": STRICT_TOLERANCE}
 
 
 class SecondIdentityModel:
-    """dlib's 5-point shape predictor + 128-D ResNet descriptor, loaded once per process."""
+    """dlib's 5-point shape predictor + 128-D ResNet descriptor (engine.resources keeps one per process)."""
 
     def __init__(self, files: Identity2Files) -> None:
         import dlib
@@ -115,12 +117,6 @@ class SecondIdentityModel:
         if not detected:
             return None
         return self.describe(rgb, max(detected, key=lambda f: f.area).box)
-
-
-@functools.lru_cache(maxsize=2)
-def load(files: Identity2Files) -> SecondIdentityModel:
-    """The loaded model for `files` (cached per process, like the face models)."""
-    return SecondIdentityModel(files)
 
 
 def distance(reference: np.ndarray, other: np.ndarray) -> float:
@@ -146,12 +142,13 @@ def models_disagree(drift: float | None, threshold: float, value: float | None) 
     return value <= STRICT_TOLERANCE
 
 
-def annotate(job_dir: Path, rows: list[dict[str, Any]], faces: FaceModels, threshold: float) -> tuple[dict[str, Any], dict[str, str]]:
+def annotate(job_dir: Path, rows: list[dict[str, Any]], faces: FaceModels, threshold: float,
+             load: Callable[[], SecondIdentityModel | None]) -> dict[str, Any]:
     """Add `identity2_distance`, `identity2_verdict` and `models_disagree` to every row of the
-    drift report (rows name their image in `file`, relative to `job_dir`).
-
-    Returns (what the report says about the second model, the model files used -> sha256;
-    empty when dlib was not needed or not available)."""
+    drift report (rows name their image in `file`, relative to `job_dir`); returns what the
+    report says about the second model. `load()` gives the model (the render stage's
+    `ctx.use("identity2")`, which records its files as used); it is called only when a render
+    holds a face, so a job whose renders hold none (the demo model) never loads dlib."""
     for row in rows:
         row.update(identity2_distance=None, identity2_verdict=None, models_disagree=None)
     info: dict[str, Any] = {
@@ -165,21 +162,23 @@ def annotate(job_dir: Path, rows: list[dict[str, Any]], faces: FaceModels, thres
     }
     files, reason = locate()
     if files is None:
-        return {**info, "available": False, "reason": reason}, {}
+        return {**info, "available": False, "reason": reason}
     info.update(available=True, versions=_versions(), sha256=model_hashes(files))
     wanted = [row for row in rows if row.get("face_found")]
     if not wanted:
-        return {**info, "measured": 0, "disagreements": 0, "note": "no face found in any render: nothing to measure"}, {}
-    model = load(files)
+        return {**info, "measured": 0, "disagreements": 0, "note": "no face found in any render: nothing to measure"}
+    model = load()
+    if model is None:
+        return {**info, "available": False, "reason": "the second identity model could not be loaded"}
     reference = reference_descriptor(job_dir, model, faces)
     if reference is None:
-        return {**info, "measured": 0, "disagreements": 0, "note": "no face found in the prepared base images by the detector"}, model_hashes(files)
+        return {**info, "measured": 0, "disagreements": 0, "note": "no face found in the prepared base images by the detector"}
     for row in wanted:
         descriptor = model.describe_largest(faces, read_rgb(job_dir / row["file"]))
         value = None if descriptor is None else round(distance(reference, descriptor), 6)
         row.update(identity2_distance=value, identity2_verdict=verdict(value), models_disagree=models_disagree(row.get("drift"), threshold, value))
     measured = sum(row["identity2_distance"] is not None for row in rows)
-    return {**info, "measured": measured, "disagreements": sum(bool(row["models_disagree"]) for row in rows)}, model_hashes(files)
+    return {**info, "measured": measured, "disagreements": sum(bool(row["models_disagree"]) for row in rows)}
 
 
 def reference_descriptor(job_dir: Path, model: SecondIdentityModel, faces: FaceModels) -> np.ndarray | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 # prepare
 PREPARED_DIR = "prepared"
@@ -34,6 +35,8 @@ VERIFY_INFO = "verify/verify.json"
 RENDERS_DIR = "renders"
 DRIFT_REPORT_JSON = "drift_report.json"
 DRIFT_REPORT_CSV = "drift_report.csv"
+# The folders whose PNGs a model generated (each carries C2PA Content Credentials with lab keys).
+GENERATED_IMAGE_DIRS = (VERIFY_DIR, RENDERS_DIR)
 
 
 @dataclass(frozen=True)
@@ -61,3 +64,15 @@ def prepared_images(job_dir: Path) -> list[PreparedImage]:
 def photo_names(job_dir: Path) -> list[str]:
     """The job's photos, in prepare.json's order."""
     return [photo["name"] for photo in json.loads((Path(job_dir) / PREPARE_INFO).read_text("utf-8"))["photos"]]
+
+
+def reference_embedding(job_dir: Path) -> Any:
+    """The identity reference embedding embed wrote (a float32 numpy vector)."""
+    import numpy as np
+
+    return np.load(Path(job_dir) / REFERENCE_FILE, allow_pickle=False)
+
+
+def seed_selection(job_dir: Path) -> dict[str, Any]:
+    """What verify found: verify.json (status, best and locked seed, threshold, every candidate)."""
+    return json.loads((Path(job_dir) / VERIFY_INFO).read_text("utf-8"))

@@ -383,7 +383,7 @@ def loss_chart_png(facts: JobFacts) -> bytes:
         if phases:
             _legend(overview)
         else:
-            overview.text(0.5, 0.5, "no training record (train/train.json)", transform=overview.transAxes, ha="center", va="center")
+            overview.text(0.5, 0.5, f"no training record ({layout.TRAIN_INFO})", transform=overview.transAxes, ha="center", va="center")
         for index, (colour, phase) in enumerate(zip(colours, phases)):
             axis = figure.add_subplot(grid[1 + index // 2, index % 2])
             points = [(phase_step, loss) for name, _, phase_step, loss, _ in facts.loss if name == phase["name"]]
@@ -523,7 +523,7 @@ def _second_summary(second: dict[str, Any]) -> str:
 def _timeline(facts: JobFacts, job_src) -> list[str]:
     out = ['<section id="timeline"><h2>1. Original photos and prepared crops</h2>']
     if not facts.prepare:
-        return out + ["<p>No prepare record (prepared/prepare.json).</p></section>"]
+        return out + [f"<p>No prepare record ({layout.PREPARE_INFO}).</p></section>"]
     drift_of = {row["file"]: row for row in (facts.embed or {}).get("images", [])}
     for index, photo in enumerate(facts.prepare["photos"]):
         out.append(f'<h3>{_text(photo["name"])} <span class="muted">sha256 {_text(photo["sha256"])}</span></h3><div class="row">')
@@ -571,7 +571,7 @@ def _seeds(facts: JobFacts, job_src) -> list[str]:
     out = ['<section id="seeds"><h2>2. Seed candidates (seed discovery)</h2>']
     verify = facts.verify
     if not verify:
-        return out + ["<p>No verify record (verify/verify.json).</p></section>"]
+        return out + [f"<p>No verify record ({layout.VERIFY_INFO}).</p></section>"]
     rows = {(row["kind"], row["seed"]): row for row in facts.rows if row.get("kind", "").startswith("verify")}
     rank = {seed: number for number, seed in enumerate(verify.get("ranking", []), start=1)}
     out.append(f"<p>Prompt <code>{_text(verify['prompt'])}</code>, {verify['steps']} steps, CFG {verify['guidance']:g}, "
@@ -612,7 +612,7 @@ def _renders(facts: JobFacts, job_src) -> list[str]:
     out = ['<section id="renders"><h2>4. Renders per pass</h2>']
     renders = [row for row in facts.rows if row.get("kind") == "render"]
     if not renders:
-        return out + ["<p>No renders (drift_report.json).</p></section>"]
+        return out + [f"<p>No renders ({layout.DRIFT_REPORT_JSON}).</p></section>"]
     selection = (facts.drift_report or {}).get("seed_selection", {})
     out.append(f"<p>Rendered from seed {_maybe(selection.get('best_seed'))} ({_text(selection.get('status'))}).</p>")
     groups: dict[tuple[int, int], list[dict[str, Any]]] = {}
@@ -635,7 +635,7 @@ def _second_model(facts: JobFacts) -> list[str]:
     second = (facts.drift_report or {}).get("identity2")
     out = ['<section id="identity2"><h2>5. Second identity model</h2>']
     if not second:
-        return out + ["<p>Not recorded (drift_report.json has no second-model record).</p></section>"]
+        return out + [f"<p>Not recorded ({layout.DRIFT_REPORT_JSON} has no second-model record).</p></section>"]
     out.append(f"<p>{_text(second['model'])}: {_text(second['distance'])}. Reference: {_text(second['reference'])}. "
                f"Same person by dlib's tolerance at most {second['tolerance']:g}, by a strict one at most {second['strict_tolerance']:g}. "
                f"Used for seed selection: {'yes' if second.get('used_for_seed_selection') else 'no'} (measured after the seed was locked).</p>")
@@ -667,7 +667,7 @@ def _training(facts: JobFacts) -> list[str]:
                             [_text("Loss of every training phase; each phase ends when its probe loss has converged (or diverges), at its step cap, or at the job's total cap.")], "loss"))
     train = facts.train
     if not train:
-        return out + ["<p>No training record (train/train.json).</p></section>"]
+        return out + [f"<p>No training record ({layout.TRAIN_INFO}).</p></section>"]
     out.append(f"<p>Caption <code>{_text(train['caption'])}</code>, rank {train['rank']}, {train['resolution']} px, "
                f"{train['total_steps']} of at most {train['max_steps']} steps"
                f"{_resumes(facts)}.</p>")

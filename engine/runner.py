@@ -32,7 +32,7 @@ import structlog
 
 from engine.audit import AuditLog, Observer, jsonable, write_manifest
 from engine.config import Settings
-from engine.context import Resources, StageContext
+from engine.context import StageContext
 from engine.errors import ConfigError, JobError, JobInterrupted, OwnershipLost
 from engine.faults import pause_point
 from engine.fsutil import (Listing, canonical_json, fsync_dir, guarded_writes, hash_tree, remove_partial_writes, remove_tree, sha256_bytes, share_modes,
@@ -44,6 +44,7 @@ from engine.jobfolder import (AUDIT_FILE, ERROR_FILE, INPUTS_DIR, LEDGER_FILE, M
 from engine.ledger import Ledger
 from engine.lifecycle import JobOutcome, LedgerOutcome, StageStatus
 from engine.report import write_report
+from engine.resources import Resources
 from engine.schema import to_plain
 from engine.kinds import Kind, all_stage_names, kind_named
 from engine.stages import stage_module
@@ -340,7 +341,10 @@ class Engine:
         previous = {"inputs": inputs}
         for stage in map(stage_module, kind.stages):
             ctx.check_stop(f"before {stage.NAME}")
-            fingerprint = sha256_bytes(canonical_json({"stage": stage.NAME, "version": stage.VERSION, "config": stage.fingerprint(ctx), "previous": previous}).encode())
+            roles = tuple(stage.models(ctx))
+            models = {role: self.resources.hashes(role) for role in roles}  # the one place a stage's models enter its fingerprint
+            fingerprint = sha256_bytes(canonical_json({"stage": stage.NAME, "version": stage.VERSION, "config": stage.fingerprint(ctx), "models": models,
+                                                       "previous": previous}).encode())
             record = ledger.record(stage.NAME)
             if record and record.status == StageStatus.COMPLETE and record.fingerprint == fingerprint and record.intact(ctx.job_dir):
                 ctx.audit.event("stage_skipped", stage=stage.NAME, reason="completed earlier with the same inputs", artifacts=len(record.artifacts))
@@ -361,7 +365,7 @@ class Engine:
                 ledger.start(stage.NAME, fingerprint)
                 ctx.audit.event("stage_started", stage=stage.NAME, fingerprint=fingerprint)
                 started = dt.datetime.now(dt.timezone.utc)
-                ctx.models_used = {}
+                ctx.models_used, ctx.models_declared = {}, roles
                 ctx.fingerprint = fingerprint
                 stage.run(ctx)
                 pause_point(f"stage:{stage.NAME}:written")

@@ -25,8 +25,6 @@ import structlog
 from engine.jobfolder import AUDIT_FILE, ERROR_FILE, LEDGER_FILE, MANIFEST_FILE, WORK_DIR, find_published, is_hidden_name
 from engine.kinds import DEFAULT_KIND, all_stage_names, known_kinds, kind_named
 from engine.layout import DRIFT_REPORT_JSON, RENDERS_DIR, VERIFY_DIR
-
-REPORT_JSON = DRIFT_REPORT_JSON  # engine.layout owns the name
 _TAIL_BYTES = 64 * 1024
 
 
@@ -139,7 +137,7 @@ def _stage_detail(stage: str | None, lines: list[dict[str, Any]], job_dir: Path)
 def _finished(job_dir: Path) -> Result:
     """A published job (its manifest is there); the lock state from its drift report, when its kind writes one."""
     kind = (_read_json(job_dir / MANIFEST_FILE) or {}).get("kind") or DEFAULT_KIND
-    report = _read_json(job_dir / REPORT_JSON) or {}
+    report = _read_json(job_dir / DRIFT_REPORT_JSON) or {}
     selection = report.get("seed_selection") or {}
     second = report.get("identity2") or {}
     rows = report.get("renders", [])

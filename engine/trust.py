@@ -43,6 +43,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from engine import layout
 from engine.chain import GENESIS, chain_break
 from engine.errors import ConfigError
 from engine.fsutil import atomic_write_json, canonical_json, check_write, fsync_dir, sha256_bytes, sha256_file
@@ -471,7 +472,7 @@ def _what_it_means(name: str) -> str:
     }.get(name, "")
 
 
-GENERATED_IMAGE_FOLDERS = ("verify/", "renders/")
+GENERATED_IMAGE_FOLDERS = tuple(f"{folder}/" for folder in layout.GENERATED_IMAGE_DIRS)
 
 
 def _check_credentials(job_dir: Path, manifest: dict[str, Any], trusted_ca: bytes | None, found: TrustFindings) -> None:

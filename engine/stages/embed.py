@@ -23,20 +23,20 @@ from engine.images import read_rgb
 from engine.schema import to_plain
 
 NAME = "embed"
-VERSION = 1
+VERSION = 2  # 2: its models are declared (models()), the runner fingerprints them
 OUTPUTS = (layout.EMBEDDING_DIR,)
-EMBEDDINGS_FILE = layout.EMBEDDINGS_FILE
-REFERENCE_FILE = layout.REFERENCE_FILE
-INFO_FILE = layout.EMBED_INFO
+
+
+def models(ctx: StageContext) -> tuple[str, ...]:
+    return ("faces",)
 
 
 def fingerprint(ctx: StageContext) -> dict[str, object]:
-    return {"embed": to_plain(ctx.settings.embed), "faces": ctx.resources.faces().hashes()}
+    return {"embed": to_plain(ctx.settings.embed)}
 
 
 def run(ctx: StageContext) -> None:
-    faces_model = ctx.resources.faces()
-    ctx.models_used.update(faces_model.hashes())
+    faces_model = ctx.use("faces")
     rows: list[dict[str, object]] = []
     vectors: list[np.ndarray] = []
     for image in layout.prepared_images(ctx.job_dir):
@@ -66,9 +66,9 @@ def run(ctx: StageContext) -> None:
     for i, row in enumerate(rows):
         row["drift_to_reference"] = round(drift(reference, embeddings[i]), 6)
         row["drift_to_own_base"] = round(drift(embeddings[base_index[row["photo"]]], embeddings[i]), 6)
-    _save_npy(ctx.path(EMBEDDINGS_FILE), embeddings)
-    _save_npy(ctx.path(REFERENCE_FILE), reference)
-    atomic_write_json(ctx.path(INFO_FILE), {
+    _save_npy(ctx.path(layout.EMBEDDINGS_FILE), embeddings)
+    _save_npy(ctx.path(layout.REFERENCE_FILE), reference)
+    atomic_write_json(ctx.path(layout.EMBED_INFO), {
         "model": faces_model.files.pack,
         "dimensions": int(embeddings.shape[1]),
         "reference": "normalised mean of the base image of every photo",
@@ -79,10 +79,6 @@ def run(ctx: StageContext) -> None:
     worst = max(row["drift_to_own_base"] for row in rows)
     ctx.log.info("embedded", images=len(rows), photos=len(names), worst_augmentation_drift=worst)
 
-
-def load_reference(ctx: StageContext) -> np.ndarray:
-    """The identity reference embedding written by this stage (for later stages)."""
-    return np.load(ctx.path(REFERENCE_FILE))
 
 
 def _save_npy(path, array: np.ndarray) -> None:

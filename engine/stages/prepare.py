@@ -27,33 +27,32 @@ from engine.images import load_photo, png_bytes
 from engine.schema import to_plain
 
 NAME = "prepare"
-VERSION = 1
+VERSION = 2  # 2: its models are declared (models()), the runner fingerprints them
 OUTPUTS = (layout.PREPARED_DIR,)
-INFO_FILE = layout.PREPARE_INFO
 # The crop is centred a little below the face box centre so that the chin and neck are kept.
 _CENTER_SHIFT_DOWN = 0.1
 
 
+def models(ctx: StageContext) -> tuple[str, ...]:
+    return ("faces", "background") if ctx.job.spec.prepare.remove_background else ("faces",)
+
+
 def fingerprint(ctx: StageContext) -> dict[str, object]:
     settings = ctx.settings
-    remover_path = ctx.resources.background_model_path()
     return {
         "subject": to_plain(ctx.job.spec.subject),
         "prepare": to_plain(ctx.job.spec.prepare),
         "input": to_plain(settings.input),
         "background": to_plain(settings.background),
-        "background_model": sha256_file(remover_path) if remover_path.is_file() else None,
-        "faces": ctx.resources.faces().hashes(),
         "detect": [settings.faces.detect_size, settings.faces.detect_threshold],
     }
 
 
 def run(ctx: StageContext) -> None:
     spec, settings = ctx.job.spec, ctx.settings
-    out_dir = ctx.path("prepared")
+    out_dir = ctx.path(layout.PREPARED_DIR)
     out_dir.mkdir(parents=True, exist_ok=True)
-    faces_model = ctx.resources.faces()
-    ctx.models_used.update(faces_model.hashes())
+    faces_model = ctx.use("faces")
     remover = _background_remover(ctx) if spec.prepare.remove_background else None
     face_index = dict(spec.subject.face_index)
     records = []
@@ -87,13 +86,12 @@ def run(ctx: StageContext) -> None:
         })
         ctx.log.info("photo_prepared", photo=name, faces=len(faces), chosen_face=chosen, images=len(images))
         pause_point(f"prepare:photo:{number}")
-    atomic_write_json(ctx.path(INFO_FILE), {"size": spec.prepare.size, "photos": records})
+    atomic_write_json(ctx.path(layout.PREPARE_INFO), {"size": spec.prepare.size, "photos": records})
 
 
 def _background_remover(ctx: StageContext):
-    remover = ctx.resources.background()
+    remover = ctx.use("background")
     if remover is not None:
-        ctx.models_used[f"rembg/{remover.model_path.name}"] = remover.sha256
         return remover
     path = ctx.resources.background_model_path()
     if ctx.settings.background.when_missing == "refuse":

@@ -16,136 +16,173 @@ from __future__ import annotations
 
 import csv
 import io
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
 from engine import identity2, layout
 from engine.context import StageContext
-from engine.diffusion import drift_label, identity_lora, png_text, render, score
+from engine.diffusion import LoraSwitch, drift_label, identity_lora, png_text, render
+from engine.faces import score
 from engine.fsutil import atomic_write_json, atomic_write_text, sha256_file
 from engine.job import RenderSpec, verify_prompt
 from engine.schema import to_plain
-from engine.stages import embed, verify
 
 NAME = "render"
-VERSION = 4  # 2: images carry C2PA Content Credentials (with lab keys); the drift report says which
+VERSION = 5  # 2: images carry C2PA Content Credentials (with lab keys); the drift report says which
 #             3: the drift report's rows carry the effective negative prompt, the CSV a demo column
 #             4: the anchor's prompt is verify's with its {trigger} filled in (engine.job.verify_prompt)
+#             5: its models are declared (models()), the runner fingerprints them
 OUTPUTS = (layout.RENDERS_DIR, layout.DRIFT_REPORT_JSON, layout.DRIFT_REPORT_CSV)
-REPORT_JSON = layout.DRIFT_REPORT_JSON
-REPORT_CSV = layout.DRIFT_REPORT_CSV
 
-# (LoRA weight, CFG, img2img strength) per pass, from the spec.
-ANCHOR = (1.0, 5.8, None)
-SCENE = (0.85, 6.3, 0.6)
-RESCUE = (0.90, 6.8, 0.35)
+
+@dataclass(frozen=True)
+class Pass:
+    """One pass of a render, from the spec: the LoRA's weight, the CFG, the img2img strength
+    (None: from noise), and the model (role) it runs on."""
+
+    name: str
+    lora_weight: float
+    guidance: float
+    strength: float | None = None
+    model: str = "base"
+
+
+ANCHOR = Pass("anchor", 1.0, 5.8)
+SCENE = Pass("scene", 0.85, 6.3, 0.6)
+RESCUE = Pass("rescue", 0.90, 6.8, 0.35)
 RESCUE_BLEND_TO_ANCHOR = 0.30
-TWO_PASS_ANCHOR = (1.0, 6.3, None)
-TWO_PASS_REALISM = (0.0, 5.5, 0.35)
+TWO_PASS_ANCHOR = Pass("anchor", 1.0, 6.3)
+TWO_PASS_REALISM = Pass("realism", 0.0, 5.5, 0.35, model="realism")  # no LoRA: it was trained on the base
 SEED_STRIDE = 1000  # output i of a render entry uses seed + i * SEED_STRIDE for its scene passes
 
 
-def fingerprint(ctx: StageContext) -> dict[str, object]:
+def models(ctx: StageContext) -> tuple[str, ...]:
+    """The realism model only when a render entry is two_pass; the second identity model always
+    (its numbers are in the drift report), loaded only when a render holds a face."""
     needs_realism = any(r.mode == "two_pass" for r in ctx.job.spec.render)
+    return ("base", "faces") + (("realism",) if needs_realism else ()) + ("identity2",)
+
+
+def fingerprint(ctx: StageContext) -> dict[str, object]:
     return {
         "render": to_plain(ctx.job.spec.render),
         "trigger": ctx.job.spec.train.trigger,
         "identity_prompt": verify_prompt(ctx.job.spec),
         "negative_prompt": ctx.settings.render.negative_prompt,
-        "base_model": ctx.resources.base_model_hashes(),
-        "realism_model": ctx.resources.realism_model_hashes() if needs_realism else None,
-        "faces": ctx.resources.faces().hashes(),
         "resolution": ctx.training_resolution,
-        "identity2": identity2.fingerprint(),
+        "identity2": identity2.settings(),
         "content_signer": ctx.resources.trust_facts().get("content_signer"),
     }
 
 
 def run(ctx: StageContext) -> None:
     spec = ctx.job.spec
-    faces = ctx.resources.faces()
-    pipe = ctx.resources.pipeline()
-    ctx.models_used.update(ctx.resources.base_model_hashes())
-    ctx.models_used.update(faces.hashes())
-    reference = embed.load_reference(ctx)
-    chosen = verify.load_outcome(ctx)
+    pipe = ctx.use("base")
+    faces = ctx.use("faces")
+    reference = layout.reference_embedding(ctx.job_dir)
+    chosen = layout.seed_selection(ctx.job_dir)
     seed = chosen["best_seed"]
     locked = chosen["status"] == "locked"
-    size = ctx.training_resolution
-    rows: list[dict[str, Any]] = []
-    lora_sha256 = sha256_file(ctx.path(layout.LORA_FILE))
-    ctx.path("renders").mkdir(parents=True, exist_ok=True)
+    ctx.path(layout.RENDERS_DIR).mkdir(parents=True, exist_ok=True)
+    with identity_lora(pipe, ctx.path(layout.LORA_DIR)) as lora:
+        renderer = Renderer(ctx, pipe, lora, faces, reference, seed, locked, ctx.training_resolution, sha256_file(ctx.path(layout.LORA_FILE)))
+        for entry_index, entry in enumerate(spec.render):
+            shot = Shot(entry_index, entry, f"{spec.train.trigger}, {entry.prompt}",
+                        ", ".join(p for p in (ctx.settings.render.negative_prompt, entry.negative_prompt) if p))
+            (_three_pass if entry.mode == "three_pass" else _two_pass)(renderer, shot)
+    _write_reports(ctx, chosen, renderer.rows)
 
-    def keep(entry_index: int, output_index: int, pass_name: str, mode: str, prompt: str, negative: str, pass_seed: int,
-             rgb: np.ndarray, settings: tuple[float, float, float | None]) -> None:
-        drift, face_found = score(faces, rgb, reference)
-        file_name = f"{layout.RENDERS_DIR}/r{entry_index}_{output_index}_{pass_name}_drift_{drift_label(drift)}.png"
-        weight, guidance, strength = settings
-        text = png_text(prompt=prompt, negative_prompt=negative, seed=pass_seed, selected_seed=seed, locked=locked, mode=mode,
-                        pass_name=pass_name, lora_weight=weight, guidance=guidance, strength=strength, drift=drift,
+
+@dataclass(frozen=True)
+class Shot:
+    """One output of one render entry: its prompt (trigger first), negative prompt, output number."""
+
+    entry_index: int
+    entry: RenderSpec
+    prompt: str
+    negative: str
+    output: int = 0
+
+
+@dataclass
+class Renderer:
+    """What every pass of a job's renders shares (the pipeline with the job's LoRA, the face
+    models and reference, the seed verify chose), and the drift report rows they add."""
+
+    ctx: StageContext
+    pipe: Any
+    lora: LoraSwitch
+    faces: Any
+    reference: np.ndarray
+    seed: int
+    locked: bool
+    size: int
+    lora_sha256: str
+    rows: list[dict[str, Any]] = field(default_factory=list)
+
+    def render(self, shot: Shot, step: Pass, prompt: str, seed: int, init: np.ndarray | None = None) -> np.ndarray:
+        """One image of `step`, with the stop check before it and at every denoising step (a
+        SIGTERM or a lost claim waits for one step)."""
+        ctx = self.ctx
+        pipe = ctx.use(step.model)
+        if pipe is self.pipe:  # the LoRA is in the base pipeline (demo: the realism model is the base itself)
+            self.lora.weight(step.lora_weight) if step.lora_weight else self.lora.off()
+        where = f"render {shot.entry_index}.{shot.output} {step.name}"
+        ctx.check_stop(where)
+        options: dict[str, Any] = {}
+        if init is not None:
+            options.update(init_images=init[None], strength=step.strength, img2img=ctx.resources.img2img(pipe))
+        (image,) = render(pipe, prompt, shot.negative, [seed], steps=shot.entry.steps, guidance=step.guidance, size=self.size,
+                          on_step=lambda: ctx.check_stop(where), **options)
+        return image
+
+    def keep(self, shot: Shot, step: Pass, prompt: str, seed: int, rgb: np.ndarray) -> None:
+        """Score `rgb`, write it (with its settings in its text chunks and Content Credentials) and
+        add its row to the drift report."""
+        ctx, mode = self.ctx, shot.entry.mode
+        drift, face_found = score(self.faces, rgb, self.reference)
+        file_name = f"{layout.RENDERS_DIR}/r{shot.entry_index}_{shot.output}_{step.name}_drift_{drift_label(drift)}.png"
+        text = png_text(prompt=prompt, negative_prompt=shot.negative, seed=seed, selected_seed=self.seed, locked=self.locked, mode=mode,
+                        pass_name=step.name, lora_weight=step.lora_weight, guidance=step.guidance, strength=step.strength, drift=drift,
                         face_found=face_found, demo=ctx.demo, models=ctx.models_used, job_id=ctx.job_id)
         credentials = ctx.write_generated_image(file_name, rgb, text, {
-            "stage": NAME, "render": entry_index, "output": output_index, "mode": mode, "pass": pass_name, "seed": pass_seed,
-            "selected_seed": seed, "locked": locked, "prompt": prompt, "negative_prompt": negative, "lora_weight": weight, "guidance": guidance, "strength": strength,
-            "drift": drift, "face_found": face_found, "models": dict(ctx.models_used), "lora_sha256": lora_sha256 if weight else None})
-        rows.append({"kind": "render", "render": entry_index, "output": output_index, "mode": mode, "pass": pass_name, "seed": pass_seed,
-                     "prompt": prompt, "negative_prompt": negative, "drift": drift, "face_found": face_found, "locked": locked, "file": file_name,
-                     "credentials": credentials})
-        ctx.progress("render_scored", pass_name=pass_name, mode=mode, drift=drift, face_found=face_found)
-
-    with identity_lora(pipe, ctx.path(layout.LORA_DIR)) as lora:
-        for entry_index, entry in enumerate(spec.render):
-            prompt = f"{spec.train.trigger}, {entry.prompt}"
-            negative = ", ".join(p for p in (ctx.settings.render.negative_prompt, entry.negative_prompt) if p)
-            if entry.mode == "three_pass":
-                _three_pass(ctx, pipe, lora, entry, entry_index, prompt, negative, seed, size, keep)
-            else:
-                _two_pass(ctx, pipe, lora, entry, entry_index, prompt, negative, seed, size, keep)
-    _write_reports(ctx, chosen, rows)
+            "stage": NAME, "render": shot.entry_index, "output": shot.output, "mode": mode, "pass": step.name, "seed": seed,
+            "selected_seed": self.seed, "locked": self.locked, "prompt": prompt, "negative_prompt": shot.negative, "lora_weight": step.lora_weight,
+            "guidance": step.guidance, "strength": step.strength, "drift": drift, "face_found": face_found, "models": dict(ctx.models_used),
+            "lora_sha256": self.lora_sha256 if step.lora_weight else None})
+        self.rows.append({"kind": "render", "render": shot.entry_index, "output": shot.output, "mode": mode, "pass": step.name, "seed": seed,
+                          "prompt": prompt, "negative_prompt": shot.negative, "drift": drift, "face_found": face_found, "locked": self.locked,
+                          "file": file_name, "credentials": credentials})
+        ctx.progress("render_scored", pass_name=step.name, mode=mode, drift=drift, face_found=face_found)
 
 
-def _render_one(ctx: StageContext, where: str, pipe: Any, prompt: str, negative: str, seed: int, **options: Any) -> np.ndarray:
-    """One image, with the stop check before it and at every denoising step (a SIGTERM or a lost
-    claim waits for one step)."""
-    ctx.check_stop(where)
-    (image,) = render(pipe, prompt, negative, [seed], on_step=lambda: ctx.check_stop(where), **options)
-    return image
-
-
-def _three_pass(ctx, pipe, lora, entry: RenderSpec, entry_index, prompt, negative, seed, size, keep) -> None:
-    identity_prompt = verify_prompt(ctx.job.spec)  # the seed's own prompt, its {trigger} filled in
-    lora.weight(ANCHOR[0])
-    anchor = _render_one(ctx, f"render {entry_index} anchor", pipe, identity_prompt, negative, seed, steps=entry.steps, guidance=ANCHOR[1], size=size)
-    for output in range(entry.count):
-        keep(entry_index, output, "anchor", "three_pass", identity_prompt, negative, seed, anchor, ANCHOR)
-        scene_seed = seed + (output + 1) * SEED_STRIDE
-        lora.weight(SCENE[0])
-        scene = _render_one(ctx, f"render {entry_index}.{output} scene", pipe, prompt, negative, scene_seed, steps=entry.steps, guidance=SCENE[1],
-                            size=size, init_images=anchor[None], strength=SCENE[2])
-        keep(entry_index, output, "scene", "three_pass", prompt, negative, scene_seed, scene, SCENE)
-        lora.weight(RESCUE[0])
-        rescue = _render_one(ctx, f"render {entry_index}.{output} rescue", pipe, prompt, negative, scene_seed + 1, steps=entry.steps,
-                             guidance=RESCUE[1], size=size, init_images=scene[None], strength=RESCUE[2])
+def _three_pass(r: Renderer, shot: Shot) -> None:
+    """anchor (the identity prompt at the chosen seed, once per entry) -> scene -> rescue, per output."""
+    identity_prompt = verify_prompt(r.ctx.job.spec)  # the seed's own prompt, its {trigger} filled in
+    anchor = r.render(shot, ANCHOR, identity_prompt, r.seed)
+    for output in range(shot.entry.count):
+        shot = replace(shot, output=output)
+        r.keep(shot, ANCHOR, identity_prompt, r.seed, anchor)
+        scene_seed = r.seed + (output + 1) * SEED_STRIDE
+        scene = r.render(shot, SCENE, shot.prompt, scene_seed, init=anchor)
+        r.keep(shot, SCENE, shot.prompt, scene_seed, scene)
+        rescue = r.render(shot, RESCUE, shot.prompt, scene_seed + 1, init=scene)
         final = np.clip(np.rint((1.0 - RESCUE_BLEND_TO_ANCHOR) * rescue.astype(np.float64) + RESCUE_BLEND_TO_ANCHOR * anchor.astype(np.float64)), 0, 255).astype(np.uint8)
-        keep(entry_index, output, "rescue", "three_pass", prompt, negative, scene_seed + 1, final, RESCUE)
+        r.keep(shot, RESCUE, shot.prompt, scene_seed + 1, final)
 
 
-def _two_pass(ctx, pipe, lora, entry: RenderSpec, entry_index, prompt, negative, seed, size, keep) -> None:
-    realism = ctx.resources.realism_pipeline()
-    ctx.models_used.update(ctx.resources.realism_model_hashes())
-    lora.weight(TWO_PASS_ANCHOR[0])
-    for output in range(entry.count):
-        pass_seed = seed + output * SEED_STRIDE
-        anchor = _render_one(ctx, f"render {entry_index}.{output} anchor", pipe, prompt, negative, pass_seed, steps=entry.steps,
-                             guidance=TWO_PASS_ANCHOR[1], size=size)
-        keep(entry_index, output, "anchor", "two_pass", prompt, negative, pass_seed, anchor, TWO_PASS_ANCHOR)
-        if realism is pipe:
-            lora.off()  # demo: the realism model is the base model itself, without the LoRA
-        final = _render_one(ctx, f"render {entry_index}.{output} realism", realism, prompt, negative, pass_seed + 1, steps=entry.steps,
-                            guidance=TWO_PASS_REALISM[1], size=size, init_images=anchor[None], strength=TWO_PASS_REALISM[2])
-        lora.weight(TWO_PASS_ANCHOR[0])
-        keep(entry_index, output, "realism", "two_pass", prompt, negative, pass_seed + 1, final, TWO_PASS_REALISM)
+def _two_pass(r: Renderer, shot: Shot) -> None:
+    """anchor (the scene prompt, LoRA on the base) -> realism (img2img on the realism model), per output."""
+    r.ctx.use("realism")  # loaded before the first image, whose records list it
+    for output in range(shot.entry.count):
+        shot = replace(shot, output=output)
+        pass_seed = r.seed + output * SEED_STRIDE
+        anchor = r.render(shot, TWO_PASS_ANCHOR, shot.prompt, pass_seed)
+        r.keep(shot, TWO_PASS_ANCHOR, shot.prompt, pass_seed, anchor)
+        final = r.render(shot, TWO_PASS_REALISM, shot.prompt, pass_seed + 1, init=anchor)
+        r.keep(shot, TWO_PASS_REALISM, shot.prompt, pass_seed + 1, final)
 
 
 def _write_reports(ctx: StageContext, chosen: dict[str, Any], rows: list[dict[str, Any]]) -> None:
@@ -159,8 +196,7 @@ def _write_reports(ctx: StageContext, chosen: dict[str, Any], rows: list[dict[st
                                 "credentials": result.get("credentials", "unsigned")})
     everything = verify_rows + rows
     # The second model measures every render only now, after verify has locked the seed.
-    second_model, second_model_files = identity2.annotate(ctx.job_dir, everything, ctx.resources.faces(), chosen["threshold"])
-    ctx.models_used.update(second_model_files)
+    second_model = identity2.annotate(ctx.job_dir, everything, ctx.resources.faces(), chosen["threshold"], load=lambda: ctx.use("identity2"))
     report = {
         "job_id": ctx.job_id,
         "subject": ctx.job.subject,
@@ -172,7 +208,7 @@ def _write_reports(ctx: StageContext, chosen: dict[str, Any], rows: list[dict[st
         "faces_not_found": sum(not row["face_found"] for row in everything),
         "identity2": second_model,
     }
-    atomic_write_json(ctx.path(REPORT_JSON), report)
+    atomic_write_json(ctx.path(layout.DRIFT_REPORT_JSON), report)
     buffer = io.StringIO()
     # `demo` on every row: a CSV travels without its JSON, and a demo model's drifts mean nothing.
     columns = ["demo", "kind", "render", "output", "mode", "pass", "seed", "prompt", "negative_prompt", "drift", "face_found", "locked", "file",
@@ -181,6 +217,6 @@ def _write_reports(ctx: StageContext, chosen: dict[str, Any], rows: list[dict[st
     writer.writeheader()
     for row in everything:
         writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in columns} | {"demo": str(ctx.demo).lower()})
-    atomic_write_text(ctx.path(REPORT_CSV), buffer.getvalue())
+    atomic_write_text(ctx.path(layout.DRIFT_REPORT_CSV), buffer.getvalue())
     ctx.audit.event("renders_scored", renders=len(rows), faces_not_found=report["faces_not_found"], status=chosen["status"],
                     identity2_disagreements=second_model.get("disagreements"))

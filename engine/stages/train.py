@@ -20,7 +20,7 @@ import io
 import json
 import os
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,22 +39,22 @@ from engine.job import PhaseSpec, TrainSpec
 from engine.schema import to_plain
 
 NAME = "train"
-VERSION = 3  # 2: train.json no longer records the step a resume started from; 3: lora/ also holds the kohya-format file
+VERSION = 4  # 2: train.json no longer records the step a resume started from; 3: lora/ also holds the kohya-format file
+#             4: its models are declared (models()), the runner fingerprints them
 OUTPUTS = (layout.LORA_DIR, layout.TRAIN_DIR)
 SCRATCH = (layout.CHECKPOINTS_DIR,)  # kept when an interrupted run resumes, removed otherwise
-LORA_DIR = layout.LORA_DIR
-LORA_FILE = layout.LORA_FILE
-INFO_FILE = layout.TRAIN_INFO
-LOSS_FILE = layout.LOSS_FILE
-CHECKPOINT_FILE = layout.CHECKPOINT_FILE
 ADAPTER = "identity_train"  # not "training": that is an nn.Module attribute
 TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]
 CHARBONNIER_EPS = 1e-3
 HUBER_DELTA = 1.0
 
 
+def models(ctx: StageContext) -> tuple[str, ...]:
+    return ("base",)
+
+
 def fingerprint(ctx: StageContext) -> dict[str, object]:
-    return {"train": to_plain(ctx.job.spec.train), "base_model": ctx.resources.base_model_hashes(), "resolution": ctx.training_resolution}
+    return {"train": to_plain(ctx.job.spec.train), "resolution": ctx.training_resolution}
 
 
 def caption(spec: TrainSpec) -> str:
@@ -63,8 +63,7 @@ def caption(spec: TrainSpec) -> str:
 
 def run(ctx: StageContext) -> None:
     spec = ctx.job.spec.train
-    pipe = ctx.resources.pipeline()
-    ctx.models_used.update(ctx.resources.base_model_hashes())
+    pipe = ctx.use("base")
     images = _training_images(ctx, ctx.training_resolution)
     result = train_lora(ctx, pipe, images, spec)
     _write_reports(ctx, spec, result)
@@ -103,41 +102,34 @@ def train_lora(ctx: StageContext, pipe: Any, images: torch.Tensor, spec: TrainSp
         parameter.requires_grad_(True)
     generator = torch.Generator(device="cpu").manual_seed(spec.seed)
 
-    phase_index, phase_step, global_step = 0, 0, 0
-    history: list[tuple] = []
-    phase_records: list[dict[str, Any]] = []
-    convergence = _new_convergence(spec, spec.phases[0])
-    optimizer_state = None
+    state = TrainState(convergence=_new_convergence(spec, spec.phases[0]))
     resumed_from = None
     checkpoint = _load_checkpoint(ctx)
     if checkpoint is not None:
         set_peft_model_state_dict(unet, checkpoint["lora"], adapter_name=ADAPTER)
-        phase_index, phase_step, global_step = checkpoint["phase_index"], checkpoint["phase_step"], checkpoint["global_step"]
-        history = [tuple(row) for row in checkpoint["history"]]
-        phase_records = checkpoint["phase_records"]
-        if phase_index < len(spec.phases):
-            convergence = PhaseConvergence.from_dict(checkpoint["convergence"]) if checkpoint["convergence"] else _new_convergence(spec, spec.phases[phase_index])
-        optimizer_state = checkpoint["optimizer"]
+        state = TrainState.from_checkpoint(checkpoint, spec)
         _restore_rng(checkpoint["rng"], generator)
-        resumed_from = global_step
-        ctx.audit.event("train_resumed", step=global_step, phase=spec.phases[min(phase_index, len(spec.phases) - 1)].name, phase_step=phase_step)
-        ctx.log.info("train_resumed", step=global_step, phase_step=phase_step)
-        ctx.progress("train_resumed", step=global_step, phase=spec.phases[min(phase_index, len(spec.phases) - 1)].name)
+        resumed_from = state.global_step
+        phase_name = spec.phases[min(state.phase_index, len(spec.phases) - 1)].name
+        ctx.audit.event("train_resumed", step=state.global_step, phase=phase_name, phase_step=state.phase_step)
+        ctx.log.info("train_resumed", step=state.global_step, phase_step=state.phase_step)
+        ctx.progress("train_resumed", step=state.global_step, phase=phase_name)
 
     unet.train()
     try:
-        while phase_index < len(spec.phases) and global_step < spec.max_steps:
-            phase = spec.phases[phase_index]
+        while state.phase_index < len(spec.phases) and state.global_step < spec.max_steps:
+            phase = spec.phases[state.phase_index]
             set_lora_alpha(unet, phase.alpha)
             optimizer = _optimizer(phase, lora_parameters)
-            if optimizer_state is not None:
-                optimizer.load_state_dict(optimizer_state)
-                optimizer_state = None
+            if state.optimizer_state is not None:  # restored from the checkpoint: the phase goes on where it stood
+                optimizer.load_state_dict(state.optimizer_state)
+                state.optimizer_state = None
+            convergence = state.convergence
             # Read back from the objects the loop really uses (the tests check these, not the config).
             ctx.progress("phase_observed", phase=phase.name, optimizer_class=type(optimizer).__name__, optimizer_lr=optimizer.param_groups[0]["lr"],
                          lora_scalings=sorted(lora_scalings(unet)), loss_function=LOSS_FUNCTIONS[phase.loss].__name__)
-            if phase_step == 0:
-                ctx.audit.event("phase_started", phase=phase.name, lr=phase.lr, alpha=phase.alpha, loss=phase.loss, optimizer=phase.optimizer, step=global_step)
+            if state.phase_step == 0:
+                ctx.audit.event("phase_started", phase=phase.name, lr=phase.lr, alpha=phase.alpha, loss=phase.loss, optimizer=phase.optimizer, step=state.global_step)
             exit_reason = None
             while exit_reason is None:
                 loss = _training_step(unet, noise_scheduler, latent_mean, latent_std, text, added_cond, phase, spec.batch_size, generator, device)
@@ -145,42 +137,77 @@ def train_lora(ctx: StageContext, pipe: Any, images: torch.Tensor, spec: TrainSp
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 value = float(loss.detach())
-                phase_step += 1
-                global_step += 1
+                state.phase_step += 1
+                state.global_step += 1
+                step = state.global_step
                 probed = None
-                if probe is not None and convergence.wants_probe(phase_step):
+                if probe is not None and convergence.wants_probe(state.phase_step):
                     probed = probe_loss(unet, noise_scheduler, probe, text, added_cond, phase, device)
-                history.append((phase.name, global_step, phase_step, value, probed))
-                ctx.progress("train_step", phase=phase.name, step=global_step, phase_step=phase_step, loss=value)
+                state.history.append((phase.name, step, state.phase_step, value, probed))
+                ctx.progress("train_step", phase=phase.name, step=step, phase_step=state.phase_step, loss=value)
                 exit_reason = convergence.update(value, probed)
-                if exit_reason is None and global_step >= spec.max_steps:
+                if exit_reason is None and step >= spec.max_steps:
                     exit_reason = "total_cap"
-                if exit_reason is None and global_step % spec.checkpoint_every == 0:
-                    _save_checkpoint(ctx, unet, optimizer, convergence, generator, phase_index, phase_step, global_step, history, phase_records)
-                    pause_point(f"train:checkpoint:{global_step}")
-                    ctx.check_stop(f"train step {global_step}")
+                if exit_reason is None and step % spec.checkpoint_every == 0:
+                    _save_checkpoint(ctx, unet, state, optimizer, generator)
+                    pause_point(f"train:checkpoint:{step}")
+                    ctx.check_stop(f"train step {step}")
             summary = convergence.summary()
-            phase_records.append({**to_plain(phase), "steps": phase_step, "exit_reason": exit_reason, "last_step": global_step, "summary": summary})
-            ctx.audit.event("phase_exit", phase=phase.name, step=global_step, phase_steps=phase_step, reason=exit_reason, **{k: v for k, v in summary.items() if k != "steps"})
-            ctx.log.info("phase_exit", phase=phase.name, step=global_step, reason=exit_reason, p_value=summary["p_value"],
+            state.phase_records.append({**to_plain(phase), "steps": state.phase_step, "exit_reason": exit_reason, "last_step": state.global_step, "summary": summary})
+            ctx.audit.event("phase_exit", phase=phase.name, step=state.global_step, phase_steps=state.phase_step, reason=exit_reason,
+                            **{k: v for k, v in summary.items() if k != "steps"})
+            ctx.log.info("phase_exit", phase=phase.name, step=state.global_step, reason=exit_reason, p_value=summary["p_value"],
                          improvement_upper=summary.get("improvement_upper"), allowed=summary.get("allowed"), probe_loss=summary.get("probe_loss"))
             if exit_reason == "non_finite":
-                raise JobError("training_diverged", f"training phase {phase.name} produced a non-finite loss at step {global_step}; lower its lr in [[train.phases]]")
-            phase_index += 1
-            phase_step = 0
-            if phase_index < len(spec.phases):
-                convergence = _new_convergence(spec, spec.phases[phase_index])
-            _save_checkpoint(ctx, unet, None, convergence if phase_index < len(spec.phases) else None, generator, phase_index, 0, global_step, history, phase_records)
-            pause_point(f"train:phase_boundary:{phase_index}")
-            ctx.check_stop(f"train phase boundary {phase_index}")
-        for skipped in spec.phases[phase_index:]:
-            phase_records.append({**to_plain(skipped), "steps": 0, "exit_reason": "total_cap", "last_step": global_step, "summary": None})
-        final_alpha = spec.phases[min(phase_index, len(spec.phases)) - 1].alpha
-        save_lora(pipe, unet, ctx.path(LORA_DIR), final_alpha, kohya=kohya_export(ctx, pipe, spec, final_alpha, global_step, int(images.shape[0])))
+                raise JobError("training_diverged", f"training phase {phase.name} produced a non-finite loss at step {state.global_step}; "
+                                                    "lower its lr in [[train.phases]]")
+            state.next_phase(spec)
+            _save_checkpoint(ctx, unet, state, None, generator)
+            pause_point(f"train:phase_boundary:{state.phase_index}")
+            ctx.check_stop(f"train phase boundary {state.phase_index}")
+        for skipped in spec.phases[state.phase_index:]:
+            state.phase_records.append({**to_plain(skipped), "steps": 0, "exit_reason": "total_cap", "last_step": state.global_step, "summary": None})
+        final_alpha = spec.phases[min(state.phase_index, len(spec.phases)) - 1].alpha
+        save_lora(pipe, unet, ctx.path(layout.LORA_DIR), final_alpha, kohya=kohya_export(ctx, pipe, spec, final_alpha, state.global_step, int(images.shape[0])))
     finally:
         unet.eval()
         unet.delete_adapters(ADAPTER)  # the pipeline is shared with later jobs
-    return TrainingResult(phase_records, history, global_step, resumed_from)
+    return TrainingResult(state.phase_records, state.history, state.global_step, resumed_from)
+
+
+@dataclass
+class TrainState:
+    """Where the training loop stands: what a checkpoint saves and a resume restores, the same
+    fields both ways (`to_checkpoint` / `from_checkpoint`). The LoRA weights and the random
+    generators are saved beside it (`_save_checkpoint`)."""
+
+    phase_index: int = 0
+    phase_step: int = 0  # steps done in the current phase
+    global_step: int = 0
+    history: list[tuple] = field(default_factory=list)  # (phase, global step, phase step, loss, probe loss or None)
+    phase_records: list[dict[str, Any]] = field(default_factory=list)  # the phases done, as train.json lists them
+    convergence: PhaseConvergence | None = None  # the current phase's test; None once every phase is done
+    optimizer_state: dict[str, Any] | None = None  # restored mid-phase, for the phase's optimizer to load
+
+    def next_phase(self, spec: TrainSpec) -> None:
+        self.phase_index += 1
+        self.phase_step = 0
+        self.convergence = _new_convergence(spec, spec.phases[self.phase_index]) if self.phase_index < len(spec.phases) else None
+
+    def to_checkpoint(self, optimizer: Any) -> dict[str, Any]:
+        """`optimizer`: the phase's, mid-phase; None at a phase boundary (the next phase makes its own)."""
+        return {"phase_index": self.phase_index, "phase_step": self.phase_step, "global_step": self.global_step, "history": self.history,
+                "phase_records": self.phase_records, "convergence": self.convergence.to_dict() if self.convergence is not None else None,
+                "optimizer": optimizer.state_dict() if optimizer is not None else None}
+
+    @classmethod
+    def from_checkpoint(cls, data: dict[str, Any], spec: TrainSpec) -> "TrainState":
+        state = cls(phase_index=data["phase_index"], phase_step=data["phase_step"], global_step=data["global_step"],
+                    history=[tuple(row) for row in data["history"]], phase_records=data["phase_records"], optimizer_state=data["optimizer"])
+        if state.phase_index < len(spec.phases):
+            state.convergence = (PhaseConvergence.from_dict(data["convergence"]) if data["convergence"]
+                                 else _new_convergence(spec, spec.phases[state.phase_index]))
+        return state
 
 
 def set_lora_alpha(unet: torch.nn.Module, alpha: float) -> None:
@@ -203,7 +230,7 @@ def kohya_file(ctx: StageContext) -> str:
     """lora/<subject>_<job-id>.safetensors: the same LoRA in kohya's format (engine.kohya)."""
     from engine.kohya import kohya_file_name
 
-    return f"{LORA_DIR}/{kohya_file_name(ctx.job.subject, ctx.job_id)}"
+    return f"{layout.LORA_DIR}/{kohya_file_name(ctx.job.subject, ctx.job_id)}"
 
 
 def kohya_export(ctx: StageContext, pipe: Any, spec: TrainSpec, alpha: float, steps: int, images: int) -> tuple[str, dict[str, str]]:
@@ -215,7 +242,7 @@ def kohya_export(ctx: StageContext, pipe: Any, spec: TrainSpec, alpha: float, st
     return name, kohya_metadata(
         pipeline_class=type(pipe).__name__, rank=spec.rank, alpha=alpha, resolution=ctx.training_resolution, steps=steps,
         max_steps=spec.max_steps, images=images, output_name=Path(name).stem, trigger=spec.trigger, job_id=ctx.job_id,
-        subject=ctx.job.subject, base_model_hashes=ctx.resources.base_model_hashes(), train_fingerprint=ctx.fingerprint, demo=ctx.demo,
+        subject=ctx.job.subject, base_model_hashes=ctx.resources.hashes("base"), train_fingerprint=ctx.fingerprint, demo=ctx.demo,
         engine_version=engine_version())
 
 
@@ -244,7 +271,7 @@ def save_lora(pipe: Any, unet: torch.nn.Module, directory: Path, alpha: float, *
     staging = directory.with_name(f".{directory.name}.incoming")
     remove_tree(staging)
     type(pipe).save_lora_weights(str(staging), unet_lora_layers=layers, unet_lora_adapter_metadata=metadata, safe_serialization=True)
-    canonicalise_safetensors_header(staging / Path(LORA_FILE).name)
+    canonicalise_safetensors_header(staging / Path(layout.LORA_FILE).name)
     if kohya is not None:
         name, kohya_meta = kohya
         save_file(kohya_state_dict(peft_layers, alpha), str(staging / name), metadata=kohya_meta)
@@ -401,32 +428,26 @@ def _training_images(ctx: StageContext, resolution: int) -> torch.Tensor:
     return torch.stack(tensors)
 
 
-def _save_checkpoint(ctx: StageContext, unet, optimizer, convergence, generator, phase_index, phase_step, global_step, history, phase_records) -> None:
+def _save_checkpoint(ctx: StageContext, unet: Any, state: TrainState, optimizer: Any, generator: torch.Generator) -> None:
     from peft.utils import get_peft_model_state_dict
 
-    state = {
+    checkpoint = {
         "fingerprint": ctx.fingerprint,
-        "phase_index": phase_index,
-        "phase_step": phase_step,
-        "global_step": global_step,
+        **state.to_checkpoint(optimizer),
         "lora": {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(unet, adapter_name=ADAPTER).items()},
-        "optimizer": optimizer.state_dict() if optimizer is not None else None,
-        "convergence": convergence.to_dict() if convergence is not None else None,
         "rng": {"generator": generator.get_state(), "torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
-        "history": history,
-        "phase_records": phase_records,
         "torch_threads": torch.get_num_threads(),
     }
     buffer = io.BytesIO()
-    torch.save(state, buffer)
-    atomic_write_bytes(ctx.path(CHECKPOINT_FILE), buffer.getvalue())
-    ctx.progress("train_checkpoint", step=global_step)
+    torch.save(checkpoint, buffer)
+    atomic_write_bytes(ctx.path(layout.CHECKPOINT_FILE), buffer.getvalue())
+    ctx.progress("train_checkpoint", step=state.global_step)
 
 
 def _load_checkpoint(ctx: StageContext) -> dict[str, Any] | None:
     """Our own checkpoint of this very stage run, or None. weights_only=False is needed for
     the numpy/python RNG states; the file is one this engine wrote, never an inbox file."""
-    path = ctx.path(CHECKPOINT_FILE)
+    path = ctx.path(layout.CHECKPOINT_FILE)
     if not path.is_file():
         return None
     state = torch.load(path, map_location="cpu", weights_only=False)
@@ -446,7 +467,7 @@ def _restore_rng(rng: dict[str, Any], generator: torch.Generator) -> None:
 
 
 def _write_reports(ctx: StageContext, spec: TrainSpec, result: TrainingResult) -> None:
-    atomic_write_json(ctx.path(INFO_FILE), {
+    atomic_write_json(ctx.path(layout.TRAIN_INFO), {
         "caption": caption(spec),
         "rank": spec.rank,
         "resolution": ctx.training_resolution,
@@ -461,9 +482,9 @@ def _write_reports(ctx: StageContext, spec: TrainSpec, result: TrainingResult) -
         "demo": ctx.demo,
         "trigger": spec.trigger,
         # The same LoRA twice: diffusers' format, and kohya's for AUTOMATIC1111/Forge, ComfyUI, InvokeAI, Fooocus.
-        "lora_files": {"diffusers": LORA_FILE, "kohya": kohya_file(ctx)},
+        "lora_files": {"diffusers": layout.LORA_FILE, "kohya": kohya_file(ctx)},
     })
     # probe_loss: the loss on the fixed probe set after that step, where it was evaluated (empty elsewhere).
     rows = ["phase,step,phase_step,loss,probe_loss"] + [
         f"{row[0]},{row[1]},{row[2]},{row[3]!r}," + ("" if len(row) < 5 or row[4] is None else repr(row[4])) for row in result.history]
-    atomic_write_text(ctx.path(LOSS_FILE), "\n".join(rows) + "\n")
+    atomic_write_text(ctx.path(layout.LOSS_FILE), "\n".join(rows) + "\n")

@@ -9,21 +9,24 @@ the job still renders from it, and the report and audit say `not_locked`.
 
 from __future__ import annotations
 
-import json
 
 from engine import layout
 from engine.context import StageContext
-from engine.diffusion import drift_label, identity_lora, png_text, render, score
+from engine.diffusion import drift_label, identity_lora, png_text, render
+from engine.faces import score
 from engine.fsutil import atomic_write_json, sha256_file
 from engine.job import verify_prompt
 from engine.schema import to_plain
-from engine.stages import embed
 
 NAME = "verify"
-VERSION = 3  # 2: images carry C2PA Content Credentials (with lab keys); verify.json says which; 3: the prompt's {trigger} is train.trigger
+VERSION = 4  # 2: images carry C2PA Content Credentials (with lab keys); verify.json says which; 3: the prompt's {trigger} is train.trigger
+#             4: its models are declared (models()), the runner fingerprints them
 OUTPUTS = (layout.VERIFY_DIR,)
-INFO_FILE = layout.VERIFY_INFO
 GUIDANCE = 5.8  # the identity anchor's CFG (spec, render phase 1)
+
+
+def models(ctx: StageContext) -> tuple[str, ...]:
+    return ("base", "faces")
 
 
 def fingerprint(ctx: StageContext) -> dict[str, object]:
@@ -31,8 +34,6 @@ def fingerprint(ctx: StageContext) -> dict[str, object]:
         "verify": to_plain(ctx.job.spec.verify),
         "prompt": verify_prompt(ctx.job.spec),
         "negative_prompt": ctx.settings.render.negative_prompt,
-        "base_model": ctx.resources.base_model_hashes(),
-        "faces": ctx.resources.faces().hashes(),
         "resolution": ctx.training_resolution,
         "content_signer": ctx.resources.trust_facts().get("content_signer"),
     }
@@ -40,11 +41,9 @@ def fingerprint(ctx: StageContext) -> dict[str, object]:
 
 def run(ctx: StageContext) -> None:
     spec = ctx.job.spec.verify
-    faces = ctx.resources.faces()
-    pipe = ctx.resources.pipeline()
-    ctx.models_used.update(ctx.resources.base_model_hashes())
-    ctx.models_used.update(faces.hashes())
-    reference = embed.load_reference(ctx)
+    pipe = ctx.use("base")
+    faces = ctx.use("faces")
+    reference = layout.reference_embedding(ctx.job_dir)
     size = ctx.training_resolution
     negative = ctx.settings.render.negative_prompt
     prompt = verify_prompt(ctx.job.spec)  # "{trigger}" -> train.trigger
@@ -52,7 +51,7 @@ def run(ctx: StageContext) -> None:
     batches = [seeds[i : i + spec.batch_size] for i in range(0, len(seeds), spec.batch_size)]
     candidates = {seed: {"seed": seed} for seed in seeds}
     lora_sha256 = sha256_file(ctx.path(layout.LORA_FILE))
-    (ctx.path("verify")).mkdir(parents=True, exist_ok=True)
+    ctx.path(layout.VERIFY_DIR).mkdir(parents=True, exist_ok=True)
     with identity_lora(pipe, ctx.path(layout.LORA_DIR)) as lora:
         for group, with_lora in (("lora", True), ("control", False)):
             lora.weight(1.0) if with_lora else lora.off()
@@ -95,7 +94,7 @@ def run(ctx: StageContext) -> None:
         "threshold": spec.threshold,
         "faces_not_found": faces_not_found,
     }
-    atomic_write_json(ctx.path(INFO_FILE), {
+    atomic_write_json(ctx.path(layout.VERIFY_INFO), {
         **outcome,
         "prompt": prompt,
         "negative_prompt": negative,
@@ -110,6 +109,3 @@ def run(ctx: StageContext) -> None:
     ctx.audit.event("seed_selected", **outcome, candidates=len(seeds))
     ctx.log.info("seed_selected", **outcome)
 
-
-def load_outcome(ctx: StageContext) -> dict:
-    return json.loads(ctx.path(INFO_FILE).read_text("utf-8"))

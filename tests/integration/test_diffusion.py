@@ -244,6 +244,27 @@ def test_batched_seeds_equal_single_seeds_and_lora_differs_from_control(demo_run
     assert not np.array_equal(batched[0], batched[1])  # seeds differ
     # and after the job the pipeline is back to the base model
     assert np.array_equal(render(pipe, "a photo of sks person", "", seeds, steps=3, guidance=5.8, size=128), base)
+    # The block ended with the LoRA off. The next job's training adapter must still act: diffusers'
+    # disable_lora is a flag on the LoRA layers that outlived the adapter and silenced every later
+    # one (a job interrupted during its control renders made the next job train a LoRA with no effect).
+    from peft import LoraConfig
+
+    from engine.stages.train import ADAPTER, TARGET_MODULES
+
+    sample = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(1))
+    text = torch.randn(1, 77, pipe.unet.config.cross_attention_dim, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        before = pipe.unet(sample, 10, text).sample
+    pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=TARGET_MODULES), adapter_name=ADAPTER)
+    try:
+        for name, parameter in pipe.unet.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(parameter, std=0.05)
+        with torch.no_grad():
+            after = pipe.unet(sample, 10, text).sample
+    finally:
+        pipe.unet.delete_adapters(ADAPTER)
+    assert (after - before).abs().max() > 1e-4
 
 
 def _run_cli(config: Path, source: Path, outbox: Path, env_extra: dict | None = None) -> subprocess.Popen:

@@ -4,6 +4,7 @@ refused job leaves behind (its inputs, untouched, with error.json)."""
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from engine.audit import verify_audit
-from engine.fsutil import tree_listing
+from engine.fsutil import sha256_file, tree_listing
 from engine.jobfolder import INPUTS_DIR, work_dir
 from engine.runner import Engine, run_job
 from engine.kinds.replicate import REPLICATE
@@ -240,12 +241,12 @@ def test_two_photos_of_the_same_person_make_one_reference(tmp_path, settings, as
     assert reference.shape == (512,) and abs(float(np.linalg.norm(reference)) - 1) < 1e-5
 
 
-def _tiny_matting_model(path: Path) -> Path:
+def _tiny_matting_model(path: Path, name: str = "tiny_matting") -> Path:
     """A real ONNX graph with U2-Net's interface (1x3x320x320 -> 1x1x320x320): the mean
     colour through a sigmoid. Enough to drive rembg's real code path with no download."""
     graph = helper.make_graph(
         [helper.make_node("ReduceMean", ["input.1"], ["mean"], axes=[1], keepdims=1), helper.make_node("Sigmoid", ["mean"], ["mask"])],
-        "tiny_matting",
+        name,
         [helper.make_tensor_value_info("input.1", TensorProto.FLOAT, [1, 3, 320, 320])],
         [helper.make_tensor_value_info("mask", TensorProto.FLOAT, [1, 1, 320, 320])],
     )
@@ -277,6 +278,27 @@ def test_background_removal_through_rembg_with_a_staged_model(tmp_path, settings
     plain = Engine(settings, demo=True).run_job(source, tmp_path / "outbox2", until="embed")
     kept = read_rgb(plain.output_dir / "prepared" / "0-a_base.png").astype(int)
     assert (base[..., 1] - base[..., 0]).mean() > (kept[..., 1] - kept[..., 0]).mean() + 10
+
+
+def test_a_background_model_staged_while_the_engine_runs_is_used_and_fingerprinted(tmp_path, settings, astronaut_rgb):
+    """The daemon's engine lives for days: a rembg model staged (or replaced) meanwhile is loaded
+    for the next job, and the hash recorded is the file's there now, never a stale one."""
+    from engine.config import BackgroundSettings
+
+    staged = settings.with_changes(background=BackgroundSettings(model="tiny"))
+    engine = Engine(staged, demo=True)
+    source = make_job(tmp_path / "alice", {"a.png": astronaut_rgb})
+    first = engine.run_job(source, tmp_path / "outbox", until="prepare")
+    assert json.loads((first.output_dir / "state.json").read_text())["stages"][0]["models"].keys().isdisjoint({"rembg/tiny.onnx"})
+    model = _tiny_matting_model(settings.models_dir / "rembg" / "tiny.onnx")
+    second = engine.run_job(make_job(tmp_path / "bob", {"a.png": astronaut_rgb}), tmp_path / "outbox", until="prepare")
+    [prepare] = json.loads((second.output_dir / "state.json").read_text())["stages"]
+    assert prepare["models"]["rembg/tiny.onnx"] == (was := sha256_file(model))
+    assert json.loads((second.output_dir / "prepared" / "prepare.json").read_text())["photos"][0]["background"]["method"] == "rembg"
+    os.replace(_tiny_matting_model(tmp_path / "other.onnx", name="another_matting"), model)  # replaced by another model
+    third = engine.run_job(make_job(tmp_path / "carol", {"a.png": astronaut_rgb}), tmp_path / "outbox", until="prepare")
+    [prepare] = json.loads((third.output_dir / "state.json").read_text())["stages"]
+    assert prepare["models"]["rembg/tiny.onnx"] == sha256_file(model) != was
 
 
 def test_missing_background_model_can_refuse(tmp_path, settings, astronaut_rgb):

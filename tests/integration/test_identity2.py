@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 from engine import identity2
-from engine.diffusion import score
+from engine.faces import score
 from engine.faces import drift
 from engine.fsutil import atomic_write_json
 from tests.conftest import write_png
@@ -37,7 +37,7 @@ def second_model():
     files, reason = identity2.locate()
     assert files is not None, reason
     started = time.perf_counter()
-    model = identity2.load(files)
+    model = identity2.SecondIdentityModel(files)
     print(f"dlib model load {time.perf_counter() - started:.2f} s")
     return model
 
@@ -128,7 +128,7 @@ def test_seed_selection_never_sees_the_second_model(tmp_path, settings, astronau
         raise AssertionError("the second identity model was used")
 
     engine = Engine(settings, demo=True)  # its start-up check lists the second model's files: not seed selection
-    for name in ("locate", "load", "distance", "verdict", "models_disagree", "annotate", "reference_descriptor", "model_hashes"):
+    for name in ("locate", "SecondIdentityModel", "settings", "distance", "verdict", "models_disagree", "annotate", "reference_descriptor", "model_hashes"):
         monkeypatch.setattr(identity2, name, trap)
     source = make_job(tmp_path / "alice", {"a.png": astronaut_rgb}, FAST_JOB)
     result = engine.run_job(source, tmp_path / "outbox", until="verify")
@@ -163,10 +163,14 @@ def test_the_report_flags_renders_where_the_models_disagree(tmp_path, face_model
                      "drift": arcface, "face_found": face_found, "locked": False, "file": file})
 
     started = time.perf_counter()
-    info, used = identity2.annotate(job, rows, face_models, THRESHOLD)
+    files, _ = identity2.locate()
+    loads = []
+    info = identity2.annotate(job, rows, face_models, THRESHOLD, load=lambda: loads.append(files) or identity2.SecondIdentityModel(files))
     print(f"annotate: {time.perf_counter() - started:.2f} s for {len(rows)} renders + 1 reference")
     assert info["available"] and info["measured"] == 3 and info["disagreements"] == 1 and info["used_for_seed_selection"] is False
-    assert set(used) == {"identity2/shape_predictor_5_face_landmarks.dat", "identity2/dlib_face_recognition_resnet_model_v1.dat"}
+    # Loaded once; these are the files the render stage's ctx.use("identity2") records as used.
+    assert len(loads) == 1 and set(identity2.model_hashes(files)) == {"identity2/shape_predictor_5_face_landmarks.dat",
+                                                                      "identity2/dlib_face_recognition_resnet_model_v1.dat"}
     flags = {row["pass"]: (row["identity2_verdict"], row["models_disagree"]) for row in rows}
     assert flags == {"anchor": ("same_strict", False), "scene": ("same_strict", True), "rescue": ("different", False)}, rows
 

@@ -159,3 +159,22 @@ def test_a_kind_is_checked_when_it_is_made_and_registered():
         register_kind(Kind(name="replicate", stages=("prepare",), spec=FacesOnlySpec))
     with pytest.raises(KeyError, match="known kinds: replicate"):
         kind_named("broken")
+
+
+def test_a_stage_takes_only_the_models_it_declares_and_each_is_fingerprinted_and_recorded(tmp_path, settings, astronaut_rgb):
+    """One declaration per stage (engine.stages: models(ctx)): the runner fingerprints each
+    declared role's files, `use` records what was used, and a model the stage did not declare
+    cannot be used (it would change results its fingerprint does not cover)."""
+    from engine.context import StageContext
+    from engine.resources import Resources
+    from engine.stages import STAGE_MODULES, stage_module
+
+    resources = Resources(settings, demo=True)
+    ctx = StageContext(job=None, job_id="j", job_dir=tmp_path, settings=settings, resources=resources, audit=None, demo=True,
+                       models_declared=("faces",))
+    assert ctx.use("faces") is resources.faces() and ctx.models_used == resources.hashes("faces")
+    with pytest.raises(RuntimeError, match="uses the 'base' model but declares only faces"):
+        ctx.use("base")
+    assert set(ctx.models_used) == set(resources.hashes("faces"))
+    for name in STAGE_MODULES:  # every stage declares its models, and names only roles resources knows
+        assert callable(stage_module(name).models), name

@@ -12,10 +12,11 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from engine.context import Resources
+from engine.resources import Resources
 from engine.diffusion import render
 from engine.kohya import base_model_digest, kohya_metadata, kohya_state_dict, read_kohya_metadata
-from engine.stages.train import ADAPTER, LORA_FILE, TARGET_MODULES, save_lora
+from engine.layout import LORA_FILE
+from engine.stages.train import ADAPTER, TARGET_MODULES, save_lora
 
 RANK, ALPHA = 4, 2.0  # alpha != rank: the file's scaling must be alpha / rank, not 1
 NAME = "alice_20260101T000000Z-kohya1.safetensors"
@@ -40,7 +41,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory):
         for name, parameter in unet.named_parameters():
             if ADAPTER in name and "lora_B" in name:  # peft starts B at zero: a LoRA that does nothing
                 parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.2)
-    hashes = resources.base_model_hashes()
+    hashes = resources.hashes("base")
     metadata = kohya_metadata(pipeline_class=type(pipe).__name__, rank=RANK, alpha=ALPHA, resolution=128, steps=40, max_steps=1200, images=5,
                               output_name=Path(NAME).stem, trigger="sks", job_id="20260101T000000Z-kohya1", subject="alice",
                               base_model_hashes=hashes, train_fingerprint="f" * 64, demo=True, engine_version="0.1.0")

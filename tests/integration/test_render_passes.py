@@ -100,12 +100,12 @@ def test_every_pipeline_call_gets_the_pass_settings_the_trigger_and_the_negative
     assert all(c["negative"] == [base_negative] * len(c["prompt"]) for c in seed_calls)
     anchor, scene, rescue = calls[4:7]
     negative = f"{base_negative}, extra fingers"
-    assert (anchor["img2img"], anchor["prompt"], anchor["guidance"], anchor["lora"]) == (False, [verify_prompt], render_stage.ANCHOR[1], render_stage.ANCHOR[0])
+    assert (anchor["img2img"], anchor["prompt"], anchor["guidance"], anchor["lora"]) == (False, [verify_prompt], render_stage.ANCHOR.guidance, render_stage.ANCHOR.lora_weight)
     scene_prompt = [f"{TRIGGER}, portrait in a garden"]
     assert (scene["img2img"], scene["prompt"], scene["guidance"], scene["strength"], scene["lora"]) == (
-        True, scene_prompt, render_stage.SCENE[1], render_stage.SCENE[2], render_stage.SCENE[0])
+        True, scene_prompt, render_stage.SCENE.guidance, render_stage.SCENE.strength, render_stage.SCENE.lora_weight)
     assert (rescue["img2img"], rescue["prompt"], rescue["guidance"], rescue["strength"], rescue["lora"]) == (
-        True, scene_prompt, render_stage.RESCUE[1], render_stage.RESCUE[2], render_stage.RESCUE[0])
+        True, scene_prompt, render_stage.RESCUE.guidance, render_stage.RESCUE.strength, render_stage.RESCUE.lora_weight)
     assert [c["negative"] for c in (anchor, scene, rescue)] == [[negative]] * 3
     assert len(calls) == 7  # nothing else reached a pipeline
     # The rescue pass is blended 30 % back to the anchor, as saved.

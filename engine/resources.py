@@ -1,0 +1,190 @@
+"""The one owner of model lifetime: every model a job uses is loaded here, once per process, and
+shared by every job (the daemon keeps one `Resources`): the face models, the background remover,
+the diffusion pipelines of the `base` and `realism` roles and the image-to-image pipelines made
+from them (`from_pipe`: the same components, no second copy of the weights), the second identity
+model, and the sha256 of every model file. Also the lab's keys and the C2PA signer.
+
+Models are named by *role* (MODEL_ROLES). A stage declares the roles it uses (engine.stages:
+`models(ctx)`); the runner puts `hashes(role)` of each into the stage's fingerprint, and the stage
+takes each model through `StageContext.use(role)`, which records its hashes in `models_used`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from engine.background import BackgroundRemover, staged_model_path
+from engine.config import Settings
+from engine.errors import ConfigError
+from engine.faces import FaceModels, load_face_models
+
+# faces: SCRFD + ArcFace (engine.faces); background: the staged rembg model (None when not
+# staged); base / realism: diffusion pipelines (engine.models); identity2: dlib's descriptor
+# (engine.identity2; None when not installed).
+MODEL_ROLES = ("faces", "background", "base", "realism", "identity2")
+
+
+class Resources:
+    """Models loaded once per process and shared by every job."""
+
+    def __init__(self, settings: Settings, demo: bool = False) -> None:
+        self.settings = settings
+        self.demo = demo
+        self._faces: FaceModels | None = None
+        self._background: BackgroundRemover | None = None
+        self._background_key: tuple[int, int, int] | None = None  # the staged file's (size, mtime, inode) when loaded
+        self._pipelines: dict[str, Any] = {}
+        self._img2img: list[tuple[Any, Any]] = []  # (pipeline, its image-to-image pipeline)
+        self._identity2: Any = None
+        self._hashes: dict[str, dict[str, str]] = {}
+        self._keys: Any = None
+        self._credentials: Any = None
+
+    # ------------------------------------------------------------------ by role
+
+    def model(self, role: str) -> Any:
+        """The loaded model of `role` (None for `background` or `identity2` when not available)."""
+        if role == "faces":
+            return self.faces()
+        if role == "background":
+            return self.background()
+        if role in ("base", "realism"):
+            return self.pipeline(role)
+        if role == "identity2":
+            return self.identity2()
+        raise ValueError(f"unknown model role {role!r}; roles are {', '.join(MODEL_ROLES)}")
+
+    def hashes(self, role: str) -> dict[str, str]:
+        """sha256 of every file of the model of `role`, keyed as the manifest lists them
+        ('<role>/<file>'; rembg/<file> for the background remover); {} for a `background` or
+        `identity2` model that is not there. Computed once per process."""
+        if role == "faces":
+            return self.faces().hashes()
+        if role == "background":
+            remover = self.background()
+            return {f"rembg/{remover.model_path.name}": remover.sha256} if remover is not None else {}
+        if role in ("base", "realism"):
+            if role not in self._hashes:
+                from engine.models import model_files_hashes
+
+                self._hashes[role] = {f"{role}/{name}": digest for name, digest in model_files_hashes(self.model_ref(role)).items()}
+            return self._hashes[role]
+        if role == "identity2":
+            from engine import identity2
+
+            files, _ = identity2.locate()
+            return identity2.model_hashes(files) if files is not None else {}
+        raise ValueError(f"unknown model role {role!r}; roles are {', '.join(MODEL_ROLES)}")
+
+    # ------------------------------------------------------------------ each model
+
+    def faces(self) -> FaceModels:
+        if self._faces is None:
+            s = self.settings.faces
+            self._faces = load_face_models(
+                self.settings.models_dir, s.pack, require_pack=s.require_pack, detect_size=s.detect_size,
+                detect_threshold=s.detect_threshold, providers=s.providers, threads=s.threads,
+            )
+        return self._faces
+
+    def background_model_path(self) -> Path:
+        return staged_model_path(self.settings.models_dir, self.settings.background.model)
+
+    def background(self) -> BackgroundRemover | None:
+        """The rembg remover, or None when no model is staged (the caller decides what that means).
+        Loaded again when the staged file changes (a lab stages or replaces it while the daemon
+        runs): the remover used and the hash recorded are always of the file there now."""
+        path = self.background_model_path()
+        try:
+            info = path.stat()
+        except OSError:
+            self._background = None
+            return None
+        key = (info.st_size, info.st_mtime_ns, info.st_ino)
+        if self._background is None or self._background_key != key:
+            self._background = BackgroundRemover(path, threads=self.settings.faces.threads)
+            self._background_key = key
+        return self._background
+
+    def model_ref(self, role: str) -> Any:
+        """Where the `base` or `realism` model is (ConfigError naming what to stage where).
+
+        With demo on, both are the tiny generated model: it is never used otherwise."""
+        from engine.models import resolve_model
+
+        models = self.settings.models
+        name, config = (models.base, models.base_config) if role == "base" else (models.realism, models.realism_config)
+        return resolve_model(name, config, self.settings, demo=self.demo, role=role)
+
+    def pipeline(self, role: str = "base") -> Any:
+        """The loaded diffusion pipeline of `role`, loaded once per process (demo: the realism
+        role is the base pipeline itself)."""
+        if role not in self._pipelines:
+            if role == "realism" and self.demo:
+                self._pipelines[role] = self.pipeline("base")
+            else:
+                from engine.models import load_pipeline
+
+                self._pipelines[role] = load_pipeline(self.model_ref(role), self.settings)
+        return self._pipelines[role]
+
+    def img2img(self, pipe: Any) -> Any:
+        """The image-to-image pipeline on `pipe`'s components (`from_pipe`: no second copy of the
+        weights; a LoRA loaded into `pipe` acts in it too), made once per pipeline."""
+        for owner, image2image in self._img2img:
+            if owner is pipe:
+                return image2image
+        from diffusers import AutoPipelineForImage2Image
+
+        image2image = AutoPipelineForImage2Image.from_pipe(pipe)
+        image2image.set_progress_bar_config(disable=True)
+        self._img2img.append((pipe, image2image))
+        return image2image
+
+    def identity2(self) -> Any:
+        """The second identity model (engine.identity2.SecondIdentityModel), loaded on first use;
+        None when dlib or its model files are not installed."""
+        if self._identity2 is None:
+            from engine import identity2
+
+            files, _ = identity2.locate()
+            self._identity2 = identity2.SecondIdentityModel(files) if files is not None else False
+        return self._identity2 or None
+
+    # ------------------------------------------------------------------ keys
+
+    def keys(self) -> Any:
+        """The lab's keys (engine.trust.LabKeys) from [trust] keys, or None: records are unsigned.
+        ConfigError naming what is missing where; `[trust] require` refuses to go unsigned."""
+        if self._keys is None:
+            from engine.trust import LabKeys
+
+            folder = self.settings.keys_dir
+            if folder is None:
+                if self.settings.trust.require:
+                    raise ConfigError("keys_missing", "[trust] require = true, but [trust] keys names no folder: make lab keys with "
+                                                      "`python -m engine keys init --out DIR` and set [trust] keys = DIR")
+                self._keys = False
+            else:
+                self._keys = LabKeys.load(folder)
+        return self._keys or None
+
+    def trust_facts(self) -> dict[str, Any]:
+        """Who signs this installation's records (for the audit log and the report)."""
+        from engine.trust import UNSIGNED_FACTS
+
+        keys = self.keys()
+        return keys.facts() if keys is not None else dict(UNSIGNED_FACTS)
+
+    def credentials(self) -> Any:
+        """The C2PA signer of generated images (engine.credentials), or None without keys."""
+        if self._credentials is None:
+            keys = self.keys()
+            if keys is None:
+                self._credentials = False
+            else:
+                from engine.credentials import ContentCredentials
+
+                self._credentials = ContentCredentials(keys)
+        return self._credentials or None
