@@ -4,8 +4,9 @@ A kind is data (`Kind`): its name, its stages in order (names from engine.stages
 dataclass its job.toml is read into (`kind`, `subject`, `prepare` and the kind's own sections),
 the report's sections, and its own checks (the prompts the denylist screens, cross-checks between
 keys). The runner, ledger, resume, audit log, outbox, failed/, report and status work the same for
-every kind, from this data alone: a new kind is one module in this package calling `register_kind`
-(imported at the bottom of this file), plus the stages of its own in engine/stages.
+every kind, from this data alone: a new kind is one module in this package defining its `Kind`
+(listed in `_built_in` below), plus the stages of its own in engine/stages; `register_kind` adds
+one from outside (a test's throw-away kind).
 
 This module owns the registry of kinds and what a job folder's kind is. Plain data: importing it
 pulls in no stage (readers of job folders, `status` and the daemon's metrics, use it).
@@ -60,6 +61,11 @@ class Kind:
             raise TypeError(f"kind {self.name!r} has no stages")
         if len(set(self.stages)) != len(self.stages):
             raise TypeError(f"kind {self.name!r} lists a stage twice")
+        from engine.stages import STAGE_MODULES
+
+        unknown = [name for name in self.stages if name not in STAGE_MODULES]
+        if unknown:
+            raise ValueError(f"kind {self.name!r}: unknown stage(s) {', '.join(unknown)}; stages are {', '.join(STAGE_MODULES)}")
 
     @property
     def sections(self) -> tuple[str, ...]:
@@ -71,17 +77,15 @@ class Kind:
         return self.stages if until is None else self.stages[: self.stages.index(until) + 1]
 
 
-_KINDS: dict[str, Kind] = {}
+def _built_in() -> dict[str, Kind]:
+    from engine.kinds.replicate import REPLICATE
+
+    return {kind.name: kind for kind in (REPLICATE,)}
 
 
 def register_kind(kind: Kind) -> Kind:
-    """Add a kind (a module of this package at import; a test for a kind of its own). A name
+    """Add a kind to the built-in ones (a test's kind of its own, a lab's plug-in). A name
     already taken by another kind is refused: a job's kind must mean one pipeline."""
-    from engine.stages import STAGE_MODULES
-
-    unknown = [name for name in kind.stages if name not in STAGE_MODULES]
-    if unknown:
-        raise ValueError(f"kind {kind.name!r}: unknown stage(s) {', '.join(unknown)}; stages are {', '.join(STAGE_MODULES)}")
     if _KINDS.get(kind.name, kind) is not kind:
         raise ValueError(f"a kind named {kind.name!r} is already registered")
     _KINDS[kind.name] = kind
@@ -129,4 +133,5 @@ def all_stage_names() -> tuple[str, ...]:
     return tuple(names)
 
 
-from engine.kinds import replicate  # noqa: E402,F401 - registers the built-in kinds
+# The built-in kinds (a new kind's module adds its Kind to `_built_in`); plain data, no import side effect.
+_KINDS: dict[str, Kind] = _built_in()

@@ -8,9 +8,9 @@ are engine.job's (`JobSpec`), as config.toml gives defaults for them.
 from __future__ import annotations
 
 from engine.job import JobSpec, replicate_checks, replicate_prompts
-from engine.kinds import Kind, register_kind
+from engine.kinds import Kind
 
-REPLICATE = register_kind(Kind(
+REPLICATE = Kind(
     name="replicate",
     stages=("prepare", "embed", "train", "verify", "render"),
     spec=JobSpec,
@@ -19,4 +19,4 @@ REPLICATE = register_kind(Kind(
     checks=replicate_checks,
     title="Identity replication report",
     summary="an identity from 1-3 photos: prepare, embed, LoRA training, seed discovery, stylised renders",
-))
+)
