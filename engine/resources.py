@@ -21,8 +21,8 @@ from engine.faces import FaceModels, load_face_models
 
 # faces: SCRFD + ArcFace (engine.faces); background: the staged rembg model (None when not
 # staged); base / realism: diffusion pipelines (engine.models); identity2: dlib's descriptor
-# (engine.identity2; None when not installed).
-MODEL_ROLES = ("faces", "background", "base", "realism", "identity2")
+# (engine.identity2; None when not installed); landmarks: 2d106det + dlib's 68 points (engine.landmarks).
+MODEL_ROLES = ("faces", "background", "base", "realism", "identity2", "landmarks")
 
 
 class Resources:
@@ -37,6 +37,7 @@ class Resources:
         self._pipelines: dict[str, Any] = {}
         self._img2img: list[tuple[Any, Any]] = []  # (pipeline, its image-to-image pipeline)
         self._identity2: Any = None
+        self._landmarks: Any = None
         self._hashes: dict[str, dict[str, str]] = {}
         self._keys: Any = None
         self._credentials: Any = None
@@ -53,6 +54,8 @@ class Resources:
             return self.pipeline(role)
         if role == "identity2":
             return self.identity2()
+        if role == "landmarks":
+            return self.landmarks()
         raise ValueError(f"unknown model role {role!r}; roles are {', '.join(MODEL_ROLES)}")
 
     def hashes(self, role: str) -> dict[str, str]:
@@ -75,6 +78,8 @@ class Resources:
 
             files, _ = identity2.locate()
             return identity2.model_hashes(files) if files is not None else {}
+        if role == "landmarks":
+            return self.landmarks().hashes()
         raise ValueError(f"unknown model role {role!r}; roles are {', '.join(MODEL_ROLES)}")
 
     # ------------------------------------------------------------------ each model
@@ -151,6 +156,15 @@ class Resources:
             files, _ = identity2.locate()
             self._identity2 = identity2.SecondIdentityModel(files) if files is not None else False
         return self._identity2 or None
+
+    def landmarks(self) -> Any:
+        """The landmark models (engine.landmarks.LandmarkModels), loaded on first use."""
+        if self._landmarks is None:
+            from engine.faces import select_providers
+            from engine.landmarks import LandmarkModels
+
+            self._landmarks = LandmarkModels(select_providers(self.settings.faces.providers), self.settings.faces.threads)
+        return self._landmarks
 
     # ------------------------------------------------------------------ keys
 
