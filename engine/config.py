@@ -88,6 +88,9 @@ class ModelSettings:
               names a local diffusers folder holding its configs and tokenizer), or the
               word "demo": the tiny generated model, only ever used when asked for.
     realism   the second model of `two_pass` renders, same forms as `base`.
+    inpaint   the inpainting model of retouch and restore jobs: an inpainting diffusers folder or
+              checkpoint (a 9-channel UNet, e.g. stable-diffusion-inpainting; `inpaint_config` as
+              `base_config`), or "base": the base model's own weights as an inpainting pipeline.
     hub ids are used only when `allow_download = true` (never in an air-gapped lab).
     """
 
@@ -95,6 +98,8 @@ class ModelSettings:
     base_config: str = field(default="", metadata=rule(Str(max_len=500)))
     realism: str = field(default="realism", metadata=rule(Str(min_len=1, max_len=500)))
     realism_config: str = field(default="", metadata=rule(Str(max_len=500)))
+    inpaint: str = field(default="base", metadata=rule(Str(min_len=1, max_len=500)))
+    inpaint_config: str = field(default="", metadata=rule(Str(max_len=500)))
     allow_download: bool = field(default=False, metadata=rule(Bool()))
     device: str = field(default="auto", metadata=rule(Str(choices=("auto", "cpu", "cuda"))))
     dtype: str = field(default="auto", metadata=rule(Str(choices=("auto", "float32", "float16", "bfloat16"))))

@@ -58,7 +58,14 @@ KIND_HUB = "hub_id"
 KIND_DEMO = "demo"
 
 # model_index.json `_class_name` -> the pipeline family we load it as.
-_PIPELINE_FAMILIES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl"}
+_PIPELINE_FAMILIES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl",
+                      "StableDiffusionInpaintPipeline": "sd", "StableDiffusionXLInpaintPipeline": "sdxl"}
+# Inpainting pipelines: a 9-channel UNet (latents, mask, masked-image latents). Only models.inpaint
+# takes them, and models.inpaint takes nothing else (its "base" is the base model via from_pipe).
+_INPAINT_CLASSES = ("StableDiffusionInpaintPipeline", "StableDiffusionXLInpaintPipeline")
+INPAINT_CHANNELS = 9
+INPAINT_FROM_BASE = "base"  # models.inpaint = "base": the base model's own components, as an inpainting pipeline
+DEMO_INPAINT_NAME = "demo-inpaint"  # the demo model's 9-channel twin, under <models>/
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth")
 _NO_WEIGHTS_CLASS_WORDS = ("Tokenizer", "Scheduler", "FeatureExtractor", "ImageProcessor", "Processor")
 # An "org/name" hub repository id (huggingface_hub's rules, loosely): one slash, no spaces.
@@ -107,13 +114,14 @@ def resolve_model(name: str, config_name: str, settings: Settings, demo: bool, *
     With `demo` the answer is always the tiny generated model at <models>/demo (built here
     when missing). Otherwise "demo" is refused, and anything not staged raises
     ConfigError("model_missing") naming the absolute path expected and how to stage it.
-    `role` only names the config keys in messages ("base" or "realism").
+    `role` names the config keys in messages ("base", "realism" or "inpaint") and says which
+    pipelines are accepted: inpainting ones (a 9-channel UNet) for `inpaint` only.
     """
     models_dir = settings.models_dir
     key = f"models.{role}"
     config_key = f"models.{role}_config"
     if demo:
-        return _demo_ref(models_dir)
+        return _demo_ref(models_dir, inpaint=role == "inpaint")
     name = name.strip()
     if name == DEMO_NAME:
         raise ConfigError(
@@ -123,7 +131,7 @@ def resolve_model(name: str, config_name: str, settings: Settings, demo: bool, *
         )
     path = _local_path(name, models_dir)
     if path.is_dir():
-        _check_diffusers_folder(path, key)
+        _check_diffusers_folder(path, key, inpaint=role == "inpaint")
         return ModelRef(KIND_FOLDER, name, path, None, models_dir)
     if path.is_file():
         if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
@@ -133,7 +141,7 @@ def resolve_model(name: str, config_name: str, settings: Settings, demo: bool, *
                 "stage a diffusers folder (with model_index.json) or a single-file checkpoint",
             )
         config_path = _single_file_config(path, config_name, models_dir, config_key)
-        _check_checkpoint(path, config_path, key)
+        _check_checkpoint(path, config_path, key, inpaint=role == "inpaint")
         return ModelRef(KIND_SINGLE_FILE, name, path, config_path, models_dir)
     if _HUB_ID.fullmatch(name) and not Path(name).expanduser().is_absolute():
         if settings.models.allow_download:
@@ -189,9 +197,10 @@ def _local_path(name: str, models_dir: Path) -> Path:
     return Path(os.path.normpath(path if path.is_absolute() else models_dir / path))
 
 
-def _check_diffusers_folder(folder: Path, key: str) -> None:
+def _check_diffusers_folder(folder: Path, key: str, inpaint: bool = False) -> None:
     """Refuse a folder that diffusers would fail on later: no model_index.json, an
-    unsupported pipeline, or a component folder (or its weights) missing."""
+    unsupported pipeline (or one of the wrong kind for `key`), or a component folder (or its
+    weights) missing."""
     index_path = folder / "model_index.json"
     if not index_path.is_file():
         raise ConfigError(
@@ -202,6 +211,7 @@ def _check_diffusers_folder(folder: Path, key: str) -> None:
         )
     index = _read_model_index(index_path)
     _pipeline_family(index, index_path)
+    _check_kind(index, index_path, key, inpaint, _unet_channels(folder / "unet" / "config.json"))
     missing: list[str] = []
     for component, (library, class_name) in _components(index).items():
         sub = folder / component
@@ -236,7 +246,7 @@ def _single_file_config(path: Path, config_name: str, models_dir: Path, config_k
     return config_path
 
 
-def _check_checkpoint(path: Path, config_path: Path, key: str) -> None:
+def _check_checkpoint(path: Path, config_path: Path, key: str, inpaint: bool = False) -> None:
     """Read a .safetensors header (a few KB, no tensors) to refuse files that are not a whole
     Stable Diffusion checkpoint (a LoRA, a lone VAE) or do not match the config folder's family.
     .ckpt files are pickles: they are only checked when loaded (torch.load, weights_only=True)."""
@@ -247,7 +257,8 @@ def _check_checkpoint(path: Path, config_path: Path, key: str) -> None:
             (header_size,) = struct.unpack("<Q", handle.read(8))
             if header_size > 100 * 1024 * 1024:
                 raise ValueError(f"header of {header_size} bytes")
-            names = [n for n in json.loads(handle.read(header_size)) if n != "__metadata__"]
+            header = json.loads(handle.read(header_size))
+            names = [n for n in header if n != "__metadata__"]
     except (OSError, struct.error, ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
         raise ConfigError("model_invalid", f"{key}: {path} is not a readable .safetensors file ({exc})") from None
     if not any(n.startswith("model.diffusion_model.") for n in names):
@@ -258,7 +269,10 @@ def _check_checkpoint(path: Path, config_path: Path, key: str) -> None:
         )
     family = "sdxl" if any(n.startswith("conditioner.embedders.1.") for n in names) else "sd"
     index_path = config_path / "model_index.json"
-    expected = _pipeline_family(_read_model_index(index_path), index_path)
+    index = _read_model_index(index_path)
+    expected = _pipeline_family(index, index_path)
+    first_conv = (header.get("model.diffusion_model.input_blocks.0.0.weight") or {}).get("shape") or [None, None]
+    _check_kind(index, index_path, key, inpaint, first_conv[1] if len(first_conv) > 1 else None, checkpoint=path)
     if family != expected:
         raise ConfigError(
             "model_invalid",
@@ -285,6 +299,30 @@ def _pipeline_family(index: dict[str, Any], index_path: Path) -> str:
             f"{index_path} names the pipeline {class_name!r}; supported: {', '.join(_PIPELINE_FAMILIES)}",
         )
     return _PIPELINE_FAMILIES[class_name]
+
+
+def _check_kind(index: dict[str, Any], index_path: Path, key: str, inpaint: bool, channels: int | None, checkpoint: Path | None = None) -> None:
+    """models.inpaint takes inpainting pipelines with a 9-channel UNet, and the other roles
+    anything else: each refusal names the key and where the other kind goes."""
+    is_inpaint = index.get("_class_name") in _INPAINT_CLASSES
+    what = checkpoint or index_path.parent
+    if inpaint and not is_inpaint:
+        raise ConfigError("model_unsupported", f"{key}: {what} is a text-to-image model ({index.get('_class_name')}); {key} takes an inpainting "
+                                               f"model (a {INPAINT_CHANNELS}-channel UNet, e.g. stable-diffusion-inpainting) or "
+                                               f'"{INPAINT_FROM_BASE}" (the base model\'s own weights as an inpainting pipeline)')
+    if not inpaint and is_inpaint:
+        raise ConfigError("model_unsupported", f"{key}: {what} is an inpainting model ({index.get('_class_name')}); stage it as models.inpaint, "
+                                               f"and give {key} a text-to-image model")
+    if inpaint and channels is not None and channels != INPAINT_CHANNELS:
+        raise ConfigError("model_invalid", f"{key}: {what} has a UNet of {channels} input channels; an inpainting model has {INPAINT_CHANNELS} "
+                                           "(latents, mask, masked image)")
+
+
+def _unet_channels(config_path: Path) -> int | None:
+    try:
+        return int(json.loads(config_path.read_text(encoding="utf-8")).get("in_channels"))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return None  # the completeness check below names what is missing
 
 
 def _components(index: dict[str, Any]) -> dict[str, tuple[str, str]]:
@@ -319,19 +357,21 @@ def demo_model_dir(models_dir: Path) -> Path:
     return Path(models_dir) / DEMO_NAME
 
 
-def _demo_ref(models_dir: Path) -> ModelRef:
-    folder = demo_model_dir(models_dir)
+def _demo_ref(models_dir: Path, inpaint: bool = False) -> ModelRef:
+    folder = Path(models_dir) / (DEMO_INPAINT_NAME if inpaint else DEMO_NAME)
     if not (folder / DEMO_MARKER).is_file() or not (folder / "model_index.json").is_file():
         try:
             # Replace only our own damaged build; never a complete one another process may be loading.
-            make_demo_model(folder, replace=(folder / DEMO_MARKER).is_file())
+            make_demo_model(folder, replace=(folder / DEMO_MARKER).is_file(), inpaint=inpaint)
         except OSError as exc:
             raise ConfigError("model_missing", f"cannot build the demo model at {folder}: {exc}") from None
-    return ModelRef(KIND_DEMO, DEMO_NAME, folder, None, Path(models_dir))
+    return ModelRef(KIND_DEMO, DEMO_INPAINT_NAME if inpaint else DEMO_NAME, folder, None, Path(models_dir))
 
 
-def make_demo_model(directory: Path, *, replace: bool = True) -> Path:
-    """Generate the tiny demo StableDiffusionPipeline (random weights, seed 0) into `directory`.
+def make_demo_model(directory: Path, *, replace: bool = True, inpaint: bool = False) -> Path:
+    """Generate the tiny demo StableDiffusionPipeline (random weights, seed 0) into `directory`;
+    with `inpaint`, its twin StableDiffusionInpaintPipeline (the same text encoder, VAE and
+    tokenizer; a 9-channel UNet).
 
     Deterministic: building twice gives byte-identical files, so its hashes in audit logs
     are comparable across machines with the same library versions. The folder appears
@@ -342,7 +382,7 @@ def make_demo_model(directory: Path, *, replace: bool = True) -> Path:
     """
     directory = Path(directory).absolute()
     started = time.perf_counter()
-    pipe, vocab = _build_demo_pipeline()
+    pipe, vocab = _build_demo_pipeline(inpaint=inpaint)
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
     try:
@@ -351,7 +391,8 @@ def make_demo_model(directory: Path, *, replace: bool = True) -> Path:
         # the folder load under transformers 4 as well.
         (staging / "tokenizer" / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
         (staging / "tokenizer" / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
-        marker = {"demo": True, "note": "random weights, renders are noise", "seed": DEMO_SEED, "resolution": DEMO_RESOLUTION}
+        marker = {"demo": True, "note": "random weights, renders are noise", "seed": DEMO_SEED, "resolution": DEMO_RESOLUTION,
+                  **({"inpaint": True} if inpaint else {})}
         (staging / DEMO_MARKER).write_text(json.dumps(marker, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         _make_readable(staging)
         _move_into_place(staging, directory, replace)
@@ -378,9 +419,9 @@ def offline_clip_tokenizer() -> tuple[Any, dict[str, int]]:
     return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77), vocab
 
 
-def _build_demo_pipeline() -> tuple[Any, dict[str, int]]:
+def _build_demo_pipeline(inpaint: bool = False) -> tuple[Any, dict[str, int]]:
     import torch
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionInpaintPipeline, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     _quiet_libraries()
@@ -391,7 +432,7 @@ def _build_demo_pipeline() -> tuple[Any, dict[str, int]]:
         torch.manual_seed(DEMO_SEED)
         unet = UNet2DConditionModel(
             sample_size=DEMO_RESOLUTION // 8,
-            in_channels=4,
+            in_channels=INPAINT_CHANNELS if inpaint else 4,
             out_channels=4,
             block_out_channels=(32, 64),
             layers_per_block=2,
@@ -438,7 +479,7 @@ def _build_demo_pipeline() -> tuple[Any, dict[str, int]]:
         set_alpha_to_one=False,
         steps_offset=1,
     )
-    pipe = StableDiffusionPipeline(
+    pipe = (StableDiffusionInpaintPipeline if inpaint else StableDiffusionPipeline)(
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
@@ -511,33 +552,35 @@ def select_device_dtype(settings: Settings) -> tuple[torch.device, torch.dtype]:
 
 
 def load_pipeline(ref: ModelRef, settings: Settings) -> Any:
-    """Load `ref` as a StableDiffusionPipeline (SD-1.x/2.x) or StableDiffusionXLPipeline,
+    """Load `ref` as the pipeline class its model_index.json names (StableDiffusion[XL]Pipeline, or
+    for models.inpaint StableDiffusion[XL]InpaintPipeline),
     on the device and in the dtype `select_device_dtype` picks, SDPA attention, no progress bars.
 
     Local forms never touch the network (local_files_only=True). The pipeline keeps the
     components its folder lists (a folder that ships a safety checker keeps it).
     """
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    import diffusers
     from diffusers.models.attention_processor import AttnProcessor2_0
 
     _quiet_libraries()
     started = time.perf_counter()
     device, dtype = select_device_dtype(settings)
-    classes = {"sd": StableDiffusionPipeline, "sdxl": StableDiffusionXLPipeline}
+
+    def pipeline_class(index_path: Path) -> Any:
+        index = _read_model_index(index_path)
+        _pipeline_family(index, index_path)  # one of ours, or a ConfigError naming it
+        return getattr(diffusers, index["_class_name"])
+
     if ref.kind == KIND_SINGLE_FILE:
         if ref.config_path is None or not (ref.config_path / "model_index.json").is_file():
             # Never let from_single_file fall back to fetching configs from the hub.
             raise ConfigError("model_missing", f"{ref.path}: its local config folder {ref.config_path} has no model_index.json")
-        index_path = ref.config_path / "model_index.json"
-        pipeline_class = classes[_pipeline_family(_read_model_index(index_path), index_path)]
-        pipe = pipeline_class.from_single_file(
+        pipe = pipeline_class(ref.config_path / "model_index.json").from_single_file(
             str(ref.path), config=str(ref.config_path), local_files_only=True, dtype=dtype
         )
     else:
         folder = _hub_folder(ref) if ref.kind == KIND_HUB else ref.path
-        index_path = folder / "model_index.json"
-        pipeline_class = classes[_pipeline_family(_read_model_index(index_path), index_path)]
-        pipe = pipeline_class.from_pretrained(
+        pipe = pipeline_class(folder / "model_index.json").from_pretrained(
             str(folder), dtype=dtype, local_files_only=True, **_variant_kwargs(folder)
         )
     pipe.to(device)

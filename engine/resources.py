@@ -21,8 +21,9 @@ from engine.faces import FaceModels, load_face_models
 
 # faces: SCRFD + ArcFace (engine.faces); background: the staged rembg model (None when not
 # staged); base / realism: diffusion pipelines (engine.models); identity2: dlib's descriptor
-# (engine.identity2; None when not installed); landmarks: 2d106det + dlib's 68 points (engine.landmarks).
-MODEL_ROLES = ("faces", "background", "base", "realism", "identity2", "landmarks")
+# (engine.identity2; None when not installed); landmarks: 2d106det + dlib's 68 points (engine.landmarks);
+# inpaint: an inpainting pipeline (models.inpaint; "base": the base pipeline's components).
+MODEL_ROLES = ("faces", "background", "base", "realism", "inpaint", "identity2", "landmarks")
 
 
 class Resources:
@@ -50,7 +51,7 @@ class Resources:
             return self.faces()
         if role == "background":
             return self.background()
-        if role in ("base", "realism"):
+        if role in ("base", "realism", "inpaint"):
             return self.pipeline(role)
         if role == "identity2":
             return self.identity2()
@@ -67,7 +68,9 @@ class Resources:
         if role == "background":
             remover = self.background()
             return {f"rembg/{remover.model_path.name}": remover.sha256} if remover is not None else {}
-        if role in ("base", "realism"):
+        if role == "inpaint" and self.inpaint_from_base():
+            return self.hashes("base")  # the same files
+        if role in ("base", "realism", "inpaint"):
             if role not in self._hashes:
                 from engine.models import model_files_hashes
 
@@ -119,15 +122,29 @@ class Resources:
         from engine.models import resolve_model
 
         models = self.settings.models
-        name, config = (models.base, models.base_config) if role == "base" else (models.realism, models.realism_config)
+        name, config = {"base": (models.base, models.base_config), "realism": (models.realism, models.realism_config),
+                        "inpaint": (models.inpaint, models.inpaint_config)}[role]
         return resolve_model(name, config, self.settings, demo=self.demo, role=role)
+
+    def inpaint_from_base(self) -> bool:
+        """models.inpaint = "base": the base pipeline's components as an inpainting pipeline
+        (`from_pipe`; the demo model has a 9-channel twin of its own instead)."""
+        from engine.models import INPAINT_FROM_BASE
+
+        return not self.demo and self.settings.models.inpaint.strip() == INPAINT_FROM_BASE
 
     def pipeline(self, role: str = "base") -> Any:
         """The loaded diffusion pipeline of `role`, loaded once per process (demo: the realism
-        role is the base pipeline itself)."""
+        role is the base pipeline itself; inpaint = "base": the base pipeline's components)."""
         if role not in self._pipelines:
             if role == "realism" and self.demo:
                 self._pipelines[role] = self.pipeline("base")
+            elif role == "inpaint" and self.inpaint_from_base():
+                from diffusers import AutoPipelineForInpainting
+
+                inpainting = AutoPipelineForInpainting.from_pipe(self.pipeline("base"))
+                inpainting.set_progress_bar_config(disable=True)
+                self._pipelines[role] = inpainting
             else:
                 from engine.models import load_pipeline
 
