@@ -97,6 +97,40 @@ def render(
     return np.clip(np.rint(np.asarray(result.images) * 255.0), 0, 255).astype(np.uint8)
 
 
+def inpaint(
+    pipe: Any,
+    prompt: str,
+    negative_prompt: str,
+    seeds: Sequence[int],
+    image: np.ndarray,
+    mask: np.ndarray,
+    *,
+    steps: int,
+    guidance: float,
+    strength: float,
+    on_step: Callable[[], None] | None = None,
+) -> np.ndarray:
+    """Inpaint `image` (H x W x 3 uint8, H and W the model's size) where `mask` (H x W bool) is set,
+    one image per seed in one batched call: N x H x W x 3 uint8. Each seed has its own CPU
+    generator (as `render`). The pipeline decodes the whole image, so pixels outside the mask
+    change too: callers paste the result back through their own alpha (engine.measures.composite)."""
+    count = len(seeds)
+    height, width = image.shape[:2]
+    images = torch.from_numpy(np.repeat(image[None].astype(np.float32) / 255.0, count, axis=0)).permute(0, 3, 1, 2)
+    masks = torch.from_numpy(np.repeat(mask[None, None].astype(np.float32), count, axis=0))
+    options: dict[str, Any] = {}
+    if on_step is not None:
+        def after_step(_pipe: Any, _step: int, _timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+            on_step()
+            return tensors
+
+        options["callback_on_step_end"] = after_step
+    result = pipe(prompt=[prompt] * count, negative_prompt=[negative_prompt] * count, image=images, mask_image=masks, height=height, width=width,
+                  strength=strength, num_inference_steps=steps, guidance_scale=guidance,
+                  generator=[torch.Generator(device="cpu").manual_seed(int(seed)) for seed in seeds], output_type="np", **options)
+    return np.clip(np.rint(np.asarray(result.images) * 255.0), 0, 255).astype(np.uint8)
+
+
 def drift_label(value: float | None) -> str:
     return "noface" if value is None else f"{value:.4f}"
 

@@ -161,6 +161,103 @@ class JobSpec(KindSpec):
     verify: VerifySpec = field(default_factory=VerifySpec, metadata=rule(Table(VerifySpec)))
 
 
+RETOUCH_REGIONS = ("forehead", "under_eye", "smile_lines", "chin")  # engine.regions.REGIONS (kept light here)
+
+
+@dataclass(frozen=True)
+class RetouchCaps:
+    """The highest inpainting strength each region takes: a strength above it is refused, never clamped."""
+
+    forehead: float = field(default=0.32, metadata=rule(Float(0.0, 1.0, low_open=True)))
+    under_eye: float = field(default=0.28, metadata=rule(Float(0.0, 1.0, low_open=True)))
+    smile_lines: float = field(default=0.32, metadata=rule(Float(0.0, 1.0, low_open=True)))
+    chin: float = field(default=0.32, metadata=rule(Float(0.0, 1.0, low_open=True)))
+
+
+@dataclass(frozen=True)
+class RetouchAccept:
+    """When a variant is accepted (engine.measures.AcceptLimits)."""
+
+    max_drift: float = field(default=0.05, metadata=rule(Float(0.0, 2.0)))
+    texture_min: float = field(default=0.70, metadata=rule(Float(0.0, 10.0)))
+    texture_max: float = field(default=1.30, metadata=rule(Float(0.0, 10.0)))
+    max_delta_e: float = field(default=2.0, metadata=rule(Float(0.0, 100.0)))
+    max_landmark_shift: float = field(default=0.03, metadata=rule(Float(0.0, 1.0)))  # IOD
+
+
+@dataclass(frozen=True)
+class RetouchSpec:
+    """A retouch sweep: every region set (each region alone, and all of them together with
+    `combine`) x `strengths` x `seeds`, inpainted, pasted into the original photo and measured."""
+
+    regions: tuple[str, ...] = field(default=RETOUCH_REGIONS, metadata=rule(ListOf(Str(choices=RETOUCH_REGIONS), 1, 4)))
+    combine: bool = field(default=True, metadata=rule(Bool()))
+    # parallel: each region inpainted from the original, then combined; sequential: one after another.
+    compositing: str = field(default="parallel", metadata=rule(Str(choices=("parallel", "sequential"))))
+    strengths: tuple[float, ...] = field(default=(0.18, 0.22, 0.26), metadata=rule(ListOf(Float(0.0, 1.0, low_open=True), 1, 16)))
+    seeds: tuple[int, ...] = field(default=(0, 1), metadata=rule(ListOf(Int(0, 2**32 - 1), 1, 16)))
+    steps: int = field(default=30, metadata=rule(Int(1, 200)))
+    guidance: float = field(default=5.0, metadata=rule(Float(0.0, 30.0)))
+    resolution: int = field(default=512, metadata=rule(Int(64, 2048)))  # the model's side, px (the demo model: its own 128)
+    prompt: str = field(default="a close-up photo of a face, natural skin, fine skin texture, soft light", metadata=rule(Str(min_len=1, max_len=1000)))
+    negative_prompt: str = field(default="plastic skin, airbrushed, blurry, makeup", metadata=rule(Str(max_len=1000)))
+    min_skin: float = field(default=0.5, metadata=rule(Float(0.0, 1.0)))  # a region keeping less of its area is not_applicable
+    masks: tuple[tuple[str, str], ...] = field(default=(), metadata=rule(MapOf(Str(min_len=1, max_len=255))))  # region -> a PNG in the folder
+    caps: RetouchCaps = field(default_factory=RetouchCaps, metadata=rule(Table(RetouchCaps)))
+    accept: RetouchAccept = field(default_factory=RetouchAccept, metadata=rule(Table(RetouchAccept)))
+
+    def denoising_steps(self, strength: float) -> int:
+        """The steps an inpainting call at `strength` really denoises (diffusers: int(steps x strength))."""
+        return int(self.steps * strength)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RetouchJobSpec(KindSpec):
+    """A `retouch` job (engine.kinds.retouch): one photo, region-masked inpainting sweeps."""
+
+    kind: str = field(default="retouch", metadata=rule(Str(min_len=1, max_len=64)))
+    retouch: RetouchSpec = field(default_factory=RetouchSpec, metadata=rule(Table(RetouchSpec)))
+
+
+def retouch_checks(spec: RetouchJobSpec, where: str) -> list[Problem]:
+    """Strengths above a region's cap, strengths that denoise the same number of steps (identical
+    images under two names) or none, mask overrides for regions not swept, repeated seeds."""
+    problems: list[Problem] = []
+    r = spec.retouch
+    caps = {name: getattr(r.caps, name) for name in RETOUCH_REGIONS}
+    seen: dict[int, int] = {}
+    for i, strength in enumerate(r.strengths):
+        key = f"{where}: retouch.strengths[{i}]"
+        over = [name for name in r.regions if strength > caps[name]]
+        steps = r.denoising_steps(strength)
+        if over:
+            problems.append(Problem(key, f"{strength} is above the cap of {', '.join(over)} ("
+                                    + ", ".join(f"retouch.caps.{name} = {caps[name]}" for name in over) + "); lower it, or raise the cap"))
+        elif steps == 0:
+            problems.append(Problem(key, f"{strength} x retouch.steps {r.steps} denoises no step at all; raise the strength or the steps"))
+        elif steps in seen:
+            j = seen[steps]
+            problems.append(Problem(key, f"{strength} denoises the same {steps} steps as retouch.strengths[{j}] = {r.strengths[j]} at retouch.steps = "
+                                    f"{r.steps}: their images would be identical; drop one or change the steps"))
+        seen.setdefault(steps, i)
+    if len(set(r.regions)) != len(r.regions):
+        problems.append(Problem(f"{where}: retouch.regions", "a region is listed twice"))
+    if len(set(r.seeds)) != len(r.seeds):
+        problems.append(Problem(f"{where}: retouch.seeds", "seeds must be distinct"))
+    for name, file in r.masks:
+        if name not in r.regions:
+            problems.append(Problem(f"{where}: retouch.masks.{key_text(name)}", f"names no region of retouch.regions ({', '.join(r.regions)})"))
+        elif not file.lower().endswith(".png") or Path(file).is_absolute() or ".." in Path(file).parts:
+            problems.append(Problem(f"{where}: retouch.masks.{key_text(name)}", f"{file!r}: a mask is a .png file inside the job folder"))
+    if r.accept.texture_min > r.accept.texture_max:
+        problems.append(Problem(f"{where}: retouch.accept.texture_min", f"{r.accept.texture_min} is above texture_max {r.accept.texture_max}"))
+    return problems
+
+
+def retouch_prompts(spec: RetouchJobSpec) -> list[tuple[str, str]]:
+    return [("retouch.prompt", spec.retouch.prompt)]
+
+
 # The sections of a job that config.toml may give defaults for ([job.<section>]).
 JOB_DEFAULT_SECTIONS = {"prepare": PrepareSpec, "train": TrainSpec, "verify": VerifySpec}
 
@@ -345,11 +442,16 @@ def check_prompts(spec: KindSpec, denylist: tuple[str, ...], where: str = JOB_FI
 
 
 def resolve_photos(folder: Path, spec: KindSpec, extensions: tuple[str, ...], where: str = JOB_FILE) -> tuple[tuple[Path, ...], list[Problem]]:
-    """The photo files of a job: listed in subject.photos, or every image in the folder.
+    """The photo files of a job: listed in subject.photos, or every image in the folder but the
+    files its kind's sections name (a mask is never taken for a photo).
 
     Every path must stay inside the folder after resolving symbolic links; the count must
-    be 1 to MAX_PHOTOS.
+    be 1 to the kind's `max_photos` (MAX_PHOTOS at most).
     """
+    from engine.kinds import kind_named
+
+    kind = kind_named(spec.kind)
+    most, not_photos = kind.max_photos, set(kind.named_files(spec))
     problems: list[Problem] = []
     root = folder.resolve()
     photos: list[Path] = []
@@ -381,20 +483,25 @@ def resolve_photos(folder: Path, spec: KindSpec, extensions: tuple[str, ...], wh
             if utf8_safe(candidate.name) != candidate.name:
                 problems.append(Problem(utf8_safe(candidate.name), "the file name is not UTF-8 text (an old encoding?); rename the file"))
                 continue
-            if candidate.is_file():
+            if candidate.is_file() and candidate.name not in not_photos:
                 photos.append(candidate)
     if not problems:
         if not photos:
             skipped = (f"; not used, as their type is not accepted: {', '.join(ignored[:10])}" + (f" and {len(ignored) - 10} more" if len(ignored) > 10 else "")
                        + " (convert them, e.g. HEIC to JPEG or PNG)") if ignored else ""
-            problems.append(Problem(f"{where}: subject.photos", f"no photo found: put 1 to {MAX_PHOTOS} images ({', '.join(extensions)}) in the job folder{skipped}"))
-        elif len(photos) > MAX_PHOTOS:
-            problems.append(Problem(f"{where}: subject.photos", f"{len(photos)} photos found; a job takes 1 to {MAX_PHOTOS} (list them in subject.photos)"))
+            problems.append(Problem(f"{where}: subject.photos", f"no photo found: put {_photo_count(most)} ({', '.join(extensions)}) in the job folder{skipped}"))
+        elif len(photos) > most:
+            problems.append(Problem(f"{where}: subject.photos", f"{len(photos)} photos found; a {kind.name} job takes {_photo_count(most)} "
+                                    "(list them in subject.photos)"))
     known = {p.relative_to(folder).as_posix() for p in photos}
     for name, _ in spec.subject.face_index:
         if name not in known:
             problems.append(Problem(f"{where}: subject.face_index.{key_text(name)}", "names no photo of this job"))
     return tuple(photos), problems
+
+
+def _photo_count(most: int) -> str:
+    return "one image" if most == 1 else f"1 to {most} images"
 
 
 MAX_FOLDER_ENTRIES = 10_000  # files and folders in a job folder; a job is 1-3 photos and job.toml

@@ -35,8 +35,16 @@ VERIFY_INFO = "verify/verify.json"
 RENDERS_DIR = "renders"
 DRIFT_REPORT_JSON = "drift_report.json"
 DRIFT_REPORT_CSV = "drift_report.csv"
+# retouch
+RETOUCH_DIR = "retouch"
+RETOUCH_INFO = "retouch/retouch.json"
+RETOUCH_CSV = "retouch/retouch.csv"
+RETOUCH_MASKS_DIR = "retouch/masks"
+RETOUCH_VARIANTS_DIR = "retouch/variants"
+RETOUCH_GRIDS_DIR = "retouch/grids"
+RETOUCH_PROGRESS_DIR = "retouch_progress"  # finished variants of an interrupted sweep (scratch)
 # The folders whose PNGs a model generated (each carries C2PA Content Credentials with lab keys).
-GENERATED_IMAGE_DIRS = (VERIFY_DIR, RENDERS_DIR)
+GENERATED_IMAGE_DIRS = (VERIFY_DIR, RENDERS_DIR, RETOUCH_VARIANTS_DIR)
 
 
 @dataclass(frozen=True)
@@ -76,3 +84,10 @@ def reference_embedding(job_dir: Path) -> Any:
 def seed_selection(job_dir: Path) -> dict[str, Any]:
     """What verify found: verify.json (status, best and locked seed, threshold, every candidate)."""
     return json.loads((Path(job_dir) / VERIFY_INFO).read_text("utf-8"))
+
+
+def chosen_face(job_dir: Path, photo_index: int = 0) -> dict[str, Any]:
+    """The subject's face in photo `photo_index` as prepare found it, in the photo's own pixels:
+    {"box": [x1, y1, x2, y2], "score": ..., "keypoints": 5 x [x, y]}."""
+    photo = json.loads((Path(job_dir) / PREPARE_INFO).read_text("utf-8"))["photos"][photo_index]
+    return photo["faces"][photo["chosen_face"]]

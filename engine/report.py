@@ -135,6 +135,7 @@ class JobFacts:
     drift_report: dict[str, Any] | None
     audit: list[dict[str, Any]]  # the lines up to (not including) the last job_finished
     originals: dict[int, str]  # photo index -> relative path of its display copy
+    retouch: dict[str, Any] | None = None
 
     @classmethod
     def read(cls, job_dir: Path) -> "JobFacts":
@@ -151,6 +152,7 @@ class JobFacts:
             loss=_loss_rows(job_dir / layout.LOSS_FILE),
             verify=_json(job_dir / layout.VERIFY_INFO),
             drift_report=_json(job_dir / layout.DRIFT_REPORT_JSON),
+            retouch=_json(job_dir / layout.RETOUCH_INFO),
             audit=_audit_before_finish(job_dir / AUDIT_FILE),
             originals=originals,
         )
@@ -808,6 +810,68 @@ def _attr(value: Any) -> str:
     return html.escape("" if value is None else str(value), quote=True)
 
 
+# ---------------------------------------------------------------------------- retouch
+
+def _retouch_summary(facts: JobFacts) -> list[str]:
+    info = facts.retouch or {}
+    head, lines = _head(facts)
+    marks = info.get("landmarks") or {}
+    regions = info.get("regions") or []
+    items = [
+        ("variants", f"{len(info.get('variants', []))}: {info.get('accepted', 0)} accepted, {info.get('rejected', 0)} rejected"),
+        ("region sets", ", ".join(info.get("region_sets", [])) or "none applicable"),
+        ("not applicable", "; ".join(f"{r['region']}: {r['reason']}" for r in regions if not r.get("applicable")) or "none"),
+        ("landmarks", f"106 points, checked by {marks.get('check') or 'nothing'}: disagreement {_number(marks.get('disagreement_iod'), 3)} IOD"
+                      + (" — UNCERTAIN, check the masks by eye" if marks.get("uncertain") else "")),
+        ("strengths x seeds", f"{info.get('strengths')} x {info.get('seeds')}, {info.get('compositing')} compositing"),
+        ("audit head at report time", f"{head} (line {lines})"),
+    ]
+    out = ['<dl class="summary" id="summary">']
+    out += [f"<dt>{_text(key)}</dt><dd>{_text(value)}</dd>" for key, value in items]
+    return out + ["</dl>"]
+
+
+def _retouch_masks(facts: JobFacts, job_src) -> list[str]:
+    out = ['<section id="retouch-masks"><h2>Region masks</h2>']
+    info = facts.retouch
+    if not info:
+        return out + [f"<p>No retouch record ({layout.RETOUCH_INFO}).</p></section>"]
+    overlay = f"{layout.RETOUCH_MASKS_DIR}/overlay.png"
+    out.append('<div class="row">' + _figure_html(job_src(overlay), overlay, "mask", [_text("every region's feathered alpha over the photo")]) + "</div>")
+    out.append('<table id="regions"><tr><th>region</th><th>applicable</th><th>drawn px</th><th>kept (skin, unprotected)</th><th>why not</th></tr>')
+    for region in info.get("regions", []):
+        out.append(f"<tr><td>{_text(region['region'])}</td><td>{'yes' if region['applicable'] else 'no'}</td><td>{region['drawn_px']}</td>"
+                   f"<td>{_number(region['kept'], 2)}</td><td>{_text(region['reason'])}</td></tr>")
+    return out + ["</table></section>"]
+
+
+def _retouch_grids(facts: JobFacts, job_src) -> list[str]:
+    out = ['<section id="retouch-grids"><h2>Sweeps: strength rows x seed columns</h2>']
+    for name in (facts.retouch or {}).get("region_sets", []):
+        grid = f"{layout.RETOUCH_GRIDS_DIR}/{name}.png"
+        out.append(_figure_html(job_src(grid), grid, "grid", [_text(f"{name}: drift, texture kept and ΔE2000 under each variant; red: rejected")]))
+    return out + ["</section>"]
+
+
+def _retouch_variants(facts: JobFacts, job_src) -> list[str]:
+    out = ['<section id="retouch-variants"><h2>Variants</h2>',
+           '<table id="variants"><tr><th>region set</th><th>strength</th><th>seed</th><th>steps</th><th>drift</th><th>texture kept</th>'
+           "<th>ΔE2000</th><th>landmark shift (IOD)</th><th>outside the mask</th><th>verdict</th></tr>"]
+    for row in (facts.retouch or {}).get("variants", []):
+        verdict = "accepted" if row["accepted"] else "rejected: " + "; ".join(row["reasons"])
+        texture = _number(row["texture_ratio"], 2) + ("" if row["texture_measurable"] else " (not judged)")
+        out.append(f"<tr><td>{_text('+'.join(row['region_set']))}</td><td>{row['strength']:g}</td><td>{row['seed']}</td><td>{row['denoising_steps']}</td>"
+                   f"<td>{_number(row['drift'])}</td><td>{_text(texture)}</td><td>{_number(row['delta_e'], 2)}</td>"
+                   f"<td>{_number(row['landmark_shift_iod'], 3)}</td><td>{row['changed_outside_mask_px']} px changed</td><td>{_text(verdict)}</td></tr>")
+    out.append("</table>")
+    accepted = [row for row in (facts.retouch or {}).get("variants", []) if row["accepted"]]
+    if accepted:
+        out.append('<div class="row">' + "".join(_figure_html(job_src(row["file"]), row["file"], "variant",
+                                                              [_text(f"{'+'.join(row['region_set'])} s {row['strength']:g} seed {row['seed']}")])
+                                               for row in accepted) + "</div>")
+    return out + ["</section>"]
+
+
 # The report's sections by name (a kind lists those it shows, in order: engine.kinds.Kind.report):
 # name -> (builder(facts, job_src) -> HTML lines, {chart file: chart builder(facts) -> PNG} it shows).
 SECTIONS: dict[str, tuple[Callable[[JobFacts, Callable[[str], str]], list[str]], dict[str, Callable[[JobFacts], bytes]]]] = {
@@ -820,4 +884,8 @@ SECTIONS: dict[str, tuple[Callable[[JobFacts, Callable[[str], str]], list[str]],
     "training": (lambda facts, job_src: _training(facts), {LOSS_CHART: loss_chart_png}),
     "settings": (lambda facts, job_src: _settings(facts), {}),
     "audit": (lambda facts, job_src: _audit(facts), {}),
+    "retouch_summary": (lambda facts, job_src: _retouch_summary(facts), {}),
+    "retouch_masks": (_retouch_masks, {}),
+    "retouch_grids": (_retouch_grids, {}),
+    "retouch_variants": (_retouch_variants, {}),
 }

@@ -34,6 +34,10 @@ def _no_checks(spec: Any, where: str) -> list[Problem]:
     return []
 
 
+def _no_files(spec: Any) -> tuple[str, ...]:
+    return ()
+
+
 @dataclass(frozen=True)
 class Kind:
     """One pipeline. `spec`: a frozen dataclass with fields `kind`, `subject`, `prepare` and the
@@ -49,6 +53,8 @@ class Kind:
     report: tuple[str, ...] = ("timeline", "settings", "audit")
     prompts: Callable[[Any], list[tuple[str, str]]] = _no_prompts
     checks: Callable[[Any, str], list[Problem]] = _no_checks
+    max_photos: int = 3  # a job of this kind takes 1 to max_photos photos (engine.job.MAX_PHOTOS at most)
+    named_files: Callable[[Any], tuple[str, ...]] = _no_files  # files its sections name (masks): never taken for photos
     summary: str = ""  # one line for `--help` and the README
     title: str = ""  # the report's heading ("<name> report" when empty)
 
@@ -79,8 +85,9 @@ class Kind:
 
 def _built_in() -> dict[str, Kind]:
     from engine.kinds.replicate import REPLICATE
+    from engine.kinds.retouch import RETOUCH
 
-    return {kind.name: kind for kind in (REPLICATE,)}
+    return {kind.name: kind for kind in (REPLICATE, RETOUCH)}
 
 
 def register_kind(kind: Kind) -> Kind:

@@ -23,6 +23,7 @@ STAGE_MODULES = {
     "train": "engine.stages.train",
     "verify": "engine.stages.verify",
     "render": "engine.stages.render",
+    "retouch": "engine.stages.retouch",
 }
 
 

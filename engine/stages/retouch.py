@@ -1,0 +1,314 @@
+"""Stage retouch (kind `retouch`): region-masked inpainting sweeps on one portrait, every variant
+pasted into the original photo at its native resolution and measured.
+
+1. The subject's face (prepare's choice) on the original photo; its 106 landmarks, cross-checked
+   (engine.landmarks); the region masks (engine.regions), or a PNG from the job folder per region
+   ([retouch.masks]; white = edit, same size as the photo; protected features still cut out).
+2. Region sets: each applicable region alone, and (`combine`) all of them together. For each set,
+   strength and seed: the face's square neighbourhood is inpainted at the model's size, the result
+   scaled back to the photo's pixels and pasted through the region's feathered alpha. `parallel`:
+   each region is inpainted from the original and the pastes combined (a combination is then made
+   of the single-region variants, no model call); `sequential`: one region after the other, each
+   from the last one's result. Pixels outside the alphas are the original's bytes, and each
+   variant records how many are not (0).
+3. Each variant is measured against the original (engine.measures: ArcFace drift with the
+   original's own keypoints, texture kept, ΔE2000, landmark shift) and accepted or rejected
+   ([retouch.accept]) with its reasons.
+
+Outputs (engine.layout): retouch/variants/*.png (signed with lab keys), retouch/masks/ (each
+region's mask and alpha, and an overlay), retouch/grids/<set>.png (strength rows x seed columns),
+retouch/retouch.json and .csv. Finished variants of an interrupted sweep wait in
+retouch_progress/ (scratch): a resumed run skips every (region set, strength) whose seeds were all
+finished, and redoes a batch it finds in part, so its variants equal an uninterrupted run's.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+from typing import Any
+
+import cv2
+import numpy as np
+
+from engine import layout
+from engine.context import StageContext
+from engine.diffusion import drift_label, inpaint, png_text
+from engine.errors import JobError
+from engine.faces import Face, drift
+from engine.faults import pause_point
+from engine.fsutil import atomic_write_bytes, atomic_write_json, atomic_write_text, sha256_file
+from engine.images import load_photo, png_bytes, read_rgb
+from engine.measures import AcceptLimits, composite, landmark_shift, measure_edit
+from engine.regions import RegionMask, feathered, protected_features, region_masks
+from engine.schema import to_plain
+
+NAME = "retouch"
+VERSION = 1
+OUTPUTS = (layout.RETOUCH_DIR,)
+SCRATCH = (layout.RETOUCH_PROGRESS_DIR,)
+CROP_MARGIN = 0.35  # IOD around the masks' extent: the model sees the skin around what it repaints
+GRID_CELL = 192  # px, the side of a grid cell
+OVERLAY_COLOURS = {"forehead": (230, 60, 60), "under_eye": (60, 200, 60), "smile_lines": (60, 90, 230), "chin": (230, 200, 40)}
+
+
+def models(ctx: StageContext) -> tuple[str, ...]:
+    return ("faces", "landmarks", "inpaint")
+
+
+def fingerprint(ctx: StageContext) -> dict[str, object]:
+    return {"retouch": to_plain(ctx.job.spec.retouch), "model_size": _model_size(ctx), "input": to_plain(ctx.settings.input),
+            "content_signer": ctx.resources.trust_facts().get("content_signer")}
+
+
+def _model_size(ctx: StageContext) -> int:
+    from engine.models import DEMO_RESOLUTION
+
+    return DEMO_RESOLUTION if ctx.demo else ctx.job.spec.retouch.resolution
+
+
+def run(ctx: StageContext) -> None:
+    spec = ctx.job.spec.retouch
+    faces, landmarks, pipe = ctx.use("faces"), ctx.use("landmarks"), ctx.use("inpaint")
+    name = ctx.job.spec.subject.photos[0]
+    original = load_photo(ctx.job.photos[0], name, ctx.settings.input.max_pixels, ctx.settings.background.fill_rgb).rgb
+    chosen = layout.chosen_face(ctx.job_dir)
+    face = Face(box=tuple(chosen["box"]), score=chosen["score"], keypoints=np.asarray(chosen["keypoints"], dtype=np.float32))
+    marks = landmarks.find(original, face)
+    masks = _overridden(ctx, region_masks(original, marks, spec.regions, min_skin=spec.min_skin), marks, original.shape[:2])
+    if marks.uncertain:
+        ctx.log.warning("landmarks_uncertain", **marks.facts())
+    ctx.audit.event("retouch_masks", landmarks=marks.facts(), regions=[m.facts() for m in masks.values()])
+    for folder in (layout.RETOUCH_MASKS_DIR, layout.RETOUCH_VARIANTS_DIR, layout.RETOUCH_GRIDS_DIR, layout.RETOUCH_PROGRESS_DIR):
+        ctx.path(folder).mkdir(parents=True, exist_ok=True)
+    _write_masks(ctx, original, masks)
+    applicable = [region for region in spec.regions if masks[region].applicable]
+    sets = [(region,) for region in applicable] + ([tuple(applicable)] if spec.combine and len(applicable) > 1 else [])
+    reference = faces.embed(original, face.keypoints)
+    sweep = Sweep(ctx, pipe, original, face, marks, masks, reference, _crop_box(masks, applicable, marks.iod, original.shape[:2]), _model_size(ctx))
+    rows: list[dict[str, Any]] = []
+    for region_set in sets:
+        for strength in spec.strengths:
+            rows += sweep.variants(region_set, strength)
+    for row in rows:  # the finished sweep: out of the scratch folder, into the outputs
+        os.replace(ctx.path(f"{layout.RETOUCH_PROGRESS_DIR}/{os.path.basename(row['file'])}"), ctx.path(row["file"]))
+    _write_grids(ctx, sets, rows, sweep.crop)
+    _write_reports(ctx, marks, masks, sets, rows, sweep.resumed)
+
+
+class Sweep:
+    """The variants of one job: made (or, after an interruption, read back), measured, recorded."""
+
+    def __init__(self, ctx: StageContext, pipe: Any, original: np.ndarray, face: Face, marks: Any, masks: dict[str, RegionMask],
+                 reference: np.ndarray, crop: tuple[int, int, int, int], size: int) -> None:
+        self.ctx, self.pipe, self.original, self.face, self.marks, self.masks = ctx, pipe, original, face, marks, masks
+        self.reference, self.crop, self.size = reference, crop, size
+        self.spec = ctx.job.spec.retouch
+        self.limits = AcceptLimits(**to_plain(self.spec.accept))
+        self.images: dict[tuple[tuple[str, ...], float, int], np.ndarray] = {}  # variants made or read back, for combinations
+        self.resumed = 0
+        self.count = 0
+
+    def variants(self, region_set: tuple[str, ...], strength: float) -> list[dict[str, Any]]:
+        """Every seed of (region_set, strength), in one batched call; read back instead when an
+        interrupted run finished all of them. A batch is redone whole, never in part: CPU kernels
+        depend on the batch size (FINDINGS), and a resumed job must equal an uninterrupted one."""
+        done = [self._finished(region_set, strength, seed) for seed in self.spec.seeds]
+        if all(row is not None for row in done):
+            self.resumed += len(done)
+            return done
+        seeds = list(self.spec.seeds)
+        return [self._keep(region_set, strength, seed, rgb) for seed, rgb in zip(seeds, self._make(region_set, strength, seeds))]
+
+    def _make(self, region_set: tuple[str, ...], strength: float, seeds: list[int]) -> list[np.ndarray]:
+        if len(region_set) > 1 and self.spec.compositing == "parallel":
+            out = []
+            for seed in seeds:  # each region's variant was made from the original: their pasted pixels, together
+                result = self.original.copy()
+                for region in region_set:
+                    support = self.masks[region].alpha > 0  # where two feathered edges meet, the later region's pixels stand
+                    result[support] = self.images[((region,), strength, seed)][support]
+                out.append(result)
+            return out
+        results = [self.original] * len(seeds)
+        for region in region_set:
+            if len(set(id(r) for r in results)) == 1:  # all from the same picture: one batched call
+                edits = self._inpaint(results[0], region, strength, seeds)
+            else:
+                edits = [self._inpaint(result, region, strength, [seed])[0] for result, seed in zip(results, seeds)]
+            results = [composite(result, edit, self.masks[region].alpha).rgb for result, edit in zip(results, edits)]
+        return results
+
+    def _inpaint(self, picture: np.ndarray, region: str, strength: float, seeds: list[int]) -> list[np.ndarray]:
+        """The crop of `picture` inpainted at the model's size inside `region`, scaled back into a full-size copy."""
+        x0, y0, x1, y1 = self.crop
+        where = f"retouch {region} strength {strength}"
+        self.ctx.check_stop(where)
+        crop = cv2.resize(picture[y0:y1, x0:x1], (self.size, self.size), interpolation=cv2.INTER_AREA)
+        mask = cv2.resize(self.masks[region].mask[y0:y1, x0:x1].astype(np.uint8), (self.size, self.size), interpolation=cv2.INTER_NEAREST)
+        mask = cv2.dilate(mask, np.ones((3, 3), np.uint8)).astype(bool)  # the model repaints a little beyond the feathered edge
+        made = inpaint(self.pipe, self.spec.prompt, self.spec.negative_prompt, seeds, crop, mask, steps=self.spec.steps,
+                       guidance=self.spec.guidance, strength=strength, on_step=lambda: self.ctx.check_stop(where))
+        out = []
+        for image in made:
+            full = picture.copy()
+            full[y0:y1, x0:x1] = cv2.resize(image, (x1 - x0, y1 - y0), interpolation=cv2.INTER_CUBIC)
+            out.append(full)
+        return out
+
+    def _keep(self, region_set: tuple[str, ...], strength: float, seed: int, rgb: np.ndarray) -> dict[str, Any]:
+        ctx = self.ctx
+        mask = np.zeros(self.original.shape[:2], dtype=bool)
+        support = np.zeros(self.original.shape[:2], dtype=bool)
+        for region in region_set:
+            mask |= self.masks[region].mask
+            support |= self.masks[region].alpha > 0
+        changed_outside = int(np.any(rgb[~support] != self.original[~support], axis=-1).sum())
+        moved = drift(self.reference, ctx.use("faces").embed(rgb, self.face.keypoints))
+        shift = landmark_shift(self.marks.points, ctx.use("landmarks").find(rgb, self.face).points, self.marks.iod)
+        measures = measure_edit(self.original, rgb, mask, self.marks.iod, drift=moved, landmark_shift=shift)
+        accepted, reasons = self.limits.judge(measures)
+        set_name = "+".join(region_set)
+        file = f"{layout.RETOUCH_VARIANTS_DIR}/{set_name}_s{strength:.3f}_seed{seed}_drift_{drift_label(round(moved, 6))}.png"
+        facts = {"region_set": list(region_set), "strength": strength, "seed": seed, "steps": self.spec.steps,
+                 "denoising_steps": self.spec.denoising_steps(strength), "compositing": self.spec.compositing, **measures.facts(),
+                 "accepted": accepted, "reasons": reasons, "changed_outside_mask_px": changed_outside}
+        scratch = f"{layout.RETOUCH_PROGRESS_DIR}/{os.path.basename(file)}"
+        credentials = ctx.write_generated_image(scratch, rgb, png_text(**facts, demo=ctx.demo, models=ctx.models_used, job_id=ctx.job_id),
+                                                {"stage": NAME, **facts})
+        row = {**facts, "file": file, "sha256": sha256_file(ctx.path(scratch)), "credentials": credentials}
+        atomic_write_json(ctx.path(_record(region_set, strength, seed)), row)
+        self.images[(region_set, strength, seed)] = rgb
+        self.count += 1
+        ctx.progress("retouch_variant", region_set=set_name, strength=strength, seed=seed, accepted=accepted)
+        pause_point(f"retouch:variant:{self.count}")
+        return row
+
+    def _finished(self, region_set: tuple[str, ...], strength: float, seed: int) -> dict[str, Any] | None:
+        """A variant an interrupted run of this very stage finished (its record, and its image as recorded)."""
+        import json
+
+        record = self.ctx.path(_record(region_set, strength, seed))
+        if not record.is_file():
+            return None
+        row = json.loads(record.read_text("utf-8"))
+        image = self.ctx.path(f"{layout.RETOUCH_PROGRESS_DIR}/{os.path.basename(row['file'])}")
+        if not image.is_file() or sha256_file(image) != row["sha256"]:
+            return None
+        self.images[(region_set, strength, seed)] = read_rgb(image)
+        return row
+
+
+def _record(region_set: tuple[str, ...], strength: float, seed: int) -> str:
+    return f"{layout.RETOUCH_PROGRESS_DIR}/{'+'.join(region_set)}_s{strength:.3f}_seed{seed}.json"
+
+
+def _overridden(ctx: StageContext, masks: dict[str, RegionMask], marks: Any, shape: tuple[int, int]) -> dict[str, RegionMask]:
+    """[retouch.masks]: a region's mask from a PNG in the job folder (white = edit), protected features still cut out."""
+    if not ctx.job.spec.retouch.masks:
+        return masks
+    from PIL import Image
+
+    protected = protected_features(marks, shape, marks.iod)
+    out = dict(masks)
+    for region, file in ctx.job.spec.retouch.masks:
+        path = ctx.job.folder / file
+        key = f"job.toml: retouch.masks.{region}"
+        if not path.is_file():
+            raise JobError("invalid_job", f"{key}: {file!r} is not a file in the job folder")
+        try:
+            with Image.open(path) as image:
+                grey = np.asarray(image.convert("L"))
+        except OSError as exc:
+            raise JobError("invalid_job", f"{key}: {file!r} is not a readable PNG ({exc})") from None
+        if grey.shape != shape:
+            raise JobError("invalid_job", f"{key}: {file!r} is {grey.shape[1]}x{grey.shape[0]} px, the photo {shape[1]}x{shape[0]}: a mask has the photo's size")
+        drawn = grey >= 128
+        mask = drawn & ~protected
+        out[region] = RegionMask(name=region, mask=mask, alpha=feathered(mask, marks.iod), drawn_px=int(drawn.sum()),
+                                 kept=float(mask.sum()) / max(1, int(drawn.sum())), applicable=bool(mask.any()),
+                                 reason="" if mask.any() else f"the mask {file} is empty once the protected features are cut out")
+    return out
+
+
+def _crop_box(masks: dict[str, RegionMask], regions: list[str], iod: float, shape: tuple[int, int]) -> tuple[int, int, int, int]:
+    """The square around every mask's support (plus CROP_MARGIN IOD), inside the photo."""
+    height, width = shape
+    support = np.zeros(shape, dtype=bool)
+    for region in regions:
+        support |= masks[region].alpha > 0
+    if not support.any():
+        return 0, 0, min(width, height), min(width, height)
+    ys, xs = np.nonzero(support)
+    margin = CROP_MARGIN * iod
+    cx, cy = (xs.min() + xs.max()) / 2.0, (ys.min() + ys.max()) / 2.0
+    side = int(np.ceil(max(xs.max() - xs.min(), ys.max() - ys.min()) + 2 * margin))
+    side = min(side, width, height)
+    x0 = int(np.clip(round(cx - side / 2.0), 0, width - side))
+    y0 = int(np.clip(round(cy - side / 2.0), 0, height - side))
+    return x0, y0, x0 + side, y0 + side
+
+
+def _write_masks(ctx: StageContext, original: np.ndarray, masks: dict[str, RegionMask]) -> None:
+    overlay = original.astype(np.float64)
+    for region, mask in masks.items():
+        atomic_write_bytes(ctx.path(f"{layout.RETOUCH_MASKS_DIR}/{region}_mask.png"), png_bytes(np.repeat((mask.mask * 255).astype(np.uint8)[..., None], 3, axis=2)))
+        atomic_write_bytes(ctx.path(f"{layout.RETOUCH_MASKS_DIR}/{region}_alpha.png"),
+                           png_bytes(np.repeat(np.rint(mask.alpha * 255).astype(np.uint8)[..., None], 3, axis=2)))
+        weight = mask.alpha[..., None] * 0.5
+        overlay = overlay * (1 - weight) + np.array(OVERLAY_COLOURS.get(region, (255, 0, 255)), dtype=np.float64) * weight
+    atomic_write_bytes(ctx.path(f"{layout.RETOUCH_MASKS_DIR}/overlay.png"), png_bytes(np.clip(np.rint(overlay), 0, 255).astype(np.uint8)))
+
+
+def _write_grids(ctx: StageContext, sets: list[tuple[str, ...]], rows: list[dict[str, Any]], crop: tuple[int, int, int, int]) -> None:
+    """One grid per region set: strength rows x seed columns, the face's neighbourhood of each
+    variant with its drift, texture kept and ΔE under it (red frame: rejected)."""
+    spec = ctx.job.spec.retouch
+    x0, y0, x1, y1 = crop
+    label = 44
+    for region_set in sets:
+        grid = np.full((len(spec.strengths) * (GRID_CELL + label), len(spec.seeds) * GRID_CELL, 3), 255, dtype=np.uint8)
+        for row in rows:
+            if tuple(row["region_set"]) != region_set:
+                continue
+            r, c = spec.strengths.index(row["strength"]), spec.seeds.index(row["seed"])
+            cell = cv2.resize(read_rgb(ctx.path(row["file"]))[y0:y1, x0:x1], (GRID_CELL, GRID_CELL), interpolation=cv2.INTER_AREA)
+            if not row["accepted"]:
+                cv2.rectangle(cell, (0, 0), (GRID_CELL - 1, GRID_CELL - 1), (220, 30, 30), 3)
+            top = r * (GRID_CELL + label)
+            grid[top:top + GRID_CELL, c * GRID_CELL:(c + 1) * GRID_CELL] = cell
+            texts = (f"s {row['strength']:g} seed {row['seed']} {'ok' if row['accepted'] else 'REJECTED'}",
+                     f"drift {_fmt(row['drift'])} tex {_fmt(row['texture_ratio'], 2)} dE {_fmt(row['delta_e'], 2)}")
+            for line, text in enumerate(texts):
+                cv2.putText(grid, text, (c * GRID_CELL + 4, top + GRID_CELL + 16 + 18 * line), cv2.FONT_HERSHEY_SIMPLEX, 0.38, (0, 0, 0), 1, cv2.LINE_AA)
+        atomic_write_bytes(ctx.path(f"{layout.RETOUCH_GRIDS_DIR}/{'+'.join(region_set)}.png"), png_bytes(grid))
+
+
+def _fmt(value: float | None, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _write_reports(ctx: StageContext, marks: Any, masks: dict[str, RegionMask], sets: list[tuple[str, ...]], rows: list[dict[str, Any]],
+                   resumed: int) -> None:
+    spec = ctx.job.spec.retouch
+    report = {
+        "job_id": ctx.job_id, "subject": ctx.job.subject, "photo": ctx.job.spec.subject.photos[0], "demo": ctx.demo,
+        "note": "demo model: random weights, the variants are noise" if ctx.demo else "",
+        "landmarks": marks.facts(), "regions": [m.facts() for m in masks.values()], "region_sets": ["+".join(s) for s in sets],
+        "strengths": list(spec.strengths), "seeds": list(spec.seeds), "compositing": spec.compositing, "accept": to_plain(spec.accept),
+        "variants": rows, "accepted": sum(row["accepted"] for row in rows), "rejected": sum(not row["accepted"] for row in rows),
+    }
+    atomic_write_json(ctx.path(layout.RETOUCH_INFO), report)
+    columns = ["demo", "region_set", "strength", "seed", "denoising_steps", "drift", "texture_ratio", "laplacian_ratio", "texture_measurable",
+               "delta_e", "landmark_shift_iod", "accepted", "reasons", "changed_outside_mask_px", "file", "credentials"]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in columns}
+                        | {"demo": str(ctx.demo).lower(), "region_set": "+".join(row["region_set"]), "reasons": "; ".join(row["reasons"])})
+    atomic_write_text(ctx.path(layout.RETOUCH_CSV), buffer.getvalue())
+    ctx.audit.event("retouch_swept", variants=len(rows), accepted=report["accepted"], rejected=report["rejected"], resumed_variants=resumed,
+                    landmarks_uncertain=marks.uncertain)
+    ctx.log.info("retouch_swept", variants=len(rows), accepted=report["accepted"], resumed_variants=resumed)
