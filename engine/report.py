@@ -855,13 +855,13 @@ def _retouch_grids(facts: JobFacts, job_src) -> list[str]:
 
 def _retouch_variants(facts: JobFacts, job_src) -> list[str]:
     out = ['<section id="retouch-variants"><h2>Variants</h2>',
-           '<table id="variants"><tr><th>region set</th><th>strength</th><th>seed</th><th>steps</th><th>drift</th><th>texture kept</th>'
+           '<table id="variants"><tr><th>region set</th><th>strength</th><th>seed</th><th>steps</th><th>drift</th><th>dlib distance</th><th>texture kept</th>'
            "<th>ΔE2000</th><th>landmark shift (IOD)</th><th>outside the mask</th><th>verdict</th></tr>"]
     for row in (facts.retouch or {}).get("variants", []):
         verdict = "accepted" if row["accepted"] else "rejected: " + "; ".join(row["reasons"])
         texture = _number(row["texture_ratio"], 2) + ("" if row["texture_measurable"] else " (not judged)")
         out.append(f"<tr><td>{_text('+'.join(row['region_set']))}</td><td>{row['strength']:g}</td><td>{row['seed']}</td><td>{row['denoising_steps']}</td>"
-                   f"<td>{_number(row['drift'])}</td><td>{_text(texture)}</td><td>{_number(row['delta_e'], 2)}</td>"
+                   f"<td>{_number(row['drift'])}</td><td>{_number(row.get('identity2_distance'))}</td><td>{_text(texture)}</td><td>{_number(row['delta_e'], 2)}</td>"
                    f"<td>{_number(row['landmark_shift_iod'], 3)}</td><td>{row['changed_outside_mask_px']} px changed</td><td>{_text(verdict)}</td></tr>")
     out.append("</table>")
     accepted = [row for row in (facts.retouch or {}).get("variants", []) if row["accepted"]]

@@ -256,7 +256,7 @@ class StageProgress:
     `update(event, fields)` returns True when `done` moved. Totals come from the job's spec in
     the job_started/job_resumed event."""
 
-    LONG_STAGES = ("train", "verify", "render")
+    LONG_STAGES = ("train", "verify", "render", "retouch")
 
     def __init__(self) -> None:
         self.spec: dict[str, Any] = {}
@@ -279,6 +279,8 @@ class StageProgress:
             return self._advance(self.done + 1, f"seed {fields.get('seed')} {'lora' if fields.get('lora') else 'control'}")
         elif event == "render_scored" and self.stage == "render":
             return self._advance(self.done + 1, str(fields.get("pass_name", "")))
+        elif event == "retouch_variant" and self.stage == "retouch":
+            return self._advance(self.done + 1, f"{fields.get('region_set')} s {fields.get('strength')} seed {fields.get('seed')}")
         elif event in ("stage_finished", "job_failed", "job_interrupted", "job_stopped", "job_finished"):
             self.stage = None
         return False
@@ -293,6 +295,10 @@ class StageProgress:
                 return 2 * (seeds if isinstance(seeds, int) else len(seeds))
             if stage == "render":
                 return sum(entry["count"] * (3 if entry["mode"] == "three_pass" else 2) for entry in spec["render"])
+            if stage == "retouch":  # at most: a region found not applicable is not swept
+                retouch = spec["retouch"]
+                sets = len(retouch["regions"]) + (1 if retouch["combine"] and len(retouch["regions"]) > 1 else 0)
+                return sets * len(retouch["strengths"]) * len(retouch["seeds"])
         except (KeyError, TypeError):
             return None
         return None

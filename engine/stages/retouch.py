@@ -12,8 +12,8 @@ pasted into the original photo at its native resolution and measured.
    from the last one's result. Pixels outside the alphas are the original's bytes, and each
    variant records how many are not (0).
 3. Each variant is measured against the original (engine.measures: ArcFace drift with the
-   original's own keypoints, texture kept, ΔE2000, landmark shift) and accepted or rejected
-   ([retouch.accept]) with its reasons.
+   original's own keypoints, texture kept, ΔE2000, landmark shift; and, reported only, the
+   second identity model's distance) and accepted or rejected ([retouch.accept]) with its reasons.
 
 Outputs (engine.layout): retouch/variants/*.png (signed with lab keys), retouch/masks/ (each
 region's mask and alpha, and an overlay), retouch/grids/<set>.png (strength rows x seed columns),
@@ -54,7 +54,7 @@ OVERLAY_COLOURS = {"forehead": (230, 60, 60), "under_eye": (60, 200, 60), "smile
 
 
 def models(ctx: StageContext) -> tuple[str, ...]:
-    return ("faces", "landmarks", "inpaint")
+    return ("faces", "landmarks", "inpaint", "identity2")
 
 
 def fingerprint(ctx: StageContext) -> dict[str, object]:
@@ -86,7 +86,10 @@ def run(ctx: StageContext) -> None:
     applicable = [region for region in spec.regions if masks[region].applicable]
     sets = [(region,) for region in applicable] + ([tuple(applicable)] if spec.combine and len(applicable) > 1 else [])
     reference = faces.embed(original, face.keypoints)
-    sweep = Sweep(ctx, pipe, original, face, marks, masks, reference, _crop_box(masks, applicable, marks.iod, original.shape[:2]), _model_size(ctx))
+    second = ctx.use("identity2")  # None without dlib: the distances are then null, and retouch.json says why
+    second_reference = second.describe(original, face.box) if second is not None else None
+    sweep = Sweep(ctx, pipe, original, face, marks, masks, reference, _crop_box(masks, applicable, marks.iod, original.shape[:2]), _model_size(ctx),
+                  second, second_reference)
     rows: list[dict[str, Any]] = []
     for region_set in sets:
         for strength in spec.strengths:
@@ -101,9 +104,11 @@ class Sweep:
     """The variants of one job: made (or, after an interruption, read back), measured, recorded."""
 
     def __init__(self, ctx: StageContext, pipe: Any, original: np.ndarray, face: Face, marks: Any, masks: dict[str, RegionMask],
-                 reference: np.ndarray, crop: tuple[int, int, int, int], size: int) -> None:
+                 reference: np.ndarray, crop: tuple[int, int, int, int], size: int, second: Any = None,
+                 second_reference: np.ndarray | None = None) -> None:
         self.ctx, self.pipe, self.original, self.face, self.marks, self.masks = ctx, pipe, original, face, marks, masks
         self.reference, self.crop, self.size = reference, crop, size
+        self.second, self.second_reference = second, second_reference  # engine.identity2, on the same face box
         self.spec = ctx.job.spec.retouch
         self.limits = AcceptLimits(**to_plain(self.spec.accept))
         self.images: dict[tuple[tuple[str, ...], float, int], np.ndarray] = {}  # variants made or read back, for combinations
@@ -169,11 +174,16 @@ class Sweep:
         shift = landmark_shift(self.marks.points, ctx.use("landmarks").find(rgb, self.face).points, self.marks.iod)
         measures = measure_edit(self.original, rgb, mask, self.marks.iod, drift=moved, landmark_shift=shift)
         accepted, reasons = self.limits.judge(measures)
+        second = None
+        if self.second is not None and self.second_reference is not None:
+            from engine import identity2
+
+            second = round(identity2.distance(self.second_reference, self.second.describe(rgb, self.face.box)), 6)
         set_name = "+".join(region_set)
         file = f"{layout.RETOUCH_VARIANTS_DIR}/{set_name}_s{strength:.3f}_seed{seed}_drift_{drift_label(round(moved, 6))}.png"
         facts = {"region_set": list(region_set), "strength": strength, "seed": seed, "steps": self.spec.steps,
                  "denoising_steps": self.spec.denoising_steps(strength), "compositing": self.spec.compositing, **measures.facts(),
-                 "accepted": accepted, "reasons": reasons, "changed_outside_mask_px": changed_outside}
+                 "identity2_distance": second, "accepted": accepted, "reasons": reasons, "changed_outside_mask_px": changed_outside}
         scratch = f"{layout.RETOUCH_PROGRESS_DIR}/{os.path.basename(file)}"
         credentials = ctx.write_generated_image(scratch, rgb, png_text(**facts, demo=ctx.demo, models=ctx.models_used, job_id=ctx.job_id),
                                                 {"stage": NAME, **facts})
@@ -181,7 +191,8 @@ class Sweep:
         atomic_write_json(ctx.path(_record(region_set, strength, seed)), row)
         self.images[(region_set, strength, seed)] = rgb
         self.count += 1
-        ctx.progress("retouch_variant", region_set=set_name, strength=strength, seed=seed, accepted=accepted)
+        ctx.progress("retouch_variant", region_set=set_name, strength=strength, seed=seed, accepted=accepted, drift=moved,
+                      texture_ratio=measures.texture_ratio)
         pause_point(f"retouch:variant:{self.count}")
         return row
 
@@ -285,6 +296,17 @@ def _write_grids(ctx: StageContext, sets: list[tuple[str, ...]], rows: list[dict
         atomic_write_bytes(ctx.path(f"{layout.RETOUCH_GRIDS_DIR}/{'+'.join(region_set)}.png"), png_bytes(grid))
 
 
+def _second_model_note() -> dict[str, Any]:
+    """What identity2_distance is (engine.identity2: dlib's descriptor on the same face box as
+    ArcFace, reported only: acceptance is judged on ArcFace drift and the guards)."""
+    from engine import identity2
+
+    files, reason = identity2.locate()
+    note = {"model": identity2.MODEL_NAME, "distance": "Euclidean distance of 128-D descriptors to the original's; <= "
+            f"{identity2.TOLERANCE} same person, <= {identity2.STRICT_TOLERANCE} strictly", "used_for_acceptance": False}
+    return {**note, "available": files is not None, **({"reason": reason} if files is None else {})}
+
+
 def _fmt(value: float | None, digits: int = 3) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
@@ -298,9 +320,10 @@ def _write_reports(ctx: StageContext, marks: Any, masks: dict[str, RegionMask], 
         "landmarks": marks.facts(), "regions": [m.facts() for m in masks.values()], "region_sets": ["+".join(s) for s in sets],
         "strengths": list(spec.strengths), "seeds": list(spec.seeds), "compositing": spec.compositing, "accept": to_plain(spec.accept),
         "variants": rows, "accepted": sum(row["accepted"] for row in rows), "rejected": sum(not row["accepted"] for row in rows),
+        "identity2": _second_model_note(),
     }
     atomic_write_json(ctx.path(layout.RETOUCH_INFO), report)
-    columns = ["demo", "region_set", "strength", "seed", "denoising_steps", "drift", "texture_ratio", "laplacian_ratio", "texture_measurable",
+    columns = ["demo", "region_set", "strength", "seed", "denoising_steps", "drift", "identity2_distance", "texture_ratio", "laplacian_ratio", "texture_measurable",
                "delta_e", "landmark_shift_iod", "accepted", "reasons", "changed_outside_mask_px", "file", "credentials"]
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")

@@ -69,6 +69,9 @@ def test_a_demo_retouch_job_runs_end_to_end_with_its_report(finished):
     assert info["region_sets"] == ["under_eye", "smile_lines", "chin", "under_eye+smile_lines+chin"]
     assert len(info["variants"]) == 4 * 2 * 2 and info["demo"] is True
     assert all(not row["accepted"] and row["reasons"] for row in info["variants"])  # demo noise is caught, never accepted
+    # The second identity model's distance beside ArcFace's drift, reported only.
+    assert info["identity2"]["available"] and info["identity2"]["used_for_acceptance"] is False
+    assert all(0 <= row["identity2_distance"] < 2 for row in info["variants"])
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["kind"] == "retouch" and any(name.startswith("inpaint/unet/") for name in manifest["models"])
     assert any(name.startswith("landmarks/") for name in manifest["models"])

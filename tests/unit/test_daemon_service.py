@@ -125,6 +125,21 @@ def test_progress_of_the_long_stages_becomes_metrics():
     assert _value(metrics, 'idrep_stage_progress_planned{stage="render"}') == 0
 
 
+def test_retouch_variants_become_metrics():
+    metrics = DaemonMetrics("d1", stages=("prepare", "embed", "retouch"))
+    spec = {"retouch": {"regions": ["under_eye", "chin"], "combine": True, "strengths": [0.2, 0.25], "seeds": [0, 1, 2]}}
+    metrics.observe("job_started", {"spec": spec})
+    metrics.observe("stage_started", {"stage": "retouch"})
+    assert _value(metrics, 'idrep_stage_progress_planned{stage="retouch"}') == 3 * 2 * 3  # 2 regions + their combination
+    metrics.observe("retouch_variant", {"region_set": "chin", "strength": 0.2, "seed": 0, "accepted": True, "drift": 0.01, "texture_ratio": 0.95})
+    metrics.observe("retouch_variant", {"region_set": "chin", "strength": 0.2, "seed": 1, "accepted": False, "drift": 0.2, "texture_ratio": None})
+    assert _value(metrics, 'idrep_retouch_variants_total{outcome="accepted"}') == 1
+    assert _value(metrics, 'idrep_retouch_variants_total{outcome="rejected"}') == 1
+    assert _value(metrics, 'idrep_retouch_drift_bucket{le="0.05"}') == 1 and _value(metrics, "idrep_retouch_drift_count") == 2
+    assert _value(metrics, 'idrep_retouch_texture_ratio_bucket{le="1.0"}') == 1 and _value(metrics, "idrep_retouch_texture_ratio_count") == 1
+    assert _value(metrics, 'idrep_stage_progress_done{stage="retouch"}') == 2
+
+
 def test_each_daemon_has_its_own_registry():
     first, second = DaemonMetrics("a"), DaemonMetrics("b")
     first.job_ended("finished", 1.0)
