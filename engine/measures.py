@@ -139,8 +139,12 @@ def composite(original: np.ndarray, edited: np.ndarray, alpha: np.ndarray) -> Co
     bytes are copied, not recomputed (a model's output never touches them)."""
     if original.shape != edited.shape or original.shape[:2] != alpha.shape:
         raise ValueError("the original, the edit and the alpha must have the same size")
-    weight = alpha.astype(np.float64)[..., None]
-    blended = np.clip(np.rint(original.astype(np.float64) * (1.0 - weight) + edited.astype(np.float64) * weight), 0, 255).astype(np.uint8)
     support = alpha > 0
-    out = np.where(support[..., None], blended, original)
+    out = original.copy()
+    if support.any():  # blended inside the support's bounding box only: a 24 MP photo is not converted to floats whole
+        ys, xs = np.nonzero(support)
+        box = (slice(ys.min(), ys.max() + 1), slice(xs.min(), xs.max() + 1))
+        weight = alpha[box].astype(np.float64)[..., None]
+        blended = np.clip(np.rint(original[box].astype(np.float64) * (1.0 - weight) + edited[box].astype(np.float64) * weight), 0, 255).astype(np.uint8)
+        out[box] = np.where(support[box][..., None], blended, original[box])
     return Composite(rgb=out, changed_outside=int(np.any(out[~support] != original[~support], axis=-1).sum()), support_px=int(support.sum()))

@@ -3,8 +3,6 @@ photo perturbed and large between different people (measured on this model)."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import cv2
 import numpy as np
 import pytest

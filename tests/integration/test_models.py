@@ -387,6 +387,10 @@ def test_unsupported_pipeline_is_refused_at_resolve(tmp_path: Path, demo_root: P
     index = json.loads((staged / "model_index.json").read_text())
     (staged / "model_index.json").write_text(json.dumps({**index, "_class_name": "StableDiffusionInpaintPipeline"}))
     with pytest.raises(ConfigError, match="StableDiffusionInpaintPipeline") as refused:
+        resolve_model("inpaint", "", _settings(tmp_path), demo=False)  # as models.base: an inpainting model goes to models.inpaint
+    assert refused.value.code == "model_unsupported"
+    (staged / "model_index.json").write_text(json.dumps({**index, "_class_name": "KandinskyPipeline"}))
+    with pytest.raises(ConfigError, match="names the pipeline 'KandinskyPipeline'; supported: StableDiffusionPipeline") as refused:
         resolve_model("inpaint", "", _settings(tmp_path), demo=False)
     assert refused.value.code == "model_unsupported"
 

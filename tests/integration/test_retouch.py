@@ -166,3 +166,32 @@ def test_a_retouch_job_takes_one_photo_and_never_takes_its_mask_for_one(tmp_path
     assert loaded.spec.subject.photos == ("a.png",)
     problems = _refusal(tmp_path, astronaut_rgb, 'kind = "retouch"\n', {"b.png": astronaut_rgb})
     assert problems["job.toml: subject.photos"].startswith("2 photos found; a retouch job takes one image")
+
+
+def test_sequential_compositing_and_a_mask_of_ones_own(tmp_path, finished, astronaut_rgb):
+    """[retouch.masks] replaces a region's mask (protected features still cut out); sequential
+    compositing chains the regions; outside the masks every byte is the original's."""
+    from engine.config import Settings
+    from engine.runner import Engine
+
+    root, _, _ = finished
+    chin = np.zeros_like(astronaut_rgb)
+    chin[150:175, 195:250] = 255  # a band across her chin and lower lip: the lip is protected
+    job = JOB.replace("strengths = [0.18, 0.26]\nseeds = [0, 1]", 'regions = ["under_eye", "chin"]\nstrengths = [0.2]\nseeds = [0]\n'
+                      'compositing = "sequential"\nmasks = { chin = "chin_mask.png" }')
+    source = make_job(tmp_path / "alice", {"a.png": astronaut_rgb}, job)
+    write_png(source / "chin_mask.png", chin)
+    settings = Settings.from_table({"paths": {"models": str(root / "models")}}, root=root)
+    result = Engine(settings, demo=True).run_job(source, tmp_path / "outbox")
+    assert result.outcome == "finished", result.error
+    out = result.output_dir
+    info = json.loads((out / "retouch" / "retouch.json").read_text())
+    assert info["compositing"] == "sequential" and info["region_sets"] == ["under_eye", "chin", "under_eye+chin"]
+    mask = read_rgb(out / "retouch" / "masks" / "chin_mask.png")[..., 0] > 0
+    assert mask.sum() < (chin[..., 0] > 0).sum() and not (mask & ~(chin[..., 0] > 0)).any()  # the band, less the lip
+    support = np.zeros(astronaut_rgb.shape[:2], dtype=bool)
+    for region in ("under_eye", "chin"):
+        support |= read_rgb(out / "retouch" / "masks" / f"{region}_alpha.png")[..., 0] > 0
+    [combined] = [row for row in info["variants"] if row["region_set"] == ["under_eye", "chin"]]
+    variant = read_rgb(out / combined["file"])
+    assert np.array_equal(variant[~support], astronaut_rgb[~support]) and combined["changed_outside_mask_px"] == 0
