@@ -94,7 +94,7 @@ def region_masks(rgb: np.ndarray, marks: lm.Landmarks, names: tuple[str, ...] = 
     skin = skin_gate(rgb, frame)
     out: dict[str, RegionMask] = {}
     for name in names:
-        drawn = _fill(shape, [frame.to_photo(polygon) for polygon in _REGION_POLYGONS[name](marks, frame)])
+        drawn = fill_polygons(shape, [frame.to_photo(polygon) for polygon in _REGION_POLYGONS[name](marks, frame)])
         drawn_px = int(drawn.sum())
         mask = drawn & ~protected & skin
         kept = float(mask.sum()) / drawn_px if drawn_px else 0.0
@@ -114,7 +114,7 @@ def protected_features(marks: lm.Landmarks, shape: tuple[int, int], iod: float, 
     """Eyes, brows, lips and the nose base (their convex hulls), grown by `margin` IOD."""
     hulls = [cv2.convexHull(marks.points[list(group)].astype(np.float32)).reshape(-1, 2)
              for group in (lm.EYE_LEFT, lm.EYE_RIGHT, lm.BROW_LEFT, lm.BROW_RIGHT, lm.MOUTH, lm.NOSE_BASE)]
-    mask = _fill(shape, hulls).astype(np.uint8)
+    mask = fill_polygons(shape, hulls).astype(np.uint8)
     radius = max(1, int(round(margin * iod)))
     return cv2.dilate(mask, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))).astype(bool)
 
@@ -133,7 +133,7 @@ def skin_gate(rgb: np.ndarray, frame: FaceFrame) -> np.ndarray:
     if x1 <= x0 or y1 <= y0:
         return gate
     lab = rgb2lab(rgb[y0:y1, x0:x1])
-    samples = _fill((y1 - y0, x1 - x0), [], disks=[(frame.to_photo(np.array(uv))[0] - (x0, y0), CHEEK_RADIUS * frame.iod) for uv in CHEEK_SAMPLES])
+    samples = fill_polygons((y1 - y0, x1 - x0), [], disks=[(frame.to_photo(np.array(uv))[0] - (x0, y0), CHEEK_RADIUS * frame.iod) for uv in CHEEK_SAMPLES])
     cheek = lab[samples]
     if len(cheek) < 8:
         return gate
@@ -157,7 +157,7 @@ def feathered(mask: np.ndarray, iod: float, feather: float = FEATHER) -> np.ndar
     return alpha
 
 
-def _fill(shape: tuple[int, int], polygons: list[np.ndarray], disks: list[tuple[np.ndarray, float]] = ()) -> np.ndarray:
+def fill_polygons(shape: tuple[int, int], polygons: list[np.ndarray], disks: list[tuple[np.ndarray, float]] = ()) -> np.ndarray:
     """A bool mask of filled polygons and disks (photo pixel coordinates), at 1/16 px precision."""
     canvas = np.zeros(shape, dtype=np.uint8)
     if polygons:
