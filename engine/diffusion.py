@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 import torch
 
@@ -129,6 +130,39 @@ def inpaint(
                   strength=strength, num_inference_steps=steps, guidance_scale=guidance,
                   generator=[torch.Generator(device="cpu").manual_seed(int(seed)) for seed in seeds], output_type="np", **options)
     return np.clip(np.rint(np.asarray(result.images) * 255.0), 0, 255).astype(np.uint8)
+
+
+def inpaint_in_photo(pipe: Any, picture: np.ndarray, mask: np.ndarray, box: tuple[int, int, int, int], size: int, prompt: str,
+                     negative_prompt: str, seeds: Sequence[int], *, steps: int, guidance: float, strength: float,
+                     on_step: Callable[[], None] | None = None) -> list[np.ndarray]:
+    """`inpaint` on the square `box` (x0, y0, x1, y1) of a photo at its native size: the square is
+    scaled to the model's `size`, inpainted where `mask` (the photo's size) is set (grown by one
+    model pixel, so the repaint reaches past the caller's feathered edge), and scaled back into a
+    full-size copy per seed. The caller pastes each back through its own alpha."""
+    x0, y0, x1, y1 = box
+    crop = cv2.resize(picture[y0:y1, x0:x1], (size, size), interpolation=cv2.INTER_AREA)
+    small = cv2.resize(mask[y0:y1, x0:x1].astype(np.uint8), (size, size), interpolation=cv2.INTER_NEAREST)
+    small = cv2.dilate(small, np.ones((3, 3), np.uint8)).astype(bool)
+    made = inpaint(pipe, prompt, negative_prompt, seeds, crop, small, steps=steps, guidance=guidance, strength=strength, on_step=on_step)
+    out = []
+    for image in made:
+        full = picture.copy()
+        full[y0:y1, x0:x1] = cv2.resize(image, (x1 - x0, y1 - y0), interpolation=cv2.INTER_CUBIC)
+        out.append(full)
+    return out
+
+
+def square_around(support: np.ndarray, margin: float, shape: tuple[int, int]) -> tuple[int, int, int, int]:
+    """The square (x0, y0, x1, y1) around the set pixels of `support`, grown by `margin` px, inside a photo of `shape`."""
+    height, width = shape
+    if not support.any():
+        return 0, 0, min(width, height), min(width, height)
+    ys, xs = np.nonzero(support)
+    cx, cy = (xs.min() + xs.max()) / 2.0, (ys.min() + ys.max()) / 2.0
+    side = min(int(np.ceil(max(xs.max() - xs.min(), ys.max() - ys.min()) + 2 * margin)), width, height)
+    x0 = int(np.clip(round(cx - side / 2.0), 0, width - side))
+    y0 = int(np.clip(round(cy - side / 2.0), 0, height - side))
+    return x0, y0, x0 + side, y0 + side
 
 
 def drift_label(value: float | None) -> str:

@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from engine.config import Settings
 
 DIFFUSION_STAGES = ("train", "verify", "render")  # the stages that load models.base
-INPAINT_STAGES = ("retouch",)  # the stages that load models.inpaint
+INPAINT_STAGES = ("retouch", "restore")  # the stages that load models.inpaint
 
 
 @dataclass(frozen=True)

@@ -258,6 +258,64 @@ def retouch_prompts(spec: RetouchJobSpec) -> list[tuple[str, str]]:
     return [("retouch.prompt", spec.retouch.prompt)]
 
 
+@dataclass(frozen=True)
+class RestoreSpec:
+    """A restoration: the damage mask's file, optional undamaged references of the same person,
+    K seeds, and where it stops (engine.coverage's limits: shares 0-1, crossed when above)."""
+
+    mask: str = field(metadata=rule(Str(min_len=1, max_len=255)))  # a PNG in the job folder: white = damaged, the photo's size
+    references: tuple[str, ...] = field(default=(), metadata=rule(ListOf(Str(min_len=1, max_len=255), 0, 8)))
+    seeds: tuple[int, ...] = field(default=(0, 1, 2, 3), metadata=rule(ListOf(Int(0, 2**32 - 1), 1, 16)))
+    steps: int = field(default=30, metadata=rule(Int(1, 200)))
+    strength: float = field(default=1.0, metadata=rule(Float(0.0, 1.0, low_open=True)))
+    guidance: float = field(default=5.0, metadata=rule(Float(0.0, 30.0)))
+    resolution: int = field(default=512, metadata=rule(Int(64, 2048)))  # the model's side, px (the demo model: its own 128)
+    prompt: str = field(default="a restored photo of a face, natural skin, sharp details", metadata=rule(Str(min_len=1, max_len=1000)))
+    negative_prompt: str = field(default="scratches, damage, blurry, deformed", metadata=rule(Str(max_len=1000)))
+    grow_px: int = field(default=3, metadata=rule(Int(0, 64)))  # the mask is grown by this before inpainting and pasting
+    flag_face: float = field(default=0.15, metadata=rule(Float(0.0, 1.0)))
+    flag_feature: float = field(default=0.15, metadata=rule(Float(0.0, 1.0)))
+    flag_any_feature: float = field(default=0.50, metadata=rule(Float(0.0, 1.0)))
+    refuse_face: float = field(default=0.25, metadata=rule(Float(0.0, 1.0)))
+    refuse_feature: float = field(default=0.20, metadata=rule(Float(0.0, 1.0)))
+    # fail: a refusal goes to failed/ (restore_mask_too_large); classical: the TELEA fill alone is
+    # delivered instead, labelled non-generative.
+    on_refuse: str = field(default="fail", metadata=rule(Str(choices=("fail", "classical"))))
+    drift_margin: float = field(default=0.05, metadata=rule(Float(0.0, 2.0)))  # a variant may be this much farther from the references than the damaged photo
+
+
+@dataclass(frozen=True, kw_only=True)
+class RestoreJobSpec(KindSpec):
+    """A `restore` job (engine.kinds.restore): one damaged photo, its mask, optional references."""
+
+    kind: str = field(default="restore", metadata=rule(Str(min_len=1, max_len=64)))
+    restore: RestoreSpec = field(metadata=rule(Table(RestoreSpec)))
+
+
+def restore_checks(spec: RestoreJobSpec, where: str) -> list[Problem]:
+    problems: list[Problem] = []
+    r = spec.restore
+    for key, file in [("restore.mask", r.mask)] + [(f"restore.references[{i}]", name) for i, name in enumerate(r.references)]:
+        if Path(file).is_absolute() or ".." in Path(file).parts:
+            problems.append(Problem(f"{where}: {key}", f"{file!r}: name a file inside the job folder"))
+    if not r.mask.lower().endswith(".png"):
+        problems.append(Problem(f"{where}: restore.mask", f"{r.mask!r}: a damage mask is a .png file (white = damaged)"))
+    if len(set(r.seeds)) != len(r.seeds):
+        problems.append(Problem(f"{where}: restore.seeds", "seeds must be distinct"))
+    if r.mask in r.references:
+        problems.append(Problem(f"{where}: restore.references", f"{r.mask!r} is the mask"))
+    for flag, refuse in (("flag_face", "refuse_face"), ("flag_feature", "refuse_feature")):
+        if getattr(r, flag) > getattr(r, refuse):
+            problems.append(Problem(f"{where}: restore.{flag}", f"{getattr(r, flag)} is above restore.{refuse} {getattr(r, refuse)}"))
+    if int(r.steps * r.strength) == 0:
+        problems.append(Problem(f"{where}: restore.strength", f"{r.strength} x restore.steps {r.steps} denoises no step at all"))
+    return problems
+
+
+def restore_prompts(spec: RestoreJobSpec) -> list[tuple[str, str]]:
+    return [("restore.prompt", spec.restore.prompt)]
+
+
 # The sections of a job that config.toml may give defaults for ([job.<section>]).
 JOB_DEFAULT_SECTIONS = {"prepare": PrepareSpec, "train": TrainSpec, "verify": VerifySpec}
 

@@ -43,8 +43,17 @@ RETOUCH_MASKS_DIR = "retouch/masks"
 RETOUCH_VARIANTS_DIR = "retouch/variants"
 RETOUCH_GRIDS_DIR = "retouch/grids"
 RETOUCH_PROGRESS_DIR = "retouch_progress"  # finished variants of an interrupted sweep (scratch)
+# restore
+RESTORE_DIR = "restore"
+RESTORE_INFO = "restore/restore.json"
+RESTORE_CSV = "restore/restore.csv"
+RESTORE_COVERAGE = "restore/coverage.json"
+RESTORE_MASK = "restore/mask.png"
+RESTORE_OVERLAY = "restore/overlay.png"
+RESTORE_CLASSICAL = "restore/classical_fill.png"  # on_refuse = "classical": the TELEA fill, non-generative
+RESTORE_VARIANTS_DIR = "restore/variants"
 # The folders whose PNGs a model generated (each carries C2PA Content Credentials with lab keys).
-GENERATED_IMAGE_DIRS = (VERIFY_DIR, RENDERS_DIR, RETOUCH_VARIANTS_DIR)
+GENERATED_IMAGE_DIRS = (VERIFY_DIR, RENDERS_DIR, RETOUCH_VARIANTS_DIR, RESTORE_VARIANTS_DIR)
 
 
 @dataclass(frozen=True)

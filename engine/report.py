@@ -136,6 +136,7 @@ class JobFacts:
     audit: list[dict[str, Any]]  # the lines up to (not including) the last job_finished
     originals: dict[int, str]  # photo index -> relative path of its display copy
     retouch: dict[str, Any] | None = None
+    restore: dict[str, Any] | None = None
 
     @classmethod
     def read(cls, job_dir: Path) -> "JobFacts":
@@ -153,6 +154,7 @@ class JobFacts:
             verify=_json(job_dir / layout.VERIFY_INFO),
             drift_report=_json(job_dir / layout.DRIFT_REPORT_JSON),
             retouch=_json(job_dir / layout.RETOUCH_INFO),
+            restore=_json(job_dir / layout.RESTORE_INFO),
             audit=_audit_before_finish(job_dir / AUDIT_FILE),
             originals=originals,
         )
@@ -872,6 +874,40 @@ def _retouch_variants(facts: JobFacts, job_src) -> list[str]:
     return out + ["</section>"]
 
 
+# ---------------------------------------------------------------------------- restore
+
+def _restore_summary(facts: JobFacts) -> list[str]:
+    info = facts.restore or {}
+    head, lines = _head(facts)
+    cover = info.get("coverage") or {}
+    items = [
+        ("verdict", f"{info.get('verdict', 'not run')}: " + ("; ".join(info.get("reasons") or []) or "within every limit")),
+        ("face covered by the mask", f"{_number(cover.get('face_coverage'), 3)}"),
+        ("features covered", f"{_number(cover.get('feature_coverage'), 3)} (" + ", ".join(f"{k} {v:.2f}" for k, v in (cover.get("features") or {}).items()) + ")"),
+        ("generative", "no: the TELEA fill alone (classical)" if info.get("generative") is False else "yes"),
+        ("identity", info.get("identity") or "—"),
+        ("seed spread (hallucination index)", _number(info.get("seed_spread"))),
+        ("audit head at report time", f"{head} (line {lines})"),
+    ]
+    out = ['<dl class="summary" id="summary">']
+    out += [f"<dt>{_text(key)}</dt><dd>{_text(value)}</dd>" for key, value in items]
+    return out + ["</dl>"]
+
+
+def _restore_variants(facts: JobFacts, job_src) -> list[str]:
+    info = facts.restore or {}
+    out = ['<section id="restore-variants"><h2>Mask and variants</h2><div class="row">',
+           _figure_html(job_src(layout.RESTORE_OVERLAY), layout.RESTORE_OVERLAY, "mask", [_text(f"the damage mask {info.get('mask')} over the photo")])]
+    if info.get("classical_fill"):
+        out.append(_figure_html(job_src(info["classical_fill"]), info["classical_fill"], "classical", [_text("TELEA fill: not generative")]))
+    for row in info.get("variants", []):
+        caption = [_text(f"seed {row['seed']}: drift to the references {_number(row['drift_to_references'])}"
+                         + (" — FARTHER than the damaged photo" if row.get("farther_than_damaged") else "")),
+                   _text(f"{row['changed_outside_mask_px']} px changed outside the mask")]
+        out.append(_figure_html(job_src(row["file"]), row["file"], "variant", caption))
+    return out + ["</div></section>"]
+
+
 # The report's sections by name (a kind lists those it shows, in order: engine.kinds.Kind.report):
 # name -> (builder(facts, job_src) -> HTML lines, {chart file: chart builder(facts) -> PNG} it shows).
 SECTIONS: dict[str, tuple[Callable[[JobFacts, Callable[[str], str]], list[str]], dict[str, Callable[[JobFacts], bytes]]]] = {
@@ -888,4 +924,6 @@ SECTIONS: dict[str, tuple[Callable[[JobFacts, Callable[[str], str]], list[str]],
     "retouch_masks": (_retouch_masks, {}),
     "retouch_grids": (_retouch_grids, {}),
     "retouch_variants": (_retouch_variants, {}),
+    "restore_summary": (lambda facts, job_src: _restore_summary(facts), {}),
+    "restore_variants": (_restore_variants, {}),
 }

@@ -85,9 +85,10 @@ class Kind:
 
 def _built_in() -> dict[str, Kind]:
     from engine.kinds.replicate import REPLICATE
+    from engine.kinds.restore import RESTORE
     from engine.kinds.retouch import RETOUCH
 
-    return {kind.name: kind for kind in (REPLICATE, RETOUCH)}
+    return {kind.name: kind for kind in (REPLICATE, RETOUCH, RESTORE)}
 
 
 def register_kind(kind: Kind) -> Kind:

@@ -24,6 +24,7 @@ STAGE_MODULES = {
     "verify": "engine.stages.verify",
     "render": "engine.stages.render",
     "retouch": "engine.stages.retouch",
+    "restore": "engine.stages.restore",
 }
 
 

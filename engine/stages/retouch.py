@@ -34,7 +34,7 @@ import numpy as np
 
 from engine import layout
 from engine.context import StageContext
-from engine.diffusion import drift_label, inpaint, png_text
+from engine.diffusion import drift_label, inpaint_in_photo, png_text, square_around
 from engine.errors import JobError
 from engine.faces import Face, drift
 from engine.faults import pause_point
@@ -147,20 +147,11 @@ class Sweep:
 
     def _inpaint(self, picture: np.ndarray, region: str, strength: float, seeds: list[int]) -> list[np.ndarray]:
         """The crop of `picture` inpainted at the model's size inside `region`, scaled back into a full-size copy."""
-        x0, y0, x1, y1 = self.crop
         where = f"retouch {region} strength {strength}"
         self.ctx.check_stop(where)
-        crop = cv2.resize(picture[y0:y1, x0:x1], (self.size, self.size), interpolation=cv2.INTER_AREA)
-        mask = cv2.resize(self.masks[region].mask[y0:y1, x0:x1].astype(np.uint8), (self.size, self.size), interpolation=cv2.INTER_NEAREST)
-        mask = cv2.dilate(mask, np.ones((3, 3), np.uint8)).astype(bool)  # the model repaints a little beyond the feathered edge
-        made = inpaint(self.pipe, self.spec.prompt, self.spec.negative_prompt, seeds, crop, mask, steps=self.spec.steps,
-                       guidance=self.spec.guidance, strength=strength, on_step=lambda: self.ctx.check_stop(where))
-        out = []
-        for image in made:
-            full = picture.copy()
-            full[y0:y1, x0:x1] = cv2.resize(image, (x1 - x0, y1 - y0), interpolation=cv2.INTER_CUBIC)
-            out.append(full)
-        return out
+        return inpaint_in_photo(self.pipe, picture, self.masks[region].mask, self.crop, self.size, self.spec.prompt, self.spec.negative_prompt,
+                                seeds, steps=self.spec.steps, guidance=self.spec.guidance, strength=strength,
+                                on_step=lambda: self.ctx.check_stop(where))
 
     def _keep(self, region_set: tuple[str, ...], strength: float, seed: int, rgb: np.ndarray) -> dict[str, Any]:
         ctx = self.ctx
@@ -245,20 +236,10 @@ def _overridden(ctx: StageContext, masks: dict[str, RegionMask], marks: Any, sha
 
 def _crop_box(masks: dict[str, RegionMask], regions: list[str], iod: float, shape: tuple[int, int]) -> tuple[int, int, int, int]:
     """The square around every mask's support (plus CROP_MARGIN IOD), inside the photo."""
-    height, width = shape
     support = np.zeros(shape, dtype=bool)
     for region in regions:
         support |= masks[region].alpha > 0
-    if not support.any():
-        return 0, 0, min(width, height), min(width, height)
-    ys, xs = np.nonzero(support)
-    margin = CROP_MARGIN * iod
-    cx, cy = (xs.min() + xs.max()) / 2.0, (ys.min() + ys.max()) / 2.0
-    side = int(np.ceil(max(xs.max() - xs.min(), ys.max() - ys.min()) + 2 * margin))
-    side = min(side, width, height)
-    x0 = int(np.clip(round(cx - side / 2.0), 0, width - side))
-    y0 = int(np.clip(round(cy - side / 2.0), 0, height - side))
-    return x0, y0, x0 + side, y0 + side
+    return square_around(support, CROP_MARGIN * iod, shape)
 
 
 def _write_masks(ctx: StageContext, original: np.ndarray, masks: dict[str, RegionMask]) -> None:
