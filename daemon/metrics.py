@@ -46,6 +46,7 @@ METRICS_CONNECTION_TIMEOUT_SECONDS = 5.0  # a connection that sends no request f
 # Identity drift = 1 - cosine similarity, 0 (same face) .. 2; the lock threshold is 0.18.
 DRIFT_BUCKETS = (0.05, 0.1, 0.15, 0.18, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0, 1.5, 2.0)
 STAGE_BUCKETS = (0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200)
+COVERAGE_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.75, 1.0)
 TEXTURE_BUCKETS = (0.1, 0.25, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.2, 1.3, 1.5, 2.0, 5.0)
 JOB_BUCKETS = (1, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400)
 
@@ -105,6 +106,8 @@ class DaemonMetrics:
         self.retouch_drift = Histogram("idrep_retouch_drift", "Identity drift of retouch variants to their original photo.", buckets=DRIFT_BUCKETS, registry=r)
         self.retouch_texture = Histogram("idrep_retouch_texture_ratio", "Fine texture a retouch variant kept inside its masks (1 = all of it; plastic skin is well below).",
                                          buckets=TEXTURE_BUCKETS, registry=r)
+        self.restores = Counter("idrep_restores_total", "Restorations by verdict: ok, flag (above a flag limit), refused_classical (the TELEA fill delivered instead); refused ones fail as restore_mask_too_large.", ["verdict"], registry=r)
+        self.restore_coverage = Histogram("idrep_restore_face_coverage", "Share of the face a restoration's damage mask hides.", buckets=COVERAGE_BUCKETS, registry=r)
         self.faces_not_found = Counter("idrep_faces_not_found_total", "Generated images in which no face was found (never scored): verify_lora, verify_control, render.", ["kind"], registry=r)
         self.claims_taken_over = Counter("idrep_claims_taken_over_total", "Claims this daemon took over: expired (a dead or frozen daemon's), released (a cleanly stopped one's), restart (its own, after a restart), held (a held job whose retry was due).", ["reason"], registry=r)
         self.claims_lost = Counter("idrep_claims_lost_total", "Claims another daemon took over from this one while it held them (this daemon was frozen past its lease).", registry=r)
@@ -121,6 +124,8 @@ class DaemonMetrics:
             self.job_holds.labels(code)
         for verdict in ("accepted", "rejected"):
             self.retouch_variants.labels(verdict)
+        for verdict in ("ok", "flag", "refused_classical"):
+            self.restores.labels(verdict)
         self._phase = ""
         self.progress = StageProgress()
         self._server: Any = None
@@ -182,6 +187,10 @@ class DaemonMetrics:
                 self.faces_not_found.labels("render").inc()
             else:
                 self.render_drift.labels(str(fields.get("mode", "")), str(fields.get("pass_name", ""))).observe(float(fields["drift"]))
+        elif event == "restore_verdict":
+            self.restores.labels(str(fields.get("verdict", ""))).inc()
+            if fields.get("face_coverage") is not None:
+                self.restore_coverage.observe(float(fields["face_coverage"]))
         elif event == "retouch_variant":
             self.retouch_variants.labels("accepted" if fields.get("accepted") else "rejected").inc()
             if fields.get("drift") is not None:

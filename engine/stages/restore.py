@@ -47,7 +47,7 @@ CROP_MARGIN = 0.5  # IOD around the mask: the model sees the face it repairs
 
 
 def models(ctx: StageContext) -> tuple[str, ...]:
-    return ("faces", "landmarks", "inpaint")
+    return ("faces", "landmarks", "inpaint", "identity2")
 
 
 def fingerprint(ctx: StageContext) -> dict[str, object]:
@@ -87,6 +87,7 @@ def run(ctx: StageContext) -> None:
         atomic_write_bytes(ctx.path(layout.RESTORE_CLASSICAL), png_bytes(filled, {"method": "OpenCV TELEA inpainting", "generative": "false",
                                                                                    "note": "refused for generative restoration: " + "; ".join(reasons)}))
         _write_reports(ctx, facts, [], None, None, classical=True)
+        ctx.progress("restore_verdict", verdict="refused_classical", face_coverage=covered.face)
         return
     pipe = ctx.use("inpaint")
     size = DEMO_RESOLUTION if ctx.demo else spec.resolution
@@ -98,13 +99,20 @@ def run(ctx: StageContext) -> None:
                             guidance=spec.guidance, strength=spec.strength, on_step=lambda: ctx.check_stop(where))
     reference = _reference(ctx, faces) if spec.references else None
     baseline = drift(reference, faces.embed(photo, face.keypoints)) if reference is not None else None
+    second = ctx.use("identity2") if spec.references else None  # reported beside ArcFace's drift, never judged
+    second_reference = _second_reference(ctx, faces, second) if second is not None else None
     rows, embeddings = [], []
     for seed, edit in zip(spec.seeds, made):
         variant = np.where(grown[..., None], edit, photo)  # outside the grown mask: the photo's own bytes
         embedding = faces.embed(variant, face.keypoints)
         embeddings.append(embedding)
         moved = drift(reference, embedding) if reference is not None else None
-        row = {"seed": seed, "drift_to_references": None if moved is None else round(moved, 6),
+        distance = None
+        if second_reference is not None:
+            from engine import identity2
+
+            distance = round(identity2.distance(second_reference, second.describe(variant, face.box)), 6)
+        row = {"seed": seed, "drift_to_references": None if moved is None else round(moved, 6), "identity2_distance": distance,
                "farther_than_damaged": None if moved is None else bool(moved > baseline + spec.drift_margin),
                "changed_outside_mask_px": int(np.any(variant[~grown] != photo[~grown], axis=-1).sum()),
                "file": f"{layout.RESTORE_VARIANTS_DIR}/seed_{seed}.png"}
@@ -112,6 +120,7 @@ def run(ctx: StageContext) -> None:
                                                                                        job_id=ctx.job_id), {"stage": NAME, "verdict": verdict, **row})
         rows.append(row)
         ctx.progress("restore_variant", seed=seed, drift=moved, verdict=verdict)
+    ctx.progress("restore_verdict", verdict=verdict, face_coverage=covered.face)
     spread = float(np.mean([drift(a, b) for a, b in combinations(embeddings, 2)])) if len(embeddings) > 1 else None
     _write_reports(ctx, facts, rows, baseline, spread)
 
@@ -130,6 +139,17 @@ def _reference(ctx: StageContext, faces: Any) -> np.ndarray:
         face = max(found, key=lambda f: f.area)
         vectors.append(faces.embed(rgb, face.keypoints))
     return normalise(np.mean(vectors, axis=0))
+
+
+def _second_reference(ctx: StageContext, faces: Any, model: Any) -> np.ndarray | None:
+    """The references' mean dlib descriptor (engine.identity2), on each one's largest SCRFD face."""
+    descriptors = []
+    for name in ctx.job.spec.restore.references:
+        rgb = load_photo(ctx.job.folder / name, name, ctx.settings.input.max_pixels, ctx.settings.background.fill_rgb).rgb
+        descriptor = model.describe_largest(faces, rgb)
+        if descriptor is not None:
+            descriptors.append(descriptor)
+    return np.mean(descriptors, axis=0) if descriptors else None
 
 
 def _write_mask(ctx: StageContext, photo: np.ndarray, mask: np.ndarray) -> None:
@@ -157,7 +177,8 @@ def _write_reports(ctx: StageContext, coverage_facts: dict[str, Any], rows: list
     }
     atomic_write_json(ctx.path(layout.RESTORE_INFO), report)
     buffer = io.StringIO()
-    columns = ["demo", "verdict", "seed", "drift_to_references", "farther_than_damaged", "changed_outside_mask_px", "file", "credentials"]
+    columns = ["demo", "verdict", "seed", "drift_to_references", "identity2_distance", "farther_than_damaged", "changed_outside_mask_px", "file",
+               "credentials"]
     writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
     for row in rows:

@@ -58,6 +58,7 @@ def test_a_cheek_mask_of_a_tenth_of_the_face_restores_with_the_identity_scored(t
     assert info["verdict"] == "ok" and 0.08 < info["coverage"]["face_coverage"] < 0.12, info["coverage"]
     assert info["damaged_drift_to_references"] is not None and info["seed_spread"] is not None
     assert len(info["variants"]) == 3 and all(row["drift_to_references"] is not None for row in info["variants"])
+    assert all(0 <= row["identity2_distance"] < 2 for row in info["variants"])  # the second model's distance, beside
     coverage = json.loads((out / "restore" / "coverage.json").read_text())
     assert coverage["landmarks_from"].startswith("the TELEA pre-filled copy")
     # Outside the mask grown by grow_px (3 px) every byte is the photo's; inside, the model painted.

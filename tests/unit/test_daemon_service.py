@@ -140,6 +140,14 @@ def test_retouch_variants_become_metrics():
     assert _value(metrics, 'idrep_stage_progress_done{stage="retouch"}') == 2
 
 
+def test_restore_verdicts_become_metrics():
+    metrics = DaemonMetrics("d1", stages=("restore",))
+    metrics.observe("restore_verdict", {"verdict": "flag", "face_coverage": 0.18})
+    metrics.observe("restore_verdict", {"verdict": "ok", "face_coverage": 0.04})
+    assert _value(metrics, 'idrep_restores_total{verdict="flag"}') == 1 and _value(metrics, 'idrep_restores_total{verdict="ok"}') == 1
+    assert _value(metrics, 'idrep_restore_face_coverage_bucket{le="0.05"}') == 1 and _value(metrics, "idrep_restore_face_coverage_count") == 2
+
+
 def test_each_daemon_has_its_own_registry():
     first, second = DaemonMetrics("a"), DaemonMetrics("b")
     first.job_ended("finished", 1.0)
