@@ -121,13 +121,29 @@ def coverage(mask: np.ndarray, marks: lm.Landmarks) -> Coverage:
     )
 
 
-def load_mask(path: Path, shape: tuple[int, int], key: str) -> np.ndarray:
-    """A damage mask (white = damaged) the photo's size, as bools; JobError naming `key` and the
-    file for anything that cannot be one."""
+def keyed_mask(path: Path, photo: np.ndarray, key_colour: tuple[int, ...], tolerance: int, key: str) -> np.ndarray:
+    """The damage painted in `key_colour` (each channel within `tolerance`) into a copy of the
+    photo (a PNG of its size); refused like `load_mask`, and when the copy differs from the photo
+    anywhere but where it is painted (another photo, or a lossy copy)."""
+    painted_rgb = _read_png(path, key, lambda image: np.asarray(image.convert("RGB")))
+    where = f"{key} ({Path(path).name})"
+    if painted_rgb.shape != photo.shape:
+        raise JobError("invalid_mask", f"{where}: is {painted_rgb.shape[1]}x{painted_rgb.shape[0]} px and the photo {photo.shape[1]}x{photo.shape[0]}: "
+                                       "a painted copy has the photo's size")
+    mask = np.all(np.abs(painted_rgb.astype(int) - np.asarray(key_colour, dtype=int)) <= tolerance, axis=-1)
+    _check_marks(mask, where)
+    unpainted = ~mask
+    differs = np.any(painted_rgb[unpainted] != photo[unpainted], axis=-1).mean() if unpainted.any() else 0.0
+    if differs > 0.01:
+        raise JobError("invalid_mask", f"{where}: {differs:.0%} of its unpainted pixels differ from the photo: paint the damage into a lossless "
+                                       "copy of this very photo")
+    return mask
+
+
+def _read_png(path: Path, key: str, convert) -> np.ndarray:
     from PIL import Image
 
-    name = Path(path).name
-    where = f"{key} ({name})"
+    where = f"{key} ({Path(path).name})"
     try:
         with open(path, "rb") as handle:
             magic = handle.read(8)
@@ -138,14 +154,25 @@ def load_mask(path: Path, shape: tuple[int, int], key: str) -> np.ndarray:
         raise JobError("invalid_mask", f"{where}: is {kind}; a mask must be a lossless PNG (compression smears its edges): white = damaged, black = intact")
     try:
         with Image.open(path) as image:
-            grey = np.asarray(image.convert("L"))
+            return convert(image)
     except OSError as exc:
         raise JobError("invalid_mask", f"{where}: is not a readable PNG ({exc})") from None
+
+
+def _check_marks(mask: np.ndarray, where: str) -> None:
+    if not mask.any():
+        raise JobError("invalid_mask", f"{where}: marks no pixel as damaged: there is nothing to restore")
+    if mask.all():
+        raise JobError("invalid_mask", f"{where}: marks the whole photo as damaged: nothing is left to restore from")
+
+
+def load_mask(path: Path, shape: tuple[int, int], key: str) -> np.ndarray:
+    """A damage mask (white = damaged) the photo's size, as bools; JobError naming `key` and the
+    file for anything that cannot be one."""
+    where = f"{key} ({Path(path).name})"
+    grey = _read_png(path, key, lambda image: np.asarray(image.convert("L")))
     if grey.shape != tuple(shape):
         raise JobError("invalid_mask", f"{where}: is {grey.shape[1]}x{grey.shape[0]} px and the photo {shape[1]}x{shape[0]}: a mask has the photo's size")
     mask = grey >= 128
-    if not mask.any():
-        raise JobError("invalid_mask", f"{where}: marks no pixel as damaged (all black): there is nothing to restore")
-    if mask.all():
-        raise JobError("invalid_mask", f"{where}: marks the whole photo as damaged (all white): nothing is left to restore from")
+    _check_marks(mask, where)
     return mask

@@ -263,7 +263,12 @@ class RestoreSpec:
     """A restoration: the damage mask's file, optional undamaged references of the same person,
     K seeds, and where it stops (engine.coverage's limits: shares 0-1, crossed when above)."""
 
-    mask: str = field(metadata=rule(Str(min_len=1, max_len=255)))  # a PNG in the job folder: white = damaged, the photo's size
+    # The damage: `mask`, a PNG in the job folder (white = damaged, the photo's size); or `painted`,
+    # a copy of the photo (PNG) with the damage painted over in the colour `key` (within key_tolerance).
+    mask: str = field(default="", metadata=rule(Str(max_len=255)))
+    painted: str = field(default="", metadata=rule(Str(max_len=255)))
+    key: tuple[int, ...] = field(default=(255, 0, 255), metadata=rule(ListOf(Int(0, 255), 3, 3)))
+    key_tolerance: int = field(default=8, metadata=rule(Int(0, 128)))
     references: tuple[str, ...] = field(default=(), metadata=rule(ListOf(Str(min_len=1, max_len=255), 0, 8)))
     seeds: tuple[int, ...] = field(default=(0, 1, 2, 3), metadata=rule(ListOf(Int(0, 2**32 - 1), 1, 16)))
     steps: int = field(default=30, metadata=rule(Int(1, 200)))
@@ -295,15 +300,20 @@ class RestoreJobSpec(KindSpec):
 def restore_checks(spec: RestoreJobSpec, where: str) -> list[Problem]:
     problems: list[Problem] = []
     r = spec.restore
-    for key, file in [("restore.mask", r.mask)] + [(f"restore.references[{i}]", name) for i, name in enumerate(r.references)]:
+    if bool(r.mask) == bool(r.painted):
+        problems.append(Problem(f"{where}: restore.mask", "name the damage once: restore.mask (a PNG, white = damaged) or restore.painted "
+                                "(a copy of the photo with the damage painted in restore.key)" + (", not both" if r.mask else "")))
+    damage = [("restore.mask", r.mask)] if r.mask else [("restore.painted", r.painted)] if r.painted else []
+    for key, file in damage + [(f"restore.references[{i}]", name) for i, name in enumerate(r.references)]:
         if Path(file).is_absolute() or ".." in Path(file).parts:
             problems.append(Problem(f"{where}: {key}", f"{file!r}: name a file inside the job folder"))
-    if not r.mask.lower().endswith(".png"):
-        problems.append(Problem(f"{where}: restore.mask", f"{r.mask!r}: a damage mask is a .png file (white = damaged)"))
+    for key, file in damage:
+        if not file.lower().endswith(".png"):
+            problems.append(Problem(f"{where}: {key}", f"{file!r}: a damage mask or painted copy is a .png file (lossless)"))
     if len(set(r.seeds)) != len(r.seeds):
         problems.append(Problem(f"{where}: restore.seeds", "seeds must be distinct"))
-    if r.mask in r.references:
-        problems.append(Problem(f"{where}: restore.references", f"{r.mask!r} is the mask"))
+    if (r.mask or r.painted) in r.references:
+        problems.append(Problem(f"{where}: restore.references", f"{r.mask or r.painted!r} is the damage mask"))
     for flag, refuse in (("flag_face", "refuse_face"), ("flag_feature", "refuse_feature")):
         if getattr(r, flag) > getattr(r, refuse):
             problems.append(Problem(f"{where}: restore.{flag}", f"{getattr(r, flag)} is above restore.{refuse} {getattr(r, refuse)}"))

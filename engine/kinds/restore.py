@@ -13,7 +13,7 @@ from engine.kinds import Kind
 
 
 def _named_files(spec: RestoreJobSpec) -> tuple[str, ...]:
-    return (spec.restore.mask, *spec.restore.references)
+    return tuple(name for name in (spec.restore.mask, spec.restore.painted, *spec.restore.references) if name)
 
 
 RESTORE = Kind(

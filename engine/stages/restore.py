@@ -32,7 +32,7 @@ import numpy as np
 
 from engine import layout
 from engine.context import StageContext
-from engine.coverage import CoverageLimits, coverage, load_mask, prefill
+from engine.coverage import CoverageLimits, coverage, keyed_mask, load_mask, prefill
 from engine.diffusion import inpaint_in_photo, png_text, square_around
 from engine.errors import JobError
 from engine.faces import drift, normalise
@@ -64,11 +64,14 @@ def run(ctx: StageContext) -> None:
     faces, landmarks = ctx.use("faces"), ctx.use("landmarks")
     name = ctx.job.spec.subject.photos[0]
     photo = load_photo(ctx.job.photos[0], name, ctx.settings.input.max_pixels, ctx.settings.background.fill_rgb).rgb
-    mask = load_mask(ctx.job.folder / spec.mask, photo.shape[:2], "job.toml: restore.mask")
+    if spec.mask:
+        mask = load_mask(ctx.job.folder / spec.mask, photo.shape[:2], "job.toml: restore.mask")
+    else:
+        mask = keyed_mask(ctx.job.folder / spec.painted, photo, tuple(spec.key), spec.key_tolerance, "job.toml: restore.painted")
     filled = prefill(photo, mask)
     found = faces.detect(filled)
     if not found:
-        raise JobError("no_face_found", f"{name}: no face found, even with the damage pre-filled (restore.mask {spec.mask})")
+        raise JobError("no_face_found", f"{name}: no face found, even with the damage ({spec.mask or spec.painted}) pre-filled")
     face = max(found, key=lambda f: f.area)
     marks = landmarks.find(filled, face)
     covered = coverage(mask, marks)
@@ -82,7 +85,7 @@ def run(ctx: StageContext) -> None:
     _write_mask(ctx, photo, mask)
     if verdict == "refuse":
         if spec.on_refuse == "fail":
-            raise JobError("restore_mask_too_large", f"the damage mask {spec.mask} hides too much of the face to restore it without inventing one: "
+            raise JobError("restore_mask_too_large", f"the damage mask {spec.mask or spec.painted} hides too much of the face to restore it without inventing one: "
                            + "; ".join(reasons), details={"coverage": covered.facts(), "limits": to_plain(limits)})
         atomic_write_bytes(ctx.path(layout.RESTORE_CLASSICAL), png_bytes(filled, {"method": "OpenCV TELEA inpainting", "generative": "false",
                                                                                    "note": "refused for generative restoration: " + "; ".join(reasons)}))
@@ -165,7 +168,8 @@ def _write_reports(ctx: StageContext, coverage_facts: dict[str, Any], rows: list
     identity = ("identity_unverified: no undamaged reference photo of the person was given (restore.references)" if not spec.references
                 else f"ArcFace drift to the references: the damaged photo {baseline:.4f}" if baseline is not None else "")
     report = {
-        "job_id": ctx.job_id, "subject": ctx.job.subject, "photo": ctx.job.spec.subject.photos[0], "mask": spec.mask, "demo": ctx.demo,
+        "job_id": ctx.job_id, "subject": ctx.job.subject, "photo": ctx.job.spec.subject.photos[0], "mask": spec.mask or spec.painted,
+        "mask_form": "mask" if spec.mask else f"painted in {list(spec.key)}", "demo": ctx.demo,
         "note": "demo model: random weights, the variants are noise" if ctx.demo else "",
         "verdict": "refused_classical" if classical else coverage_facts["verdict"], "reasons": coverage_facts["reasons"],
         "coverage": {k: coverage_facts[k] for k in ("face_coverage", "feature_coverage", "features")},

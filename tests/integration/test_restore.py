@@ -95,3 +95,30 @@ def test_refused_but_asked_for_the_classical_fill_delivers_it_labelled_non_gener
     assert info["verdict"] == "refused_classical" and info["generative"] is False and info["variants"] == []
     assert (result.output_dir / info["classical_fill"]).is_file()
     assert not any((result.output_dir / "restore" / "variants").iterdir())
+
+
+def test_the_damage_painted_in_a_key_colour_into_a_copy_is_the_mask(tmp_path, restore_engine, astronaut_rgb):
+    mask = np.zeros(astronaut_rgb.shape[:2], dtype=bool)
+    mask[112:152, 179:204] = True
+    painted = astronaut_rgb.copy()
+    painted[mask] = (255, 0, 255)
+    job = JOB.replace('mask = "damage.png"', 'painted = "painted.png"')
+    source = _job(tmp_path, astronaut_rgb, mask, job)
+    (source / "damage.png").unlink()
+    write_png(source / "painted.png", painted)
+    result = restore_engine.run_job(source, tmp_path / "outbox")
+    assert result.outcome == "finished", result.error
+    info = json.loads((result.output_dir / "restore" / "restore.json").read_text())
+    assert info["photo"] == "damaged.png" and info["mask_form"] == "painted in [255, 0, 255]"
+    assert np.array_equal(read_rgb(result.output_dir / "restore" / "mask.png")[..., 0] > 0, mask)
+
+
+def test_a_painted_copy_of_another_photo_is_refused_naming_it(tmp_path, astronaut_rgb):
+    from engine.coverage import keyed_mask
+    from engine.errors import JobError
+
+    other = np.ascontiguousarray(astronaut_rgb[::-1])
+    other[100:120, 100:120] = (255, 0, 255)
+    write_png(tmp_path / "painted.png", other)
+    with pytest.raises(JobError, match=r"restore\.painted \(painted\.png\): .* of its unpainted pixels differ from the photo"):
+        keyed_mask(tmp_path / "painted.png", astronaut_rgb, (255, 0, 255), 8, "restore.painted")

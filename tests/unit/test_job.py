@@ -309,3 +309,13 @@ def test_a_section_of_another_kind_is_refused_naming_the_key_and_its_kind(tmp_pa
         assert problems["job.toml: colour"].startswith("unknown key")
     finally:
         unregister_kind("prepare_only")
+
+
+def test_a_restore_job_names_its_damage_once(tmp_path, astronaut_rgb):
+    for job, reason in (('kind = "restore"\n[restore]\nseeds = [0]\n', "name the damage once"),
+                        ('kind = "restore"\n[restore]\nmask = "m.png"\npainted = "p.png"\n', "not both"),
+                        ('kind = "restore"\n[restore]\nmask = "m.jpg"\n', "is a .png file")):
+        folder = make_job(tmp_path / f"case{len(reason)}", {"a.png": astronaut_rgb}, job)
+        with pytest.raises(JobError) as excinfo:
+            _load(folder)
+        assert any(reason in text for text in _problems(excinfo).values()), _problems(excinfo)
