@@ -35,6 +35,7 @@ class Resources:
         self._faces: FaceModels | None = None
         self._background: BackgroundRemover | None = None
         self._background_key: tuple[int, int, int] | None = None  # the staged file's (size, mtime, inode) when loaded
+        self._background_hash: tuple[tuple[int, int, int], dict[str, str]] | None = None  # (that key, its hashes)
         self._pipelines: dict[str, Any] = {}
         self._img2img: list[tuple[Any, Any]] = []  # (pipeline, its image-to-image pipeline)
         self._identity2: Any = None
@@ -65,9 +66,16 @@ class Resources:
         `identity2` model that is not there. Computed once per process."""
         if role == "faces":
             return self.faces().hashes()
-        if role == "background":
-            remover = self.background()
-            return {f"rembg/{remover.model_path.name}": remover.sha256} if remover is not None else {}
+        if role == "background":  # hashed, not loaded: a prepare skipped on a resume needs no remover session
+            path = self.background_model_path()
+            key = _file_key(path)
+            if key is None:
+                return {}
+            if self._background_hash is None or self._background_hash[0] != key:
+                from engine.fsutil import sha256_file
+
+                self._background_hash = (key, {f"rembg/{path.name}": sha256_file(path)})
+            return self._background_hash[1]
         if role == "inpaint" and self.inpaint_from_base():
             return self.hashes("base")  # the same files
         if role in ("base", "realism", "inpaint"):
@@ -104,12 +112,10 @@ class Resources:
         Loaded again when the staged file changes (a lab stages or replaces it while the daemon
         runs): the remover used and the hash recorded are always of the file there now."""
         path = self.background_model_path()
-        try:
-            info = path.stat()
-        except OSError:
+        key = _file_key(path)
+        if key is None:
             self._background = None
             return None
-        key = (info.st_size, info.st_mtime_ns, info.st_ino)
         if self._background is None or self._background_key != key:
             self._background = BackgroundRemover(path, threads=self.settings.faces.threads)
             self._background_key = key
@@ -219,3 +225,12 @@ class Resources:
 
                 self._credentials = ContentCredentials(keys)
         return self._credentials or None
+
+
+def _file_key(path: Path) -> tuple[int, int, int] | None:
+    """(size, mtime, inode) of a staged file, or None when it is not there: what says it changed."""
+    try:
+        info = path.stat()
+    except OSError:
+        return None
+    return info.st_size, info.st_mtime_ns, info.st_ino
