@@ -108,7 +108,7 @@ def final_probe_loss(engine, job_dir: Path) -> float:
     from engine.images import read_rgb
     from engine.job import PhaseSpec
     from engine import layout
-    from engine.stages import train
+    from engine import training as train
 
     pipe = engine.resources.pipeline()
     info = json.loads((job_dir / layout.PREPARE_INFO).read_text())

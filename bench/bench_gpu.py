@@ -11,7 +11,7 @@ Random weights cost exactly what trained ones do: the arithmetic and the memory 
 the same; only the pictures are noise.
 
 Per model and per setting, with a fresh UNet each time:
-  train   the engine's own training step (engine.stages.train._training_step: cached VAE
+  train   the engine's own training step (engine.training._training_step: cached VAE
           latent distribution and text embedding, noise, UNet forward under autocast, MSE,
           backward) plus AdamW on a LoRA (r=8 on to_k/to_q/to_v/to_out.0, fp32 LoRA weights
           even on a bf16 UNet, as train_lora does), batch 1, at 768 (SD-1.5) / 1024 (SDXL).
@@ -193,11 +193,11 @@ class Components:
 
 def prepare_unet(components: Components, setting: Setting) -> tuple[torch.nn.Module, list[torch.nn.Parameter]]:
     """A fresh UNet with the setting's dtype, attention and memory format, and a LoRA the way
-    engine.stages.train.train_lora adds it (fp32 LoRA weights)."""
+    engine.training.train_lora adds it (fp32 LoRA weights)."""
     from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
     from peft import LoraConfig
 
-    from engine.stages.train import TARGET_MODULES
+    from engine.training import TARGET_MODULES
 
     unet = components.unet()
     unet.to(torch.bfloat16 if setting.bf16 else torch.float32)
@@ -239,7 +239,7 @@ def measure_train(components: Components, unet: torch.nn.Module, model: torch.nn
     from diffusers import DDPMScheduler
 
     from engine.job import PhaseSpec
-    from engine.stages.train import _encode_latents, _encode_text, _training_step
+    from engine.training import _encode_latents, _encode_text, _training_step
 
     device = components.device
     dtype = torch.bfloat16 if setting.bf16 else torch.float32

@@ -4,10 +4,10 @@
                                 [--baseline-attention both|classic|sdpa]
 
 What is measured, on the tiny demo model (engine.models.make_demo_model), 128-px crops of
-scikit-image's astronaut, one UNet LoRA (r=4 on engine.stages.train.TARGET_MODULES), AdamW:
+scikit-image's astronaut, one UNet LoRA (r=4 on engine.training.TARGET_MODULES), AdamW:
 
-  ours      engine.stages.train._training_step on the VAE latent distribution and the text
-            embedding computed once (engine.stages.train._encode_latents / _encode_text,
+  ours      engine.training._training_step on the VAE latent distribution and the text
+            embedding computed once (engine.training._encode_latents / _encode_text,
             outside the timed loop), then backward, optimizer step, zero_grad. This is the
             inner loop of `train_lora`, minus its bookkeeping (convergence, checkpoints).
   baseline  a plain loop in the style of diffusers' examples/dreambooth/train_dreambooth_lora.py:
@@ -113,7 +113,7 @@ def bench(args: argparse.Namespace, pipe: Any) -> None:
     from peft import LoraConfig
 
     from engine.job import PhaseSpec, TrainSpec
-    from engine.stages import train
+    from engine import training as train
 
     images = astronaut_crops(RESOLUTION)
     prompt = train.caption(TrainSpec())

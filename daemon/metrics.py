@@ -108,7 +108,9 @@ class DaemonMetrics:
                                          buckets=TEXTURE_BUCKETS, registry=r)
         self.restores = Counter("idrep_restores_total", "Restorations by verdict: ok, flag (above a flag limit), refused_classical (the TELEA fill delivered instead); refused ones fail as restore_mask_too_large.", ["verdict"], registry=r)
         self.restore_coverage = Histogram("idrep_restore_face_coverage", "Share of the face a restoration's damage mask hides.", buckets=COVERAGE_BUCKETS, registry=r)
-        self.faces_not_found = Counter("idrep_faces_not_found_total", "Generated images in which no face was found (never scored): verify_lora, verify_control, render.", ["kind"], registry=r)
+        self.faces_not_found = Counter("idrep_faces_not_found_total", "Generated images in which no face was found (never scored): verify_lora, verify_control, render, evaluate.", ["kind"], registry=r)
+        self.evaluate_cells = Counter("idrep_evaluate_cells_total", "Evaluate grid cells (group x prompt x seed) rendered and scored, by whether a face was found.", ["face"], registry=r)
+        self.evaluate_drift = Histogram("idrep_evaluate_drift", "Identity drift of evaluate grid cells with a face (every group, the control included).", buckets=DRIFT_BUCKETS, registry=r)
         self.claims_taken_over = Counter("idrep_claims_taken_over_total", "Claims this daemon took over: expired (a dead or frozen daemon's), released (a cleanly stopped one's), restart (its own, after a restart), held (a held job whose retry was due).", ["reason"], registry=r)
         self.claims_lost = Counter("idrep_claims_lost_total", "Claims another daemon took over from this one while it held them (this daemon was frozen past its lease).", registry=r)
         r.register(GpuMemoryCollector())
@@ -126,6 +128,8 @@ class DaemonMetrics:
             self.retouch_variants.labels(verdict)
         for verdict in ("ok", "flag", "refused_classical"):
             self.restores.labels(verdict)
+        for face in ("found", "not_found"):
+            self.evaluate_cells.labels(face)
         self._phase = ""
         self.progress = StageProgress()
         self._server: Any = None
@@ -191,6 +195,13 @@ class DaemonMetrics:
             self.restores.labels(str(fields.get("verdict", ""))).inc()
             if fields.get("face_coverage") is not None:
                 self.restore_coverage.observe(float(fields["face_coverage"]))
+        elif event == "evaluate_cell":
+            found = bool(fields.get("face_found")) and fields.get("drift") is not None
+            self.evaluate_cells.labels("found" if found else "not_found").inc()
+            if found:
+                self.evaluate_drift.observe(float(fields["drift"]))
+            else:
+                self.faces_not_found.labels("evaluate").inc()
         elif event == "retouch_variant":
             self.retouch_variants.labels("accepted" if fields.get("accepted") else "rejected").inc()
             if fields.get("drift") is not None:

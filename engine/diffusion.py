@@ -20,10 +20,17 @@ IDENTITY_ADAPTER = "identity"
 
 
 @contextlib.contextmanager
-def identity_lora(pipe: Any, lora_dir: Path) -> Iterator["LoraSwitch"]:
-    """The job's LoRA loaded into `pipe` for the duration of the block, then removed, so the
-    pipeline goes back to the next job as it came."""
-    pipe.load_lora_weights(str(lora_dir), adapter_name=IDENTITY_ADAPTER)
+def identity_lora(pipe: Any, lora: Path) -> Iterator["LoraSwitch"]:
+    """A LoRA (a folder in diffusers' layout, or one .safetensors file) loaded into `pipe` for
+    the duration of the block, then removed, so the pipeline goes back to the next job as it
+    came; removed as well when loading fails half-way."""
+    try:
+        pipe.load_lora_weights(str(lora), adapter_name=IDENTITY_ADAPTER)
+    except BaseException:
+        if IDENTITY_ADAPTER in getattr(pipe, "get_list_adapters", lambda: {})().get("unet", []):
+            pipe.enable_lora()
+            pipe.delete_adapters(IDENTITY_ADAPTER)
+        raise
     try:
         yield LoraSwitch(pipe)
     finally:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.errors import JobError, Problem
-from engine.fsutil import TreeLimit, utf8_safe, walk_tree
+from engine.fsutil import TreeLimit, sha256_file, utf8_safe, walk_tree
 from engine.schema import (
     INVALID,
     Bool,
@@ -326,6 +326,154 @@ def restore_prompts(spec: RestoreJobSpec) -> list[tuple[str, str]]:
     return [("restore.prompt", spec.restore.prompt)]
 
 
+@dataclass(frozen=True)
+class LoraRun:
+    """One LoRA the train stage trains (engine.kinds.Kind.lora_runs). `name` "" is the job's own
+    LoRA, on every photo; a group's LoRA has its name and a subset of the photos. `snapshots`:
+    phases whose LoRA is kept as it stood at their exit (no extra training step)."""
+
+    name: str = ""
+    photos: tuple[str, ...] = ()
+    snapshots: tuple[str, ...] = ()
+
+    @property
+    def is_main(self) -> bool:
+        return self.name == ""
+
+
+CONTROL_GROUP = "control"  # the evaluate grid's group without a LoRA: never a group's name
+FINAL_PHASE = "final"  # evaluate.group.phase: the job's LoRA as its training finished
+SHA256_PATTERN = r"(?:[0-9a-f]{64})?"
+
+
+@dataclass(frozen=True)
+class EvaluateGroup:
+    """One group of an evaluate grid. Its LoRA comes from exactly one of: `photos` (a subset of
+    the job's photos: a LoRA of its own, trained with the job's [train] settings), `phase` (the
+    job's LoRA as it stood at that phase's exit, or "final": as it finished; no training of its
+    own), `file` (a .safetensors LoRA brought in the folder, with its `sha256`). It renders at
+    `weight`."""
+
+    name: str = field(default="", metadata=rule(Str(pattern=SAFE_NAME, pattern_doc=SAFE_NAME_DOC)))
+    photos: tuple[str, ...] = field(default=(), metadata=rule(ListOf(Str(min_len=1, max_len=255), 0, MAX_PHOTOS)))
+    phase: str = field(default="", metadata=rule(Str(max_len=32)))
+    file: str = field(default="", metadata=rule(Str(max_len=255)))
+    sha256: str = field(default="", metadata=rule(Str(pattern=SHA256_PATTERN, pattern_doc="64 lower-case hex digits (sha256sum's output)")))
+    weight: float = field(default=1.0, metadata=rule(Float(0.0, 2.0)))
+
+    @property
+    def source(self) -> str:
+        """What its LoRA is, in words for the records."""
+        if self.photos:
+            return f"photos: {', '.join(self.photos)} (a LoRA of its own)"
+        if self.file:
+            return f"file: {self.file}"
+        return "the job's LoRA as trained" if self.phase == FINAL_PHASE else f"the job's LoRA at the exit of phase {self.phase}"
+
+
+@dataclass(frozen=True)
+class EvaluateSpec:
+    """A grid: every group (and the control) x `prompts` x `seeds`, rendered, embedded, scored."""
+
+    # "{trigger}" stands for train.trigger, as in verify.prompt.
+    prompts: tuple[str, ...] = field(default=("a photo of {trigger}, portrait, neutral background", "a photo of {trigger}, side profile, outdoors"),
+                                     metadata=rule(ListOf(Str(min_len=1, max_len=1000), 1, 32)))
+    seeds: tuple[int, ...] = field(default=(0, 1, 2, 3), metadata=rule(ListOf(Int(0, 2**32 - 1), 1, 64)))
+    steps: int = field(default=30, metadata=rule(Int(1, 200)))
+    guidance: float = field(default=5.8, metadata=rule(Float(0.0, 30.0)))
+    threshold: float = field(default=0.18, metadata=rule(Float(0.0, 2.0)))  # a cell is "locked" at or below it
+    control: bool = field(default=True, metadata=rule(Bool()))
+    batch_size: int = field(default=4, metadata=rule(Int(1, 64)))
+    group: tuple[EvaluateGroup, ...] = field(default=(EvaluateGroup(name="main", phase=FINAL_PHASE),), metadata=rule(Tables(EvaluateGroup, 1, 8)))
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvaluateJobSpec(KindSpec):
+    """An `evaluate` job (engine.kinds.evaluate): trained like a replicate job, then a grid."""
+
+    kind: str = field(default="evaluate", metadata=rule(Str(min_len=1, max_len=64)))
+    train: TrainSpec = field(default_factory=TrainSpec, metadata=rule(Table(TrainSpec)))
+    evaluate: EvaluateSpec = field(default_factory=EvaluateSpec, metadata=rule(Table(EvaluateSpec)))
+
+
+def evaluate_prompts(spec: EvaluateJobSpec) -> list[str]:
+    """The grid's prompts, "{trigger}" replaced by train.trigger."""
+    return [prompt.replace("{trigger}", spec.train.trigger) for prompt in spec.evaluate.prompts]
+
+
+def evaluate_denied(spec: EvaluateJobSpec) -> list[tuple[str, str]]:
+    return [("train.trigger", spec.train.trigger)] + [(f"evaluate.prompts[{i}]", p) for i, p in enumerate(evaluate_prompts(spec))]
+
+
+def evaluate_checks(spec: EvaluateJobSpec, where: str) -> list[Problem]:
+    """The training's checks (as a replicate job's), and each group's one source, named once."""
+    problems = _phase_checks(spec.train, where) + _convergence_checks(spec.train, where)
+    e = spec.evaluate
+    phases = [phase.name for phase in spec.train.phases]
+    names: dict[str, int] = {}
+    photo_sets: dict[tuple[str, ...], int] = {}
+    for i, group in enumerate(e.group):
+        key = f"{where}: evaluate.group[{i}]"
+        if group.name == CONTROL_GROUP:
+            problems.append(Problem(f"{key}.name", f"{CONTROL_GROUP!r} is the grid's group without a LoRA (evaluate.control); name the group otherwise"))
+        elif group.name in names:
+            problems.append(Problem(f"{key}.name", f"{group.name!r} is also the name of evaluate.group[{names[group.name]}]"))
+        names.setdefault(group.name, i)
+        given = [source for source in ("photos", "phase", "file") if getattr(group, source)]
+        if len(given) != 1:
+            problems.append(Problem(key, "give the group's LoRA exactly once: photos (a subset of the job's photos), phase (a phase of [train], or "
+                                    f"{FINAL_PHASE!r}) or file (a .safetensors in the folder, with its sha256)" + (f"; it gives {', '.join(given)}" if given else "")))
+        if group.phase and group.phase != FINAL_PHASE and group.phase not in phases:
+            problems.append(Problem(f"{key}.phase", f"{group.phase!r} is no phase of [train] ({', '.join(phases)}) nor {FINAL_PHASE!r}"))
+        if group.file:
+            if not group.file.endswith(".safetensors") or Path(group.file).is_absolute() or ".." in Path(group.file).parts:
+                problems.append(Problem(f"{key}.file", f"{group.file!r}: a LoRA is a .safetensors file inside the job folder (no pickled formats)"))
+            if not group.sha256:
+                problems.append(Problem(f"{key}.sha256", f"the sha256 of {group.file!r} is needed (sha256sum {group.file})"))
+        elif group.sha256:
+            problems.append(Problem(f"{key}.sha256", "only a group with a file has a sha256"))
+        if group.photos:
+            if len(set(group.photos)) != len(group.photos):
+                problems.append(Problem(f"{key}.photos", "a photo is listed twice"))
+            photo_set = tuple(sorted(set(group.photos)))
+            if photo_set in photo_sets:
+                problems.append(Problem(f"{key}.photos", f"the same photos as evaluate.group[{photo_sets[photo_set]}]: it would train the same LoRA"))
+            photo_sets.setdefault(photo_set, i)
+    if len(set(e.seeds)) != len(e.seeds):
+        problems.append(Problem(f"{where}: evaluate.seeds", "seeds must be distinct"))
+    if len(set(e.prompts)) != len(e.prompts):
+        problems.append(Problem(f"{where}: evaluate.prompts", "a prompt is listed twice"))
+    return problems
+
+
+def evaluate_folder_checks(spec: EvaluateJobSpec, folder: Path, photos: tuple[str, ...], where: str) -> list[Problem]:
+    """Each photo-subset group names photos of this job, and not all of them; each brought LoRA is
+    a file of the folder with the sha256 job.toml gives (checked again before it is loaded)."""
+    problems: list[Problem] = []
+    for i, group in enumerate(spec.evaluate.group):
+        key = f"{where}: evaluate.group[{i}]"
+        for j, name in enumerate(group.photos):
+            if name not in photos:
+                problems.append(Problem(f"{key}.photos[{j}]", f"{name!r} is not one of the job's photos ({', '.join(photos)})"))
+        if group.photos and set(group.photos) >= set(photos):
+            problems.append(Problem(f"{key}.photos", f"every photo of the job: that is the job's own LoRA; use phase = {FINAL_PHASE!r}"))
+        if group.file:
+            path = folder / group.file
+            if not _inside(path, folder.resolve()) or not path.is_file():
+                problems.append(Problem(f"{key}.file", f"{group.file!r} is not a file in the job folder"))
+            elif group.sha256 and (actual := sha256_file(path)) != group.sha256:
+                problems.append(Problem(f"{key}.sha256", f"{group.file!r} has sha256 {actual}, not {group.sha256}; bring the file job.toml names, "
+                                        "or correct the hash"))
+    return problems
+
+
+def evaluate_lora_runs(spec: EvaluateJobSpec) -> tuple[LoraRun, ...]:
+    """The job's LoRA with the snapshots its groups name (in [train]'s phase order), and one LoRA per photo-subset group."""
+    named = {group.phase for group in spec.evaluate.group if group.phase and group.phase != FINAL_PHASE}
+    main = LoraRun(snapshots=tuple(phase.name for phase in spec.train.phases if phase.name in named))
+    return (main,) + tuple(LoraRun(group.name, group.photos) for group in spec.evaluate.group if group.photos)
+
+
 # The sections of a job that config.toml may give defaults for ([job.<section>]).
 JOB_DEFAULT_SECTIONS = {"prepare": PrepareSpec, "train": TrainSpec, "verify": VerifySpec}
 
@@ -445,19 +593,23 @@ def parse_job_table(
 
 def replicate_checks(spec: JobSpec, where: str) -> list[Problem]:
     """A replicate job's checks between keys (engine.kinds.replicate)."""
+    problems = _phase_checks(spec.train, where) + _convergence_checks(spec.train, where)
+    seeds = spec.verify.seed_list
+    if len(set(seeds)) != len(seeds):
+        problems.append(Problem(f"{where}: verify.seeds", "seeds must be distinct"))
+    return problems
+
+
+def _phase_checks(train: TrainSpec, where: str) -> list[Problem]:
     problems: list[Problem] = []
-    names = [p.name for p in spec.train.phases]
-    for i, phase in enumerate(spec.train.phases):
+    names = [p.name for p in train.phases]
+    for i, phase in enumerate(train.phases):
         if phase.min_steps > phase.max_steps:
             problems.append(Problem(f"{where}: train.phases[{i}].min_steps", f"{phase.min_steps} is above max_steps {phase.max_steps}"))
         if names.count(phase.name) > 1:
             problems.append(Problem(f"{where}: train.phases[{i}].name", f"phase name {phase.name!r} is used twice"))
-    if spec.train.rank > 0 and not spec.train.phases:
+    if train.rank > 0 and not train.phases:
         problems.append(Problem(f"{where}: train.phases", "at least one phase is needed"))
-    problems += _convergence_checks(spec.train, where)
-    seeds = spec.verify.seed_list
-    if len(set(seeds)) != len(seeds):
-        problems.append(Problem(f"{where}: verify.seeds", "seeds must be distinct"))
     return problems
 
 
@@ -661,9 +813,13 @@ def load_job(folder: Path, job_defaults: dict[str, Any], extensions: tuple[str, 
         problems.append(Problem(utf8_safe(folder_name), "the folder name is not UTF-8 text (an old encoding?); rename the folder"))
     photos: tuple[Path, ...] = ()
     if spec is not None:
+        from engine.kinds import kind_named
+
         problems += check_prompts(spec, denylist)
         photos, photo_problems = resolve_photos(folder, spec, extensions)
         problems += photo_problems
+        if not photo_problems:
+            problems += kind_named(spec.kind).folder_checks(spec, folder, tuple(p.relative_to(folder).as_posix() for p in photos), JOB_FILE)
     if problems or spec is None:
         raise JobError(
             "invalid_job",

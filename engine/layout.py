@@ -22,7 +22,10 @@ REFERENCE_FILE = "embedding/reference.npy"
 EMBED_INFO = "embedding/embed.json"
 # train
 LORA_DIR = "lora"
-LORA_FILE = "lora/pytorch_lora_weights.safetensors"
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # the file diffusers writes and reads in a LoRA folder
+LORA_FILE = f"{LORA_DIR}/{LORA_WEIGHTS}"
+LORA_PHASES_DIR = "lora/phases"  # the job's LoRA as it stood at a phase's exit (an evaluate group asks for it)
+LORA_GROUPS_DIR = "lora/groups"  # an evaluate photo-subset group's own LoRA
 TRAIN_DIR = "train"
 TRAIN_INFO = "train/train.json"
 LOSS_FILE = "train/loss.csv"
@@ -52,8 +55,35 @@ RESTORE_MASK = "restore/mask.png"
 RESTORE_OVERLAY = "restore/overlay.png"
 RESTORE_CLASSICAL = "restore/classical_fill.png"  # on_refuse = "classical": the TELEA fill, non-generative
 RESTORE_VARIANTS_DIR = "restore/variants"
+# evaluate
+EVALUATE_DIR = "evaluate"
+EVALUATE_INFO = "evaluate/evaluate.json"
+EVALUATE_CSV = "evaluate/evaluate.csv"
+EVALUATE_CELLS_DIR = "evaluate/cells"
+EVALUATE_SHEETS_DIR = "evaluate/sheets"
+EVALUATE_PROGRESS_DIR = "evaluate_progress"  # finished batches of an interrupted grid (scratch)
 # The folders whose PNGs a model generated (each carries C2PA Content Credentials with lab keys).
-GENERATED_IMAGE_DIRS = (VERIFY_DIR, RENDERS_DIR, RETOUCH_VARIANTS_DIR, RESTORE_VARIANTS_DIR)
+GENERATED_IMAGE_DIRS = (VERIFY_DIR, RENDERS_DIR, RETOUCH_VARIANTS_DIR, RESTORE_VARIANTS_DIR, EVALUATE_CELLS_DIR)
+
+
+def phase_lora_dir(phase: str) -> str:
+    return f"{LORA_PHASES_DIR}/{phase}"
+
+
+def group_lora_dir(group: str) -> str:
+    return f"{LORA_GROUPS_DIR}/{group}"
+
+
+def group_checkpoint(group: str) -> str:
+    return f"{CHECKPOINTS_DIR}/group_{group}.pt"
+
+
+def group_loss_file(group: str) -> str:
+    return f"{TRAIN_DIR}/loss_{group}.csv"
+
+
+def evaluate_sheet(group: str) -> str:
+    return f"{EVALUATE_SHEETS_DIR}/{group}.png"
 
 
 @dataclass(frozen=True)

@@ -137,6 +137,7 @@ class JobFacts:
     originals: dict[int, str]  # photo index -> relative path of its display copy
     retouch: dict[str, Any] | None = None
     restore: dict[str, Any] | None = None
+    evaluate: dict[str, Any] | None = None
 
     @classmethod
     def read(cls, job_dir: Path) -> "JobFacts":
@@ -155,6 +156,7 @@ class JobFacts:
             drift_report=_json(job_dir / layout.DRIFT_REPORT_JSON),
             retouch=_json(job_dir / layout.RETOUCH_INFO),
             restore=_json(job_dir / layout.RESTORE_INFO),
+            evaluate=_json(job_dir / layout.EVALUATE_INFO),
             audit=_audit_before_finish(job_dir / AUDIT_FILE),
             originals=originals,
         )
@@ -908,6 +910,210 @@ def _restore_variants(facts: JobFacts, job_src) -> list[str]:
     return out + ["</div></section>"]
 
 
+# ---------------------------------------------------------------------------- evaluate
+
+EVALUATE_CHARTS = {"prompts": "report/evaluate_prompts.png", "no_face": "report/evaluate_no_face.png",
+                   "groups": "report/evaluate_groups.png", "heatmap": "report/evaluate_heatmap.png"}
+GROUP_COLOURS = ("tab:gray", "tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan")
+
+
+def _grid(facts: JobFacts) -> tuple[dict[str, Any], list[str], list[str]]:
+    info = facts.evaluate or {}
+    return info, [group["name"] for group in info.get("groups", [])], list(info.get("prompts", []))
+
+
+def _evaluate_title(figure, facts: JobFacts, title: str) -> None:
+    figure.suptitle(title + (" — demo model: random weights, cells are noise" if facts.demo else ""), color="tab:red" if facts.demo else "black")
+
+
+def evaluate_prompts_png(facts: JobFacts) -> bytes:
+    """Mean drift per prompt x group (error bars: one standard deviation over the faces found);
+    a (group, prompt) without any face has no bar, and says so."""
+
+    def draw():
+        info, groups, prompts = _grid(facts)
+        figure = _figure(11, 4.5)
+        axis = figure.subplots()
+        rows = {(row["group"], row["prompt_index"]): row for row in info.get("by_prompt", [])}
+        width = 0.8 / max(len(groups), 1)
+        for g, (group, colour) in enumerate(zip(groups, GROUP_COLOURS * 4)):
+            for p in range(len(prompts)):
+                row = rows.get((group, p), {})
+                x = p - 0.4 + width * (g + 0.5)
+                if row.get("mean") is None:
+                    axis.text(x, 0.01, "no face", rotation=90, ha="center", va="bottom", fontsize=7, color=colour)
+                    continue
+                axis.bar(x, row["mean"], width * 0.9, yerr=row.get("sd") or 0.0, color=colour, capsize=3,
+                         label=f"{group}" if p == min(i for i in range(len(prompts)) if rows.get((group, i), {}).get("mean") is not None) else None)
+        if info.get("threshold") is not None:
+            axis.axhline(info["threshold"], color="tab:red", linestyle="--", linewidth=1, label=f"lock threshold {info['threshold']:g}")
+        axis.set_xticks(range(len(prompts)), [f"p{p}" for p in range(len(prompts))])
+        axis.set_xlim(-0.6, max(len(prompts), 1) - 0.4)
+        axis.set_ylim(0.0, _axis_top([row.get("mean") for row in rows.values()] + [info.get("threshold")]))
+        axis.set_xlabel("prompt (the table names them)")
+        axis.set_ylabel("mean drift (1 - cosine)")
+        axis.grid(axis="y", alpha=0.3)
+        _legend(axis)
+        _evaluate_title(figure, facts, "Average drift per prompt and group (faces found only)")
+        return figure
+
+    return _png(draw)
+
+
+def evaluate_no_face_png(facts: JobFacts) -> bytes:
+    """Faces not found per prompt x group, out of the seeds rendered."""
+
+    def draw():
+        info, groups, prompts = _grid(facts)
+        figure = _figure(11, 4)
+        axis = figure.subplots()
+        rows = {(row["group"], row["prompt_index"]): row for row in info.get("by_prompt", [])}
+        width = 0.8 / max(len(groups), 1)
+        for g, (group, colour) in enumerate(zip(groups, GROUP_COLOURS * 4)):
+            counts = [rows.get((group, p), {}).get("faces_not_found", 0) for p in range(len(prompts))]
+            axis.bar([p - 0.4 + width * (g + 0.5) for p in range(len(prompts))], counts, width * 0.9, color=colour, label=group)
+        seeds = len(info.get("seeds", []))
+        axis.set_ylim(0, max(seeds, 1))
+        axis.set_xticks(range(len(prompts)), [f"p{p}" for p in range(len(prompts))])
+        axis.set_xlim(-0.6, max(len(prompts), 1) - 0.4)
+        axis.set_ylabel(f"faces not found (of {seeds} seeds)")
+        axis.set_xlabel("prompt")
+        axis.grid(axis="y", alpha=0.3)
+        _legend(axis)
+        _evaluate_title(figure, facts, "Faces not found per prompt and group (counted, never scored)")
+        return figure
+
+    return _png(draw)
+
+
+def evaluate_groups_png(facts: JobFacts) -> bytes:
+    """Each group's drifts over every cell with a face: box and points."""
+
+    def draw():
+        info, groups, _ = _grid(facts)
+        figure = _figure(11, 4.5)
+        axis = figure.subplots()
+        cells = info.get("cells", [])
+        values = [[row["drift"] for row in cells if row["group"] == group and row["drift"] is not None] for group in groups]
+        for g, (drifts, colour) in enumerate(zip(values, GROUP_COLOURS * 4)):
+            if drifts:
+                axis.boxplot([drifts], positions=[g], widths=0.5, showfliers=False)
+                jitter = np.linspace(-0.15, 0.15, len(drifts)) if len(drifts) > 1 else [0.0]
+                axis.scatter([g + j for j in jitter], drifts, color=colour, s=14, zorder=3)
+            else:
+                axis.text(g, 0.02, "no face found", ha="center", va="bottom", fontsize=8, color=colour)
+        if info.get("threshold") is not None:
+            axis.axhline(info["threshold"], color="tab:red", linestyle="--", linewidth=1, label=f"lock threshold {info['threshold']:g}")
+        counts = {row["group"]: row for row in info.get("by_group", [])}
+        axis.set_xticks(range(len(groups)), [f"{group}\n{counts.get(group, {}).get('faces_found', 0)}/{counts.get(group, {}).get('cells', 0)} faces"
+                                             for group in groups])
+        axis.set_xlim(-0.6, max(len(groups), 1) - 0.4)
+        axis.set_ylim(0.0, _axis_top([d for drifts in values for d in drifts] + [info.get("threshold")]))
+        axis.set_ylabel("drift (1 - cosine)")
+        axis.grid(axis="y", alpha=0.3)
+        _legend(axis)
+        _evaluate_title(figure, facts, "Drift per group (every cell with a face)")
+        return figure
+
+    return _png(draw)
+
+
+def evaluate_heatmap_png(facts: JobFacts) -> bytes:
+    """A prompt x seed heatmap per group (one colour scale); cells without a face are grey and crossed."""
+
+    def draw():
+        info, groups, prompts = _grid(facts)
+        seeds = list(info.get("seeds", []))
+        if not (groups and prompts and seeds):
+            figure = _figure(11, 2)
+            figure.text(0.5, 0.5, f"no grid recorded ({layout.EVALUATE_INFO})", ha="center", va="center")
+            return figure
+        panels = len(groups)
+        figure = _figure(11, 1.2 + panels * (0.45 * max(len(prompts), 1) + 0.9), right=1.4, hspace=0.9)
+        axes = figure.subplots(panels, 1, squeeze=False)[:, 0]
+        cells = {(row["group"], row["prompt_index"], row["seed"]): row["drift"] for row in info.get("cells", [])}
+        found = [d for d in cells.values() if d is not None]
+        top = max(found + [info.get("threshold") or 0.0, 1e-6])
+        image = None
+        for axis, group in zip(axes, groups):
+            matrix = np.ma.masked_invalid(np.array([[np.nan if cells.get((group, p, s)) is None else cells[(group, p, s)] for s in seeds]
+                                                    for p in range(len(prompts))], dtype=float).reshape(len(prompts), len(seeds)))
+            axis.set_facecolor("0.85")
+            image = axis.imshow(matrix, vmin=0.0, vmax=top, cmap="viridis_r", aspect="auto")
+            for p in range(len(prompts)):
+                for s, seed in enumerate(seeds):
+                    if cells.get((group, p, seed)) is None:
+                        axis.text(s, p, "×", ha="center", va="center", color="tab:red", fontsize=11)
+            axis.set_xticks(range(len(seeds)), [str(seed) for seed in seeds])
+            axis.set_yticks(range(len(prompts)), [f"p{p}" for p in range(len(prompts))])
+            axis.set_title(f"{group}: drift per prompt x seed (× no face)", fontsize=10)
+        if image is not None:
+            figure.colorbar(image, ax=list(axes), label="drift (1 - cosine)", fraction=0.03)
+        _evaluate_title(figure, facts, "Every cell")
+        return figure
+
+    return _png(draw)
+
+
+def _evaluate_summary(facts: JobFacts) -> list[str]:
+    info, _, prompts = _grid(facts)
+    head, lines = _head(facts)
+    groups = info.get("groups", [])
+    items = [
+        ("grid", f"{len(groups)} groups x {len(prompts)} prompts x {len(info.get('seeds', []))} seeds = {info.get('cells_total', 0)} cells"),
+        ("faces not found", f"{info.get('faces_not_found', 0)} of {info.get('cells_total', 0)} cells (counted, never scored)"),
+        ("groups", "; ".join(f"{g['name']}: {g['source']}" + (f" ({g['extra_training_steps']} training steps of its own)" if g.get("extra_training_steps") else "")
+                             for g in groups) or "none"),
+        ("audit head at report time", f"{head} (line {lines})"),
+    ]
+    out = ['<dl class="summary" id="summary">'] + [f"<dt>{_text(key)}</dt><dd>{_text(value)}</dd>" for key, value in items] + ["</dl>"]
+    tests = info.get("tests", [])
+    if tests:
+        out.append('<section id="evaluate-tests"><h2>Each group against the control</h2><p>' + _text(info.get("test_rule", "")) + "</p>")
+        out.append('<table id="tests"><tr><th>group</th><th>pairs</th><th>excluded (no face)</th><th>median difference</th><th>closer / farther / equal</th>'
+                   "<th>p</th><th>p (Holm)</th><th>method</th></tr>")
+        for test in tests:
+            p_value = _p(test["p_value"]) if test["p_value"] is not None else _text(test.get("reason") or "—")
+            out.append(f"<tr><td>{_text(test['group'])}</td><td>{test['n']}</td><td>{test['excluded']}</td><td>{_number(test['median_difference'])}</td>"
+                       f"<td>{test['closer']} / {test['farther']} / {test['equal']}</td><td>{p_value}</td><td>{_p(test.get('p_holm'))}</td>"
+                       f"<td>{_text(test.get('method') or '—')}</td></tr>")
+        out.append("</table></section>")
+    return out
+
+
+def _p(value: float | None) -> str:
+    return "—" if value is None else f"{value:.4g}"
+
+
+def _evaluate_charts(facts: JobFacts, job_src) -> list[str]:
+    out = ['<section id="evaluate-charts"><h2>Charts</h2>']
+    captions = {"prompts": "average drift per prompt and group, one standard deviation as error bar; faces found only",
+                "no_face": "faces not found per prompt and group", "groups": "each group's drifts", "heatmap": "every cell: prompt x seed per group"}
+    for key, rel in EVALUATE_CHARTS.items():
+        out.append(_figure_html(_attr(quote(rel)), rel, "chart", [_text(captions[key])], "evaluate-" + key))
+    return out + ["</section>"]
+
+
+def _evaluate_sheets(facts: JobFacts, job_src) -> list[str]:
+    out = ['<section id="evaluate-sheets"><h2>Contact sheets: prompt rows x seed columns</h2>']
+    for group in _grid(facts)[1]:
+        sheet = layout.evaluate_sheet(group)
+        out.append(_figure_html(job_src(sheet), sheet, "sheet", [_text(f"{group}: drift under each cell, NO FACE in red")]))
+    return out + ["</section>"]
+
+
+def _evaluate_table(facts: JobFacts) -> list[str]:
+    info, _, prompts = _grid(facts)
+    out = ['<section id="evaluate-table"><h2>Per group and prompt</h2><ol class="prompts">']
+    out += [f"<li value=\"{i}\">p{i}: {_text(prompt)}</li>" for i, prompt in enumerate(prompts)]
+    out.append('</ol><table id="by-prompt"><tr><th>group</th><th>prompt</th><th>faces found</th><th>not found</th><th>mean</th><th>median</th><th>sd</th>'
+               "<th>locked share</th></tr>")
+    for row in info.get("by_prompt", []):
+        out.append(f"<tr><td>{_text(row['group'])}</td><td>p{row['prompt_index']}</td><td>{row['faces_found']}</td><td>{row['faces_not_found']}</td>"
+                   f"<td>{_number(row['mean'])}</td><td>{_number(row['median'])}</td><td>{_number(row['sd'])}</td><td>{_number(row['locked_share'], 2)}</td></tr>")
+    return out + ["</table></section>"]
+
+
 # The report's sections by name (a kind lists those it shows, in order: engine.kinds.Kind.report):
 # name -> (builder(facts, job_src) -> HTML lines, {chart file: chart builder(facts) -> PNG} it shows).
 SECTIONS: dict[str, tuple[Callable[[JobFacts, Callable[[str], str]], list[str]], dict[str, Callable[[JobFacts], bytes]]]] = {
@@ -926,4 +1132,9 @@ SECTIONS: dict[str, tuple[Callable[[JobFacts, Callable[[str], str]], list[str]],
     "retouch_variants": (_retouch_variants, {}),
     "restore_summary": (lambda facts, job_src: _restore_summary(facts), {}),
     "restore_variants": (_restore_variants, {}),
+    "evaluate_summary": (lambda facts, job_src: _evaluate_summary(facts), {}),
+    "evaluate_charts": (_evaluate_charts, {EVALUATE_CHARTS["prompts"]: evaluate_prompts_png, EVALUATE_CHARTS["no_face"]: evaluate_no_face_png,
+                                           EVALUATE_CHARTS["groups"]: evaluate_groups_png, EVALUATE_CHARTS["heatmap"]: evaluate_heatmap_png}),
+    "evaluate_sheets": (_evaluate_sheets, {}),
+    "evaluate_table": (lambda facts, job_src: _evaluate_table(facts), {}),
 }

@@ -256,7 +256,7 @@ class StageProgress:
     `update(event, fields)` returns True when `done` moved. Totals come from the job's spec in
     the job_started/job_resumed event."""
 
-    LONG_STAGES = ("train", "verify", "render", "retouch")
+    LONG_STAGES = ("train", "verify", "render", "retouch", "evaluate")
 
     def __init__(self) -> None:
         self.spec: dict[str, Any] = {}
@@ -264,17 +264,23 @@ class StageProgress:
         self.total: int | None = None
         self.done = 0
         self.at = ""  # what the last unit of work was, e.g. "MID loss 0.0123" or "seed 3 control"
+        self._runs: list[str] = []  # the training runs seen in this stage ("" the job's LoRA, then an evaluate group's)
 
     def update(self, event: str, fields: dict[str, Any]) -> bool:
         if event in ("job_started", "job_resumed"):
             self.spec = fields.get("spec") or {}
         elif event == "stage_started":
-            self.stage, self.done, self.at = fields.get("stage"), 0, ""
+            self.stage, self.done, self.at, self._runs = fields.get("stage"), 0, "", []
             self.total = self.stage_total(self.spec, self.stage)
-        elif event == "train_step" and self.stage == "train":
-            return self._advance(int(fields["step"]), f"{fields.get('phase')} loss {fields.get('loss', float('nan')):.4f}")
-        elif event == "train_resumed" and self.stage == "train":
-            return self._advance(int(fields.get("step", 0)), "resumed")
+        elif event in ("train_step", "train_resumed") and self.stage == "train":
+            run = str(fields.get("run", ""))  # an evaluate group's LoRA counts on from the runs before it
+            if run not in self._runs:
+                self._runs.append(run)
+            base = self._runs.index(run) * int((self.spec.get("train") or {}).get("max_steps", 0))
+            at = f"{fields.get('phase')} loss {fields.get('loss', float('nan')):.4f}" if event == "train_step" else "resumed"
+            return self._advance(base + int(fields.get("step", 0)), (f"{run}: " if run else "") + at)
+        elif event == "evaluate_cell" and self.stage == "evaluate":
+            return self._advance(self.done + 1, f"{fields.get('group')} p{fields.get('prompt_index')} seed {fields.get('seed')}")
         elif event == "seed_scored" and self.stage == "verify":
             return self._advance(self.done + 1, f"seed {fields.get('seed')} {'lora' if fields.get('lora') else 'control'}")
         elif event == "render_scored" and self.stage == "render":
@@ -288,8 +294,12 @@ class StageProgress:
     @staticmethod
     def stage_total(spec: dict[str, Any], stage: str | None) -> int | None:
         try:
-            if stage == "train":
-                return int(spec["train"]["max_steps"])
+            if stage == "train":  # the job's LoRA, and an evaluate grid's photo-subset groups'
+                groups = (spec.get("evaluate") or {}).get("group") or []
+                return int(spec["train"]["max_steps"]) * (1 + sum(1 for group in groups if group.get("photos")))
+            if stage == "evaluate":
+                evaluate = spec["evaluate"]
+                return (len(evaluate["group"]) + (1 if evaluate["control"] else 0)) * len(evaluate["prompts"]) * len(evaluate["seeds"])
             if stage == "verify":
                 seeds = spec["verify"]["seeds"]
                 return 2 * (seeds if isinstance(seeds, int) else len(seeds))

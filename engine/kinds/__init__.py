@@ -38,6 +38,16 @@ def _no_files(spec: Any) -> tuple[str, ...]:
     return ()
 
 
+def _no_folder_checks(spec: Any, folder: Any, photos: tuple[str, ...], where: str) -> list[Problem]:
+    return []
+
+
+def _main_lora_only(spec: Any) -> tuple[Any, ...]:
+    from engine.job import LoraRun
+
+    return (LoraRun(),)
+
+
 @dataclass(frozen=True)
 class Kind:
     """One pipeline. `spec`: a frozen dataclass with fields `kind`, `subject`, `prepare` and the
@@ -45,7 +55,9 @@ class Kind:
     names (engine.stages.stage_module); `report`: the report's sections, in order (names of
     engine.report.SECTIONS), with the charts they show; `prompts(spec)`: (key, text) of every text
     that reaches a pipeline as a prompt, for the denylist; `checks(spec, where)`: problems between
-    keys that no single key's rule can see."""
+    keys that no single key's rule can see; `folder_checks(spec, folder, photos, where)`: problems
+    between the job.toml and its folder (the files it names), once its photos are known;
+    `lora_runs(spec)`: what the train stage trains (engine.job.LoraRun), for a kind that trains."""
 
     name: str
     stages: tuple[str, ...]
@@ -55,6 +67,8 @@ class Kind:
     checks: Callable[[Any, str], list[Problem]] = _no_checks
     max_photos: int = 3  # a job of this kind takes 1 to max_photos photos (engine.job.MAX_PHOTOS at most)
     named_files: Callable[[Any], tuple[str, ...]] = _no_files  # files its sections name (masks): never taken for photos
+    folder_checks: Callable[[Any, Any, tuple[str, ...], str], list[Problem]] = _no_folder_checks
+    lora_runs: Callable[[Any], tuple[Any, ...]] = _main_lora_only
     summary: str = ""  # one line for `--help` and the README
     title: str = ""  # the report's heading ("<name> report" when empty)
 
@@ -84,11 +98,12 @@ class Kind:
 
 
 def _built_in() -> dict[str, Kind]:
+    from engine.kinds.evaluate import EVALUATE
     from engine.kinds.replicate import REPLICATE
     from engine.kinds.restore import RESTORE
     from engine.kinds.retouch import RETOUCH
 
-    return {kind.name: kind for kind in (REPLICATE, RETOUCH, RESTORE)}
+    return {kind.name: kind for kind in (REPLICATE, RETOUCH, RESTORE, EVALUATE)}
 
 
 def register_kind(kind: Kind) -> Kind:

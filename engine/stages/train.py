@@ -1,229 +1,67 @@
-"""Stage 3, train: a LoRA on the UNet's attention projections, in adaptive phases.
+"""Stage 3, train: the job's LoRAs, each trained by engine.training.train_lora.
 
-The phases (default: COARSE, MID, MID_FINE, FINAL_FINE) each have their own learning rate,
-LoRA alpha, loss and optimizer, and end when their loss has converged (a plateau of the
-slope test in `engine.convergence`), at their own step cap, or at the job's total cap.
-The whole loop is `train_lora` below, read top to bottom.
-
-- VAE latent distributions and text embeddings of the few training images are computed
-  once; each step samples from the cached distribution (bit-identical to re-encoding).
-- All randomness of the loop comes from one torch.Generator, so a checkpoint (LoRA tensors,
-  optimizer, generator and global RNG states, convergence state, phase and step), written
-  atomically every `checkpoint_every` steps and at every phase boundary, resumes bit-exactly.
-- alpha is applied by setting each LoRA layer's scaling to alpha / r (peft keeps no alpha in
-  its state dict, so it is re-applied on resume and written into the saved file's metadata).
+What a job trains is its kind's (engine.kinds.Kind.lora_runs): a replicate job one LoRA on
+every prepared image (lora/, with the kohya-format copy); an evaluate grid also keeps the LoRA
+as it stood at the exit of the phases its groups name (lora/phases/<PHASE>/, no extra step) and
+trains one LoRA per photo-subset group on that subset's prepared images, with the job's train
+settings (lora/groups/<name>/). Runs go one after the other, each with its own checkpoint file,
+so an interrupted stage resumes the run it was in (a finished run resumes from its final
+checkpoint at once).
 """
 
 from __future__ import annotations
 
-import io
-import json
-import os
-import random
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from engine import layout
 from engine.context import StageContext
-from engine.convergence import RULE_IMPROVEMENT_BOUND, PhaseConvergence
-from engine.errors import JobError
-from engine.faults import pause_point
-from engine.fsutil import atomic_write_bytes, atomic_write_json, atomic_write_text, check_write, remove_tree
+from engine.fsutil import atomic_write_json, atomic_write_text
 from engine.images import read_rgb
-from engine.job import PhaseSpec, TrainSpec
+from engine.job import LoraRun, TrainSpec
 from engine.schema import to_plain
+from engine.training import TARGET_MODULES, LoraTarget, TrainingResult, caption, train_lora
 
 NAME = "train"
-VERSION = 4  # 2: train.json no longer records the step a resume started from; 3: lora/ also holds the kohya-format file
-#             4: its models are declared (models()), the runner fingerprints them
+VERSION = 5  # 2: train.json no longer records the step a resume started from; 3: lora/ also holds the kohya-format file
+#             4: its models are declared (models()), the runner fingerprints them; 5: a kind's lora_runs (phase snapshots, group LoRAs)
 OUTPUTS = (layout.LORA_DIR, layout.TRAIN_DIR)
 SCRATCH = (layout.CHECKPOINTS_DIR,)  # kept when an interrupted run resumes, removed otherwise
-ADAPTER = "identity_train"  # not "training": that is an nn.Module attribute
-TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]
-CHARBONNIER_EPS = 1e-3
-HUBER_DELTA = 1.0
 
 
 def models(ctx: StageContext) -> tuple[str, ...]:
     return ("base",)
 
 
+def _runs(ctx: StageContext) -> tuple[LoraRun, ...]:
+    from engine.kinds import kind_named
+
+    return kind_named(ctx.job.kind).lora_runs(ctx.job.spec)
+
+
 def fingerprint(ctx: StageContext) -> dict[str, object]:
-    return {"train": to_plain(ctx.job.spec.train), "resolution": ctx.training_resolution}
-
-
-def caption(spec: TrainSpec) -> str:
-    return f"a photo of {spec.trigger}"
+    runs = _runs(ctx)
+    extra = {} if runs == (LoraRun(),) else {"runs": [to_plain(run) for run in runs]}
+    return {"train": to_plain(ctx.job.spec.train), "resolution": ctx.training_resolution, **extra}
 
 
 def run(ctx: StageContext) -> None:
     spec = ctx.job.spec.train
     pipe = ctx.use("base")
-    images = _training_images(ctx, ctx.training_resolution)
-    result = train_lora(ctx, pipe, images, spec)
-    _write_reports(ctx, spec, result)
-
-
-@dataclass
-class TrainingResult:
-    phases: list[dict[str, Any]]  # per phase: settings, steps, exit reason, summary
-    history: list[tuple]  # (phase, global step, phase step, loss, probe loss or None)
-    total_steps: int
-    resumed_from_step: int | None  # this call resumed from a checkpoint at that step (audit: train_resumed)
-
-
-def train_lora(ctx: StageContext, pipe: Any, images: torch.Tensor, spec: TrainSpec) -> TrainingResult:
-    """The training loop: phases, losses, optimizer swaps, convergence, checkpoints."""
-    from diffusers import DDPMScheduler
-    from peft import LoraConfig
-    from peft.utils import set_peft_model_state_dict
-
-    unet = pipe.unet
-    device = unet.device
-    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    latent_mean, latent_std = _encode_latents(pipe, images)
-    text, added_cond = _encode_text(pipe, caption(spec), images.shape[-1])
-
-    probe = make_probe_set(latent_mean, latent_std, spec.probe_size, noise_scheduler.config.num_train_timesteps, spec.seed) \
-        if spec.convergence == RULE_IMPROVEMENT_BOUND else None
-
-    torch.manual_seed(spec.seed)  # LoRA init (peft draws from the global generator)
-    unet.requires_grad_(False)
-    unet.add_adapter(LoraConfig(r=spec.rank, lora_alpha=spec.phases[0].alpha, init_lora_weights="gaussian", target_modules=TARGET_MODULES), adapter_name=ADAPTER)
-    unet.set_adapter(ADAPTER)
-    lora_parameters = [p for n, p in unet.named_parameters() if ADAPTER in n]
-    for parameter in lora_parameters:
-        parameter.data = parameter.data.float()  # train LoRA weights in fp32 even on a bf16 UNet
-        parameter.requires_grad_(True)
-    generator = torch.Generator(device="cpu").manual_seed(spec.seed)
-
-    state = TrainState(convergence=_new_convergence(spec, spec.phases[0]))
-    resumed_from = None
-    checkpoint = _load_checkpoint(ctx)
-    if checkpoint is not None:
-        set_peft_model_state_dict(unet, checkpoint["lora"], adapter_name=ADAPTER)
-        state = TrainState.from_checkpoint(checkpoint, spec)
-        _restore_rng(checkpoint["rng"], generator)
-        resumed_from = state.global_step
-        phase_name = spec.phases[min(state.phase_index, len(spec.phases) - 1)].name
-        ctx.audit.event("train_resumed", step=state.global_step, phase=phase_name, phase_step=state.phase_step)
-        ctx.log.info("train_resumed", step=state.global_step, phase_step=state.phase_step)
-        ctx.progress("train_resumed", step=state.global_step, phase=phase_name)
-
-    unet.train()
-    try:
-        while state.phase_index < len(spec.phases) and state.global_step < spec.max_steps:
-            phase = spec.phases[state.phase_index]
-            set_lora_alpha(unet, phase.alpha)
-            optimizer = _optimizer(phase, lora_parameters)
-            if state.optimizer_state is not None:  # restored from the checkpoint: the phase goes on where it stood
-                optimizer.load_state_dict(state.optimizer_state)
-                state.optimizer_state = None
-            convergence = state.convergence
-            # Read back from the objects the loop really uses (the tests check these, not the config).
-            ctx.progress("phase_observed", phase=phase.name, optimizer_class=type(optimizer).__name__, optimizer_lr=optimizer.param_groups[0]["lr"],
-                         lora_scalings=sorted(lora_scalings(unet)), loss_function=LOSS_FUNCTIONS[phase.loss].__name__)
-            if state.phase_step == 0:
-                ctx.audit.event("phase_started", phase=phase.name, lr=phase.lr, alpha=phase.alpha, loss=phase.loss, optimizer=phase.optimizer, step=state.global_step)
-            exit_reason = None
-            while exit_reason is None:
-                loss = _training_step(unet, noise_scheduler, latent_mean, latent_std, text, added_cond, phase, spec.batch_size, generator, device)
-                loss.backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                value = float(loss.detach())
-                state.phase_step += 1
-                state.global_step += 1
-                step = state.global_step
-                probed = None
-                if probe is not None and convergence.wants_probe(state.phase_step):
-                    probed = probe_loss(unet, noise_scheduler, probe, text, added_cond, phase, device)
-                state.history.append((phase.name, step, state.phase_step, value, probed))
-                ctx.progress("train_step", phase=phase.name, step=step, phase_step=state.phase_step, loss=value)
-                exit_reason = convergence.update(value, probed)
-                if exit_reason is None and step >= spec.max_steps:
-                    exit_reason = "total_cap"
-                if exit_reason is None and step % spec.checkpoint_every == 0:
-                    _save_checkpoint(ctx, unet, state, optimizer, generator)
-                    pause_point(f"train:checkpoint:{step}")
-                    ctx.check_stop(f"train step {step}")
-            summary = convergence.summary()
-            state.phase_records.append({**to_plain(phase), "steps": state.phase_step, "exit_reason": exit_reason, "last_step": state.global_step, "summary": summary})
-            ctx.audit.event("phase_exit", phase=phase.name, step=state.global_step, phase_steps=state.phase_step, reason=exit_reason,
-                            **{k: v for k, v in summary.items() if k != "steps"})
-            ctx.log.info("phase_exit", phase=phase.name, step=state.global_step, reason=exit_reason, p_value=summary["p_value"],
-                         improvement_upper=summary.get("improvement_upper"), allowed=summary.get("allowed"), probe_loss=summary.get("probe_loss"))
-            if exit_reason == "non_finite":
-                raise JobError("training_diverged", f"training phase {phase.name} produced a non-finite loss at step {state.global_step}; "
-                                                    "lower its lr in [[train.phases]]")
-            state.next_phase(spec)
-            _save_checkpoint(ctx, unet, state, None, generator)
-            pause_point(f"train:phase_boundary:{state.phase_index}")
-            ctx.check_stop(f"train phase boundary {state.phase_index}")
-        for skipped in spec.phases[state.phase_index:]:
-            state.phase_records.append({**to_plain(skipped), "steps": 0, "exit_reason": "total_cap", "last_step": state.global_step, "summary": None})
-        final_alpha = spec.phases[min(state.phase_index, len(spec.phases)) - 1].alpha
-        save_lora(pipe, unet, ctx.path(layout.LORA_DIR), final_alpha, kohya=kohya_export(ctx, pipe, spec, final_alpha, state.global_step, int(images.shape[0])))
-    finally:
-        unet.eval()
-        unet.delete_adapters(ADAPTER)  # the pipeline is shared with later jobs
-    return TrainingResult(state.phase_records, state.history, state.global_step, resumed_from)
-
-
-@dataclass
-class TrainState:
-    """Where the training loop stands: what a checkpoint saves and a resume restores, the same
-    fields both ways (`to_checkpoint` / `from_checkpoint`). The LoRA weights and the random
-    generators are saved beside it (`_save_checkpoint`)."""
-
-    phase_index: int = 0
-    phase_step: int = 0  # steps done in the current phase
-    global_step: int = 0
-    history: list[tuple] = field(default_factory=list)  # (phase, global step, phase step, loss, probe loss or None)
-    phase_records: list[dict[str, Any]] = field(default_factory=list)  # the phases done, as train.json lists them
-    convergence: PhaseConvergence | None = None  # the current phase's test; None once every phase is done
-    optimizer_state: dict[str, Any] | None = None  # restored mid-phase, for the phase's optimizer to load
-
-    def next_phase(self, spec: TrainSpec) -> None:
-        self.phase_index += 1
-        self.phase_step = 0
-        self.convergence = _new_convergence(spec, spec.phases[self.phase_index]) if self.phase_index < len(spec.phases) else None
-
-    def to_checkpoint(self, optimizer: Any) -> dict[str, Any]:
-        """`optimizer`: the phase's, mid-phase; None at a phase boundary (the next phase makes its own)."""
-        return {"phase_index": self.phase_index, "phase_step": self.phase_step, "global_step": self.global_step, "history": self.history,
-                "phase_records": self.phase_records, "convergence": self.convergence.to_dict() if self.convergence is not None else None,
-                "optimizer": optimizer.state_dict() if optimizer is not None else None}
-
-    @classmethod
-    def from_checkpoint(cls, data: dict[str, Any], spec: TrainSpec) -> "TrainState":
-        state = cls(phase_index=data["phase_index"], phase_step=data["phase_step"], global_step=data["global_step"],
-                    history=[tuple(row) for row in data["history"]], phase_records=data["phase_records"], optimizer_state=data["optimizer"])
-        if state.phase_index < len(spec.phases):
-            state.convergence = (PhaseConvergence.from_dict(data["convergence"]) if data["convergence"]
-                                 else _new_convergence(spec, spec.phases[state.phase_index]))
-        return state
-
-
-def set_lora_alpha(unet: torch.nn.Module, alpha: float) -> None:
-    """Change the LoRA scaling (alpha / r) of every LoRA layer of the training adapter."""
-    from peft.tuners.lora import LoraLayer
-
-    for module in unet.modules():
-        if isinstance(module, LoraLayer) and ADAPTER in module.r:
-            module.scaling[ADAPTER] = alpha / module.r[ADAPTER]
-
-
-def lora_scalings(unet: torch.nn.Module) -> set[float]:
-    """The distinct scalings of the training adapter's layers (for tests and the log)."""
-    from peft.tuners.lora import LoraLayer
-
-    return {module.scaling[ADAPTER] for module in unet.modules() if isinstance(module, LoraLayer) and ADAPTER in module.scaling}
+    results: dict[str, tuple[LoraRun, TrainingResult]] = {}
+    for lora_run in _runs(ctx):
+        images = _training_images(ctx, ctx.training_resolution, lora_run.photos)
+        if lora_run.is_main:
+            target = LoraTarget(ctx.path(layout.LORA_DIR), layout.CHECKPOINT_FILE,
+                                kohya=lambda alpha, steps, count=int(images.shape[0]): kohya_export(ctx, pipe, spec, alpha, steps, count),
+                                snapshots={phase: ctx.path(layout.phase_lora_dir(phase)) for phase in lora_run.snapshots})
+        else:
+            target = LoraTarget(ctx.path(layout.group_lora_dir(lora_run.name)), layout.group_checkpoint(lora_run.name), run=lora_run.name)
+        results[lora_run.name] = (lora_run, train_lora(ctx, pipe, images, spec, target))
+    _write_reports(ctx, spec, results)
 
 
 def kohya_file(ctx: StageContext) -> str:
@@ -246,181 +84,15 @@ def kohya_export(ctx: StageContext, pipe: Any, spec: TrainSpec, alpha: float, st
         engine_version=engine_version())
 
 
-def save_lora(pipe: Any, unet: torch.nn.Module, directory: Path, alpha: float, *, kohya: tuple[str, dict[str, str]] | None = None) -> None:
-    """pytorch_lora_weights.safetensors in the diffusers format, alpha in its metadata; with
-    `kohya` (file name, metadata), the same LoRA in kohya's format beside it. Both appear at once
-    (written into a staging folder, then one rename).
-
-    Without the metadata, `load_lora_weights` assumes alpha = r and the reloaded LoRA would
-    be wrong whenever alpha != r (FINDINGS)."""
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft.utils import get_peft_model_state_dict
-    from safetensors.torch import save_file
-
-    from engine.kohya import kohya_state_dict
-
-    peft_layers = get_peft_model_state_dict(unet, adapter_name=ADAPTER)
-    layers = convert_state_dict_to_diffusers(peft_layers)
-    layers = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in layers.items()}
-    metadata = unet.peft_config[ADAPTER].to_dict()
-    metadata["lora_alpha"] = alpha
-    metadata.pop("alpha_pattern", None)
-    # peft keeps target_modules as a set: its order changes between processes (hash
-    # randomisation), which would make equal LoRAs differ byte for byte.
-    metadata["target_modules"] = sorted(metadata["target_modules"])
-    staging = directory.with_name(f".{directory.name}.incoming")
-    remove_tree(staging)
-    type(pipe).save_lora_weights(str(staging), unet_lora_layers=layers, unet_lora_adapter_metadata=metadata, safe_serialization=True)
-    canonicalise_safetensors_header(staging / Path(layout.LORA_FILE).name)
-    if kohya is not None:
-        name, kohya_meta = kohya
-        save_file(kohya_state_dict(peft_layers, alpha), str(staging / name), metadata=kohya_meta)
-        canonicalise_safetensors_header(staging / name)
-    remove_tree(directory)
-    check_write(str(directory))
-    staging.rename(directory)
-
-
-def canonicalise_safetensors_header(path: Path) -> None:
-    """Rewrite a .safetensors header with sorted keys, in place.
-
-    safetensors writes its `__metadata__` from a hash map, so the key order (and with it the
-    file's sha256) changes from process to process although nothing else does. Readers
-    locate tensors by their explicit offsets, so key order is free; the header keeps its
-    length (padded with spaces, as the format allows) and the tensor bytes are untouched.
-    """
-    import struct
-
-    with open(path, "r+b") as handle:
-        (length,) = struct.unpack("<Q", handle.read(8))
-        header = json.loads(handle.read(length))
-        canonical = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-        if len(canonical) > length:
-            return  # cannot happen for the same content; leave the file as safetensors wrote it
-        handle.seek(8)
-        handle.write(canonical + b" " * (length - len(canonical)))
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
-def _training_step(unet, noise_scheduler, latent_mean, latent_std, text, added_cond, phase: PhaseSpec, batch_size: int,
-                   generator: torch.Generator, device: torch.device) -> torch.Tensor:
-    count = latent_mean.shape[0]
-    index = torch.randint(0, count, (batch_size,), generator=generator)
-    mean, std = latent_mean[index], latent_std[index]
-    latents = mean + std * torch.randn(mean.shape, generator=generator)
-    noise = torch.randn(latents.shape, generator=generator)
-    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch_size,), generator=generator)
-    return _denoising_loss(unet, noise_scheduler, latents, noise, timesteps, text, added_cond, phase, device)
-
-
-@dataclass(frozen=True)
-class ProbeSet:
-    """Fixed (latent, noise, timestep) tuples: the loss on them changes only as the weights do,
-    not with the random draw of each step, so it shows a trend the per-step loss hides.
-
-    Drawn once from a generator of its own (`seed + PROBE_SEED_OFFSET`): evaluating it takes
-    nothing from the training generator, so a resume stays bit-exact. One timestep per equal
-    slice of [0, T): the probe sees every noise level, not a random handful."""
-
-    latents: torch.Tensor
-    noise: torch.Tensor
-    timesteps: torch.Tensor
-
-
-PROBE_SEED_OFFSET = 0x9E3779B9
-
-
-def make_probe_set(latent_mean: torch.Tensor, latent_std: torch.Tensor, size: int, num_train_timesteps: int, seed: int) -> ProbeSet:
-    generator = torch.Generator(device="cpu").manual_seed((seed + PROBE_SEED_OFFSET) % 2**63)
-    index = torch.arange(size) % latent_mean.shape[0]  # every training image in turn
-    mean, std = latent_mean[index], latent_std[index]
-    latents = mean + std * torch.randn(mean.shape, generator=generator)
-    noise = torch.randn(latents.shape, generator=generator)
-    offsets = torch.rand(size, generator=generator, dtype=torch.float64)
-    timesteps = ((torch.arange(size, dtype=torch.float64) + offsets) * num_train_timesteps / size).long().clamp(0, num_train_timesteps - 1)
-    return ProbeSet(latents, noise, timesteps)
-
-
-@torch.no_grad()
-def probe_loss(unet, noise_scheduler, probe: ProbeSet, text, added_cond, phase: PhaseSpec, device: torch.device) -> float:
-    """The phase's loss on the probe set, with today's weights (no gradients, no optimizer step)."""
-    return float(_denoising_loss(unet, noise_scheduler, probe.latents, probe.noise, probe.timesteps, text, added_cond, phase, device))
-
-
-def _denoising_loss(unet, noise_scheduler, latents, noise, timesteps, text, added_cond, phase: PhaseSpec, device: torch.device) -> torch.Tensor:
-    batch_size = latents.shape[0]
-    latents, noise, timesteps = latents.to(device), noise.to(device), timesteps.to(device)
-    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-    if noise_scheduler.config.prediction_type == "v_prediction":
-        target = noise_scheduler.get_velocity(latents, noise, timesteps)
-    else:
-        target = noise
-    encoder_states = text.expand(batch_size, -1, -1)
-    kwargs = {}
-    if added_cond is not None:
-        kwargs["added_cond_kwargs"] = {k: v.expand(batch_size, -1) for k, v in added_cond.items()}
-    with torch.autocast(device_type=device.type, dtype=unet.dtype, enabled=device.type == "cuda" and unet.dtype != torch.float32):
-        prediction = unet(noisy.to(unet.dtype), timesteps, encoder_states, **kwargs).sample
-    return LOSS_FUNCTIONS[phase.loss](prediction.float(), target.float())
-
-
-def mse_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return F.mse_loss(prediction, target)
-
-
-def huber_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return F.huber_loss(prediction, target, delta=HUBER_DELTA)
-
-
-def charbonnier(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """A smooth L1: sqrt(d^2 + eps^2), robust to outliers and differentiable at 0."""
-    return torch.sqrt((prediction - target) ** 2 + CHARBONNIER_EPS**2).mean()
-
-
-LOSS_FUNCTIONS = {"mse": mse_loss, "huber": huber_loss, "charbonnier": charbonnier}
-
-
-def _optimizer(phase: PhaseSpec, parameters: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
-    if phase.optimizer == "adamp":
-        from adamp import AdamP
-
-        return AdamP(parameters, lr=phase.lr)
-    return torch.optim.AdamW(parameters, lr=phase.lr)
-
-
-def _new_convergence(spec: TrainSpec, phase: PhaseSpec) -> PhaseConvergence:
-    return PhaseConvergence(min_steps=phase.min_steps, max_steps=phase.max_steps, window=spec.plateau_window, p_threshold=spec.plateau_p_value,
-                            rule=spec.convergence, probe_every=spec.probe_every, horizon=spec.convergence_horizon,
-                            epsilon=spec.convergence_epsilon, confidence=spec.convergence_confidence)
-
-
-@torch.no_grad()
-def _encode_latents(pipe: Any, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and std of the VAE's latent distribution of every training image, scaled, on the CPU."""
-    vae = pipe.vae
-    distribution = vae.encode(images.to(vae.device, vae.dtype)).latent_dist
-    scale = vae.config.scaling_factor
-    return (distribution.mean.float() * scale).cpu(), (distribution.std.float() * scale).cpu()
-
-
-@torch.no_grad()
-def _encode_text(pipe: Any, prompt: str, resolution: int) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
-    """Text embeddings of the caption, once; for SDXL also the pooled embedding and time ids."""
-    device = pipe.unet.device
-    encoded = pipe.encode_prompt(prompt=prompt, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False)
-    if len(encoded) == 4:  # SDXL: (embeds, negative, pooled, negative pooled)
-        time_ids = torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]], dtype=encoded[0].dtype, device=device)
-        return encoded[0], {"text_embeds": encoded[2], "time_ids": time_ids}
-    return encoded[0], None
-
-
-def _training_images(ctx: StageContext, resolution: int) -> torch.Tensor:
-    """Every prepared image (base and augmentations), resized, as a N x 3 x R x R tensor in [-1, 1]."""
+def _training_images(ctx: StageContext, resolution: int, photos: tuple[str, ...] = ()) -> torch.Tensor:
+    """The prepared images (base and augmentations) of `photos` (every photo when empty), resized,
+    as a N x 3 x R x R tensor in [-1, 1]."""
     from PIL import Image
 
     tensors = []
     for image in layout.prepared_images(ctx.job_dir):
+        if photos and image.photo not in photos:
+            continue
         rgb = read_rgb(ctx.path(image.file))
         if rgb.shape[0] != resolution:
             rgb = np.asarray(Image.fromarray(rgb).resize((resolution, resolution), Image.Resampling.LANCZOS))
@@ -428,63 +100,41 @@ def _training_images(ctx: StageContext, resolution: int) -> torch.Tensor:
     return torch.stack(tensors)
 
 
-def _save_checkpoint(ctx: StageContext, unet: Any, state: TrainState, optimizer: Any, generator: torch.Generator) -> None:
-    from peft.utils import get_peft_model_state_dict
-
-    checkpoint = {
-        "fingerprint": ctx.fingerprint,
-        **state.to_checkpoint(optimizer),
-        "lora": {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(unet, adapter_name=ADAPTER).items()},
-        "rng": {"generator": generator.get_state(), "torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
-        "torch_threads": torch.get_num_threads(),
-    }
-    buffer = io.BytesIO()
-    torch.save(checkpoint, buffer)
-    atomic_write_bytes(ctx.path(layout.CHECKPOINT_FILE), buffer.getvalue())
-    ctx.progress("train_checkpoint", step=state.global_step)
+def _loss_rows(result: TrainingResult) -> str:
+    # probe_loss: the loss on the fixed probe set after that step, where it was evaluated (empty elsewhere).
+    rows = ["phase,step,phase_step,loss,probe_loss"] + [
+        f"{row[0]},{row[1]},{row[2]},{row[3]!r}," + ("" if len(row) < 5 or row[4] is None else repr(row[4])) for row in result.history]
+    return "\n".join(rows) + "\n"
 
 
-def _load_checkpoint(ctx: StageContext) -> dict[str, Any] | None:
-    """Our own checkpoint of this very stage run, or None. weights_only=False is needed for
-    the numpy/python RNG states; the file is one this engine wrote, never an inbox file."""
-    path = ctx.path(layout.CHECKPOINT_FILE)
-    if not path.is_file():
-        return None
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    if state.get("fingerprint") != ctx.fingerprint:
-        ctx.audit.event("train_checkpoint_ignored", reason="written for other inputs or settings")
-        return None
-    if state.get("torch_threads") != torch.get_num_threads():
-        ctx.log.warning("train_threads_differ", checkpoint=state.get("torch_threads"), now=torch.get_num_threads())
-    return state
-
-
-def _restore_rng(rng: dict[str, Any], generator: torch.Generator) -> None:
-    generator.set_state(rng["generator"])
-    torch.set_rng_state(rng["torch"])
-    np.random.set_state(rng["numpy"])
-    random.setstate(rng["python"])
-
-
-def _write_reports(ctx: StageContext, spec: TrainSpec, result: TrainingResult) -> None:
-    atomic_write_json(ctx.path(layout.TRAIN_INFO), {
+def _write_reports(ctx: StageContext, spec: TrainSpec, results: dict[str, tuple[LoraRun, TrainingResult]]) -> None:
+    main_run, main = next(value for value in results.values() if value[0].is_main)
+    info: dict[str, Any] = {
         "caption": caption(spec),
         "rank": spec.rank,
         "resolution": ctx.training_resolution,
         "max_steps": spec.max_steps,
-        "total_steps": result.total_steps,
+        "total_steps": main.total_steps,
         # No resumed_from_step: a resume is run history, not a result. Recorded here it made
         # train.json, and with it verify's and render's fingerprints, the ledger and the
         # manifest, differ from an uninterrupted run's although the LoRA is bit-identical
         # (found by bench/soak.py). The audit log's train_resumed lines record every resume.
-        "phases": result.phases,
+        "phases": main.phases,
         "target_modules": TARGET_MODULES,
         "demo": ctx.demo,
         "trigger": spec.trigger,
         # The same LoRA twice: diffusers' format, and kohya's for AUTOMATIC1111/Forge, ComfyUI, InvokeAI, Fooocus.
         "lora_files": {"diffusers": layout.LORA_FILE, "kohya": kohya_file(ctx)},
-    })
-    # probe_loss: the loss on the fixed probe set after that step, where it was evaluated (empty elsewhere).
-    rows = ["phase,step,phase_step,loss,probe_loss"] + [
-        f"{row[0]},{row[1]},{row[2]},{row[3]!r}," + ("" if len(row) < 5 or row[4] is None else repr(row[4])) for row in result.history]
-    atomic_write_text(ctx.path(layout.LOSS_FILE), "\n".join(rows) + "\n")
+    }
+    if main.snapshots:  # the LoRA at a phase's exit, with that phase's alpha (no training of its own)
+        info["snapshots"] = {phase: {**facts, "file": f"{layout.phase_lora_dir(phase)}/{layout.LORA_WEIGHTS}"} for phase, facts in main.snapshots.items()}
+    groups = [(lora_run, result) for lora_run, result in results.values() if not lora_run.is_main]
+    if groups:
+        info["groups"] = [{"name": lora_run.name, "photos": list(lora_run.photos), "total_steps": result.total_steps, "phases": result.phases,
+                           "file": f"{layout.group_lora_dir(lora_run.name)}/{layout.LORA_WEIGHTS}", "loss_file": layout.group_loss_file(lora_run.name)}
+                          for lora_run, result in groups]
+        info["steps_all_runs"] = main.total_steps + sum(result.total_steps for _, result in groups)
+    atomic_write_json(ctx.path(layout.TRAIN_INFO), info)
+    atomic_write_text(ctx.path(layout.LOSS_FILE), _loss_rows(main))
+    for lora_run, result in groups:
+        atomic_write_text(ctx.path(layout.group_loss_file(lora_run.name)), _loss_rows(result))

@@ -170,7 +170,7 @@ def test_alpha_changes_the_unet_output(demo_run):
     """The same LoRA weights at alpha 8 and alpha 1 give different UNet outputs: alpha is real."""
     from peft import LoraConfig
 
-    from engine.stages.train import ADAPTER, TARGET_MODULES, lora_scalings, set_lora_alpha
+    from engine.training import ADAPTER, TARGET_MODULES, lora_scalings, set_lora_alpha
 
     _, _, engine, _ = demo_run
     unet = engine.resources.pipeline().unet
@@ -249,7 +249,7 @@ def test_batched_seeds_equal_single_seeds_and_lora_differs_from_control(demo_run
     # one (a job interrupted during its control renders made the next job train a LoRA with no effect).
     from peft import LoraConfig
 
-    from engine.stages.train import ADAPTER, TARGET_MODULES
+    from engine.training import ADAPTER, TARGET_MODULES
 
     sample = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(1))
     text = torch.randn(1, 77, pipe.unet.config.cross_attention_dim, generator=torch.Generator().manual_seed(2))

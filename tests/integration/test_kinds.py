@@ -157,7 +157,7 @@ def test_a_kind_is_checked_when_it_is_made_and_registered():
         Kind(name="broken", stages=("prepare", "paint"), spec=FacesOnlySpec)
     with pytest.raises(ValueError, match="already registered"):
         register_kind(Kind(name="replicate", stages=("prepare",), spec=FacesOnlySpec))
-    with pytest.raises(KeyError, match="known kinds: replicate"):
+    with pytest.raises(KeyError, match="known kinds: evaluate, replicate"):
         kind_named("broken")
 
 

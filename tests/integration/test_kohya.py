@@ -16,7 +16,7 @@ from engine.resources import Resources
 from engine.diffusion import render
 from engine.kohya import base_model_digest, kohya_metadata, kohya_state_dict, read_kohya_metadata
 from engine.layout import LORA_FILE
-from engine.stages.train import ADAPTER, TARGET_MODULES, save_lora
+from engine.training import ADAPTER, TARGET_MODULES, save_lora
 
 RANK, ALPHA = 4, 2.0  # alpha != rank: the file's scaling must be alpha / rank, not 1
 NAME = "alice_20260101T000000Z-kohya1.safetensors"

@@ -140,6 +140,25 @@ def test_retouch_variants_become_metrics():
     assert _value(metrics, 'idrep_stage_progress_done{stage="retouch"}') == 2
 
 
+def test_evaluate_cells_become_metrics_and_progress():
+    metrics = DaemonMetrics("d1", stages=("prepare", "embed", "train", "evaluate"))
+    spec = {"train": {"max_steps": 10}, "evaluate": {"prompts": ["a", "b"], "seeds": [0, 1, 2], "control": True,
+                                                      "group": [{"name": "main", "phase": "final", "photos": []}, {"name": "one", "photos": ["a.png"]}]}}
+    metrics.observe("job_started", {"spec": spec})
+    metrics.observe("stage_started", {"stage": "train"})
+    assert _value(metrics, 'idrep_stage_progress_planned{stage="train"}') == 2 * 10  # the job's LoRA and the photo-subset group's
+    metrics.observe("train_step", {"phase": "COARSE", "step": 10, "loss": 0.1})
+    metrics.observe("train_step", {"phase": "COARSE", "step": 3, "loss": 0.1, "run": "one"})
+    assert _value(metrics, 'idrep_stage_progress_done{stage="train"}') == 13
+    metrics.observe("stage_started", {"stage": "evaluate"})
+    assert _value(metrics, 'idrep_stage_progress_planned{stage="evaluate"}') == 3 * 2 * 3
+    metrics.observe("evaluate_cell", {"group": "control", "prompt_index": 0, "seed": 0, "face_found": True, "drift": 0.4})
+    metrics.observe("evaluate_cell", {"group": "main", "prompt_index": 0, "seed": 0, "face_found": False, "drift": None})
+    assert _value(metrics, 'idrep_evaluate_cells_total{face="found"}') == 1 and _value(metrics, 'idrep_evaluate_cells_total{face="not_found"}') == 1
+    assert _value(metrics, 'idrep_faces_not_found_total{kind="evaluate"}') == 1 and _value(metrics, "idrep_evaluate_drift_count") == 1
+    assert _value(metrics, 'idrep_stage_progress_done{stage="evaluate"}') == 2
+
+
 def test_restore_verdicts_become_metrics():
     metrics = DaemonMetrics("d1", stages=("restore",))
     metrics.observe("restore_verdict", {"verdict": "flag", "face_coverage": 0.18})

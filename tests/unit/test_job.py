@@ -280,7 +280,7 @@ def test_kind_is_replicate_by_default_and_an_unknown_kind_is_refused_listing_the
         (folder / "job.toml").write_text(f'kind = {value}\n[[render]]\nprompt = "x"\n')
         with pytest.raises(JobError) as excinfo:
             _load(folder)
-        assert _problems(excinfo)["job.toml: kind"].endswith("is not a job kind; known kinds: replicate, restore, retouch")
+        assert _problems(excinfo)["job.toml: kind"].endswith("is not a job kind; known kinds: evaluate, replicate, restore, retouch")
 
 
 def test_a_section_of_another_kind_is_refused_naming_the_key_and_its_kind(tmp_path, astronaut_rgb):
@@ -304,7 +304,7 @@ def test_a_section_of_another_kind_is_refused_naming_the_key_and_its_kind(tmp_pa
         with pytest.raises(JobError) as excinfo:
             _load(folder)
         problems = _problems(excinfo)
-        assert problems["job.toml: train"] == "belongs to kind 'replicate', not to this job's kind 'prepare_only' (its sections: subject, prepare)"
+        assert problems["job.toml: train"] == "belongs to kind 'evaluate' and 'replicate', not to this job's kind 'prepare_only' (its sections: subject, prepare)"
         assert problems["job.toml: render"].startswith("belongs to kind 'replicate'")
         assert problems["job.toml: colour"].startswith("unknown key")
     finally:

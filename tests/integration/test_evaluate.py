@@ -1,0 +1,298 @@
+"""The evaluate kind end to end with the demo model (issue 17): one CSV row per (group + control)
+x prompt x seed, charts that render when no face is found anywhere, control cells equal to the
+LoRA at weight 0 bit for bit, a photo-subset group that trains a LoRA of its own while a phase
+group adds no training step, a kill mid-grid that resumes, and refusals that name their key."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from engine.audit import verify_audit
+from engine.errors import JobError
+from engine.images import read_rgb
+from engine.job import load_job
+from engine.jobfolder import work_dir
+from tests.conftest import REPO, make_job
+
+TRAIN = """\
+[prepare]
+size = 128
+rotations = []
+crops = []
+
+[train]
+rank = 4
+max_steps = 8
+checkpoint_every = 4
+plateau_window = 3
+probe_every = 1
+probe_size = 2
+
+[[train.phases]]
+name = "COARSE"
+min_steps = 3
+max_steps = 4
+
+[[train.phases]]
+name = "FINE"
+lr = 1e-6
+alpha = 2
+loss = "charbonnier"
+optimizer = "adamp"
+min_steps = 3
+max_steps = 4
+"""
+JOB = 'kind = "evaluate"\n' + TRAIN + """
+[evaluate]
+prompts = ["a photo of {trigger}, portrait", "a photo of {trigger}, side profile"]
+seeds = [0, 1, 2]
+steps = 2
+batch_size = 2
+
+[[evaluate.group]]
+name = "coarse"
+phase = "COARSE"
+
+[[evaluate.group]]
+name = "one_photo"
+photos = ["a.png"]
+"""
+JOB_ID = "20260101T000000Z-evaluate"
+
+
+def _photos(astronaut_rgb):
+    return {"a.png": astronaut_rgb, "b.png": np.ascontiguousarray(astronaut_rgb[:, ::-1])}
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, astronaut_rgb):
+    from engine.config import Settings
+    from engine.runner import Engine
+
+    root = tmp_path_factory.mktemp("evaluate")
+    (root / "models").mkdir()
+    settings = Settings.from_table({"paths": {"models": str(root / "models")}}, root=root)
+    source = make_job(root / "inbox" / "alice", _photos(astronaut_rgb), JOB)
+    engine = Engine(settings, demo=True)
+    started = time.perf_counter()
+    result = engine.run_job(source, root / "outbox", job_id=JOB_ID)
+    seconds = time.perf_counter() - started
+    assert result.outcome == "finished", result.error
+    print(f"demo evaluate job (2 groups + control, 2 prompts, 3 seeds): {seconds:.1f} s")
+    return root, result.output_dir, seconds, engine
+
+
+def _info(out: Path) -> dict:
+    return json.loads((out / "evaluate" / "evaluate.json").read_text())
+
+
+def test_a_demo_evaluate_job_runs_end_to_end_with_one_csv_row_per_cell(finished):
+    root, out, seconds, _ = finished
+    assert seconds < 120
+    assert verify_audit(out).ok
+    with open(out / "evaluate" / "evaluate.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == (2 + 1) * 2 * 3
+    assert {(r["group"], r["prompt_index"], r["seed"]) for r in rows} == {(g, str(p), str(s)) for g in ("control", "coarse", "one_photo")
+                                                                           for p in range(2) for s in range(3)}
+    assert all(r["demo"] == "true" for r in rows) and all("sks person" in r["prompt"] for r in rows)
+    info = _info(out)
+    assert [g["name"] for g in info["groups"]] == ["control", "coarse", "one_photo"] and info["demo"] is True
+    # Demo noise has no face: every cell counted, none scored, no test possible, and the reason said.
+    assert info["faces_not_found"] == 18 and all(row["drift"] is None and not row["face_found"] for row in info["cells"])
+    assert [t["reason"] for t in info["tests"]] == ["no cell where both the group and the control found a face"] * 2
+    for row in info["cells"]:
+        assert (out / row["file"]).is_file() and hashlib.sha256((out / row["file"]).read_bytes()).hexdigest() == row["sha256"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["kind"] == "evaluate"
+    for chart in ("report/evaluate_prompts.png", "report/evaluate_no_face.png", "report/evaluate_groups.png", "report/evaluate_heatmap.png",
+                  "evaluate/sheets/control.png", "evaluate/sheets/one_photo.png"):
+        assert chart in manifest["outputs"], chart
+        assert (out / chart).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    page = (out / "report.html").read_text()
+    assert "<h1>Evaluation report: alice</h1>" in page and 'id="tests"' in page and 'id="by-prompt"' in page
+    assert not (out / "evaluate_progress").exists() and not (out / "checkpoints").exists()
+
+
+def test_the_charts_render_with_faces_found_and_without_any(finished):
+    """The same charts from a grid with faces in some cells (drifts set by hand), and from one with none."""
+    from engine import evalstats, report
+
+    _, out, _, _ = finished
+    facts = report.JobFacts.read(out)
+    rng = np.random.default_rng(0)
+    info = _info(out)
+    for row in info["cells"]:
+        row["drift"] = None if row["seed"] == 2 or row["group"] == "one_photo" else round(float(rng.uniform(0.1, 0.9)), 4)
+    info["by_prompt"] = [{"group": g, "prompt_index": p, **evalstats.summarise([r["drift"] for r in info["cells"] if r["group"] == g and r["prompt_index"] == p], 0.18)}
+                         for g in ("control", "coarse", "one_photo") for p in range(2)]
+    info["by_group"] = [{"group": g, **evalstats.summarise([r["drift"] for r in info["cells"] if r["group"] == g], 0.18)} for g in ("control", "coarse", "one_photo")]
+    for facts.evaluate in (info, _info(out), {}):
+        for chart in (report.evaluate_prompts_png, report.evaluate_no_face_png, report.evaluate_groups_png, report.evaluate_heatmap_png):
+            assert chart(facts)[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_control_cells_equal_the_lora_at_weight_zero_bit_for_bit(finished):
+    from engine.diffusion import identity_lora, render
+
+    _, out, _, engine = finished
+    info = _info(out)
+    pipe = engine.resources.model("base")
+    control = {(row["prompt_index"], row["seed"]): read_rgb(out / row["file"]) for row in info["cells"] if row["group"] == "control"}
+    with identity_lora(pipe, out / "lora") as lora:
+        lora.weight(0.0)
+        for index, prompt in enumerate(info["prompts"]):
+            for batch in ([0, 1], [2]):  # the grid's own batches (CPU kernels depend on the batch size)
+                images = render(pipe, prompt, info["negative_prompt"], batch, steps=info["steps"], guidance=info["guidance"], size=info["resolution"])
+                for seed, rgb in zip(batch, images):
+                    assert np.array_equal(rgb, control[(index, seed)]), (index, seed)
+        lora.weight(1.0)
+        at_one = render(pipe, info["prompts"][0], info["negative_prompt"], [0, 1], steps=info["steps"], guidance=info["guidance"], size=info["resolution"])
+    assert not np.array_equal(at_one[0], control[(0, 0)])  # the LoRA does change the render: the equality above means something
+
+
+def test_a_photo_subset_group_trains_its_own_lora_and_a_phase_group_adds_no_step(finished):
+    _, out, _, _ = finished
+    train = json.loads((out / "train" / "train.json").read_text())
+    [group] = train["groups"]
+    assert group["name"] == "one_photo" and group["photos"] == ["a.png"] and group["total_steps"] > 0
+    assert train["steps_all_runs"] == train["total_steps"] + group["total_steps"]  # the phase group is not a run
+    sha = {name: hashlib.sha256((out / rel).read_bytes()).hexdigest() for name, rel in (
+        ("main", "lora/pytorch_lora_weights.safetensors"), ("coarse", "lora/phases/COARSE/pytorch_lora_weights.safetensors"),
+        ("one_photo", "lora/groups/one_photo/pytorch_lora_weights.safetensors"))}
+    assert len(set(sha.values())) == 3
+    coarse = train["snapshots"]["COARSE"]
+    assert coarse["step"] == train["phases"][0]["last_step"] and coarse["reached"] and coarse["alpha"] == 8.0
+    groups = {g["name"]: g for g in _info(out)["groups"]}
+    assert groups["coarse"]["extra_training_steps"] == 0 and groups["one_photo"]["extra_training_steps"] == group["total_steps"]
+    assert groups["coarse"]["lora_sha256"] == sha["coarse"] and groups["one_photo"]["lora_sha256"] == sha["one_photo"]
+    events = [json.loads(line) for line in (out / "audit.jsonl").read_text().splitlines()]
+    exits = [(e.get("run"), e["phase"]) for e in events if e["event"] == "phase_exit"]
+    assert exits == [(None, "COARSE"), (None, "FINE"), ("one_photo", "COARSE"), ("one_photo", "FINE")]
+    # The subset LoRA learned from a.png only: the loss file of its own, beside the job's.
+    assert (out / "train" / "loss_one_photo.csv").read_text() != (out / "train" / "loss.csv").read_text()
+
+
+def test_a_grid_killed_midway_resumes_without_redoing_finished_batches(finished, tmp_path, astronaut_rgb):
+    root, out, _, _ = finished
+    config = tmp_path / "config.toml"
+    config.write_text(f'[paths]\nmodels = "{root / "models"}"\n')
+    source = make_job(tmp_path / "inbox" / "alice", _photos(astronaut_rgb), JOB)
+    outbox = tmp_path / "outbox"
+    marker = tmp_path / "paused"
+    env = dict(os.environ, PYTHONPATH=str(REPO), ENGINE_PAUSE_AT="evaluate:batch:3", ENGINE_PAUSE_FILE=str(marker))
+    command = [sys.executable, "-m", "engine", "--config", str(config), "run", str(source), "--outbox", str(outbox), "--demo", "--job-id", JOB_ID]
+    process = subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not marker.exists():
+            assert process.poll() is None, process.communicate()
+            assert time.monotonic() < deadline, "never reached the third batch"
+            time.sleep(0.05)
+        assert len(list((work_dir(outbox, JOB_ID) / "evaluate_progress").glob("*.json"))) == 3
+    finally:
+        os.kill(process.pid, signal.SIGKILL)
+        process.communicate(timeout=30)
+    rerun = subprocess.run(command, env=dict(os.environ, PYTHONPATH=str(REPO)), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    final = Path(json.loads(rerun.stdout.strip().splitlines()[-1])["output"])
+    events = [json.loads(line) for line in (final / "audit.jsonl").read_text().splitlines()]
+    [scored] = [e for e in events if e["event"] == "evaluate_scored"]
+    assert scored["resumed_cells"] == 2 + 1 + 2 and scored["cells"] == 18  # control p0 [0,1], [2]; control p1 [0,1]
+    assert [e["stage"] for e in events if e["event"] == "stage_skipped"] == ["prepare", "embed", "train"]
+    for first, resumed in zip(_info(out)["cells"], _info(final)["cells"]):  # as the uninterrupted run made them
+        assert first["file"] == resumed["file"]
+        assert np.array_equal(read_rgb(out / first["file"]), read_rgb(final / resumed["file"]))
+    assert verify_audit(final).ok
+
+
+def _refusal(tmp_path: Path, astronaut_rgb, evaluate: str) -> dict[str, str]:
+    """key -> its reasons (joined by " | ")."""
+    folder = make_job(tmp_path / "job", _photos(astronaut_rgb), 'kind = "evaluate"\n' + TRAIN + evaluate)
+    with pytest.raises(JobError) as caught:
+        load_job(folder, {}, (".png",), ())
+    reasons: dict[str, str] = {}
+    for problem in caught.value.problems:
+        reasons[problem.where] = " | ".join(filter(None, (reasons.get(problem.where), problem.reason)))
+    return reasons
+
+
+def test_a_group_names_its_lora_once_from_a_phase_of_the_job_or_its_photos(tmp_path, astronaut_rgb):
+    problems = _refusal(tmp_path, astronaut_rgb, """
+[[evaluate.group]]
+name = "control"
+phase = "MID"
+
+[[evaluate.group]]
+name = "both"
+phase = "final"
+photos = ["a.png"]
+
+[[evaluate.group]]
+name = "all"
+photos = ["a.png", "b.png"]
+
+[[evaluate.group]]
+name = "stranger"
+photos = ["c.png"]
+""")
+    assert "is the grid's group without a LoRA" in problems["job.toml: evaluate.group[0].name"]
+    assert "'MID' is no phase of [train] (COARSE, FINE)" in problems["job.toml: evaluate.group[0].phase"]
+    assert "exactly once" in problems["job.toml: evaluate.group[1]"] and "photos, phase" in problems["job.toml: evaluate.group[1]"]
+    assert "use phase = 'final'" in problems["job.toml: evaluate.group[2].photos"]
+    assert "'c.png' is not one of the job's photos" in problems["job.toml: evaluate.group[3].photos[0]"]
+
+
+def test_a_brought_lora_is_a_safetensors_file_of_the_folder_with_its_sha256(tmp_path, astronaut_rgb):
+    problems = _refusal(tmp_path, astronaut_rgb, """
+[[evaluate.group]]
+name = "pickled"
+file = "old.ckpt"
+
+[[evaluate.group]]
+name = "missing"
+file = "gone.safetensors"
+sha256 = "%s"
+""" % ("0" * 64))
+    assert "no pickled formats" in problems["job.toml: evaluate.group[0].file"]
+    assert "sha256 of 'old.ckpt' is needed" in problems["job.toml: evaluate.group[0].sha256"]
+    assert "'gone.safetensors' is not a file in the job folder" in problems["job.toml: evaluate.group[1].file"]
+
+
+def test_a_brought_lora_whose_bytes_differ_from_its_sha256_fails_naming_both(finished, tmp_path, astronaut_rgb):
+    from engine.config import Settings
+    from engine.runner import Engine
+
+    root, out, _, _ = finished
+    lora = (out / "lora" / "pytorch_lora_weights.safetensors").read_bytes()
+    job = 'kind = "evaluate"\n' + TRAIN + """
+[evaluate]
+prompts = ["a photo of {trigger}"]
+seeds = [0]
+steps = 1
+control = false
+
+[[evaluate.group]]
+name = "brought"
+file = "theirs.safetensors"
+sha256 = "%s"
+""" % ("a" * 64)
+    source = make_job(tmp_path / "inbox" / "bob", {**_photos(astronaut_rgb), "theirs.safetensors": lora}, job)
+    settings = Settings.from_table({"paths": {"models": str(root / "models")}}, root=tmp_path)
+    result = Engine(settings, demo=True).run_job(source, tmp_path / "outbox", failed_dir=tmp_path / "failed")
+    assert result.outcome == "failed"  # refused as it was read, before any training
+    error = json.loads(next((tmp_path / "failed").rglob("error.json")).read_text())
+    assert "evaluate.group[0].sha256" in error["message"] and hashlib.sha256(lora).hexdigest() in error["message"] and "a" * 64 in error["message"]
+    assert not (tmp_path / "outbox").exists() or not list((tmp_path / "outbox").rglob("train.json"))
+    assert (next((tmp_path / "failed").rglob("theirs.safetensors"))).read_bytes() == lora  # the input is kept byte for byte
