@@ -387,6 +387,34 @@ class EvaluateSpec:
     group: tuple[EvaluateGroup, ...] = field(default=(EvaluateGroup(name="main", phase=FINAL_PHASE),), metadata=rule(Tables(EvaluateGroup, 1, 8)))
 
 
+@dataclass(frozen=True)
+class MineSpec:
+    """Anchored face mining from the job's LoRA (engine.mining, stage mine). Off unless `enabled`.
+    The anchor (`anchor_max_drift` to the real subject's reference) cannot be switched off: mining
+    that is not anchored to a real subject is not offered."""
+
+    enabled: bool = field(default=False, metadata=rule(Bool()))
+    prompt: str = field(default="a photo of {trigger}, portrait, neutral background", metadata=rule(Str(min_len=1, max_len=1000)))
+    base_seed: int = field(default=1000, metadata=rule(Int(0, 2**32 - 1)))
+    lora_weight: float = field(default=1.0, metadata=rule(Float(0.0, 2.0, low_open=True)))
+    steps: int = field(default=30, metadata=rule(Int(1, 200)))
+    guidance: float = field(default=5.8, metadata=rule(Float(0.0, 30.0)))
+    target: int = field(default=12, metadata=rule(Int(1, 256)))  # members: mining stops when the group has them
+    budget: int = field(default=64, metadata=rule(Int(1, 4096)))  # candidates at most
+    batch: int = field(default=4, metadata=rule(Int(1, 64)))  # the first batch; each next one `growth` times larger
+    growth: float = field(default=2.0, metadata=rule(Float(1.0, 8.0)))
+    max_batch: int = field(default=16, metadata=rule(Int(1, 64)))
+    anchor_max_drift: float = field(default=0.4, metadata=rule(Float(0.0, 1.0, low_open=True)))
+    start_bound: float = field(default=0.35, metadata=rule(Float(0.0, 2.0, low_open=True)))
+    max_bound: float = field(default=0.6, metadata=rule(Float(0.0, 2.0, low_open=True)))
+    min_group: int = field(default=3, metadata=rule(Int(2, 64)))
+    k_start: float = field(default=2.0, metadata=rule(Float(0.0, 10.0)))
+    k_min: float = field(default=0.5, metadata=rule(Float(0.0, 10.0)))
+    k_step: float = field(default=0.1, metadata=rule(Float(0.0, 10.0)))
+    relax: float = field(default=0.1, metadata=rule(Float(0.0, 1.0)))
+    prune_k: float = field(default=3.0, metadata=rule(Float(0.0, 100.0, low_open=True)))
+
+
 @dataclass(frozen=True, kw_only=True)
 class EvaluateJobSpec(KindSpec):
     """An `evaluate` job (engine.kinds.evaluate): trained like a replicate job, then a grid."""
@@ -394,6 +422,7 @@ class EvaluateJobSpec(KindSpec):
     kind: str = field(default="evaluate", metadata=rule(Str(min_len=1, max_len=64)))
     train: TrainSpec = field(default_factory=TrainSpec, metadata=rule(Table(TrainSpec)))
     evaluate: EvaluateSpec = field(default_factory=EvaluateSpec, metadata=rule(Table(EvaluateSpec)))
+    mine: MineSpec = field(default_factory=MineSpec, metadata=rule(Table(MineSpec)))
 
 
 def evaluate_prompts(spec: EvaluateJobSpec) -> list[str]:
@@ -401,8 +430,14 @@ def evaluate_prompts(spec: EvaluateJobSpec) -> list[str]:
     return [prompt.replace("{trigger}", spec.train.trigger) for prompt in spec.evaluate.prompts]
 
 
+def mine_prompt(spec: EvaluateJobSpec) -> str:
+    """The prompt mining renders candidates with, "{trigger}" replaced by train.trigger."""
+    return spec.mine.prompt.replace("{trigger}", spec.train.trigger)
+
+
 def evaluate_denied(spec: EvaluateJobSpec) -> list[tuple[str, str]]:
-    return [("train.trigger", spec.train.trigger)] + [(f"evaluate.prompts[{i}]", p) for i, p in enumerate(evaluate_prompts(spec))]
+    return ([("train.trigger", spec.train.trigger)] + [(f"evaluate.prompts[{i}]", p) for i, p in enumerate(evaluate_prompts(spec))]
+            + ([("mine.prompt", mine_prompt(spec))] if spec.mine.enabled else []))
 
 
 def evaluate_checks(spec: EvaluateJobSpec, where: str) -> list[Problem]:
@@ -443,6 +478,10 @@ def evaluate_checks(spec: EvaluateJobSpec, where: str) -> list[Problem]:
         problems.append(Problem(f"{where}: evaluate.seeds", "seeds must be distinct"))
     if len(set(e.prompts)) != len(e.prompts):
         problems.append(Problem(f"{where}: evaluate.prompts", "a prompt is listed twice"))
+    m = spec.mine
+    for low, high in (("k_min", "k_start"), ("start_bound", "max_bound"), ("target", "budget"), ("batch", "max_batch")):
+        if getattr(m, low) > getattr(m, high):
+            problems.append(Problem(f"{where}: mine.{low}", f"{getattr(m, low)} is above mine.{high} {getattr(m, high)}"))
     return problems
 
 

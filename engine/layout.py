@@ -62,8 +62,13 @@ EVALUATE_CSV = "evaluate/evaluate.csv"
 EVALUATE_CELLS_DIR = "evaluate/cells"
 EVALUATE_SHEETS_DIR = "evaluate/sheets"
 EVALUATE_PROGRESS_DIR = "evaluate_progress"  # finished batches of an interrupted grid (scratch)
+# mine
+MINE_DIR = "mine"
+MINE_INFO = "mine/mine.json"
+MINE_CANDIDATES_DIR = "mine/candidates"
+MINE_PROGRESS_DIR = "mine_progress"  # finished batches of interrupted mining (scratch)
 # The folders whose PNGs a model generated (each carries C2PA Content Credentials with lab keys).
-GENERATED_IMAGE_DIRS = (VERIFY_DIR, RENDERS_DIR, RETOUCH_VARIANTS_DIR, RESTORE_VARIANTS_DIR, EVALUATE_CELLS_DIR)
+GENERATED_IMAGE_DIRS = (VERIFY_DIR, RENDERS_DIR, RETOUCH_VARIANTS_DIR, RESTORE_VARIANTS_DIR, EVALUATE_CELLS_DIR, MINE_CANDIDATES_DIR)
 
 
 def phase_lora_dir(phase: str) -> str:

@@ -138,6 +138,7 @@ class JobFacts:
     retouch: dict[str, Any] | None = None
     restore: dict[str, Any] | None = None
     evaluate: dict[str, Any] | None = None
+    mine: dict[str, Any] | None = None
 
     @classmethod
     def read(cls, job_dir: Path) -> "JobFacts":
@@ -157,6 +158,7 @@ class JobFacts:
             retouch=_json(job_dir / layout.RETOUCH_INFO),
             restore=_json(job_dir / layout.RESTORE_INFO),
             evaluate=_json(job_dir / layout.EVALUATE_INFO),
+            mine=_json(job_dir / layout.MINE_INFO),
             audit=_audit_before_finish(job_dir / AUDIT_FILE),
             originals=originals,
         )
@@ -1114,6 +1116,70 @@ def _evaluate_table(facts: JobFacts) -> list[str]:
     return out + ["</table></section>"]
 
 
+MINE_CHART = "report/mine.png"
+DECISION_COLOURS = {"accepted": "tab:green", "rejected_group": "tab:orange", "rejected_anchor": "tab:red", "no_face": "tab:gray"}
+
+
+def mine_chart_png(facts: JobFacts) -> bytes:
+    """Each candidate's mean drift to the group and drift to the anchor, by decision, with the
+    bound at the time; candidates without a face marked above the plot."""
+
+    def draw():
+        info = facts.mine or {}
+        candidates = info.get("candidates", [])
+        figure = _figure(11, 4.5)
+        axis = figure.subplots()
+        if not candidates:
+            axis.text(0.5, 0.5, "no mining in this job ([mine] enabled = false)" if not info else "no candidate", ha="center", va="center",
+                      transform=axis.transAxes)
+        positions = list(range(len(candidates)))
+        bounds = [(p, c["bound"]) for p, c in zip(positions, candidates) if c.get("bound") is not None]
+        if bounds:
+            axis.step(*zip(*bounds), where="mid", color="black", linewidth=1, label="bound at the time")
+        anchor = (info.get("rule") or {}).get("anchor_max_drift")
+        if anchor is not None:
+            axis.axhline(anchor, color="tab:red", linestyle="--", linewidth=1, label=f"anchor_max_drift {anchor:g}")
+        for decision, colour in DECISION_COLOURS.items():
+            group = [(p, c["mean_drift_to_group"]) for p, c in zip(positions, candidates) if c["decision"] == decision and c.get("mean_drift_to_group") is not None]
+            if group:
+                axis.scatter(*zip(*group), color=colour, s=18, label=f"{decision}: mean drift to the group", zorder=3)
+            to_anchor = [(p, c["anchor_drift"]) for p, c in zip(positions, candidates) if c["decision"] == decision and c.get("anchor_drift") is not None]
+            if to_anchor:
+                axis.scatter(*zip(*to_anchor), color=colour, marker="^", s=18, label=f"{decision}: drift to the anchor", zorder=3)
+        missing = [p for p, c in zip(positions, candidates) if c["decision"] == "no_face"]
+        if missing:
+            _no_face_marks(axis, missing, "tab:gray", "no face found")
+        pruned = [p for p, c in zip(positions, candidates) if c.get("pruned_at") is not None]
+        for p in pruned:
+            axis.axvline(p, color="tab:purple", alpha=0.3, linewidth=3)
+        axis.set_xlim(-0.6, max(len(candidates), 1) - 0.4)
+        axis.set_ylim(0.0, _axis_top([c.get("mean_drift_to_group") for c in candidates] + [c.get("anchor_drift") for c in candidates] + [anchor]))
+        axis.set_xlabel("candidate, in the order judged (purple band: pruned later)")
+        axis.set_ylabel("drift (1 - cosine)")
+        axis.grid(axis="y", alpha=0.3)
+        _legend(axis)
+        _evaluate_title(figure, facts, "Mining: every candidate against the group and the anchor")
+        return figure
+
+    return _png(draw)
+
+
+def _mine(facts: JobFacts, job_src) -> list[str]:
+    info = facts.mine
+    out = ['<section id="mine"><h2>Face mining, anchored to the subject</h2>']
+    if not info:
+        return out + ["<p>No mining in this job ([mine] enabled = false).</p></section>"]
+    decisions = ", ".join(f"{k} {v}" for k, v in sorted(info.get("decisions", {}).items())) or "none"
+    out.append(f"<p>{_text(info.get('stop_reason'))}: {len(info.get('members', []))} members from {len(info.get('candidates', []))} candidates "
+               f"({_text(decisions)}; {info.get('pruned', 0)} pruned later). Group centroid's drift to the reference: "
+               f"{_number(info.get('centroid_drift_to_reference'))}.</p>")
+    out.append(_figure_html(_attr(quote(MINE_CHART)), MINE_CHART, "chart", [_text("each candidate against the bound at the time and the anchor")], "mine"))
+    members = info.get("member_files", [])
+    if members:
+        out.append('<div class="row">' + "".join(_figure_html(job_src(file), file, "member", [_text(Path(file).stem)]) for file in members) + "</div>")
+    return out + ["</section>"]
+
+
 # The report's sections by name (a kind lists those it shows, in order: engine.kinds.Kind.report):
 # name -> (builder(facts, job_src) -> HTML lines, {chart file: chart builder(facts) -> PNG} it shows).
 SECTIONS: dict[str, tuple[Callable[[JobFacts, Callable[[str], str]], list[str]], dict[str, Callable[[JobFacts], bytes]]]] = {
@@ -1137,4 +1203,5 @@ SECTIONS: dict[str, tuple[Callable[[JobFacts, Callable[[str], str]], list[str]],
                                            EVALUATE_CHARTS["groups"]: evaluate_groups_png, EVALUATE_CHARTS["heatmap"]: evaluate_heatmap_png}),
     "evaluate_sheets": (_evaluate_sheets, {}),
     "evaluate_table": (lambda facts, job_src: _evaluate_table(facts), {}),
+    "mine": (_mine, {MINE_CHART: mine_chart_png}),
 }

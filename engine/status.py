@@ -256,7 +256,7 @@ class StageProgress:
     `update(event, fields)` returns True when `done` moved. Totals come from the job's spec in
     the job_started/job_resumed event."""
 
-    LONG_STAGES = ("train", "verify", "render", "retouch", "evaluate")
+    LONG_STAGES = ("train", "verify", "render", "retouch", "mine", "evaluate")
 
     def __init__(self) -> None:
         self.spec: dict[str, Any] = {}
@@ -279,6 +279,8 @@ class StageProgress:
             base = self._runs.index(run) * int((self.spec.get("train") or {}).get("max_steps", 0))
             at = f"{fields.get('phase')} loss {fields.get('loss', float('nan')):.4f}" if event == "train_step" else "resumed"
             return self._advance(base + int(fields.get("step", 0)), (f"{run}: " if run else "") + at)
+        elif event == "mine_candidate" and self.stage == "mine":
+            return self._advance(self.done + 1, f"candidate seed {fields.get('seed')}")
         elif event == "evaluate_cell" and self.stage == "evaluate":
             return self._advance(self.done + 1, f"{fields.get('group')} p{fields.get('prompt_index')} seed {fields.get('seed')}")
         elif event == "seed_scored" and self.stage == "verify":
@@ -297,6 +299,8 @@ class StageProgress:
             if stage == "train":  # the job's LoRA, and an evaluate grid's photo-subset groups'
                 groups = (spec.get("evaluate") or {}).get("group") or []
                 return int(spec["train"]["max_steps"]) * (1 + sum(1 for group in groups if group.get("photos")))
+            if stage == "mine":  # at most: mining stops at its target
+                return int(spec["mine"]["budget"]) if spec["mine"]["enabled"] else 0
             if stage == "evaluate":
                 evaluate = spec["evaluate"]
                 return (len(evaluate["group"]) + (1 if evaluate["control"] else 0)) * len(evaluate["prompts"]) * len(evaluate["seeds"])

@@ -1,9 +1,10 @@
 """Kind `evaluate`: prompt x seed x training group against a control, measured like an experiment.
 
 prepare -> embed -> train (the job's LoRA as a replicate job trains it, with the phase snapshots
-its groups name, and one LoRA per photo-subset group) -> evaluate (every cell rendered at fixed
+its groups name, and one LoRA per photo-subset group) -> mine (anchored face mining from the
+job's LoRA, with [mine] enabled = true; else nothing) -> evaluate (every cell rendered at fixed
 seeds, scored by ArcFace drift and the second model, faces not found counted; engine.evalstats).
-Its job.toml sections are [train] (as replicate's) and [evaluate] with [[evaluate.group]].
+Its job.toml sections are [train] (as replicate's), [evaluate] with [[evaluate.group]], and [mine].
 """
 
 from __future__ import annotations
@@ -18,9 +19,9 @@ def _lora_files(spec: EvaluateJobSpec) -> tuple[str, ...]:
 
 EVALUATE = Kind(
     name="evaluate",
-    stages=("prepare", "embed", "train", "evaluate"),
+    stages=("prepare", "embed", "train", "mine", "evaluate"),
     spec=EvaluateJobSpec,
-    report=("evaluate_summary", "timeline", "evaluate_charts", "evaluate_sheets", "evaluate_table", "training", "settings", "audit"),
+    report=("evaluate_summary", "timeline", "evaluate_charts", "evaluate_sheets", "evaluate_table", "mine", "training", "settings", "audit"),
     prompts=evaluate_denied,
     checks=evaluate_checks,
     folder_checks=evaluate_folder_checks,

@@ -25,6 +25,7 @@ STAGE_MODULES = {
     "render": "engine.stages.render",
     "retouch": "engine.stages.retouch",
     "restore": "engine.stages.restore",
+    "mine": "engine.stages.mine",
     "evaluate": "engine.stages.evaluate",
 }
 

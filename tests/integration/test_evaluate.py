@@ -210,7 +210,7 @@ def test_a_grid_killed_midway_resumes_without_redoing_finished_batches(finished,
     events = [json.loads(line) for line in (final / "audit.jsonl").read_text().splitlines()]
     [scored] = [e for e in events if e["event"] == "evaluate_scored"]
     assert scored["resumed_cells"] == 2 + 1 + 2 and scored["cells"] == 18  # control p0 [0,1], [2]; control p1 [0,1]
-    assert [e["stage"] for e in events if e["event"] == "stage_skipped"] == ["prepare", "embed", "train"]
+    assert [e["stage"] for e in events if e["event"] == "stage_skipped"] == ["prepare", "embed", "train", "mine"]
     for first, resumed in zip(_info(out)["cells"], _info(final)["cells"]):  # as the uninterrupted run made them
         assert first["file"] == resumed["file"]
         assert np.array_equal(read_rgb(out / first["file"]), read_rgb(final / resumed["file"]))
