@@ -1,7 +1,10 @@
 """The evaluate kind end to end with the demo model (issue 17): one CSV row per (group + control)
 x prompt x seed, charts that render when no face is found anywhere, control cells equal to the
 LoRA at weight 0 bit for bit, a photo-subset group that trains a LoRA of its own while a phase
-group adds no training step, a kill mid-grid that resumes, and refusals that name their key."""
+group adds no training step, anchored mining in growing batches, kills mid-mining and mid-grid
+that resume, and refusals that name their key. (The mining rule's accept / prune / relax / anchor
+is tested on synthetic embeddings in tests/unit/test_mining.py: the demo model's noise holds no
+face, so here every candidate is a counted `no_face`.)"""
 
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ import pytest
 from engine.audit import verify_audit
 from engine.errors import JobError
 from engine.images import read_rgb
-from engine.job import load_job
+from engine.job import MineSpec, load_job
 from engine.jobfolder import work_dir
 from tests.conftest import REPO, make_job
 
@@ -67,6 +70,14 @@ phase = "COARSE"
 [[evaluate.group]]
 name = "one_photo"
 photos = ["a.png"]
+
+[mine]
+enabled = true
+steps = 2
+batch = 2
+growth = 2.0
+budget = 6
+target = 4
 """
 JOB_ID = "20260101T000000Z-evaluate"
 
@@ -89,7 +100,7 @@ def finished(tmp_path_factory, astronaut_rgb):
     result = engine.run_job(source, root / "outbox", job_id=JOB_ID)
     seconds = time.perf_counter() - started
     assert result.outcome == "finished", result.error
-    print(f"demo evaluate job (2 groups + control, 2 prompts, 3 seeds): {seconds:.1f} s")
+    print(f"demo evaluate job (2 groups + control, 2 prompts, 3 seeds; 6 mining candidates): {seconds:.1f} s")
     return root, result.output_dir, seconds, engine
 
 
@@ -99,7 +110,7 @@ def _info(out: Path) -> dict:
 
 def test_a_demo_evaluate_job_runs_end_to_end_with_one_csv_row_per_cell(finished):
     root, out, seconds, _ = finished
-    assert seconds < 120
+    assert seconds < 120  # 2 groups, 2 prompts, 3 seeds (and 6 mining candidates) in under two minutes on this CPU
     assert verify_audit(out).ok
     with open(out / "evaluate" / "evaluate.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
@@ -184,36 +195,71 @@ def test_a_photo_subset_group_trains_its_own_lora_and_a_phase_group_adds_no_step
     assert (out / "train" / "loss_one_photo.csv").read_text() != (out / "train" / "loss.csv").read_text()
 
 
-def test_a_grid_killed_midway_resumes_without_redoing_finished_batches(finished, tmp_path, astronaut_rgb):
-    root, out, _, _ = finished
-    config = tmp_path / "config.toml"
-    config.write_text(f'[paths]\nmodels = "{root / "models"}"\n')
-    source = make_job(tmp_path / "inbox" / "alice", _photos(astronaut_rgb), JOB)
-    outbox = tmp_path / "outbox"
-    marker = tmp_path / "paused"
-    env = dict(os.environ, PYTHONPATH=str(REPO), ENGINE_PAUSE_AT="evaluate:batch:3", ENGINE_PAUSE_FILE=str(marker))
-    command = [sys.executable, "-m", "engine", "--config", str(config), "run", str(source), "--outbox", str(outbox), "--demo", "--job-id", JOB_ID]
+def test_mining_records_every_candidate_in_growing_batches_and_stops_at_its_budget(finished):
+    from engine.stages.mine import batch_sizes
+
+    _, out, _, _ = finished
+    assert batch_sizes(MineSpec(batch=4, growth=2.0, max_batch=16, budget=64)) == [4, 8, 16, 16, 16, 4]
+    info = json.loads((out / "mine" / "mine.json").read_text())
+    assert [c["seed"] for c in info["candidates"]] == list(range(1000, 1006)) and [c["batch"] for c in info["candidates"]] == [1, 1, 2, 2, 2, 2]
+    assert info["decisions"] == {"no_face": 6} and info["members"] == [] and "budget of 6" in info["stop_reason"]
+    assert info["rule"]["anchor_max_drift"] == 0.4 and info["anchored_to"] == "embedding/reference.npy"
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert all(c["file"] in manifest["outputs"] for c in info["candidates"]) and "report/mine.png" in manifest["outputs"]
+    assert 'id="mine"' in (out / "report.html").read_text() and not (out / "mine_progress").exists()
+
+
+def test_mining_is_off_unless_enabled_and_cannot_be_unanchored(tmp_path, astronaut_rgb):
+    spec = load_job(make_job(tmp_path / "a", _photos(astronaut_rgb), 'kind = "evaluate"\n' + TRAIN), {}, (".png",), ()).spec
+    assert spec.mine.enabled is False
+    with pytest.raises(JobError) as caught:
+        load_job(make_job(tmp_path / "b", _photos(astronaut_rgb), 'kind = "evaluate"\n' + TRAIN + "[mine]\nenabled = true\nanchor_max_drift = 0\n"),
+                 {}, (".png",), ())
+    assert any(p.where == "job.toml: mine.anchor_max_drift" for p in caught.value.problems)
+
+
+def _run_until_paused(command: list[str], point: str, marker: Path, ready) -> None:
+    """Run the engine until it reaches the pause point `point`, check `ready()`, SIGKILL it."""
+    env = dict(os.environ, PYTHONPATH=str(REPO), ENGINE_PAUSE_AT=point, ENGINE_PAUSE_FILE=str(marker))
     process = subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 180
         while not marker.exists():
             assert process.poll() is None, process.communicate()
-            assert time.monotonic() < deadline, "never reached the third batch"
+            assert time.monotonic() < deadline, f"never reached {point}"
             time.sleep(0.05)
-        assert len(list((work_dir(outbox, JOB_ID) / "evaluate_progress").glob("*.json"))) == 3
+        ready()
     finally:
         os.kill(process.pid, signal.SIGKILL)
         process.communicate(timeout=30)
+        marker.unlink(missing_ok=True)
+
+
+def test_mining_and_the_grid_killed_midway_resume_without_redoing_finished_batches(finished, tmp_path, astronaut_rgb):
+    root, out, _, _ = finished
+    config = tmp_path / "config.toml"
+    config.write_text(f'[paths]\nmodels = "{root / "models"}"\n')
+    source = make_job(tmp_path / "inbox" / "alice", _photos(astronaut_rgb), JOB)
+    outbox = tmp_path / "outbox"
+    command = [sys.executable, "-m", "engine", "--config", str(config), "run", str(source), "--outbox", str(outbox), "--demo", "--job-id", JOB_ID]
+    progress = lambda name: work_dir(outbox, JOB_ID) / name  # noqa: E731
+    # Killed after mining's first batch, then (resumed) after the grid's third batch.
+    _run_until_paused(command, "mine:batch:1", tmp_path / "paused", lambda: sorted(p.name for p in progress("mine_progress").glob("*.json")) == ["batch_0.json"])
+    _run_until_paused(command, "evaluate:batch:3", tmp_path / "paused", lambda: len(list(progress("evaluate_progress").glob("*.json"))) == 3)
     rerun = subprocess.run(command, env=dict(os.environ, PYTHONPATH=str(REPO)), cwd=REPO, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr
     final = Path(json.loads(rerun.stdout.strip().splitlines()[-1])["output"])
     events = [json.loads(line) for line in (final / "audit.jsonl").read_text().splitlines()]
+    [mined] = [e for e in events if e["event"] == "mine_finished"]
+    assert mined["resumed_candidates"] == 2 and mined["candidates"] == 6  # the first batch read back, the second redone
     [scored] = [e for e in events if e["event"] == "evaluate_scored"]
     assert scored["resumed_cells"] == 2 + 1 + 2 and scored["cells"] == 18  # control p0 [0,1], [2]; control p1 [0,1]
-    assert [e["stage"] for e in events if e["event"] == "stage_skipped"] == ["prepare", "embed", "train", "mine"]
-    for first, resumed in zip(_info(out)["cells"], _info(final)["cells"]):  # as the uninterrupted run made them
-        assert first["file"] == resumed["file"]
-        assert np.array_equal(read_rgb(out / first["file"]), read_rgb(final / resumed["file"]))
+    starts = [e for e in events if e["event"] in ("stage_started", "stage_skipped")]
+    assert [(e["event"], e["stage"]) for e in starts][-2:] == [("stage_skipped", "mine"), ("stage_started", "evaluate")]
+    for folder_info in ("evaluate/evaluate.json", "mine/mine.json"):
+        first, again = (json.loads((folder / folder_info).read_text())["candidates" if "mine" in folder_info else "cells"] for folder in (out, final))
+        for a, b in zip(first, again, strict=True):  # as the uninterrupted run made them
+            assert a["file"] == b["file"] and np.array_equal(read_rgb(out / a["file"]), read_rgb(final / b["file"]))
     assert verify_audit(final).ok
 
 
