@@ -503,7 +503,29 @@ def evaluate_folder_checks(spec: EvaluateJobSpec, folder: Path, photos: tuple[st
             elif group.sha256 and (actual := sha256_file(path)) != group.sha256:
                 problems.append(Problem(f"{key}.sha256", f"{group.file!r} has sha256 {actual}, not {group.sha256}; bring the file job.toml names, "
                                         "or correct the hash"))
+            elif reason := _not_a_lora(path):
+                problems.append(Problem(f"{key}.file", f"{group.file!r} {reason}"))
     return problems
+
+
+def _not_a_lora(path: Path) -> str:
+    """Why a .safetensors file cannot be a LoRA, from its header alone ("" when it may be one;
+    loading it into the base model is the evaluate stage's check)."""
+    import json
+    import struct
+
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(8)
+            (length,) = struct.unpack("<Q", head) if len(head) == 8 else (None,)
+            if length is None or length > 100 * 1024 * 1024:
+                return "is not a safetensors file (no header)"
+            header = json.loads(handle.read(length))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return "is not a safetensors file (its header does not parse)"
+    if not isinstance(header, dict) or not any("lora" in key for key in header if key != "__metadata__"):
+        return "holds no LoRA weights (no tensor name contains 'lora'); bring a LoRA in diffusers' or kohya's format"
+    return ""
 
 
 def evaluate_lora_runs(spec: EvaluateJobSpec) -> tuple[LoraRun, ...]:

@@ -145,11 +145,10 @@ def _lora_of(ctx: StageContext, pipe: Any, column: Column):
         return
     with contextlib.ExitStack() as stack:
         try:
-            switch = stack.enter_context(identity_lora(pipe, column.lora))
-        except (ValueError, KeyError, RuntimeError, OSError) as exc:
+            stack.enter_context(identity_lora(pipe, column.lora)).weight(column.weight)  # a file that loads no layer fails here
+        except Exception as exc:  # noqa: BLE001 - diffusers' loader on a file from the folder fails many ways (IndexError, KeyError, ValueError...)
             raise JobError("invalid_job", f"job.toml: evaluate.group[{column.index}]: the LoRA {_relative(ctx, column.lora)} cannot be loaded into the "
                                           f"base model ({str(exc)[:300]}); a group's file must be a LoRA for this base model (diffusers or kohya format)") from None
-        switch.weight(column.weight)
         yield
 
 

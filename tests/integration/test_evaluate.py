@@ -263,9 +263,19 @@ def test_mining_and_the_grid_killed_midway_resume_without_redoing_finished_batch
     assert verify_audit(final).ok
 
 
-def _refusal(tmp_path: Path, astronaut_rgb, evaluate: str) -> dict[str, str]:
+def _safetensors(tensors: dict[str, tuple[int, ...]]) -> bytes:
+    import torch
+    from safetensors.torch import save
+
+    return save({name: torch.zeros(shape) for name, shape in tensors.items()})
+
+
+MODEL_FILE = _safetensors({"conv_in.weight": (2, 2)})  # weights, but no LoRA
+
+
+def _refusal(tmp_path: Path, astronaut_rgb, evaluate: str, files: dict | None = None) -> dict[str, str]:
     """key -> its reasons (joined by " | ")."""
-    folder = make_job(tmp_path / "job", _photos(astronaut_rgb), 'kind = "evaluate"\n' + TRAIN + evaluate)
+    folder = make_job(tmp_path / "job", {**_photos(astronaut_rgb), **(files or {})}, 'kind = "evaluate"\n' + TRAIN + evaluate)
     with pytest.raises(JobError) as caught:
         load_job(folder, {}, (".png",), ())
     reasons: dict[str, str] = {}
@@ -310,10 +320,16 @@ file = "old.ckpt"
 name = "missing"
 file = "gone.safetensors"
 sha256 = "%s"
-""" % ("0" * 64))
+
+[[evaluate.group]]
+name = "weights"
+file = "model.safetensors"
+sha256 = "%s"
+""" % ("0" * 64, hashlib.sha256(MODEL_FILE).hexdigest()), files={"model.safetensors": MODEL_FILE})
     assert "no pickled formats" in problems["job.toml: evaluate.group[0].file"]
     assert "sha256 of 'old.ckpt' is needed" in problems["job.toml: evaluate.group[0].sha256"]
     assert "'gone.safetensors' is not a file in the job folder" in problems["job.toml: evaluate.group[1].file"]
+    assert "holds no LoRA weights" in problems["job.toml: evaluate.group[2].file"]
 
 
 def test_a_brought_lora_whose_bytes_differ_from_its_sha256_fails_naming_both(finished, tmp_path, astronaut_rgb):
@@ -342,3 +358,26 @@ sha256 = "%s"
     assert "evaluate.group[0].sha256" in error["message"] and hashlib.sha256(lora).hexdigest() in error["message"] and "a" * 64 in error["message"]
     assert not (tmp_path / "outbox").exists() or not list((tmp_path / "outbox").rglob("train.json"))
     assert (next((tmp_path / "failed").rglob("theirs.safetensors"))).read_bytes() == lora  # the input is kept byte for byte
+
+
+def test_a_brought_file_that_is_no_lora_fails_naming_its_group_and_leaves_the_pipeline_clean(finished, tmp_path, astronaut_rgb):
+    _, _, _, engine = finished
+    data = _safetensors({"unet.down.lora_A.weight": (2, 2)})  # a "lora" name, but it fits no layer of the model
+    job = 'kind = "evaluate"\n' + TRAIN + """
+[evaluate]
+prompts = ["a photo of {trigger}"]
+seeds = [0]
+steps = 1
+control = false
+
+[[evaluate.group]]
+name = "odd"
+file = "odd.safetensors"
+sha256 = "%s"
+""" % hashlib.sha256(data).hexdigest()
+    source = make_job(tmp_path / "inbox" / "carol", {**_photos(astronaut_rgb), "odd.safetensors": data}, job)
+    result = engine.run_job(source, tmp_path / "outbox", failed_dir=tmp_path / "failed")
+    assert result.outcome == "failed"
+    error = json.loads(next((tmp_path / "failed").rglob("error.json")).read_text())
+    assert "evaluate.group[0]" in error["message"] and "cannot be loaded into the base model" in error["message"]
+    assert engine.resources.model("base").get_list_adapters() == {}  # the next job gets the pipeline as it was
