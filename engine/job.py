@@ -93,6 +93,11 @@ class TrainSpec:
     batch_size: int = field(default=1, metadata=rule(Int(1, 64)))
     seed: int = field(default=0, metadata=rule(Int(0, 2**32 - 1)))
     checkpoint_every: int = field(default=50, metadata=rule(Int(1, 100_000)))
+    # Steps whose losses stay on the device before they are read to the host at once and fed to the
+    # convergence test (a read per step stalls a GPU's queue). 1: every step, as before; a phase exit
+    # is then seen at the end of its block (the step it fired at is recorded). Blocks also end at a
+    # checkpoint, a phase's max_steps and the total cap.
+    sync_every: int = field(default=1, metadata=rule(Int(1, 1000)))
     # Convergence (engine/convergence.py). improvement_bound: the loss on a fixed probe set of
     # `probe_size` (latent, noise, timestep) tuples, evaluated every `probe_every` steps; a phase has
     # converged when the upper `convergence_confidence` bound of its improvement over the next

@@ -137,32 +137,47 @@ def train_lora(ctx: StageContext, pipe: Any, images: torch.Tensor, spec: TrainSp
             if state.phase_step == 0:
                 ctx.audit.event("phase_started", **target.tagged(phase=phase.name, lr=phase.lr, alpha=phase.alpha, loss=phase.loss, optimizer=phase.optimizer,
                                                                  step=state.global_step))
-            exit_reason = None
+            exit_reason, fired_at = None, None
+            block: list[tuple[int, int, torch.Tensor, torch.Tensor | None]] = []  # (step, phase step, loss, probe loss) not yet read
             while exit_reason is None:
                 loss = _training_step(unet, noise_scheduler, latent_mean, latent_std, text, added_cond, phase, spec.batch_size, generator, device)
                 loss.backward()
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-                value = float(loss.detach())
                 state.phase_step += 1
                 state.global_step += 1
                 step = state.global_step
                 probed = None
                 if probe is not None and convergence.wants_probe(state.phase_step):
-                    probed = probe_loss(unet, noise_scheduler, probe, text, added_cond, phase, device)
-                state.history.append((phase.name, step, state.phase_step, value, probed))
-                ctx.progress("train_step", **target.tagged(phase=phase.name, step=step, phase_step=state.phase_step, loss=value))
-                exit_reason = convergence.update(value, probed)
+                    probed = probe_loss_tensor(unet, noise_scheduler, probe, text, added_cond, phase, device)
+                block.append((step, state.phase_step, loss.detach(), probed))
+                at_checkpoint = step % spec.checkpoint_every == 0
+                if not (state.phase_step % spec.sync_every == 0 or at_checkpoint or state.phase_step >= phase.max_steps or step >= spec.max_steps):
+                    continue  # the losses stay on the device: no host sync inside a block
+                # The block's end: its losses read to the host at once, fed to the convergence test in order.
+                values = torch.stack([row[2] for row in block]).tolist()
+                probes = iter(torch.stack([row[3] for row in block if row[3] is not None]).tolist() if any(row[3] is not None for row in block) else [])
+                for (row_step, row_phase_step, _, row_probe), value in zip(block, values):
+                    probe_value = next(probes) if row_probe is not None else None
+                    state.history.append((phase.name, row_step, row_phase_step, value, probe_value))
+                    ctx.progress("train_step", **target.tagged(phase=phase.name, step=row_step, phase_step=row_phase_step, loss=value))
+                    if exit_reason is None:
+                        exit_reason = convergence.update(value, probe_value)
+                        fired_at = row_phase_step if exit_reason is not None else None
+                block = []
                 if exit_reason is None and step >= spec.max_steps:
-                    exit_reason = "total_cap"
-                if exit_reason is None and step % spec.checkpoint_every == 0:
+                    exit_reason, fired_at = "total_cap", state.phase_step
+                if exit_reason is None and at_checkpoint:
                     _save_checkpoint(ctx, target, unet, state, optimizer, generator)
                     pause_point(f"train:checkpoint:{step}")
                     ctx.check_stop(f"train step {step}")
             summary = convergence.summary()
-            state.phase_records.append({**to_plain(phase), "steps": state.phase_step, "exit_reason": exit_reason, "last_step": state.global_step, "summary": summary})
+            # With sync_every > 1 an exit is seen at the end of its block: the phase trained on to it. The step it fired at is kept.
+            fired = {} if fired_at == state.phase_step else {"exit_fired_at_phase_step": fired_at}
+            state.phase_records.append({**to_plain(phase), "steps": state.phase_step, "exit_reason": exit_reason, "last_step": state.global_step,
+                                        **fired, "summary": summary})
             ctx.audit.event("phase_exit", **target.tagged(phase=phase.name, step=state.global_step, phase_steps=state.phase_step, reason=exit_reason,
-                                                          **{k: v for k, v in summary.items() if k != "steps"}))
+                                                          **fired, **{k: v for k, v in summary.items() if k != "steps"}))
             if phase.name in target.snapshots:
                 state.snapshots[phase.name] = _snapshot(unet, phase.alpha, state.global_step)
             ctx.log.info("phase_exit", run=target.run or "main", phase=phase.name, step=state.global_step, reason=exit_reason, p_value=summary["p_value"],
@@ -347,10 +362,15 @@ def make_probe_set(latent_mean: torch.Tensor, latent_std: torch.Tensor, size: in
     return ProbeSet(latents, noise, timesteps)
 
 
-@torch.no_grad()
 def probe_loss(unet, noise_scheduler, probe: ProbeSet, text, added_cond, phase: PhaseSpec, device: torch.device) -> float:
     """The phase's loss on the probe set, with today's weights (no gradients, no optimizer step)."""
-    return float(_denoising_loss(unet, noise_scheduler, probe.latents, probe.noise, probe.timesteps, text, added_cond, phase, device))
+    return float(probe_loss_tensor(unet, noise_scheduler, probe, text, added_cond, phase, device))
+
+
+@torch.no_grad()
+def probe_loss_tensor(unet, noise_scheduler, probe: ProbeSet, text, added_cond, phase: PhaseSpec, device: torch.device) -> torch.Tensor:
+    """`probe_loss` left on the device (read with the block it belongs to)."""
+    return _denoising_loss(unet, noise_scheduler, probe.latents, probe.noise, probe.timesteps, text, added_cond, phase, device).detach()
 
 
 def _denoising_loss(unet, noise_scheduler, latents, noise, timesteps, text, added_cond, phase: PhaseSpec, device: torch.device) -> torch.Tensor:
@@ -391,7 +411,9 @@ def _optimizer(phase: PhaseSpec, parameters: list[torch.nn.Parameter]) -> torch.
         from adamp import AdamP
 
         return AdamP(parameters, lr=phase.lr)
-    return torch.optim.AdamW(parameters, lr=phase.lr)
+    # fused: one kernel for the whole update on a CUDA device (torch's fastest AdamW; on the CPU
+    # torch's default foreach path is kept, so CPU results stay as they were).
+    return torch.optim.AdamW(parameters, lr=phase.lr, fused=bool(parameters) and parameters[0].is_cuda)
 
 
 def _new_convergence(spec: TrainSpec, phase: PhaseSpec) -> PhaseConvergence:
