@@ -928,6 +928,16 @@ def _evaluate_title(figure, facts: JobFacts, title: str) -> None:
     figure.suptitle(title + (" — demo model: random weights, cells are noise" if facts.demo else ""), color="tab:red" if facts.demo else "black")
 
 
+def _per_prompt_axis(axis, prompts: int, ylabel: str) -> None:
+    """The x axis of a chart with one slot per prompt (p0, p1...: the table names them), a bar per group in each."""
+    axis.set_xticks(range(prompts), [f"p{p}" for p in range(prompts)])
+    axis.set_xlim(-0.6, max(prompts, 1) - 0.4)
+    axis.set_xlabel("prompt (the table names them)")
+    axis.set_ylabel(ylabel)
+    axis.grid(axis="y", alpha=0.3)
+    _legend(axis)
+
+
 def evaluate_prompts_png(facts: JobFacts) -> bytes:
     """Mean drift per prompt x group (error bars: one standard deviation over the faces found);
     a (group, prompt) without any face has no bar, and says so."""
@@ -949,13 +959,8 @@ def evaluate_prompts_png(facts: JobFacts) -> bytes:
                          label=f"{group}" if p == min(i for i in range(len(prompts)) if rows.get((group, i), {}).get("mean") is not None) else None)
         if info.get("threshold") is not None:
             axis.axhline(info["threshold"], color="tab:red", linestyle="--", linewidth=1, label=f"lock threshold {info['threshold']:g}")
-        axis.set_xticks(range(len(prompts)), [f"p{p}" for p in range(len(prompts))])
-        axis.set_xlim(-0.6, max(len(prompts), 1) - 0.4)
         axis.set_ylim(0.0, _axis_top([row.get("mean") for row in rows.values()] + [info.get("threshold")]))
-        axis.set_xlabel("prompt (the table names them)")
-        axis.set_ylabel("mean drift (1 - cosine)")
-        axis.grid(axis="y", alpha=0.3)
-        _legend(axis)
+        _per_prompt_axis(axis, len(prompts), "mean drift (1 - cosine)")
         _evaluate_title(figure, facts, "Average drift per prompt and group (faces found only)")
         return figure
 
@@ -976,12 +981,7 @@ def evaluate_no_face_png(facts: JobFacts) -> bytes:
             axis.bar([p - 0.4 + width * (g + 0.5) for p in range(len(prompts))], counts, width * 0.9, color=colour, label=group)
         seeds = len(info.get("seeds", []))
         axis.set_ylim(0, max(seeds, 1))
-        axis.set_xticks(range(len(prompts)), [f"p{p}" for p in range(len(prompts))])
-        axis.set_xlim(-0.6, max(len(prompts), 1) - 0.4)
-        axis.set_ylabel(f"faces not found (of {seeds} seeds)")
-        axis.set_xlabel("prompt")
-        axis.grid(axis="y", alpha=0.3)
-        _legend(axis)
+        _per_prompt_axis(axis, len(prompts), f"faces not found (of {seeds} seeds)")
         _evaluate_title(figure, facts, "Faces not found per prompt and group (counted, never scored)")
         return figure
 

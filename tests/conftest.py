@@ -135,6 +135,9 @@ steps = 2
 """
 
 
+FAST_TRAIN = FAST_JOB.split("[verify]")[0]  # its [prepare] and [train]: for jobs of other kinds that train
+
+
 def write_png(path: Path, rgb: np.ndarray) -> Path:
     from engine.images import png_bytes
 

@@ -26,36 +26,9 @@ from engine.errors import JobError
 from engine.images import read_rgb
 from engine.job import MineSpec, load_job
 from engine.jobfolder import work_dir
-from tests.conftest import REPO, make_job
+from tests.conftest import FAST_TRAIN, REPO, make_job
 
-TRAIN = """\
-[prepare]
-size = 128
-rotations = []
-crops = []
-
-[train]
-rank = 4
-max_steps = 8
-checkpoint_every = 4
-plateau_window = 3
-probe_every = 1
-probe_size = 2
-
-[[train.phases]]
-name = "COARSE"
-min_steps = 3
-max_steps = 4
-
-[[train.phases]]
-name = "FINE"
-lr = 1e-6
-alpha = 2
-loss = "charbonnier"
-optimizer = "adamp"
-min_steps = 3
-max_steps = 4
-"""
+TRAIN = FAST_TRAIN.replace("rotations = [-10, 10]\ncrops = [0.8]", "rotations = []\ncrops = []")
 JOB = 'kind = "evaluate"\n' + TRAIN + """
 [evaluate]
 prompts = ["a photo of {trigger}, portrait", "a photo of {trigger}, side profile"]
