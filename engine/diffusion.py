@@ -67,6 +67,7 @@ def render(
     img2img: Any = None,
     strength: float = 0.5,
     on_step: Callable[[], None] | None = None,
+    ip_adapter_image_embeds: list[Any] | None = None,
 ) -> np.ndarray:
     """Render one image per seed in one batched call: N x H x W x 3 uint8.
 
@@ -75,7 +76,8 @@ def render(
     With `init_images` the call is image-to-image at `strength`, through `img2img`: the pipeline
     engine.resources made from `pipe` (the same components, LoRA included). `on_step` is
     called after every denoising step (the stage's stop check: what it raises ends the call, so
-    a SIGTERM waits for one step, not for the whole image).
+    a SIGTERM waits for one step, not for the whole image). `ip_adapter_image_embeds`: a loaded
+    FaceID adapter's conditioning (engine.faceid.FaceIDSwitch.embeds), shared by every seed.
     """
     generators = [torch.Generator(device="cpu").manual_seed(int(seed)) for seed in seeds]
     count = len(seeds)
@@ -93,6 +95,8 @@ def render(
             return tensors
 
         common["callback_on_step_end"] = after_step
+    if ip_adapter_image_embeds is not None:
+        common["ip_adapter_image_embeds"] = [e.to(pipe.unet.device, pipe.unet.dtype) for e in ip_adapter_image_embeds]
     if init_images is None:
         result = pipe(height=size, width=size, **common)
     else:
