@@ -91,6 +91,10 @@ class ModelSettings:
     inpaint   the inpainting model of retouch and restore jobs: an inpainting diffusers folder or
               checkpoint (a 9-channel UNet, e.g. stable-diffusion-inpainting; `inpaint_config` as
               `base_config`), or "base": the base model's own weights as an inpainting pipeline.
+    faceid    an IP-Adapter-FaceID folder holding faceid.safetensors (engine.faceid; the published
+              .bin converted once with `python -m engine models convert-faceid`), for evaluate
+              groups of method "faceid" / "lora+faceid"; "" when none is staged (demo: a tiny
+              random adapter).
     hub ids are used only when `allow_download = true` (never in an air-gapped lab).
     """
 
@@ -100,6 +104,7 @@ class ModelSettings:
     realism_config: str = field(default="", metadata=rule(Str(max_len=500)))
     inpaint: str = field(default="base", metadata=rule(Str(min_len=1, max_len=500)))
     inpaint_config: str = field(default="", metadata=rule(Str(max_len=500)))
+    faceid: str = field(default="", metadata=rule(Str(max_len=500)))
     allow_download: bool = field(default=False, metadata=rule(Bool()))
     device: str = field(default="auto", metadata=rule(Str(choices=("auto", "cpu", "cuda"))))
     dtype: str = field(default="auto", metadata=rule(Str(choices=("auto", "float32", "float16", "bfloat16"))))

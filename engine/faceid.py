@@ -144,6 +144,16 @@ class FaceIDSwitch:
         return [torch.cat([torch.zeros_like(positive), positive]) if guidance > 1.0 else positive]
 
 
+def activate_loras(pipe: Any, weights: dict[str, float]) -> None:
+    """Every LoRA adapter of the pipeline active again: loading a FaceID file that carries LoRA
+    weights (diffusers names it faceid_0) deactivates the others. Ours at `weights`, the FaceID
+    file's at 1."""
+    names = sorted({name for names in pipe.get_list_adapters().values() for name in names})
+    if names:
+        pipe.enable_lora()
+        pipe.set_adapters(names, adapter_weights=[weights.get(name, 1.0) for name in names])
+
+
 @contextlib.contextmanager
 def faceid_adapter(pipe: Any, folder: Path) -> Iterator[FaceIDSwitch]:
     """The FaceID adapter of `folder` in `pipe` for the block, unloaded after (also when loading fails half-way)."""

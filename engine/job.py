@@ -349,6 +349,7 @@ class LoraRun:
 CONTROL_GROUP = "control"  # the evaluate grid's group without a LoRA: never a group's name
 FINAL_PHASE = "final"  # evaluate.group.phase: the job's LoRA as its training finished
 SHA256_PATTERN = r"(?:[0-9a-f]{64})?"
+IDENTITY_METHODS = ("lora", "faceid", "lora+faceid")
 
 
 @dataclass(frozen=True)
@@ -365,15 +366,32 @@ class EvaluateGroup:
     file: str = field(default="", metadata=rule(Str(max_len=255)))
     sha256: str = field(default="", metadata=rule(Str(pattern=SHA256_PATTERN, pattern_doc="64 lower-case hex digits (sha256sum's output)")))
     weight: float = field(default=1.0, metadata=rule(Float(0.0, 2.0)))
+    # lora: the group's LoRA; faceid: no LoRA, IP-Adapter-FaceID on the subject's reference
+    # embedding (models.faceid); lora+faceid: both, FaceID at faceid_scale.
+    method: str = field(default="lora", metadata=rule(Str(choices=IDENTITY_METHODS)))
+    faceid_scale: float = field(default=1.0, metadata=rule(Float(0.0, 2.0)))
+
+    @property
+    def uses_lora(self) -> bool:
+        return self.method != "faceid"
+
+    @property
+    def uses_faceid(self) -> bool:
+        return "faceid" in self.method
 
     @property
     def source(self) -> str:
-        """What its LoRA is, in words for the records."""
+        """What conditions it, in words for the records."""
+        faceid = f"FaceID on the reference embedding at scale {self.faceid_scale:g}"
+        if not self.uses_lora:
+            return faceid
         if self.photos:
-            return f"photos: {', '.join(self.photos)} (a LoRA of its own)"
-        if self.file:
-            return f"file: {self.file}"
-        return "the job's LoRA as trained" if self.phase == FINAL_PHASE else f"the job's LoRA at the exit of phase {self.phase}"
+            lora = f"photos: {', '.join(self.photos)} (a LoRA of its own)"
+        elif self.file:
+            lora = f"file: {self.file}"
+        else:
+            lora = "the job's LoRA as trained" if self.phase == FINAL_PHASE else f"the job's LoRA at the exit of phase {self.phase}"
+        return f"{lora} + {faceid}" if self.uses_faceid else lora
 
 
 @dataclass(frozen=True)
@@ -460,7 +478,10 @@ def evaluate_checks(spec: EvaluateJobSpec, where: str) -> list[Problem]:
             problems.append(Problem(f"{key}.name", f"{group.name!r} is also the name of evaluate.group[{names[group.name]}]"))
         names.setdefault(group.name, i)
         given = [source for source in ("photos", "phase", "file") if getattr(group, source)]
-        if len(given) != 1:
+        if not group.uses_lora:
+            if given:
+                problems.append(Problem(key, f"a group of method 'faceid' has no LoRA; drop {', '.join(given)} (or use method 'lora+faceid')"))
+        elif len(given) != 1:
             problems.append(Problem(key, "give the group's LoRA exactly once: photos (a subset of the job's photos), phase (a phase of [train], or "
                                     f"{FINAL_PHASE!r}) or file (a .safetensors in the folder, with its sha256)" + (f"; it gives {', '.join(given)}" if given else "")))
         if group.phase and group.phase != FINAL_PHASE and group.phase not in phases:

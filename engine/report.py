@@ -1069,6 +1069,13 @@ def _evaluate_summary(facts: JobFacts) -> list[str]:
         ("audit head at report time", f"{head} (line {lines})"),
     ]
     out = ['<dl class="summary" id="summary">'] + [f"<dt>{_text(key)}</dt><dd>{_text(value)}</dd>" for key, value in items] + ["</dl>"]
+    if info.get("faceid_note"):
+        out.append('<p class="warning" id="faceid-note">' + _text(info["faceid_note"]) + "</p>")
+        out.append('<table id="by-group"><tr><th>group</th><th>ArcFace drift, mean</th><th>dlib distance, mean</th><th>faces found</th></tr>')
+        for row in info.get("by_group", []):
+            out.append(f"<tr><td>{_text(row['group'])}</td><td>{_number(row['mean'])}</td><td>{_number(row.get('identity2_mean'))}</td>"
+                       f"<td>{row['faces_found']} / {row['cells']}</td></tr>")
+        out.append("</table>")
     tests = info.get("tests", [])
     if tests:
         out.append('<section id="evaluate-tests"><h2>Each group against the control</h2><p>' + _text(info.get("test_rule", "")) + "</p>")

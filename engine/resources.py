@@ -22,8 +22,9 @@ from engine.faces import FaceModels, load_face_models
 # faces: SCRFD + ArcFace (engine.faces); background: the staged rembg model (None when not
 # staged); base / realism: diffusion pipelines (engine.models); identity2: dlib's descriptor
 # (engine.identity2; None when not installed); landmarks: 2d106det + dlib's 68 points (engine.landmarks);
-# inpaint: an inpainting pipeline (models.inpaint; "base": the base pipeline's components).
-MODEL_ROLES = ("faces", "background", "base", "realism", "inpaint", "identity2", "landmarks")
+# inpaint: an inpainting pipeline (models.inpaint; "base": the base pipeline's components);
+# faceid: the IP-Adapter-FaceID folder (engine.faceid; loaded into the base pipeline per block).
+MODEL_ROLES = ("faces", "background", "base", "realism", "inpaint", "identity2", "landmarks", "faceid")
 
 
 class Resources:
@@ -58,6 +59,8 @@ class Resources:
             return self.identity2()
         if role == "landmarks":
             return self.landmarks()
+        if role == "faceid":
+            return self.faceid_folder()
         raise ValueError(f"unknown model role {role!r}; roles are {', '.join(MODEL_ROLES)}")
 
     def hashes(self, role: str) -> dict[str, str]:
@@ -91,6 +94,13 @@ class Resources:
             return identity2.model_hashes(files) if files is not None else {}
         if role == "landmarks":
             return self.landmarks().hashes()
+        if role == "faceid":
+            if role not in self._hashes:
+                from engine.faceid import WEIGHTS
+                from engine.fsutil import sha256_file
+
+                self._hashes[role] = {f"faceid/{WEIGHTS}": sha256_file(self.faceid_folder() / WEIGHTS)}
+            return self._hashes[role]
         raise ValueError(f"unknown model role {role!r}; roles are {', '.join(MODEL_ROLES)}")
 
     # ------------------------------------------------------------------ each model
@@ -179,6 +189,21 @@ class Resources:
             files, _ = identity2.locate()
             self._identity2 = identity2.SecondIdentityModel(files) if files is not None else False
         return self._identity2 or None
+
+    def faceid_folder(self) -> Path:
+        """The FaceID adapter's folder (checked; demo: the tiny random adapter, built on demand),
+        or ConfigError("model_missing") naming models.faceid."""
+        from engine import faceid
+
+        if self.demo:
+            return faceid.make_demo_faceid(Path(self.settings.models_dir) / faceid.DEMO_FACEID_NAME, self.pipeline("base"))
+        name = self.settings.models.faceid.strip()
+        if not name:
+            raise ConfigError("model_missing", "models.faceid is not set: stage an IP-Adapter-FaceID folder (python -m engine models "
+                                               "convert-faceid <file.bin> <models>/faceid) and name it there")
+        folder = Path(name) if Path(name).is_absolute() else Path(self.settings.models_dir) / name
+        faceid.check_folder(folder, "models.faceid")
+        return folder
 
     def landmarks(self) -> Any:
         """The landmark models (engine.landmarks.LandmarkModels), loaded on first use."""

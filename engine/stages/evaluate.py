@@ -33,8 +33,8 @@ import numpy as np
 
 from engine import evalstats, layout
 from engine.context import StageContext
-from engine.diffusion import drift_label, identity_lora, png_text, render
-from engine.errors import JobError
+from engine.diffusion import IDENTITY_ADAPTER, drift_label, identity_lora, png_text, render
+from engine.errors import ConfigError, JobError
 from engine.faces import score_face
 from engine.faults import pause_point
 from engine.fsutil import atomic_write_bytes, atomic_write_json, atomic_write_text, sha256_file
@@ -47,12 +47,13 @@ VERSION = 1
 OUTPUTS = (layout.EVALUATE_DIR,)
 SCRATCH = (layout.EVALUATE_PROGRESS_DIR,)
 SHEET_CELL = 128  # px, the side of a contact sheet's cell
-CSV_COLUMNS = ["demo", "group", "source", "lora_weight", "prompt_index", "prompt", "seed", "face_found", "drift", "locked", "identity2_distance",
+CSV_COLUMNS = ["demo", "group", "method", "source", "lora_weight", "faceid_scale", "prompt_index", "prompt", "seed", "face_found", "drift", "locked", "identity2_distance",
                "file", "sha256", "credentials"]
 
 
 def models(ctx: StageContext) -> tuple[str, ...]:
-    return ("base", "faces", "identity2")
+    faceid = any(group.uses_faceid for group in ctx.job.spec.evaluate.group)
+    return ("base", "faces", "identity2") + (("faceid",) if faceid else ())
 
 
 def fingerprint(ctx: StageContext) -> dict[str, object]:
@@ -62,18 +63,23 @@ def fingerprint(ctx: StageContext) -> dict[str, object]:
 
 @dataclass(frozen=True)
 class Column:
-    """One group of the grid as rendered: its name, where its LoRA is (None: the control), the weight."""
+    """One group of the grid as rendered: its name, where its LoRA is (None: none), the weight, and
+    the FaceID scale (None: no FaceID). The control has neither."""
 
     name: str
     source: str
     lora: Path | None
     weight: float
     index: int | None = None  # its place in evaluate.group (None: the control)
+    faceid_scale: float | None = None
+    method: str = "control"
 
     def facts(self, ctx: StageContext) -> dict[str, Any]:
         lora = None if self.lora is None else (self.lora if self.lora.is_file() else self.lora / layout.LORA_WEIGHTS)
-        out = {"name": self.name, "source": self.source, "lora_weight": self.weight,
+        out = {"name": self.name, "method": self.method, "source": self.source, "lora_weight": self.weight if lora is not None else None,
                "lora_file": None if lora is None else _relative(ctx, lora), "lora_sha256": None if lora is None else sha256_file(lora)}
+        if self.faceid_scale is not None:  # what FaceID was conditioned on, and at which scale (the adapter's hashes: models_used)
+            out["faceid"] = {"scale": self.faceid_scale, "embedding": layout.REFERENCE_FILE, "embedding_sha256": sha256_file(ctx.path(layout.REFERENCE_FILE))}
         return out | {"extra_training_steps": _extra_steps(ctx, self)}
 
 
@@ -90,15 +96,23 @@ def run(ctx: StageContext) -> None:
         from engine import identity2
 
         second_reference = identity2.reference_descriptor(ctx.job_dir, second, faces)
+    if any(column.faceid_scale is not None for column in columns) and not ctx.demo:
+        from engine import faceid
+
+        try:
+            faceid.check_face_pack(faces.files.recognizer, ctx.demo)
+        except ConfigError as error:
+            index = next(column.index for column in columns if column.faceid_scale is not None)
+            raise JobError("invalid_job", f"job.toml: evaluate.group[{index}].method: {error.message}") from None
     grid = Grid(ctx, pipe, faces, reference, second, second_reference)
     for folder in (layout.EVALUATE_PROGRESS_DIR, layout.EVALUATE_SHEETS_DIR):
         ctx.path(folder).mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
     for column in columns:
-        with _lora_of(ctx, pipe, column):
+        with _conditioning(ctx, pipe, column, reference) as embeds:
             for index, prompt in enumerate(evaluate_prompts(ctx.job.spec)):
                 for batch in _batches(spec.seeds, spec.batch_size):
-                    rows += grid.cells(column, index, prompt, batch)
+                    rows += grid.cells(column, index, prompt, batch, embeds)
     for row in rows:  # the finished grid: out of the scratch folder, into the outputs
         target = ctx.path(row["file"])
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -115,7 +129,8 @@ def _columns(ctx: StageContext) -> list[Column]:
     spec = ctx.job.spec.evaluate
     columns = [Column(CONTROL_GROUP, "control: no LoRA", None, 0.0)] if spec.control else []
     for index, group in enumerate(spec.group):
-        columns.append(Column(group.name, group.source, _lora_path(ctx, group), group.weight, index))
+        columns.append(Column(group.name, group.source, _lora_path(ctx, group) if group.uses_lora else None, group.weight, index,
+                              group.faceid_scale if group.uses_faceid else None, group.method))
     return columns
 
 
@@ -138,18 +153,27 @@ def _check_brought_file(ctx: StageContext, column: Column) -> None:
 
 
 @contextlib.contextmanager
-def _lora_of(ctx: StageContext, pipe: Any, column: Column):
-    """The column's LoRA in the shared pipeline at its weight for the block; the control loads none."""
-    if column.lora is None:  # the base model exactly
-        yield
-        return
+def _conditioning(ctx: StageContext, pipe: Any, column: Column, reference: np.ndarray):
+    """The column's LoRA (at its weight) and FaceID adapter (at its scale) in the shared pipeline
+    for the block; yields the FaceID conditioning for `render` (None without FaceID). The control
+    loads neither: the base model exactly."""
     with contextlib.ExitStack() as stack:
-        try:
-            stack.enter_context(identity_lora(pipe, column.lora)).weight(column.weight)  # a file that loads no layer fails here
-        except Exception as exc:  # noqa: BLE001 - diffusers' loader on a file from the folder fails many ways (IndexError, KeyError, ValueError...)
-            raise JobError("invalid_job", f"job.toml: evaluate.group[{column.index}]: the LoRA {_relative(ctx, column.lora)} cannot be loaded into the "
-                                          f"base model ({str(exc)[:300]}); a group's file must be a LoRA for this base model (diffusers or kohya format)") from None
-        yield
+        if column.lora is not None:
+            try:
+                stack.enter_context(identity_lora(pipe, column.lora)).weight(column.weight)  # a file that loads no layer fails here
+            except Exception as exc:  # noqa: BLE001 - diffusers' loader on a file from the folder fails many ways (IndexError, KeyError, ValueError...)
+                raise JobError("invalid_job", f"job.toml: evaluate.group[{column.index}]: the LoRA {_relative(ctx, column.lora)} cannot be loaded into "
+                                              f"the base model ({str(exc)[:300]}); a group's file must be a LoRA for this base model (diffusers or kohya format)") from None
+        embeds = None
+        if column.faceid_scale is not None:
+            from engine.faceid import activate_loras, faceid_adapter
+
+            adapter = stack.enter_context(faceid_adapter(pipe, ctx.use("faceid")))
+            adapter.scale(column.faceid_scale)
+            if column.lora is not None:
+                activate_loras(pipe, {IDENTITY_ADAPTER: column.weight})
+            embeds = adapter.embeds(reference, ctx.job.spec.evaluate.guidance)
+        yield embeds
 
 
 class Grid:
@@ -162,7 +186,7 @@ class Grid:
         self.resumed = 0
         self.batches = 0  # batches rendered by this run (the fault points count them)
 
-    def cells(self, column: Column, index: int, prompt: str, seeds: list[int]) -> list[dict[str, Any]]:
+    def cells(self, column: Column, index: int, prompt: str, seeds: list[int], embeds: Any = None) -> list[dict[str, Any]]:
         record = self.ctx.path(_record(column.name, index, seeds[0]))
         done = self._finished(record, seeds)
         if done is not None:
@@ -172,7 +196,7 @@ class Grid:
         where = f"evaluate: {column.name} prompt {index} seeds {seeds[0]}-{seeds[-1]}"
         ctx.check_stop(where)
         images = render(self.pipe, prompt, ctx.settings.render.negative_prompt, seeds, steps=self.spec.steps, guidance=self.spec.guidance,
-                        size=ctx.training_resolution, on_step=lambda: ctx.check_stop(where))
+                        size=ctx.training_resolution, on_step=lambda: ctx.check_stop(where), ip_adapter_image_embeds=embeds)
         rows = [self._keep(column, index, prompt, seed, rgb) for seed, rgb in zip(seeds, images)]
         atomic_write_json(record, rows)
         self.batches += 1
@@ -189,7 +213,8 @@ class Grid:
             second = round(identity2.distance(self.second_reference, self.second.describe(rgb, face.box)), 6)
         locked = None if drift is None else drift <= self.spec.threshold
         file = f"{layout.EVALUATE_CELLS_DIR}/{column.name}/p{index}_seed{seed}_drift_{drift_label(drift)}.png"
-        facts = {"group": column.name, "source": column.source, "lora_weight": column.weight, "prompt_index": index, "prompt": prompt, "seed": seed,
+        facts = {"group": column.name, "method": column.method, "source": column.source, "lora_weight": column.weight if column.lora else None,
+                 "faceid_scale": column.faceid_scale, "prompt_index": index, "prompt": prompt, "seed": seed,
                  "steps": self.spec.steps, "guidance": self.spec.guidance, "face_found": face is not None, "drift": drift, "locked": locked,
                  "identity2_distance": second}
         scratch = _scratch_image(file)
@@ -259,7 +284,8 @@ def _write_reports(ctx: StageContext, columns: list[Column], rows: list[dict[str
     by_prompt = [{"group": column.name, "prompt_index": index,
                   **evalstats.summarise([row["drift"] for row in rows if row["group"] == column.name and row["prompt_index"] == index], spec.threshold)}
                  for column in columns for index in range(len(prompts))]
-    by_group = [{"group": column.name, **evalstats.summarise([row["drift"] for row in rows if row["group"] == column.name], spec.threshold)}
+    by_group = [{"group": column.name, **evalstats.summarise([row["drift"] for row in rows if row["group"] == column.name], spec.threshold),
+                 "identity2_mean": evalstats.summarise([row["identity2_distance"] for row in rows if row["group"] == column.name], 0.0)["mean"]}
                 for column in columns]
     tests = []
     if spec.control:
@@ -281,6 +307,8 @@ def _write_reports(ctx: StageContext, columns: list[Column], rows: list[dict[str
         "test_rule": "Wilcoxon signed-rank, two-sided, group vs control on the same (prompt, seed) cells where both found a face; "
                      "difference = group drift - control drift (negative: closer to the subject); p_holm: Holm-Bonferroni over the groups",
         "faces_not_found": not_found, "cells_total": len(rows),
+        "faceid_note": ("FaceID conditions on an ArcFace embedding, the family that measures drift here: its drift is optimised by construction. "
+                        "Read the second model's (dlib) distances beside it (identity2_mean)") if any(c.faceid_scale is not None for c in columns) else "",
     }
     atomic_write_json(ctx.path(layout.EVALUATE_INFO), report)
     buffer = io.StringIO()

@@ -44,6 +44,15 @@ phase = "COARSE"
 name = "one_photo"
 photos = ["a.png"]
 
+[[evaluate.group]]
+name = "faceid"
+method = "faceid"
+
+[[evaluate.group]]
+name = "both"
+method = "lora+faceid"
+phase = "final"
+
 [mine]
 enabled = true
 steps = 2
@@ -53,6 +62,7 @@ budget = 6
 target = 4
 """
 JOB_ID = "20260101T000000Z-evaluate"
+GROUPS = ("control", "coarse", "one_photo", "faceid", "both")
 
 
 def _photos(astronaut_rgb):
@@ -73,7 +83,7 @@ def finished(tmp_path_factory, astronaut_rgb):
     result = engine.run_job(source, root / "outbox", job_id=JOB_ID)
     seconds = time.perf_counter() - started
     assert result.outcome == "finished", result.error
-    print(f"demo evaluate job (2 groups + control, 2 prompts, 3 seeds; 6 mining candidates): {seconds:.1f} s")
+    print(f"demo evaluate job (4 groups + control, 2 prompts, 3 seeds; 6 mining candidates): {seconds:.1f} s")
     return root, result.output_dir, seconds, engine
 
 
@@ -87,15 +97,14 @@ def test_a_demo_evaluate_job_runs_end_to_end_with_one_csv_row_per_cell(finished)
     assert verify_audit(out).ok
     with open(out / "evaluate" / "evaluate.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
-    assert len(rows) == (2 + 1) * 2 * 3
-    assert {(r["group"], r["prompt_index"], r["seed"]) for r in rows} == {(g, str(p), str(s)) for g in ("control", "coarse", "one_photo")
-                                                                           for p in range(2) for s in range(3)}
+    assert len(rows) == (4 + 1) * 2 * 3
+    assert {(r["group"], r["prompt_index"], r["seed"]) for r in rows} == {(g, str(p), str(s)) for g in GROUPS for p in range(2) for s in range(3)}
     assert all(r["demo"] == "true" for r in rows) and all("sks person" in r["prompt"] for r in rows)
     info = _info(out)
-    assert [g["name"] for g in info["groups"]] == ["control", "coarse", "one_photo"] and info["demo"] is True
+    assert [g["name"] for g in info["groups"]] == list(GROUPS) and info["demo"] is True
     # Demo noise has no face: every cell counted, none scored, no test possible, and the reason said.
-    assert info["faces_not_found"] == 18 and all(row["drift"] is None and not row["face_found"] for row in info["cells"])
-    assert [t["reason"] for t in info["tests"]] == ["no cell where both the group and the control found a face"] * 2
+    assert info["faces_not_found"] == 30 and all(row["drift"] is None and not row["face_found"] for row in info["cells"])
+    assert [t["reason"] for t in info["tests"]] == ["no cell where both the group and the control found a face"] * 4
     for row in info["cells"]:
         assert (out / row["file"]).is_file() and hashlib.sha256((out / row["file"]).read_bytes()).hexdigest() == row["sha256"]
     manifest = json.loads((out / "manifest.json").read_text())
@@ -120,8 +129,8 @@ def test_the_charts_render_with_faces_found_and_without_any(finished):
     for row in info["cells"]:
         row["drift"] = None if row["seed"] == 2 or row["group"] == "one_photo" else round(float(rng.uniform(0.1, 0.9)), 4)
     info["by_prompt"] = [{"group": g, "prompt_index": p, **evalstats.summarise([r["drift"] for r in info["cells"] if r["group"] == g and r["prompt_index"] == p], 0.18)}
-                         for g in ("control", "coarse", "one_photo") for p in range(2)]
-    info["by_group"] = [{"group": g, **evalstats.summarise([r["drift"] for r in info["cells"] if r["group"] == g], 0.18)} for g in ("control", "coarse", "one_photo")]
+                         for g in GROUPS for p in range(2)]
+    info["by_group"] = [{"group": g, **evalstats.summarise([r["drift"] for r in info["cells"] if r["group"] == g], 0.18)} for g in GROUPS]
     for facts.evaluate in (info, _info(out), {}):
         for chart in (report.evaluate_prompts_png, report.evaluate_no_face_png, report.evaluate_groups_png, report.evaluate_heatmap_png):
             assert chart(facts)[:8] == b"\x89PNG\r\n\x1a\n"
@@ -226,7 +235,7 @@ def test_mining_and_the_grid_killed_midway_resume_without_redoing_finished_batch
     [mined] = [e for e in events if e["event"] == "mine_finished"]
     assert mined["resumed_candidates"] == 2 and mined["candidates"] == 6  # the first batch read back, the second redone
     [scored] = [e for e in events if e["event"] == "evaluate_scored"]
-    assert scored["resumed_cells"] == 2 + 1 + 2 and scored["cells"] == 18  # control p0 [0,1], [2]; control p1 [0,1]
+    assert scored["resumed_cells"] == 2 + 1 + 2 and scored["cells"] == 30  # control p0 [0,1], [2]; control p1 [0,1]
     starts = [e for e in events if e["event"] in ("stage_started", "stage_skipped")]
     assert [(e["event"], e["stage"]) for e in starts][-2:] == [("stage_skipped", "mine"), ("stage_started", "evaluate")]
     for folder_info in ("evaluate/evaluate.json", "mine/mine.json"):
@@ -354,3 +363,58 @@ sha256 = "%s"
     error = json.loads(next((tmp_path / "failed").rglob("error.json")).read_text())
     assert "evaluate.group[0]" in error["message"] and "cannot be loaded into the base model" in error["message"]
     assert engine.resources.model("base").get_list_adapters() == {}  # the next job gets the pipeline as it was
+
+
+def test_faceid_groups_are_conditioned_on_the_reference_and_both_adapters_act_together(finished):
+    """The FaceID cells are the adapter on the subject's reference embedding (re-rendered here in
+    the grid's batches, bit for bit); at scale 0 it is the control; the lora+faceid cells differ
+    from the LoRA alone and from FaceID alone; the records name the embedding and the adapter."""
+    from engine import faceid, layout
+    from engine.diffusion import identity_lora, render
+
+    _, out, _, engine = finished
+    info = _info(out)
+    pipe = engine.resources.model("base")
+    reference = layout.reference_embedding(out)
+    cells = {(row["group"], row["prompt_index"], row["seed"]): read_rgb(out / row["file"]) for row in info["cells"]}
+
+    def draw(embeds=None, seeds=(0, 1)):
+        return render(pipe, info["prompts"][0], info["negative_prompt"], list(seeds), steps=info["steps"], guidance=info["guidance"],
+                      size=info["resolution"], ip_adapter_image_embeds=embeds)
+
+    folder = engine.resources.faceid_folder()
+    with faceid.faceid_adapter(pipe, folder) as adapter:
+        adapter.scale(1.0)
+        again = draw(adapter.embeds(reference, info["guidance"]))
+        assert all(np.array_equal(again[i], cells[("faceid", 0, seed)]) for i, seed in enumerate((0, 1)))
+        adapter.scale(0.0)
+        assert all(np.array_equal(img, cells[("control", 0, seed)]) for img, seed in zip(draw(adapter.embeds(reference, info["guidance"])), (0, 1)))
+    with identity_lora(pipe, out / "lora") as lora:
+        lora.weight(1.0)
+        lora_alone = draw()
+    for i, seed in enumerate((0, 1)):
+        both = cells[("both", 0, seed)]
+        assert not np.array_equal(both, lora_alone[i]) and not np.array_equal(both, cells[("faceid", 0, seed)])
+    groups = {g["name"]: g for g in info["groups"]}
+    assert groups["faceid"]["method"] == "faceid" and groups["faceid"]["lora_file"] is None
+    assert groups["faceid"]["faceid"]["embedding"] == "embedding/reference.npy"
+    assert groups["faceid"]["faceid"]["embedding_sha256"] == hashlib.sha256((out / "embedding" / "reference.npy").read_bytes()).hexdigest()
+    assert groups["both"]["lora_file"] == "lora/pytorch_lora_weights.safetensors" and groups["both"]["faceid"]["scale"] == 1.0
+    assert "optimised by construction" in info["faceid_note"] and 'id="faceid-note"' in (out / "report.html").read_text()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["models"]["faceid/faceid.safetensors"] == hashlib.sha256((folder / "faceid.safetensors").read_bytes()).hexdigest()
+
+
+def test_a_faceid_group_has_no_lora_and_a_lora_group_needs_one(tmp_path, astronaut_rgb):
+    problems = _refusal(tmp_path, astronaut_rgb, """
+[[evaluate.group]]
+name = "fid"
+method = "faceid"
+phase = "final"
+
+[[evaluate.group]]
+name = "both"
+method = "lora+faceid"
+""")
+    assert "a group of method 'faceid' has no LoRA; drop phase" in problems["job.toml: evaluate.group[0]"]
+    assert "exactly once" in problems["job.toml: evaluate.group[1]"]
