@@ -80,6 +80,10 @@ def main(argv: list[str] | None = None) -> int:
     model_commands = models.add_subparsers(dest="models_command", required=True)
     make_demo = model_commands.add_parser("make-demo", help="build the tiny demo diffusion model (random weights, fixed seed) into a folder")
     make_demo.add_argument("folder", type=Path)
+    convert = model_commands.add_parser("convert-faceid", help="stage a published IP-Adapter-FaceID .bin as a folder holding faceid.safetensors "
+                                                               "(read with torch's weights-only unpickler; the engine never unpickles at run time)")
+    convert.add_argument("bin", type=Path)
+    convert.add_argument("folder", type=Path, help="e.g. <models>/faceid; then set models.faceid = \"faceid\"")
     check = model_commands.add_parser(
         "check", help="pre-flight: every model the configuration uses, staged or missing, with path, size and sha256 "
                       "(exit 0 only when every needed one is there)")
@@ -106,6 +110,17 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "models" and args.models_command == "check":
         return _models_check(args)
+    if args.command == "models" and args.models_command == "convert-faceid":
+        from engine.faceid import WEIGHTS, check_folder, convert_bin
+
+        try:
+            folder = convert_bin(args.bin, args.folder)
+            check_folder(folder, str(args.folder))
+        except (ConfigError, OSError) as error:
+            print(f"cannot convert {args.bin}: {error}", file=sys.stderr)
+            return 2
+        print(f"FaceID adapter staged as {folder / WEIGHTS}")
+        return 0
     if args.command == "models":
         from engine.models import make_demo_model
 

@@ -7,7 +7,10 @@ demo mode (FaceID was trained on buffalo_l's embeddings)."""
 from __future__ import annotations
 
 import hashlib
+import os
 import pickle
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -16,6 +19,7 @@ import torch
 from engine import faceid
 from engine.diffusion import render
 from engine.errors import ConfigError
+from tests.conftest import REPO
 
 PROMPT = "a photo of a person"
 
@@ -82,6 +86,10 @@ def test_the_published_bin_is_converted_with_the_weights_only_unpickler(demo, tm
         def __reduce__(self):
             return (print, ("ran",))
 
+    cli = subprocess.run([sys.executable, "-m", "engine", "models", "convert-faceid", str(tmp_path / "ip-adapter-faceid_sd15.bin"), str(tmp_path / "cli")],
+                         cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=120)
+    assert cli.returncode == 0, cli.stderr
+    assert (tmp_path / "cli" / faceid.WEIGHTS).read_bytes() == (converted / faceid.WEIGHTS).read_bytes()
     (tmp_path / "hostile.bin").write_bytes(pickle.dumps({"image_proj": Payload(), "ip_adapter": {}}, protocol=2))
     with pytest.raises(pickle.UnpicklingError):
         faceid.convert_bin(tmp_path / "hostile.bin", tmp_path / "never")
