@@ -1049,6 +1049,7 @@ def evaluate_heatmap_png(facts: JobFacts) -> bytes:
             axis.set_xticks(range(len(seeds)), [str(seed) for seed in seeds])
             axis.set_yticks(range(len(prompts)), [f"p{p}" for p in range(len(prompts))])
             axis.set_title(f"{group}: drift per prompt x seed (× no face)", fontsize=10)
+        axes[-1].set_xlabel("seed")
         if image is not None:
             figure.colorbar(image, ax=list(axes), label="drift (1 - cosine)", fraction=0.03)
         _evaluate_title(figure, facts, "Every cell")
@@ -1149,10 +1150,10 @@ def mine_chart_png(facts: JobFacts) -> bytes:
         for decision, colour in DECISION_COLOURS.items():
             group = [(p, c["mean_drift_to_group"]) for p, c in zip(positions, candidates) if c["decision"] == decision and c.get("mean_drift_to_group") is not None]
             if group:
-                axis.scatter(*zip(*group), color=colour, s=18, label=f"{decision}: mean drift to the group", zorder=3)
+                axis.scatter(*zip(*group), color=colour, s=18, label=decision, zorder=3)
             to_anchor = [(p, c["anchor_drift"]) for p, c in zip(positions, candidates) if c["decision"] == decision and c.get("anchor_drift") is not None]
             if to_anchor:
-                axis.scatter(*zip(*to_anchor), color=colour, marker="^", s=18, label=f"{decision}: drift to the anchor", zorder=3)
+                axis.scatter(*zip(*to_anchor), color=colour, marker="^", s=18, label=None if group else decision, zorder=3)
         missing = [p for p, c in zip(positions, candidates) if c["decision"] == "no_face"]
         if missing:
             _no_face_marks(axis, missing, "tab:gray", "no face found")
@@ -1161,7 +1162,7 @@ def mine_chart_png(facts: JobFacts) -> bytes:
             axis.axvline(p, color="tab:purple", alpha=0.3, linewidth=3)
         axis.set_xlim(-0.6, max(len(candidates), 1) - 0.4)
         axis.set_ylim(0.0, _axis_top([c.get("mean_drift_to_group") for c in candidates] + [c.get("anchor_drift") for c in candidates] + [anchor]))
-        axis.set_xlabel("candidate, in the order judged (purple band: pruned later)")
+        axis.set_xlabel("candidate, in the order judged (● mean drift to the group, ▲ drift to the anchor; purple band: pruned later)")
         axis.set_ylabel("drift (1 - cosine)")
         axis.grid(axis="y", alpha=0.3)
         _legend(axis)
