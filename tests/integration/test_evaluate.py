@@ -314,27 +314,28 @@ sha256 = "%s"
     assert "holds no LoRA weights" in problems["job.toml: evaluate.group[2].file"]
 
 
-def test_a_brought_lora_whose_bytes_differ_from_its_sha256_fails_naming_both(finished, tmp_path, astronaut_rgb):
-    from engine.config import Settings
-    from engine.runner import Engine
-
-    root, out, _, _ = finished
-    lora = (out / "lora" / "pytorch_lora_weights.safetensors").read_bytes()
-    job = 'kind = "evaluate"\n' + TRAIN + """
+def _run_with_brought_file(engine, tmp_path: Path, astronaut_rgb, name: str, data: bytes, sha256: str):
+    """A one-cell grid whose only group is the LoRA file `name` brought in the folder, run by the fixture's engine."""
+    job = 'kind = "evaluate"\n' + TRAIN + f"""
 [evaluate]
-prompts = ["a photo of {trigger}"]
+prompts = ["a photo of {{trigger}}"]
 seeds = [0]
 steps = 1
 control = false
 
 [[evaluate.group]]
 name = "brought"
-file = "theirs.safetensors"
-sha256 = "%s"
-""" % ("a" * 64)
-    source = make_job(tmp_path / "inbox" / "bob", {**_photos(astronaut_rgb), "theirs.safetensors": lora}, job)
-    settings = Settings.from_table({"paths": {"models": str(root / "models")}}, root=tmp_path)
-    result = Engine(settings, demo=True).run_job(source, tmp_path / "outbox", failed_dir=tmp_path / "failed")
+file = "{name}"
+sha256 = "{sha256}"
+"""
+    source = make_job(tmp_path / "inbox" / "bob", {**_photos(astronaut_rgb), name: data}, job)
+    return engine.run_job(source, tmp_path / "outbox", failed_dir=tmp_path / "failed")
+
+
+def test_a_brought_lora_whose_bytes_differ_from_its_sha256_fails_naming_both(finished, tmp_path, astronaut_rgb):
+    _, out, _, engine = finished
+    lora = (out / "lora" / "pytorch_lora_weights.safetensors").read_bytes()
+    result = _run_with_brought_file(engine, tmp_path, astronaut_rgb, "theirs.safetensors", lora, "a" * 64)
     assert result.outcome == "failed"  # refused as it was read, before any training
     error = json.loads(next((tmp_path / "failed").rglob("error.json")).read_text())
     assert "evaluate.group[0].sha256" in error["message"] and hashlib.sha256(lora).hexdigest() in error["message"] and "a" * 64 in error["message"]
@@ -345,20 +346,7 @@ sha256 = "%s"
 def test_a_brought_file_that_is_no_lora_fails_naming_its_group_and_leaves_the_pipeline_clean(finished, tmp_path, astronaut_rgb):
     _, _, _, engine = finished
     data = _safetensors({"unet.down.lora_A.weight": (2, 2)})  # a "lora" name, but it fits no layer of the model
-    job = 'kind = "evaluate"\n' + TRAIN + """
-[evaluate]
-prompts = ["a photo of {trigger}"]
-seeds = [0]
-steps = 1
-control = false
-
-[[evaluate.group]]
-name = "odd"
-file = "odd.safetensors"
-sha256 = "%s"
-""" % hashlib.sha256(data).hexdigest()
-    source = make_job(tmp_path / "inbox" / "carol", {**_photos(astronaut_rgb), "odd.safetensors": data}, job)
-    result = engine.run_job(source, tmp_path / "outbox", failed_dir=tmp_path / "failed")
+    result = _run_with_brought_file(engine, tmp_path, astronaut_rgb, "odd.safetensors", data, hashlib.sha256(data).hexdigest())
     assert result.outcome == "failed"
     error = json.loads(next((tmp_path / "failed").rglob("error.json")).read_text())
     assert "evaluate.group[0]" in error["message"] and "cannot be loaded into the base model" in error["message"]
