@@ -555,10 +555,13 @@ def _not_a_lora(path: Path) -> str:
 
 
 def evaluate_lora_runs(spec: EvaluateJobSpec) -> tuple[LoraRun, ...]:
-    """The job's LoRA with the snapshots its groups name (in [train]'s phase order), and one LoRA per photo-subset group."""
+    """The job's LoRA with the snapshots its groups name (in [train]'s phase order) when a group
+    or mining uses it, and one LoRA per photo-subset group. A grid of FaceID groups (and brought
+    files) trains nothing: FaceID is the zero-shot mode."""
     named = {group.phase for group in spec.evaluate.group if group.phase and group.phase != FINAL_PHASE}
-    main = LoraRun(snapshots=tuple(phase.name for phase in spec.train.phases if phase.name in named))
-    return (main,) + tuple(LoraRun(group.name, group.photos) for group in spec.evaluate.group if group.photos)
+    main_used = spec.mine.enabled or any(group.phase and group.uses_lora for group in spec.evaluate.group)
+    main = (LoraRun(snapshots=tuple(phase.name for phase in spec.train.phases if phase.name in named)),) if main_used else ()
+    return main + tuple(LoraRun(group.name, group.photos) for group in spec.evaluate.group if group.photos and group.uses_lora)
 
 
 # The sections of a job that config.toml may give defaults for ([job.<section>]).

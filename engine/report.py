@@ -676,6 +676,8 @@ def _training(facts: JobFacts) -> list[str]:
     train = facts.train
     if not train:
         return out + [f"<p>No training record ({layout.TRAIN_INFO}).</p></section>"]
+    if train.get("main_trained") is False:
+        out.append(f"<p>{_text(train.get('why'))}.</p>")
     out.append(f"<p>Caption <code>{_text(train['caption'])}</code>, rank {train['rank']}, {train['resolution']} px, "
                f"{train['total_steps']} of at most {train['max_steps']} steps"
                f"{_resumes(facts)}.</p>")

@@ -296,9 +296,13 @@ class StageProgress:
     @staticmethod
     def stage_total(spec: dict[str, Any], stage: str | None) -> int | None:
         try:
-            if stage == "train":  # the job's LoRA, and an evaluate grid's photo-subset groups'
-                groups = (spec.get("evaluate") or {}).get("group") or []
-                return int(spec["train"]["max_steps"]) * (1 + sum(1 for group in groups if group.get("photos")))
+            if stage == "train":  # the job's LoRA (unless an evaluate grid uses none of it), and an evaluate grid's photo-subset groups'
+                if "evaluate" not in spec:
+                    return int(spec["train"]["max_steps"])
+                groups = spec["evaluate"]["group"]
+                lora = [group for group in groups if group.get("method", "lora") != "faceid"]
+                main = bool((spec.get("mine") or {}).get("enabled")) or any(group.get("phase") for group in lora)
+                return int(spec["train"]["max_steps"]) * (int(main) + sum(1 for group in lora if group.get("photos")))
             if stage == "mine":  # at most: mining stops at its target
                 return int(spec["mine"]["budget"]) if spec["mine"]["enabled"] else 0
             if stage == "evaluate":

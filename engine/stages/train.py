@@ -50,6 +50,10 @@ def fingerprint(ctx: StageContext) -> dict[str, object]:
 
 def run(ctx: StageContext) -> None:
     spec = ctx.job.spec.train
+    if not _runs(ctx):  # an evaluate grid of FaceID groups: nothing to train, nothing to load
+        ctx.log.info("train_skipped", reason="no LoRA is used by this job")
+        _write_reports(ctx, spec, {})
+        return
     pipe = ctx.use("base")
     results: dict[str, tuple[LoraRun, TrainingResult]] = {}
     for lora_run in _runs(ctx):
@@ -108,7 +112,26 @@ def _loss_rows(result: TrainingResult) -> str:
 
 
 def _write_reports(ctx: StageContext, spec: TrainSpec, results: dict[str, tuple[LoraRun, TrainingResult]]) -> None:
-    main_run, main = next(value for value in results.values() if value[0].is_main)
+    main = next((result for lora_run, result in results.values() if lora_run.is_main), None)
+    info = _main_info(ctx, spec, main) if main is not None else {
+        "caption": caption(spec), "rank": spec.rank, "resolution": ctx.training_resolution, "max_steps": spec.max_steps, "total_steps": 0,
+        "phases": [], "target_modules": TARGET_MODULES, "demo": ctx.demo, "trigger": spec.trigger,
+        "main_trained": False, "why": "no group of this job uses the job's own LoRA, and mining is off: it was not trained"}
+    groups = [(lora_run, result) for lora_run, result in results.values() if not lora_run.is_main]
+    if groups:
+        info["groups"] = [{"name": lora_run.name, "photos": list(lora_run.photos), "total_steps": result.total_steps, "phases": result.phases,
+                           "file": f"{layout.group_lora_dir(lora_run.name)}/{layout.LORA_WEIGHTS}", "loss_file": layout.group_loss_file(lora_run.name)}
+                          for lora_run, result in groups]
+    if groups or main is None:
+        info["steps_all_runs"] = (main.total_steps if main is not None else 0) + sum(result.total_steps for _, result in groups)
+    atomic_write_json(ctx.path(layout.TRAIN_INFO), info)
+    atomic_write_text(ctx.path(layout.LOSS_FILE), _loss_rows(main) if main is not None else "phase,step,phase_step,loss,probe_loss\n")
+    for lora_run, result in groups:
+        atomic_write_text(ctx.path(layout.group_loss_file(lora_run.name)), _loss_rows(result))
+
+
+def _main_info(ctx: StageContext, spec: TrainSpec, main: TrainingResult) -> dict[str, Any]:
+    """train.json's record of the job's own LoRA (a replicate job's whole train.json)."""
     info: dict[str, Any] = {
         "caption": caption(spec),
         "rank": spec.rank,
@@ -128,13 +151,4 @@ def _write_reports(ctx: StageContext, spec: TrainSpec, results: dict[str, tuple[
     }
     if main.snapshots:  # the LoRA at a phase's exit, with that phase's alpha (no training of its own)
         info["snapshots"] = {phase: {**facts, "file": f"{layout.phase_lora_dir(phase)}/{layout.LORA_WEIGHTS}"} for phase, facts in main.snapshots.items()}
-    groups = [(lora_run, result) for lora_run, result in results.values() if not lora_run.is_main]
-    if groups:
-        info["groups"] = [{"name": lora_run.name, "photos": list(lora_run.photos), "total_steps": result.total_steps, "phases": result.phases,
-                           "file": f"{layout.group_lora_dir(lora_run.name)}/{layout.LORA_WEIGHTS}", "loss_file": layout.group_loss_file(lora_run.name)}
-                          for lora_run, result in groups]
-        info["steps_all_runs"] = main.total_steps + sum(result.total_steps for _, result in groups)
-    atomic_write_json(ctx.path(layout.TRAIN_INFO), info)
-    atomic_write_text(ctx.path(layout.LOSS_FILE), _loss_rows(main))
-    for lora_run, result in groups:
-        atomic_write_text(ctx.path(layout.group_loss_file(lora_run.name)), _loss_rows(result))
+    return info

@@ -406,3 +406,28 @@ method = "lora+faceid"
 """)
     assert "a group of method 'faceid' has no LoRA; drop phase" in problems["job.toml: evaluate.group[0]"]
     assert "exactly once" in problems["job.toml: evaluate.group[1]"]
+
+
+def test_a_grid_of_faceid_groups_trains_nothing(finished, tmp_path, astronaut_rgb):
+    _, _, _, engine = finished
+    job = 'kind = "evaluate"\n' + TRAIN + """
+[evaluate]
+prompts = ["a photo of {trigger}"]
+seeds = [0, 1]
+steps = 2
+
+[[evaluate.group]]
+name = "zero_shot"
+method = "faceid"
+"""
+    source = make_job(tmp_path / "inbox" / "dora", _photos(astronaut_rgb), job)
+    result = engine.run_job(source, tmp_path / "outbox")
+    assert result.outcome == "finished", result.error
+    out = result.output_dir
+    train = json.loads((out / "train" / "train.json").read_text())
+    assert train["main_trained"] is False and train["steps_all_runs"] == 0 and train["phases"] == []
+    assert not (out / "lora").exists()
+    events = [json.loads(line) for line in (out / "audit.jsonl").read_text().splitlines()]
+    assert not [e for e in events if e["event"] in ("phase_started", "phase_exit")]
+    assert [(c["group"], c["seed"]) for c in _info(out)["cells"]] == [("control", 0), ("control", 1), ("zero_shot", 0), ("zero_shot", 1)]
+    assert "it was not trained" in (out / "report.html").read_text() and verify_audit(out).ok

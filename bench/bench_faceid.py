@@ -1,0 +1,78 @@
+"""Zero-shot FaceID against the trained LoRA, as a whole job (issue 20): the same demo evaluate
+grid (2 prompts x 4 seeds, the control included) with one group of method "lora" (the job's LoRA,
+trained with the example job's settings: 300 steps at most) and with one group of method
+"faceid" (no training). The two jobs alternate, each in a fresh job folder of one warm Engine,
+so both pay the same model loads (none after the first). Prints wall and CPU seconds per job and
+the ratio faceid / lora.
+
+    .venv/bin/python bench/bench_faceid.py [--repeats 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import load_average  # noqa: E402
+
+TRAIN = """\
+[prepare]
+size = 256
+rotations = [-10, 10]
+crops = [0.8]
+
+[train]
+max_steps = 300
+"""
+GRID = """
+[evaluate]
+prompts = ["a photo of {trigger}, portrait", "a photo of {trigger}, side profile"]
+seeds = [0, 1, 2, 3]
+steps = 20
+
+[[evaluate.group]]
+name = "g"
+"""
+METHODS = {"lora": 'phase = "final"\n', "faceid": 'method = "faceid"\n'}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from skimage import data
+
+    from engine.config import Settings
+    from engine.runner import Engine
+    from tests.conftest import make_job
+
+    root = Path(tempfile.mkdtemp(prefix="bench-faceid-"))
+    (root / "models").mkdir()
+    engine = Engine(Settings.from_table({"paths": {"models": str(root / "models")}}, root=root), demo=True)
+    engine.resources.model("base")
+    engine.resources.faceid_folder()
+    times: dict[str, list[tuple[float, float]]] = {method: [] for method in METHODS}
+    for repeat in range(args.repeats):
+        for method, group in METHODS.items():
+            source = make_job(root / "inbox" / f"{method}{repeat}", {"a.png": data.astronaut()}, 'kind = "evaluate"\n' + TRAIN + GRID + group)
+            wall, cpu = time.perf_counter(), time.process_time()
+            result = engine.run_job(source, root / "outbox")
+            times[method].append((time.perf_counter() - wall, time.process_time() - cpu))
+            assert result.outcome == "finished", result.error
+            print(f"  {method:6s} repeat {repeat}: {times[method][-1][0]:6.1f} s wall, {times[method][-1][1]:6.1f} s CPU", flush=True)
+    best = {method: (min(w for w, _ in rows), min(c for _, c in rows)) for method, rows in times.items()}
+    print(f"demo evaluate job, 2 prompts x 4 seeds + control, {args.repeats} repeats, load average {load_average()}")
+    for method, (wall, cpu) in best.items():
+        print(f"  {method:6s} best {wall:6.1f} s wall, {cpu:6.1f} s CPU")
+    print(f"  faceid / lora: x{best['faceid'][0] / best['lora'][0]:.2f} wall, x{best['faceid'][1] / best['lora'][1]:.2f} CPU")
+
+
+if __name__ == "__main__":
+    main()
