@@ -57,7 +57,7 @@ import structlog
 
 from daemon.clock import local_seconds
 from engine import OwnershipLost
-from engine.jobfolder import atomic_write_json, fsync_dir, remove_tree, safe_subject_name, shared_file_mode
+from engine.jobfolder import atomic_write_json, fsync_dir, remove_tree, safe_subject_name, shared_file_mode, unguarded_writes
 
 CLAIM_PATTERN = re.compile(r"claim\.(\d{6,})\.json")
 TRASH = ".trash"  # containers being removed: one rename out of sight, then removed
@@ -475,7 +475,11 @@ class Heartbeat:
                 return False
 
     def _renew(self, job: ClaimedJob, fence: ClaimFence, started: float) -> bool:
-        renewed = renew(job)
+        # The fence renews from inside its own check, on the job's thread, under the job's write
+        # guard (that check): the claim file's write must not ask it again (it recursed until a
+        # RecursionError). renew_now has checked generation and age on the share just before.
+        with unguarded_writes():
+            renewed = renew(job)
         if renewed is None:
             fence.lose(f"claim generation {job.generation} was taken over by another daemon")
             self._job = None

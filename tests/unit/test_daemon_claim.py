@@ -221,6 +221,24 @@ def test_a_slow_heartbeat_costs_nothing_the_fence_renews_a_fresh_claim_itself(tm
         fence.check("a write")
 
 
+def test_a_renewal_the_fence_makes_inside_a_guarded_write_does_not_ask_the_fence_again(tmp_path):
+    """The engine writes under the fence (engine.fsutil.guarded_writes); when a write finds the
+    lease due, the fence renews on the spot, and that renewal's own write of the claim file must
+    not ask the fence again: it did, and the fence renewed again, until a RecursionError failed
+    the job as an internal error (seen in the three-daemon test on a loaded machine)."""
+    from engine.fsutil import atomic_write_bytes, guarded_writes
+
+    job = claim_folder(_job_folder(tmp_path / "inbox"), tmp_path / "work", "j1", A, lease_seconds=1.0)
+    clock = ShareClock(tmp_path / "work", "test")
+    heartbeat = Heartbeat(1.0, lambda job: None, clock.now)  # never started: the fence renews itself
+    fence = heartbeat.hold(job)
+    time.sleep(0.6)  # past half the lease
+    with guarded_writes(fence.check):
+        atomic_write_bytes(tmp_path / "output.bin", b"evidence")  # renews, once, then writes
+    assert clock.now() - read_current(job.container).renewed_at < 0.2
+    assert (tmp_path / "output.bin").read_bytes() == b"evidence"
+
+
 def test_discard_removes_the_container_in_one_step(tmp_path):
     job = claim_folder(_job_folder(tmp_path / "inbox"), tmp_path / "work", "j1", A, 30)
     discard(job.container, tmp_path / "work")
