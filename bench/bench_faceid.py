@@ -20,16 +20,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import load_average  # noqa: E402
+from engine.example import EXAMPLE_JOB  # noqa: E402
 
-TRAIN = """\
-[prepare]
-size = 256
-rotations = [-10, 10]
-crops = [0.8]
-
-[train]
-max_steps = 300
-"""
+TRAIN = EXAMPLE_JOB[EXAMPLE_JOB.index("[prepare]"):EXAMPLE_JOB.index("[verify]")]  # the example job's [prepare] and [train]
 GRID = """
 [evaluate]
 prompts = ["a photo of {trigger}, portrait", "a photo of {trigger}, side profile"]

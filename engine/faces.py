@@ -239,17 +239,19 @@ def drift(reference: np.ndarray, other: np.ndarray) -> float:
 def score(faces: FaceModels, rgb: np.ndarray, reference: np.ndarray) -> tuple[float | None, bool]:
     """(drift to the reference, face found) of a render; the largest face is the subject's.
     No face found gives (None, False): counted, never scored as 0 or 1."""
-    value, face = score_face(faces, rgb, reference)
+    value, face, _ = score_face(faces, rgb, reference)
     return value, face is not None
 
 
-def score_face(faces: FaceModels, rgb: np.ndarray, reference: np.ndarray) -> tuple[float | None, "Face | None"]:
-    """`score` with the face it scored (its box, for the second identity model), or (None, None)."""
+def score_face(faces: FaceModels, rgb: np.ndarray, reference: np.ndarray) -> tuple[float | None, "Face | None", np.ndarray | None]:
+    """`score` with the face it scored (its box, for the second identity model) and its embedding
+    (mining's), or (None, None, None)."""
     detected = faces.detect(rgb)
     if not detected:
-        return None, None
+        return None, None, None
     face = max(detected, key=lambda f: f.area)
-    return round(drift(reference, faces.embed(rgb, face.keypoints)), 6), face
+    embedding = faces.embed(rgb, face.keypoints)
+    return round(drift(reference, embedding), 6), face, embedding
 
 
 def _bgr(rgb: np.ndarray) -> np.ndarray:

@@ -205,7 +205,7 @@ class Grid:
 
     def _keep(self, column: Column, index: int, prompt: str, seed: int, rgb: np.ndarray) -> dict[str, Any]:
         ctx = self.ctx
-        drift, face = score_face(self.faces, rgb, self.reference)
+        drift, face, _ = score_face(self.faces, rgb, self.reference)
         second = None
         if face is not None and self.second is not None and self.second_reference is not None:
             from engine import identity2

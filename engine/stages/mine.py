@@ -102,7 +102,7 @@ def run(ctx: StageContext) -> None:
         target = ctx.path(rows[candidate.id]["file"])
         target.parent.mkdir(parents=True, exist_ok=True)
         os.replace(ctx.path(_scratch(rows[candidate.id]["file"])), target)
-    _write_report(ctx, miner, rows, prompt, resumed)
+    _write_report(ctx, miner, rows, prompt, resumed, reference)
 
 
 def _render_batch(ctx: StageContext, pipe: Any, faces: Any, reference: np.ndarray, prompt: str, number: int,
@@ -114,8 +114,7 @@ def _render_batch(ctx: StageContext, pipe: Any, faces: Any, reference: np.ndarra
                     size=ctx.training_resolution, on_step=lambda: ctx.check_stop(where))
     out: list[tuple[dict[str, Any], np.ndarray | None]] = []
     for seed, rgb in zip(seeds, images):
-        drift, face = score_face(faces, rgb, reference)
-        embedding = faces.embed(rgb, face.keypoints) if face is not None else None
+        drift, face, embedding = score_face(faces, rgb, reference)  # one embedding per candidate: scored and mined
         file = f"{layout.MINE_CANDIDATES_DIR}/seed_{seed}.png"
         facts = {"seed": seed, "batch": number, "prompt": prompt, "lora_weight": spec.lora_weight, "steps": spec.steps, "guidance": spec.guidance,
                  "face_found": face is not None, "drift_to_reference": drift}
@@ -161,13 +160,12 @@ def _scratch(file: str) -> str:
     return f"{layout.MINE_PROGRESS_DIR}/{Path(file).relative_to(layout.MINE_DIR).as_posix()}"
 
 
-def _write_report(ctx: StageContext, miner: Miner, rows: dict[int, dict[str, Any]], prompt: str, resumed: int) -> None:
+def _write_report(ctx: StageContext, miner: Miner, rows: dict[int, dict[str, Any]], prompt: str, resumed: int, reference: np.ndarray) -> None:
     candidates = [{**rows[c.id], **c.facts()} for c in miner.candidates]
     decisions: dict[str, int] = {}
     for candidate in miner.candidates:
         decisions[candidate.decision] = decisions.get(candidate.decision, 0) + 1
     centroid = miner.centroid()
-    reference = layout.reference_embedding(ctx.job_dir)
     report = {
         "job_id": ctx.job_id, "subject": ctx.job.subject, "demo": ctx.demo,
         "note": "demo model: random weights, the candidates are noise" if ctx.demo else "",
