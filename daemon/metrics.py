@@ -100,7 +100,8 @@ class DaemonMetrics:
         self.train_phase = Gauge("idrep_train_phase", "1 for the training phase running now.", ["phase"], registry=r)
         self.progress_done = Gauge("idrep_stage_progress_done", "Work done in the stage running now: training steps, seed-discovery images (LoRA and control), render passes.", ["stage"], registry=r)
         self.progress_planned = Gauge("idrep_stage_progress_planned", "Work the stage running now plans, in the units of idrep_stage_progress_done; for training the job's step cap (phases may converge sooner).", ["stage"], registry=r)
-        self.seed_drift = Histogram("idrep_seed_drift", "Identity drift of seed-discovery renders; lora=false is the control group.", ["lora"], buckets=DRIFT_BUCKETS, registry=r)
+        self.seed_drift = Histogram("idrep_seed_drift", "Identity drift of seed-discovery renders of the LoRA (lora=true) and the control (lora=false); every group: idrep_verify_drift.", ["lora"], buckets=DRIFT_BUCKETS, registry=r)
+        self.verify_drift = Histogram("idrep_verify_drift", "Identity drift of seed-discovery renders per group: lora, faceid, lora+faceid, control ([identity] method and compare).", ["group"], buckets=DRIFT_BUCKETS, registry=r)
         self.render_drift = Histogram("idrep_render_drift", "Identity drift of final renders, per render mode and pass.", ["mode", "pass_name"], buckets=DRIFT_BUCKETS, registry=r)
         self.retouch_variants = Counter("idrep_retouch_variants_total", "Retouch variants made, by verdict: accepted or rejected (by [retouch.accept]).", ["outcome"], registry=r)
         self.retouch_drift = Histogram("idrep_retouch_drift", "Identity drift of retouch variants to their original photo.", buckets=DRIFT_BUCKETS, registry=r)
@@ -108,7 +109,7 @@ class DaemonMetrics:
                                          buckets=TEXTURE_BUCKETS, registry=r)
         self.restores = Counter("idrep_restores_total", "Restorations by verdict: ok, flag (above a flag limit), refused_classical (the TELEA fill delivered instead); refused ones fail as restore_mask_too_large.", ["verdict"], registry=r)
         self.restore_coverage = Histogram("idrep_restore_face_coverage", "Share of the face a restoration's damage mask hides.", buckets=COVERAGE_BUCKETS, registry=r)
-        self.faces_not_found = Counter("idrep_faces_not_found_total", "Generated images in which no face was found (never scored): verify_lora, verify_control, render, evaluate.", ["kind"], registry=r)
+        self.faces_not_found = Counter("idrep_faces_not_found_total", "Generated images in which no face was found (never scored): verify_<group> (lora, control, faceid, lora+faceid), render, evaluate.", ["kind"], registry=r)
         self.evaluate_cells = Counter("idrep_evaluate_cells_total", "Evaluate grid cells (group x prompt x seed) rendered and scored, by whether a face was found.", ["face"], registry=r)
         self.evaluate_drift = Histogram("idrep_evaluate_drift", "Identity drift of evaluate grid cells with a face (every group, the control included).", buckets=DRIFT_BUCKETS, registry=r)
         self.claims_taken_over = Counter("idrep_claims_taken_over_total", "Claims this daemon took over: expired (a dead or frozen daemon's), released (a cleanly stopped one's), restart (its own, after a restart), held (a held job whose retry was due).", ["reason"], registry=r)
@@ -181,11 +182,13 @@ class DaemonMetrics:
             self.train_step.set(int(fields["step"]))
             self._set_phase(str(fields.get("phase", "")))
         elif event == "seed_scored":
-            lora = bool(fields.get("lora"))
+            group = str(fields.get("group") or ("lora" if fields.get("lora") else "control"))  # a record before [identity] has no group
             if not fields.get("face_found", True) or fields.get("drift") is None:
-                self.faces_not_found.labels("verify_lora" if lora else "verify_control").inc()
+                self.faces_not_found.labels(f"verify_{group}").inc()
             else:
-                self.seed_drift.labels(str(lora).lower()).observe(float(fields["drift"]))
+                self.verify_drift.labels(group).observe(float(fields["drift"]))
+                if group in ("lora", "control"):
+                    self.seed_drift.labels(str(group == "lora").lower()).observe(float(fields["drift"]))
         elif event == "render_scored":
             if not fields.get("face_found", True) or fields.get("drift") is None:
                 self.faces_not_found.labels("render").inc()

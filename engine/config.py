@@ -92,7 +92,7 @@ class ModelSettings:
               checkpoint (a 9-channel UNet, e.g. stable-diffusion-inpainting; `inpaint_config` as
               `base_config`), or "base": the base model's own weights as an inpainting pipeline.
     faceid    an IP-Adapter-FaceID folder holding faceid.safetensors (engine.faceid; the published
-              .bin converted once with `python -m engine models convert-faceid`), for evaluate
+              .bin converted once with `python -m engine models convert-faceid`), for [identity] method and evaluate
               groups of method "faceid" / "lora+faceid"; "" when none is staged (demo: a tiny
               random adapter).
     hub ids are used only when `allow_download = true` (never in an air-gapped lab).

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from engine.errors import ConfigError
+from engine.errors import ConfigError, JobError
 
 WEIGHTS = "faceid.safetensors"
 DEMO_FACEID_NAME = "demo-faceid"  # under <models>/, beside the demo model
@@ -35,6 +35,8 @@ DEMO_MARKER = "DEMO_MODEL.json"
 DEMO_SEED = 0
 EMBEDDING_DIM = 512
 DEMO_TOKENS = 4
+DRIFT_NOTE = ("FaceID conditions on an ArcFace embedding, the family that measures drift here: its drift is optimised by construction. "
+              "Read the second model's (dlib) distances beside it")
 TRAINED_ON = "w600k_r50"  # buffalo_l's recognizer: the embeddings FaceID was trained on
 
 
@@ -46,6 +48,14 @@ def check_face_pack(recognizer: Path, demo: bool) -> None:
                                           f"recognizer in use is {Path(recognizer).name}, whose embeddings live in another space. Stage the "
                                           "buffalo_l pack under <models>/insightface/buffalo_l/ (python -m engine models check names the files), "
                                           "or use identity method \"lora\"")
+
+
+def check_job_face_pack(faces: Any, demo: bool, key: str) -> None:
+    """check_face_pack for a job that asks for FaceID at `key`: the refusal names the key."""
+    try:
+        check_face_pack(faces.files.recognizer, demo)
+    except ConfigError as error:
+        raise JobError("invalid_job", f"job.toml: {key}: {error.message}") from None
 
 
 def check_folder(folder: Path, key: str) -> None:
@@ -167,3 +177,50 @@ def faceid_adapter(pipe: Any, folder: Path) -> Iterator[FaceIDSwitch]:
         yield FaceIDSwitch(pipe)
     finally:
         pipe.unload_ip_adapter()
+
+
+class IdentityAdapters:
+    """The identity adapters of one block in the shared pipeline (the job's LoRA, FaceID, both or
+    neither) and the one place that sets their weights: `set(lora_weight, faceid_scale)` before
+    each render, `embeds(guidance)` the FaceID conditioning `render` takes (None without FaceID)."""
+
+    def __init__(self, pipe: Any, lora: Any, faceid: FaceIDSwitch | None, embedding: np.ndarray | None) -> None:
+        self._pipe, self._lora, self._faceid, self._embedding = pipe, lora, faceid, embedding
+
+    @property
+    def has_lora(self) -> bool:
+        return self._lora is not None
+
+    @property
+    def has_faceid(self) -> bool:
+        return self._faceid is not None
+
+    def set(self, lora_weight: float, faceid_scale: float) -> None:
+        if self._faceid is not None:
+            self._faceid.scale(faceid_scale)
+        if self._lora is None:
+            return
+        if self._faceid is not None:  # loading FaceID deactivated ours: every LoRA adapter active again, ours at its weight
+            from engine.diffusion import IDENTITY_ADAPTER
+
+            activate_loras(self._pipe, {IDENTITY_ADAPTER: lora_weight})
+        elif lora_weight:
+            self._lora.weight(lora_weight)
+        else:
+            self._lora.off()
+
+    def embeds(self, guidance: float) -> list[Any] | None:
+        return None if self._faceid is None else self._faceid.embeds(self._embedding, guidance)
+
+
+@contextlib.contextmanager
+def identity_adapters(pipe: Any, lora: Path | None = None, faceid: Path | None = None,
+                      embedding: np.ndarray | None = None) -> Iterator[IdentityAdapters]:
+    """`lora` (engine.diffusion.identity_lora) and the FaceID adapter of `faceid` (conditioned on
+    `embedding`) in `pipe` for the block, both removed after; neither: the base model exactly."""
+    from engine.diffusion import identity_lora
+
+    with contextlib.ExitStack() as stack:
+        switch = None if lora is None else stack.enter_context(identity_lora(pipe, lora))
+        adapter = None if faceid is None else stack.enter_context(faceid_adapter(pipe, faceid))
+        yield IdentityAdapters(pipe, switch, adapter, embedding)

@@ -137,6 +137,9 @@ class VerifySpec:
         return self.seeds
 
 
+CONTROL_GROUP = "control"  # seed discovery's and the evaluate grid's group with no adapter: never a group's name
+
+
 @dataclass(frozen=True)
 class RenderSpec:
     prompt: str = field(metadata=rule(Str(min_len=1, max_len=1000)))
@@ -144,6 +147,38 @@ class RenderSpec:
     count: int = field(default=1, metadata=rule(Int(1, 64)))
     negative_prompt: str = field(default="", metadata=rule(Str(max_len=1000)))
     steps: int = field(default=30, metadata=rule(Int(1, 200)))
+
+
+IDENTITY_METHODS = ("lora", "faceid", "lora+faceid")
+
+
+@dataclass(frozen=True)
+class IdentitySpec:
+    """How a replicate job conditions its renders on the subject. lora: the LoRA it trains;
+    faceid: IP-Adapter-FaceID on the subject's reference ArcFace embedding (models.faceid), no
+    training (the zero-shot mode); lora+faceid: both. Render passes scale FaceID as they scale
+    the LoRA (faceid_scale x the pass's LoRA weight). `compare`: seed discovery also renders the
+    other methods on the same seeds (LoRA, FaceID, both, and the control), which trains the LoRA
+    even for method faceid."""
+
+    method: str = field(default="lora", metadata=rule(Str(choices=IDENTITY_METHODS)))
+    faceid_scale: float = field(default=1.0, metadata=rule(Float(0.0, 2.0)))
+    compare: bool = field(default=False, metadata=rule(Bool()))
+
+    @property
+    def uses_lora(self) -> bool:
+        return self.method != "faceid"
+
+    @property
+    def uses_faceid(self) -> bool:
+        return "faceid" in self.method
+
+    @property
+    def verify_groups(self) -> tuple[str, ...]:
+        """The groups seed discovery renders at every seed, the job's method first (its drift
+        ranks the seeds), the control (no adapter at all) last."""
+        others = tuple(m for m in IDENTITY_METHODS if m != self.method) if self.compare else ()
+        return (self.method,) + others + (CONTROL_GROUP,)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -164,6 +199,7 @@ class JobSpec(KindSpec):
     render: tuple[RenderSpec, ...] = field(metadata=rule(Tables(RenderSpec, 1, 16)))
     train: TrainSpec = field(default_factory=TrainSpec, metadata=rule(Table(TrainSpec)))
     verify: VerifySpec = field(default_factory=VerifySpec, metadata=rule(Table(VerifySpec)))
+    identity: IdentitySpec = field(default_factory=IdentitySpec, metadata=rule(Table(IdentitySpec)))
 
 
 RETOUCH_REGIONS = ("forehead", "under_eye", "smile_lines", "chin")  # engine.regions.REGIONS (kept light here)
@@ -346,12 +382,8 @@ class LoraRun:
         return self.name == ""
 
 
-CONTROL_GROUP = "control"  # the evaluate grid's group without a LoRA: never a group's name
 FINAL_PHASE = "final"  # evaluate.group.phase: the job's LoRA as its training finished
 SHA256_PATTERN = r"(?:[0-9a-f]{64})?"
-IDENTITY_METHODS = ("lora", "faceid", "lora+faceid")
-
-
 @dataclass(frozen=True)
 class EvaluateGroup:
     """One group of an evaluate grid. Its LoRA comes from exactly one of: `photos` (a subset of
@@ -679,6 +711,11 @@ def parse_job_table(
         )
     problems += kind.checks(spec, where)
     return spec, problems
+
+
+def replicate_lora_runs(spec: JobSpec) -> tuple[LoraRun, ...]:
+    """The job's LoRA, unless it renders with FaceID alone and compares nothing (nothing to train)."""
+    return (LoraRun(),) if spec.identity.uses_lora or spec.identity.compare else ()
 
 
 def replicate_checks(spec: JobSpec, where: str) -> list[Problem]:

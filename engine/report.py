@@ -282,6 +282,16 @@ def _png(draw) -> bytes:
     return buffer.getvalue()
 
 
+VERIFY_GROUP_COLOURS = {"lora": "tab:blue", "control": "tab:gray", "faceid": "tab:orange", "lora+faceid": "tab:green"}
+VERIFY_GROUP_TITLES = {"lora": "LoRA", "control": "control (no LoRA)", "faceid": "FaceID", "lora+faceid": "LoRA + FaceID"}
+VERIFY_GROUP_HEADINGS = {"lora": "with LoRA", "control": "control (no LoRA)", "faceid": "FaceID (no LoRA)", "lora+faceid": "LoRA + FaceID"}
+
+
+def _verify_groups(verify: dict[str, Any] | None) -> list[str]:
+    """The groups seed discovery rendered (verify.json before [identity]: LoRA and control)."""
+    return list((verify or {}).get("groups") or ("lora", "control"))
+
+
 def drift_chart_png(facts: JobFacts) -> bytes:
     """Seed candidates (LoRA vs control) and renders per pass, ArcFace drift against the
     lock threshold; and the second model's distances against its tolerances."""
@@ -292,9 +302,12 @@ def drift_chart_png(facts: JobFacts) -> bytes:
         threshold = facts.threshold
         candidates = (facts.verify or {}).get("candidates", [])
         locked_seed = (facts.verify or {}).get("locked_seed")
-        top = _axis_top([c[g]["drift"] for c in candidates for g in ("lora", "control")] + [r["drift"] for r in facts.rows])
+        groups = _verify_groups(facts.verify)
+        top = _axis_top([c[g]["drift"] for c in candidates for g in groups] + [r["drift"] for r in facts.rows])
         positions = np.arange(len(candidates), dtype=float)
-        for offset, group, colour in ((-0.15, "lora", "tab:blue"), (0.15, "control", "tab:gray")):
+        offsets = np.linspace(-0.15, 0.15, len(groups)) if len(groups) > 1 else [0.0]
+        for offset, group in zip(offsets, groups):
+            colour = VERIFY_GROUP_COLOURS.get(group, "tab:purple")
             found = [(p + offset, c[group]["drift"]) for p, c in zip(positions, candidates) if c[group]["drift"] is not None]
             missing = [p + offset for p, c in zip(positions, candidates) if c[group]["drift"] is None]
             if found:
@@ -304,7 +317,7 @@ def drift_chart_png(facts: JobFacts) -> bytes:
         seeds_axis.set_xticks(positions, [f"{c['seed']}{' (locked)' if c['seed'] == locked_seed else ''}" for c in candidates],
                               rotation=45 if len(candidates) > 12 else 0)
         seeds_axis.set_xlabel("seed")
-        seeds_axis.set_title("Seed candidates: LoRA vs control (no LoRA)")
+        seeds_axis.set_title("Seed candidates: " + " vs ".join(VERIFY_GROUP_TITLES.get(g, g) for g in groups))
         render_rows = [r for r in facts.rows if r.get("kind") == "render"]
         render_positions = np.arange(len(render_rows), dtype=float)
         found = [(p, r["drift"]) for p, r in zip(render_positions, render_rows) if r["drift"] is not None]
@@ -582,12 +595,16 @@ def _seeds(facts: JobFacts, job_src) -> list[str]:
         return out + [f"<p>No verify record ({layout.VERIFY_INFO}).</p></section>"]
     rows = {(row["kind"], row["seed"]): row for row in facts.rows if row.get("kind", "").startswith("verify")}
     rank = {seed: number for number, seed in enumerate(verify.get("ranking", []), start=1)}
+    groups = _verify_groups(verify)
+    method = verify.get("method", "lora")
+    not_found = ", ".join(f"{VERIFY_GROUP_TITLES.get(g, g).replace(' (no LoRA)', '')} {verify['faces_not_found'][g]}" for g in groups)
     out.append(f"<p>Prompt <code>{_text(verify['prompt'])}</code>, {verify['steps']} steps, CFG {verify['guidance']:g}, "
                f"{verify['resolution']} px; batches {_text(json.dumps(verify['batch_layout']))}. Seeds are ranked by ArcFace drift of "
-               f"the LoRA render; the best is locked when its drift is at most {verify['threshold']:g}. "
-               f"{_text(verify['status'])}: {_text(verify['reason'])}. Faces not found: LoRA {verify['faces_not_found']['lora']}, "
-               f"control {verify['faces_not_found']['control']}.</p>")
-    out.append('<table id="seed-table"><tr><th>seed</th><th>with LoRA</th><th>control (no LoRA)</th></tr>')
+               f"the {_text(VERIFY_GROUP_TITLES.get(method, method))} render; the best is locked when its drift is at most {verify['threshold']:g}. "
+               f"{_text(verify['status'])}: {_text(verify['reason'])}. Faces not found: {_text(not_found)}.</p>")
+    if verify.get("faceid_note"):
+        out.append('<p class="warning" id="faceid-note">' + _text(verify["faceid_note"]) + "</p>")
+    out.append('<table id="seed-table"><tr><th>seed</th>' + "".join(f"<th>{_text(VERIFY_GROUP_HEADINGS.get(g, g))}</th>" for g in groups) + "</tr>")
     for candidate in verify["candidates"]:
         seed = candidate["seed"]
         marks = []
@@ -598,10 +615,10 @@ def _seeds(facts: JobFacts, job_src) -> list[str]:
         if seed in rank:
             marks.append(f'<span class="muted">rank {rank[seed]}</span>')
         cells = []
-        for group in ("lora", "control"):
+        for group in groups:
             result = candidate[group]
             row = rows.get((f"verify_{group}", seed), {})
-            css = "locked" if group == "lora" and seed == verify.get("locked_seed") else ""
+            css = "locked" if group == method and seed == verify.get("locked_seed") else ""
             cells.append("<td>" + _scored_figure(job_src(result["file"]), result["file"], "candidate", css, f"seed {seed}, {group}", result["drift"],
                                                  result["face_found"], row) + "</td>")
         out.append(f"<tr><td><b>{seed}</b><br>{' '.join(marks)}</td>{''.join(cells)}</tr>")
@@ -609,7 +626,7 @@ def _seeds(facts: JobFacts, job_src) -> list[str]:
 
 
 def _drift(facts: JobFacts) -> list[str]:
-    caption = ("ArcFace drift (1 − cosine to the reference embedding) of every seed candidate, LoRA beside control, and of every render "
+    caption = ("ArcFace drift (1 − cosine to the reference embedding) of every seed candidate, each group beside the control, and of every render "
                "pass; dashed red: the lock threshold; ×: no face found (never scored as 0 or 1). Bottom: the second model's distance "
                "(red: disagrees with ArcFace).")
     return ['<section id="drift"><h2>3. Drift chart</h2>',

@@ -284,7 +284,7 @@ class StageProgress:
         elif event == "evaluate_cell" and self.stage == "evaluate":
             return self._advance(self.done + 1, f"{fields.get('group')} p{fields.get('prompt_index')} seed {fields.get('seed')}")
         elif event == "seed_scored" and self.stage == "verify":
-            return self._advance(self.done + 1, f"seed {fields.get('seed')} {'lora' if fields.get('lora') else 'control'}")
+            return self._advance(self.done + 1, f"seed {fields.get('seed')} {fields.get('group') or ('lora' if fields.get('lora') else 'control')}")
         elif event == "render_scored" and self.stage == "render":
             return self._advance(self.done + 1, str(fields.get("pass_name", "")))
         elif event == "retouch_variant" and self.stage == "retouch":
@@ -297,8 +297,10 @@ class StageProgress:
     def stage_total(spec: dict[str, Any], stage: str | None) -> int | None:
         try:
             if stage == "train":  # the job's LoRA (unless an evaluate grid uses none of it), and an evaluate grid's photo-subset groups'
-                if "evaluate" not in spec:
-                    return int(spec["train"]["max_steps"])
+                if "evaluate" not in spec:  # a replicate job: its LoRA, unless it renders with FaceID alone and compares nothing
+                    identity = spec.get("identity") or {}
+                    trains = identity.get("method", "lora") != "faceid" or identity.get("compare", False)
+                    return int(spec["train"]["max_steps"]) if trains else 0
                 groups = spec["evaluate"]["group"]
                 lora = [group for group in groups if group.get("method", "lora") != "faceid"]
                 main = bool((spec.get("mine") or {}).get("enabled")) or any(group.get("phase") for group in lora)
@@ -310,7 +312,8 @@ class StageProgress:
                 return (len(evaluate["group"]) + (1 if evaluate["control"] else 0)) * len(evaluate["prompts"]) * len(evaluate["seeds"])
             if stage == "verify":
                 seeds = spec["verify"]["seeds"]
-                return 2 * (seeds if isinstance(seeds, int) else len(seeds))
+                groups = 4 if (spec.get("identity") or {}).get("compare") else 2  # engine.job.IdentitySpec.verify_groups
+                return groups * (seeds if isinstance(seeds, int) else len(seeds))
             if stage == "render":
                 return sum(entry["count"] * (3 if entry["mode"] == "three_pass" else 2) for entry in spec["render"])
             if stage == "retouch":  # at most: a region found not applicable is not swept

@@ -31,10 +31,10 @@ from typing import Any
 import cv2
 import numpy as np
 
-from engine import evalstats, layout
+from engine import evalstats, faceid, layout
 from engine.context import StageContext
-from engine.diffusion import IDENTITY_ADAPTER, drift_label, identity_lora, png_text, render
-from engine.errors import ConfigError, JobError
+from engine.diffusion import drift_label, identity_lora, png_text, render
+from engine.errors import JobError
 from engine.faces import score_face
 from engine.faults import pause_point
 from engine.fsutil import atomic_write_bytes, atomic_write_json, atomic_write_text, sha256_file
@@ -96,14 +96,9 @@ def run(ctx: StageContext) -> None:
         from engine import identity2
 
         second_reference = identity2.reference_descriptor(ctx.job_dir, second, faces)
-    if any(column.faceid_scale is not None for column in columns) and not ctx.demo:
-        from engine import faceid
-
-        try:
-            faceid.check_face_pack(faces.files.recognizer, ctx.demo)
-        except ConfigError as error:
-            index = next(column.index for column in columns if column.faceid_scale is not None)
-            raise JobError("invalid_job", f"job.toml: evaluate.group[{index}].method: {error.message}") from None
+    if any(column.faceid_scale is not None for column in columns):
+        index = next(column.index for column in columns if column.faceid_scale is not None)
+        faceid.check_job_face_pack(faces, ctx.demo, f"evaluate.group[{index}].method")
     grid = Grid(ctx, pipe, faces, reference, second, second_reference)
     for folder in (layout.EVALUATE_PROGRESS_DIR, layout.EVALUATE_SHEETS_DIR):
         ctx.path(folder).mkdir(parents=True, exist_ok=True)
@@ -158,22 +153,18 @@ def _conditioning(ctx: StageContext, pipe: Any, column: Column, reference: np.nd
     for the block; yields the FaceID conditioning for `render` (None without FaceID). The control
     loads neither: the base model exactly."""
     with contextlib.ExitStack() as stack:
+        switch = None
         if column.lora is not None:
             try:
-                stack.enter_context(identity_lora(pipe, column.lora)).weight(column.weight)  # a file that loads no layer fails here
+                switch = stack.enter_context(identity_lora(pipe, column.lora))  # a file that loads no layer fails here
+                switch.weight(column.weight)
             except Exception as exc:  # noqa: BLE001 - diffusers' loader on a file from the folder fails many ways (IndexError, KeyError, ValueError...)
                 raise JobError("invalid_job", f"job.toml: evaluate.group[{column.index}]: the LoRA {_relative(ctx, column.lora)} cannot be loaded into "
                                               f"the base model ({str(exc)[:300]}); a group's file must be a LoRA for this base model (diffusers or kohya format)") from None
-        embeds = None
-        if column.faceid_scale is not None:
-            from engine.faceid import activate_loras, faceid_adapter
-
-            adapter = stack.enter_context(faceid_adapter(pipe, ctx.use("faceid")))
-            adapter.scale(column.faceid_scale)
-            if column.lora is not None:
-                activate_loras(pipe, {IDENTITY_ADAPTER: column.weight})
-            embeds = adapter.embeds(reference, ctx.job.spec.evaluate.guidance)
-        yield embeds
+        adapter = None if column.faceid_scale is None else stack.enter_context(faceid.faceid_adapter(pipe, ctx.use("faceid")))
+        adapters = faceid.IdentityAdapters(pipe, switch, adapter, reference)
+        adapters.set(column.weight, column.faceid_scale or 0.0)
+        yield adapters.embeds(ctx.job.spec.evaluate.guidance)
 
 
 class Grid:
@@ -307,8 +298,7 @@ def _write_reports(ctx: StageContext, columns: list[Column], rows: list[dict[str
         "test_rule": "Wilcoxon signed-rank, two-sided, group vs control on the same (prompt, seed) cells where both found a face; "
                      "difference = group drift - control drift (negative: closer to the subject); p_holm: Holm-Bonferroni over the groups",
         "faces_not_found": not_found, "cells_total": len(rows),
-        "faceid_note": ("FaceID conditions on an ArcFace embedding, the family that measures drift here: its drift is optimised by construction. "
-                        "Read the second model's (dlib) distances beside it (identity2_mean)") if any(c.faceid_scale is not None for c in columns) else "",
+        "faceid_note": f"{faceid.DRIFT_NOTE} (identity2_mean)" if any(c.faceid_scale is not None for c in columns) else "",
     }
     atomic_write_json(ctx.path(layout.EVALUATE_INFO), report)
     buffer = io.StringIO()

@@ -7,6 +7,8 @@ three_pass (per output):
 two_pass:
   1 anchor  the scene prompt with the LoRA on the base model
   2 realism img2img of pass 1 on the realism model (no LoRA: it was trained on the base)
+With [identity] method "faceid" the passes scale FaceID as they would the LoRA (faceid_scale x
+the pass's LoRA weight) and no LoRA is loaded; "lora+faceid" does both.
 Every pass is embedded and scored against the reference. drift_report.json/.csv list every
 render of the job (verify candidates included) with seed, prompt, pass, drift, lock state, and
 beside each drift the distance by a second identity model (engine.identity2, report only).
@@ -23,17 +25,18 @@ import numpy as np
 
 from engine import identity2, layout
 from engine.context import StageContext
-from engine.diffusion import LoraSwitch, drift_label, identity_lora, png_text, render
+from engine.diffusion import drift_label, png_text, render
 from engine.faces import score
 from engine.fsutil import atomic_write_json, atomic_write_text, sha256_file
-from engine.job import RenderSpec, verify_prompt
+from engine.faceid import IdentityAdapters
+from engine.job import IdentitySpec, RenderSpec, verify_prompt
 from engine.schema import to_plain
 
 NAME = "render"
-VERSION = 5  # 2: images carry C2PA Content Credentials (with lab keys); the drift report says which
+VERSION = 6  # 2: images carry C2PA Content Credentials (with lab keys); the drift report says which
 #             3: the drift report's rows carry the effective negative prompt, the CSV a demo column
 #             4: the anchor's prompt is verify's with its {trigger} filled in (engine.job.verify_prompt)
-#             5: its models are declared (models()), the runner fingerprints them
+#             5: its models are declared (models()), the runner fingerprints them; 6: [identity] method (FaceID, both)
 OUTPUTS = (layout.RENDERS_DIR, layout.DRIFT_REPORT_JSON, layout.DRIFT_REPORT_CSV)
 
 
@@ -62,7 +65,8 @@ def models(ctx: StageContext) -> tuple[str, ...]:
     """The realism model only when a render entry is two_pass; the second identity model always
     (its numbers are in the drift report), loaded only when a render holds a face."""
     needs_realism = any(r.mode == "two_pass" for r in ctx.job.spec.render)
-    return ("base", "faces") + (("realism",) if needs_realism else ()) + ("identity2",)
+    faceid = ("faceid",) if ctx.job.spec.identity.uses_faceid else ()
+    return ("base", "faces") + faceid + (("realism",) if needs_realism else ()) + ("identity2",)
 
 
 def fingerprint(ctx: StageContext) -> dict[str, object]:
@@ -74,6 +78,7 @@ def fingerprint(ctx: StageContext) -> dict[str, object]:
         "resolution": ctx.training_resolution,
         "identity2": identity2.settings(),
         "content_signer": ctx.resources.trust_facts().get("content_signer"),
+        **({} if ctx.job.spec.identity == IdentitySpec() else {"identity": to_plain(ctx.job.spec.identity)}),
     }
 
 
@@ -86,8 +91,17 @@ def run(ctx: StageContext) -> None:
     seed = chosen["best_seed"]
     locked = chosen["status"] == "locked"
     ctx.path(layout.RENDERS_DIR).mkdir(parents=True, exist_ok=True)
-    with identity_lora(pipe, ctx.path(layout.LORA_DIR)) as lora:
-        renderer = Renderer(ctx, pipe, lora, faces, reference, seed, locked, ctx.training_resolution, sha256_file(ctx.path(layout.LORA_FILE)))
+    identity = spec.identity
+    if identity.uses_faceid:
+        from engine.faceid import check_job_face_pack
+
+        check_job_face_pack(faces, ctx.demo, "identity.method")
+    lora = ctx.path(layout.LORA_DIR) if identity.uses_lora else None
+    from engine.faceid import identity_adapters
+
+    with identity_adapters(pipe, lora, ctx.use("faceid") if identity.uses_faceid else None, reference) as adapters:
+        renderer = Renderer(ctx, pipe, adapters, identity, faces, reference, seed, locked, ctx.training_resolution,
+                            sha256_file(ctx.path(layout.LORA_FILE)) if identity.uses_lora else None)
         for entry_index, entry in enumerate(spec.render):
             shot = Shot(entry_index, entry, f"{spec.train.trigger}, {entry.prompt}",
                         ", ".join(p for p in (ctx.settings.render.negative_prompt, entry.negative_prompt) if p))
@@ -108,18 +122,19 @@ class Shot:
 
 @dataclass
 class Renderer:
-    """What every pass of a job's renders shares (the pipeline with the job's LoRA, the face
-    models and reference, the seed verify chose), and the drift report rows they add."""
+    """What every pass of a job's renders shares (the pipeline with the job's identity adapters,
+    the face models and reference, the seed verify chose), and the drift report rows they add."""
 
     ctx: StageContext
     pipe: Any
-    lora: LoraSwitch
+    adapters: IdentityAdapters
+    identity: IdentitySpec
     faces: Any
     reference: np.ndarray
     seed: int
     locked: bool
     size: int
-    lora_sha256: str
+    lora_sha256: str | None
     rows: list[dict[str, Any]] = field(default_factory=list)
 
     def render(self, shot: Shot, step: Pass, prompt: str, seed: int, init: np.ndarray | None = None) -> np.ndarray:
@@ -127,16 +142,24 @@ class Renderer:
         SIGTERM or a lost claim waits for one step)."""
         ctx = self.ctx
         pipe = ctx.use(step.model)
-        if pipe is self.pipe:  # the LoRA is in the base pipeline (demo: the realism model is the base itself)
-            self.lora.weight(step.lora_weight) if step.lora_weight else self.lora.off()
+        options: dict[str, Any] = {}
+        if pipe is self.pipe:  # the adapters are in the base pipeline (demo: the realism model is the base itself)
+            self.adapters.set(self.lora_weight(step), self.faceid_scale(step))
+            options["ip_adapter_image_embeds"] = self.adapters.embeds(step.guidance)
         where = f"render {shot.entry_index}.{shot.output} {step.name}"
         ctx.check_stop(where)
-        options: dict[str, Any] = {}
         if init is not None:
             options.update(init_images=init[None], strength=step.strength, img2img=ctx.resources.img2img(pipe))
         (image,) = render(pipe, prompt, shot.negative, [seed], steps=shot.entry.steps, guidance=step.guidance, size=self.size,
                           on_step=lambda: ctx.check_stop(where), **options)
         return image
+
+    def lora_weight(self, step: Pass) -> float:
+        return step.lora_weight if self.identity.uses_lora else 0.0
+
+    def faceid_scale(self, step: Pass) -> float | None:
+        """FaceID scaled by the pass as the LoRA is (None: the job uses no FaceID)."""
+        return self.identity.faceid_scale * step.lora_weight if self.identity.uses_faceid else None
 
     def keep(self, shot: Shot, step: Pass, prompt: str, seed: int, rgb: np.ndarray) -> None:
         """Score `rgb`, write it (with its settings in its text chunks and Content Credentials) and
@@ -145,17 +168,28 @@ class Renderer:
         drift, face_found = score(self.faces, rgb, self.reference)
         file_name = f"{layout.RENDERS_DIR}/r{shot.entry_index}_{shot.output}_{step.name}_drift_{drift_label(drift)}.png"
         text = png_text(prompt=prompt, negative_prompt=shot.negative, seed=seed, selected_seed=self.seed, locked=self.locked, mode=mode,
-                        pass_name=step.name, lora_weight=step.lora_weight, guidance=step.guidance, strength=step.strength, drift=drift,
-                        face_found=face_found, demo=ctx.demo, models=ctx.models_used, job_id=ctx.job_id)
+                        pass_name=step.name, lora_weight=self.lora_weight(step), guidance=step.guidance, strength=step.strength, drift=drift,
+                        face_found=face_found, demo=ctx.demo, models=ctx.models_used, job_id=ctx.job_id, **self._faceid_facts(step, text=True))
         credentials = ctx.write_generated_image(file_name, rgb, text, {
             "stage": NAME, "render": shot.entry_index, "output": shot.output, "mode": mode, "pass": step.name, "seed": seed,
-            "selected_seed": self.seed, "locked": self.locked, "prompt": prompt, "negative_prompt": shot.negative, "lora_weight": step.lora_weight,
+            "selected_seed": self.seed, "locked": self.locked, "prompt": prompt, "negative_prompt": shot.negative, "lora_weight": self.lora_weight(step),
             "guidance": step.guidance, "strength": step.strength, "drift": drift, "face_found": face_found, "models": dict(ctx.models_used),
-            "lora_sha256": self.lora_sha256 if step.lora_weight else None})
+            "lora_sha256": self.lora_sha256 if self.lora_weight(step) else None, **self._faceid_facts(step)})
         self.rows.append({"kind": "render", "render": shot.entry_index, "output": shot.output, "mode": mode, "pass": step.name, "seed": seed,
                           "prompt": prompt, "negative_prompt": shot.negative, "drift": drift, "face_found": face_found, "locked": self.locked,
                           "file": file_name, "credentials": credentials})
         ctx.progress("render_scored", pass_name=step.name, mode=mode, drift=drift, face_found=face_found)
+
+
+    def _faceid_facts(self, step: Pass, text: bool = False) -> dict[str, Any]:
+        """The FaceID scale of a pass (and for its credentials, the embedding it conditioned on);
+        nothing for a job without FaceID, whose records stay as they were."""
+        scale = self.faceid_scale(step)
+        if scale is None:
+            return {}
+        if text:
+            return {"faceid_scale": scale}
+        return {"faceid": {"scale": scale, "embedding": layout.REFERENCE_FILE, "embedding_sha256": sha256_file(self.ctx.path(layout.REFERENCE_FILE))}}
 
 
 def _three_pass(r: Renderer, shot: Shot) -> None:
@@ -188,7 +222,7 @@ def _two_pass(r: Renderer, shot: Shot) -> None:
 def _write_reports(ctx: StageContext, chosen: dict[str, Any], rows: list[dict[str, Any]]) -> None:
     verify_rows = []
     for candidate in chosen["candidates"]:
-        for group in ("lora", "control"):
+        for group in chosen.get("groups", ("lora", "control")):
             result = candidate[group]
             verify_rows.append({"kind": f"verify_{group}", "render": None, "output": None, "mode": "verify", "pass": group, "seed": candidate["seed"],
                                 "prompt": chosen["prompt"], "negative_prompt": chosen.get("negative_prompt", ""), "drift": result["drift"], "face_found": result["face_found"],

@@ -116,7 +116,8 @@ def _write_reports(ctx: StageContext, spec: TrainSpec, results: dict[str, tuple[
     info = _main_info(ctx, spec, main) if main is not None else {
         "caption": caption(spec), "rank": spec.rank, "resolution": ctx.training_resolution, "max_steps": spec.max_steps, "total_steps": 0,
         "phases": [], "target_modules": TARGET_MODULES, "demo": ctx.demo, "trigger": spec.trigger,
-        "main_trained": False, "why": "no group of this job uses the job's own LoRA, and mining is off: it was not trained"}
+        "main_trained": False, "why": ("nothing this job renders uses its own LoRA (a replicate job of [identity] method \"faceid\" that compares nothing, "
+                                        "or an evaluate grid with no phase group and mining off): it was not trained")}
     groups = [(lora_run, result) for lora_run, result in results.values() if not lora_run.is_main]
     if groups:
         info["groups"] = [{"name": lora_run.name, "photos": list(lora_run.photos), "total_steps": result.total_steps, "phases": result.phases,

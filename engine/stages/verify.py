@@ -1,84 +1,121 @@
 """Stage 4, verify (seed discovery): which seed renders the subject closest to the reference?
 
-The identity prompt is rendered at every candidate seed with the LoRA (in batches), and at
-the same seeds without it: the control group, so the report shows what the LoRA adds. Each
-render is detected and embedded; renders where no face is found are counted, never scored.
-The seed with the least drift is locked when its drift is at most the threshold; otherwise
-the job still renders from it, and the report and audit say `not_locked`.
+The identity prompt is rendered at every candidate seed with the job's identity method
+([identity] method: its LoRA, FaceID, or both; in batches), and at the same seeds with no
+adapter at all: the control group, so the report shows what the method adds. With [identity]
+compare the other methods render on the same seeds too (LoRA, FaceID, both, control: four
+rows). Each render is detected and embedded; renders where no face is found are counted, never
+scored. The seed with the least drift of the job's method is locked when its drift is at most
+the threshold; otherwise the job still renders from it, and the report and audit say
+`not_locked`.
 """
 
 from __future__ import annotations
 
+from typing import Any
 
 from engine import layout
 from engine.context import StageContext
-from engine.diffusion import drift_label, identity_lora, png_text, render
+from engine.diffusion import drift_label, png_text, render
+from engine.faceid import DRIFT_NOTE
 from engine.faces import score
 from engine.fsutil import atomic_write_json, sha256_file
-from engine.job import verify_prompt
+from engine.job import CONTROL_GROUP, IdentitySpec, verify_prompt
 from engine.schema import to_plain
 
 NAME = "verify"
-VERSION = 4  # 2: images carry C2PA Content Credentials (with lab keys); verify.json says which; 3: the prompt's {trigger} is train.trigger
-#             4: its models are declared (models()), the runner fingerprints them
+VERSION = 5  # 2: images carry C2PA Content Credentials (with lab keys); verify.json says which; 3: the prompt's {trigger} is train.trigger
+#             4: its models are declared (models()), the runner fingerprints them; 5: [identity] (method, compare): groups beyond lora/control
 OUTPUTS = (layout.VERIFY_DIR,)
 GUIDANCE = 5.8  # the identity anchor's CFG (spec, render phase 1)
+FILE_PREFIX = {"lora": "", "faceid": "faceid_", "lora+faceid": "lora_faceid_", CONTROL_GROUP: "control_"}
 
 
 def models(ctx: StageContext) -> tuple[str, ...]:
-    return ("base", "faces")
+    return ("base", "faces") + (("faceid",) if _uses_faceid(ctx.job.spec.identity) else ())
+
+
+def _uses_faceid(identity: IdentitySpec) -> bool:
+    return any("faceid" in group for group in identity.verify_groups)
 
 
 def fingerprint(ctx: StageContext) -> dict[str, object]:
+    identity = ctx.job.spec.identity
+    extra = {} if identity == IdentitySpec() else {"identity": to_plain(identity)}
     return {
         "verify": to_plain(ctx.job.spec.verify),
         "prompt": verify_prompt(ctx.job.spec),
         "negative_prompt": ctx.settings.render.negative_prompt,
         "resolution": ctx.training_resolution,
         "content_signer": ctx.resources.trust_facts().get("content_signer"),
+        **extra,
     }
 
 
+def group_facts(ctx: StageContext, group: str, lora_weight: float = 1.0) -> dict[str, Any]:
+    """What conditions a group's renders, for its image records and the audit: the LoRA's hash, and
+    the embedding FaceID was conditioned on (the adapter's own hashes are in models_used)."""
+    identity = ctx.job.spec.identity
+    facts: dict[str, Any] = {"lora_weight": lora_weight if "lora" in group else 0.0,
+                             "lora_sha256": sha256_file(ctx.path(layout.LORA_FILE)) if "lora" in group and lora_weight else None}
+    if "faceid" in group:
+        facts["faceid"] = {"scale": identity.faceid_scale * lora_weight, "embedding": layout.REFERENCE_FILE,
+                           "embedding_sha256": sha256_file(ctx.path(layout.REFERENCE_FILE))}
+    return facts
+
+
+def _faceid_text(facts: dict[str, Any]) -> dict[str, Any]:
+    return {"faceid_scale": facts["faceid"]["scale"]} if "faceid" in facts else {}
+
+
 def run(ctx: StageContext) -> None:
+    from engine.faceid import check_job_face_pack, identity_adapters
+
     spec = ctx.job.spec.verify
+    identity = ctx.job.spec.identity
+    groups = identity.verify_groups
     pipe = ctx.use("base")
     faces = ctx.use("faces")
+    if _uses_faceid(identity):
+        check_job_face_pack(faces, ctx.demo, "identity.method" if identity.uses_faceid else "identity.compare")
     reference = layout.reference_embedding(ctx.job_dir)
     size = ctx.training_resolution
     negative = ctx.settings.render.negative_prompt
     prompt = verify_prompt(ctx.job.spec)  # "{trigger}" -> train.trigger
     seeds = list(spec.seed_list)
     batches = [seeds[i : i + spec.batch_size] for i in range(0, len(seeds), spec.batch_size)]
-    candidates = {seed: {"seed": seed} for seed in seeds}
-    lora_sha256 = sha256_file(ctx.path(layout.LORA_FILE))
+    candidates: dict[int, dict[str, Any]] = {seed: {"seed": seed} for seed in seeds}
     ctx.path(layout.VERIFY_DIR).mkdir(parents=True, exist_ok=True)
-    with identity_lora(pipe, ctx.path(layout.LORA_DIR)) as lora:
-        for group, with_lora in (("lora", True), ("control", False)):
-            lora.weight(1.0) if with_lora else lora.off()
+    for group in groups:  # each group its own adapters, loaded for its block and removed after: the control has none
+        facts = group_facts(ctx, group)
+        lora = ctx.path(layout.LORA_DIR) if "lora" in group else None
+        faceid = ctx.use("faceid") if "faceid" in group else None
+        with identity_adapters(pipe, lora, faceid, reference) as adapters:
+            adapters.set(1.0, identity.faceid_scale)
+            embeds = adapters.embeds(GUIDANCE)
             for batch in batches:
                 where = f"verify: {group} seeds {batch[0]}-{batch[-1]}"
                 ctx.check_stop(where)
                 images = render(pipe, prompt, negative, batch, steps=spec.steps, guidance=GUIDANCE, size=size,
-                                on_step=lambda: ctx.check_stop(where))
+                                on_step=lambda: ctx.check_stop(where), ip_adapter_image_embeds=embeds)
                 for seed, rgb in zip(batch, images):
                     drift, face_found = score(faces, rgb, reference)
-                    prefix = "" if with_lora else "control_"
-                    file_name = f"{layout.VERIFY_DIR}/{prefix}seed_{seed}_drift_{drift_label(drift)}.png"
-                    text = png_text(prompt=prompt, negative_prompt=negative, seed=seed, group=group, lora_weight=1.0 if with_lora else 0.0,
+                    file_name = f"{layout.VERIFY_DIR}/{FILE_PREFIX[group]}seed_{seed}_drift_{drift_label(drift)}.png"
+                    text = png_text(prompt=prompt, negative_prompt=negative, seed=seed, group=group, lora_weight=facts["lora_weight"],
                                     guidance=GUIDANCE, steps=spec.steps, drift=drift, face_found=face_found, demo=ctx.demo,
-                                    models=ctx.models_used, job_id=ctx.job_id)
+                                    models=ctx.models_used, job_id=ctx.job_id, **_faceid_text(facts))
                     credentials = ctx.write_generated_image(file_name, rgb, text, {
-                        "stage": NAME, "group": group, "seed": seed, "prompt": prompt, "lora_weight": 1.0 if with_lora else 0.0,
-                        "guidance": GUIDANCE, "steps": spec.steps, "drift": drift, "face_found": face_found,
-                        "models": dict(ctx.models_used), "lora_sha256": lora_sha256 if with_lora else None})
+                        "stage": NAME, "group": group, "seed": seed, "prompt": prompt, "guidance": GUIDANCE, "steps": spec.steps, "drift": drift,
+                        "face_found": face_found, "models": dict(ctx.models_used), **facts})
                     candidates[seed][group] = {"drift": drift, "face_found": face_found, "file": file_name, "credentials": credentials}
-                    ctx.progress("seed_scored", seed=seed, lora=with_lora, drift=drift, face_found=face_found)
+                    ctx.progress("seed_scored", seed=seed, group=group, lora="lora" in group, drift=drift, face_found=face_found)
 
-    scored = sorted((c["lora"]["drift"], seed) for seed, c in candidates.items() if c["lora"]["drift"] is not None)
+    method = identity.method
+    scored = sorted((c[method]["drift"], seed) for seed, c in candidates.items() if c[method]["drift"] is not None)
     best_seed = scored[0][1] if scored else seeds[0]
     best_drift = scored[0][0] if scored else None
     locked = best_drift is not None and best_drift <= spec.threshold
-    faces_not_found = {group: sum(not c[group]["face_found"] for c in candidates.values()) for group in ("lora", "control")}
+    faces_not_found = {group: sum(not c[group]["face_found"] for c in candidates.values()) for group in groups}
     if not scored:
         reason = "no face found in any candidate render"
     elif locked:
@@ -93,6 +130,7 @@ def run(ctx: StageContext) -> None:
         "locked_seed": best_seed if locked else None,
         "threshold": spec.threshold,
         "faces_not_found": faces_not_found,
+        "method": method,
     }
     atomic_write_json(ctx.path(layout.VERIFY_INFO), {
         **outcome,
@@ -102,10 +140,14 @@ def run(ctx: StageContext) -> None:
         "steps": spec.steps,
         "resolution": size,
         "batch_layout": batches,
+        "groups": list(groups),
+        "group_facts": {group: group_facts(ctx, group) for group in groups},  # the LoRA's and the embedding's hashes
+        "faceid_note": f"{DRIFT_NOTE} (identity2 in the drift report)" if _uses_faceid(identity) else "",
         "ranking": [seed for _, seed in scored],
         "candidates": [candidates[seed] for seed in seeds],
         "demo": ctx.demo,
     })
-    ctx.audit.event("seed_selected", **outcome, candidates=len(seeds))
+    conditioning = {} if identity == IdentitySpec() else {"identity": to_plain(identity), "groups": {g: group_facts(ctx, g) for g in groups}}
+    ctx.audit.event("seed_selected", **outcome, candidates=len(seeds), **conditioning)
     ctx.log.info("seed_selected", **outcome)
 

@@ -199,3 +199,25 @@ def test_the_metrics_server_answers_from_a_bounded_pool_of_threads():
         assert b"idrep_jobs_total" in response.read()
     assert threading.active_count() - before <= METRICS_THREADS
     metrics.close()
+
+
+def test_seed_discovery_of_every_identity_method_is_counted_per_group():
+    """[identity] compare renders four groups at each seed: each has its drift series and its
+    faces-not-found count; the LoRA/control histogram keeps only its two groups."""
+    metrics = DaemonMetrics("d1", stages=("train", "verify", "render"))
+    spec = {"train": {"max_steps": 300}, "verify": {"seeds": 3}, "identity": {"method": "faceid", "compare": True}, "render": []}
+    metrics.observe("job_started", {"spec": spec})
+    metrics.observe("stage_started", {"stage": "verify"})
+    assert _value(metrics, 'idrep_stage_progress_planned{stage="verify"}') == 12  # 3 seeds x (faceid, lora, lora+faceid, control)
+    metrics.observe("seed_scored", {"seed": 0, "group": "faceid", "lora": False, "drift": 0.2, "face_found": True})
+    metrics.observe("seed_scored", {"seed": 0, "group": "lora+faceid", "lora": True, "drift": None, "face_found": False})
+    metrics.observe("seed_scored", {"seed": 0, "group": "control", "lora": False, "drift": 0.5, "face_found": True})
+    assert _value(metrics, 'idrep_verify_drift_count{group="faceid"}') == 1
+    assert _value(metrics, 'idrep_faces_not_found_total{kind="verify_lora+faceid"}') == 1
+    assert _value(metrics, 'idrep_seed_drift_count{lora="false"}') == 1  # the control only: FaceID is not the control
+    assert _value(metrics, 'idrep_stage_progress_done{stage="verify"}') == 3
+    metrics.observe("stage_finished", {"stage": "verify", "seconds": 1.0})
+    plain = DaemonMetrics("d2", stages=("train",))
+    plain.observe("job_started", {"spec": {"train": {"max_steps": 300}, "identity": {"method": "faceid"}}})
+    plain.observe("stage_started", {"stage": "train"})
+    assert _value(plain, 'idrep_stage_progress_planned{stage="train"}') == 0  # FaceID alone trains nothing
