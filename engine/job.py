@@ -597,7 +597,7 @@ def evaluate_lora_runs(spec: EvaluateJobSpec) -> tuple[LoraRun, ...]:
 
 
 # The sections of a job that config.toml may give defaults for ([job.<section>]).
-JOB_DEFAULT_SECTIONS = {"prepare": PrepareSpec, "train": TrainSpec, "verify": VerifySpec}
+JOB_DEFAULT_SECTIONS = {"prepare": PrepareSpec, "train": TrainSpec, "verify": VerifySpec, "identity": IdentitySpec}
 
 
 def read_toml(path: Path, where: str, max_bytes: int = MAX_JOB_FILE_BYTES) -> dict[str, Any]:

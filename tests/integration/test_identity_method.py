@@ -138,3 +138,16 @@ def test_a_job_asking_for_faceid_is_refused_with_the_embedded_buffalo_s_pack_out
         faceid.check_job_face_pack(faces, False, "identity.method")
     assert caught.value.message.startswith("job.toml: identity.method: ") and "buffalo_l" in caught.value.message
     faceid.check_job_face_pack(faces, True, "identity.method")
+
+
+def test_config_may_default_the_method_and_only_a_replicate_job_has_an_identity_section():
+    from engine.job import parse_job_table
+
+    spec, problems = parse_job_table({"render": [{"prompt": "x"}]}, {"identity": {"method": "faceid"}}, "alice")
+    assert not problems and spec.identity.method == "faceid"
+    spec, problems = parse_job_table({"render": [{"prompt": "x"}], "identity": {"method": "lora"}}, {"identity": {"method": "faceid"}}, "alice")
+    assert spec.identity.method == "lora"  # the job's own key wins
+    _, problems = parse_job_table({"render": [{"prompt": "x"}], "identity": {"method": "instantid"}}, {}, "alice")
+    assert [p.where for p in problems] == ["job.toml: identity.method"] and "lora+faceid" in problems[0].reason
+    _, problems = parse_job_table({"kind": "evaluate", "evaluate": {"prompts": ["x"], "seeds": [0]}, "identity": {}}, {}, "alice")
+    assert any(p.where == "job.toml: identity" and "replicate" in p.reason for p in problems)
