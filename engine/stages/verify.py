@@ -52,14 +52,14 @@ def fingerprint(ctx: StageContext) -> dict[str, object]:
     }
 
 
-def group_facts(ctx: StageContext, group: str, lora_weight: float = 1.0) -> dict[str, Any]:
-    """What conditions a group's renders, for its image records and the audit: the LoRA's hash, and
-    the embedding FaceID was conditioned on (the adapter's own hashes are in models_used)."""
-    identity = ctx.job.spec.identity
-    facts: dict[str, Any] = {"lora_weight": lora_weight if "lora" in group else 0.0,
-                             "lora_sha256": sha256_file(ctx.path(layout.LORA_FILE)) if "lora" in group and lora_weight else None}
+def group_facts(ctx: StageContext, group: str) -> dict[str, Any]:
+    """What conditions a group's renders (the LoRA at 1, FaceID at faceid_scale), for its image
+    records and the audit: the LoRA's hash, and the embedding FaceID was conditioned on (the
+    adapter's own hashes are in models_used)."""
+    uses_lora = "lora" in group
+    facts: dict[str, Any] = {"lora_weight": 1.0 if uses_lora else 0.0, "lora_sha256": sha256_file(ctx.path(layout.LORA_FILE)) if uses_lora else None}
     if "faceid" in group:
-        facts["faceid"] = {"scale": identity.faceid_scale * lora_weight, "embedding": layout.REFERENCE_FILE,
+        facts["faceid"] = {"scale": ctx.job.spec.identity.faceid_scale, "embedding": layout.REFERENCE_FILE,
                            "embedding_sha256": sha256_file(ctx.path(layout.REFERENCE_FILE))}
     return facts
 
