@@ -152,8 +152,22 @@ class RenderSpec:
 IDENTITY_METHODS = ("lora", "faceid", "lora+faceid")
 
 
+class _Method:
+    """What a `method` field (one of IDENTITY_METHODS) asks for."""
+
+    method: str
+
+    @property
+    def uses_lora(self) -> bool:
+        return self.method != "faceid"
+
+    @property
+    def uses_faceid(self) -> bool:
+        return "faceid" in self.method
+
+
 @dataclass(frozen=True)
-class IdentitySpec:
+class IdentitySpec(_Method):
     """How a replicate job conditions its renders on the subject. lora: the LoRA it trains;
     faceid: IP-Adapter-FaceID on the subject's reference ArcFace embedding (models.faceid), no
     training (the zero-shot mode); lora+faceid: both. Render passes scale FaceID as they scale
@@ -164,14 +178,6 @@ class IdentitySpec:
     method: str = field(default="lora", metadata=rule(Str(choices=IDENTITY_METHODS)))
     faceid_scale: float = field(default=1.0, metadata=rule(Float(0.0, 2.0)))
     compare: bool = field(default=False, metadata=rule(Bool()))
-
-    @property
-    def uses_lora(self) -> bool:
-        return self.method != "faceid"
-
-    @property
-    def uses_faceid(self) -> bool:
-        return "faceid" in self.method
 
     @property
     def verify_groups(self) -> tuple[str, ...]:
@@ -385,7 +391,7 @@ class LoraRun:
 FINAL_PHASE = "final"  # evaluate.group.phase: the job's LoRA as its training finished
 SHA256_PATTERN = r"(?:[0-9a-f]{64})?"
 @dataclass(frozen=True)
-class EvaluateGroup:
+class EvaluateGroup(_Method):
     """One group of an evaluate grid. Its LoRA comes from exactly one of: `photos` (a subset of
     the job's photos: a LoRA of its own, trained with the job's [train] settings), `phase` (the
     job's LoRA as it stood at that phase's exit, or "final": as it finished; no training of its
@@ -402,14 +408,6 @@ class EvaluateGroup:
     # embedding (models.faceid); lora+faceid: both, FaceID at faceid_scale.
     method: str = field(default="lora", metadata=rule(Str(choices=IDENTITY_METHODS)))
     faceid_scale: float = field(default=1.0, metadata=rule(Float(0.0, 2.0)))
-
-    @property
-    def uses_lora(self) -> bool:
-        return self.method != "faceid"
-
-    @property
-    def uses_faceid(self) -> bool:
-        return "faceid" in self.method
 
     @property
     def source(self) -> str:
