@@ -187,14 +187,6 @@ class IdentityAdapters:
     def __init__(self, pipe: Any, lora: Any, faceid: FaceIDSwitch | None, embedding: np.ndarray | None) -> None:
         self._pipe, self._lora, self._faceid, self._embedding = pipe, lora, faceid, embedding
 
-    @property
-    def has_lora(self) -> bool:
-        return self._lora is not None
-
-    @property
-    def has_faceid(self) -> bool:
-        return self._faceid is not None
-
     def set(self, lora_weight: float, faceid_scale: float) -> None:
         if self._faceid is not None:
             self._faceid.scale(faceid_scale)

@@ -28,7 +28,7 @@ from engine.context import StageContext
 from engine.diffusion import drift_label, png_text, render
 from engine.faces import score
 from engine.fsutil import atomic_write_json, atomic_write_text, sha256_file
-from engine.faceid import IdentityAdapters
+from engine.faceid import IdentityAdapters, check_job_face_pack, identity_adapters
 from engine.job import IdentitySpec, RenderSpec, verify_prompt
 from engine.schema import to_plain
 
@@ -93,12 +93,8 @@ def run(ctx: StageContext) -> None:
     ctx.path(layout.RENDERS_DIR).mkdir(parents=True, exist_ok=True)
     identity = spec.identity
     if identity.uses_faceid:
-        from engine.faceid import check_job_face_pack
-
         check_job_face_pack(faces, ctx.demo, "identity.method")
     lora = ctx.path(layout.LORA_DIR) if identity.uses_lora else None
-    from engine.faceid import identity_adapters
-
     with identity_adapters(pipe, lora, ctx.use("faceid") if identity.uses_faceid else None, reference) as adapters:
         renderer = Renderer(ctx, pipe, adapters, identity, faces, reference, seed, locked, ctx.training_resolution,
                             sha256_file(ctx.path(layout.LORA_FILE)) if identity.uses_lora else None)
@@ -179,7 +175,6 @@ class Renderer:
                           "prompt": prompt, "negative_prompt": shot.negative, "drift": drift, "face_found": face_found, "locked": self.locked,
                           "file": file_name, "credentials": credentials})
         ctx.progress("render_scored", pass_name=step.name, mode=mode, drift=drift, face_found=face_found)
-
 
     def _faceid_facts(self, step: Pass, text: bool = False) -> dict[str, Any]:
         """The FaceID scale of a pass (and for its credentials, the embedding it conditioned on);

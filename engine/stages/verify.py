@@ -17,7 +17,7 @@ from typing import Any
 from engine import layout
 from engine.context import StageContext
 from engine.diffusion import drift_label, png_text, render
-from engine.faceid import DRIFT_NOTE
+from engine.faceid import DRIFT_NOTE, check_job_face_pack, identity_adapters
 from engine.faces import score
 from engine.fsutil import atomic_write_json, sha256_file
 from engine.job import CONTROL_GROUP, IdentitySpec, verify_prompt
@@ -69,8 +69,6 @@ def _faceid_text(facts: dict[str, Any]) -> dict[str, Any]:
 
 
 def run(ctx: StageContext) -> None:
-    from engine.faceid import check_job_face_pack, identity_adapters
-
     spec = ctx.job.spec.verify
     identity = ctx.job.spec.identity
     groups = identity.verify_groups
