@@ -186,6 +186,15 @@ class IdentitySpec(_Method):
         others = tuple(m for m in IDENTITY_METHODS if m != self.method) if self.compare else ()
         return (self.method,) + others + (CONTROL_GROUP,)
 
+    @property
+    def verify_uses_faceid(self) -> bool:
+        return any("faceid" in group for group in self.verify_groups)
+
+    @property
+    def trains(self) -> bool:
+        """Whether the job's LoRA is trained: its method uses it, or compare renders it."""
+        return self.uses_lora or self.compare
+
 
 @dataclass(frozen=True, kw_only=True)
 class KindSpec:
@@ -713,7 +722,7 @@ def parse_job_table(
 
 def replicate_lora_runs(spec: JobSpec) -> tuple[LoraRun, ...]:
     """The job's LoRA, unless it renders with FaceID alone and compares nothing (nothing to train)."""
-    return (LoraRun(),) if spec.identity.uses_lora or spec.identity.compare else ()
+    return (LoraRun(),) if spec.identity.trains else ()
 
 
 def replicate_checks(spec: JobSpec, where: str) -> list[Problem]:

@@ -283,7 +283,7 @@ def _png(draw) -> bytes:
 
 
 VERIFY_GROUP_COLOURS = {"lora": "tab:blue", "control": "tab:gray", "faceid": "tab:orange", "lora+faceid": "tab:green"}
-VERIFY_GROUP_TITLES = {"lora": "LoRA", "control": "control (no LoRA)", "faceid": "FaceID", "lora+faceid": "LoRA + FaceID"}
+VERIFY_GROUP_TITLES = {"lora": "LoRA", "control": "control", "faceid": "FaceID", "lora+faceid": "LoRA + FaceID"}
 VERIFY_GROUP_HEADINGS = {"lora": "with LoRA", "control": "control (no LoRA)", "faceid": "FaceID (no LoRA)", "lora+faceid": "LoRA + FaceID"}
 
 
@@ -317,7 +317,7 @@ def drift_chart_png(facts: JobFacts) -> bytes:
         seeds_axis.set_xticks(positions, [f"{c['seed']}{' (locked)' if c['seed'] == locked_seed else ''}" for c in candidates],
                               rotation=45 if len(candidates) > 12 else 0)
         seeds_axis.set_xlabel("seed")
-        seeds_axis.set_title("Seed candidates: " + " vs ".join(VERIFY_GROUP_TITLES.get(g, g) for g in groups))
+        seeds_axis.set_title("Seed candidates: " + " vs ".join(VERIFY_GROUP_TITLES.get(g, g) for g in groups) + " (no adapter)")
         render_rows = [r for r in facts.rows if r.get("kind") == "render"]
         render_positions = np.arange(len(render_rows), dtype=float)
         found = [(p, r["drift"]) for p, r in zip(render_positions, render_rows) if r["drift"] is not None]
@@ -597,7 +597,7 @@ def _seeds(facts: JobFacts, job_src) -> list[str]:
     rank = {seed: number for number, seed in enumerate(verify.get("ranking", []), start=1)}
     groups = _verify_groups(verify)
     method = verify.get("method", "lora")
-    not_found = ", ".join(f"{VERIFY_GROUP_TITLES.get(g, g).replace(' (no LoRA)', '')} {verify['faces_not_found'][g]}" for g in groups)
+    not_found = ", ".join(f"{VERIFY_GROUP_TITLES.get(g, g)} {verify['faces_not_found'][g]}" for g in groups)
     out.append(f"<p>Prompt <code>{_text(verify['prompt'])}</code>, {verify['steps']} steps, CFG {verify['guidance']:g}, "
                f"{verify['resolution']} px; batches {_text(json.dumps(verify['batch_layout']))}. Seeds are ranked by ArcFace drift of "
                f"the {_text(VERIFY_GROUP_TITLES.get(method, method))} render; the best is locked when its drift is at most {verify['threshold']:g}. "

@@ -22,6 +22,7 @@ from typing import Any, TextIO
 
 import structlog
 
+from engine.job import IdentitySpec
 from engine.jobfolder import AUDIT_FILE, ERROR_FILE, LEDGER_FILE, MANIFEST_FILE, WORK_DIR, find_published, is_hidden_name
 from engine.kinds import DEFAULT_KIND, all_stage_names, known_kinds, kind_named
 from engine.layout import DRIFT_REPORT_JSON, RENDERS_DIR, VERIFY_DIR
@@ -227,6 +228,11 @@ def format_results(results: list[Result]) -> list[str]:
     return out
 
 
+def _identity(spec: dict[str, Any]) -> IdentitySpec:
+    """A replicate job's [identity] from its plain spec (a record from before [identity]: the default)."""
+    return IdentitySpec(**(spec.get("identity") or {}))
+
+
 def stage_position(job: Running) -> str:
     """e.g. "train (3/5)", or what a job past its last stage is doing."""
     return f"{job.stage} ({job.stages_done + 1}/{job.stages_total})" if job.stage else "all stages done, publishing"
@@ -298,9 +304,7 @@ class StageProgress:
         try:
             if stage == "train":  # the job's LoRA (unless an evaluate grid uses none of it), and an evaluate grid's photo-subset groups'
                 if "evaluate" not in spec:  # a replicate job: its LoRA, unless it renders with FaceID alone and compares nothing
-                    identity = spec.get("identity") or {}
-                    trains = identity.get("method", "lora") != "faceid" or identity.get("compare", False)
-                    return int(spec["train"]["max_steps"]) if trains else 0
+                    return int(spec["train"]["max_steps"]) if _identity(spec).trains else 0
                 groups = spec["evaluate"]["group"]
                 lora = [group for group in groups if group.get("method", "lora") != "faceid"]
                 main = bool((spec.get("mine") or {}).get("enabled")) or any(group.get("phase") for group in lora)
@@ -312,8 +316,7 @@ class StageProgress:
                 return (len(evaluate["group"]) + (1 if evaluate["control"] else 0)) * len(evaluate["prompts"]) * len(evaluate["seeds"])
             if stage == "verify":
                 seeds = spec["verify"]["seeds"]
-                groups = 4 if (spec.get("identity") or {}).get("compare") else 2  # engine.job.IdentitySpec.verify_groups
-                return groups * (seeds if isinstance(seeds, int) else len(seeds))
+                return len(_identity(spec).verify_groups) * (seeds if isinstance(seeds, int) else len(seeds))
             if stage == "render":
                 return sum(entry["count"] * (3 if entry["mode"] == "three_pass" else 2) for entry in spec["render"])
             if stage == "retouch":  # at most: a region found not applicable is not swept

@@ -97,7 +97,8 @@ def run(ctx: StageContext) -> None:
     lora = ctx.path(layout.LORA_DIR) if identity.uses_lora else None
     with identity_adapters(pipe, lora, ctx.use("faceid") if identity.uses_faceid else None, reference) as adapters:
         renderer = Renderer(ctx, pipe, adapters, identity, faces, reference, seed, locked, ctx.training_resolution,
-                            sha256_file(ctx.path(layout.LORA_FILE)) if identity.uses_lora else None)
+                            sha256_file(ctx.path(layout.LORA_FILE)) if identity.uses_lora else None,
+                            sha256_file(ctx.path(layout.REFERENCE_FILE)) if identity.uses_faceid else None)
         for entry_index, entry in enumerate(spec.render):
             shot = Shot(entry_index, entry, f"{spec.train.trigger}, {entry.prompt}",
                         ", ".join(p for p in (ctx.settings.render.negative_prompt, entry.negative_prompt) if p))
@@ -131,6 +132,7 @@ class Renderer:
     locked: bool
     size: int
     lora_sha256: str | None
+    embedding_sha256: str | None  # what FaceID was conditioned on (None: no FaceID)
     rows: list[dict[str, Any]] = field(default_factory=list)
 
     def render(self, shot: Shot, step: Pass, prompt: str, seed: int, init: np.ndarray | None = None) -> np.ndarray:
@@ -184,7 +186,7 @@ class Renderer:
             return {}
         if text:
             return {"faceid_scale": scale}
-        return {"faceid": {"scale": scale, "embedding": layout.REFERENCE_FILE, "embedding_sha256": sha256_file(self.ctx.path(layout.REFERENCE_FILE))}}
+        return {"faceid": {"scale": scale, "embedding": layout.REFERENCE_FILE, "embedding_sha256": self.embedding_sha256}}
 
 
 def _three_pass(r: Renderer, shot: Shot) -> None:

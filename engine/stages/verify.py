@@ -32,11 +32,7 @@ FILE_PREFIX = {"lora": "", "faceid": "faceid_", "lora+faceid": "lora_faceid_", C
 
 
 def models(ctx: StageContext) -> tuple[str, ...]:
-    return ("base", "faces") + (("faceid",) if _uses_faceid(ctx.job.spec.identity) else ())
-
-
-def _uses_faceid(identity: IdentitySpec) -> bool:
-    return any("faceid" in group for group in identity.verify_groups)
+    return ("base", "faces") + (("faceid",) if ctx.job.spec.identity.verify_uses_faceid else ())
 
 
 def fingerprint(ctx: StageContext) -> dict[str, object]:
@@ -74,7 +70,7 @@ def run(ctx: StageContext) -> None:
     groups = identity.verify_groups
     pipe = ctx.use("base")
     faces = ctx.use("faces")
-    if _uses_faceid(identity):
+    if identity.verify_uses_faceid:
         check_job_face_pack(faces, ctx.demo, "identity.method" if identity.uses_faceid else "identity.compare")
     reference = layout.reference_embedding(ctx.job_dir)
     size = ctx.training_resolution
@@ -84,8 +80,9 @@ def run(ctx: StageContext) -> None:
     batches = [seeds[i : i + spec.batch_size] for i in range(0, len(seeds), spec.batch_size)]
     candidates: dict[int, dict[str, Any]] = {seed: {"seed": seed} for seed in seeds}
     ctx.path(layout.VERIFY_DIR).mkdir(parents=True, exist_ok=True)
+    conditioning = {group: group_facts(ctx, group) for group in groups}  # the LoRA's and the embedding's hashes, read once
     for group in groups:  # each group its own adapters, loaded for its block and removed after: the control has none
-        facts = group_facts(ctx, group)
+        facts = conditioning[group]
         lora = ctx.path(layout.LORA_DIR) if "lora" in group else None
         faceid = ctx.use("faceid") if "faceid" in group else None
         with identity_adapters(pipe, lora, faceid, reference) as adapters:
@@ -139,13 +136,13 @@ def run(ctx: StageContext) -> None:
         "resolution": size,
         "batch_layout": batches,
         "groups": list(groups),
-        "group_facts": {group: group_facts(ctx, group) for group in groups},  # the LoRA's and the embedding's hashes
-        "faceid_note": f"{DRIFT_NOTE} (identity2 in the drift report)" if _uses_faceid(identity) else "",
+        "group_facts": conditioning,
+        "faceid_note": f"{DRIFT_NOTE} (identity2 in the drift report)" if identity.verify_uses_faceid else "",
         "ranking": [seed for _, seed in scored],
         "candidates": [candidates[seed] for seed in seeds],
         "demo": ctx.demo,
     })
-    conditioning = {} if identity == IdentitySpec() else {"identity": to_plain(identity), "groups": {g: group_facts(ctx, g) for g in groups}}
-    ctx.audit.event("seed_selected", **outcome, candidates=len(seeds), **conditioning)
+    extra = {} if identity == IdentitySpec() else {"identity": to_plain(identity), "groups": conditioning}
+    ctx.audit.event("seed_selected", **outcome, candidates=len(seeds), **extra)
     ctx.log.info("seed_selected", **outcome)
 
