@@ -394,8 +394,9 @@ def compare_manifests(clean_path: Path, final_path: Path) -> list[str]:
     return problems
 
 
-def compare_audits(clean_path: Path, final_path: Path) -> list[str]:
-    """The audit logs' content, without timestamps, chain hashes and the lines that record resumes."""
+def compare_audits(clean_path: Path, final_path: Path, also_volatile: frozenset[str] = frozenset()) -> list[str]:
+    """The audit logs' content, without timestamps, chain hashes and the lines that record resumes
+    (`also_volatile`: fields that may differ too, e.g. `fence` for a job retried under a new claim generation)."""
     clean_lines, final_lines = read_audit(clean_path), read_audit(final_path)
     problems = []
     clean_facts = {k: clean_lines[0].get(k) for k in JOB_FACTS}
@@ -407,7 +408,7 @@ def compare_audits(clean_path: Path, final_path: Path) -> list[str]:
                                 f"{sorted(k for k in JOB_FACTS if facts[k] != clean_facts[k])}")
         if line["event"] == "stage_invalidated" and line.get("reason") != "interrupted":
             problems.append(f"{AUDIT_FILE}: stage {line.get('stage')} invalidated because {line.get('reason')!r} (a kill changed a completed stage?)")
-    clean_content, final_content = _content(clean_lines), _content(final_lines)
+    clean_content, final_content = _content(clean_lines, also_volatile), _content(final_lines, also_volatile)
     for key, contents in final_content.items():
         if key not in clean_content:
             problems.append(f"{AUDIT_FILE}: {key} is not in the clean run: {json.dumps(contents[0], sort_keys=True)[:300]}")
@@ -424,7 +425,7 @@ def compare_audits(clean_path: Path, final_path: Path) -> list[str]:
     return problems
 
 
-def _content(lines: list[dict[str, Any]]) -> dict[tuple, list[dict[str, Any]]]:
+def _content(lines: list[dict[str, Any]], also_volatile: frozenset[str] = frozenset()) -> dict[tuple, list[dict[str, Any]]]:
     """{(event, stage, phase): [line without volatile fields, per occurrence]} in order of first appearance.
 
     The job_started/job_resumed facts are compared apart; job_finished's manifest_sha256
@@ -433,7 +434,7 @@ def _content(lines: list[dict[str, Any]]) -> dict[tuple, list[dict[str, Any]]]:
     for line in lines:
         if line["event"] in RESUME_EVENTS or line["event"] == "job_started":
             continue
-        stripped = {k: v for k, v in line.items() if k not in VOLATILE_FIELDS}
+        stripped = {k: v for k, v in line.items() if k not in VOLATILE_FIELDS | also_volatile}
         if line["event"] == "job_finished":
             stripped.pop("manifest_sha256", None)
         content.setdefault((line["event"], line.get("stage"), line.get("phase")), []).append(stripped)

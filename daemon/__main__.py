@@ -1,7 +1,7 @@
 """Command line: run the daemon.
 
     python -m daemon --config config.toml [--inbox DIR] [--outbox DIR] [--failed DIR] [--work DIR]
-                     [--metrics-port N] [--metrics-host ADDR] [--daemon-id ID] [--poll] [--demo]
+                     [--metrics-port N] [--metrics-host ADDR] [--daemon-id ID] [--poll] [--backend local|ray] [--demo]
     python -m daemon status --config config.toml [--inbox DIR] [--outbox DIR] [--failed DIR] [--work DIR]
                      [--last N] [--json]
     python -m daemon health [--config config.toml] [--port N]
@@ -55,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--metrics-host", help="address the metrics server listens on (default 127.0.0.1)")
     parser.add_argument("--daemon-id", help="unique id among the daemons sharing this inbox (default: <host>-<pid>)")
     parser.add_argument("--poll", action="store_true", help="poll the inbox instead of native events (a network share)")
+    parser.add_argument("--backend", choices=("local", "ray"), help="where claimed jobs run: this process, or a Ray cluster ([daemon.ray]; "
+                                                                    "overrides [daemon] backend)")
     parser.add_argument("--demo", action="store_true", help="use the tiny generated diffusion model (noise renders, marked as demo)")
     parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     args = parser.parse_args(argv)
@@ -80,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
         overrides["metrics_host"] = args.metrics_host
     if args.poll:
         overrides["network_share"] = True
+    if args.backend is not None:
+        overrides["backend"] = args.backend
     daemon = dataclasses.replace(daemon, **overrides, daemon_id=args.daemon_id or daemon.daemon_id or default_daemon_id())
     configure_logging(args.log_level, daemon.daemon_id)
     prometheus_client.disable_created_metrics()  # *_created series only clutter a daemon's /metrics

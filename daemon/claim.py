@@ -411,9 +411,10 @@ class ClaimFence:
 
 
 class Heartbeat:
-    """Renews the lease of the one claim this daemon holds (and the daemon's presence), every
-    lease/3 seconds, on its own thread, so that a long stage never lets the lease lapse. Calls
-    `on_lost(job)` (from its thread) when another daemon took the claim over."""
+    """Renews the leases of the claims this daemon holds (and the daemon's presence), every
+    lease/3 seconds, on its own thread, so that a long stage never lets a lease lapse. Calls
+    `on_lost(job)` (from its thread) when another daemon took a claim over. A daemon holds one
+    claim per job it runs (one with the local backend; one per cluster worker with Ray)."""
 
     def __init__(self, lease_seconds: float, on_lost: Callable[[ClaimedJob], None], share_now: Callable[[], float],
                  also: Callable[[], None] | None = None) -> None:
@@ -422,8 +423,7 @@ class Heartbeat:
         self.on_lost = on_lost
         self.share_now = share_now
         self.also = also  # renews the daemon's presence on every beat
-        self._job: ClaimedJob | None = None
-        self._fence: ClaimFence | None = None
+        self._held: dict[Path, tuple[ClaimedJob, ClaimFence]] = {}  # by container
         self._lock = threading.RLock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="claim-heartbeat", daemon=True)
@@ -437,31 +437,34 @@ class Heartbeat:
             self._thread.join(timeout=10)
 
     def hold(self, job: ClaimedJob) -> ClaimFence:
-        """Start renewing `job`; returns the fence the engine asks before each write."""
+        """Start renewing `job` (in place of an earlier generation of its container, which this
+        daemon gave up by taking the next one); returns the fence the engine asks before each write."""
         with self._lock:
-            self._job = job
-            self._fence = ClaimFence(job, self.lease_seconds, self.renew_now)
-            return self._fence
+            before = self._held.get(job.container)
+            if before is not None:
+                before[1].lose(f"claim generation {before[0].generation} was superseded by this daemon's generation {job.generation}")
+            fence = ClaimFence(job, self.lease_seconds, lambda: self.renew_now(job.container))
+            self._held[job.container] = (job, fence)
+            return fence
 
     def lose(self, why: str) -> None:
-        """Shut the fence of the claim held now (this process must not write for it any more)."""
+        """Shut the fences of every claim held now (this process must not write for them any more)."""
         with self._lock:
-            if self._fence is not None:
-                self._fence.lose(why)
+            for _job, fence in self._held.values():
+                fence.lose(why)
 
-    def drop(self) -> ClaimedJob | None:
-        """Stop renewing; returns the claim as last renewed (None if it was lost)."""
+    def drop(self, container: Path) -> ClaimedJob | None:
+        """Stop renewing the claim of `container`; returns it as last renewed (None if it was lost)."""
         with self._lock:
-            job, fence = self._job, self._fence
-            self._job = self._fence = None
+            job, fence = self._held.pop(container, (None, None))
         return None if job is None or (fence is not None and fence.lost) else job
 
-    def renew_now(self) -> bool:
+    def renew_now(self, container: Path) -> bool:
         """Renew at once (the fence found the lease past on the local clock). False when the claim
         is lost or its file is too old on the share's clock for a renewal to be safe: another
         daemon may already have judged it expired."""
         with self._lock:
-            job, fence = self._job, self._fence
+            job, fence = self._held.get(container, (None, None))
             if job is None or fence is None:
                 return False
             try:
@@ -482,11 +485,15 @@ class Heartbeat:
             renewed = renew(job)
         if renewed is None:
             fence.lose(f"claim generation {job.generation} was taken over by another daemon")
-            self._job = None
+            self._forget(job)
             self.on_lost(job)
             return False
         fence.renewed(started)
         return True
+
+    def _forget(self, job: ClaimedJob) -> None:
+        if self._held.get(job.container, (None,))[0] is job:
+            del self._held[job.container]
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
@@ -496,17 +503,65 @@ class Heartbeat:
                 except Exception:  # noqa: BLE001 - the presence must not stop the claim's renewals
                     log.exception("presence_renew_failed")
             with self._lock:
-                job, fence = self._job, self._fence
-                if job is None or fence is None:
-                    continue
-                if fence.lost:  # the fence found out first (at a write): report it once
-                    self._job = None
-                    self.on_lost(job)
-                    continue
-                try:
-                    self._renew(job, fence, local_seconds())
-                except OSError as exc:  # a network share hiccup: try again next beat (the fence shuts if it lasts)
-                    log.warning("claim_renew_failed", job_id=job.job_id, error=str(exc))
+                for job, fence in list(self._held.values()):
+                    if fence.lost:  # the fence found out first (at a write): report it once
+                        self._forget(job)
+                        self.on_lost(job)
+                        continue
+                    try:
+                        self._renew(job, fence, local_seconds())
+                    except OSError as exc:  # a network share hiccup: try again next beat (the fence shuts if it lasts)
+                        log.warning("claim_renew_failed", job_id=job.job_id, error=str(exc))
+
+
+class GenerationFence:
+    """The fence of one attempt run by a cluster worker (daemon.cluster) for the daemon that
+    holds the claim: the attempt owns the job while the container's highest claim generation is
+    the one the daemon took for it. The daemon takes a new generation before every attempt (a
+    retry after a lost node, a restart, another daemon's takeover), so an attempt that outlived
+    its node, or was frozen while its retry took over, finds a later generation at its next write
+    and writes nothing more. `io=False` (every denoising step) looks at the disk at most every
+    `look_seconds`, so an orphan also stops computing soon."""
+
+    def __init__(self, container: Path, token: int, look_seconds: float = 2.0) -> None:
+        self.container = Path(container)
+        self.token = token
+        self.look_seconds = look_seconds
+        self._looked = local_seconds()
+        self._lost = ""
+
+    @property
+    def lost(self) -> str:
+        return self._lost
+
+    def check(self, what: str, *, io: bool = True) -> None:
+        if not self._lost and (io or local_seconds() - self._looked >= self.look_seconds):
+            self._looked = local_seconds()
+            try:
+                current = highest_generation(self.container)
+            except FileNotFoundError:
+                current = -1
+            if current != self.token:
+                self._lost = (f"claim generation {self.token} was superseded (generation {current} exists: the job was retried "
+                              "elsewhere, or taken over)" if current > self.token else "the claimed job's container is gone")
+        if self._lost:
+            raise OwnershipLost(f"{what}: {self._lost}")
+
+
+def next_attempt(job: ClaimedJob, owner: Owner, lease_seconds: float) -> ClaimedJob | None:
+    """Take the next generation of a claim this daemon holds, for a new attempt at its job (the
+    last one was lost with its node): the lost attempt's fence is shut by it, and it counts as a
+    crash. None when the claim is no longer this daemon's (taken over, or its container gone)."""
+    assert job.claim is not None
+    claim = replace(job.claim, generation=job.generation + 1, daemon_id=owner.daemon_id, host=owner.host, pid=owner.pid,
+                    pid_start=owner.pid_start, claimed_at=_now(), lease_seconds=lease_seconds, crashes=job.claim.crashes + 1,
+                    previous_owner=job.claim.daemon_id, released=False, held="", retry_seconds=0.0)
+    try:
+        if not still_owned(job) or not create_exclusive(claim_path(job.container, claim.generation), claim.to_json()):
+            return None
+    except FileNotFoundError:
+        return None
+    return read_current(job.container)
 
 
 def _now() -> float:

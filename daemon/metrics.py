@@ -92,7 +92,9 @@ class DaemonMetrics:
         self.stage_in_progress = Gauge("idrep_stage_in_progress", "1 for the stage running now.", ["stage"], registry=r)
         self.queue_depth = Gauge("idrep_queue_depth", "Jobs ready to run and waiting: complete inbox folders, and claims waiting to be taken over.", registry=r)
         self.inbox_copying = Gauge("idrep_inbox_copying", "Inbox folders still being copied (not yet ready).", registry=r)
-        self.job_in_progress = Gauge("idrep_job_in_progress", "1 while this daemon runs a job.", registry=r)
+        self.job_in_progress = Gauge("idrep_job_in_progress", "Jobs this daemon runs now (0 or 1 with the local backend; up to one per worker with Ray).", registry=r)
+        self.jobs_by_node = Counter("idrep_backend_jobs_total", "Runs of jobs ended, by backend (local, ray), the node that ran the last attempt (its address; \"\" when none ran) and outcome.", ["backend", "node", "outcome"], registry=r)
+        self.attempts_lost = Counter("idrep_attempts_lost_total", "Attempts lost with their worker (a cluster node died or was cut off) and run again under the claim's next generation, by backend.", ["backend"], registry=r)
         self.train_steps = Counter("idrep_train_steps_total", "Training steps done.", registry=r)
         self.train_checkpoints = Counter("idrep_train_checkpoints_total", "Training checkpoints written.", registry=r)
         self.train_step = Gauge("idrep_train_step", "Step of the job being trained (over all phases).", registry=r)
@@ -156,6 +158,9 @@ class DaemonMetrics:
         elif outcome == JobOutcome.HELD:
             self.job_holds.labels(code or "unknown").inc()
         self._clear_job_gauges()
+
+    def job_ran(self, backend: str, node: str, outcome: str) -> None:
+        self.jobs_by_node.labels(backend, node, outcome).inc()
 
     def observe(self, event: str, fields: dict[str, Any]) -> None:
         """The engine's observer events -> metrics (unknown events are ignored)."""
@@ -228,7 +233,6 @@ class DaemonMetrics:
             self.progress_planned.labels(stage).set(0)
         for sample in self.stage_in_progress.collect()[0].samples:
             self.stage_in_progress.labels(sample.labels["stage"]).set(0)
-        self.job_in_progress.set(0)
 
 
 class _PooledWSGIServer(WSGIServer):

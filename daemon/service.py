@@ -26,9 +26,15 @@ engine's ledger with the same job id, in this daemon after a restart or in anoth
 takes the claim over. A daemon that lost its claim (it was frozen past its lease) writes nothing
 more: the engine asks the claim's fence before every write.
 
-Threads: the main thread runs the loop below and receives signals; one worker thread runs the
-engine (one job at a time: one GPU); the claim heartbeat renews the lease and the daemon's
-presence; watchdog's thread only wakes the loop; the metrics server answers scrapes.
+Where a claimed job runs is the backend's business (daemon/cluster.py): `local` runs it in this
+process with its own engine, one at a time (one GPU); `ray` runs one job per worker of a Ray
+cluster at once, each attempt under a claim generation of its own: an attempt lost with its node
+is run again on another (the claim's next generation, counted as a crash) and the lost one, if
+it still runs, writes nothing more.
+
+Threads: the main thread runs the loop below and receives signals; one thread per job in flight
+runs it through the backend; the claim heartbeat renews the leases and the daemon's presence;
+watchdog's thread only wakes the loop; the metrics server answers scrapes.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ import hashlib
 import os
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,9 +58,11 @@ from daemon.claim import (
     discard,
     empty_trash,
     find_claims,
+    next_attempt,
     release,
     take_over,
 )
+from daemon.cluster import AttemptLost, Backend, make_backend
 from daemon.clock import ShareClock
 from daemon.metrics import CRASHED, DaemonMetrics
 from daemon.presence import Presence, register
@@ -67,6 +76,15 @@ from engine.jobfolder import (INPUTS_DIR, all_stage_names, atomic_write_json, se
 TRAIN_LOG_EVERY = 10
 PUBLISHED = (JobOutcome.FINISHED, JobOutcome.FAILED)  # outcomes after which the job is in the outbox or failed/
 HOLD_RETRY_MAX_SECONDS = 3600.0
+
+
+@dataclass
+class _Run:
+    """A job in flight: its claim and fence (a new generation for each attempt) and its thread."""
+
+    job: ClaimedJob
+    fence: Any
+    thread: threading.Thread | None = None
 
 
 class Service:
@@ -87,11 +105,12 @@ class Service:
         self.clock = ShareClock(self.paths.work, self.daemon_id)
         self.heartbeat = Heartbeat(daemon.lease_seconds, self._claim_lost, self.clock.now, also=self._renew_presence)
         self.engine: Engine | None = None
+        self.backend: Backend | None = None
         self.presence: Presence | None = None
         self.metrics_port: int | None = None
         self._stopping = threading.Event()
-        self._worker: threading.Thread | None = None
-        self._current: ClaimedJob | None = None
+        self._running: dict[Path, _Run] = {}  # by container; changed by the loop's thread only
+        self._job_id = threading.local()  # the job of the thread the engine's observer is called in
         self._recoveries: list[ClaimedJob] = []  # this daemon's own claims from before a restart
         self._takeovers: list[ClaimedJob] = []  # expired, released or due held claims of any daemon
         self._paused: str = ""  # why claiming is paused (a folder failed its probe); "" = claiming
@@ -120,17 +139,22 @@ class Service:
             self.engine = self._load_engine()
             if self.engine is None or self._stopping.is_set():
                 return self._exit_code
+            self.backend = make_backend(self.config.backend, self.engine, self.settings, self.config, demo=self.demo, daemon_id=self.daemon_id)
+            self.backend.start()
+            self.metrics.attempts_lost.labels(self.backend.name)
             empty_trash(self.paths.work)
             self._recoveries = [job for job in find_claims(self.paths.work)
                                 if job.claim and job.claim.daemon_id == self.daemon_id and job.has_folder()]
             self.watcher.start()
-            self.metrics.info.info({"daemon_id": self.daemon_id, "watch": self.watcher.kind, "demo": str(self.demo).lower()})
+            self.metrics.info.info({"daemon_id": self.daemon_id, "watch": self.watcher.kind, "demo": str(self.demo).lower(),
+                                    "backend": self.backend.name})
             self.metrics.ready.set(1)
             self.log.info(
                 "daemon_started", watch=self.watcher.kind, observer=self.watcher.observer_name, pid=os.getpid(), host=self.owner.host,
                 inbox=str(self.paths.inbox), outbox=str(self.paths.outbox), failed=str(self.paths.failed), work=str(self.paths.work),
                 stable_seconds=self.config.stable_seconds, scan_seconds=self.config.scan_seconds, lease_seconds=self.config.lease_seconds,
                 own_claims_to_recover=[job.job_id for job in self._recoveries], demo=self.demo, presence_generation=self.presence.generation,
+                backend=self.backend.name, workers_ready=self.backend.capacity(),
             )
             self._loop()
         except ConfigError:
@@ -177,19 +201,27 @@ class Service:
         call from a signal handler."""
         if not self._stopping.is_set():
             self._stopping.set()
-            if self.engine is not None:
+            if self.backend is not None:
+                self.backend.stop_jobs()
+            elif self.engine is not None:
                 self.engine.stop_requested.set()
             self.waker.event.set()
-            self.log.info("stop_requested", reason=reason, job_id=self._current.job_id if self._current else None)
+            self.log.info("stop_requested", reason=reason, job_ids=[run.job.job_id for run in list(self._running.values())])
 
     def _shutdown(self) -> None:
         self._stopping.set()
         self.watcher.stop()
-        if self._worker is not None:
-            if self.engine is not None:
-                self.engine.stop_requested.set()
-            self._worker.join()
-            self._worker = None
+        if self._running and self.backend is not None:
+            self.backend.stop_jobs()
+        for run in list(self._running.values()):
+            if run.thread is not None:
+                run.thread.join()
+        self._running.clear()
+        if self.backend is not None:
+            try:
+                self.backend.close()
+            except Exception:  # noqa: BLE001 - the claims are settled; a cluster that will not say goodbye must not hang the stop
+                self.log.exception("backend_not_closed", backend=self.backend.name)
         self.heartbeat.stop()
         if self.presence is not None:
             try:
@@ -215,9 +247,11 @@ class Service:
         next_scan = 0.0
         while not self._stopping.is_set():
             now = time.monotonic()
-            if self._worker is not None and not self._worker.is_alive():
-                self._worker.join()
-                self._worker = None
+            for container, run in list(self._running.items()):
+                if run.thread is not None and not run.thread.is_alive():
+                    run.thread.join()
+                    del self._running[container]
+            self.metrics.job_in_progress.set(len(self._running))
             try:
                 for name in self.waker.take():
                     self.readiness.touch(name, now)
@@ -225,7 +259,8 @@ class Service:
                     self._scan(now)
                     next_scan = now + self.config.scan_seconds
                 self.readiness.refresh(now)
-                if self._worker is None and not self._stopping.is_set() and not self._paused:
+                if not self._stopping.is_set() and not self._paused and self.backend is not None \
+                        and len(self._running) < self.backend.capacity():
                     self._start_next()
             except OSError as exc:  # a share that hiccups (EIO, ESTALE, EACCES): say so, look at the folders, try again
                 self.log.warning("file_system_error", error=str(exc), filename=exc.filename)
@@ -262,11 +297,10 @@ class Service:
             self.log.warning("work_area_unreachable", work=str(self.paths.work), error=str(exc))
             return
         self._check_clock(share_now)
-        current = self._current.container if self._current else None
         recovering = {job.container for job in self._recoveries}
         takeovers = []
         for job in claims:
-            if job.container == current or job.container in recovering:
+            if job.container in self._running or job.container in recovering:
                 continue
             if job.has_folder():
                 if job.takeable(share_now):
@@ -349,11 +383,11 @@ class Service:
             self.metrics.claims_taken_over.labels(taken_over).inc()
             self.log.info("claim_taken_over", job_id=job.job_id, folder=job.claim.folder, reason=taken_over,
                           previous_owner=job.claim.previous_owner, generation=job.generation, crashes=job.claim.crashes)
-        self._current = job
-        fence = self.heartbeat.hold(job)
-        self.metrics.job_in_progress.set(1)
-        self._worker = threading.Thread(target=self._run_job, args=(job, fence), name=f"job-{job.job_id}", daemon=True)
-        self._worker.start()
+        run = _Run(job, self.heartbeat.hold(job))
+        run.thread = threading.Thread(target=self._run_job, args=(run,), name=f"job-{job.job_id}", daemon=True)
+        self._running[job.container] = run
+        self.metrics.job_in_progress.set(len(self._running))
+        run.thread.start()
 
     # ---- inbox folders refused without a claim -----------------------------------------
 
@@ -384,13 +418,14 @@ class Service:
 
     # ---- one job (worker thread) -------------------------------------------------------
 
-    def _run_job(self, job: ClaimedJob, fence: Any) -> None:
-        assert self.engine is not None and job.claim is not None
+    def _run_job(self, run: _Run) -> None:
+        assert self.engine is not None and self.backend is not None and run.job.claim is not None
         started = time.monotonic()
-        outcome, code, error, output = CRASHED, None, None, None
-        log = self.log.bind(job_id=job.job_id)
+        outcome, code, error, output, node = CRASHED, None, None, None, ""
+        log = self.log.bind(job_id=run.job.job_id)
+        self._job_id.value = run.job.job_id
         try:
-            outcome, code, error, output = self._attempt(job, fence, log)
+            outcome, code, error, output, node = self._attempt(run, log)
         except ConfigError as config_error:
             # The installation is at fault, not the job: keep it resumable and stop this daemon.
             log.error("installation_error", code=config_error.code, message=config_error.message)
@@ -407,45 +442,72 @@ class Service:
             log.exception("job_crashed")
         finally:
             try:
-                self._settle(job, outcome, error, log)
+                self._settle(run.job, outcome, error, log)
             except BaseException:  # noqa: BLE001 - settling failed: the claim stays, and expires for a retry
                 log.exception("claim_not_settled", outcome=outcome)
             seconds = time.monotonic() - started
             self.metrics.job_ended(outcome, seconds, code)
+            self.metrics.job_ran(self.backend.name, node, outcome)
             where = {"output": str(output)} if output is not None and outcome in PUBLISHED else {}
-            log.info("job_ended", outcome=outcome, code=code, seconds=round(seconds, 3), folder=job.claim.folder, **where)
-            self._current = None
-            if not self._stopping.is_set() and self.engine is not None:
-                self.engine.stop_requested.clear()
+            log.info("job_ended", outcome=outcome, code=code, seconds=round(seconds, 3), folder=run.job.claim.folder,
+                     backend=self.backend.name, node=node, **where)
+            if not self._stopping.is_set():
+                self.backend.resume_jobs()
             self.waker.event.set()
 
-    def _attempt(self, job: ClaimedJob, fence: Any, log: Any) -> tuple[str, str | None, dict[str, Any] | None, Path | None]:
-        """Run the job (or settle one already published); returns (outcome, code, error, where it
-        was published: the outbox's folder, or failed/'s)."""
-        assert self.engine is not None and job.claim is not None
-        if job.claim.crashes >= self.config.max_crashes and find_published(self.paths.outbox, self.paths.failed, job.job_id) is None:
-            result = self._give_up(job, fence, log)
-        else:
-            # Also for a job already published (the daemon died after the engine's publishing
-            # rename, before the claim was cleared): the engine then only settles what a kill can
-            # leave (its journal line, a leftover work folder) and never runs it twice.
-            result = self.engine.run_job(job.folder, self.paths.outbox, job_id=job.job_id, failed_dir=self.paths.failed, fence=fence,
-                                         refresh_inputs=False, origin=self.paths.inbox / job.claim.folder)
+    def _attempt(self, run: _Run, log: Any) -> tuple[str, str | None, dict[str, Any] | None, Path | None, str]:
+        """Run the job (or settle one already published) through the backend, again under the
+        claim's next generation each time an attempt is lost with its node; returns (outcome,
+        code, error, where it was published: the outbox's folder or failed/'s, the node)."""
+        assert self.engine is not None and self.backend is not None
+        lost_in_a_row, node = 0, ""
+        while True:
+            job = run.job
+            assert job.claim is not None
+            if (job.claim.crashes >= self.config.max_crashes or lost_in_a_row > self.config.ray.max_retries) \
+                    and find_published(self.paths.outbox, self.paths.failed, job.job_id) is None:
+                result = self._give_up(job, run.fence, log)
+                break
+            try:
+                # Also for a job already published (the daemon died after the engine's publishing
+                # rename, before the claim was cleared): the engine then only settles what a kill can
+                # leave (its journal line, a leftover work folder) and never runs it twice.
+                result, node = self.backend.run_job(job, run.fence, outbox=self.paths.outbox, failed=self.paths.failed,
+                                                    origin=self.paths.inbox / job.claim.folder)
+                break
+            except AttemptLost as lost:
+                lost_in_a_row += 1
+                self._next_attempt(run, lost, lost_in_a_row, log)
         code = result.error.get("code") if result.error else None
         if result.outcome in PUBLISHED:
-            held = self._check_claimed_folder(job, result.output_dir, fence, log)
+            held = self._check_claimed_folder(run.job, result.output_dir, run.fence, log)
             if held is not None:
-                return JobOutcome.HELD, held["code"], held, None
-        return result.outcome, code, result.error, result.output_dir
+                return JobOutcome.HELD, held["code"], held, None, node
+        return result.outcome, code, result.error, result.output_dir, node
+
+    def _next_attempt(self, run: _Run, lost: AttemptLost, in_a_row: int, log: Any) -> None:
+        """The attempt was lost with its worker: take the claim's next generation (which shuts the
+        lost attempt's fence wherever it still runs; a crash on the claim's count) for the next."""
+        assert self.backend is not None
+        job = next_attempt(run.job, self.owner, self.config.lease_seconds)
+        if job is None:
+            raise OwnershipLost("take the next claim generation after a lost attempt: the claim is no longer this daemon's")
+        assert job.claim is not None
+        run.job, run.fence = job, self.heartbeat.hold(job)
+        self.metrics.attempts_lost.labels(self.backend.name).inc()
+        log.error("attempt_lost", node=lost.node, why=lost.why, generation=job.generation, crashes=job.claim.crashes, lost_in_a_row=in_a_row,
+                  max_retries=self.config.ray.max_retries, note="the next attempt resumes from the job's ledger on another worker")
 
     def _give_up(self, job: ClaimedJob, fence: Any, log: Any) -> JobResult:
         """Publish the job to failed/ as too_many_crashes, from the engine's verified copy of its
         inputs when there is one (the engine's publish_refusal: the one failure publisher)."""
         assert self.engine is not None and job.claim is not None
         error = JobError("too_many_crashes",
-                         f"runs of this job ended without a clean stop {job.claim.crashes} times (daemon killed, out of memory, or frozen "
-                         f"past its lease; [daemon] max_crashes = {self.config.max_crashes}); it was given up so that it cannot take down "
-                         "one daemon after another", details={"crashes": job.claim.crashes, "last_owner": job.claim.previous_owner})
+                         f"runs of this job ended without a clean stop {job.claim.crashes} times (daemon killed, out of memory, frozen "
+                         f"past its lease, or lost with its cluster node; [daemon] max_crashes = {self.config.max_crashes}, [daemon.ray] "
+                         f"max_retries = {self.config.ray.max_retries}); it was given up so that it cannot take down one daemon or node "
+                         "after another", details={"crashes": job.claim.crashes, "last_owner": job.claim.previous_owner,
+                                                   "backend": self.config.backend})
         try:
             result = self.engine.publish_refusal(error, job.folder, self.paths.outbox, self.paths.failed, job_id=job.job_id, fence=fence,
                                                  origin=self.paths.inbox / job.claim.folder)
@@ -500,7 +562,7 @@ class Service:
         """Finished or failed (published, and the claimed folder checked): remove the container.
         Held: release it on hold for a later retry, and probe the folders. Interrupted or
         crashed: release it now. Lost: touch nothing (another daemon owns it)."""
-        held = self.heartbeat.drop()
+        held = self.heartbeat.drop(job.container)
         if held is None or outcome == JobOutcome.LOST:
             if outcome != JobOutcome.LOST:
                 log.warning("claim_lost_before_settling", outcome=outcome)
@@ -534,7 +596,7 @@ class Service:
         """Engine audit/progress events -> metrics, and the few worth a daemon log line."""
         try:
             self.metrics.observe(event, fields)
-            job_id = self._current.job_id if self._current else None
+            job_id = getattr(self._job_id, "value", None)
             if event == "stage_started":
                 self.log.info("stage_started", job_id=job_id, stage=fields.get("stage"))
             elif event == "job_resumed":

@@ -11,7 +11,30 @@ from typing import Any
 
 from engine import ConfigError, Settings
 from engine.jobfolder import is_hidden_name, probe_folder, probe_job_targets, probe_rename
-from engine.schema import INVALID, Bool, Float, Int, Problem, Str, build, rule
+from engine.schema import INVALID, Bool, Float, Int, Problem, Str, Table, build, rule
+
+BACKENDS = ("local", "ray")
+
+
+@dataclass(frozen=True)
+class RaySettings:
+    """config.toml's [daemon.ray]: where the jobs run when [daemon] backend = "ray" (daemon/cluster.py)."""
+
+    # The cluster's GCS address ("10.0.0.5:6379"); "auto": the cluster this host's `ray start` joined;
+    # "local": start a private one-node cluster in this process (a single box, and the tests).
+    address: str = field(default="auto", metadata=rule(Str(min_len=1, max_len=255)))
+    # A job whose attempt was lost with its node (node death, raylet killed, network cut) runs
+    # again on another node at most this many times in a row; then it goes to failed/ as
+    # too_many_crashes. Each lost attempt also counts in the claim's crashes ([daemon] max_crashes).
+    max_retries: int = field(default=3, metadata=rule(Int(0, 100)))
+    gpus_per_job: float = field(default=1.0, metadata=rule(Float(0.0, 64.0)))
+    cpus_per_job: float = field(default=1.0, metadata=rule(Float(0.0, 1024.0)))
+    # How many jobs at once (one worker each): 0 = the cluster's GPUs / gpus_per_job at start.
+    workers: int = field(default=0, metadata=rule(Int(0, 1024)))
+    # true: one long-lived worker (a Ray actor) per slot keeps the engine and its models loaded
+    # across jobs; false: a fresh worker process per job (every job pays the model load).
+    keep_models_loaded: bool = field(default=True, metadata=rule(Bool()))
+    namespace: str = field(default="idrep", metadata=rule(Str(pattern=r"[A-Za-z0-9_.-]{1,64}", pattern_doc="1-64 characters from A-Z a-z 0-9 _ . -")))
 
 
 @dataclass(frozen=True)
@@ -49,6 +72,10 @@ class DaemonSettings:
     # While a model the configuration needs is missing, the daemon serves /metrics (idrep_ready
     # 0), logs models_missing naming every file and where it goes, and looks again this often.
     models_retry_seconds: float = field(default=30.0, metadata=rule(Float(0.1, 3600.0)))
+    # Where claimed jobs run: "local" (this process, one at a time) or "ray" (a Ray cluster's
+    # GPU workers, one job per worker at once; [daemon.ray]; `pip install .[ray]`).
+    backend: str = field(default="local", metadata=rule(Str(choices=BACKENDS)))
+    ray: RaySettings = field(default_factory=RaySettings, metadata=rule(Table(RaySettings)))
 
 
 def load_daemon_settings(settings: Settings, where: str = "config.toml") -> DaemonSettings:

@@ -188,7 +188,7 @@ def test_heartbeat_renews_and_reports_a_lost_claim_and_shuts_the_fence(tmp_path)
         while not lost and time.monotonic() < deadline:
             time.sleep(0.05)
         assert [j.job_id for j in lost] == ["j1"]  # ... and its heartbeat hears of it
-        assert heartbeat.drop() is None
+        assert heartbeat.drop(job.container) is None
     finally:
         heartbeat.stop()
 

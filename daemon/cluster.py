@@ -1,0 +1,351 @@
+"""Where a claimed job runs: in this process (`local`, the default) or on a Ray cluster's GPU
+workers (`ray`, [daemon] backend = "ray" and [daemon.ray]; the optional extra `pip install .[ray]`).
+
+The daemon keeps its place with either: it watches, validates readiness, claims (the rename),
+holds and renews the claim, settles it and publishes metrics. A backend only runs one attempt
+of a job: `run_job(job, fence, ...)` returns the engine's JobResult, or raises AttemptLost when
+the attempt was lost with its worker (node death, a killed raylet, a cut network). The daemon
+then takes the claim's next generation (claim.next_attempt: counted as a crash) and calls
+`run_job` again, so that every attempt runs under a generation of its own; the lost attempt, if
+its process still runs somewhere (an orphan: seen on this host, a worker whose raylet was
+SIGKILLed committed one more stage), finds the later generation at its next write
+(claim.GenerationFence) and writes nothing more. Ray's own task retries are therefore off
+(max_retries=0, max_restarts=0): a retry must take its generation before it starts, which only
+the claim's holder can do.
+
+With Ray, each worker slot is one Ray actor declaring [daemon.ray] gpus_per_job GPUs (Ray sets
+CUDA_VISIBLE_DEVICES for it). With keep_models_loaded (the default) the actor lives as long as
+the daemon and keeps its Engine, and with it the loaded models, across jobs; otherwise a new
+actor (a new process: every model loaded again) is made for each attempt and killed after it.
+Workers run the same engine on the same shared storage (the work area, outbox, failed/ and the
+models folder must be the same paths on every node) and resume from the job's ledger.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import structlog
+
+from daemon.claim import ClaimedJob, GenerationFence
+from daemon.settings import DaemonSettings, RaySettings
+from engine import ConfigError, Engine, JobOutcome, JobResult
+from engine.jobfolder import atomic_write_json, safe_subject_name, set_umask
+
+WORKER_FILE = "worker.{generation:06d}.json"  # in the claim's container: which node runs that generation's attempt
+WAIT_SECONDS = 1.0  # how often a job's thread looks up from waiting for its attempt (stop requests)
+
+log = structlog.get_logger("daemon.cluster")
+
+
+class AttemptLost(Exception):
+    """The attempt's worker is gone or unreachable; the attempt may still be running (fenced)."""
+
+    def __init__(self, node: str, why: str) -> None:
+        super().__init__(f"the attempt on node {node} was lost: {why}")
+        self.node, self.why = node, why
+
+
+class Backend(Protocol):
+    name: str
+
+    def start(self) -> None: ...
+    def capacity(self) -> int: ...  # how many jobs may run at once now
+    # One attempt; returns the engine's result and the node that ran it. Raises AttemptLost.
+    def run_job(self, job: ClaimedJob, fence: Any, *, outbox: Path, failed: Path, origin: Path) -> tuple[JobResult, str]: ...
+    def stop_jobs(self) -> None: ...  # the jobs in flight stop at their next safe point, resumable
+    def resume_jobs(self) -> None: ...  # clear a stop (an installation error stops the daemon; a job's end does not)
+    def close(self) -> None: ...
+
+
+class LocalBackend:
+    """One job at a time in this process, with the daemon's own engine (and its loaded models)."""
+
+    name = "local"
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.node = socket.gethostname()
+
+    def start(self) -> None:
+        return None
+
+    def capacity(self) -> int:
+        return 1
+
+    def run_job(self, job: ClaimedJob, fence: Any, *, outbox: Path, failed: Path, origin: Path) -> tuple[JobResult, str]:
+        result = self.engine.run_job(job.folder, outbox, job_id=job.job_id, failed_dir=failed, fence=fence, refresh_inputs=False, origin=origin)
+        return result, self.node
+
+    def stop_jobs(self) -> None:
+        self.engine.stop_requested.set()
+
+    def resume_jobs(self) -> None:
+        self.engine.stop_requested.clear()
+
+    def close(self) -> None:
+        return None
+
+
+def worker_record(container: Path) -> dict[str, Any] | None:
+    """The newest worker file of a claim's container (daemon status: which node runs the job)."""
+    import json
+
+    try:
+        names = sorted(name for name in os.listdir(container) if name.startswith("worker.") and name.endswith(".json"))
+        if not names:
+            return None
+        with open(Path(container) / names[-1], "rb") as handle:
+            return json.loads(handle.read().decode("utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+class JobWorker:
+    """The body of one Ray actor: an Engine on a GPU node, kept across jobs (its models stay loaded)."""
+
+    def __init__(self, settings: Any, demo: bool, umask: str, daemon_id: str, log_level: str) -> None:
+        from engine import configure_json_logging
+
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+        configure_json_logging(log_level, _stdout(), extra=lambda _l, _m, event: {**event, "daemon_id": daemon_id, "worker_pid": os.getpid()})
+        if umask:
+            set_umask(int(umask, 8))
+        started = time.monotonic()
+        self.engine = Engine(settings, demo=demo)
+        self.engine_seconds = time.monotonic() - started
+        self.jobs = 0
+
+    def describe(self) -> dict[str, Any]:
+        import ray
+
+        context = ray.get_runtime_context()
+        return {"node_id": context.get_node_id(), "node": ray.util.get_node_ip_address(), "host": socket.gethostname(),
+                "pid": os.getpid(), "gpus": context.get_accelerator_ids().get("GPU", []), "engine_seconds": round(self.engine_seconds, 3),
+                "jobs": self.jobs}
+
+    def run(self, folder: str, outbox: str, failed: str, job_id: str, origin: str, container: str,
+            generation: int) -> tuple[JobResult, dict[str, Any]]:
+        """One attempt at a job, under claim generation `generation` (the daemon took it for this
+        attempt); returns the result and this worker's description."""
+        fence = GenerationFence(Path(container), generation)
+        described = self.describe()
+        fence.check("record which worker runs this attempt")
+        atomic_write_json(Path(container) / WORKER_FILE.format(generation=generation), {**described, "generation": generation,
+                                                                                      "started": time.time()})
+        self.engine.stop_requested.clear()
+        self.jobs += 1
+        result = self.engine.run_job(Path(folder), Path(outbox), job_id=job_id, failed_dir=Path(failed), fence=fence, refresh_inputs=False,
+                                     origin=Path(origin))
+        return result, described
+
+    def stop(self) -> None:
+        self.engine.stop_requested.set()
+
+
+def _stdout() -> Any:
+    import sys
+
+    return sys.stdout
+
+
+@dataclass
+class _Slot:
+    """One job at a time on one worker (a Ray actor and the GPUs it declared)."""
+
+    index: int
+    actor: Any = None
+    ready: Any = None  # the ref of its describe() while it starts; None once it answered
+    info: dict[str, Any] | None = None  # describe()'s answer: node, pid, how long the engine took to load
+    job: Path | None = None  # the container of the job it runs
+
+
+class RayBackend:
+    """Jobs on a Ray cluster: one job per worker slot at once, as many slots as [daemon.ray]
+    workers (0: the cluster's GPUs / gpus_per_job when the daemon starts)."""
+
+    name = "ray"
+
+    def __init__(self, settings: Any, daemon: DaemonSettings, *, demo: bool, daemon_id: str, log_level: str = "info") -> None:
+        self.settings, self.config, self.demo = settings, daemon.ray, demo
+        self.umask, self.daemon_id, self.log_level = daemon.umask, daemon_id, log_level
+        self._slots: list[_Slot] = []
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._started_ray = False
+        self._actor_class: Any = None
+        self.lost_attempts = 0
+
+    # ---- lifecycle ----------------------------------------------------------------------
+
+    def start(self) -> None:
+        import ray
+
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # air-gapped: no usage reports
+        config: RaySettings = self.config
+        try:
+            if not ray.is_initialized():
+                options: dict[str, Any] = {"namespace": config.namespace, "log_to_driver": False, "configure_logging": False}
+                if config.address == "local":
+                    options["include_dashboard"] = False
+                else:
+                    options["address"] = config.address
+                # ray.init (2.60) replaces the main thread's SIGTERM handler with sys.exit(15): the
+                # daemon's own (stop at the next safe point, release the claims, exit 0) is put back.
+                handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+                try:
+                    ray.init(**options)
+                finally:
+                    if threading.current_thread() is threading.main_thread():
+                        for sig, handler in handlers.items():
+                            signal.signal(sig, handler)
+                self._started_ray = True
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            raise ConfigError("ray_unreachable", f"[daemon.ray] address = {config.address!r}: no Ray cluster answered ({exc}); start "
+                                                 "its head with `ray start --head` (and each GPU box with `ray start --address HEAD:6379 "
+                                                 "--num-gpus N`), or set address") from None
+        resources = ray.cluster_resources()
+        count = config.workers or self._fits(resources)
+        if count < 1:
+            raise ConfigError("ray_no_gpus", f"the Ray cluster at {config.address!r} declares {resources.get('GPU', 0):g} GPU(s) and "
+                                             f"{resources.get('CPU', 0):g} CPU(s); a job needs [daemon.ray] gpus_per_job = "
+                                             f"{config.gpus_per_job:g} and cpus_per_job = {config.cpus_per_job:g}: start the GPU boxes "
+                                             "with `ray start --address HEAD:6379 --num-gpus N`, or set [daemon.ray] workers")
+        self._actor_class = ray.remote(JobWorker).options(num_gpus=config.gpus_per_job, num_cpus=config.cpus_per_job, max_restarts=0,
+                                                          max_task_retries=0, max_concurrency=2)  # run() and stop() at once
+        self._slots = [_Slot(index) for index in range(count)]
+        if config.keep_models_loaded:
+            for slot in self._slots:
+                self._new_actor(slot)
+        log.info("ray_backend_started", address=config.address, workers=count, keep_models_loaded=config.keep_models_loaded,
+                 cluster_gpus=resources.get("GPU", 0), nodes=len([node for node in ray.nodes() if node.get("Alive")]))
+
+    def _fits(self, resources: dict[str, float]) -> int:
+        fits = []
+        for need, have in ((self.config.gpus_per_job, resources.get("GPU", 0.0)), (self.config.cpus_per_job, resources.get("CPU", 0.0))):
+            if need > 0:
+                fits.append(math.floor(have / need + 1e-9))
+        return min(fits) if fits else 1
+
+    def close(self) -> None:
+        import ray
+
+        for slot in self._slots:
+            self._kill(slot)
+        if self._started_ray:
+            ray.shutdown()
+
+    # ---- slots --------------------------------------------------------------------------
+
+    def _new_actor(self, slot: _Slot) -> None:
+        slot.actor = self._actor_class.remote(self.settings, self.demo, self.umask, self.daemon_id, self.log_level)
+        slot.ready, slot.info = slot.actor.describe.remote(), None
+
+    def _kill(self, slot: _Slot) -> None:
+        import ray
+
+        if slot.actor is not None:
+            try:
+                ray.kill(slot.actor, no_restart=True)
+            except Exception:  # noqa: BLE001 - already dead, or its node unreachable: it is fenced either way
+                pass
+        slot.actor = slot.ready = slot.info = None
+
+    def _look(self, slot: _Slot) -> bool:
+        """Has the slot's actor answered (models loaded, ready for a job)? A dead one is replaced."""
+        import ray
+
+        if not self.config.keep_models_loaded:
+            return True
+        if slot.ready is None:
+            return slot.actor is not None
+        done, _ = ray.wait([slot.ready], timeout=0)
+        if not done:
+            return False
+        try:
+            slot.info = ray.get(slot.ready)
+        except ray.exceptions.RayError as exc:
+            log.warning("ray_worker_not_started", slot=slot.index, error=str(exc)[:500])
+            self._kill(slot)
+            self._new_actor(slot)
+            return False
+        slot.ready = None
+        log.info("ray_worker_ready", slot=slot.index, **(slot.info or {}))
+        return True
+
+    def capacity(self) -> int:
+        with self._lock:
+            return sum(1 for slot in self._slots if slot.job is not None or self._look(slot))
+
+    def _acquire(self, job: ClaimedJob) -> _Slot | None:
+        while not self._stopping.is_set():
+            with self._lock:
+                for slot in self._slots:
+                    if slot.job is None and self._look(slot):
+                        slot.job = job.container
+                        return slot
+            self._stopping.wait(WAIT_SECONDS)
+        return None
+
+    # ---- one attempt ----------------------------------------------------------------------
+
+    def run_job(self, job: ClaimedJob, fence: Any, *, outbox: Path, failed: Path, origin: Path) -> tuple[JobResult, str]:
+        import ray
+
+        assert job.claim is not None
+        slot = self._acquire(job)
+        if slot is None:  # stopping before a worker was free: the job stays claimed, resumable
+            return JobResult(job.job_id, safe_subject_name(job.claim.folder), JobOutcome.INTERRUPTED, job.folder), ""
+        try:
+            if slot.actor is None:  # a worker per attempt (keep_models_loaded = false)
+                self._new_actor(slot)
+            actor = slot.actor
+            ref = actor.run.remote(str(job.folder), str(outbox), str(failed), job.job_id, str(origin), str(job.container), job.generation)
+            while True:
+                done, _ = ray.wait([ref], timeout=WAIT_SECONDS)
+                if done:
+                    break
+                if self._stopping.is_set():
+                    actor.stop.remote()  # again each time: a stop sent before run() began is forgotten by it
+            try:
+                result, worker = ray.get(ref)
+            except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError,
+                    ray.exceptions.ObjectLostError) as exc:
+                node = str((slot.info or {}).get("node", "")) or "unknown"
+                self.lost_attempts += 1
+                self._kill(slot)
+                if self.config.keep_models_loaded:
+                    self._new_actor(slot)  # on whichever node has the GPUs free, when one has
+                raise AttemptLost(node, f"{type(exc).__name__}: {str(exc)[:300]}") from None
+            return result, str(worker.get("node", ""))
+        finally:
+            with self._lock:
+                slot.job = None
+            if not self.config.keep_models_loaded:
+                self._kill(slot)
+
+    def stop_jobs(self) -> None:
+        self._stopping.set()
+
+    def resume_jobs(self) -> None:
+        self._stopping.clear()
+
+
+def make_backend(name: str, engine: Engine, settings: Any, daemon: DaemonSettings, *, demo: bool, daemon_id: str) -> Backend:
+    if name == "local":
+        return LocalBackend(engine)
+    try:
+        import ray  # noqa: F401 - the optional extra
+    except ImportError:
+        raise ConfigError("ray_missing", '[daemon] backend = "ray" (or --backend ray) needs Ray on this host and every worker: '
+                                         "pip install '.[ray]' (the same Ray and Python version everywhere)") from None
+    return RayBackend(settings, daemon, demo=demo, daemon_id=daemon_id)
