@@ -7,6 +7,8 @@ On disk, in the work area (on the inbox's file system, so that a rename is atomi
         <name>/                     the job folder exactly as it was dropped as inbox/<name>/
         claim.000000.json           its owner: daemon id, host, pid (+ start time), job id, lease
         claim.000001.json           written by the daemon that took it over, and so on
+        worker.000001.json          with the Ray backend: the node and process that run that
+                                    generation's attempt (daemon status shows it)
 
 The job folder keeps its name (the subject defaults to it), and nothing is added inside it.
 
@@ -188,6 +190,20 @@ class ClaimedJob:
 
 def claim_path(container: Path, generation: int) -> Path:
     return container / f"claim.{generation:06d}.json"
+
+
+def worker_path(container: Path, generation: int) -> Path:
+    return container / f"worker.{generation:06d}.json"
+
+
+def worker_record(job: ClaimedJob) -> dict[str, Any] | None:
+    """Which cluster worker runs the attempt of the claim's current generation (None: none
+    recorded, e.g. the local backend, or the attempt has not started)."""
+    try:
+        with open(worker_path(job.container, job.generation), "rb") as handle:
+            return json.loads(handle.read().decode("utf-8"))
+    except (OSError, ValueError):
+        return None
 
 
 def highest_generation(container: Path) -> int:

@@ -35,12 +35,11 @@ from typing import Any, Protocol
 
 import structlog
 
-from daemon.claim import ClaimedJob, GenerationFence
+from daemon.claim import ClaimedJob, GenerationFence, worker_path
 from daemon.settings import DaemonSettings, RaySettings
 from engine import ConfigError, Engine, JobOutcome, JobResult
 from engine.jobfolder import atomic_write_json, safe_subject_name, set_umask
 
-WORKER_FILE = "worker.{generation:06d}.json"  # in the claim's container: which node runs that generation's attempt
 WAIT_SECONDS = 1.0  # how often a job's thread looks up from waiting for its attempt (stop requests)
 
 log = structlog.get_logger("daemon.cluster")
@@ -95,20 +94,6 @@ class LocalBackend:
         return None
 
 
-def worker_record(container: Path) -> dict[str, Any] | None:
-    """The newest worker file of a claim's container (daemon status: which node runs the job)."""
-    import json
-
-    try:
-        names = sorted(name for name in os.listdir(container) if name.startswith("worker.") and name.endswith(".json"))
-        if not names:
-            return None
-        with open(Path(container) / names[-1], "rb") as handle:
-            return json.loads(handle.read().decode("utf-8"))
-    except (OSError, ValueError):
-        return None
-
-
 class JobWorker:
     """The body of one Ray actor: an Engine on a GPU node, kept across jobs (its models stay loaded)."""
 
@@ -140,7 +125,7 @@ class JobWorker:
         fence = GenerationFence(Path(container), generation)
         described = self.describe()
         fence.check("record which worker runs this attempt")
-        atomic_write_json(Path(container) / WORKER_FILE.format(generation=generation), {**described, "generation": generation,
+        atomic_write_json(worker_path(Path(container), generation), {**described, "generation": generation,
                                                                                       "started": time.time()})
         self.engine.stop_requested.clear()
         self.jobs += 1

@@ -8,6 +8,7 @@ works from any host that mounts them, and it changes nothing.
 - claims: every job in the work area, the daemon holding it (id, host, pid) and its lease, on
   the share's clock: live, expired (the next daemon to scan takes it over and resumes it),
   released, or held (the disk, share or permissions failed it: why, and when it is retried);
+  with the Ray backend also the node and worker process running the claim's current attempt;
 - progress of each claimed job: stage, phase or images done, last event (the engine's ledger
   and audit log in <outbox>/.work, read by engine.status);
 - the last N results, with lock state or failure code.
@@ -22,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from daemon.claim import REFUSED_DIR, ClaimedJob, find_claims
+from daemon.claim import REFUSED_DIR, ClaimedJob, find_claims, worker_record
 from daemon.clock import ShareClock
 from daemon.watch import READY_MARKER, folder_signature, list_inbox, list_temporary
 from engine.jobfolder import JOB_FILE
@@ -49,6 +50,9 @@ class HeldClaim:
     progress: Running | None  # the engine's view of the job, when it has started
     held: str = ""  # why the job is on hold
     holds: int = 0
+    generation: int = -1  # the claim's generation: one more for each takeover and each attempt retried on another node
+    node: str = ""  # Ray backend: the node (address) running this generation's attempt, and its worker's pid
+    worker_pid: int | None = None
 
 
 @dataclass
@@ -118,14 +122,15 @@ def _waiting(name: str, signature: tuple[tuple[str, int, int], ...], stable_seco
 
 
 def _held(job: ClaimedJob, progress: Running | None, now: float) -> HeldClaim:
-    claim = job.claim
+    claim, worker = job.claim, worker_record(job)
     if claim is None:
         return HeldClaim(folder="?", job_id=job.job_id, daemon_id=None, host=None, pid=None, lease="unknown",
                          lease_seconds_left=None, crashes=0, progress=progress)
     left = job.seconds_left(now)
     return HeldClaim(folder=claim.folder, job_id=claim.job_id, daemon_id=claim.daemon_id, host=claim.host, pid=claim.pid, lease=job.lease(now),
                      lease_seconds_left=None if left is None else round(left, 1), crashes=claim.crashes, progress=progress,
-                     held=claim.held, holds=claim.holds)
+                     held=claim.held, holds=claim.holds, generation=job.generation, node=str((worker or {}).get("node", "")),
+                     worker_pid=(worker or {}).get("pid"))
 
 
 def format_daemon_status(status: DaemonStatus) -> str:
@@ -156,6 +161,8 @@ def format_daemon_status(status: DaemonStatus) -> str:
             lease = "released by a clean stop: the next daemon to scan resumes it"
         crashes = f", {claim.crashes} crashed run(s)" if claim.crashes else ""
         out.append(f"  {claim.folder}  {claim.job_id}  held by {claim.daemon_id} (host {claim.host}, pid {claim.pid}); {lease}{crashes}")
+        if claim.node:
+            out.append(f"      runs on node {claim.node} (worker pid {claim.worker_pid}, claim generation {claim.generation})")
         if claim.progress is not None:
             job = claim.progress
             out.append(f"      stage {stage_position(job)}, {job.state}" + (f": {job.detail}" if job.detail else ""))

@@ -32,9 +32,9 @@ ray = pytest.importorskip("ray")
 from ray._private import ray_constants  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 
-from daemon.claim import find_claims  # noqa: E402
-from daemon.cluster import worker_record  # noqa: E402
+from daemon.claim import find_claims, worker_record  # noqa: E402
 from daemon.service import Service, load_daemon_settings  # noqa: E402
+from daemon.status import daemon_status, format_daemon_status  # noqa: E402
 from engine import Engine, Settings, verify_audit  # noqa: E402
 from engine.fsutil import hash_tree  # noqa: E402
 from engine.jobfolder import WORK_DIR  # noqa: E402
@@ -135,8 +135,8 @@ def _drop(inbox: Path, name: str) -> Path:
 def _paused_attempt(cluster: TwoNodes, work: Path) -> tuple[Path, dict]:
     """Wait until the job's attempt holds at PAUSE_AT; its container and worker record."""
     _wait(cluster.marker.exists, f"the job to reach {PAUSE_AT}", 180)
-    (job,) = _wait(lambda: [job for job in find_claims(work) if worker_record(job.container)], "the worker record")
-    return job.container, worker_record(job.container)
+    (job,) = _wait(lambda: [job for job in find_claims(work) if worker_record(job)], "the worker record")
+    return job.container, worker_record(job)
 
 
 def _published(outbox: Path) -> list[Path]:
@@ -197,6 +197,10 @@ def test_a_node_removed_mid_train_the_job_resumes_on_the_other_node_identical_to
         kept = {p.relative_to(dropped).as_posix(): p.read_bytes() for p in dropped.rglob("*") if p.is_file()}
         container, first = _paused_attempt(cluster, paths.work)
         assert first["generation"] == 0
+        status = daemon_status(paths.inbox, paths.work, paths.outbox, paths.failed, stable_seconds=0.2, last=5)
+        (held,) = status.claims  # `daemon status` shows which node runs which job
+        assert (held.node, held.worker_pid, held.generation) == (first["node"], first["pid"], 0)
+        assert f"runs on node {first['node']} (worker pid {first['pid']}, claim generation 0)" in format_daemon_status(status)
         victim = cluster.node(first["node_id"])
         cluster.replace(victim)  # the node goes away (raylet and workers killed); a fresh one joins for the next test
         cluster.marker.unlink()
