@@ -176,7 +176,10 @@ def test_metrics_answer_and_match_what_happened(one_daemon):
     if "train" in STAGE_NAMES:
         assert grew("idrep_train_steps_total") >= 2
     assert sum(v for k, v in after.items() if k.startswith("idrep_claims_taken_over_total")) == 0
-    assert after[f'idrep_daemon_info{{daemon_id="{daemon.events[0]["daemon_id"]}",demo="true",watch="native"}}'] == 1
+    assert after[f'idrep_daemon_info{{backend="local",daemon_id="{daemon.events[0]["daemon_id"]}",demo="true",watch="native"}}'] == 1
+    by_node = {k: v for k, v in after.items() if k.startswith("idrep_backend_jobs_total{")}
+    assert sum(by_node.values()) == len(daemon.named("job_ended")) and all('backend="local"' in k for k in by_node)
+    assert after['idrep_attempts_lost_total{backend="local"}'] == 0
     assert not any("good-1" in key or "bad-1" in key for key in after), "no subject names in labels"
 
 
