@@ -18,6 +18,7 @@ import pytest
 
 from daemon.claim import (
     ClaimFence,
+    GenerationFence,
     Heartbeat,
     Owner,
     claim_folder,
@@ -25,6 +26,7 @@ from daemon.claim import (
     discard,
     empty_trash,
     find_claims,
+    next_attempt,
     read_current,
     release,
     renew,
@@ -313,3 +315,40 @@ def test_racing_takeovers_have_exactly_one_winner(race):
     for job in find_claims(root / "work"):
         assert job.generation == 1 and job.claim.daemon_id.startswith("racer")
         assert {p.name for p in job.container.iterdir()} == {job.claim.folder, "claim.000000.json", "claim.000001.json"}
+
+
+def test_each_attempt_takes_the_next_generation_and_shuts_the_lost_attempts_fences(tmp_path):
+    """The Ray backend's retry: the holder takes generation N+1 (a crash on the count) for the
+    next attempt; the lost attempt's worker fence (GenerationFence) and the holder's own fence
+    for generation N refuse from then on, and so does a holder that is no longer the owner."""
+    job = claim_folder(_job_folder(tmp_path / "inbox"), tmp_path / "work", "j1", A, lease_seconds=30)
+    clock = ShareClock(tmp_path / "work", "test")
+    heartbeat = Heartbeat(30, lambda job: None, clock.now)  # never started: holds and hands out fences only
+    own = heartbeat.hold(job)
+    worker = GenerationFence(job.container, job.generation, look_seconds=0.0)
+    worker.check("an attempt's write")
+    worker.check("a denoising step", io=False)
+    retry = next_attempt(job, A, 30)
+    assert retry is not None and retry.generation == 1 and retry.claim.crashes == 1 and retry.claim.previous_owner == "daemon-a"
+    with pytest.raises(OwnershipLost, match="generation 1 exists"):
+        worker.check("the lost attempt's next write")
+    with pytest.raises(OwnershipLost):
+        worker.check("and every one after it", io=False)
+    heartbeat.hold(retry)
+    with pytest.raises(OwnershipLost, match="superseded"):
+        own.check("the holder's write for generation 0")
+    GenerationFence(retry.container, retry.generation).check("the retry's write")
+    assert next_attempt(job, A, 30) is None  # generation 0 is not the owner any more: no generation is taken from it
+    assert heartbeat.drop(job.container) == retry
+    discard(retry.container, tmp_path / "work")
+    with pytest.raises(OwnershipLost, match="container is gone"):
+        GenerationFence(retry.container, retry.generation).check("a write after the job was settled")
+
+
+def test_a_worker_fence_looks_at_the_disk_between_writes_only_every_few_seconds(tmp_path):
+    job = claim_folder(_job_folder(tmp_path / "inbox"), tmp_path / "work", "j1", A, lease_seconds=30)
+    fence = GenerationFence(job.container, 0, look_seconds=3600)
+    assert next_attempt(job, A, 30) is not None
+    fence.check("a denoising step", io=False)  # not looked yet: the step goes on (it writes nothing)
+    with pytest.raises(OwnershipLost):
+        fence.check("a write")

@@ -46,6 +46,31 @@ def test_every_problem_is_named_with_its_key(tmp_path):
     assert excinfo.value.problems[0].where.endswith("daemon")
 
 
+def test_the_backend_and_its_ray_table_are_validated_with_their_keys(tmp_path):
+    daemon = load_daemon_settings(_settings(tmp_path, {"backend": "ray", "ray": {"address": "10.0.0.5:6379", "workers": 4,
+                                                                                  "keep_models_loaded": False}}))
+    assert daemon.backend == "ray" and daemon.ray.address == "10.0.0.5:6379" and daemon.ray.workers == 4
+    assert not daemon.ray.keep_models_loaded and daemon.ray.max_retries == 3 and daemon.ray.gpus_per_job == 1.0
+    with pytest.raises(ConfigError) as excinfo:
+        load_daemon_settings(_settings(tmp_path, {"backend": "slurm", "ray": {"adress": "x", "max_retries": -1, "gpus_per_job": "one"}}))
+    problems = {p.where: p.reason for p in excinfo.value.problems}
+    assert set(problems) == {"config.toml: daemon.backend", "config.toml: daemon.ray.adress", "config.toml: daemon.ray.max_retries",
+                             "config.toml: daemon.ray.gpus_per_job"}
+    assert "'local', 'ray'" in problems["config.toml: daemon.backend"]
+
+
+def test_the_ray_backend_without_ray_installed_is_refused_naming_the_extra(tmp_path, monkeypatch):
+    import sys
+
+    from daemon.cluster import make_backend
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray raises ImportError
+    settings = _settings(tmp_path, {"backend": "ray"})
+    with pytest.raises(ConfigError) as excinfo:
+        make_backend("ray", None, settings, load_daemon_settings(settings), demo=True, daemon_id="d")
+    assert excinfo.value.code == "ray_missing" and "pip install '.[ray]'" in excinfo.value.message
+
+
 def test_folders_inside_the_inbox_are_refused_unless_hidden(tmp_path):
     DaemonPaths(tmp_path / "in", tmp_path / "out", tmp_path / "failed", tmp_path / "in" / ".work").prepare()
     with pytest.raises(ConfigError, match="inside the inbox"):
