@@ -300,3 +300,22 @@ def test_the_daemon_killed_and_started_again_submits_the_job_again_and_it_finish
     assert [e["event"] for e in events].count("job_finished") == 1
     assert {e["stage"] for e in events if e["event"] == "stage_skipped"} >= {"prepare", "embed"}
     assert verify_audit(final).ok
+
+
+def test_a_stop_reaches_the_worker_the_job_stays_claimed_released_and_resumable(tmp_path, shared_models, cluster):
+    settings = _settings(tmp_path, shared_models, cluster.cluster.address)
+    daemon = Running(settings)
+    paths = daemon.service.paths
+    _drop(paths.inbox, "ines")
+    container, _first = _paused_attempt(cluster, paths.work)
+    daemon.service.request_stop("test")  # SIGTERM: the worker is asked to stop at its next safe point ...
+    time.sleep(1.5)
+    cluster.marker.unlink()  # ... which is right after the pause point it holds at
+    daemon.thread.join(120)
+    assert not daemon.thread.is_alive()
+    assert daemon.value("idrep_jobs_total", outcome="interrupted") == 1
+    (job,) = find_claims(paths.work)
+    assert job.container == container and job.claim.released and job.claim.crashes == 0  # a clean stop, no crash
+    events = [json.loads(line) for line in (paths.outbox / WORK_DIR / job.job_id / "audit.jsonl").read_text().splitlines()]
+    assert events[-1]["event"] == "job_interrupted"
+    assert not any(path.name == "ines" for path in paths.outbox.iterdir())
