@@ -10,7 +10,9 @@ nodes' environment only), then breaks what it runs on:
   - its whole node is frozen (raylet and worker SIGSTOPped) until the cluster declares it dead;
     the retry finishes on the other node; then the frozen worker wakes: it finds the later
     generation at its first look and writes nothing more;
-  - the daemon itself is SIGKILLed and started again: the job is submitted again and finishes once.
+  - the daemon itself is SIGKILLed and started again: the job is submitted again and finishes once;
+  - the daemon is stopped (SIGTERM): the worker stops at its next safe point, the claim is released;
+  - max_retries = 0 and the node is lost: the job goes to failed/ as too_many_crashes with its inputs.
 
 Skipped where Ray is not installed (`pip install .[ray]`; CI installs it)."""
 
@@ -107,11 +109,12 @@ def cluster(tmp_path_factory):
     nodes.shutdown()
 
 
-def _settings(tmp_path: Path, shared_models: Path, address: str, **daemon) -> Settings:
+def _settings(tmp_path: Path, shared_models: Path, address: str, max_retries: int = 3, **daemon) -> Settings:
     return Settings.from_table({"paths": {"models": str(shared_models)},
                                 "daemon": {"stable_seconds": 0.2, "scan_seconds": 0.2, "lease_seconds": 5.0, "metrics_port": 0,
                                            "daemon_id": "head", "backend": "ray", **daemon,
-                                           "ray": {"address": address, "gpus_per_job": 1.0, "cpus_per_job": 1.0}}},
+                                           "ray": {"address": address, "gpus_per_job": 1.0, "cpus_per_job": 1.0,
+                                                   "max_retries": max_retries}}},
                                root=tmp_path)
 
 
@@ -319,3 +322,26 @@ def test_a_stop_reaches_the_worker_the_job_stays_claimed_released_and_resumable(
     events = [json.loads(line) for line in (paths.outbox / WORK_DIR / job.job_id / "audit.jsonl").read_text().splitlines()]
     assert events[-1]["event"] == "job_interrupted"
     assert not any(path.name == "ines" for path in paths.outbox.iterdir())
+
+
+def test_retries_are_bounded_a_job_whose_attempts_keep_being_lost_goes_to_failed_with_its_inputs(tmp_path, shared_models, cluster):
+    """[daemon.ray] max_retries = 0: the first attempt lost with its node is the last; the job goes
+    to failed/ as too_many_crashes, its dropped folder byte for byte in inputs/, nothing left claimed."""
+    settings = _settings(tmp_path, shared_models, cluster.cluster.address, max_retries=0)
+    daemon = Running(settings)
+    try:
+        paths = daemon.service.paths
+        dropped = _drop(paths.inbox, "yara")
+        kept = {p.relative_to(dropped).as_posix(): p.read_bytes() for p in dropped.rglob("*") if p.is_file()}
+        _container, first = _paused_attempt(cluster, paths.work)
+        cluster.replace(cluster.node(first["node_id"]))
+        cluster.marker.unlink()
+        _wait(lambda: daemon.value("idrep_job_failures_total", code="too_many_crashes") == 1, "the job to be given up", 120)
+        assert daemon.value("idrep_attempts_lost_total", backend="ray") == 1 and daemon.value("idrep_jobs_total", outcome="finished") == 0
+        assert find_claims(paths.work) == []
+    finally:
+        daemon.stop()
+    (failed,) = list((paths.failed / "yara").iterdir())
+    error = json.loads((failed / "error.json").read_text())
+    assert error["code"] == "too_many_crashes" and error["details"]["crashes"] == 1 and error["details"]["backend"] == "ray"
+    assert {p.relative_to(failed / "inputs").as_posix(): p.read_bytes() for p in (failed / "inputs").rglob("*") if p.is_file()} == kept
