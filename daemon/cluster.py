@@ -41,6 +41,8 @@ from engine import ConfigError, Engine, JobOutcome, JobResult
 from engine.jobfolder import atomic_write_json, safe_subject_name, set_umask
 
 WAIT_SECONDS = 1.0  # how often a job's thread looks up from waiting for its attempt (stop requests)
+PROBE_SECONDS = 30.0  # a kept worker must answer this soon before it is given a job (else it is replaced)
+STOP_GRACE_SECONDS = 5.0  # on a stop, an attempt that has not begun by then is not waited for
 
 log = structlog.get_logger("daemon.cluster")
 
@@ -272,13 +274,29 @@ class RayBackend:
             return sum(1 for slot in self._slots if slot.job is not None or self._look(slot))
 
     def _acquire(self, job: ClaimedJob) -> _Slot | None:
+        """A free worker for the job's attempt, probed first: a kept worker whose node died while
+        it was idle is replaced here, so that the job is not charged a crash it never had."""
+        import ray
+
         while not self._stopping.is_set():
             with self._lock:
-                for slot in self._slots:
-                    if slot.job is None and self._look(slot):
-                        slot.job = job.container
-                        return slot
-            self._stopping.wait(WAIT_SECONDS)
+                slot = next((slot for slot in self._slots if slot.job is None and self._look(slot)), None)
+                if slot is not None:
+                    slot.job = job.container
+            if slot is None:
+                self._stopping.wait(WAIT_SECONDS)
+                continue
+            if slot.actor is None:  # a worker per attempt (keep_models_loaded = false): made for it in run_job
+                return slot
+            try:
+                slot.info = ray.get(slot.actor.describe.remote(), timeout=PROBE_SECONDS)
+                return slot
+            except (ray.exceptions.RayError, TimeoutError) as exc:  # GetTimeoutError is both
+                log.warning("ray_worker_lost_while_idle", slot=slot.index, node=(slot.info or {}).get("node"), error=str(exc)[:300])
+                with self._lock:
+                    self._kill(slot)
+                    self._new_actor(slot)
+                    slot.job = None
         return None
 
     # ---- one attempt ----------------------------------------------------------------------
@@ -295,12 +313,21 @@ class RayBackend:
                 self._new_actor(slot)
             actor = slot.actor
             ref = actor.run.remote(str(job.folder), str(outbox), str(failed), job.job_id, str(origin), str(job.container), job.generation)
+            stop_seen: float | None = None
             while True:
                 done, _ = ray.wait([ref], timeout=WAIT_SECONDS)
                 if done:
                     break
                 if self._stopping.is_set():
                     actor.stop.remote()  # again each time: a stop sent before run() began is forgotten by it
+                    stop_seen = stop_seen or time.monotonic()
+                    if time.monotonic() - stop_seen > STOP_GRACE_SECONDS and not worker_path(job.container, job.generation).exists():
+                        # The attempt never began (its worker waits for a GPU that no node has free):
+                        # nothing to wait for; the job stays claimed, resumable.
+                        self._kill(slot)
+                        if self.config.keep_models_loaded:
+                            self._new_actor(slot)
+                        return JobResult(job.job_id, safe_subject_name(job.claim.folder), JobOutcome.INTERRUPTED, job.folder), ""
             try:
                 result, worker = ray.get(ref)
             except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError,

@@ -12,7 +12,9 @@ nodes' environment only), then breaks what it runs on:
     generation at its first look and writes nothing more;
   - the daemon itself is SIGKILLed and started again: the job is submitted again and finishes once;
   - the daemon is stopped (SIGTERM): the worker stops at its next safe point, the claim is released;
-  - max_retries = 0 and the node is lost: the job goes to failed/ as too_many_crashes with its inputs.
+  - max_retries = 0 and the node is lost: the job goes to failed/ as too_many_crashes with its inputs;
+  - a kept worker whose node died while idle is replaced before it is given a job (no crash charged);
+  - a stop does not wait for an attempt whose worker never got a GPU.
 
 Skipped where Ray is not installed (`pip install .[ray]`; CI installs it)."""
 
@@ -345,3 +347,43 @@ def test_retries_are_bounded_a_job_whose_attempts_keep_being_lost_goes_to_failed
     error = json.loads((failed / "error.json").read_text())
     assert error["code"] == "too_many_crashes" and error["details"]["crashes"] == 1 and error["details"]["backend"] == "ray"
     assert {p.relative_to(failed / "inputs").as_posix(): p.read_bytes() for p in (failed / "inputs").rglob("*") if p.is_file()} == kept
+
+
+def test_a_worker_lost_while_idle_is_replaced_before_a_job_is_given_to_it_and_charges_no_crash(tmp_path, shared_models, cluster):
+    settings = _settings(tmp_path, shared_models, cluster.cluster.address)
+    daemon = Running(settings)
+    try:
+        backend, paths = daemon.service.backend, daemon.service.paths
+        _wait(lambda: backend.capacity() == 2, "both workers to answer")
+        first_slot = backend._slots[0]  # noqa: SLF001 - the slot the next job is offered first
+        cluster.replace(cluster.node(first_slot.info["node_id"]))  # its node dies while it has no job
+        _drop(paths.inbox, "zoe")
+        _wait(cluster.marker.exists, f"the job to reach {PAUSE_AT}", 120)
+        cluster.marker.unlink()
+        _wait(lambda: daemon.value("idrep_jobs_total", outcome="finished") == 1, "the job to finish", 120)
+        assert daemon.value("idrep_attempts_lost_total", backend="ray") == 0
+    finally:
+        daemon.stop()
+    (final,) = _published(paths.outbox)
+    assert {event["fence"] for event in audit_events(final)} == {0}  # one attempt, generation 0: no crash charged
+
+
+def test_a_stop_does_not_wait_for_an_attempt_that_never_got_a_gpu(tmp_path, shared_models, cluster):
+    """A fresh worker per attempt that asks for 2 GPUs where no node has 2: it never starts. A
+    stop must not hang on it: the job stays claimed, released, with no crash."""
+    settings = Settings.from_table({"paths": {"models": str(shared_models)},
+                                    "daemon": {"stable_seconds": 0.2, "scan_seconds": 0.2, "lease_seconds": 5.0, "metrics_port": 0,
+                                               "daemon_id": "head", "backend": "ray",
+                                               "ray": {"address": cluster.cluster.address, "gpus_per_job": 2.0, "workers": 1,
+                                                       "keep_models_loaded": False}}}, root=tmp_path)
+    daemon = Running(settings)
+    paths = daemon.service.paths
+    _drop(paths.inbox, "ava")
+    _wait(lambda: daemon.value("idrep_job_in_progress") == 1, "the job to be claimed and submitted")
+    time.sleep(1.0)
+    started = time.monotonic()
+    daemon.stop()
+    assert time.monotonic() - started < 60
+    assert daemon.value("idrep_jobs_total", outcome="interrupted") == 1
+    (job,) = find_claims(paths.work)
+    assert job.claim.released and job.claim.crashes == 0 and job.generation == 0 and worker_record(job) is None
