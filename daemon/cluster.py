@@ -42,6 +42,7 @@ from engine.jobfolder import atomic_write_json, safe_subject_name, set_umask
 
 WAIT_SECONDS = 1.0  # how often a job's thread looks up from waiting for its attempt (stop requests)
 PROBE_SECONDS = 30.0  # a kept worker must answer this soon before it is given a job (else it is replaced)
+START_RETRY_SECONDS = 30.0  # a kept worker that failed to start (a model missing on its node) is started again this much later
 STOP_GRACE_SECONDS = 5.0  # on a stop, an attempt that has not begun by then is not waited for
 
 log = structlog.get_logger("daemon.cluster")
@@ -127,8 +128,7 @@ class JobWorker:
         fence = GenerationFence(Path(container), generation)
         described = self.describe()
         fence.check("record which worker runs this attempt")
-        atomic_write_json(worker_path(Path(container), generation), {**described, "generation": generation,
-                                                                                      "started": time.time()})
+        atomic_write_json(worker_path(Path(container), generation), {**described, "generation": generation, "started": time.time()})
         self.engine.stop_requested.clear()
         self.jobs += 1
         result = self.engine.run_job(Path(folder), Path(outbox), job_id=job_id, failed_dir=Path(failed), fence=fence, refresh_inputs=False,
@@ -154,6 +154,7 @@ class _Slot:
     ready: Any = None  # the ref of its describe() while it starts; None once it answered
     info: dict[str, Any] | None = None  # describe()'s answer: node, pid, how long the engine took to load
     job: Path | None = None  # the container of the job it runs
+    retry_at: float = 0.0  # kept worker that failed to start: started again from then (monotonic)
 
 
 class RayBackend:
@@ -248,22 +249,27 @@ class RayBackend:
         slot.actor = slot.ready = slot.info = None
 
     def _look(self, slot: _Slot) -> bool:
-        """Has the slot's actor answered (models loaded, ready for a job)? A dead one is replaced."""
+        """Has the slot's actor answered (models loaded, ready for a job)? One that failed to start
+        (its node lacks a staged model, say: the error names it) is started again after a pause."""
         import ray
 
         if not self.config.keep_models_loaded:
             return True
+        if slot.actor is None:
+            if time.monotonic() >= slot.retry_at:
+                self._new_actor(slot)
+            return False
         if slot.ready is None:
-            return slot.actor is not None
+            return True
         done, _ = ray.wait([slot.ready], timeout=0)
         if not done:
             return False
         try:
             slot.info = ray.get(slot.ready)
         except ray.exceptions.RayError as exc:
-            log.warning("ray_worker_not_started", slot=slot.index, error=str(exc)[:500])
+            log.error("ray_worker_not_started", slot=slot.index, error=str(exc)[-1500:], retry_seconds=START_RETRY_SECONDS)
             self._kill(slot)
-            self._new_actor(slot)
+            slot.retry_at = time.monotonic() + START_RETRY_SECONDS
             return False
         slot.ready = None
         log.info("ray_worker_ready", slot=slot.index, **(slot.info or {}))
