@@ -289,13 +289,15 @@ def claim_folder(source: Path, work: Path, job_id: str, owner: Owner, lease_seco
     return read_current(container)
 
 
-def take_over(seen: ClaimedJob, owner: Owner, lease_seconds: float, share_now: float, *, own_restart: bool = False) -> ClaimedJob | None:
+def take_over(seen: ClaimedJob, owner: Owner, lease_seconds: float, share_now: float, *, own_restart: bool = False,
+              own_attempt: bool = False) -> ClaimedJob | None:
     """Become the owner of the container that `seen` describes, if it is still as seen.
 
     Allowed when its claim has expired, was released, or was held and its retry is due (all on
     the share's clock `share_now`), or (own_restart) when it is this daemon's own claim from
-    before a restart and the process that made it is dead. Returns the new claim, or None when
-    the claim changed since it was seen, is alive, or another daemon won the race.
+    before a restart and the process that made it is dead, or (own_attempt, see next_attempt)
+    when this very process holds it. Returns the new claim, or None when the claim changed since
+    it was seen, is alive, or another daemon won the race.
     """
     try:
         current = read_current(seen.container)
@@ -304,7 +306,9 @@ def take_over(seen: ClaimedJob, owner: Owner, lease_seconds: float, share_now: f
     if current.generation != seen.generation or current.claim is None or current.claim.folder != (seen.claim.folder if seen.claim else None):
         return None
     old = current.claim
-    mine = own_restart and old.daemon_id == owner.daemon_id and owner.is_dead_here(old.host, old.pid, old.pid_start)
+    mine = old.daemon_id == owner.daemon_id and (
+        (own_restart and owner.is_dead_here(old.host, old.pid, old.pid_start))
+        or (own_attempt and (old.host, old.pid, old.pid_start) == (owner.host, owner.pid, owner.pid_start)))
     if not mine and not current.takeable(share_now):
         return None
     claim = Claim(job_id=old.job_id, folder=old.folder, generation=current.generation + 1, daemon_id=owner.daemon_id, host=owner.host,
@@ -565,19 +569,11 @@ class GenerationFence:
 
 
 def next_attempt(job: ClaimedJob, owner: Owner, lease_seconds: float) -> ClaimedJob | None:
-    """Take the next generation of a claim this daemon holds, for a new attempt at its job (the
+    """Take the next generation of a claim this process holds, for a new attempt at its job (the
     last one was lost with its node): the lost attempt's fence is shut by it, and it counts as a
-    crash. None when the claim is no longer this daemon's (taken over, or its container gone)."""
-    assert job.claim is not None
-    claim = replace(job.claim, generation=job.generation + 1, daemon_id=owner.daemon_id, host=owner.host, pid=owner.pid,
-                    pid_start=owner.pid_start, claimed_at=_now(), lease_seconds=lease_seconds, crashes=job.claim.crashes + 1,
-                    previous_owner=job.claim.daemon_id, released=False, held="", retry_seconds=0.0)
-    try:
-        if not still_owned(job) or not create_exclusive(claim_path(job.container, claim.generation), claim.to_json()):
-            return None
-    except FileNotFoundError:
-        return None
-    return read_current(job.container)
+    crash (the claim was not released). None when the claim is no longer this daemon's (taken
+    over, or its container gone)."""
+    return take_over(job, owner, lease_seconds, share_now=0.0, own_attempt=True)
 
 
 def _now() -> float:

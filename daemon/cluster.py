@@ -27,6 +27,7 @@ import math
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -105,7 +106,7 @@ class JobWorker:
 
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-        configure_json_logging(log_level, _stdout(), extra=lambda _l, _m, event: {**event, "daemon_id": daemon_id, "worker_pid": os.getpid()})
+        configure_json_logging(log_level, sys.stdout, extra=lambda _l, _m, event: {**event, "daemon_id": daemon_id, "worker_pid": os.getpid()})
         if umask:
             set_umask(int(umask, 8))
         started = time.monotonic()
@@ -139,12 +140,6 @@ class JobWorker:
         self.engine.stop_requested.set()
 
 
-def _stdout() -> Any:
-    import sys
-
-    return sys.stdout
-
-
 @dataclass
 class _Slot:
     """One job at a time on one worker (a Ray actor and the GPUs it declared)."""
@@ -171,7 +166,6 @@ class RayBackend:
         self._stopping = threading.Event()
         self._started_ray = False
         self._actor_class: Any = None
-        self.lost_attempts = 0
 
     # ---- lifecycle ----------------------------------------------------------------------
 
@@ -339,7 +333,6 @@ class RayBackend:
             except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError,
                     ray.exceptions.ObjectLostError) as exc:
                 node = str((slot.info or {}).get("node", "")) or "unknown"
-                self.lost_attempts += 1
                 self._kill(slot)
                 if self.config.keep_models_loaded:
                     self._new_actor(slot)  # on whichever node has the GPUs free, when one has

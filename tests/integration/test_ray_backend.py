@@ -42,7 +42,7 @@ from daemon.status import daemon_status, format_daemon_status  # noqa: E402
 from engine import Engine, Settings, verify_audit  # noqa: E402
 from engine.fsutil import hash_tree  # noqa: E402
 from engine.jobfolder import WORK_DIR  # noqa: E402
-from tests.conftest import FAST_JOB, REPO  # noqa: E402
+from tests.conftest import FAST_JOB, REPO, folder_snapshot  # noqa: E402
 from tests.e2e.conftest import Daemon, audit_events, drop_job, photo_bytes, write_config  # noqa: E402
 
 PAUSE_AT = "train:phase_boundary:1"  # after the first phase's checkpoint: the retry resumes from it
@@ -199,7 +199,7 @@ def test_a_node_removed_mid_train_the_job_resumes_on_the_other_node_identical_to
     try:
         paths = daemon.service.paths
         dropped = _drop(paths.inbox, "nina")
-        kept = {p.relative_to(dropped).as_posix(): p.read_bytes() for p in dropped.rglob("*") if p.is_file()}
+        kept = folder_snapshot(dropped)
         container, first = _paused_attempt(cluster, paths.work)
         assert first["generation"] == 0
         status = daemon_status(paths.inbox, paths.work, paths.outbox, paths.failed, stable_seconds=0.2, last=5)
@@ -215,7 +215,7 @@ def test_a_node_removed_mid_train_the_job_resumes_on_the_other_node_identical_to
     finally:
         daemon.stop()
     (final,) = _published(paths.outbox)
-    assert {p.relative_to(final / "inputs").as_posix(): p.read_bytes() for p in (final / "inputs").rglob("*") if p.is_file()} == kept
+    assert folder_snapshot(final / "inputs") == kept
     assert verify_audit(final).ok
     events = audit_events(final)
     fences = [event["fence"] for event in events]
@@ -334,7 +334,7 @@ def test_retries_are_bounded_a_job_whose_attempts_keep_being_lost_goes_to_failed
     try:
         paths = daemon.service.paths
         dropped = _drop(paths.inbox, "yara")
-        kept = {p.relative_to(dropped).as_posix(): p.read_bytes() for p in dropped.rglob("*") if p.is_file()}
+        kept = folder_snapshot(dropped)
         _container, first = _paused_attempt(cluster, paths.work)
         cluster.replace(cluster.node(first["node_id"]))
         cluster.marker.unlink()
@@ -346,7 +346,7 @@ def test_retries_are_bounded_a_job_whose_attempts_keep_being_lost_goes_to_failed
     (failed,) = list((paths.failed / "yara").iterdir())
     error = json.loads((failed / "error.json").read_text())
     assert error["code"] == "too_many_crashes" and error["details"]["crashes"] == 1 and error["details"]["backend"] == "ray"
-    assert {p.relative_to(failed / "inputs").as_posix(): p.read_bytes() for p in (failed / "inputs").rglob("*") if p.is_file()} == kept
+    assert folder_snapshot(failed / "inputs") == kept
 
 
 def test_a_worker_lost_while_idle_is_replaced_before_a_job_is_given_to_it_and_charges_no_crash(tmp_path, shared_models, cluster):
