@@ -112,6 +112,11 @@ class ModelSettings:
     # setting free of multi-second stalls on small shared VMs (FINDINGS), and a resumed
     # training run is bit-exact only with the thread count it started with.
     cpu_threads: int = field(default=1, metadata=rule(Int(0, 256)))
+    # torch.compile the diffusion UNets for rendering (engine.compiling): the first renders of a
+    # process compile each state of the UNet (minutes on a GPU, once), later jobs reuse the graphs.
+    # Training stays eager. The cache is under <models>/ unless absolute (a restarted daemon reuses it).
+    compile: bool = field(default=False, metadata=rule(Bool()))
+    compile_cache: str = field(default=".inductor-cache", metadata=rule(Str(min_len=1, max_len=500)))
 
 
 @dataclass(frozen=True)

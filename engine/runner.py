@@ -30,6 +30,7 @@ from typing import Any
 
 import structlog
 
+from engine import compiling
 from engine.audit import AuditLog, Observer, jsonable, write_manifest
 from engine.config import Settings
 from engine.context import StageContext
@@ -203,7 +204,7 @@ class Engine:
                 audit.event("job_started", **self._source_facts(source), subject=subject, inputs={}, versions=software_versions(), demo=self.demo)
                 return self._fail(error, source, subject, job_id, job_dir, failed_root, audit, ledger, fence, bound)
             start = dict(**self._source_facts(source), inputs=copied.entries, not_copied=copied.left_out, versions=software_versions(), demo=self.demo,
-                         trust=self.resources.trust_facts())
+                         trust=self.resources.trust_facts(), compile=compiling.facts(self.settings))
             try:
                 job = load_job(job_dir / INPUTS_DIR, self.settings.job_defaults, self.settings.input.extensions, self.settings.render.denylist,
                                folder_name=source.name)
@@ -367,6 +368,7 @@ class Engine:
                 started = dt.datetime.now(dt.timezone.utc)
                 ctx.models_used, ctx.models_declared = {}, roles
                 ctx.fingerprint = fingerprint
+                compiled_before = compiling.counters()
                 stage.run(ctx)
                 pause_point(f"stage:{stage.NAME}:written")
                 artifacts: dict[str, str] = {}
@@ -376,7 +378,9 @@ class Engine:
                 # The audit line before the ledger's commit: a kill between the two re-does the
                 # stage (its lines then appear twice); the other order lost the line for good,
                 # as the next run skips a stage the ledger holds complete.
-                ctx.audit.event("stage_finished", stage=stage.NAME, seconds=round(seconds, 3), artifacts=artifacts, models=dict(ctx.models_used))
+                # With models.compile: the graphs this stage compiled, and inductor cache hits/misses (engine.compiling).
+                compiled = {"compiled": compiling.since(compiled_before)} if compiling.enabled(self.settings) else {}
+                ctx.audit.event("stage_finished", stage=stage.NAME, seconds=round(seconds, 3), artifacts=artifacts, models=dict(ctx.models_used), **compiled)
                 ledger.complete(stage.NAME, artifacts, ctx.models_used)
                 pause_point(f"stage:{stage.NAME}:complete")
                 for scratch in getattr(stage, "SCRATCH", ()):

@@ -84,7 +84,15 @@ class TrainingResult:
 
 def train_lora(ctx: StageContext, pipe: Any, images: torch.Tensor, spec: TrainSpec, target: LoraTarget) -> TrainingResult:
     """The training loop: phases, losses, optimizer swaps, convergence, checkpoints; the LoRA
-    (and its phase snapshots) written where `target` says."""
+    (and its phase snapshots) written where `target` says. Eager, also when the UNet is compiled
+    for rendering (models.compile; engine.compiling says why)."""
+    from engine.compiling import eager
+
+    with eager():
+        return _train_lora(ctx, pipe, images, spec, target)
+
+
+def _train_lora(ctx: StageContext, pipe: Any, images: torch.Tensor, spec: TrainSpec, target: LoraTarget) -> TrainingResult:
     from diffusers import DDPMScheduler
     from peft import LoraConfig
     from peft.utils import set_peft_model_state_dict
