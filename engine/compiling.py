@@ -53,6 +53,26 @@ def enabled(settings: Settings) -> bool:
     return bool(settings.models.compile)
 
 
+def check(settings: Settings) -> None:
+    """At start-up, with models.compile on: a C compiler must be there (CPU inductor builds its
+    kernels with one, and Triton its GPU launchers: a `-runtime` CUDA image has none), else
+    ConfigError("compile_unavailable") naming the key, rather than a job failing at its first
+    render. Sets up the cache (engine.compiling.cache_dir) too."""
+    if not enabled(settings):
+        return
+    import shutil
+
+    from engine.errors import ConfigError
+
+    wanted = os.environ.get("CC")
+    found = shutil.which(wanted) if wanted else next((shutil.which(c) for c in ("cc", "gcc", "clang") if shutil.which(c)), None)
+    if found is None:
+        raise ConfigError("compile_unavailable", f"models.compile = true needs a C compiler for torch.compile's kernels, and "
+                                                 f"{'CC=' + wanted + ' is not on PATH' if wanted else 'none (cc, gcc, clang) is on PATH'}; "
+                                                 "install one (gcc) in the image, or set models.compile = false")
+    cache_dir(settings)
+
+
 def configured_cache(settings: Settings) -> Path:
     """`models.compile_cache`, absolute: relative names are under the models folder."""
     path = Path(settings.models.compile_cache).expanduser()
@@ -84,7 +104,9 @@ def compile_unet(pipe: Any, settings: Settings) -> None:
     import torch
 
     cache = cache_dir(settings)
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # renamed in torch 2.7
+    setattr(config, name, max(getattr(config, name), RECOMPILE_LIMIT))
     pipe.unet.compile()
     log.info("unet_compile_enabled", pipeline=type(pipe).__name__, cache_dir=str(cache))
 

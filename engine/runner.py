@@ -106,6 +106,7 @@ class Engine:
         require_models(self.settings, demo=self.demo, until=self.until)
         faces = self.resources.faces()
         self.resources.keys()
+        compiling.check(self.settings)
         self._apply_cpu_threads()
         device, dtype = select_device_dtype(self.settings)
         log.info("engine_ready", device=str(device), dtype=str(dtype).removeprefix("torch."), face_pack=faces.files.pack,

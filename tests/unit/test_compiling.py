@@ -68,3 +68,19 @@ def test_compile_settings_are_checked_with_their_key_names(tmp_path):
         settings_for(tmp_path, compile="yes")
     with pytest.raises(ConfigError, match="models.compile_cache"):
         settings_for(tmp_path, compile_cache="")
+
+
+def test_compile_without_a_c_compiler_is_refused_at_start_naming_the_key(tmp_path, monkeypatch):
+    from engine.errors import ConfigError
+
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    monkeypatch.setenv("PATH", str(empty))
+    monkeypatch.delenv("CC", raising=False)
+    with pytest.raises(ConfigError, match="models.compile = true needs a C compiler") as refused:
+        compiling.check(settings_for(tmp_path, compile=True))
+    assert refused.value.code == "compile_unavailable"
+    monkeypatch.setenv("CC", "no-such-cc")
+    with pytest.raises(ConfigError, match="CC=no-such-cc is not on PATH"):
+        compiling.check(settings_for(tmp_path, compile=True))
+    compiling.check(settings_for(tmp_path))  # off: nothing asked of the machine
