@@ -34,6 +34,21 @@ Eager rows of both models run first; compiled rows last, each only if the time b
 limit costs the least valuable rows. Each row is also appended to `--out` as JSON as soon as
 it is measured.
 
+MFU: the FLOPs of one training step and of one denoising step (the UNet at CFG batch 2: a
+one-step call's count subtracted from a two-step call's) counted by
+torch.utils.flop_counter.FlopCounterMode on the eager UNet, times the measured rate, divided by
+the card's dense bf16 peak (PEAK_BF16, NVIDIA's datasheets, printed with the figure; `--peak-tflops`
+overrides it). FlopCounterMode counts matmuls and convolutions, not elementwise work.
+
+Whole chain (`--chain`): a full replicate job through the engine (engine.runner.Engine, the
+daemon's code path) on the real-size architecture, random weights saved as a staged diffusers
+folder, the default job settings (1,200 steps cap, 16 seeds x LoRA + control, 4 renders x 3
+passes at the model's resolution), with models.compile off and on (`--chain-compile`): wall
+seconds and peak VRAM per stage, from the audit's stage events.
+
+    python bench/bench_gpu.py --chain --models sd15 --chain-compile both
+    python bench/bench_gpu.py --chain --tiny --device cpu --models sd15   # smoke test here
+
 Timing: CUDA synchronisation around host timers; warm-up steps first (they hold the compile
 time of +compile rows, reported as `first_steps_s`); peak VRAM from
 torch.cuda.max_memory_allocated after a reset at the start of each phase.
@@ -130,6 +145,10 @@ SETTINGS = [
     Setting("reencode", bf16=True, sdpa=True, channels_last=True, reencode=True),
     Setting("+compile", bf16=True, sdpa=True, channels_last=True, compile=True),
 ]
+# Dense bf16 tensor-core peaks, FLOP/s: NVIDIA's datasheets give the with-sparsity figure; dense is half.
+PEAK_BF16 = {"H200": 989.5e12, "H100 SXM": 989.5e12, "H100 80GB HBM3": 989.5e12, "H100 PCIe": 756.0e12, "H100 NVL": 835.5e12,
+             "A100": 312.0e12, "L40S": 362.05e12, "L4": 121.0e12, "A10": 125.0e12}
+PEAK_SOURCE = "NVIDIA datasheet, dense bf16 (half the sparsity figure)"
 COMPILE_ESTIMATE_S = {"sd15": 150.0, "sdxl": 240.0}  # train + render compiles, H100/H200 class, 16 cores
 
 
@@ -253,9 +272,9 @@ def measure_train(components: Components, unet: torch.nn.Module, model: torch.nn
     cached = (_encode_latents(pipe, images), _encode_text(pipe, CAPTION, resolution))
     model.train()
 
-    def step() -> float:
+    def step(called: torch.nn.Module = model) -> float:
         (mean, std), (text, added) = (_encode_latents(pipe, images), _encode_text(pipe, CAPTION, resolution)) if setting.reencode else cached
-        loss = _training_step(model, noise_scheduler, mean, std, text, added, phase, 1, generator, device)
+        loss = _training_step(called, noise_scheduler, mean, std, text, added, phase, 1, generator, device)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -272,7 +291,8 @@ def measure_train(components: Components, unet: torch.nn.Module, model: torch.nn
     _sync(device)
     elapsed = time.perf_counter() - started
     finite = all(loss == loss and abs(loss) != float("inf") for loss in losses)
-    return {"train_steps_per_s": round(steps / elapsed, 3), "train_s_per_step": round(elapsed / steps, 4), "train_first_steps_s": round(first, 2),
+    flops = count_flops(lambda: step(unet))
+    return {"train_flops_per_step": flops, "train_steps_per_s": round(steps / elapsed, 3), "train_s_per_step": round(elapsed / steps, 4), "train_first_steps_s": round(first, 2),
             "train_peak_gib": _peak_gib(device), "train_loss_finite": finite}
 
 
@@ -301,10 +321,41 @@ def measure_render(components: Components, unet: torch.nn.Module, model: torch.n
     _reset_peak(device)
     first = call(3)  # warm-up: kernels, allocator, and the compile of a +compile row
     total = call(steps)
+    if model is not unet:
+        pipe.unet = unet  # FLOPs are counted eager: a compiled graph runs under the counter unseen
+    one, two = count_flops(lambda: call(1)), count_flops(lambda: call(2))
+    pipe.unet = model
     loop_steps = len(stamps) - 1
     loop = stamps[-1] - stamps[0]
-    return {"render_it_per_s": round(loop_steps / loop, 3), "render_s_per_image": round(total, 3), "render_first_call_s": round(first, 2),
+    return {"render_flops_per_step": two - one, "render_it_per_s": round(loop_steps / loop, 3), "render_s_per_image": round(total, 3), "render_first_call_s": round(first, 2),
             "render_peak_gib": _peak_gib(device)}
+
+
+def count_flops(call: Any) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        call()
+    return int(counter.get_total_flops())
+
+
+def peak_flops(device: torch.device, override_tflops: float | None) -> tuple[float | None, str]:
+    """The card's dense bf16 peak and where the figure comes from (None on a CPU or an unknown card)."""
+    if override_tflops:
+        return override_tflops * 1e12, "--peak-tflops"
+    if device.type != "cuda":
+        return None, "no peak for a CPU"
+    name = torch.cuda.get_device_name(device)
+    match = max((key for key in PEAK_BF16 if key in name), key=len, default=None)
+    return (PEAK_BF16[match], f"{match}: {PEAK_SOURCE}") if match else (None, f"{name}: not in PEAK_BF16; pass --peak-tflops")
+
+
+def add_mfu(row: dict[str, Any], peak: float | None) -> None:
+    for phase, rate in (("train", "train_steps_per_s"), ("render", "render_it_per_s")):
+        flops, per_s = row.get(f"{phase}_flops_per_step"), row.get(rate)
+        if flops and per_s:
+            row[f"{phase}_tflops"] = float(f"{flops * per_s / 1e12:.4g}")
+            row[f"{phase}_mfu"] = round(flops * per_s / peak, 4) if peak else None
 
 
 def run_setting(components: Components, setting: Setting, args: argparse.Namespace) -> dict[str, Any]:
@@ -333,9 +384,13 @@ def run_setting(components: Components, setting: Setting, args: argparse.Namespa
 # ---------------------------------------------------------------------------- report
 
 
+def percent(value: float | None) -> str:
+    return f"{value * 100:.1f} %" if value is not None else "—"
+
+
 def table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| model | setting | train steps/s | × plain | × fast | train peak GiB | render it/s | × plain | × fast | s/image | render peak GiB | first steps s (train / render) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | setting | train steps/s | × plain | × fast | train peak GiB | render it/s | × plain | × fast | s/image | render peak GiB | first steps s (train / render) | TFLOP/s (train / render) | MFU (train / render) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def ratio(row: dict[str, Any], key: str, base: str) -> str:
         reference = next((r for r in rows if r["model"] == row["model"] and r["setting"] == base and r.get(key)), None)
@@ -343,12 +398,13 @@ def table(rows: list[dict[str, Any]]) -> str:
 
     for row in rows:
         if "skipped" in row or "error" in row:
-            lines.append(f"| {row['model']} | {row['setting']} | {row.get('skipped') or row.get('error')} |||||||||||")
+            lines.append(f"| {row['model']} | {row['setting']} | {row.get('skipped') or row.get('error')} |||||||||||||")
             continue
         lines.append(f"| {row['model']} {row['resolution']} | {row['setting']} | {row['train_steps_per_s']} | {ratio(row, 'train_steps_per_s', 'plain')} | "
                      f"{ratio(row, 'train_steps_per_s', 'fast')} | {row['train_peak_gib']} | {row.get('render_it_per_s', '—')} | "
                      f"{ratio(row, 'render_it_per_s', 'plain')} | {ratio(row, 'render_it_per_s', 'fast')} | {row.get('render_s_per_image', '—')} | "
-                     f"{row.get('render_peak_gib', '—')} | {row['train_first_steps_s']} / {row.get('render_first_call_s', '—')} |")
+                     f"{row.get('render_peak_gib', '—')} | {row['train_first_steps_s']} / {row.get('render_first_call_s', '—')} | "
+                     f"{row.get('train_tflops', '—')} / {row.get('render_tflops', '—')} | {percent(row.get('train_mfu'))} / {percent(row.get('render_mfu'))} |")
     return "\n".join(lines)
 
 
@@ -363,6 +419,10 @@ def main() -> int:
     parser.add_argument("--render-steps", type=int, default=20)
     parser.add_argument("--budget-seconds", type=float, default=520.0, help="skip compiled rows that would not fit")
     parser.add_argument("--out", type=Path, default=None, help="append each row here as a JSON line")
+    parser.add_argument("--peak-tflops", type=float, default=None, help="the card's dense bf16 peak, when PEAK_BF16 does not know it")
+    parser.add_argument("--chain", action="store_true", help="the whole replicate job through the engine instead of the rows")
+    parser.add_argument("--chain-compile", choices=("off", "on", "both"), default="both", help="models.compile for --chain")
+    parser.add_argument("--chain-dir", type=Path, default=None, help="where --chain stages its models and runs its jobs (default: a temporary folder)")
     args = parser.parse_args()
 
     from diffusers.utils import logging as diffusers_logging
@@ -381,7 +441,15 @@ def main() -> int:
     import transformers
 
     info.update(diffusers=diffusers.__version__, peft=peft.__version__, transformers=transformers.__version__)
+    peak, peak_source = peak_flops(device, args.peak_tflops)
+    info.update(peak_bf16_tflops=peak / 1e12 if peak else None, peak_source=peak_source)
     print(json.dumps(info), flush=True)
+    if args.chain:
+        from bench.chain import run_chains
+
+        print(run_chains(names, models, device, args, Components))
+        print(f"\nwhole script: {time.perf_counter() - started:.0f} s")
+        return 0
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False  # fp32 rows measure fp32, not TF32
         torch.backends.cudnn.allow_tf32 = False
@@ -408,6 +476,7 @@ def main() -> int:
             components[name] = Components(models[name], device)
             print(json.dumps({"model": name, "built_s": round(time.perf_counter() - built, 1)}), flush=True)
         row = run_setting(components[name], setting, args)
+        add_mfu(row, peak)
         if setting.name == "fast":
             eager_seconds[name] = row["seconds"]
         rows.append(row)
