@@ -1,6 +1,7 @@
 """Warm models across jobs (issue 19): a daemon that runs two demo jobs one after the other in one
 process loads the base diffusion model once, and with `models.compile = true` compiles once: the
-second job runs on the graphs the first compiled. A real Service (local backend) in a thread; the
+second job runs on the graphs the first compiled (slow), and a second job's LoRA swapped into a
+compiled UNet reuses its graph and renders as eager (default run). A real Service (local backend) in a thread; the
 loads counted are real calls to engine.models.load_pipeline (wrapped, not replaced), the graphs
 are dynamo's own count, as each job's audit records it, on CPU inductor (gcc)."""
 
@@ -69,8 +70,11 @@ def test_two_jobs_in_one_daemon_load_the_base_model_once(tmp_path, shared_models
     assert not any("compiled" in e for e in audit_events(published(service, "first")) if e["event"] == "stage_finished")
 
 
+# Slow (about 130 s on 2 cores: three cold CPU-inductor compiles): with it the default run passed
+# 14.5 of CI's 15 minutes. The default run keeps the LoRA-swap test below (one compile).
+@pytest.mark.slow
 @needs_compiler
-def test_with_compile_on_two_jobs_in_one_daemon_compile_once_and_a_swapped_lora_renders_as_eager(tmp_path, shared_models):
+def test_with_compile_on_two_jobs_in_one_daemon_compile_once(tmp_path, shared_models):
     torch._dynamo.reset()  # graphs an earlier test of this process compiled would make the first job compile nothing
     cache = tmp_path / "inductor"
     service = run_two_jobs(tmp_path, shared_models, {"compile": True, "compile_cache": str(cache)})
@@ -85,14 +89,19 @@ def test_with_compile_on_two_jobs_in_one_daemon_compile_once_and_a_swapped_lora_
     assert graphs["second"] == {}, f"the second job compiled again: {graphs}"
     # Inductor wrote its kernels where models.compile_cache says, for a restarted daemon to reuse.
     assert any(path.is_file() for path in cache.rglob("*")), "nothing in the inductor cache"
-    # The jobs above trained (nearly) the same LoRA twice. Here two very different LoRAs of the
-    # same name and rank go through one compiled UNet the way jobs use it (engine.diffusion's
-    # identity_lora): the second reuses the first's graph, and each renders its own image, the
-    # eager one's to float tolerance (stale weights baked into a graph would show). Same shapes
-    # as the jobs' renders, so the graphs compiled above serve (dynamo's guards are on structure).
+
+
+@needs_compiler
+def test_a_swapped_lora_reuses_the_compiled_unet_and_renders_as_eager(tmp_path):
+    """Two very different LoRAs of the same name and rank go through one compiled UNet the way
+    jobs use it (engine.diffusion's identity_lora): the second job's reuses the first's graph
+    (nothing compiled), and each renders its own image, the eager one's to float tolerance
+    (stale weights baked into a graph would show)."""
+    torch._dynamo.reset()
+    cache = tmp_path / "inductor"
     renders_of = _two_loras(tmp_path)
     eager = renders_of(None)
-    compiled_first = renders_of(Settings.from_table({"paths": {"models": str(shared_models)}, "models": {"compile": True, "compile_cache": str(cache)}},
+    compiled_first = renders_of(Settings.from_table({"paths": {"models": str(tmp_path)}, "models": {"compile": True, "compile_cache": str(cache)}},
                                                     root=tmp_path))
     before = compiling.counters()
     compiled = renders_of(None)
@@ -101,6 +110,7 @@ def test_with_compile_on_two_jobs_in_one_daemon_compile_once_and_a_swapped_lora_
     for eager_image, compiled_image in zip(eager, compiled):
         assert np.abs(eager_image - compiled_image).max() <= 2  # grey levels: compiled kernels round differently
     assert np.abs(compiled[0] - compiled[1]).max() > 20, "both LoRAs rendered the same image"
+    assert any(path.is_file() for path in cache.rglob("*")), "nothing in the inductor cache"
 
 
 def _two_loras(tmp_path: Path):
