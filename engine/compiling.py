@@ -65,7 +65,7 @@ def check(settings: Settings) -> None:
     from engine.errors import ConfigError
 
     wanted = os.environ.get("CC")
-    found = shutil.which(wanted) if wanted else next((shutil.which(c) for c in ("cc", "gcc", "clang") if shutil.which(c)), None)
+    found = shutil.which(wanted) if wanted else next(filter(None, map(shutil.which, ("cc", "gcc", "clang"))), None)
     if found is None:
         raise ConfigError("compile_unavailable", f"models.compile = true needs a C compiler for torch.compile's kernels, and "
                                                  f"{'CC=' + wanted + ' is not on PATH' if wanted else 'none (cc, gcc, clang) is on PATH'}; "
