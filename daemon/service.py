@@ -438,8 +438,8 @@ class Service:
             code, error = self._hold_record(exc, "the job's folders could not be read")
             outcome = JobOutcome.HELD
             log.error("job_folders_unreadable", code=code, error=describe_os_error(exc))
-        except BaseException:  # noqa: BLE001 - a bug must not strand the job: it is released, counted as a crash
-            log.exception("job_crashed")
+        except BaseException as exc:  # noqa: BLE001 - a bug must not strand the job: it is released, counted as a crash
+            outcome, code, error = self._crashed(run.job, exc, log)
         finally:
             try:
                 self._settle(run.job, outcome, error, log)
@@ -454,6 +454,24 @@ class Service:
             if not self._stopping.is_set():
                 self.backend.resume_jobs()
             self.waker.event.set()
+
+    def _crashed(self, job: ClaimedJob, exc: BaseException, log: Any) -> tuple[str, str | None, dict[str, Any] | None]:
+        """A run that raised. Before its publishing rename: a crash (released, counted, retried).
+        After it (the job is in the outbox or failed/): a publication problem, held and retried
+        after the hold's back-off: never counted as a crash, never given up into failed/, never
+        re-run in a loop (the give-up check skips published jobs, so it must not come to that)."""
+        try:
+            published = find_published(self.paths.outbox, self.paths.failed, job.job_id)
+        except OSError:
+            published = None
+        if published is None:
+            log.exception("job_crashed")
+            return CRASHED, None, None
+        message = (f"job {job.job_id} is published ({published[1]}), but settling it failed: {type(exc).__name__}: {exc}; held, "
+                   "retried after the hold's back-off (never run again, never put in failed/)")
+        log.error("publication_incomplete", message=message, published_as=published[0], exc_info=exc)
+        return JobOutcome.HELD, "publication_incomplete", {"code": "publication_incomplete", "message": message, "problems": [],
+                                                           "details": {"published_as": published[0], "published": str(published[1])}}
 
     def _attempt(self, run: _Run, log: Any) -> tuple[str, str | None, dict[str, Any] | None, Path | None, str]:
         """Run the job (or settle one already published) through the backend, again under the

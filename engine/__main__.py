@@ -1,8 +1,8 @@
 """Command line: run one job, verify an audit trail, make an example subject.
 
     python -m engine run inbox/alice --outbox outbox [--until embed] [--config config.toml]
-    python -m engine verify-audit outbox/alice/<job-id> [--trusted-key PUB.pem] [--trusted-ca CA.pem] [--require-signed]
-    python -m engine verify-journal outbox [--failed DIR] [--trusted-key PUB.pem] [--trusted-ca CA.pem]
+    python -m engine verify-audit outbox/alice/<job-id> [--trusted-key PUB.pem] [--trusted-ca CA.pem] [--allow-unsigned]
+    python -m engine verify-journal outbox [--failed DIR] [--trusted-key PUB.pem] [--trusted-ca CA.pem] [--allow-unsigned]
     python -m engine keys init --out DIR [--lab NAME]
     python -m engine report outbox/alice/<job-id> [--out DIR]
     python -m engine status --outbox outbox [--inbox inbox] [--last 10] [--json]
@@ -54,7 +54,11 @@ def main(argv: list[str] | None = None) -> int:
         checker.add_argument("--trusted-key", type=Path, default=None,
                              help="the lab's audit-signing.pub.pem (default: the one in [trust] keys of --config, if any)")
         checker.add_argument("--trusted-ca", type=Path, default=None, help="the lab CA, lab-ca.cert.pem (default: the one in [trust] keys)")
-        checker.add_argument("--require-signed", action="store_true", help="fail an unsigned job (or journal) instead of saying so")
+        checker.add_argument("--require-signed", action="store_true",
+                             help="fail an unsigned job (or journal) even without a trusted key (with one, signed is required anyway)")
+        checker.add_argument("--allow-unsigned", action="store_true",
+                             help="with a trusted key, accept unsigned jobs and journal lines instead of failing them (a lab that ran "
+                                  "without keys for a while)")
 
     keys = commands.add_parser("keys", help="the lab's signing keys")
     key_commands = keys.add_subparsers(dest="keys_command", required=True)
@@ -95,9 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _configure_logging(args.log_level)
     if args.command == "verify-audit":
-        return _verify(args.job_out, *_trust_anchors(args), args.require_signed)
+        return _verify(args.job_out, *_trust_anchors(args), args.require_signed, args.allow_unsigned)
     if args.command == "verify-journal":
-        return _verify_journal(args.outbox, args.failed, *_trust_anchors(args), args.require_signed)
+        return _verify_journal(args.outbox, args.failed, *_trust_anchors(args), args.require_signed, args.allow_unsigned)
     if args.command == "keys":
         return _keys_init(args.out, args.lab)
     if args.command == "report":
@@ -194,21 +198,26 @@ def _trust_anchors(args: argparse.Namespace) -> tuple[object | None, bytes | Non
     return (load_public_key(key_path) if key_path else None), (Path(ca_path).read_bytes() if ca_path else None)
 
 
-def _verify(job_out: Path, trusted_key: object | None, trusted_ca: bytes | None, require_signed: bool) -> int:
-    report = verify_audit(job_out, trusted_key=trusted_key, trusted_ca=trusted_ca)
+def _verify(job_out: Path, trusted_key: object | None, trusted_ca: bytes | None, require_signed: bool, allow_unsigned: bool) -> int:
+    report = verify_audit(job_out, trusted_key=trusted_key, trusted_ca=trusted_ca, allow_unsigned=allow_unsigned)
     trust = report.trust
     signed = trust.signed if trust is not None else "unsigned"
     if require_signed and signed not in ("trusted", "signed"):
         report.problems.append(f"the job is {signed}, and --require-signed was given")
     if report.ok:
-        line = f"OK: {report.lines} audit lines chained, {report.files_checked} files match the manifest; head {report.head}"
+        if report.verdict == "failed":
+            line = (f"OK (a failed job, recorded intact): {report.lines} audit lines chained, {report.files_checked} files match its "
+                    f"manifest (inputs/, error.json, audit log)")
+        else:
+            line = f"OK: {report.lines} audit lines chained, {report.files_checked} files match the manifest; head {report.head}"
         if trust is not None:
             line += f"; signed head: {signed}" + (f" (key {trust.key_fingerprint[:16]})" if trust.key_fingerprint else "")
-            line += f"; journal: {trust.journal}"
+            if report.verdict != "failed":
+                line += f"; journal: {trust.journal}"
             if trust.credentials:
                 line += "; Content Credentials: " + ", ".join(f"{count} {state}" for state, count in sorted(trust.credentials.items()))
         print(line)
-        for note in trust.notes if trust is not None else []:
+        for note in report.notes + (trust.notes if trust is not None else []):
             print(f"  note: {note}")
         return 0
     print(f"FAILED: {job_out}", file=sys.stderr)
@@ -217,15 +226,18 @@ def _verify(job_out: Path, trusted_key: object | None, trusted_ca: bytes | None,
     return 1
 
 
-def _verify_journal(outbox: Path, failed: Path | None, trusted_key: object | None, trusted_ca: bytes | None, require_signed: bool) -> int:
+def _verify_journal(outbox: Path, failed: Path | None, trusted_key: object | None, trusted_ca: bytes | None, require_signed: bool,
+                    allow_unsigned: bool) -> int:
     from engine.trust import verify_journal
 
-    report = verify_journal(outbox, failed, trusted=trusted_key, trusted_ca=trusted_ca)
+    report = verify_journal(outbox, failed, trusted=trusted_key, trusted_ca=trusted_ca, allow_unsigned=allow_unsigned)
     if require_signed and report.signed not in ("trusted", "signed"):
         report.problems.append(f"the journal is {report.signed}, and --require-signed was given")
     if report.ok:
         print(f"OK: {report.entries} journal lines chained ({report.signed}), {report.jobs_checked} jobs as signed; "
               f"journal head {report.head} (keep a note of it: a journal cut back to an earlier head looks whole)")
+        for note in report.notes:
+            print(f"  note: {note}")
         if report.signed == "unsigned":
             print("  note: UNSIGNED: no lab key signed this journal; it shows a removed or edited line, but someone who can write the "
                   "share could rewrite it consistently")

@@ -204,18 +204,26 @@ class AuditReport:
     head: str = GENESIS
     files_checked: int = 0
     problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
     trust: Any = None  # engine.trust.TrustFindings: the signed head, the journal line, the images' Content Credentials
+    verdict: str = "finished"  # "finished": a published job; "failed": a failed job's record (inputs/, error.json, audit log)
 
     @property
     def ok(self) -> bool:
         return not self.problems
 
 
-def verify_audit(job_dir: Path, *, trusted_key: Any = None, trusted_ca: bytes | None = None, journal: bool = True) -> AuditReport:
+def verify_audit(job_dir: Path, *, trusted_key: Any = None, trusted_ca: bytes | None = None, journal: bool = True,
+                 allow_unsigned: bool = False) -> AuditReport:
     """Check the audit chain line by line, every file listed in the manifest, the job's inputs/,
     and its signed records (engine.trust): the signed head against `trusted_key` (an Ed25519
     public key; None: only against the key it names), the outbox's journal line (`journal`), and
-    every generated image's Content Credentials against the lab CA `trusted_ca` (PEM).
+    every generated image's Content Credentials against the lab CA `trusted_ca` (PEM). With a
+    `trusted_key`, an unsigned head is a problem unless `allow_unsigned`.
+
+    A failed job (error.json, no job_finished) is checked as one (`verdict` "failed"): its
+    manifest against its inputs/, error.json and audit log, the inputs against what its audit log
+    recorded, all of it sealed by its signed head.
 
     Names the first broken line (1-based) and each changed, missing or unlisted file.
     """
@@ -264,11 +272,13 @@ def verify_audit(job_dir: Path, *, trusted_key: Any = None, trusted_ca: bytes | 
         report.problems.append(f"{AUDIT_FILE}: lines of several jobs ({', '.join(sorted(job_ids))})")
     manifest_path = job_dir / MANIFEST_FILE
     if finished is None:
-        if (job_dir / ERROR_FILE).is_file():  # a failed job: its signed head seals error.json and the log
+        if (job_dir / ERROR_FILE).is_file():  # a failed job: its signed head seals its manifest, error.json and the log
+            _verify_failed(job_dir, report)
             report.trust = check_job(job_dir, where="failed", audit_head_now=report.head, audit_lines_now=report.lines, manifest=None,
-                                     trusted_key=trusted_key, trusted_ca=trusted_ca, journal=journal)
+                                     trusted_key=trusted_key, trusted_ca=trusted_ca, journal=journal, allow_unsigned=allow_unsigned)
             report.problems += report.trust.problems
-        report.problems.append(f"{AUDIT_FILE}: no job_finished event (job incomplete)")
+        else:
+            report.problems.append(f"{AUDIT_FILE}: no job_finished event (job incomplete)")
         return report
     if not manifest_path.is_file():
         report.problems.append(f"{MANIFEST_FILE} is missing")
@@ -291,7 +301,7 @@ def verify_audit(job_dir: Path, *, trusted_key: Any = None, trusted_ca: bytes | 
             report.problems.append(f"{entry.rel}: not in the manifest (added after the job finished)")
     _verify_inputs(job_dir, manifest, report)
     report.trust = check_job(job_dir, where="outbox", audit_head_now=report.head, audit_lines_now=report.lines, manifest=manifest,
-                             trusted_key=trusted_key, trusted_ca=trusted_ca, journal=journal)
+                             trusted_key=trusted_key, trusted_ca=trusted_ca, journal=journal, allow_unsigned=allow_unsigned)
     report.problems += report.trust.problems
     return report
 
@@ -307,3 +317,53 @@ def _verify_inputs(job_dir: Path, manifest: dict[str, Any], report: AuditReport)
     report.problems += [f"{INPUTS_DIR}/{rel}: missing (the manifest lists it as dropped)" for rel in differences["removed"]]
     report.problems += [f"{INPUTS_DIR}/{rel}: not in the manifest's inputs (added after the job finished)" for rel in differences["added"]]
     report.problems += [f"{INPUTS_DIR}/{rel}: changed (differs from the manifest's inputs)" for rel in differences["changed"]]
+
+
+# Files of a failed job's folder besides inputs/ (its manifest lists error.json and the audit log).
+FAILED_FILES = frozenset({ERROR_FILE, AUDIT_FILE, MANIFEST_FILE, SIGNATURE_FILE})
+
+
+def _verify_failed(job_dir: Path, report: AuditReport) -> None:
+    """A failed job's record: its manifest (engine.jobfolder.failed_manifest) against inputs/,
+    error.json and the audit log; no other file; and inputs/ against the inputs its audit log
+    recorded (the last job_started / job_resumed / job_refused line that lists them). Older
+    failed folders (no manifest) are checked by their signed head alone, and say so."""
+    report.verdict = "failed"
+    manifest_path = job_dir / MANIFEST_FILE
+    if not manifest_path.is_file():
+        report.notes.append(f"a failed job recorded before failed jobs had a {MANIFEST_FILE}: its inputs/ are not sealed (only error.json "
+                            "and the audit log are)")
+        return
+    try:
+        manifest = json.loads(manifest_path.read_text("utf-8"))
+        if not isinstance(manifest, dict) or not manifest.get("failed"):
+            raise ValueError("not a failed job's manifest")
+    except ValueError as exc:
+        report.problems.append(f"{MANIFEST_FILE}: unreadable ({exc})")
+        return
+    for rel, expected in sorted((manifest.get("outputs") or {}).items()):
+        report.files_checked += 1
+        path = job_dir / rel
+        if not path.is_file():
+            report.problems.append(f"{rel}: missing")
+        elif sha256_file(path) != expected:
+            report.problems.append(f"{rel}: changed (sha256 differs from the failed job's manifest)")
+    for entry in walk_tree(job_dir):
+        if entry.rel.startswith(INPUTS_DIR + "/") or entry.rel in FAILED_FILES or entry.kind == "dir":
+            continue
+        report.problems.append(f"{entry.rel}: not in the failed job's manifest (added after it failed)")
+    _verify_inputs(job_dir, {"version": MANIFEST_VERSION, "inputs": manifest.get("inputs") or {}}, report)
+    recorded = _recorded_inputs(job_dir / AUDIT_FILE)
+    if recorded is not None and not manifest.get("only") and recorded != (manifest.get("inputs") or {}):
+        differences = Listing(recorded).differences(Listing(manifest.get("inputs") or {}))
+        report.problems.append(f"{INPUTS_DIR}/: differs from the inputs the audit log recorded ({differences})")
+
+
+def _recorded_inputs(audit: Path) -> dict[str, str] | None:
+    """The inputs listing of the audit log's last line that records one (None: none does)."""
+    recorded = None
+    for raw in audit.read_bytes().splitlines():
+        record = json.loads(raw)
+        if record.get("event") in ("job_started", "job_resumed", "job_refused") and record.get("inputs"):
+            recorded = record["inputs"]
+    return recorded

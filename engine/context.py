@@ -81,6 +81,6 @@ class StageContext:
         credentials = self.resources.credentials()
         if credentials is not None:
             data = credentials.sign_png(data, title=Path(relative).name, facts={"job_id": self.job_id, "demo": self.demo, **facts},
-                                        ingredients=list(zip(self.job.spec.subject.photos, self.job.photos)))
+                                        ingredients=list(zip(self.job.spec.subject.photos, self.job.photos)), job_dir=self.job_dir)
         atomic_write_bytes(self.path(relative), data)
         return "signed" if credentials is not None else "unsigned"

@@ -10,6 +10,10 @@ authority, no remote manifest or OCSP fetch; thumbnails off (they add ~0.3 MB an
 
 A reader must ask for the validation state "Trusted" against the lab CA (`trust.user_anchors`):
 "Valid" only means the manifest is intact and signed by someone, not by the lab (FINDINGS).
+
+The engine holds no private key (engine.signer): c2pa builds each claim here and calls back for
+its signature (`Signer.from_callback`, ES256, the DER signature c2pa expects from a callback:
+checked to validate "Trusted"), which the signer makes for a job in progress only.
 Signatures are randomised (ECDSA, new instance ids): a resumed job's images differ from a clean
 run's in their credentials only.
 """
@@ -17,12 +21,16 @@ run's in their credentials only.
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import c2pa
 
 from engine.trust import LabKeys
+
+# (job id, outbox, to-be-signed bytes) -> the DER ES256 signature: the signer's `content_signature`
+SignContent = Callable[[str, Path, bytes], bytes]
 
 ASSERTION_LABEL = "org.idrep.generation"
 DIGITAL_SOURCE_TYPE = "http://cv.iptc.org/newscodes/digitalsourcetype/trainedAlgorithmicMedia"
@@ -41,17 +49,30 @@ def _version() -> str:
 
 
 class ContentCredentials:
-    """Signs PNG bytes with the lab's content signer; one per process (the signer is reused)."""
+    """Signs PNG bytes with the lab's content signer (through `sign`, the signer process's
+    `content_signature`); one per engine."""
 
-    def __init__(self, keys: LabKeys) -> None:
-        self.keys = keys
-        self._signer = c2pa.Signer.from_info(c2pa.C2paSignerInfo(c2pa.C2paSigningAlg.ES256, keys.signer_chain_pem, keys.signer_key_pem, None))
+    def __init__(self, chain_pem: bytes, sign: SignContent) -> None:
+        self._chain = chain_pem.decode("ascii")
+        self._sign = sign
         self._context = c2pa.Context.from_dict(SETTINGS)
         self._generator = [{"name": CLAIM_GENERATOR, "version": _version()}]
 
-    def sign_png(self, png: bytes, *, title: str, facts: dict[str, Any], ingredients: list[tuple[str, Path]]) -> bytes:
+    @classmethod
+    def holding(cls, keys: LabKeys) -> "ContentCredentials":
+        """Credentials signed in this process with `keys`: for tools and tests that hold a key
+        themselves. The engine never does (engine.signer)."""
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+
+        key = serialization.load_pem_private_key(keys.signer_key_pem, password=None)
+        return cls(keys.signer_chain_pem, lambda _job_id, _outbox, data: key.sign(data, ec.ECDSA(hashes.SHA256())))
+
+    def sign_png(self, png: bytes, *, title: str, facts: dict[str, Any], ingredients: list[tuple[str, Path]], job_dir: Path) -> bytes:
         """`png` with a signed manifest: created by a trained model, from `ingredients` ((name,
-        path) of the job's input photos), with `facts` as our assertion."""
+        path) of the job's input photos), with `facts` as our assertion; `job_dir` the job's work
+        folder (<outbox>/.work/<job-id>), whose job the signer signs for."""
+        job_dir = Path(job_dir)
         manifest = {
             "claim_generator_info": self._generator,
             "title": title,
@@ -65,7 +86,9 @@ class ContentCredentials:
             with open(path, "rb") as photo:
                 builder.add_ingredient({"title": name, "relationship": "inputTo"}, _mime(path), photo)
         signed = io.BytesIO()
-        builder.sign(self._signer, "image/png", io.BytesIO(png), signed)
+        with c2pa.Signer.from_callback(lambda data: self._sign(job_dir.name, job_dir.parent.parent, bytes(data)),
+                                       c2pa.C2paSigningAlg.ES256, self._chain, None) as signer:
+            builder.sign(signer, "image/png", io.BytesIO(png), signed)
         return signed.getvalue()
 
 

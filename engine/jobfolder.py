@@ -283,23 +283,35 @@ def failure_record(job_id: str, subject: str, source: Path | str, error: JobErro
 
 def publish_failure(*, inputs_from: Path, failed_root: Path, subject: str, job_id: str, record: dict[str, Any],
                     audit: Path | None = None, check: Callable[[str], None] | None = None,
-                    only: frozenset[str] | None = None, seal: Callable[[Path], Any] | None = None) -> tuple[Path, dict[str, Any]]:
+                    only: frozenset[str] | None = None, seal: Callable[[Path], Any] | None = None,
+                    sealed: Callable[[Path], bool] | None = None) -> tuple[Path, dict[str, Any]]:
     """The one code that writes failed/: `failed/<subject>/<job-id>/` with inputs/ (a verified
     copy of the folder `inputs_from`, or of just the paths `only`), error.json (`record`, plus what
-    could not be copied), a copy of the job's audit log, and what `seal(staging folder)` adds (the
-    signed head). Copy -> verify -> seal -> fsync -> `check("publish")` -> one rename.
+    could not be copied), a copy of the job's audit log, manifest.json (the sha256 of every file
+    of inputs/, of error.json and of the audit log: `failed_manifest`), and what `seal(staging
+    folder)` adds (the signed head over all of it). Copy -> verify -> manifest -> seal -> fsync ->
+    `check("publish")` -> one rename.
 
     Returns (the folder, the record as written). Already published (a re-run after a kill): the
-    folder as it is. OSError when a step fails: failed/ then holds no trace of this job but a
-    hidden staging folder that the next try replaces."""
+    folder as it is. A staging folder left sealed by an earlier try (`sealed(staging)` says it
+    still is what was sealed) is published as it is: a job id is sealed once. OSError when a step
+    fails: failed/ then holds no trace of this job but a hidden staging folder that the next try
+    replaces (or, once sealed, publishes)."""
+    import json
+
     target = Path(failed_root) / subject / job_id
     if (target / ERROR_FILE).is_file():
-        import json
-
         return target, json.loads((target / ERROR_FILE).read_text("utf-8"))
     staging = target.with_name(f".{job_id}{_INCOMING}")
+    if sealed is not None and staging.is_dir() and sealed(staging):
+        if check is not None:
+            check("publish to failed/")
+        os.rename(staging, target)
+        fsync_dir(target.parent)
+        return target, json.loads((target / ERROR_FILE).read_text("utf-8"))
     remove_tree(staging)
     staging.parent.mkdir(parents=True, exist_ok=True)
+    is_sealed = False
     try:
         os.mkdir(staging)
         copied = copy_tree(inputs_from, staging / INPUTS_DIR, only=only)
@@ -310,18 +322,35 @@ def publish_failure(*, inputs_from: Path, failed_root: Path, subject: str, job_i
         atomic_write_json(staging / ERROR_FILE, record)
         if audit is not None and Path(audit).is_file():
             atomic_write_bytes(staging / AUDIT_FILE, Path(audit).read_bytes())
+        atomic_write_json(staging / MANIFEST_FILE, failed_manifest(staging, job_id=job_id, subject=subject, inputs=copied, only=only))
+        share_modes(staging)
         if seal is not None:
             seal(staging)
-        share_modes(staging)
+            is_sealed = True
         fsync_tree(staging)
         if check is not None:
             check("publish to failed/")
         os.rename(staging, target)  # onto an existing, non-empty folder this fails: nothing of anyone's is replaced
     except BaseException:
-        _remove_quietly(staging)  # nothing half-made stays in failed/ (nor fills a full disk)
+        if not is_sealed:
+            _remove_quietly(staging)  # nothing half-made stays in failed/ (nor fills a full disk); a sealed one is published next time
         raise
     fsync_dir(target.parent)
     return target, record
+
+
+FAILED_MANIFEST_VERSION = 1
+
+
+def failed_manifest(folder: Path, *, job_id: str, subject: str, inputs: Listing, only: frozenset[str] | None) -> dict[str, Any]:
+    """manifest.json of a failed job's folder: what its signed head seals besides error.json and the
+    audit log (their sha256 too), above all the Listing of inputs/ (the dropped folder as it was,
+    or the paths `only` of it)."""
+    from engine.fsutil import sha256_file
+
+    outputs = {name: sha256_file(folder / name) for name in (ERROR_FILE, AUDIT_FILE) if (folder / name).is_file()}
+    return {"failed_manifest_version": FAILED_MANIFEST_VERSION, "failed": True, "job_id": job_id, "subject": subject,
+            "inputs": inputs.entries, "not_copied": inputs.left_out, "only": sorted(only) if only else None, "outputs": outputs}
 
 
 def _now() -> str:

@@ -42,7 +42,7 @@ class Resources:
         self._identity2: Any = None
         self._landmarks: Any = None
         self._hashes: dict[str, dict[str, str]] = {}
-        self._keys: Any = None
+        self._sealer: Any = None
         self._credentials: Any = None
 
     # ------------------------------------------------------------------ by role
@@ -214,41 +214,41 @@ class Resources:
             self._landmarks = LandmarkModels(select_providers(self.settings.faces.providers), self.settings.faces.threads)
         return self._landmarks
 
-    # ------------------------------------------------------------------ keys
+    # ------------------------------------------------------------------ keys (through the signer)
 
-    def keys(self) -> Any:
-        """The lab's keys (engine.trust.LabKeys) from [trust] keys, or None: records are unsigned.
-        ConfigError naming what is missing where; `[trust] require` refuses to go unsigned."""
-        if self._keys is None:
-            from engine.trust import LabKeys
+    def sealer(self) -> Any:
+        """Who seals this engine's jobs (engine.signer): with [trust] keys, a signer process this
+        engine starts (the keys are read there, never in this process, which decodes photos and
+        loads models); without, the same rules in this process, unsigned. ConfigError naming what
+        is missing where; `[trust] require` refuses to go unsigned."""
+        if self._sealer is None:
+            from engine.signer import Sealer, start_signer
 
             folder = self.settings.keys_dir
             if folder is None:
                 if self.settings.trust.require:
                     raise ConfigError("keys_missing", "[trust] require = true, but [trust] keys names no folder: make lab keys with "
                                                       "`python -m engine keys init --out DIR` and set [trust] keys = DIR")
-                self._keys = False
+                self._sealer = Sealer(None)
             else:
-                self._keys = LabKeys.load(folder)
-        return self._keys or None
+                self._sealer = start_signer(folder)
+        return self._sealer
 
     def trust_facts(self) -> dict[str, Any]:
-        """Who signs this installation's records (for the audit log and the report)."""
-        from engine.trust import UNSIGNED_FACTS
-
-        keys = self.keys()
-        return keys.facts() if keys is not None else dict(UNSIGNED_FACTS)
+        """Who signs this installation's records (for the audit log and the report; no secret in it)."""
+        return dict(self.sealer().facts()["trust"])
 
     def credentials(self) -> Any:
         """The C2PA signer of generated images (engine.credentials), or None without keys."""
         if self._credentials is None:
-            keys = self.keys()
-            if keys is None:
+            sealer = self.sealer()
+            chain = sealer.facts().get("signer_chain_pem")
+            if chain is None:
                 self._credentials = False
             else:
                 from engine.credentials import ContentCredentials
 
-                self._credentials = ContentCredentials(keys)
+                self._credentials = ContentCredentials(chain.encode("ascii"), sealer.content_signature)
         return self._credentials or None
 
 

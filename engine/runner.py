@@ -49,7 +49,8 @@ from engine.resources import Resources
 from engine.schema import to_plain
 from engine.kinds import Kind, all_stage_names, kind_named
 from engine.stages import stage_module
-from engine.trust import append_journal, head_statement, sign_head
+from engine.signer import SealRefused
+from engine.trust import build_statement
 from engine.version import engine_version
 
 VERSIONED_PACKAGES = ("torch", "diffusers", "transformers", "peft", "insightface", "onnxruntime", "rembg", "numpy", "pillow", "opencv-python-headless", "scipy")
@@ -104,8 +105,8 @@ class Engine:
         from engine.models import select_device_dtype
 
         require_models(self.settings, demo=self.demo, until=self.until)
+        self.resources.sealer()  # with [trust] keys: the signer process starts now, before this process decodes anything
         faces = self.resources.faces()
-        self.resources.keys()
         compiling.check(self.settings)
         self._apply_cpu_threads()
         device, dtype = select_device_dtype(self.settings)
@@ -184,6 +185,20 @@ class Engine:
             return self._held(self._installation_fault(exc, source, outbox, failed_root) or "io_error", exc, subject, job_id, job_dir, None, bound)
         if published is not None:
             return self._already_published(outbox, job_id, *published, bound)
+        sealed_failure = self._sealed_failure(outbox, failed_root, job_id, fence, bound)
+        if sealed_failure is not None:
+            return sealed_failure
+        sealed_subject = sealed_in_place(job_dir, where="outbox", job_id=job_id, outbox=outbox)
+        if sealed_subject is not None:
+            # Sealed before a kill or a fault stopped its publishing rename: publish it as it was
+            # sealed (a job id is sealed once; nothing may be appended to it now).
+            try:
+                partial = remove_partial_writes(job_dir)  # a kill inside signature.json's atomic write leaves its temporary file
+                bound.info("job_sealed_earlier", note="publishing the job as it was sealed", partial_writes_removed=partial)
+                return self._seal_and_publish(job_dir, outbox, sealed_subject, job_id, fence, bound)
+            except OSError as exc:
+                return self._held(self._installation_fault(exc, source, outbox, failed_root) or "io_error", exc, sealed_subject, job_id, job_dir,
+                                  None, bound)
         audit: AuditLog | None = None
         ledger: Ledger | None = None
         job: LoadedJob | None = None
@@ -393,42 +408,87 @@ class Engine:
                 return
 
     def _finish(self, ctx: StageContext, ledger: Ledger, outbox: Path) -> JobResult:
-        """Manifest, last audit line, then one rename into the outbox. A crash before the
-        rename leaves a complete job in the work area, which the next run publishes."""
+        """Report, manifest, last audit line; then the signed head and the journal line (the
+        signer: `_seal_and_publish`) and one rename into the outbox. A crash before the rename
+        leaves a complete job in the work area, which the next run seals (if it was not) and publishes."""
         job = ctx.job
         write_report(ctx.job_dir, originals=zip(job.spec.subject.photos, job.photos))  # before the manifest, which lists it
         manifest_sha256 = write_manifest(ctx.job_dir, ledger.job_id, ledger.inputs, ledger.models(), self.demo, self.resources.trust_facts(),
                                          kind=ctx.job.kind)
         ctx.audit.event("job_finished", manifest_sha256=manifest_sha256, demo=self.demo)
-        statement = head_statement(ctx.job_dir, where="outbox", path=f"{job.subject}/{ledger.job_id}", job_id=ledger.job_id, subject=job.subject)
-        signed = sign_head(ctx.job_dir, statement, self.resources.keys())  # the last file: it vouches for the audit head and the manifest
-        share_modes(ctx.job_dir)  # reviewers on the share read it: the umask's modes, whatever wrote each file
-        final = outbox / job.subject / ledger.job_id
+        pause_point("job:before_seal")
+        return self._seal_and_publish(ctx.job_dir, outbox, job.subject, ledger.job_id, ctx.fence, ctx.log)
+
+    def _seal_and_publish(self, job_dir: Path, outbox: Path, subject: str, job_id: str, fence: Fence, bound: Any) -> JobResult:
+        """The signer seals the finished job (signature.json over its audit log and manifest, and
+        the outbox's journal line: the last things written into it), then one rename publishes it.
+        From that rename on the job is published: whatever fails after it is a publication problem
+        (held, retried), never a job failure (a published job is never also put in failed/)."""
+        share_modes(job_dir)  # reviewers on the share read it: the umask's modes, whatever wrote each file
+        fence.check("seal the job")
+        try:
+            self.resources.sealer().seal(job_dir, outbox=outbox, where="outbox", path=f"{subject}/{job_id}", job_id=job_id, subject=subject)
+        except SealRefused as refused:
+            return self._seal_refused(refused, subject, job_id, job_dir, bound)
+        final = outbox / subject / job_id
         final.parent.mkdir(parents=True, exist_ok=True)
         pause_point("job:before_publish")
-        ctx.fence.check("publish to the outbox")
-        os.rename(ctx.job_dir, final)  # onto an existing, non-empty folder this fails: a published job is never replaced
-        fsync_dir(final.parent)
-        pause_point("job:published")
-        ledger.path = final / LEDGER_FILE
-        ledger.set_outcome(LedgerOutcome.FINISHED)
-        ctx.log.info("job_finished", output=str(final), audit_head=ctx.audit.head)
-        return self._journal(outbox, signed, JobResult(ledger.job_id, job.subject, JobOutcome.FINISHED, final), ctx.log)
-
-    def _journal(self, outbox: Path, signed: dict[str, Any], result: JobResult, bound: Any) -> JobResult:
-        """The outbox's journal line of a job just published. When it cannot be written the job
-        stands published, and the result is "held": the next run of the job id writes the line
-        (it is written once, whatever the number of tries)."""
+        fence.check("publish to the outbox")
+        os.rename(job_dir, final)  # onto an existing, non-empty folder this fails: a published job is never replaced
         try:
-            append_journal(outbox, signed, self.resources.keys())
-        except OSError as exc:
-            message = (f"the job is published in {result.output_dir}, but its journal line could not be written: {describe_os_error(exc)}; "
-                       "run it again (the daemon does) once the outbox can be written: the line is added then")
-            bound.error("journal_not_written", message=message)
-            return JobResult(result.job_id, result.subject, JobOutcome.HELD, result.output_dir,
-                             error={"code": classify_os_error(exc) or "io_error", "message": message, "problems": [],
-                                    "details": {"errno": exc.errno, "published_as": result.outcome}})
-        return result
+            fsync_dir(final.parent)
+            pause_point("job:published")
+            _mark_finished(final, job_id)
+        except Exception as exc:  # noqa: BLE001 - published: what is left is settled by the next run of the job id
+            return self._publication_incomplete(exc, JobOutcome.FINISHED, subject, job_id, final, bound)
+        bound.info("job_finished", output=str(final))
+        return JobResult(job_id, subject, JobOutcome.FINISHED, final)
+
+    def _sealed_failure(self, outbox: Path, failed_root: Path, job_id: str, fence: Fence, bound: Any) -> JobResult | None:
+        """A failure the signer sealed in failed/'s staging folder before a kill stopped its
+        rename: it is the job's record (a job id is sealed once), so it is published as it is,
+        whatever a new run of the job would do. None when there is none."""
+        import json
+
+        try:
+            stagings = list(failed_root.glob(f"*/.{job_id}.incoming"))
+        except OSError:
+            return None
+        for staging in stagings:
+            subject = sealed_in_place(staging, where="failed", job_id=job_id, outbox=outbox)
+            if subject != staging.parent.name:
+                continue
+            target = staging.with_name(job_id)
+            fence.check("publish to failed/")
+            try:
+                os.rename(staging, target)
+                fsync_dir(target.parent)
+                record = json.loads((target / ERROR_FILE).read_text("utf-8"))
+                remove_leftover_work(outbox, job_id)
+            except (OSError, ValueError) as exc:
+                return self._publication_incomplete(exc, JobOutcome.FAILED, subject, job_id, target, bound)
+            bound.info("failure_sealed_earlier_published", failed=str(target))
+            return JobResult(job_id, subject, JobOutcome.FAILED, target, error=record)
+        return None
+
+    def _publication_incomplete(self, exc: BaseException, outcome: str, subject: str, job_id: str, folder: Path, bound: Any) -> JobResult:
+        """Held after the publishing rename: the job stands published; a later run of its id settles the rest."""
+        code = classify_os_error(exc) if isinstance(exc, OSError) else None
+        message = (f"the job is published in {folder}, but settling it afterwards failed: {type(exc).__name__}: {exc}; it is not run "
+                   "again: the next run of this job id (the daemon retries it) settles what is left")
+        bound.error("publication_incomplete", message=message, outcome=outcome)
+        return JobResult(job_id, subject, JobOutcome.HELD, folder,
+                         error={"code": code or "publication_incomplete", "message": message, "problems": [],
+                                "details": {"published_as": outcome, "traceback": traceback.format_exc()}})
+
+    def _seal_refused(self, refused: SealRefused, subject: str, job_id: str, job_dir: Path, bound: Any) -> JobResult:
+        """The signer will not seal: the job id was sealed before with another head (a tampered
+        work area, or the id published already). Held for a person to look: nothing is published twice."""
+        message = (f"the signer refused to seal job {job_id}: {refused.message}. Nothing was published; the work folder {job_dir} is kept "
+                   "as it is for a person to look at (verify-journal shows what was sealed)")
+        bound.error("seal_refused", code=refused.code, message=message)
+        return JobResult(job_id, subject, JobOutcome.HELD, job_dir, error={"code": refused.code, "message": message, "problems": [],
+                                                                           "details": {}})
 
     def _already_published(self, outbox: Path, job_id: str, outcome: str, folder: Path, bound: Any) -> JobResult:
         """The job id is already published: a run killed after the publishing rename, or a
@@ -436,29 +496,24 @@ class Engine:
         onto a non-empty folder). Only what a kill can leave behind is settled: a finished job's
         ledger outcome (a kill between the rename and `set_outcome` leaves "running"; the
         ledger is not in the manifest), and a failed job's work folder (a kill between the
-        rename into failed/ and its removal)."""
+        rename into failed/ and its removal). Its journal line was written when it was sealed,
+        before the rename. Anything that fails here is a publication problem: held, never re-run."""
         error = None
-        if outcome == JobOutcome.FINISHED:
-            ledger_path = folder / LEDGER_FILE
-            for partial in folder.glob(f".{LEDGER_FILE}.*.tmp"):  # the ledger is all a run writes there after the rename
-                partial.unlink()
-            if ledger_path.is_file():
-                ledger = Ledger.open(ledger_path, job_id, "")
-                if ledger.outcome != LedgerOutcome.FINISHED:
-                    ledger.set_outcome(LedgerOutcome.FINISHED)
-        else:
-            import json
+        try:
+            if outcome == JobOutcome.FINISHED:
+                _mark_finished(folder, job_id)
+            else:
+                import json
 
-            error = json.loads((folder / ERROR_FILE).read_text("utf-8"))
-        if remove_leftover_work(outbox, job_id):
-            bound.info("leftover_work_folder_removed", job_id=job_id)
+                error = json.loads((folder / ERROR_FILE).read_text("utf-8"))
+                if not isinstance(error, dict):
+                    raise ValueError(f"{folder / ERROR_FILE} holds no JSON object")
+            if remove_leftover_work(outbox, job_id):
+                bound.info("leftover_work_folder_removed", job_id=job_id)
+        except Exception as exc:  # noqa: BLE001 - published: never re-run, never failed a second time
+            return self._publication_incomplete(exc, outcome, folder.parent.name, job_id, folder, bound)
         bound.info("job_already_published", output=str(folder), outcome=outcome)
-        result = JobResult(job_id, folder.parent.name, outcome, folder, error=error)
-        if (folder / SIGNATURE_FILE).is_file():  # a kill between the publishing rename and the journal line: write it now
-            import json
-
-            return self._journal(outbox, json.loads((folder / SIGNATURE_FILE).read_text("utf-8")), result, bound)
-        return result
+        return JobResult(job_id, folder.parent.name, outcome, folder, error=error)
 
     def _fail(self, error: JobError, source: Path, subject: str, job_id: str, job_dir: Path, failed_root: Path,
               audit: AuditLog | None, ledger: Ledger | None, fence: Fence, bound: Any) -> JobResult:
@@ -484,7 +539,10 @@ class Engine:
             error.details["not_copied"] = ledger.not_copied  # left out when the inputs were copied
         record = jsonable(failure_record(job_id, subject, self._origin or source, error))
         try:
-            target, record, signed = self._publish_failure(inputs, failed_root, subject, job_id, record, job_dir / AUDIT_FILE, fence.check)
+            target, record = self._publish_failure(inputs, outbox_of(job_dir), failed_root, subject, job_id, record, job_dir / AUDIT_FILE,
+                                                   fence.check)
+        except SealRefused as refused:
+            return self._seal_refused(refused, subject, job_id, job_dir, bound)
         except OSError as exc:
             return self._held(classify_os_error(exc) or "io_error", exc, subject, job_id, job_dir, audit, bound, pending=record)
         pause_point("job:failed_published")
@@ -492,24 +550,22 @@ class Engine:
             remove_tree(job_dir)
         except OSError as exc:  # published all the same; the next run of this id removes the leftover
             bound.warning("work_folder_not_removed", job_id=job_id, error=str(exc))
-        return self._journal(outbox_of(job_dir), signed, JobResult(job_id, subject, JobOutcome.FAILED, target, error=record), bound)
+        return JobResult(job_id, subject, JobOutcome.FAILED, target, error=record)
 
-    def _publish_failure(self, inputs: Path, failed_root: Path, subject: str, job_id: str, record: dict[str, Any], audit: Path | None,
-                         check: Any, only: frozenset[str] | None = None) -> tuple[Path, dict[str, Any], dict[str, Any]]:
-        """engine.jobfolder.publish_failure, sealed with the job's signed head. Returns (folder, record, signed head)."""
-        signed: dict[str, Any] = {}
+    def _publish_failure(self, inputs: Path, outbox: Path, failed_root: Path, subject: str, job_id: str, record: dict[str, Any],
+                         audit: Path | None, check: Any, only: frozenset[str] | None = None) -> tuple[Path, dict[str, Any]]:
+        """engine.jobfolder.publish_failure, sealed by the signer (the signed head over its manifest,
+        error.json and audit log, and the outbox's journal line). Returns (folder, record)."""
+        where = f"{subject}/{job_id}"
 
         def seal(staging: Path) -> None:
-            statement = head_statement(staging, where="failed", path=f"{subject}/{job_id}", job_id=job_id, subject=subject)
-            signed.update(sign_head(staging, statement, self.resources.keys()))
+            self.resources.sealer().seal(staging, outbox=outbox, where="failed", path=where, job_id=job_id, subject=subject)
 
-        target, record = publish_failure(inputs_from=inputs, failed_root=failed_root, subject=subject, job_id=job_id, record=record,
-                                         audit=audit, check=check, only=only, seal=seal)
-        if not signed:  # published by an earlier run (a kill after the rename): its head is in the folder
-            import json
+        def sealed(staging: Path) -> bool:
+            return sealed_in_place(staging, where="failed", job_id=job_id, outbox=outbox) == subject
 
-            signed = json.loads((target / SIGNATURE_FILE).read_text("utf-8"))
-        return target, record, signed
+        return publish_failure(inputs_from=inputs, failed_root=failed_root, subject=subject, job_id=job_id, record=record,
+                               audit=audit, check=check, only=only, seal=seal, sealed=sealed)
 
     def publish_refusal(self, error: JobError, source: Path, outbox: Path, failed_dir: Path, *, job_id: str | None = None,
                         subject: str | None = None, only: frozenset[str] | None = None, fence: Fence | None = None,
@@ -518,7 +574,8 @@ class Engine:
         from the engine's verified copy of its inputs when there is one, with its audit log), or a
         folder it refuses (a mount point, files written into a claimed folder: a new job id, just
         the paths `only`). Signed and journaled like every failure, through the one publisher.
-        OSError when failed/ cannot be written: nothing was published, the caller keeps the input."""
+        OSError when failed/ cannot be written: nothing was published, the caller keeps the input.
+        Held when the signer refuses (the job id was sealed already: it is never published twice)."""
         fence = fence or NoFence()
         outbox, failed_root, source = Path(outbox).resolve(), Path(failed_dir).resolve(), Path(source)
         self._origin = utf8_safe(str(origin)) if origin is not None else None
@@ -535,15 +592,61 @@ class Engine:
                         inputs=listing.entries if listing else {}, only=sorted(only) if only else None, versions=software_versions(),
                         trust=self.resources.trust_facts())
             record = jsonable(failure_record(job_id, subject, self._origin or source, error))
-            target, record, signed = self._publish_failure(kept or source, failed_root, subject, job_id, record, audit.path, fence.check, only)
+            try:
+                target, record = self._publish_failure(kept or source, outbox, failed_root, subject, job_id, record, audit.path, fence.check,
+                                                       only)
+            except SealRefused as refused:
+                return self._seal_refused(refused, subject, job_id, work_dir(outbox, job_id), bound)
             bound.error("failure_published", code=error.code, failed=str(target))
             remove_leftover_work(outbox, job_id)
-            return self._journal(outbox, signed, JobResult(job_id, subject, JobOutcome.FAILED, target, error=record), bound)
+            return JobResult(job_id, subject, JobOutcome.FAILED, target, error=record)
 
 
 def run_job(source: Path, outbox: Path, settings: Settings | None = None, *, demo: bool = False, **options: Any) -> JobResult:
     """Run one job folder (see `Engine.run_job`); loads models for this one call."""
     return Engine(settings, demo=demo).run_job(source, outbox, **options)
+
+
+def sealed_in_place(folder: Path, *, where: str, job_id: str, outbox: Path) -> str | None:
+    """The subject of the job `folder` holds when the signer sealed it as it stands: its
+    signature.json's statement is the one its files give now (for `where` and `job_id`), the
+    outbox's journal holds that very statement, and a finished job's audit log ends in its
+    job_finished line. Else None: a signature.json planted in a folder, or one whose journal
+    line a kill prevented, makes nothing published; the job goes on, and its own seal replaces it."""
+    import json
+
+    from engine.trust import journal_path, read_journal, statement_sha256
+
+    try:
+        statement = json.loads((Path(folder) / SIGNATURE_FILE).read_text("utf-8")).get("statement") or {}
+        subject = statement.get("subject")
+        if statement.get("where") != where or statement.get("job_id") != job_id or not isinstance(subject, str):
+            return None
+        if build_statement(folder, where=where, path=f"{subject}/{job_id}", job_id=job_id, subject=subject) != statement:
+            return None
+        if where == "outbox":  # a finished job's audit log ends with job_finished, naming the manifest sealed with it
+            lines = (Path(folder) / AUDIT_FILE).read_bytes().splitlines()
+            last = json.loads(lines[-1]) if lines else {}
+            if last.get("event") != "job_finished" or last.get("manifest_sha256") != statement.get("manifest_sha256"):
+                return None
+        digest = statement_sha256(statement)
+        if not any(line.get("statement_sha256") == digest for line in read_journal(journal_path(outbox))):
+            return None
+        return subject
+    except (OSError, ValueError, AttributeError, IndexError):
+        return None
+
+
+def _mark_finished(folder: Path, job_id: str) -> None:
+    """The published job's ledger says finished (it is not in the manifest or the head: a kill
+    between the rename and this leaves "running", which the next run of the id settles)."""
+    ledger_path = folder / LEDGER_FILE
+    for partial in folder.glob(f".{LEDGER_FILE}.*.tmp"):  # the ledger is all a run writes there after the rename
+        partial.unlink()
+    if ledger_path.is_file():
+        ledger = Ledger.open(ledger_path, job_id, "")
+        if ledger.outcome != LedgerOutcome.FINISHED:
+            ledger.set_outcome(LedgerOutcome.FINISHED)
 
 
 def outbox_of(job_dir: Path) -> Path:

@@ -29,10 +29,12 @@ Without keys the same records are written unsigned, and every check says `unsign
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime as dt
 import fcntl
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,7 +59,7 @@ SIGNER_KEY = "content-signer.key.pem"
 SIGNER_CHAIN = "content-signer.chain.pem"
 JOURNAL_DIR = ".journal"
 JOURNAL_FILE = "journal.jsonl"
-STATEMENT_VERSION = 1
+STATEMENT_VERSION = 2  # see build_statement
 
 
 # ---------------------------------------------------------------------------- keys
@@ -194,18 +196,43 @@ def audit_head(path: Path) -> tuple[str, int]:
     return (json.loads(lines[-1])["hash"], len(lines)) if lines else (GENESIS, 0)
 
 
-def head_statement(folder: Path, *, where: str, path: str, job_id: str, subject: str) -> dict[str, Any]:
-    """What a signature vouches for, read from the job folder: `where` is "outbox" or "failed",
-    `path` the folder's place there ("<subject>/<job-id>")."""
-    head, lines = audit_head(folder / AUDIT_FILE)
-    sealed = folder / (MANIFEST_FILE if where == "outbox" else ERROR_FILE)
-    return {"version": STATEMENT_VERSION, "kind": "finished" if where == "outbox" else "failed", "where": where, "path": path,
-            "job_id": job_id, "subject": subject, "audit_head": head, "audit_lines": lines,
-            ("manifest_sha256" if where == "outbox" else "error_sha256"): sha256_file(sealed)}
+def _hash_and_count_lines(path: Path) -> tuple[str, int]:
+    """(sha256, number of newline-terminated lines) of a file, from its bytes alone (no parsing)."""
+    import hashlib
+
+    digest, lines = hashlib.sha256(), 0
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+            lines += chunk.count(b"\n")
+    return digest.hexdigest(), lines
 
 
-def sign_head(folder: Path, statement: dict[str, Any], keys: LabKeys | None) -> dict[str, Any]:
-    """Write signature.json into `folder` (before its publishing rename); returns its content."""
+def build_statement(folder: Path, *, where: str, path: str, job_id: str, subject: str) -> dict[str, Any]:
+    """What a signature vouches for, built from the job folder's bytes alone (hashes and a line
+    count: nothing in it is parsed, so the signer can build it itself): `where` is "outbox" or
+    "failed", `path` the folder's place there ("<subject>/<job-id>"). The verifier builds the
+    same statement from the folder it checks and compares them key by key.
+
+    Version 2 (this one): the audit log's whole-file sha256 and line count; manifest.json's sha256
+    for a finished job, error.json's and manifest.json's for a failed one (its manifest lists its
+    inputs/). Version 1 (older jobs, still verified): the audit head line's hash instead."""
+    folder = Path(folder)
+    audit = folder / AUDIT_FILE
+    audit_sha256, audit_lines = _hash_and_count_lines(audit) if audit.is_file() else (sha256_bytes(b""), 0)
+    statement: dict[str, Any] = {"version": STATEMENT_VERSION, "kind": "finished" if where == "outbox" else "failed", "where": where,
+                                 "path": path, "job_id": job_id, "subject": subject, "audit_sha256": audit_sha256, "audit_lines": audit_lines}
+    manifest = folder / MANIFEST_FILE
+    if where == "outbox":
+        statement["manifest_sha256"] = sha256_file(manifest)
+    else:
+        statement["error_sha256"] = sha256_file(folder / ERROR_FILE)
+        statement["manifest_sha256"] = sha256_file(manifest) if manifest.is_file() else None
+    return statement
+
+
+def signed_document(statement: dict[str, Any], keys: LabKeys | None) -> dict[str, Any]:
+    """signature.json's content: the statement and its Ed25519 signature (or the plain note that it is unsigned)."""
     document: dict[str, Any] = {"statement": statement, "algorithm": "Ed25519" if keys else None}
     if keys is None:
         document.update(signature=None, key_fingerprint=None, public_key=None, note=UNSIGNED_FACTS["note"])
@@ -213,8 +240,11 @@ def sign_head(folder: Path, statement: dict[str, Any], keys: LabKeys | None) -> 
         raw = keys.public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
         document.update(signature=keys.sign(canonical_json(statement).encode("utf-8")), key_fingerprint=keys.key_fingerprint,
                         public_key=base64.b64encode(raw).decode("ascii"))
-    atomic_write_json(folder / SIGNATURE_FILE, document)
     return document
+
+
+def statement_sha256(statement: dict[str, Any]) -> str:
+    return sha256_bytes(canonical_json(statement).encode("utf-8"))
 
 
 def check_signature(document: dict[str, Any], trusted: ed25519.Ed25519PublicKey | None) -> tuple[str, list[str]]:
@@ -234,6 +264,10 @@ def check_signature(document: dict[str, Any], trusted: ed25519.Ed25519PublicKey 
 
 # ---------------------------------------------------------------------------- the journal
 
+MAX_JOURNAL_LINE = 1 << 20  # bytes; a journal line is a few KB: a longer one is not ours
+TORN_SUFFIX = ".torn-"  # journal.jsonl.torn-<UTC time>-<sha256 prefix>: a torn tail cut off the journal, kept
+
+
 def journal_path(outbox: Path) -> Path:
     return Path(outbox) / JOURNAL_DIR / JOURNAL_FILE
 
@@ -242,60 +276,149 @@ def journal_line_hash(record: dict[str, Any]) -> str:
     return sha256_bytes(canonical_json({k: v for k, v in record.items() if k not in ("hash", "signature")}).encode("utf-8"))
 
 
-def append_journal(outbox: Path, document: dict[str, Any], keys: LabKeys | None) -> dict[str, Any]:
-    """Append the signed head `document` to the outbox's journal (once: a head already there is
-    not written again, so a re-run after a kill repairs a missing line and adds no other).
-    Exclusive lock, fence check, one write, fsync."""
+def _parse_line(raw: bytes) -> dict[str, Any] | None:
+    """A journal line as written (a JSON object with a hash), or None."""
+    if len(raw) > MAX_JOURNAL_LINE:
+        return None
+    try:
+        record = json.loads(raw.decode("utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("hash"), str) else None
+
+
+def good_prefix(data: bytes) -> int:
+    """How many leading bytes of a journal are whole lines: a torn last line (a power cut, a share
+    that lost a write), NUL padding a file system left after a crash, and unreadable lines at the
+    very end are the tail that is not. A damaged line *followed by* good ones is not a tail: the
+    chain check names it."""
+    end = data.rfind(b"\n") + 1
+    while end > 0:
+        start = data.rfind(b"\n", 0, end - 1) + 1
+        if _parse_line(data[start:end - 1]) is not None:
+            break
+        end = start
+    return end
+
+
+class Journal:
+    """The outbox's journal inside `journal_transaction`: its lines (read under the lock, a torn
+    tail repaired first) and `append`, which chains, signs and writes one line whole or not at all."""
+
+    def __init__(self, path: Path, keys: LabKeys | None, lines: list[dict[str, Any]]) -> None:
+        self.path = path
+        self.keys = keys
+        self.lines = lines
+
+    def append(self, fields: dict[str, Any]) -> dict[str, Any]:
+        record = {"seq": len(self.lines) + 1, "ts": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), **fields,
+                  "key_fingerprint": self.keys.key_fingerprint if self.keys else fields.get("key_fingerprint"),
+                  "prev": self.lines[-1]["hash"] if self.lines else GENESIS}
+        record["signature"] = self.keys.sign(journal_line_hash(record).encode("ascii")) if self.keys else None
+        record["hash"] = journal_line_hash(record)
+        _append_whole(self.path, (canonical_json(record) + "\n").encode("utf-8"))
+        self.lines.append(record)
+        return record
+
+    def find_job(self, job_id: str) -> list[dict[str, Any]]:
+        """The lines of a job id (its sealed heads)."""
+        return [line for line in self.lines if line.get("job_id") == job_id and line.get("kind") != "repair"]
+
+
+def _append_whole(path: Path, data: bytes) -> None:
+    check_write(str(path))
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        start = os.fstat(fd).st_size
+        try:
+            written = 0
+            while written < len(data):
+                written += os.write(fd, data[written:])
+            os.fsync(fd)
+        except OSError:
+            os.ftruncate(fd, start)  # never half a line
+            raise
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def journal_transaction(outbox: Path, keys: LabKeys | None) -> Iterator[Journal]:
+    """The outbox's journal under its exclusive lock (several daemons share an outbox). A torn
+    tail is repaired first: the bytes are kept aside as `journal.jsonl.torn-<time>-<sha>`, the
+    journal is cut back to its last whole line, and the repair itself is the next line (signed,
+    chained: `kind: "repair"`, with the removed bytes' count and sha256)."""
     path = journal_path(outbox)
     path.parent.mkdir(parents=True, exist_ok=True)
     lock = os.open(path.with_suffix(".lock"), os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        lines = read_journal(path)
-        statement_sha = sha256_bytes(canonical_json(document["statement"]).encode("utf-8"))
-        for line in lines:
-            if line.get("statement_sha256") == statement_sha:
-                return line
-        statement = document["statement"]
-        record = {"seq": len(lines) + 1, "ts": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "where": statement["where"],
-                  "path": statement["path"], "job_id": statement["job_id"], "kind": statement["kind"], "statement": statement,
-                  "statement_sha256": statement_sha, "statement_signature": document.get("signature"),
-                  "key_fingerprint": document.get("key_fingerprint"), "prev": lines[-1]["hash"] if lines else GENESIS}
-        record["signature"] = keys.sign(journal_line_hash(record).encode("ascii")) if keys else None
-        record["hash"] = journal_line_hash(record)
-        data = (canonical_json(record) + "\n").encode("utf-8")
-        check_write(str(path))
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
-            start = os.fstat(fd).st_size
-            try:
-                written = 0
-                while written < len(data):
-                    written += os.write(fd, data[written:])
-                os.fsync(fd)
-            except OSError:
-                os.ftruncate(fd, start)  # never half a line
-                raise
-        finally:
-            os.close(fd)
-        return record
+            data = path.read_bytes()
+        except FileNotFoundError:
+            data = b""
+        good = good_prefix(data)
+        repair = _cut_torn_tail(path, data, good) if good < len(data) else None
+        lines = [_parse_line(raw) or {"unreadable": raw[:80].decode("utf-8", "replace")} for raw in data[:good].split(b"\n")[:-1]]
+        journal = Journal(path, keys, lines)
+        if repair is not None:
+            journal.append({"kind": "repair", "where": None, "path": None, "job_id": None, "repair": repair})
+        yield journal
     finally:
         os.close(lock)
 
 
+def _cut_torn_tail(path: Path, data: bytes, good: int) -> dict[str, Any]:
+    fragment = data[good:]
+    digest = sha256_bytes(fragment)
+    kept = path.with_name(f"{path.name}{TORN_SUFFIX}{dt.datetime.now(dt.timezone.utc).strftime('%Y%m%dT%H%M%S.%fZ')}-{digest[:12]}")
+    check_write(str(kept))
+    _write_new(kept, fragment, 0o644)
+    check_write(str(path))
+    with open(path, "r+b") as handle:
+        handle.truncate(good)
+        handle.flush()
+        os.fsync(handle.fileno())
+    fsync_dir(path.parent)
+    return {"removed_bytes": len(fragment), "removed_sha256": digest, "kept_as": kept.name, "at_byte": good}
+
+
+def journal_fields(document: dict[str, Any]) -> dict[str, Any]:
+    """The journal line of a signed head `document` (signature.json's content)."""
+    statement = document["statement"]
+    return {"where": statement["where"], "path": statement["path"], "job_id": statement["job_id"], "kind": statement["kind"],
+            "statement": statement, "statement_sha256": statement_sha256(statement), "statement_signature": document.get("signature"),
+            "key_fingerprint": document.get("key_fingerprint")}
+
+
+def append_journal(outbox: Path, document: dict[str, Any], keys: LabKeys | None) -> dict[str, Any]:
+    """Append the signed head `document` to the outbox's journal, once (a head already there is
+    returned as it is). The signer (engine.signer) does this as part of sealing a job."""
+    with journal_transaction(outbox, keys) as journal:
+        digest = statement_sha256(document["statement"])
+        for line in journal.lines:
+            if line.get("statement_sha256") == digest:
+                return line
+        return journal.append(journal_fields(document))
+
+
 def read_journal(path: Path) -> list[dict[str, Any]]:
-    """Every line of a journal (a torn last line is left out); [] when there is none."""
+    """Every whole line of a journal (an unreadable one as {"unreadable": its start}; a torn tail,
+    bytes after the last newline, is left out: `torn_tail` says how many); [] when there is none."""
     try:
         data = Path(path).read_bytes()
     except FileNotFoundError:
         return []
-    lines = []
-    for raw in data.split(b"\n")[:-1]:
-        try:
-            lines.append(json.loads(raw.decode("utf-8")))
-        except (ValueError, UnicodeDecodeError):
-            lines.append({"unreadable": raw[:80].decode("utf-8", "replace")})
-    return lines
+    return [_parse_line(raw) or {"unreadable": raw[:80].decode("utf-8", "replace")} for raw in data.split(b"\n")[:-1]]
+
+
+def torn_tail(path: Path) -> int:
+    """Bytes at the end of a journal that are not whole lines (0 when none, or no journal)."""
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        return 0
+    return len(data) - good_prefix(data)
 
 
 @dataclass
@@ -307,7 +430,9 @@ class JournalReport:
     head: str = GENESIS
     signed: str = "unsigned"  # trusted | signed | unsigned | mixed
     jobs_checked: int = 0
+    repairs: int = 0
     problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -315,20 +440,25 @@ class JournalReport:
 
 
 def verify_journal(outbox: Path, failed: Path | None = None, *, trusted: ed25519.Ed25519PublicKey | None = None,
-                   trusted_ca: bytes | None = None) -> JournalReport:
+                   trusted_ca: bytes | None = None, allow_unsigned: bool = False) -> JournalReport:
     """Check an outbox as a whole: the journal's chain and signatures; every journal entry's job
     folder exists where the entry says, holds the very head the journal recorded, and passes
-    verify_audit; every job folder of the outbox (and of `failed`, default failed/ beside it) is
-    in the journal. Names a deleted job, swapped folders, a folder put back from another version."""
+    verify_audit (a failed job as a failed job: its inputs/ against its sealed manifest); every
+    job folder of the outbox (and of `failed`, default failed/ beside it) is in the journal. Names
+    a deleted job, swapped folders, a folder put back from another version, a torn tail.
+
+    With a `trusted` key, signed is required: an unsigned line (one after a signed one above all:
+    a downgrade) is a problem, unless `allow_unsigned`."""
     from engine.audit import verify_audit
 
     outbox = Path(outbox)
     failed = Path(failed) if failed is not None else outbox.parent / "failed"
     roots = {"outbox": outbox, "failed": failed}
     report = JournalReport(outbox=outbox)
-    lines = read_journal(journal_path(outbox))
+    path = journal_path(outbox)
+    lines = read_journal(path)
     report.entries = len(lines)
-    prev, states, latest = GENESIS, set(), {}
+    prev, states, latest, first_signed = GENESIS, set(), {}, None
     for number, line in enumerate(lines, start=1):
         if "unreadable" in line:
             report.problems.append(f"journal line {number}: not JSON ({line['unreadable']!r})")
@@ -341,9 +471,27 @@ def verify_journal(outbox: Path, failed: Path | None = None, *, trusted: ed25519
         state, problems = _check_line(line, trusted)
         states.add(state)
         report.problems += [f"journal line {number}: {problem}" for problem in problems]
+        if state != "unsigned" and first_signed is None:
+            first_signed = number
+        elif state == "unsigned" and first_signed is not None and trusted is not None and not allow_unsigned:
+            report.problems.append(f"journal line {number}: unsigned, after signed lines from line {first_signed} on (a signature "
+                                   "stripped, or keys taken out of the configuration); --allow-unsigned accepts it")
+        if line.get("kind") == "repair":
+            report.repairs += 1
+            repair = line.get("repair") or {}
+            report.notes.append(f"journal line {number}: a torn tail of {repair.get('removed_bytes')} bytes was cut off and kept as "
+                                f"{repair.get('kept_as')} (a power cut or a lost write on the share)")
+            continue
         latest[(line.get("where"), line.get("path"))] = (number, line)
     report.head = prev
     report.signed = states.pop() if len(states) == 1 else ("mixed" if states else "unsigned")
+    if trusted is not None and not allow_unsigned and report.entries and first_signed is None:
+        report.problems.append("the journal is unsigned, but a trusted key was given: its lines could have been rewritten by anyone "
+                               "who can write the share (--allow-unsigned accepts an unsigned journal)")
+    torn = torn_tail(path)
+    if torn:
+        report.problems.append(f"the journal ends in {torn} bytes that are not a whole line (torn by a power cut or a lost write, or "
+                               "added by hand); the next job the daemon publishes repairs it, keeping the bytes aside")
     for (where, rel), (number, line) in sorted(latest.items(), key=lambda item: item[1][0]):
         folder = roots.get(where, outbox) / str(rel)
         label = f"{where}:{rel}"
@@ -353,7 +501,7 @@ def verify_journal(outbox: Path, failed: Path | None = None, *, trusted: ed25519
             continue
         document = json.loads((folder / SIGNATURE_FILE).read_text("utf-8"))
         held = document.get("statement") or {}
-        if sha256_bytes(canonical_json(held).encode("utf-8")) != line.get("statement_sha256"):
+        if statement_sha256(held) != line.get("statement_sha256"):
             if (held.get("where"), held.get("path")) != (where, rel):
                 report.problems.append(f"journal line {number}: {label} holds the job recorded as {held.get('where')}:{held.get('path')} "
                                        "(folders swapped or moved?)")
@@ -362,9 +510,8 @@ def verify_journal(outbox: Path, failed: Path | None = None, *, trusted: ed25519
                                        "(put back from an older copy, or rewritten?)")
             continue
         report.jobs_checked += 1
-        audit = verify_audit(folder, trusted_key=trusted, trusted_ca=trusted_ca, journal=False)
-        expected_audit = ["audit.jsonl: no job_finished event (job incomplete)"] if where == "failed" else []
-        report.problems += [f"{label}: {problem}" for problem in audit.problems if problem not in expected_audit]
+        audit = verify_audit(folder, trusted_key=trusted, trusted_ca=trusted_ca, journal=False, allow_unsigned=allow_unsigned)
+        report.problems += [f"{label}: {problem}" for problem in audit.problems]
     for where, root in roots.items():
         if not root.is_dir():
             continue
@@ -377,7 +524,7 @@ def verify_journal(outbox: Path, failed: Path | None = None, *, trusted: ed25519
 
 
 def _check_line(line: dict[str, Any], trusted: ed25519.Ed25519PublicKey | None) -> tuple[str, list[str]]:
-    """The line's own signature and the statement's."""
+    """The line's own signature and, for a job's line, the statement's."""
     if line.get("signature") is None:
         return "unsigned", []
     key = trusted
@@ -388,10 +535,11 @@ def _check_line(line: dict[str, Any], trusted: ed25519.Ed25519PublicKey | None) 
         key.verify(base64.b64decode(line["signature"]), journal_line_hash(line).encode("ascii"))
     except (InvalidSignature, ValueError, TypeError):
         problems.append("the line's signature does not verify with the trusted key (edited, or signed by another key)")
-    try:
-        key.verify(base64.b64decode(line.get("statement_signature") or ""), canonical_json(line.get("statement")).encode("utf-8"))
-    except (InvalidSignature, ValueError, TypeError):
-        problems.append("the job's signed head in it does not verify with the trusted key")
+    if line.get("kind") != "repair":
+        try:
+            key.verify(base64.b64decode(line.get("statement_signature") or ""), canonical_json(line.get("statement")).encode("utf-8"))
+        except (InvalidSignature, ValueError, TypeError):
+            problems.append("the job's signed head in it does not verify with the trusted key")
     return ("trusted" if not problems else "forged"), problems
 
 
@@ -410,9 +558,14 @@ class TrustFindings:
 
 
 def check_job(job_dir: Path, *, where: str, audit_head_now: str, audit_lines_now: int, manifest: dict[str, Any] | None,
-              trusted_key: ed25519.Ed25519PublicKey | None, trusted_ca: bytes | None, journal: bool) -> TrustFindings:
-    """The job's signed head against the folder it is in (its path, job id, subject, audit head,
-    manifest or error.json), the outbox's journal line, and every generated image's C2PA state."""
+              trusted_key: ed25519.Ed25519PublicKey | None, trusted_ca: bytes | None, journal: bool, allow_unsigned: bool = False) -> TrustFindings:
+    """The job's signed head against the folder it is in (its path, job id, subject, audit log,
+    manifest, error.json), the outbox's journal line, and every generated image's C2PA state.
+
+    Trusted means required: with a `trusted_key`, an unsigned head is a problem (unless
+    `allow_unsigned`). Images that carry Content Credentials in a job whose head is unsigned are a
+    problem whatever was given: only a job made with lab keys has them, so its head's signature
+    was stripped."""
     job_dir = Path(job_dir)
     found = TrustFindings()
     path = job_dir / SIGNATURE_FILE
@@ -429,17 +582,26 @@ def check_job(job_dir: Path, *, where: str, audit_head_now: str, audit_lines_now
     found.problems += problems
     found.key_fingerprint = document.get("key_fingerprint")
     statement = document.get("statement") or {}
-    expected = {"where": where, "path": f"{job_dir.parent.name}/{job_dir.name}", "job_id": job_dir.name, "subject": job_dir.parent.name,
-                "audit_head": audit_head_now, "audit_lines": audit_lines_now}
-    sealed, key = (MANIFEST_FILE, "manifest_sha256") if where == "outbox" else (ERROR_FILE, "error_sha256")
-    expected[key] = sha256_file(job_dir / sealed) if (job_dir / sealed).is_file() else None
+    rel = f"{job_dir.parent.name}/{job_dir.name}"
+    if isinstance(statement.get("version"), int) and statement["version"] >= 2:
+        expected = build_statement(job_dir, where=where, path=rel, job_id=job_dir.name, subject=job_dir.parent.name)
+        expected.pop("version")
+    else:  # version 1: the audit head line's hash
+        expected = {"where": where, "path": rel, "job_id": job_dir.name, "subject": job_dir.parent.name,
+                    "audit_head": audit_head_now, "audit_lines": audit_lines_now}
+        sealed, key = (MANIFEST_FILE, "manifest_sha256") if where == "outbox" else (ERROR_FILE, "error_sha256")
+        expected[key] = sha256_file(job_dir / sealed) if (job_dir / sealed).is_file() else None
     for name, value in expected.items():
         if statement.get(name) != value:
             found.problems.append(f"{SIGNATURE_FILE}: the signed {name} is {statement.get(name)!r}, the folder's is {value!r}" +
                                   _what_it_means(name))
     if found.signed == "unsigned":
-        found.notes.append("UNSIGNED: no lab key signed this job; its records are hash-chained, which shows an edited byte, but "
-                           "someone who can write the share could rewrite them consistently")
+        if trusted_key is not None and not allow_unsigned:
+            found.problems.append(f"{SIGNATURE_FILE}: the job's head is unsigned, but a trusted key was given: anyone who can write the "
+                                  "share could have rewritten this job consistently (--allow-unsigned accepts unsigned jobs)")
+        else:
+            found.notes.append("UNSIGNED: no lab key signed this job; its records are hash-chained, which shows an edited byte, but "
+                               "someone who can write the share could rewrite them consistently")
     elif found.signed == "signed":
         found.notes.append(f"signed by key {found.key_fingerprint}, not checked against a trusted key (give --trusted-key, or [trust] keys)")
     journal_file = journal_path(job_dir.parent.parent)
@@ -448,13 +610,13 @@ def check_job(job_dir: Path, *, where: str, audit_head_now: str, audit_lines_now
         found.notes.append(f"no journal at {journal_file} (the folder was checked on its own, away from its outbox; "
                            "`verify-journal OUTBOX` checks the outbox as a whole)")
     elif journal and where == "outbox":
-        statement_sha = sha256_bytes(canonical_json(statement).encode("utf-8"))
-        if any(line.get("statement_sha256") == statement_sha for line in read_journal(journal_file)):
+        digest = statement_sha256(statement)
+        if any(line.get("statement_sha256") == digest for line in read_journal(journal_file)):
             found.journal = "found"
         else:
             found.journal = "missing"
             found.problems.append(f"not in the outbox's journal ({journal_file}): published by hand, or the journal was cut back or replaced")
-    if manifest is not None:
+    if manifest is not None and where == "outbox":
         _check_credentials(job_dir, manifest, trusted_ca, found)
     return found
 
@@ -466,6 +628,7 @@ def _what_it_means(name: str) -> str:
         "subject": " (the folder was moved under another subject)",
         "audit_head": " (audit.jsonl was rewritten after it was signed)",
         "audit_lines": " (audit.jsonl was rewritten after it was signed)",
+        "audit_sha256": " (audit.jsonl was rewritten after it was signed)",
         "manifest_sha256": " (manifest.json was rewritten after it was signed)",
         "error_sha256": " (error.json was rewritten after it was signed)",
         "where": " (moved between the outbox and failed/)",
@@ -480,11 +643,14 @@ def _check_credentials(job_dir: Path, manifest: dict[str, Any], trusted_ca: byte
     from engine.credentials import read_credentials
 
     signed_job = bool((manifest.get("trust") or {}).get("signed"))
+    carrying: list[str] = []
     for rel in sorted(manifest.get("outputs", {})):
         if not rel.endswith(".png") or not rel.startswith(GENERATED_IMAGE_FOLDERS) or not (job_dir / rel).is_file():
             continue
         state, _manifest, detail = read_credentials(job_dir / rel, trusted_ca)
         found.credentials[state] = found.credentials.get(state, 0) + 1
+        if state in ("Trusted", "Valid"):
+            carrying.append(rel)
         if not signed_job:
             continue
         if state == "none":
@@ -493,5 +659,9 @@ def _check_credentials(job_dir: Path, manifest: dict[str, Any], trusted_ca: byte
             found.problems.append(f"{rel}: its Content Credentials do not validate ({detail or 'tampered'})")
         elif state == "Valid" and trusted_ca is not None:
             found.problems.append(f"{rel}: its Content Credentials are signed, but not under the lab CA (another signer's certificate)")
+    if carrying and (found.signed == "unsigned" or not signed_job):
+        found.problems.append(f"{len(carrying)} image(s) carry signed Content Credentials ({carrying[0]}, ...), but the job's "
+                              f"{'head is unsigned' if found.signed == 'unsigned' else 'manifest says it is unsigned'}: only a job made with "
+                              "lab keys has them, so a signature was stripped or the records were rewritten")
     if signed_job and trusted_ca is None and found.credentials:
         found.notes.append("Content Credentials checked for integrity only: give --trusted-ca (the lab CA) to require the lab's signature")

@@ -199,11 +199,12 @@ def check_failed_copy(result: Any, before: dict[str, bytes | str], codes: set[st
     error = json.loads((result.output_dir / "error.json").read_text(encoding="utf-8"))
     assert error == json.loads(json.dumps(result.error)), "error.json differs from the result's error"
     check_error(JobError(error["code"], error["message"], tuple(Problem(**p) for p in error["problems"])), codes, names)
-    assert sorted(p.name for p in result.output_dir.iterdir()) == [AUDIT_FILE, "error.json", "inputs", "signature.json"]
+    assert sorted(p.name for p in result.output_dir.iterdir()) == [AUDIT_FILE, "error.json", "inputs", "manifest.json", "signature.json"]
     copied = tree_snapshot(result.output_dir / "inputs")
     expected = {k: v for k, v in before.items() if v != "<special>"}
     assert copied == expected, f"failed/ holds {sorted(copied)}, the job folder held {sorted(expected)}"
     assert sorted(error["details"].get("not_copied", [])) == sorted(k for k, v in before.items() if v == "<special>")
-    # The audit log that went with it is an intact chain (only unfinished, as a failed job is).
-    assert verify_audit(result.output_dir).problems == [f"{AUDIT_FILE}: no job_finished event (job incomplete)"]
+    # The failed job's record verifies as one: its chain, its manifest over inputs/, error.json and the log, its head.
+    report = verify_audit(result.output_dir)
+    assert report.ok and report.verdict == "failed", report.problems
     return error

@@ -158,7 +158,7 @@ def _expect_refusal(tmp_path: Path, settings, source: Path, code: str, text: str
     failed = tmp_path / "failed" / result.subject / result.job_id
     assert result.output_dir == failed
     assert folder_snapshot(source) == before  # input intact in place
-    assert sorted(p.name for p in failed.iterdir()) == ["audit.jsonl", "error.json", INPUTS_DIR, "signature.json"]
+    assert sorted(p.name for p in failed.iterdir()) == ["audit.jsonl", "error.json", INPUTS_DIR, "manifest.json", "signature.json"]
     assert folder_snapshot(failed / INPUTS_DIR) == before  # and a byte-identical copy beside error.json
     error = json.loads((failed / "error.json").read_text())
     assert error["code"] == code and error["job_id"] == result.job_id

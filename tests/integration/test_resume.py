@@ -108,7 +108,7 @@ def clean_run(tmp_path_factory, astronaut_rgb) -> Path:
 # stage:train:complete comes after the ledger's commit, before the checkpoints are removed:
 # they were once published with the job, and train's stage_finished audit line was lost.
 KILL_POINTS = ["prepare:photo:0", "stage:prepare:written", "stage:embed:written", "train:phase_boundary:1", "stage:train:complete",
-               "job:before_publish"]
+               "job:before_seal"]
 
 
 # Slow since issue 19's compile test joined the default run (CI's 15 minutes): the kill points are
@@ -172,7 +172,7 @@ def test_sigkill_then_rerun_resumes_with_identical_outputs(tmp_path, two_photo_j
         assert any(e["event"] == "stage_invalidated" and e["stage"] == "prepare" and e["reason"] == "interrupted" for e in events)
     if point == "train:phase_boundary:1":  # training resumed from its checkpoint, not re-done
         assert [e["step"] for e in events if e["event"] == "train_resumed"] == [4]
-    if point in ("stage:embed:written", "job:before_publish"):
+    if point in ("stage:embed:written", "job:before_seal"):
         resumed_at = [e["event"] for e in events].index("job_resumed")
         assert any(e["event"] == "stage_skipped" and e["stage"] == "prepare" for e in events[resumed_at:])
 
@@ -208,7 +208,7 @@ def test_partial_writes_of_a_killed_run_are_not_published(tmp_path, two_photo_jo
     the job, and verify-audit then failed the finished job: "not in the manifest"."""
     source, config = two_photo_job
     outbox = tmp_path / "outbox"
-    _kill_at(config, source, outbox, "job:before_publish", tmp_path, JOB_ID)
+    _kill_at(config, source, outbox, "job:before_seal", tmp_path, JOB_ID)
     killed = work_dir(outbox, JOB_ID)
     # What a kill while report.html's images or the ledger were being written leaves behind.
     debris = [".state.json.0a1b_2c3.tmp", "report/.original_0.png.k3x9abqz.tmp"]
@@ -225,17 +225,43 @@ def test_partial_writes_of_a_killed_run_are_not_published(tmp_path, two_photo_jo
     assert [e["files"] for e in _events(final) if e["event"] == "partial_writes_removed"] == [debris]
 
 
+def test_sigkill_after_sealing_publishes_the_job_as_it_was_sealed(tmp_path, two_photo_job, clean_run):
+    """A kill between the seal (signature.json and the journal line) and the publishing rename:
+    the next run publishes exactly what was sealed, writing nothing more into it (a job id is
+    sealed once: one more audit line would be a second head), and the journal keeps one line."""
+    from engine.trust import journal_path, read_journal
+
+    source, config = two_photo_job
+    outbox = tmp_path / "outbox"
+    _kill_at(config, source, outbox, "job:before_publish", tmp_path, JOB_ID)
+    killed = work_dir(outbox, JOB_ID)
+    sealed_audit = (killed / AUDIT_FILE).read_bytes()
+    (killed / ".signature.json.a1b2c3d4.tmp").write_bytes(b"half")  # a kill inside the signer's atomic write, say
+    assert [line["job_id"] for line in read_journal(journal_path(outbox))] == [JOB_ID]
+    (source / "notes.txt").write_text("written after the seal")  # too late: the job is what was sealed
+
+    rerun = _engine_cli(config, source, outbox, job_id=JOB_ID)
+    stdout, stderr = rerun.communicate(timeout=120)
+    assert rerun.returncode == 0, stderr
+    final = outbox / "alice" / JOB_ID
+    assert (final / AUDIT_FILE).read_bytes() == sealed_audit
+    assert not (final / "inputs" / "notes.txt").exists() and not list(final.glob(".*.tmp"))
+    assert [line["job_id"] for line in read_journal(journal_path(outbox))] == [JOB_ID]
+    assert verify_audit(final).ok, verify_audit(final).problems
+    assert _outputs(final) == _outputs(clean_run)
+
+
 def test_changed_inputs_invalidate_from_the_first_affected_stage(tmp_path, two_photo_job, astronaut_rgb):
     source, config = two_photo_job
     outbox = tmp_path / "outbox"
-    _kill_at(config, source, outbox, "job:before_publish", tmp_path)  # both stages complete, not yet published
+    _kill_at(config, source, outbox, "job:before_seal", tmp_path)  # every stage complete, not yet sealed
     (killed,) = (outbox / WORK_DIR).iterdir()
     ledger = json.loads((killed / "state.json").read_text())
     assert [(s["name"], s["status"]) for s in ledger["stages"]] == [(name, "complete") for name in STAGE_NAMES]
 
     # An embed-only setting: prepare is kept, embed is re-done.
     config.write_text(config.read_text() + "[embed]\nsame_person_max_drift = 0.5\n")
-    _kill_at(config, source, outbox, "job:before_publish", tmp_path)
+    _kill_at(config, source, outbox, "job:before_seal", tmp_path)
     events = _events(killed)
     last_run = events[max(i for i, e in enumerate(events) if e["event"] == "job_resumed"):]
     assert [(e["event"], e.get("stage")) for e in last_run if e["event"].startswith("stage_")][:3] == [

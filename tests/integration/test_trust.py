@@ -127,7 +127,7 @@ def test_an_untouched_outbox_verifies_as_signed_and_trusted(lab, anchors, lab_ke
     assert report.trust.credentials == {"Trusted": generated}
     [carol] = list((lab / "failed" / "carol").iterdir())
     failed = verify_audit(carol, **anchors)
-    assert failed.trust.signed == "trusted" and failed.problems == ["audit.jsonl: no job_finished event (job incomplete)"]
+    assert failed.trust.signed == "trusted" and failed.ok and failed.verdict == "failed", failed.problems
     journal = verify_journal(lab / "outbox", trusted=anchors["trusted_key"], trusted_ca=anchors["trusted_ca"])
     assert journal.ok, journal.problems
     assert journal.entries == 3 and journal.jobs_checked == 3 and journal.signed == "trusted"
@@ -161,7 +161,7 @@ def test_a_consistent_rewrite_of_a_render_with_a_rehashed_chain_is_named(lab, an
     _rewrite_manifest(alice)
     problems = verify_audit(alice, **anchors).problems
     assert any("the signed manifest_sha256" in p and "manifest.json was rewritten" in p for p in problems), problems
-    assert any("the signed audit_head" in p and "audit.jsonl was rewritten" in p for p in problems), problems
+    assert any("the signed audit_sha256" in p and "audit.jsonl was rewritten" in p for p in problems), problems
 
 
 def test_a_changed_input_hash_with_a_recomputed_chain_is_named(lab, anchors):
@@ -171,7 +171,7 @@ def test_a_changed_input_hash_with_a_recomputed_chain_is_named(lab, anchors):
         lines[0]["inputs"]["photo.png"] = "0" * 64
     _rechain(alice / "audit.jsonl", change_input)
     problems = verify_audit(alice, **anchors).problems
-    assert any("the signed audit_head" in p for p in problems), problems
+    assert any("the signed audit_sha256" in p for p in problems), problems
 
 
 def test_folders_of_two_subjects_swapped_are_named(lab, anchors):
@@ -218,7 +218,7 @@ def test_a_render_signed_by_another_lab_is_named(lab, anchors, tmp_path):
     render = sorted((alice / "renders").glob("*.png"))[0]
     image = Image.open(render)
     plain = png_bytes(__import__("numpy").asarray(image.convert("RGB")), dict(image.text))
-    render.write_bytes(ContentCredentials(other).sign_png(plain, title=render.name, facts={"job_id": alice.name},
+    render.write_bytes(ContentCredentials.holding(other).sign_png(plain, title=render.name, facts={"job_id": alice.name}, job_dir=alice,
                                                             ingredients=[("photo.png", alice / "inputs" / "photo.png")]))
     assert read_credentials(render, None)[0] == "Valid"  # intact and signed: by someone
     _rewrite_manifest(alice)
@@ -326,3 +326,126 @@ def test_daemons_appending_to_one_journal_at_once_keep_one_chain(tmp_path, lab_k
     assert all(line["prev"] == before["hash"] for before, line in zip(lines, lines[1:]))
     report = verify_journal(tmp_path / "outbox", trusted=anchors["trusted_key"])
     assert report.signed == "trusted" and not [p for p in report.problems if "missing" not in p]  # (the folders are not there)
+
+
+# ---------------------------------------------------------------------------- issue 30: the share is hostile
+
+def _strip(job: Path, edit_audit=None) -> None:
+    """What a forger who holds no key does to a job: rewrite the manifest as unsigned, re-chain the
+    audit log to it, and replace the signed head with an unsigned one over the new files."""
+    from engine.trust import build_statement, signed_document
+
+    manifest = json.loads((job / "manifest.json").read_text())
+    manifest["trust"] = {"signed": False}
+    manifest["outputs"] = {rel: sha256_file(job / rel) for rel in manifest["outputs"]}
+    (job / "manifest.json").write_text(json.dumps(manifest, sort_keys=True, indent=2) + "\n")
+    digest = sha256_file(job / "manifest.json")
+
+    def unsign(lines):
+        for line in lines:
+            if "trust" in line:
+                line["trust"] = {"signed": False}
+        next(line for line in reversed(lines) if line["event"] == "job_finished")["manifest_sha256"] = digest
+    _rechain(job / "audit.jsonl", unsign)
+    statement = build_statement(job, where="outbox", path=f"{job.parent.name}/{job.name}", job_id=job.name, subject=job.parent.name)
+    (job / SIGNATURE_FILE).write_text(json.dumps(signed_document(statement, None)))
+
+
+def _unsign_journal_from(root: Path, number: int) -> None:
+    """Rewrite journal line `number` (1-based) and every later one unsigned, each job's line
+    holding the statement its folder holds now, the chain re-hashed."""
+    from engine.trust import journal_line_hash, statement_sha256
+
+    journal = journal_path(root / "outbox")
+    records = [json.loads(line) for line in journal.read_text().splitlines()]
+    for record in records[number - 1:]:
+        where = root / ("outbox" if record["where"] == "outbox" else "failed") / record["path"]
+        statement = json.loads((where / SIGNATURE_FILE).read_text())["statement"]
+        record.update(statement=statement, statement_sha256=statement_sha256(statement), statement_signature=None, signature=None,
+                      key_fingerprint=None)
+    prev = records[number - 2]["hash"] if number > 1 else "0" * 64
+    for record in records[number - 1:]:
+        record["prev"] = prev
+        record["hash"] = journal_line_hash(record)
+        prev = record["hash"]
+    journal.write_text("".join(canonical_json(record) + "\n" for record in records))
+
+
+def test_stripped_signatures_fail_with_the_reviewers_keys(lab, anchors, lab_keys, capsys):
+    """Issue 30, case 3: a render replaced, the manifest made "unsigned", the chain re-hashed, the
+    head's signature nulled, the job's journal line and all later ones rewritten unsigned."""
+    from engine.__main__ import main
+
+    bob = _job(lab, "bob")
+    [render, other] = sorted((bob / "renders").glob("*.png"))[:2]
+    render.write_bytes(other.read_bytes())
+    _strip(bob)
+    _unsign_journal_from(lab, 2)  # bob's line (alice's, line 1, stays signed)
+    problems = verify_audit(bob, **anchors).problems
+    assert any("the job's head is unsigned, but a trusted key was given" in p for p in problems), problems
+    assert any("carry signed Content Credentials" in p and "head is unsigned" in p for p in problems), problems
+    # The opt-out accepts unsigned jobs, never images that say "signed" in a job that says it is not.
+    relaxed = verify_audit(bob, **anchors, allow_unsigned=True).problems
+    assert relaxed and all("Content Credentials" in p for p in relaxed), relaxed
+    journal = _journal_ok(lab, anchors)
+    assert any(p.startswith("journal line 2: unsigned, after signed lines from line 1 on") for p in journal), journal
+    assert any(p.startswith("journal line 3: unsigned, after signed lines") for p in journal), journal
+    keys = ["--trusted-key", str(lab_keys / AUDIT_PUBLIC_KEY), "--trusted-ca", str(lab_keys / CA_CERT)]
+    assert main(["verify-audit", str(bob), *keys]) == 1
+    assert main(["verify-journal", str(lab / "outbox"), "--failed", str(lab / "failed"), *keys]) == 1
+    capsys.readouterr()
+
+
+def test_a_tampered_failed_job_is_named_and_an_untouched_one_verifies_as_failed(lab, anchors, lab_keys, capsys):
+    """Issue 30, case 4: failed jobs are sealed like published ones (their inputs/ too)."""
+    from engine.__main__ import main
+
+    [carol] = list((lab / "failed" / "carol").iterdir())
+    keys = ["--trusted-key", str(lab_keys / AUDIT_PUBLIC_KEY), "--trusted-ca", str(lab_keys / CA_CERT)]
+    assert main(["verify-audit", str(carol), *keys]) == 0
+    assert "OK (a failed job, recorded intact)" in capsys.readouterr().out
+    inputs = carol / "inputs"
+    (inputs / "photo.png").write_bytes(b"another photo altogether")
+    (inputs / "added.txt").write_text("put there later")
+    (inputs / "job.toml").unlink()
+    problems = verify_audit(carol, **anchors).problems
+    assert set(problems) >= {"inputs/photo.png: changed (differs from the manifest's inputs)",
+                             "inputs/added.txt: not in the manifest's inputs (added after the job finished)",
+                             "inputs/job.toml: missing (the manifest lists it as dropped)"}, problems
+    journal = _journal_ok(lab, anchors)
+    assert any(p.startswith(f"failed:carol/{carol.name}: inputs/photo.png: changed") for p in journal), journal
+    # A forger who also rewrites the manifest breaks the signed head instead.
+    manifest = json.loads((carol / "manifest.json").read_text())
+    manifest["inputs"] = {**{k: v for k, v in manifest["inputs"].items() if k != "job.toml"}, "photo.png": sha256_file(inputs / "photo.png"),
+                          "added.txt": sha256_file(inputs / "added.txt")}
+    (carol / "manifest.json").write_text(json.dumps(manifest))
+    problems = verify_audit(carol, **anchors).problems
+    assert any("the signed manifest_sha256" in p for p in problems), problems
+
+
+def test_a_torn_journal_tail_leads_to_each_job_exactly_once_and_a_journal_that_verifies(lab, lab_keys, anchors, astronaut_rgb):
+    """Issue 30, case 5: the journal cut in the middle of its last line (a power cut), then two jobs."""
+    from engine.trust import TORN_SUFFIX, read_journal
+
+    journal = journal_path(lab / "outbox")
+    data = journal.read_bytes()
+    journal.write_bytes(data[:len(data) - 40])  # carol's line, torn
+    assert "ends in" in " ".join(_journal_ok(lab, anchors))  # named before it is repaired
+    settings = Settings.from_table({"paths": {"models": str(lab.parent / "models")}, "trust": {"keys": str(lab_keys)}}, root=lab)
+    from engine.models import demo_model_dir, make_demo_model
+
+    make_demo_model(demo_model_dir(lab.parent / "models"))
+    engine = Engine(settings, demo=True)
+    results = [engine.run_job(make_job(lab / "inbox" / name, {"photo.png": astronaut_rgb}, FAST_JOB), lab / "outbox") for name in ("dan", "eve")]
+    assert [r.outcome for r in results] == ["finished", "finished"], [r.error for r in results]
+    for result in results:  # each exactly once, in exactly one place
+        assert [p for p in (lab / "outbox").glob(f"*/{result.job_id}")] == [result.output_dir]
+        assert not list((lab / "failed").glob(f"*/{result.job_id}")) and not (lab / "outbox" / ".work" / result.job_id).exists()
+    lines = read_journal(journal)
+    assert [line.get("kind") for line in lines] == ["finished", "finished", "repair", "finished", "finished"]
+    [kept] = list(journal.parent.glob(f"journal.jsonl{TORN_SUFFIX}*"))
+    assert kept.read_bytes() == data[data.rfind(b"\n", 0, len(data) - 1) + 1:len(data) - 40]
+    assert lines[2]["repair"]["removed_bytes"] == kept.stat().st_size
+    problems = _journal_ok(lab, anchors)
+    # carol's failed job lost its journal line with the torn tail: named, and nothing else is.
+    assert len(problems) == 1 and problems[0].startswith("failed:carol/") and "not in the journal" in problems[0], problems

@@ -10,7 +10,8 @@ import pytest
 from engine.audit import GENESIS, AuditLog, line_hash, verify_audit, write_manifest
 from engine.errors import OwnershipLost
 from engine.fsutil import tree_listing
-from engine.trust import UNSIGNED_FACTS, head_statement, sign_head
+from engine.fsutil import atomic_write_json
+from engine.trust import UNSIGNED_FACTS, build_statement, signed_document
 
 
 def _finished_job(folder: Path) -> Path:
@@ -27,8 +28,9 @@ def _finished_job(folder: Path) -> Path:
     audit.event("stage_finished", stage="prepare", drift=0.125, values=[1, 2.5, None])
     digest = write_manifest(folder, "job-1", inputs, {}, demo=False, trust=UNSIGNED_FACTS, kind="replicate")
     audit.event("job_finished", manifest_sha256=digest)
-    sign_head(folder, head_statement(folder, where="outbox", path=f"{folder.parent.name}/{folder.name}", job_id=folder.name,
-                                     subject=folder.parent.name), None)
+    statement = build_statement(folder, where="outbox", path=f"{folder.parent.name}/{folder.name}", job_id=folder.name,
+                                subject=folder.parent.name)
+    atomic_write_json(folder / "signature.json", signed_document(statement, None))
     return folder
 
 
