@@ -255,3 +255,56 @@ def test_scratch_is_read_back_only_as_this_stage_run_recorded_it(tmp_path, setti
     fresh = _context(tmp_path / "job", settings)
     fresh.audit.event("stage_started", stage="mine", fingerprint="fp", continues=False)  # a new run of the stage
     assert fresh.read_recorded("mine_progress/batch_0.json") is None  # recorded by an earlier run: not trusted
+
+
+# ---------------------------------------------------------------------------- the checkpoint format
+
+@pytest.mark.parametrize("optimizer_name", ["adamw", "adamp"])
+def test_optimizer_and_random_states_round_trip_exactly_through_safetensors_and_json(optimizer_name):
+    """Every entry of AdamW's and AdamP's state (tensors, AdamW's 0-dim float step tensor,
+    AdamP's python-int step, betas as a tuple, param indices as int keys) and every random
+    generator's state come back from the two files exactly as they were, types included."""
+    import random
+
+    import numpy as np
+    import torch
+    from safetensors.torch import load, save
+
+    from engine.job import PhaseSpec
+    from engine.training import _join_tensors, _optimizer, _restore_rng, _rng_state, _split_tensors
+
+    parameters = [torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(5))]
+    optimizer = _optimizer(PhaseSpec(name="P", optimizer=optimizer_name), parameters)
+    for _ in range(3):
+        (parameters[0].square().sum() + parameters[1].sum()).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    generator = torch.Generator().manual_seed(7)
+    torch.randn(3, generator=generator)
+    np.random.normal()  # numpy's cached gaussian is set
+    random.gauss(0, 1)
+    state = {"optimizer": optimizer.state_dict(), "rng": _rng_state(generator), "history": [["P", 1, 1, 0.5, None]]}
+
+    tensors: dict[str, torch.Tensor] = {}
+    plain = json.loads(json.dumps(_split_tensors(state, "", tensors)))
+    back = _join_tensors(plain, load(save(tensors)))
+
+    def same(a, b) -> bool:
+        if isinstance(a, torch.Tensor):
+            return isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+        if isinstance(a, dict):
+            return type(b) is dict and list(a) == list(b) and all(same(a[k], b[k]) for k in a)
+        if isinstance(a, (list, tuple)):
+            return type(a) is type(b) and len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+        return type(a) is type(b) and a == b
+
+    assert same(state["optimizer"], back["optimizer"])
+    assert same(state["rng"], back["rng"]) and same(state["history"], back["history"])
+
+    def draws() -> list:
+        return [torch.randn(2, generator=generator), torch.rand(2), np.random.normal(), np.random.rand(), random.gauss(0, 1), random.random()]
+
+    expected = draws()
+    _restore_rng(back["rng"], generator)
+    again = draws()
+    assert all(torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b for a, b in zip(expected, again))
