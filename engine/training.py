@@ -477,7 +477,7 @@ def _generations_on_disk(ctx: StageContext, target: LoraTarget) -> list[int]:
     if folder.is_dir():
         for entry in os.scandir(folder):
             match = pattern.fullmatch(entry.name)
-            if match and f"{ctx.path(target.checkpoint).name}-{int(match.group(1)):06d}" == entry.name.rsplit(".", 1)[0]:
+            if match and match.group(1) == f"{int(match.group(1)):06d}":  # the name _generation_files gives, no other spelling
                 steps.add(int(match.group(1)))
     return sorted(steps, reverse=True)
 
