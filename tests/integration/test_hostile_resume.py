@@ -148,19 +148,24 @@ def _flip_a_lora_bit(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
-def test_a_flipped_bit_in_the_newest_checkpoint_resumes_from_the_older_generation(job, killed_mid_training, clean_run, tmp_path):
+@pytest.mark.parametrize("flipped", [(NEWEST,), (NEWEST, OLDER)], ids=["newest", "every generation"])
+def test_a_flipped_bit_in_a_checkpoint_resumes_from_the_newest_generation_as_recorded(job, killed_mid_training, clean_run, tmp_path, flipped):
+    """The newest generation damaged: training resumes from the older one. Every one damaged:
+    it starts again from the stage's start. Either way the LoRA is the clean run's."""
     outbox, work = _copy(killed_mid_training, tmp_path)
-    tensors = work / "checkpoints" / f"train-{NEWEST:06d}.safetensors"
-    recorded = sha256_file(tensors)
-    _flip_a_lora_bit(tensors)
+    recorded = {}
+    for step in flipped:
+        tensors = work / "checkpoints" / f"train-{step:06d}.safetensors"
+        recorded[f"checkpoints/train-{step:06d}.safetensors"] = (sha256_file(tensors), step)
+        _flip_a_lora_bit(tensors)
 
     final = _rerun(job, outbox)
 
     last = _last_run(final)
-    [mismatch] = [e for e in last if e["event"] == "resume_artifact_mismatch"]
-    assert (mismatch["file"], mismatch["expected"], mismatch["step"]) == (f"checkpoints/train-{NEWEST:06d}.safetensors", recorded, NEWEST)
-    assert mismatch["found"] not in (None, recorded)
-    assert [e["step"] for e in last if e["event"] == "train_resumed"] == [OLDER]
+    mismatches = [e for e in last if e["event"] == "resume_artifact_mismatch"]
+    assert {e["file"]: (e["expected"], e["step"]) for e in mismatches} == recorded
+    assert all(e["found"] not in (None, e["expected"]) for e in mismatches)
+    assert [e["step"] for e in last if e["event"] == "train_resumed"] == ([OLDER] if OLDER not in flipped else [])
     _assert_like_the_clean_run(final, clean_run)
 
 
