@@ -34,11 +34,14 @@ What must be identical to the clean run, and why:
   - audit.jsonl: every line carries a timestamp and chains to the previous one, and a
     resumed job has lines that record its resumes (job_resumed, stage_invalidated with
     reason "interrupted", stage_skipped, train_resumed, partial_writes_removed,
-    audit_torn_line_removed) and repeats of the lines of re-done work.
+    audit_torn_line_removed, ledger_rebuilt, resume_artifact_mismatch; stage_started's
+    `continues`) and repeats of the lines of re-done work.
     It is compared by content: the job facts of the first line
     (inputs, spec, settings, versions, models, device); every other line without `ts`,
     `prev`, `hash`, `seconds` must equal the clean run's line of the same kind (event,
-    stage, phase), every repeat included, in the same order of first appearance; a
+    stage, phase; a train_checkpoint's step, without the hashes of its files, which hold
+    each process's own numpy and python RNG states), every repeat included, in the same
+    order of first appearance; a
     `stage_invalidated` must say "interrupted" (any other reason means a completed stage's
     files changed after a kill); every job_resumed must carry the same job facts.
     `job_finished.manifest_sha256` is checked by verify-audit instead (see manifest.json).
@@ -87,8 +90,9 @@ REPORT_FILE = "report.html"
 STARTUP, FINISH, PUBLISHED = "startup", "finish", "published"
 # Audit events that only record how a job was resumed; absent from an uninterrupted run.
 RESUME_EVENTS = frozenset({"job_resumed", "stage_invalidated", "stage_skipped", "train_resumed", "audit_torn_line_removed",
-                           "partial_writes_removed"})
-VOLATILE_FIELDS = frozenset({"ts", "prev", "hash", "seconds"})
+                           "partial_writes_removed", "ledger_rebuilt", "resume_artifact_mismatch"})
+# `continues`: a stage_started line that goes on with an interrupted run of its stage says so.
+VOLATILE_FIELDS = frozenset({"ts", "prev", "hash", "seconds", "continues"})
 JOB_FACTS = ("source", "subject", "inputs", "spec", "settings", "versions", "models", "device", "demo")
 POLL_SECONDS = 0.01
 MAX_ATTEMPTS_PER_ROUND = 200  # a round that needs more makes no progress: a bug, not bad luck
@@ -437,7 +441,15 @@ def _content(lines: list[dict[str, Any]], also_volatile: frozenset[str] = frozen
         stripped = {k: v for k, v in line.items() if k not in VOLATILE_FIELDS | also_volatile}
         if line["event"] == "job_finished":
             stripped.pop("manifest_sha256", None)
-        content.setdefault((line["event"], line.get("stage"), line.get("phase")), []).append(stripped)
+        key: tuple = (line["event"], line.get("stage"), line.get("phase"))
+        if line["event"] == "train_checkpoint":
+            # A checkpoint holds numpy's and python's global RNG states, seeded by each process
+            # from the OS: its files' hashes differ from process to process; its step does not.
+            stripped.pop("files", None)
+            key += (line.get("run"), line.get("step"))
+        elif line["event"] == "scratch_written":
+            key += (tuple(sorted(line.get("files") or {})),)  # one line per batch: compared with the same batch's
+        content.setdefault(key, []).append(stripped)
     return content
 
 

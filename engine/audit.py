@@ -177,6 +177,103 @@ def _recover_head(path: Path) -> tuple[str, dict[str, Any] | None]:
     return json.loads(lines[-1])["hash"], torn
 
 
+@dataclass
+class ChainRead:
+    """What `read_chain` found: the lines a reader may trust, and where the chain broke."""
+
+    records: list[dict[str, Any]] = field(default_factory=list)  # every line that continues the chain, in order
+    broken_at: int | None = None  # 1-based number of the first line that does not (None: the chain is whole)
+    problem: str = ""  # why that line does not continue the chain
+    torn_tail: bool = False  # the last line had no newline (a write cut short, or a NUL-padded tail): left out
+
+
+def read_chain(path: Path) -> ChainRead:
+    """The lines of an audit log, each checked against the one before (the check of
+    `verify_audit`), for a resume to rebuild its state from: bytes on the share are input.
+
+    A last line without its newline (torn by a kill, or padded with NULs by the file system
+    after a crash) is left out, as AuditLog's open cuts it off. Any other line that is not a
+    JSON object continuing the chain ends the read there: `broken_at` names it, and only the
+    lines before it are returned. A missing file is an empty chain."""
+    read = ChainRead()
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        return read
+    if data and not data.endswith(b"\n"):
+        read.torn_tail = True
+        data = data[:data.rfind(b"\n") + 1]
+    prev = GENESIS
+    for number, raw in enumerate(data.split(b"\n")[:-1], start=1):
+        try:
+            record = json.loads(raw.decode("utf-8"))
+            if not isinstance(record, dict):
+                raise ValueError("not a JSON object")
+        except (ValueError, UnicodeDecodeError) as exc:
+            read.broken_at, read.problem = number, f"not a JSON object ({exc})"
+            return read
+        broken = chain_break(record, number, prev, line_hash)
+        if broken:
+            read.broken_at, read.problem = number, broken
+            return read
+        prev = record["hash"]
+        read.records.append(record)
+    return read
+
+
+def set_aside_damaged(path: Path, read: ChainRead) -> dict[str, Any]:
+    """Move an audit log whose chain breaks before its end (a line edited, removed or inserted:
+    not a torn tail) aside as `audit.jsonl.damaged-<UTC time>`, never deleting it, and return
+    what the fresh chain's first line (`audit_damaged`) records of it: its name, sha256, size,
+    the first broken line and why, and how many lines before it verified."""
+    path = Path(path)
+    data = path.read_bytes()
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+    target = path.with_name(f"{path.name}.damaged-{stamp}")
+    while target.exists():  # never over another damaged log
+        stamp += "_"
+        target = path.with_name(f"{path.name}.damaged-{stamp}")
+    check_write(str(target))
+    os.rename(path, target)
+    fsync_dir(path.parent)
+    return {"file": target.name, "sha256": sha256_bytes(data), "size": len(data), "broken_line": read.broken_at, "problem": read.problem,
+            "lines_verified": len(read.records)}
+
+
+# Audit events whose `files` ({relative path: sha256}) record what a stage run wrote and may read
+# back on a resume (engine.context.StageContext.write_recorded / read_recorded).
+RECORDING_EVENTS = frozenset({"train_checkpoint", "scratch_written"})
+
+
+def stage_run_records(records: list[dict[str, Any]], fingerprint: str) -> list[dict[str, Any]]:
+    """The lines of the latest run of the stage whose fingerprint is `fingerprint`: from the
+    `stage_started` line that began it to the next line that started another (of any stage or
+    fingerprint), or to the end. A `stage_started` line with `continues` true went on with the
+    interrupted run before it (its scratch was kept), so the run began at the first of such a
+    series. Empty when no line started it."""
+    start = None
+    for index in range(len(records) - 1, -1, -1):
+        record = records[index]
+        if record.get("event") == "stage_started" and record.get("fingerprint") == fingerprint:
+            start = index
+            if record.get("continues") is not True:
+                break
+    if start is None:
+        return []
+    end = next((index for index in range(start + 1, len(records)) if records[index].get("event") == "stage_started"
+                and (records[index].get("fingerprint") != fingerprint or records[index].get("continues") is not True)), len(records))
+    return records[start:end]
+
+
+def recorded_files(records: list[dict[str, Any]], fingerprint: str) -> dict[str, str]:
+    """Relative path -> sha256, as the running stage run last recorded each file it wrote."""
+    files: dict[str, str] = {}
+    for record in stage_run_records(records, fingerprint):
+        if record.get("event") in RECORDING_EVENTS and isinstance(record.get("files"), dict):
+            files.update({str(rel): str(digest) for rel, digest in record["files"].items()})
+    return files
+
+
 def _outputs(job_dir: Path) -> dict[str, str]:
     """Every output file of a job folder (not its inputs/, not the unlisted files) -> sha256."""
     return {entry.rel: sha256_file(Path(entry.path)) for entry in walk_tree(job_dir)

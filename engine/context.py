@@ -3,6 +3,8 @@ the models it declared (through `use`, from engine.resources)."""
 
 from __future__ import annotations
 
+import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +36,7 @@ class StageContext:
     fingerprint: str = ""  # of the stage running now (checkpoints are only valid for it)
     stop_requested: threading.Event = field(default_factory=threading.Event)
     fence: Fence = field(default_factory=NoFence)  # the job's owner (the daemon's claim); see Engine.run_job
+    _recorded: tuple[str, dict[str, str]] | None = field(default=None, repr=False)  # (fingerprint, files this stage run recorded)
 
     def use(self, role: str) -> Any:
         """The loaded model of `role` (engine.resources), recorded with its files' hashes in
@@ -69,6 +72,52 @@ class StageContext:
 
     def path(self, relative: str) -> Path:
         return self.job_dir / relative
+
+    def write_recorded(self, event: str, files: dict[str, bytes], **fields: Any) -> dict[str, str]:
+        """Write files the running stage may read back when an interrupted run resumes (its
+        scratch: checkpoints, finished batches), each atomically, then record their sha256 in
+        one audit line `event` (one of engine.audit.RECORDING_EVENTS) with `fields`. Returns
+        the hashes. Only what is recorded so is ever read back (`read_recorded`)."""
+        from engine.fsutil import atomic_write_bytes, sha256_bytes
+
+        digests = {}
+        for relative, data in files.items():
+            atomic_write_bytes(self.path(relative), data)
+            digests[relative] = sha256_bytes(data)
+        self.audit.event(event, **fields, files=digests)
+        if self._recorded is not None and self._recorded[0] == self.fingerprint:
+            self._recorded[1].update(digests)
+        return digests
+
+    def read_recorded(self, relative: str, **fields: Any) -> bytes | None:
+        """The bytes of `relative` when they are what this stage run recorded (`write_recorded`),
+        else None: absent, or not as recorded (another hash, never recorded by this run, not a
+        regular file). A file that is there but not as recorded is audited
+        `resume_artifact_mismatch` (file, expected sha256 or None, found, `fields`) and deleted.
+        Hashed and returned from one read: what is parsed is what was checked."""
+        from engine.audit import read_chain, recorded_files
+        from engine.fsutil import remove_tree, sha256_bytes
+
+        path = self.path(relative)
+        try:
+            info = os.lstat(path)
+        except FileNotFoundError:
+            return None
+        if self._recorded is None or self._recorded[0] != self.fingerprint:
+            self._recorded = (self.fingerprint, recorded_files(read_chain(self.audit.path).records, self.fingerprint))
+        expected = self._recorded[1].get(relative)
+        if stat.S_ISREG(info.st_mode):
+            data = path.read_bytes()
+            found = sha256_bytes(data)
+            if found == expected:
+                return data
+        else:
+            found = f"not a regular file (mode {stat.filemode(info.st_mode)})"
+        self.audit.event("resume_artifact_mismatch", file=relative, expected=expected, found=found,
+                         reason="not recorded by this stage run" if expected is None else "not as recorded", **fields)
+        self.log.warning("resume_artifact_mismatch", file=relative, expected=expected, found=found, **fields)
+        remove_tree(path)
+        return None
 
     def write_generated_image(self, relative: str, rgb: Any, text: dict[str, str], facts: dict[str, Any]) -> str:
         """Write an image the model generated: a PNG with its text chunks and, with lab keys, C2PA

@@ -30,7 +30,9 @@ TRAIN_DIR = "train"
 TRAIN_INFO = "train/train.json"
 LOSS_FILE = "train/loss.csv"
 CHECKPOINTS_DIR = "checkpoints"
-CHECKPOINT_FILE = "checkpoints/train.pt"
+# The job's LoRA run's checkpoint generations: <prefix>-<step:06d>.safetensors + .json (engine.training).
+# (Older engines wrote pickles, checkpoints/train.pt and group_<name>.pt: never read.)
+CHECKPOINT_PREFIX = "checkpoints/train"
 # verify
 VERIFY_DIR = "verify"
 VERIFY_INFO = "verify/verify.json"
@@ -80,7 +82,8 @@ def group_lora_dir(group: str) -> str:
 
 
 def group_checkpoint(group: str) -> str:
-    return f"{CHECKPOINTS_DIR}/group_{group}.pt"
+    """The prefix of a photo-subset group's checkpoint generations (as CHECKPOINT_PREFIX)."""
+    return f"{CHECKPOINTS_DIR}/group_{group}"
 
 
 def group_loss_file(group: str) -> str:

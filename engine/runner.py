@@ -31,7 +31,7 @@ from typing import Any
 import structlog
 
 from engine import compiling
-from engine.audit import AuditLog, Observer, jsonable, write_manifest
+from engine.audit import AuditLog, Observer, jsonable, read_chain, set_aside_damaged, write_manifest
 from engine.config import Settings
 from engine.context import StageContext
 from engine.errors import ConfigError, JobError, JobInterrupted, OwnershipLost
@@ -203,11 +203,8 @@ class Engine:
         ledger: Ledger | None = None
         job: LoadedJob | None = None
         try:
-            ledger = Ledger.open(job_dir / LEDGER_FILE, job_id, utf8_safe(str(source)))
-            if not ledger.path.exists():
-                ledger.save()  # first of all: a job the next run can find by its source, whatever happens next
             resumed = (job_dir / AUDIT_FILE).exists()
-            audit = AuditLog(job_dir / AUDIT_FILE, job_id, self.observer, fence=fence.token)
+            ledger, audit = self._open_ledger(job_dir, job_id, source, fence)
             if resumed:
                 # A killed run leaves the temporary files of the atomic writes it was in the
                 # middle of (state.json's, a report image's...): they must not be published.
@@ -272,6 +269,42 @@ class Engine:
         except Exception as exc:  # noqa: BLE001 - a bug must fail the job visibly, not kill the daemon
             error = JobError("internal_error", f"{type(exc).__name__}: {exc}", details={"traceback": traceback.format_exc()})
             return self._fail(error, source, subject, job_id, job_dir, failed_root, audit, ledger, fence, bound)
+
+    def _open_ledger(self, job_dir: Path, job_id: str, source: Path, fence: Fence) -> tuple[Ledger, AuditLog]:
+        """The job's ledger, as its audit chain says it (engine.ledger: state.json is a cache of
+        the chain, and bytes on the share are input), and its audit log, opened for appending.
+
+        state.json torn, padded, of another version, or not what the chain says: the rebuilt
+        ledger is used and saved, and `ledger_rebuilt` says why (reason "torn" | "missing" |
+        "differs", and what differed). A chain broken before its end (a line edited, removed,
+        inserted, or one of another job; not a torn last line, which AuditLog cuts off) cannot
+        vouch for the work so far: it is set aside as audit.jsonl.damaged-<UTC time>, a fresh
+        chain begins with `audit_damaged` (its sha256, size, first broken line), and every stage
+        is done again from the inputs/ copy (checked against the last listing that verified)."""
+        audit_path, ledger_path = job_dir / AUDIT_FILE, job_dir / LEDGER_FILE
+        chain = read_chain(audit_path)
+        foreign = next((number for number, record in enumerate(chain.records, start=1) if record.get("job_id") != job_id), None)
+        if foreign is not None:
+            chain.broken_at, chain.problem, chain.records = foreign, f"a line of another job ({chain.records[foreign - 1].get('job_id')!r})", chain.records[:foreign - 1]
+        damaged = set_aside_damaged(audit_path, chain) if chain.broken_at is not None else None
+        ledger = Ledger.from_audit(ledger_path, job_id, utf8_safe(str(source)), chain.records)
+        if damaged is not None:
+            ledger.stages = []
+        cached, unreadable = Ledger.read(ledger_path)
+        if cached is None and unreadable == "missing":
+            ledger.save()  # first of all: a job the next run can find by its source, whatever happens next
+        audit = AuditLog(audit_path, job_id, self.observer, fence=fence.token)
+        if damaged is not None:
+            audit.event("audit_damaged", source=ledger.source, **damaged)
+        if cached is None and unreadable != "missing":
+            audit.event("ledger_rebuilt", reason="torn", detail=unreadable)
+            ledger.save()
+        elif cached is None and chain.records:  # saved above
+            audit.event("ledger_rebuilt", reason="missing", detail=unreadable)
+        elif cached is not None and (differences := ledger.differences(cached)):
+            audit.event("ledger_rebuilt", reason="differs", **differences)
+            ledger.save()
+        return ledger, audit
 
     def _source_facts(self, source: Path) -> dict[str, str]:
         """`source`: the folder as dropped; `read_from`: where this run read it, when elsewhere."""
@@ -380,7 +413,9 @@ class Engine:
                 for owned in stage.OUTPUTS + (() if interrupted else getattr(stage, "SCRATCH", ())):
                     remove_tree(ctx.path(owned))
                 ledger.start(stage.NAME, fingerprint)
-                ctx.audit.event("stage_started", stage=stage.NAME, fingerprint=fingerprint)
+                # continues: this run goes on with the interrupted one (its scratch kept); what that
+                # one recorded of its scratch is trusted too (engine.audit.stage_run_records).
+                ctx.audit.event("stage_started", stage=stage.NAME, fingerprint=fingerprint, continues=interrupted)
                 started = dt.datetime.now(dt.timezone.utc)
                 ctx.models_used, ctx.models_declared = {}, roles
                 ctx.fingerprint = fingerprint

@@ -26,6 +26,7 @@ from engine.job import IdentitySpec
 from engine.jobfolder import AUDIT_FILE, ERROR_FILE, LEDGER_FILE, MANIFEST_FILE, WORK_DIR, find_published, is_hidden_name
 from engine.kinds import DEFAULT_KIND, all_stage_names, known_kinds, kind_named
 from engine.layout import DRIFT_REPORT_JSON, RENDERS_DIR, VERIFY_DIR
+from engine.ledger import Ledger
 _TAIL_BYTES = 64 * 1024
 
 
@@ -97,7 +98,7 @@ def outbox_status(outbox: Path, *, inbox: Path | None = None, failed: Path | Non
 
 
 def _running(ledger_path: Path) -> Running | None:
-    ledger = _read_json(ledger_path)
+    ledger = Ledger.peek(ledger_path)  # a torn state.json: what the job's audit log says
     if not ledger or ledger.get("outcome") != "running":
         return None
     stages = ledger.get("stages", [])

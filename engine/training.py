@@ -14,6 +14,13 @@ The whole loop is `train_lora` below, read top to bottom.
   optimizer, generator and global RNG states, convergence state, phase and step, the phase
   snapshots so far), written atomically every `checkpoint_every` steps and at every phase
   boundary, resumes bit-exactly.
+- A checkpoint is never a pickle (the work folder is on a share anyone may write to between a
+  kill and the restart): a generation is `<prefix>-<step:06d>.safetensors` (every tensor) and
+  `.json` beside it (everything else, tensors named by key), and both files' sha256 go into the
+  audit log when they are written (`train_checkpoint`). A resume takes the newest generation
+  whose files are as this stage run recorded them (StageContext.read_recorded); one that is not
+  is audited `resume_artifact_mismatch`, deleted, and the next older one tried. The two newest
+  generations are kept.
 - alpha is applied by setting each LoRA layer's scaling to alpha / r (peft keeps no alpha in
   its state dict, so it is re-applied on resume and written into the saved file's metadata).
 - A phase snapshot (`LoraTarget.snapshots`) is the LoRA as it stood when that phase exited,
@@ -22,10 +29,10 @@ The whole loop is `train_lora` below, read top to bottom.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import random
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +47,7 @@ from engine.context import StageContext
 from engine.convergence import RULE_IMPROVEMENT_BOUND, PhaseConvergence
 from engine.errors import JobError
 from engine.faults import pause_point
-from engine.fsutil import atomic_write_bytes, check_write, remove_tree
+from engine.fsutil import check_write, remove_tree, sha256_bytes
 from engine.job import PhaseSpec, TrainSpec
 from engine.schema import to_plain
 
@@ -54,7 +61,8 @@ HUBER_DELTA = 1.0
 @dataclass(frozen=True)
 class LoraTarget:
     """Where one training run's results go. `directory`: its LoRA folder (diffusers' format);
-    `checkpoint`: its checkpoint file, relative to the job folder; `kohya(alpha, steps)`: the
+    `checkpoint`: the prefix of its checkpoint generations' files, relative to the job folder
+    (`<checkpoint>-<step:06d>.safetensors` and `.json`); `kohya(alpha, steps)`: the
     kohya-format file's name and metadata, for the job's own LoRA (None: not written);
     `snapshots`: phase name -> the folder of that phase's snapshot; `run`: "" for the job's
     own LoRA, else a name its audit lines and progress carry."""
@@ -242,7 +250,8 @@ class TrainState:
 
     def to_checkpoint(self, optimizer: Any) -> dict[str, Any]:
         """`optimizer`: the phase's, mid-phase; None at a phase boundary (the next phase makes its own)."""
-        return {"phase_index": self.phase_index, "phase_step": self.phase_step, "global_step": self.global_step, "history": self.history,
+        return {"phase_index": self.phase_index, "phase_step": self.phase_step, "global_step": self.global_step,
+                "history": [list(row) for row in self.history],
                 "phase_records": self.phase_records, "convergence": self.convergence.to_dict() if self.convergence is not None else None,
                 "optimizer": optimizer.state_dict() if optimizer is not None else None, "snapshots": self.snapshots}
 
@@ -450,39 +459,149 @@ def _encode_text(pipe: Any, prompt: str, resolution: int) -> tuple[torch.Tensor,
     return encoded[0], None
 
 
+CHECKPOINT_FORMAT = 1  # the .json's "format": tensors in the .safetensors beside it, the rest here; never a pickle
+KEEP_GENERATIONS = 2  # checkpoint generations kept on disk per training run: the newest, and one to fall back to
+
+
+def _generation_files(target: LoraTarget, step: int) -> tuple[str, str]:
+    """The (tensors, sidecar) files of the generation at `step`, relative to the job folder."""
+    stem = f"{target.checkpoint}-{step:06d}"
+    return f"{stem}.safetensors", f"{stem}.json"
+
+
+def _generations_on_disk(ctx: StageContext, target: LoraTarget) -> list[int]:
+    """The steps of the generations with at least one file on disk, newest first."""
+    folder = ctx.path(target.checkpoint).parent
+    pattern = re.compile(re.escape(Path(target.checkpoint).name) + r"-(\d{6,})\.(?:safetensors|json)")
+    steps = set()
+    if folder.is_dir():
+        for entry in os.scandir(folder):
+            match = pattern.fullmatch(entry.name)
+            if match and match.group(1) == f"{int(match.group(1)):06d}":  # the name _generation_files gives, no other spelling
+                steps.add(int(match.group(1)))
+    return sorted(steps, reverse=True)
+
+
+def _remove_generation(ctx: StageContext, target: LoraTarget, step: int) -> None:
+    for relative in _generation_files(target, step):
+        remove_tree(ctx.path(relative))
+
+
 def _save_checkpoint(ctx: StageContext, target: LoraTarget, unet: Any, state: TrainState, optimizer: Any, generator: torch.Generator) -> None:
+    """Write the generation at this step (tensors, then the sidecar), record both files' sha256
+    in the audit log (`train_checkpoint`), then delete all but the newest KEEP_GENERATIONS."""
     from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save
 
     checkpoint = {
-        "fingerprint": ctx.fingerprint,
         **state.to_checkpoint(optimizer),
-        "lora": {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(unet, adapter_name=ADAPTER).items()},
-        "rng": {"generator": generator.get_state(), "torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
-        "torch_threads": torch.get_num_threads(),
+        "lora": get_peft_model_state_dict(unet, adapter_name=ADAPTER),
+        "rng": _rng_state(generator),
     }
-    buffer = io.BytesIO()
-    torch.save(checkpoint, buffer)
-    atomic_write_bytes(ctx.path(target.checkpoint), buffer.getvalue())
-    ctx.progress("train_checkpoint", **target.tagged(step=state.global_step))
+    tensors: dict[str, torch.Tensor] = {}
+    plain = _split_tensors(checkpoint, "", tensors)
+    tensor_bytes = save(tensors)
+    tensors_file, sidecar_file = _generation_files(target, state.global_step)
+    sidecar = {"format": CHECKPOINT_FORMAT, "fingerprint": ctx.fingerprint, "step": state.global_step, "torch_threads": torch.get_num_threads(),
+               "tensors_file": Path(tensors_file).name, "tensors_sha256": sha256_bytes(tensor_bytes), "state": plain}
+    sidecar_bytes = (json.dumps(sidecar, sort_keys=True, indent=1, allow_nan=True) + "\n").encode("utf-8")
+    ctx.write_recorded("train_checkpoint", {tensors_file: tensor_bytes, sidecar_file: sidecar_bytes}, **target.tagged(step=state.global_step))
+    for step in _generations_on_disk(ctx, target)[KEEP_GENERATIONS:]:
+        _remove_generation(ctx, target, step)
 
 
 def _load_checkpoint(ctx: StageContext, target: LoraTarget) -> dict[str, Any] | None:
-    """Our own checkpoint of this very stage run, or None. weights_only=False is needed for
-    the numpy/python RNG states; the file is one this engine wrote, never an inbox file."""
-    path = ctx.path(target.checkpoint)
-    if not path.is_file():
-        return None
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    if state.get("fingerprint") != ctx.fingerprint:
-        ctx.audit.event("train_checkpoint_ignored", **target.tagged(reason="written for other inputs or settings"))
-        return None
-    if state.get("torch_threads") != torch.get_num_threads():
-        ctx.log.warning("train_threads_differ", checkpoint=state.get("torch_threads"), now=torch.get_num_threads())
-    return state
+    """The newest checkpoint generation that this very stage run wrote and recorded, or None
+    (train from the start). A generation whose files are missing, or not as the audit log
+    recorded them, is deleted (StageContext.read_recorded audits `resume_artifact_mismatch`)
+    and the next older one is tried. Nothing here unpickles: JSON and safetensors only, each
+    parsed from the very bytes whose hash was checked."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    legacy = ctx.path(target.checkpoint + ".pt")
+    if os.path.lexists(legacy):  # an older engine's pickle, or one planted there: never read
+        ctx.audit.event("train_checkpoint_ignored", **target.tagged(file=f"{target.checkpoint}.pt", reason="a pickle (older format): never read"))
+    for step in _generations_on_disk(ctx, target):
+        tensors_file, sidecar_file = _generation_files(target, step)
+        sidecar_bytes = ctx.read_recorded(sidecar_file, **target.tagged(step=step))
+        tensor_bytes = ctx.read_recorded(tensors_file, **target.tagged(step=step))
+        if sidecar_bytes is None or tensor_bytes is None:
+            _remove_generation(ctx, target, step)
+            continue
+        try:
+            sidecar = json.loads(sidecar_bytes.decode("utf-8"))
+            if sidecar.get("format") != CHECKPOINT_FORMAT or sidecar.get("fingerprint") != ctx.fingerprint or sidecar.get("step") != step:
+                raise ValueError("written for another format, stage run or step")
+            if sidecar.get("tensors_sha256") != sha256_bytes(tensor_bytes):
+                raise ValueError("its tensors file is not the one its sidecar names")
+            checkpoint = _join_tensors(sidecar["state"], load(tensor_bytes))
+            checkpoint["torch_threads"] = sidecar.get("torch_threads")
+        except (SafetensorError, ValueError, KeyError, TypeError, AttributeError, IndexError) as exc:  # recorded but unusable: the next older one
+            ctx.audit.event("train_checkpoint_ignored", **target.tagged(file=sidecar_file, step=step, reason=f"{type(exc).__name__}: {str(exc)[:200]}"))
+            _remove_generation(ctx, target, step)
+            continue
+        if checkpoint["torch_threads"] != torch.get_num_threads():
+            ctx.log.warning("train_threads_differ", checkpoint=checkpoint["torch_threads"], now=torch.get_num_threads())
+        return checkpoint
+    return None
+
+
+def _split_tensors(value: Any, key: str, tensors: dict[str, torch.Tensor]) -> Any:
+    """`value` as JSON, each tensor moved into `tensors` under its key path and replaced by
+    {"$tensor": key}; a tuple becomes {"$tuple": [...]}, a dict with keys other than strings
+    (an optimizer's state, by parameter index) {"$items": [[key, value], ...]}. Every python
+    scalar stays what it was (`_join_tensors` gives back the very same structure)."""
+    if isinstance(value, torch.Tensor):
+        tensors[key] = value.detach().to("cpu").contiguous()
+        return {"$tensor": key}
+    if isinstance(value, tuple):
+        return {"$tuple": [_split_tensors(item, f"{key}.{i}", tensors) for i, item in enumerate(value)]}
+    if isinstance(value, list):
+        return [_split_tensors(item, f"{key}.{i}", tensors) for i, item in enumerate(value)]
+    if isinstance(value, dict):
+        if all(isinstance(k, str) and not k.startswith("$") for k in value):
+            return {k: _split_tensors(item, f"{key}.{k}" if key else k, tensors) for k, item in value.items()}
+        if not all(isinstance(k, (str, int)) and not isinstance(k, bool) for k in value):
+            raise TypeError(f"checkpoint {key}: keys of type {sorted({type(k).__name__ for k in value})} cannot be saved")
+        return {"$items": [[k, _split_tensors(item, f"{key}.{k}", tensors)] for k, item in value.items()]}
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, np.generic):  # a numpy scalar in a phase summary: its python value
+        return value.item()
+    raise TypeError(f"checkpoint {key}: a {type(value).__name__} cannot be saved (tensors, JSON scalars, lists, tuples and dicts only)")
+
+
+def _join_tensors(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """The inverse of `_split_tensors`."""
+    if isinstance(value, list):
+        return [_join_tensors(item, tensors) for item in value]
+    if isinstance(value, dict):
+        if set(value) == {"$tensor"}:
+            return tensors[value["$tensor"]]
+        if set(value) == {"$tuple"}:
+            return tuple(_join_tensors(item, tensors) for item in value["$tuple"])
+        if set(value) == {"$items"}:
+            return {k: _join_tensors(item, tensors) for k, item in value["$items"]}
+        return {k: _join_tensors(item, tensors) for k, item in value.items()}
+    return value
+
+
+def _rng_state(generator: torch.Generator) -> dict[str, Any]:
+    """Every random generator the loop touches, as tensors and JSON scalars (no pickle needed)."""
+    kind, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    return {"generator": generator.get_state(), "torch": torch.get_rng_state(),
+            "numpy": {"kind": kind, "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(position), "has_gauss": int(has_gauss),
+                      "cached_gaussian": float(cached_gaussian)},
+            "python": {"version": version, "state": list(internal), "gauss_next": gauss_next}}
 
 
 def _restore_rng(rng: dict[str, Any], generator: torch.Generator) -> None:
     generator.set_state(rng["generator"])
     torch.set_rng_state(rng["torch"])
-    np.random.set_state(rng["numpy"])
-    random.setstate(rng["python"])
+    numpy_state = rng["numpy"]
+    np.random.set_state((numpy_state["kind"], numpy_state["keys"].numpy().astype(np.uint32), numpy_state["pos"], numpy_state["has_gauss"],
+                         numpy_state["cached_gaussian"]))
+    python_state = rng["python"]
+    random.setstate((python_state["version"], tuple(python_state["state"]), python_state["gauss_next"]))

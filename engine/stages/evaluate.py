@@ -178,7 +178,7 @@ class Grid:
         self.batches = 0  # batches rendered by this run (the fault points count them)
 
     def cells(self, column: Column, index: int, prompt: str, seeds: list[int], embeds: Any = None) -> list[dict[str, Any]]:
-        record = self.ctx.path(_record(column.name, index, seeds[0]))
+        record = _record(column.name, index, seeds[0])
         done = self._finished(record, seeds)
         if done is not None:
             self.resumed += len(done)
@@ -189,7 +189,9 @@ class Grid:
         images = render(self.pipe, prompt, ctx.settings.render.negative_prompt, seeds, steps=self.spec.steps, guidance=self.spec.guidance,
                         size=ctx.training_resolution, on_step=lambda: ctx.check_stop(where), ip_adapter_image_embeds=embeds)
         rows = [self._keep(column, index, prompt, seed, rgb) for seed, rgb in zip(seeds, images)]
-        atomic_write_json(record, rows)
+        # Recorded in the audit log: a resume reads back only this very record (StageContext.read_recorded).
+        ctx.write_recorded("scratch_written", {record: (json.dumps(rows, sort_keys=True, indent=2, ensure_ascii=False, allow_nan=False) + "\n").encode()},
+                           stage=NAME)
         self.batches += 1
         pause_point(f"evaluate:batch:{self.batches}")
         return rows
@@ -214,11 +216,13 @@ class Grid:
         ctx.progress("evaluate_cell", group=column.name, prompt_index=index, seed=seed, face_found=face is not None, drift=drift)
         return {**facts, "file": file, "sha256": sha256_file(ctx.path(scratch)), "credentials": credentials}
 
-    def _finished(self, record: Path, seeds: list[int]) -> list[dict[str, Any]] | None:
-        """A batch an interrupted run of this very stage finished (its record, and its images as recorded)."""
-        if not record.is_file():
+    def _finished(self, record: str, seeds: list[int]) -> list[dict[str, Any]] | None:
+        """A batch an interrupted run of this very stage finished (its record as the audit log
+        recorded it, and its images as the record says)."""
+        data = self.ctx.read_recorded(record, stage=NAME)
+        if data is None:
             return None
-        rows = json.loads(record.read_text("utf-8"))
+        rows = json.loads(data.decode("utf-8"))
         if [row["seed"] for row in rows] != seeds:
             return None
         for row in rows:

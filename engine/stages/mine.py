@@ -30,7 +30,7 @@ from engine.context import StageContext
 from engine.diffusion import identity_lora, png_text, render
 from engine.faces import score_face
 from engine.faults import pause_point
-from engine.fsutil import atomic_write_bytes, atomic_write_json, sha256_file
+from engine.fsutil import atomic_write_json, sha256_file
 from engine.job import mine_prompt
 from engine.mining import ACCEPTED, Miner, MineRule, cosine_drift
 from engine.schema import to_plain
@@ -126,8 +126,12 @@ def _render_batch(ctx: StageContext, pipe: Any, faces: Any, reference: np.ndarra
     found = [e for _, e in out if e is not None]
     embeddings = (np.stack([e if e is not None else np.full(found[0].shape, np.nan, dtype=found[0].dtype) for _, e in out]) if found
                   else np.zeros((len(out), 0), dtype=np.float32))
-    atomic_write_bytes(ctx.path(f"{layout.MINE_PROGRESS_DIR}/batch_{number}.npy"), _npy(embeddings))
-    atomic_write_json(ctx.path(f"{layout.MINE_PROGRESS_DIR}/batch_{number}.json"), [row for row, _ in out])
+    # Recorded in the audit log: a resume reads back only these very files (StageContext.read_recorded).
+    rows = [row for row, _ in out]
+    ctx.write_recorded("scratch_written", {f"{layout.MINE_PROGRESS_DIR}/batch_{number}.npy": _npy(embeddings),
+                                           f"{layout.MINE_PROGRESS_DIR}/batch_{number}.json":
+                                               (json.dumps(rows, sort_keys=True, indent=2, ensure_ascii=False, allow_nan=False) + "\n").encode()},
+                       stage=NAME)
     pause_point(f"mine:batch:{number + 1}")
     return out
 
@@ -141,12 +145,16 @@ def _npy(array: np.ndarray) -> bytes:
 
 
 def _finished(ctx: StageContext, number: int, seeds: list[int]) -> list[tuple[dict[str, Any], np.ndarray | None]] | None:
-    """A batch an interrupted run of this very stage finished: its records, images and embeddings."""
-    record, vectors = ctx.path(f"{layout.MINE_PROGRESS_DIR}/batch_{number}.json"), ctx.path(f"{layout.MINE_PROGRESS_DIR}/batch_{number}.npy")
-    if not record.is_file() or not vectors.is_file():
+    """A batch an interrupted run of this very stage finished: its records and embeddings as the
+    audit log recorded them, its images as the records say."""
+    import io
+
+    record = ctx.read_recorded(f"{layout.MINE_PROGRESS_DIR}/batch_{number}.json", stage=NAME)
+    vectors = ctx.read_recorded(f"{layout.MINE_PROGRESS_DIR}/batch_{number}.npy", stage=NAME)
+    if record is None or vectors is None:
         return None
-    rows = json.loads(record.read_text("utf-8"))
-    embeddings = np.load(vectors, allow_pickle=False)
+    rows = json.loads(record.decode("utf-8"))
+    embeddings = np.load(io.BytesIO(vectors), allow_pickle=False)
     if [row["seed"] for row in rows] != seeds or len(embeddings) != len(rows):
         return None
     for row in rows:

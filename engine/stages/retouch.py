@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import os
 from typing import Any
 
@@ -179,7 +180,10 @@ class Sweep:
         credentials = ctx.write_generated_image(scratch, rgb, png_text(**facts, demo=ctx.demo, models=ctx.models_used, job_id=ctx.job_id),
                                                 {"stage": NAME, **facts})
         row = {**facts, "file": file, "sha256": sha256_file(ctx.path(scratch)), "credentials": credentials}
-        atomic_write_json(ctx.path(_record(region_set, strength, seed)), row)
+        # Recorded in the audit log: a resume reads back only this very record (StageContext.read_recorded).
+        ctx.write_recorded("scratch_written", {_record(region_set, strength, seed):
+                                               (json.dumps(row, sort_keys=True, indent=2, ensure_ascii=False, allow_nan=False) + "\n").encode()},
+                           stage=NAME)
         self.images[(region_set, strength, seed)] = rgb
         self.count += 1
         ctx.progress("retouch_variant", region_set=set_name, strength=strength, seed=seed, accepted=accepted, drift=moved,
@@ -188,13 +192,12 @@ class Sweep:
         return row
 
     def _finished(self, region_set: tuple[str, ...], strength: float, seed: int) -> dict[str, Any] | None:
-        """A variant an interrupted run of this very stage finished (its record, and its image as recorded)."""
-        import json
-
-        record = self.ctx.path(_record(region_set, strength, seed))
-        if not record.is_file():
+        """A variant an interrupted run of this very stage finished (its record as the audit log
+        recorded it, and its image as the record says)."""
+        record = self.ctx.read_recorded(_record(region_set, strength, seed), stage=NAME)
+        if record is None:
             return None
-        row = json.loads(record.read_text("utf-8"))
+        row = json.loads(record.decode("utf-8"))
         image = self.ctx.path(f"{layout.RETOUCH_PROGRESS_DIR}/{os.path.basename(row['file'])}")
         if not image.is_file() or sha256_file(image) != row["sha256"]:
             return None

@@ -4,7 +4,7 @@ What a job trains is its kind's (engine.kinds.Kind.lora_runs): a replicate job o
 every prepared image (lora/, with the kohya-format copy); an evaluate grid also keeps the LoRA
 as it stood at the exit of the phases its groups name (lora/phases/<PHASE>/, no extra step) and
 trains one LoRA per photo-subset group on that subset's prepared images, with the job's train
-settings (lora/groups/<name>/). Runs go one after the other, each with its own checkpoint file,
+settings (lora/groups/<name>/). Runs go one after the other, each with its own checkpoint files,
 so an interrupted stage resumes the run it was in (a finished run resumes from its final
 checkpoint at once).
 """
@@ -59,7 +59,7 @@ def run(ctx: StageContext) -> None:
     for lora_run in _runs(ctx):
         images = _training_images(ctx, ctx.training_resolution, lora_run.photos)
         if lora_run.is_main:
-            target = LoraTarget(ctx.path(layout.LORA_DIR), layout.CHECKPOINT_FILE,
+            target = LoraTarget(ctx.path(layout.LORA_DIR), layout.CHECKPOINT_PREFIX,
                                 kohya=lambda alpha, steps, count=int(images.shape[0]): kohya_export(ctx, pipe, spec, alpha, steps, count),
                                 snapshots={phase: ctx.path(layout.phase_lora_dir(phase)) for phase in lora_run.snapshots})
         else:
