@@ -27,7 +27,7 @@ from typing import Any, Callable
 import numpy as np
 import structlog
 
-from engine.chain import GENESIS, chain_break
+from engine.chain import GENESIS, chain_break, good_prefix
 from engine.errors import OwnershipLost
 from engine.fsutil import (Listing, atomic_write_json, canonical_json, check_write, fsync_dir, sha256_bytes, sha256_file, tree_listing, utf8_safe,
                            walk_tree)
@@ -162,8 +162,8 @@ def _recover_head(path: Path) -> tuple[str, dict[str, Any] | None]:
         return GENESIS, None
     data = path.read_bytes()
     torn = None
-    if not data.endswith(b"\n"):
-        keep = data.rfind(b"\n") + 1
+    keep = good_prefix(data)  # a torn last line, NUL padding, unreadable lines at the very end
+    if keep < len(data):
         removed = data[keep:]
         with open(path, "r+b") as handle:
             handle.truncate(keep)
@@ -200,9 +200,10 @@ def read_chain(path: Path) -> ChainRead:
         data = Path(path).read_bytes()
     except FileNotFoundError:
         return read
-    if data and not data.endswith(b"\n"):
+    keep = good_prefix(data)  # what AuditLog's open cuts off: a torn last line, NUL padding, unreadable lines at the very end
+    if keep < len(data):
         read.torn_tail = True
-        data = data[:data.rfind(b"\n") + 1]
+        data = data[:keep]
     prev = GENESIS
     for number, raw in enumerate(data.split(b"\n")[:-1], start=1):
         try:
@@ -445,8 +446,9 @@ def _verify_failed(job_dir: Path, report: AuditReport) -> None:
             report.problems.append(f"{rel}: missing")
         elif sha256_file(path) != expected:
             report.problems.append(f"{rel}: changed (sha256 differs from the failed job's manifest)")
+    listed = FAILED_FILES | set(manifest.get("outputs") or {})
     for entry in walk_tree(job_dir):
-        if entry.rel.startswith(INPUTS_DIR + "/") or entry.rel in FAILED_FILES or entry.kind == "dir":
+        if entry.rel.startswith(INPUTS_DIR + "/") or entry.rel in listed or entry.kind == "dir":
             continue
         report.problems.append(f"{entry.rel}: not in the failed job's manifest (added after it failed)")
     _verify_inputs(job_dir, {"version": MANIFEST_VERSION, "inputs": manifest.get("inputs") or {}}, report)

@@ -44,6 +44,7 @@ AUDIT_FILE = "audit.jsonl"
 MANIFEST_FILE = "manifest.json"
 LEDGER_FILE = "state.json"
 SIGNATURE_FILE = "signature.json"  # the signed head of a published or failed job (engine.trust)
+DAMAGED_AUDIT_PREFIX = AUDIT_FILE + ".damaged-"  # an audit chain broken before its end, set aside (engine.audit.set_aside_damaged): evidence, kept
 _INCOMING = ".incoming"  # suffix of a folder being filled before its publishing rename
 
 # errno values that say the installation (disk, share, permissions), not the job, is at fault.
@@ -287,10 +288,10 @@ def publish_failure(*, inputs_from: Path, failed_root: Path, subject: str, job_i
                     sealed: Callable[[Path], bool] | None = None) -> tuple[Path, dict[str, Any]]:
     """The one code that writes failed/: `failed/<subject>/<job-id>/` with inputs/ (a verified
     copy of the folder `inputs_from`, or of just the paths `only`), error.json (`record`, plus what
-    could not be copied), a copy of the job's audit log, manifest.json (the sha256 of every file
-    of inputs/, of error.json and of the audit log: `failed_manifest`), and what `seal(staging
-    folder)` adds (the signed head over all of it). Copy -> verify -> manifest -> seal -> fsync ->
-    `check("publish")` -> one rename.
+    could not be copied), a copy of the job's audit log (and of any damaged chain set aside beside
+    it), manifest.json (the sha256 of every file of inputs/ and of the files beside it:
+    `failed_manifest`), and what `seal(staging folder)` adds (the signed head over all of it).
+    Copy -> verify -> manifest -> seal -> fsync -> `check("publish")` -> one rename.
 
     Returns (the folder, the record as written). Already published (a re-run after a kill): the
     folder as it is. A staging folder left sealed by an earlier try (`sealed(staging)` says it
@@ -322,6 +323,8 @@ def publish_failure(*, inputs_from: Path, failed_root: Path, subject: str, job_i
         atomic_write_json(staging / ERROR_FILE, record)
         if audit is not None and Path(audit).is_file():
             atomic_write_bytes(staging / AUDIT_FILE, Path(audit).read_bytes())
+            for damaged in sorted(Path(audit).parent.glob(DAMAGED_AUDIT_PREFIX + "*")):
+                atomic_write_bytes(staging / damaged.name, damaged.read_bytes())
         atomic_write_json(staging / MANIFEST_FILE, failed_manifest(staging, job_id=job_id, subject=subject, inputs=copied, only=only))
         share_modes(staging)
         if seal is not None:
@@ -344,11 +347,12 @@ FAILED_MANIFEST_VERSION = 1
 
 def failed_manifest(folder: Path, *, job_id: str, subject: str, inputs: Listing, only: frozenset[str] | None) -> dict[str, Any]:
     """manifest.json of a failed job's folder: what its signed head seals besides error.json and the
-    audit log (their sha256 too), above all the Listing of inputs/ (the dropped folder as it was,
-    or the paths `only` of it)."""
+    audit log: the sha256 of every file beside inputs/ (those two, a damaged chain set aside), and
+    above all the Listing of inputs/ (the dropped folder as it was, or the paths `only` of it)."""
     from engine.fsutil import sha256_file
 
-    outputs = {name: sha256_file(folder / name) for name in (ERROR_FILE, AUDIT_FILE) if (folder / name).is_file()}
+    outputs = {entry.name: sha256_file(Path(entry.path)) for entry in os.scandir(folder)
+               if entry.is_file(follow_symlinks=False) and entry.name not in (MANIFEST_FILE, SIGNATURE_FILE) and not is_temporary_name(entry.name)}
     return {"failed_manifest_version": FAILED_MANIFEST_VERSION, "failed": True, "job_id": job_id, "subject": subject,
             "inputs": inputs.entries, "not_copied": inputs.left_out, "only": sorted(only) if only else None, "outputs": outputs}
 

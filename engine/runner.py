@@ -39,7 +39,7 @@ from engine.faults import pause_point
 from engine.fsutil import (Listing, canonical_json, fsync_dir, guarded_writes, hash_tree, remove_partial_writes, remove_tree, sha256_bytes, share_modes,
                            sha256_file, tree_listing, utf8_safe)
 from engine.job import JOB_FILE, LoadedJob, load_job, safe_subject_name
-from engine.jobfolder import (AUDIT_FILE, ERROR_FILE, INPUTS_DIR, LEDGER_FILE, MANIFEST_FILE, SIGNATURE_FILE, WORK_DIR, Fence, NoFence,  # noqa: F401
+from engine.jobfolder import (AUDIT_FILE, DAMAGED_AUDIT_PREFIX, ERROR_FILE, INPUTS_DIR, LEDGER_FILE, MANIFEST_FILE, SIGNATURE_FILE, WORK_DIR, Fence, NoFence,  # noqa: F401
                               check_dropped_folder, classify_os_error, copy_verified, describe_os_error, failure_record, find_published,
                               kept_inputs, new_job_id, probe_job_targets, publish_failure, remove_leftover_work, work_dir)
 from engine.ledger import Ledger
@@ -679,7 +679,11 @@ def _mark_finished(folder: Path, job_id: str) -> None:
     for partial in folder.glob(f".{LEDGER_FILE}.*.tmp"):  # the ledger is all a run writes there after the rename
         partial.unlink()
     if ledger_path.is_file():
-        ledger = Ledger.open(ledger_path, job_id, "")
+        ledger, _why = Ledger.read(ledger_path)
+        if ledger is None:  # torn (a kill inside its write) or rewritten: what the job's sealed audit chain says
+            from engine.audit import read_chain
+
+            ledger = Ledger.from_audit(ledger_path, job_id, "", read_chain(folder / AUDIT_FILE).records)
         if ledger.outcome != LedgerOutcome.FINISHED:
             ledger.set_outcome(LedgerOutcome.FINISHED)
 
@@ -731,8 +735,9 @@ def device_facts() -> dict[str, Any]:
 
 
 def _drop_outputs(job_dir: Path) -> None:
-    """Remove a failed job's partial outputs, keeping its inputs/, audit log and ledger."""
+    """Remove a failed job's partial outputs, keeping its inputs/, audit log (and any damaged
+    chain set aside: evidence, published with the failure) and ledger."""
     if job_dir.is_dir():
         for path in job_dir.iterdir():
-            if path.name not in (AUDIT_FILE, LEDGER_FILE, INPUTS_DIR):
+            if path.name not in (AUDIT_FILE, LEDGER_FILE, INPUTS_DIR) and not path.name.startswith(DAMAGED_AUDIT_PREFIX):
                 remove_tree(path)

@@ -46,7 +46,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from engine import layout
-from engine.chain import GENESIS, chain_break
+from engine.chain import GENESIS, chain_break, good_prefix, parse_line
 from engine.errors import ConfigError
 from engine.fsutil import atomic_write_json, canonical_json, check_write, fsync_dir, sha256_bytes, sha256_file
 from engine.jobfolder import AUDIT_FILE, ERROR_FILE, MANIFEST_FILE, SIGNATURE_FILE
@@ -264,7 +264,6 @@ def check_signature(document: dict[str, Any], trusted: ed25519.Ed25519PublicKey 
 
 # ---------------------------------------------------------------------------- the journal
 
-MAX_JOURNAL_LINE = 1 << 20  # bytes; a journal line is a few KB: a longer one is not ours
 TORN_SUFFIX = ".torn-"  # journal.jsonl.torn-<UTC time>-<sha256 prefix>: a torn tail cut off the journal, kept
 
 
@@ -274,31 +273,6 @@ def journal_path(outbox: Path) -> Path:
 
 def journal_line_hash(record: dict[str, Any]) -> str:
     return sha256_bytes(canonical_json({k: v for k, v in record.items() if k not in ("hash", "signature")}).encode("utf-8"))
-
-
-def _parse_line(raw: bytes) -> dict[str, Any] | None:
-    """A journal line as written (a JSON object with a hash), or None."""
-    if len(raw) > MAX_JOURNAL_LINE:
-        return None
-    try:
-        record = json.loads(raw.decode("utf-8"))
-    except (ValueError, UnicodeDecodeError):
-        return None
-    return record if isinstance(record, dict) and isinstance(record.get("hash"), str) else None
-
-
-def good_prefix(data: bytes) -> int:
-    """How many leading bytes of a journal are whole lines: a torn last line (a power cut, a share
-    that lost a write), NUL padding a file system left after a crash, and unreadable lines at the
-    very end are the tail that is not. A damaged line *followed by* good ones is not a tail: the
-    chain check names it."""
-    end = data.rfind(b"\n") + 1
-    while end > 0:
-        start = data.rfind(b"\n", 0, end - 1) + 1
-        if _parse_line(data[start:end - 1]) is not None:
-            break
-        end = start
-    return end
 
 
 class Journal:
@@ -359,7 +333,7 @@ def journal_transaction(outbox: Path, keys: LabKeys | None) -> Iterator[Journal]
             data = b""
         good = good_prefix(data)
         repair = _cut_torn_tail(path, data, good) if good < len(data) else None
-        lines = [_parse_line(raw) or {"unreadable": raw[:80].decode("utf-8", "replace")} for raw in data[:good].split(b"\n")[:-1]]
+        lines = [parse_line(raw) or {"unreadable": raw[:80].decode("utf-8", "replace")} for raw in data[:good].split(b"\n")[:-1]]
         journal = Journal(path, keys, lines)
         if repair is not None:
             journal.append({"kind": "repair", "where": None, "path": None, "job_id": None, "repair": repair})
@@ -409,7 +383,7 @@ def read_journal(path: Path) -> list[dict[str, Any]]:
         data = Path(path).read_bytes()
     except FileNotFoundError:
         return []
-    return [_parse_line(raw) or {"unreadable": raw[:80].decode("utf-8", "replace")} for raw in data.split(b"\n")[:-1]]
+    return [parse_line(raw) or {"unreadable": raw[:80].decode("utf-8", "replace")} for raw in data.split(b"\n")[:-1]]
 
 
 def torn_tail(path: Path) -> int:

@@ -170,8 +170,9 @@ def test_sigkill_then_rerun_resumes_with_identical_outputs(tmp_path, two_photo_j
     assert {e["stage"] for e in events if e["event"] == "stage_finished"} == set(STAGE_NAMES)
     if point == "prepare:photo:0":
         assert any(e["event"] == "stage_invalidated" and e["stage"] == "prepare" and e["reason"] == "interrupted" for e in events)
-    if point == "train:phase_boundary:1":  # training resumed from its checkpoint, not re-done
-        assert [e["step"] for e in events if e["event"] == "train_resumed"] == [4]
+    if point == "train:phase_boundary:1":  # training resumed from its checkpoint at the first phase's end, not re-done
+        first_phase_end = json.loads((clean_dir / "train" / "train.json").read_text())["phases"][0]["last_step"]
+        assert [e["step"] for e in events if e["event"] == "train_resumed"] == [first_phase_end]
     if point in ("stage:embed:written", "job:before_seal"):
         resumed_at = [e["event"] for e in events].index("job_resumed")
         assert any(e["event"] == "stage_skipped" and e["stage"] == "prepare" for e in events[resumed_at:])

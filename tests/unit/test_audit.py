@@ -193,3 +193,42 @@ def test_audit_lines_are_written_whatever_the_log_level(tmp_path):
     finally:
         structlog.reset_defaults()
     assert len((tmp_path / "audit.jsonl").read_text().splitlines()) == 1
+
+
+@pytest.mark.parametrize("tail", [b'{"ts": "2026-', b"\x00" * 512, b"\x00" * 64 + b"\n", b"not json\n"],
+                         ids=["torn line", "NUL padding", "NUL line", "garbage line"])
+def test_a_bad_tail_of_the_audit_log_is_cut_off_at_the_next_open_and_the_cut_recorded(tmp_path, tail):
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(path, "j")
+    log.event("job_started")
+    head = log.event("stage_finished", stage="prepare")
+    whole = path.read_bytes()
+    path.write_bytes(whole + tail)
+    reopened = AuditLog(path, "j")
+    assert reopened.head != head  # the cut itself is the next line of the chain
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert path.read_bytes().startswith(whole) and len(lines) == 3
+    assert lines[2]["event"] == "audit_torn_line_removed" and lines[2]["removed_bytes"] == len(tail) and lines[2]["prev"] == head
+    assert verify_audit(tmp_path).problems == ["audit.jsonl: no job_finished event (job incomplete)"]
+
+
+def test_a_failed_job_keeps_a_damaged_chain_set_aside_sealed_with_it(tmp_path):
+    from engine.jobfolder import publish_failure
+    from engine.signer import Sealer
+
+    work = tmp_path / "outbox" / ".work" / "job-9"
+    (work / "inputs").mkdir(parents=True)
+    (work / "inputs" / "a.txt").write_text("as dropped")
+    AuditLog(work / "audit.jsonl", "job-9").event("job_started", inputs=tree_listing(work / "inputs").entries)
+    damaged = "audit.jsonl.damaged-20260101T000000.000000Z"
+    (work / damaged).write_text("a chain someone edited")
+
+    def seal(staging):
+        Sealer(None).seal(staging, outbox=tmp_path / "outbox", where="failed", path="s/job-9", job_id="job-9", subject="s")
+    target, _record = publish_failure(inputs_from=work / "inputs", failed_root=tmp_path / "failed", subject="s", job_id="job-9",
+                                      record={"code": "internal_error"}, audit=work / "audit.jsonl", seal=seal)
+    report = verify_audit(target)
+    assert report.ok and report.verdict == "failed", report.problems
+    assert damaged in json.loads((target / "manifest.json").read_text())["outputs"]
+    (target / damaged).write_text("changed again")
+    assert verify_audit(target).problems[0] == f"{damaged}: changed (sha256 differs from the failed job's manifest)"
