@@ -31,7 +31,7 @@ from engine.chain import GENESIS, chain_break, good_prefix
 from engine.errors import OwnershipLost
 from engine.fsutil import (Listing, atomic_write_json, canonical_json, check_write, fsync_dir, sha256_bytes, sha256_file, tree_listing, utf8_safe,
                            walk_tree)
-from engine.jobfolder import AUDIT_FILE, ERROR_FILE, INPUTS_DIR, LEDGER_FILE, MANIFEST_FILE, SIGNATURE_FILE
+from engine.jobfolder import AUDIT_FILE, ERROR_FILE, INPUTS_DIR, LEDGER_FILE, MANIFEST_FILE, SIGNATURE_FILE, WITNESS_FILE
 from engine.trust import check_job
 
 MANIFEST_VERSION = 3  # 2: every file of the dropped folder is in inputs/ and listed under "inputs"; 3: signature.json, "trust"
@@ -40,7 +40,7 @@ MANIFEST_VERSION = 3  # 2: every file of the dropped folder is in inputs/ and li
 Observer = Callable[[str, dict[str, Any]], None]
 # Files of a job folder that the manifest does not list: the manifest itself, the log
 # that holds the manifest's hash, the engine's working ledger, and the signed head of both.
-UNLISTED = frozenset({AUDIT_FILE, MANIFEST_FILE, LEDGER_FILE, SIGNATURE_FILE})
+UNLISTED = frozenset({AUDIT_FILE, MANIFEST_FILE, LEDGER_FILE, SIGNATURE_FILE, WITNESS_FILE})
 
 
 def line_hash(record: dict[str, Any]) -> str:
@@ -104,15 +104,28 @@ class _AppendOnlyFile:
     info = warning = error = critical = debug = msg
 
 
-class AuditLog:
-    """Appends hash-chained events to one job's `audit.jsonl` (resuming an existing chain)."""
+# Called with (the chain's head hash, its number of lines) after each line a resume rebuilds its
+# state from (WITNESSED_EVENTS) is written; returns what to append to the witness file, or None.
+Witness = Callable[[str, int], "dict[str, Any] | None"]
 
-    def __init__(self, path: Path, job_id: str, observer: "Observer | None" = None, fence: int = 0) -> None:
+
+class AuditLog:
+    """Appends hash-chained events to one job's `audit.jsonl` (resuming an existing chain).
+
+    With a `witness` (the signer's, when the lab has keys), every line a resume trusts
+    (WITNESSED_EVENTS) is followed by the signer's signature over the chain's head and length,
+    appended to `audit.witness` beside the log: a chain someone re-hashed on the share cannot carry
+    those signatures, so a resume trusts only the prefix they cover (`witnessed_prefix`)."""
+
+    def __init__(self, path: Path, job_id: str, observer: "Observer | None" = None, fence: int = 0,
+                 witness: Witness | None = None) -> None:
         self.path = Path(path)
         self._observer = observer
+        self._witness = witness
         self.path.parent.mkdir(parents=True, exist_ok=True)
         new_file = not self.path.exists()
         self.head, torn = _recover_head(self.path)
+        self.lines = _count_lines(self.path)
         if new_file:
             fsync_dir(self.path.parent)
         self._file = _AppendOnlyFile(self.path, self.path.stat().st_size if self.path.exists() else 0)
@@ -137,6 +150,11 @@ class AuditLog:
         except OSError:
             self.head = previous
             raise
+        self.lines += 1
+        if self._witness is not None and event in WITNESSED_EVENTS:
+            entry = self._witness(self.head, self.lines)
+            if entry is not None:
+                _append_line(self.path.with_name(WITNESS_FILE), canonical_json(entry))
         if self._observer is not None:
             self._observer(event, fields)
         return self.head
@@ -152,6 +170,33 @@ class AuditLog:
         record["hash"] = line_hash(record)
         self.head = record["hash"]
         return canonical_json(record)
+
+
+def _count_lines(path: Path) -> int:
+    try:
+        with open(path, "rb") as handle:
+            return sum(chunk.count(b"\n") for chunk in iter(lambda: handle.read(1 << 20), b""))
+    except FileNotFoundError:
+        return 0
+
+
+def _append_line(path: Path, line: str) -> None:
+    """One line appended whole (or not at all) and fsynced."""
+    data = (line + "\n").encode("utf-8")
+    check_write(str(path))
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        start = os.fstat(fd).st_size
+        try:
+            written = 0
+            while written < len(data):
+                written += os.write(fd, data[written:])
+            os.fsync(fd)
+        except OSError:
+            os.ftruncate(fd, start)
+            raise
+    finally:
+        os.close(fd)
 
 
 def _recover_head(path: Path) -> tuple[str, dict[str, Any] | None]:
@@ -244,6 +289,53 @@ def set_aside_damaged(path: Path, read: ChainRead) -> dict[str, Any]:
 # Audit events whose `files` ({relative path: sha256}) record what a stage run wrote and may read
 # back on a resume (engine.context.StageContext.write_recorded / read_recorded).
 RECORDING_EVENTS = frozenset({"train_checkpoint", "scratch_written"})
+# The lines a resume rebuilds its state from (engine.ledger.Ledger.from_audit, recorded_files):
+# with lab keys the signer witnesses the chain after each of them (AuditLog's `witness`).
+WITNESSED_EVENTS = RECORDING_EVENTS | {"job_started", "job_resumed", "stage_started", "stage_finished", "stage_invalidated", "stages_dropped",
+                                       "audit_damaged", "ledger_rebuilt", "unwitnessed_lines"}
+
+
+def trusted_records(records: list[dict[str, Any]], witness_path: Path, job_id: str, public_key: Any) -> tuple[list[dict[str, Any]],
+                                                                                                             tuple[int, int] | None]:
+    """The lines of the checked chain `records` a resume may rebuild its state from, and the
+    (first, last) line numbers of the suffix no witness covers (None when every line is covered).
+
+    Without a lab key (`public_key` None) every line: an unsigned job's work area is as
+    trustworthy as its share. With one: the witnessed prefix (`witnessed_prefix`), less the
+    ranges an earlier resume found unwitnessed and declared so (`unwitnessed_lines`, itself
+    witnessed): later witnesses cover those lines too, as the chain runs through them."""
+    if public_key is None:
+        return list(records), None
+    covered = witnessed_prefix(records, witness_path, job_id, public_key)
+    excluded: set[int] = set()
+    for record in records[:covered]:
+        if record.get("event") == "unwitnessed_lines" and isinstance(record.get("from_line"), int) and isinstance(record.get("to_line"), int):
+            excluded.update(range(record["from_line"], record["to_line"] + 1))
+    trusted = [record for number, record in enumerate(records[:covered], start=1) if number not in excluded]
+    return trusted, ((covered + 1, len(records)) if covered < len(records) else None)
+
+
+def witnessed_prefix(records: list[dict[str, Any]], witness_path: Path, job_id: str, public_key: Any) -> int:
+    """How many leading lines of the checked chain `records` the signer witnessed: the longest
+    prefix whose last line's hash a witness entry (engine.trust.witness_statement, signed with the
+    lab key `public_key`) names at that length. 0 when none does: no witness file, or entries
+    someone wrote who holds no key."""
+    from engine.trust import check_witness
+
+    try:
+        raw_lines = Path(witness_path).read_bytes().splitlines()
+    except FileNotFoundError:
+        return 0
+    best = 0
+    for raw in raw_lines:
+        try:
+            entry = json.loads(raw)
+        except ValueError:
+            continue
+        lines = check_witness(entry, job_id, public_key)
+        if lines is not None and best < lines <= len(records) and records[lines - 1].get("hash") == entry["statement"]["head"]:
+            best = lines
+    return best
 
 
 def stage_run_records(records: list[dict[str, Any]], fingerprint: str) -> list[dict[str, Any]]:

@@ -89,13 +89,23 @@ class StageContext:
             self._recorded[1].update(digests)
         return digests
 
+    def _trusted_chain(self) -> list[dict[str, Any]]:
+        """The audit chain's lines a resume may trust (engine.audit.trusted_records: with lab keys,
+        what the signer witnessed)."""
+        from engine.audit import read_chain, trusted_records
+        from engine.jobfolder import WITNESS_FILE
+        from engine.trust import public_key_from_b64
+
+        key = public_key_from_b64(self.resources.sealer().facts().get("public_key")) if self.resources is not None else None
+        return trusted_records(read_chain(self.audit.path).records, self.job_dir / WITNESS_FILE, self.job_id, key)[0]
+
     def read_recorded(self, relative: str, **fields: Any) -> bytes | None:
         """The bytes of `relative` when they are what this stage run recorded (`write_recorded`),
         else None: absent, or not as recorded (another hash, never recorded by this run, not a
         regular file). A file that is there but not as recorded is audited
         `resume_artifact_mismatch` (file, expected sha256 or None, found, `fields`) and deleted.
         Hashed and returned from one read: what is parsed is what was checked."""
-        from engine.audit import read_chain, recorded_files
+        from engine.audit import recorded_files
         from engine.fsutil import remove_tree, sha256_bytes
 
         path = self.path(relative)
@@ -104,7 +114,7 @@ class StageContext:
         except FileNotFoundError:
             return None
         if self._recorded is None or self._recorded[0] != self.fingerprint:
-            self._recorded = (self.fingerprint, recorded_files(read_chain(self.audit.path).records, self.fingerprint))
+            self._recorded = (self.fingerprint, recorded_files(self._trusted_chain(), self.fingerprint))
         expected = self._recorded[1].get(relative)
         if stat.S_ISREG(info.st_mode):
             data = path.read_bytes()

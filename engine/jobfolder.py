@@ -44,6 +44,7 @@ AUDIT_FILE = "audit.jsonl"
 MANIFEST_FILE = "manifest.json"
 LEDGER_FILE = "state.json"
 SIGNATURE_FILE = "signature.json"  # the signed head of a published or failed job (engine.trust)
+WITNESS_FILE = "audit.witness"  # the signer's signatures over the audit chain's head as it grew (engine.audit.AuditLog.witness)
 DAMAGED_AUDIT_PREFIX = AUDIT_FILE + ".damaged-"  # an audit chain broken before its end, set aside (engine.audit.set_aside_damaged): evidence, kept
 _INCOMING = ".incoming"  # suffix of a folder being filled before its publishing rename
 

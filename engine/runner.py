@@ -31,7 +31,7 @@ from typing import Any
 import structlog
 
 from engine import compiling
-from engine.audit import AuditLog, Observer, jsonable, read_chain, set_aside_damaged, write_manifest
+from engine.audit import AuditLog, Observer, jsonable, read_chain, set_aside_damaged, trusted_records, write_manifest
 from engine.config import Settings
 from engine.context import StageContext
 from engine.errors import ConfigError, JobError, JobInterrupted, OwnershipLost
@@ -39,7 +39,8 @@ from engine.faults import pause_point
 from engine.fsutil import (Listing, canonical_json, fsync_dir, guarded_writes, hash_tree, remove_partial_writes, remove_tree, sha256_bytes, share_modes,
                            sha256_file, tree_listing, utf8_safe)
 from engine.job import JOB_FILE, LoadedJob, load_job, safe_subject_name
-from engine.jobfolder import (AUDIT_FILE, DAMAGED_AUDIT_PREFIX, ERROR_FILE, INPUTS_DIR, LEDGER_FILE, MANIFEST_FILE, SIGNATURE_FILE, WORK_DIR, Fence, NoFence,  # noqa: F401
+from engine.jobfolder import (AUDIT_FILE, DAMAGED_AUDIT_PREFIX, ERROR_FILE, INPUTS_DIR, LEDGER_FILE, MANIFEST_FILE, SIGNATURE_FILE,  # noqa: F401
+                              WITNESS_FILE, WORK_DIR, Fence, NoFence,
                               check_dropped_folder, classify_os_error, copy_verified, describe_os_error, failure_record, find_published,
                               kept_inputs, new_job_id, probe_job_targets, publish_failure, remove_leftover_work, work_dir)
 from engine.ledger import Ledger
@@ -287,15 +288,25 @@ class Engine:
         if foreign is not None:
             chain.broken_at, chain.problem, chain.records = foreign, f"a line of another job ({chain.records[foreign - 1].get('job_id')!r})", chain.records[:foreign - 1]
         damaged = set_aside_damaged(audit_path, chain) if chain.broken_at is not None else None
-        ledger = Ledger.from_audit(ledger_path, job_id, utf8_safe(str(source)), chain.records)
+        # With lab keys, only what the signer witnessed: a chain re-hashed on the share carries no witness.
+        public_key = self._lab_public_key()
+        trusted, unwitnessed = trusted_records(chain.records, job_dir / WITNESS_FILE, job_id, public_key) if damaged is None else ([], None)
+        ledger = Ledger.from_audit(ledger_path, job_id, utf8_safe(str(source)), trusted)
         if damaged is not None:
             ledger.stages = []
         cached, unreadable = Ledger.read(ledger_path)
         if cached is None and unreadable == "missing":
             ledger.save()  # first of all: a job the next run can find by its source, whatever happens next
-        audit = AuditLog(audit_path, job_id, self.observer, fence=fence.token)
+        outbox = job_dir.parent.parent
+        sealer = self.resources.sealer()
+        witness = (lambda head, lines: sealer.witness(job_id, outbox, head, lines)) if public_key is not None else None
+        audit = AuditLog(audit_path, job_id, self.observer, fence=fence.token, witness=witness)
         if damaged is not None:
             audit.event("audit_damaged", source=ledger.source, **damaged)
+        if unwitnessed is not None:
+            audit.event("unwitnessed_lines", from_line=unwitnessed[0], to_line=unwitnessed[1],
+                        reason="written after the last line the signer witnessed (a kill before its witness, or lines added on the share): "
+                               "kept in the chain, not trusted by this or any later resume")
         if cached is None and unreadable != "missing":
             audit.event("ledger_rebuilt", reason="torn", detail=unreadable)
             ledger.save()
@@ -305,6 +316,12 @@ class Engine:
             audit.event("ledger_rebuilt", reason="differs", **differences)
             ledger.save()
         return ledger, audit
+
+    def _lab_public_key(self) -> Any:
+        """The lab's audit key (its public half, from the signer), or None without keys."""
+        from engine.trust import public_key_from_b64
+
+        return public_key_from_b64(self.resources.sealer().facts().get("public_key"))
 
     def _source_facts(self, source: Path) -> dict[str, str]:
         """`source`: the folder as dropped; `read_from`: where this run read it, when elsewhere."""

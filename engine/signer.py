@@ -16,6 +16,9 @@ uid only), and answers one JSON line per request:
              (`already_sealed`); the same head again is answered as before (a re-run after a kill).
     content  an ES256 signature over the to-be-signed bytes of a C2PA claim (c2pa builds them in
              the engine and calls back), for a job that has a work folder and is not sealed yet.
+    witness  a signature over a running job's audit chain head and length (engine.trust.
+             witness_statement), for the same jobs: what lets a resume tell the chain it wrote from
+             one a share-writer re-hashed (engine.audit.witnessed_prefix).
 
 It never decodes an image, unpickles, loads a model or reads a ledger: it hashes bytes, and
 parses JSON (the standard library's, size-bounded) only of requests and of its own journal. It
@@ -42,8 +45,9 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from engine.errors import ConfigError
+from engine.fsutil import canonical_json
 from engine.trust import (UNSIGNED_FACTS, LabKeys, build_statement, journal_fields, journal_path, journal_transaction, read_journal,
-                          signed_document, statement_sha256)
+                          signed_document, statement_sha256, witness_statement)
 
 SOCKET_NAME = "signer.sock"
 MAX_REQUEST = 4 << 20  # bytes of one request line (a C2PA claim is a few KB)
@@ -71,6 +75,8 @@ class Seals(Protocol):
 
     def content_signature(self, job_id: str, outbox: Path, data: bytes) -> bytes: ...
 
+    def witness(self, job_id: str, outbox: Path, head: str, lines: int) -> dict[str, Any] | None: ...
+
 
 # ---------------------------------------------------------------------------- the logic
 
@@ -90,8 +96,12 @@ class Sealer:
 
     def facts(self) -> dict[str, Any]:
         if self.keys is None:
-            return {"trust": dict(UNSIGNED_FACTS), "signer_chain_pem": None}
-        return {"trust": self.keys.facts(), "signer_chain_pem": self.keys.signer_chain_pem.decode("ascii")}
+            return {"trust": dict(UNSIGNED_FACTS), "signer_chain_pem": None, "public_key": None}
+        from cryptography.hazmat.primitives import serialization
+
+        raw = self.keys.public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        return {"trust": self.keys.facts(), "signer_chain_pem": self.keys.signer_chain_pem.decode("ascii"),
+                "public_key": base64.b64encode(raw).decode("ascii")}
 
     def seal(self, folder: Path, *, outbox: Path, where: str, path: str, job_id: str, subject: str) -> dict[str, Any]:
         """signature.json for the job folder `folder`, and its journal line: see the module's doc."""
@@ -112,22 +122,35 @@ class Sealer:
                 journal.append(journal_fields(document))
         return document
 
+    def witness(self, job_id: str, outbox: Path, head: str, lines: int) -> dict[str, Any] | None:
+        """A running job's audit chain had `head` after `lines` lines: signed (None without keys)."""
+        if self.keys is None:
+            return None
+        self._check_in_progress(job_id, Path(outbox))
+        if not isinstance(head, str) or len(head) != 64 or not isinstance(lines, int) or lines < 1:
+            raise SealRefused("bad_request", "a witness names a sha256 head and a line count")
+        statement = witness_statement(job_id, head, lines)
+        return {"statement": statement, "signature": self.keys.sign(canonical_json(statement).encode("utf-8"))}
+
     def content_signature(self, job_id: str, outbox: Path, data: bytes) -> bytes:
         """ES256 (DER) over `data`, the to-be-signed bytes of a C2PA claim of job `job_id`."""
         if self._content_key is None:
             raise SealRefused("unsigned", "no lab keys: images are not signed")
         if not isinstance(data, bytes) or not 0 < len(data) <= MAX_CONTENT:
             raise SealRefused("bad_request", f"a C2PA claim to sign is 1 to {MAX_CONTENT} bytes")
-        _check_name(job_id, "job_id")
-        outbox = Path(outbox)
-        if not (outbox / _WORK / job_id).is_dir():
-            raise SealRefused("bad_request", f"job {job_id} has no work folder in {outbox / _WORK}: not a job in progress")
-        if job_id in self._sealed(outbox):
-            raise SealRefused("sealed", f"job {job_id} is sealed: no more images are signed for it")
+        self._check_in_progress(job_id, Path(outbox))
         from cryptography.hazmat.primitives import hashes
         from cryptography.hazmat.primitives.asymmetric import ec
 
         return self._content_key.sign(data, ec.ECDSA(hashes.SHA256()))
+
+    def _check_in_progress(self, job_id: str, outbox: Path) -> None:
+        """Images and witnesses are signed only for a job that has a work folder and no head yet."""
+        _check_name(job_id, "job_id")
+        if not (outbox / _WORK / job_id).is_dir():
+            raise SealRefused("bad_request", f"job {job_id} has no work folder in {outbox / _WORK}: not a job in progress")
+        if job_id in self._sealed(outbox):
+            raise SealRefused("sealed", f"job {job_id} is sealed: nothing more is signed for it")
 
     def _sealed(self, outbox: Path) -> frozenset[str]:
         """The job ids the outbox's journal holds (read again when the journal changes)."""
@@ -239,6 +262,8 @@ def _handle(sealer: Sealer, line: bytes) -> bytes:
         elif op == "seal":
             result = sealer.seal(Path(str(request["folder"])), outbox=Path(str(request["outbox"])), where=str(request["where"]),
                                  path=str(request["path"]), job_id=request["job_id"], subject=request["subject"])
+        elif op == "witness":
+            result = sealer.witness(request["job_id"], Path(str(request["outbox"])), request["head"], request["lines"])
         elif op == "content":
             signature = sealer.content_signature(request["job_id"], Path(str(request["outbox"])), base64.b64decode(request["data"]))
             result = base64.b64encode(signature).decode("ascii")
@@ -278,6 +303,9 @@ class SignerClient:
     def seal(self, folder: Path, *, outbox: Path, where: str, path: str, job_id: str, subject: str) -> dict[str, Any]:
         return self._request({"op": "seal", "folder": str(folder), "outbox": str(outbox), "where": where, "path": path,
                               "job_id": job_id, "subject": subject})
+
+    def witness(self, job_id: str, outbox: Path, head: str, lines: int) -> dict[str, Any] | None:
+        return self._request({"op": "witness", "job_id": job_id, "outbox": str(outbox), "head": head, "lines": lines})
 
     def content_signature(self, job_id: str, outbox: Path, data: bytes) -> bytes:
         return base64.b64decode(self._request({"op": "content", "job_id": job_id, "outbox": str(outbox),

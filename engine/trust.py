@@ -243,6 +243,31 @@ def signed_document(statement: dict[str, Any], keys: LabKeys | None) -> dict[str
     return document
 
 
+def witness_statement(job_id: str, head: str, lines: int) -> dict[str, Any]:
+    """What the signer signs while a job runs (engine.audit.AuditLog's witness): its audit chain had
+    this head hash after this many lines. A resume trusts the chain up to the longest prefix so
+    witnessed; nothing else (not the reviewer's check) depends on it."""
+    return {"kind": "witness", "job_id": job_id, "head": head, "lines": lines}
+
+
+def public_key_from_b64(raw: str | None) -> ed25519.Ed25519PublicKey | None:
+    """The Ed25519 public key of the signer's facts (base64 of its 32 raw bytes), or None."""
+    return ed25519.Ed25519PublicKey.from_public_bytes(base64.b64decode(raw)) if raw else None
+
+
+def check_witness(entry: Any, job_id: str, public_key: ed25519.Ed25519PublicKey) -> int | None:
+    """The line count a witness entry vouches for, when it is one for `job_id` signed with
+    `public_key`; else None."""
+    try:
+        statement = entry["statement"]
+        if statement != witness_statement(job_id, statement["head"], statement["lines"]) or not isinstance(statement["lines"], int):
+            return None
+        public_key.verify(base64.b64decode(entry["signature"]), canonical_json(statement).encode("utf-8"))
+    except (InvalidSignature, ValueError, TypeError, KeyError):
+        return None
+    return statement["lines"]
+
+
 def statement_sha256(statement: dict[str, Any]) -> str:
     return sha256_bytes(canonical_json(statement).encode("utf-8"))
 

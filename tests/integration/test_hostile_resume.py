@@ -313,3 +313,73 @@ def test_optimizer_and_random_states_round_trip_exactly_through_safetensors_and_
     _restore_rng(back["rng"], generator)
     again = draws()
     assert all(torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b for a, b in zip(expected, again))
+
+
+# ---------------------------------------------------------------------------- a forger who re-hashes the chain
+
+@pytest.fixture(scope="module")
+def killed_signed_mid_training(job, tmp_path_factory, clean_run) -> Path:
+    """The same job killed mid-training in a lab with keys (the signer witnessed its chain as it
+    grew): (its outbox, the lab's config.toml)."""
+    from engine.trust import make_lab_keys
+
+    source, config = job
+    root = tmp_path_factory.mktemp("signed-kill")
+    make_lab_keys(root / "keys", "Witness Lab")
+    signed = root / "config.toml"
+    signed.write_text(config.read_text() + f'[trust]\nkeys = "{root / "keys"}"\n')
+    _kill_at(signed, source, root / "outbox", MID_TRAINING, root, JOB_ID)
+    return root / "outbox", signed
+
+
+def _forge_newest_checkpoint(work: Path) -> None:
+    """What a share-writer who holds no key does to poison a resume: change the newest checkpoint's
+    LoRA, record its new sha256 in the chain's line for it, and re-hash the chain from there on."""
+    from engine.audit import line_hash
+    from engine.fsutil import canonical_json
+
+    tensors, sidecar = (work / "checkpoints" / f"train-{NEWEST:06d}.{suffix}" for suffix in ("safetensors", "json"))
+    _flip_a_lora_bit(tensors)
+    planted = json.loads(sidecar.read_text())
+    planted["tensors_sha256"] = sha256_file(tensors)
+    sidecar.write_text(json.dumps(planted))
+    records = [json.loads(line) for line in (work / AUDIT_FILE).read_text().splitlines()]
+    [line] = [r for r in records if r["event"] == "train_checkpoint" and r["step"] == NEWEST]
+    line["files"].update({path.relative_to(work).as_posix(): sha256_file(path) for path in (tensors, sidecar)})
+    prev = "0" * 64
+    for record in records:
+        record["prev"] = prev
+        record["hash"] = line_hash(record)
+        prev = record["hash"]
+    (work / AUDIT_FILE).write_text("".join(canonical_json(record) + "\n" for record in records))
+    assert read_chain(work / AUDIT_FILE).broken_at is None  # a chain that checks
+
+
+def test_a_rehashed_chain_cannot_poison_a_signed_labs_resume(job, killed_signed_mid_training, killed_mid_training, clean_run, tmp_path):
+    """With lab keys the signer witnessed the chain's head after every line a resume trusts; a
+    forger who rewrites a checkpoint and re-hashes the chain cannot forge those witnesses, so the
+    forged record is not trusted and training resumes from the generation before. Without keys
+    the same forgery is taken at its word (the control: what the witness is for)."""
+    from engine.jobfolder import WITNESS_FILE
+
+    killed, signed_config = killed_signed_mid_training
+    signed_outbox, signed_work = _copy(killed, tmp_path / "signed")
+    assert (signed_work / WITNESS_FILE).is_file()
+    _forge_newest_checkpoint(signed_work)
+    final = _rerun((job[0], signed_config), signed_outbox)
+    last = _last_run(final)
+    events = _events(final)
+    [unwitnessed] = [e for e in events if e["event"] == "unwitnessed_lines"]  # declared first thing on opening the chain
+    forged_line = next(i for i, e in enumerate(events, 1) if e["event"] == "train_checkpoint" and e["step"] == NEWEST)
+    assert unwitnessed["from_line"] <= forged_line <= unwitnessed["to_line"]
+    assert [(e["file"], e["reason"]) for e in last if e["event"] == "resume_artifact_mismatch" and e["file"].endswith(".safetensors")] == [
+        (f"checkpoints/train-{NEWEST:06d}.safetensors", "not recorded by this stage run")]
+    assert [e["step"] for e in last if e["event"] == "train_resumed"] == [OLDER]
+    assert (final / LORA).read_bytes() == (clean_run / LORA).read_bytes()
+    assert verify_audit(final).ok, verify_audit(final).problems
+
+    plain_outbox, plain_work = _copy(killed_mid_training, tmp_path / "plain")
+    _forge_newest_checkpoint(plain_work)
+    poisoned = _rerun(job, plain_outbox)
+    assert [e["step"] for e in _last_run(poisoned) if e["event"] == "train_resumed"] == [NEWEST]
+    assert (poisoned / LORA).read_bytes() != (clean_run / LORA).read_bytes()  # unsigned: the share is trusted as far as it goes

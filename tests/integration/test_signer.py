@@ -77,15 +77,24 @@ def test_the_signer_seals_a_job_id_once_and_answers_the_same_head_again(signer, 
         signer.seal(elsewhere, outbox=outbox, where="outbox", path="alice/job-2", job_id="job-2", subject="alice")
 
 
-def test_images_are_signed_only_for_a_job_in_progress(signer, tmp_path):
+def test_images_and_witnesses_are_signed_only_for_a_job_in_progress(signer, lab_keys, tmp_path):
+    from engine.trust import check_witness
+
     outbox = tmp_path / "outbox"
     folder = _finished_work_folder(outbox, "job-3")
     assert len(signer.content_signature("job-3", outbox, b"to be signed")) > 60  # a DER ECDSA signature
+    witness = signer.witness("job-3", outbox, "a" * 64, 2)
+    assert check_witness(witness, "job-3", load_public_key(lab_keys / AUDIT_PUBLIC_KEY)) == 2
+    assert check_witness(witness, "job-4", load_public_key(lab_keys / AUDIT_PUBLIC_KEY)) is None
     with pytest.raises(SealRefused, match="no work folder"):
         signer.content_signature("job-4", outbox, b"to be signed")
+    with pytest.raises(SealRefused, match="no work folder"):
+        signer.witness("job-4", outbox, "a" * 64, 2)
     signer.seal(folder, outbox=outbox, where="outbox", path="bob/job-3", job_id="job-3", subject="bob")
     with pytest.raises(SealRefused, match="is sealed"):
         signer.content_signature("job-3", outbox, b"to be signed")
+    with pytest.raises(SealRefused, match="is sealed"):
+        signer.witness("job-3", outbox, "a" * 64, 3)
 
 
 def test_the_signer_is_private_to_its_uid_and_loads_no_parser_of_photos_or_models(signer):

@@ -232,3 +232,45 @@ def test_a_failed_job_keeps_a_damaged_chain_set_aside_sealed_with_it(tmp_path):
     assert damaged in json.loads((target / "manifest.json").read_text())["outputs"]
     (target / damaged).write_text("changed again")
     assert verify_audit(target).problems[0] == f"{damaged}: changed (sha256 differs from the failed job's manifest)"
+
+
+def test_a_resume_trusts_only_the_witnessed_prefix_and_never_a_range_found_unwitnessed(tmp_path):
+    """engine.audit.trusted_records, with a real signer's rules (engine.signer.Sealer) in process."""
+    import base64
+
+    from engine.audit import read_chain, trusted_records
+    from engine.jobfolder import WITNESS_FILE
+    from engine.signer import Sealer
+    from engine.trust import LabKeys, make_lab_keys, witness_statement
+
+    make_lab_keys(tmp_path / "keys")
+    keys = LabKeys.load(tmp_path / "keys")
+    sealer, outbox = Sealer(keys), tmp_path / "outbox"
+    work = outbox / ".work" / "j"
+    work.mkdir(parents=True)
+
+    def witness(head, lines):
+        return sealer.witness("j", outbox, head, lines)
+
+    def trusted():
+        return trusted_records(read_chain(work / "audit.jsonl").records, work / WITNESS_FILE, "j", keys.public_key)
+
+    log = AuditLog(work / "audit.jsonl", "j", witness=witness)
+    log.event("job_started")
+    log.event("stage_started", stage="train", fingerprint="f")
+    log.event("phase_started", phase="P")  # not a line a resume reads: not witnessed on its own
+    log.event("train_checkpoint", files={"c": "1" * 64}, step=1)
+    AuditLog(work / "audit.jsonl", "j").event("train_checkpoint", files={"c": "2" * 64}, step=2)  # appended by someone without the key
+    lines, suffix = trusted()
+    assert [r.get("step") for r in lines] == [None, None, None, 1] and suffix == (5, 5)
+    assert trusted_records(read_chain(work / "audit.jsonl").records, work / WITNESS_FILE, "j", None)[1] is None  # no key: all of it
+
+    resumed = AuditLog(work / "audit.jsonl", "j", witness=witness)  # the next run declares the range, and goes on
+    resumed.event("unwitnessed_lines", from_line=5, to_line=5)
+    resumed.event("stage_started", stage="train", fingerprint="f", continues=True)
+    lines, suffix = trusted()
+    assert suffix is None and [r.get("step") for r in lines if r["event"] == "train_checkpoint"] == [1]  # covered, still not trusted
+
+    head = read_chain(work / "audit.jsonl").records[-1]["hash"]
+    (work / WITNESS_FILE).write_text(json.dumps({"statement": witness_statement("j", head, 7), "signature": base64.b64encode(bytes(64)).decode()}) + "\n")
+    assert trusted() == ([], (1, 7))  # witnesses written without the key vouch for nothing
