@@ -38,12 +38,8 @@ def job(tmp_path_factory, astronaut_rgb) -> tuple[Path, Path]:
 
 
 @pytest.fixture(scope="module")
-def clean_run(job, tmp_path_factory) -> Path:
-    source, config = job
-    outbox = tmp_path_factory.mktemp("clean") / "outbox"
-    process = _engine_cli(config, source, outbox, job_id=JOB_ID)
-    assert process.wait(timeout=300) == 0, process.communicate()
-    return outbox / "alice" / JOB_ID
+def clean_run(clean_two_photo_run) -> Path:
+    return clean_two_photo_run  # the same job's clean run, shared with test_resume (tests/integration/conftest.py)
 
 
 def _killed(job, tmp_path_factory, point: str) -> Path:
@@ -148,7 +144,7 @@ def _flip_a_lora_bit(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
-@pytest.mark.parametrize("flipped", [(NEWEST,), (NEWEST, OLDER)], ids=["newest", "every generation"])
+@pytest.mark.parametrize("flipped", [(NEWEST,), pytest.param((NEWEST, OLDER), marks=pytest.mark.slow)], ids=["newest", "every generation"])
 def test_a_flipped_bit_in_a_checkpoint_resumes_from_the_newest_generation_as_recorded(job, killed_mid_training, clean_run, tmp_path, flipped):
     """The newest generation damaged: training resumes from the older one. Every one damaged:
     it starts again from the stage's start. Either way the LoRA is the clean run's."""
@@ -169,7 +165,9 @@ def test_a_flipped_bit_in_a_checkpoint_resumes_from_the_newest_generation_as_rec
     _assert_like_the_clean_run(final, clean_run)
 
 
-@pytest.mark.parametrize("damage", ["cut in half", "padded with NULs", "embed's commit lost"])
+# One kind of damage in the default run; the others (same path through Ledger.read) are slow.
+@pytest.mark.parametrize("damage", ["cut in half", pytest.param("padded with NULs", marks=pytest.mark.slow),
+                                    pytest.param("embed's commit lost", marks=pytest.mark.slow)])
 def test_a_torn_ledger_is_rebuilt_from_the_audit_and_the_finished_stages_are_kept(job, killed_after_embed, clean_run, tmp_path, damage):
     """The issue's case 6: state.json cut in half after a kill sent the job to failed/ as
     internal_error JSONDecodeError, its work deleted, although every finished stage was intact.

@@ -93,14 +93,9 @@ def two_photo_job(tmp_path, astronaut_rgb):
 
 
 @pytest.fixture(scope="module")
-def clean_run(tmp_path_factory, astronaut_rgb) -> Path:
-    """The same job run once without interruption, in a process of its own."""
-    root = tmp_path_factory.mktemp("clean")
-    source, config = _two_photo_job(root, astronaut_rgb)
-    process = _engine_cli(config, source, root / "outbox", job_id=JOB_ID)
-    assert process.wait(timeout=120) == 0, process.communicate()
-    (clean_dir,) = (root / "outbox" / "alice").iterdir()
-    return clean_dir
+def clean_run(clean_two_photo_run) -> Path:
+    """The same job run once without interruption, in a process of its own (shared: tests/integration/conftest.py)."""
+    return clean_two_photo_run
 
 
 # train:phase_boundary:1 resumes training from a checkpoint: train.json once recorded the step
@@ -178,6 +173,9 @@ def test_sigkill_then_rerun_resumes_with_identical_outputs(tmp_path, two_photo_j
         assert any(e["event"] == "stage_skipped" and e["stage"] == "prepare" for e in events[resumed_at:])
 
 
+# Slow since issue 30: tests/integration/test_publication.py settles a published job whose ledger
+# still says "running" (a fault right after the rename) in process, in the default run.
+@pytest.mark.slow
 def test_sigkill_after_publishing_then_rerun_keeps_the_published_job(tmp_path, two_photo_job):
     """Found by bench/soak.py: a kill after the publishing rename (before the ledger's last
     update, or while the process exits), then the same command again, re-did the whole job

@@ -1,0 +1,22 @@
+"""Fixtures several integration modules share: one clean run of the two-photo demo job serves
+every module that compares a resumed job with it (test_resume, test_hostile_resume)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def clean_two_photo_run(tmp_path_factory, astronaut_rgb) -> Path:
+    """The two-photo job (tests.integration.test_resume._two_photo_job) run once without
+    interruption, in a process of its own, as job JOB_ID: its published folder. A job's outputs
+    do not depend on where its folders are, so any module's copy of the job compares with it."""
+    from tests.integration.test_resume import JOB_ID, _engine_cli, _two_photo_job
+
+    root = tmp_path_factory.mktemp("clean")
+    source, config = _two_photo_job(root, astronaut_rgb)
+    process = _engine_cli(config, source, root / "outbox", job_id=JOB_ID)
+    assert process.wait(timeout=300) == 0, process.communicate()
+    return root / "outbox" / "alice" / JOB_ID
