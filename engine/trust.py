@@ -495,8 +495,13 @@ def verify_journal(outbox: Path, failed: Path | None = None, *, trusted: ed25519
         folder = roots.get(where, outbox) / str(rel)
         label = f"{where}:{rel}"
         if not (folder / SIGNATURE_FILE).is_file():
-            report.problems.append(f"journal line {number}: {label}: the job folder is missing (deleted?)" if not folder.exists()
-                                   else f"journal line {number}: {label}: the job folder has no {SIGNATURE_FILE}")
+            pending = outbox / ".work" / str(line.get("job_id")) if where == "outbox" else folder.with_name(f".{line.get('job_id')}.incoming")
+            if not folder.exists() and (pending / SIGNATURE_FILE).is_file():
+                report.problems.append(f"journal line {number}: {label}: sealed but not published yet ({pending} holds it: a run was stopped "
+                                       "between the seal and its publishing rename; the next run of the job publishes it as sealed)")
+            else:
+                report.problems.append(f"journal line {number}: {label}: the job folder is missing (deleted?)" if not folder.exists()
+                                       else f"journal line {number}: {label}: the job folder has no {SIGNATURE_FILE}")
             continue
         document = json.loads((folder / SIGNATURE_FILE).read_text("utf-8"))
         held = document.get("statement") or {}
