@@ -29,7 +29,7 @@ import structlog
 
 from engine.chain import GENESIS, chain_break, good_prefix
 from engine.errors import OwnershipLost
-from engine.fsutil import (Listing, atomic_write_json, canonical_json, check_write, fsync_dir, sha256_bytes, sha256_file, tree_listing, utf8_safe,
+from engine.fsutil import (Listing, append_whole, atomic_write_json, canonical_json, check_write, fsync_dir, sha256_bytes, sha256_file, tree_listing, utf8_safe,
                            walk_tree)
 from engine.jobfolder import AUDIT_FILE, ERROR_FILE, INPUTS_DIR, LEDGER_FILE, MANIFEST_FILE, SIGNATURE_FILE, WITNESS_FILE
 from engine.trust import check_job
@@ -154,7 +154,7 @@ class AuditLog:
         if self._witness is not None and event in WITNESSED_EVENTS:
             entry = self._witness(self.head, self.lines)
             if entry is not None:
-                _append_line(self.path.with_name(WITNESS_FILE), canonical_json(entry))
+                append_whole(self.path.with_name(WITNESS_FILE), (canonical_json(entry) + "\n").encode("utf-8"))
         if self._observer is not None:
             self._observer(event, fields)
         return self.head
@@ -178,25 +178,6 @@ def _count_lines(path: Path) -> int:
             return sum(chunk.count(b"\n") for chunk in iter(lambda: handle.read(1 << 20), b""))
     except FileNotFoundError:
         return 0
-
-
-def _append_line(path: Path, line: str) -> None:
-    """One line appended whole (or not at all) and fsynced."""
-    data = (line + "\n").encode("utf-8")
-    check_write(str(path))
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        start = os.fstat(fd).st_size
-        try:
-            written = 0
-            while written < len(data):
-                written += os.write(fd, data[written:])
-            os.fsync(fd)
-        except OSError:
-            os.ftruncate(fd, start)
-            raise
-    finally:
-        os.close(fd)
 
 
 def _recover_head(path: Path) -> tuple[str, dict[str, Any] | None]:

@@ -198,6 +198,27 @@ def remove_partial_writes(root: Path) -> list[str]:
     return sorted(removed)
 
 
+def append_whole(path: Path, data: bytes) -> int:
+    """Append `data` (one or more whole lines) to `path` with O_APPEND and fsync, whole or not at
+    all: on a full disk write() first writes part of it and only the next call fails, so what
+    was written is cut off again before the error goes up. Returns the file's size before."""
+    check_write(str(path))
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        start = os.fstat(fd).st_size
+        try:
+            written = 0
+            while written < len(data):
+                written += os.write(fd, data[written:])
+            os.fsync(fd)
+        except OSError:
+            os.ftruncate(fd, start)  # never half a line
+            raise
+        return start
+    finally:
+        os.close(fd)
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 

@@ -48,7 +48,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from engine import layout
 from engine.chain import GENESIS, chain_break, good_prefix, parse_line
 from engine.errors import ConfigError
-from engine.fsutil import atomic_write_json, canonical_json, check_write, fsync_dir, sha256_bytes, sha256_file
+from engine.fsutil import append_whole, atomic_write_json, canonical_json, check_write, fsync_dir, sha256_bytes, sha256_file
 from engine.jobfolder import AUDIT_FILE, ERROR_FILE, MANIFEST_FILE, SIGNATURE_FILE
 
 AUDIT_KEY = "audit-signing.key.pem"
@@ -188,14 +188,6 @@ UNSIGNED_FACTS = {"signed": False, "note": "no [trust] keys configured: records 
 
 # ---------------------------------------------------------------------------- signed heads
 
-def audit_head(path: Path) -> tuple[str, int]:
-    """(hash of the last line, number of lines) of an audit log; (GENESIS, 0) when there is none."""
-    if not Path(path).is_file():
-        return GENESIS, 0
-    lines = [line for line in Path(path).read_bytes().split(b"\n") if line.strip()]
-    return (json.loads(lines[-1])["hash"], len(lines)) if lines else (GENESIS, 0)
-
-
 def _hash_and_count_lines(path: Path) -> tuple[str, int]:
     """(sha256, number of newline-terminated lines) of a file, from its bytes alone (no parsing)."""
     import hashlib
@@ -315,30 +307,13 @@ class Journal:
                   "prev": self.lines[-1]["hash"] if self.lines else GENESIS}
         record["signature"] = self.keys.sign(journal_line_hash(record).encode("ascii")) if self.keys else None
         record["hash"] = journal_line_hash(record)
-        _append_whole(self.path, (canonical_json(record) + "\n").encode("utf-8"))
+        append_whole(self.path, (canonical_json(record) + "\n").encode("utf-8"))
         self.lines.append(record)
         return record
 
     def find_job(self, job_id: str) -> list[dict[str, Any]]:
         """The lines of a job id (its sealed heads)."""
         return [line for line in self.lines if line.get("job_id") == job_id and line.get("kind") != "repair"]
-
-
-def _append_whole(path: Path, data: bytes) -> None:
-    check_write(str(path))
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        start = os.fstat(fd).st_size
-        try:
-            written = 0
-            while written < len(data):
-                written += os.write(fd, data[written:])
-            os.fsync(fd)
-        except OSError:
-            os.ftruncate(fd, start)  # never half a line
-            raise
-    finally:
-        os.close(fd)
 
 
 @contextlib.contextmanager
