@@ -82,24 +82,12 @@ class _AppendOnlyFile:
 
     def msg(self, line: str) -> None:
         data = (line + "\n").encode("utf-8")
-        check_write(str(self._path))
-        fd = os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            start = os.fstat(fd).st_size
-            if start != self.size:
-                raise OwnershipLost(f"{self._path} holds {start} bytes where this writer left {self.size}: another process "
-                                    "appended to it (a second owner of the job)")
-            try:
-                written = 0
-                while written < len(data):
-                    written += os.write(fd, data[written:])
-                os.fsync(fd)
-            except OSError:
-                os.ftruncate(fd, start)
-                raise
-            self.size = start + len(data)
-        finally:
-            os.close(fd)
+        self.size = append_whole(self._path, data, self._still_mine) + len(data)
+
+    def _still_mine(self, start: int) -> None:
+        if start != self.size:
+            raise OwnershipLost(f"{self._path} holds {start} bytes where this writer left {self.size}: another process "
+                                "appended to it (a second owner of the job)")
 
     info = warning = error = critical = debug = msg
 

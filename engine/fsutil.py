@@ -198,14 +198,17 @@ def remove_partial_writes(root: Path) -> list[str]:
     return sorted(removed)
 
 
-def append_whole(path: Path, data: bytes) -> int:
+def append_whole(path: Path, data: bytes, check_start: Callable[[int], None] | None = None) -> int:
     """Append `data` (one or more whole lines) to `path` with O_APPEND and fsync, whole or not at
     all: on a full disk write() first writes part of it and only the next call fails, so what
-    was written is cut off again before the error goes up. Returns the file's size before."""
+    was written is cut off again before the error goes up. `check_start(size)` may refuse the
+    write (by raising) after the file is open, seeing its size then. Returns that size."""
     check_write(str(path))
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         start = os.fstat(fd).st_size
+        if check_start is not None:
+            check_start(start)
         try:
             written = 0
             while written < len(data):
