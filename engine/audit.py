@@ -112,8 +112,7 @@ class AuditLog:
         self._witness = witness
         self.path.parent.mkdir(parents=True, exist_ok=True)
         new_file = not self.path.exists()
-        self.head, torn = _recover_head(self.path)
-        self.lines = _count_lines(self.path)
+        self.head, self.lines, torn = _recover_head(self.path)
         if new_file:
             fsync_dir(self.path.parent)
         self._file = _AppendOnlyFile(self.path, self.path.stat().st_size if self.path.exists() else 0)
@@ -160,20 +159,12 @@ class AuditLog:
         return canonical_json(record)
 
 
-def _count_lines(path: Path) -> int:
-    try:
-        with open(path, "rb") as handle:
-            return sum(chunk.count(b"\n") for chunk in iter(lambda: handle.read(1 << 20), b""))
-    except FileNotFoundError:
-        return 0
-
-
-def _recover_head(path: Path) -> tuple[str, dict[str, Any] | None]:
+def _recover_head(path: Path) -> tuple[str, int, dict[str, Any] | None]:
     """The last complete line's hash; a torn last line (a crash mid-write) is cut off.
 
-    Returns (head, facts about the removed bytes or None)."""
+    Returns (head, number of lines, facts about the removed bytes or None)."""
     if not path.exists() or path.stat().st_size == 0:
-        return GENESIS, None
+        return GENESIS, 0, None
     data = path.read_bytes()
     torn = None
     keep = good_prefix(data)  # a torn last line, NUL padding, unreadable lines at the very end
@@ -187,8 +178,8 @@ def _recover_head(path: Path) -> tuple[str, dict[str, Any] | None]:
         data = data[:keep]
     lines = data.splitlines()
     if not lines:
-        return GENESIS, torn
-    return json.loads(lines[-1])["hash"], torn
+        return GENESIS, 0, torn
+    return json.loads(lines[-1])["hash"], len(lines), torn
 
 
 @dataclass

@@ -94,9 +94,8 @@ class StageContext:
         what the signer witnessed)."""
         from engine.audit import read_chain, trusted_records
         from engine.jobfolder import WITNESS_FILE
-        from engine.trust import public_key_from_b64
 
-        key = public_key_from_b64(self.resources.sealer().facts().get("public_key")) if self.resources is not None else None
+        key = self.resources.lab_public_key() if self.resources is not None else None
         return trusted_records(read_chain(self.audit.path).records, self.job_dir / WITNESS_FILE, self.job_id, key)[0]
 
     def read_recorded(self, relative: str, **fields: Any) -> bytes | None:

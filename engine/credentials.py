@@ -10,12 +10,12 @@ authority, no remote manifest or OCSP fetch; thumbnails off (they add ~0.3 MB an
 
 A reader must ask for the validation state "Trusted" against the lab CA (`trust.user_anchors`):
 "Valid" only means the manifest is intact and signed by someone, not by the lab (FINDINGS).
+Signatures are randomised (ECDSA, new instance ids): a resumed job's images differ from a clean
+run's in their credentials only.
 
 The engine holds no private key (engine.signer): c2pa builds each claim here and calls back for
 its signature (`Signer.from_callback`, ES256, the DER signature c2pa expects from a callback:
 checked to validate "Trusted"), which the signer makes for a job in progress only.
-Signatures are randomised (ECDSA, new instance ids): a resumed job's images differ from a clean
-run's in their credentials only.
 """
 
 from __future__ import annotations

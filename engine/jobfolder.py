@@ -86,6 +86,12 @@ def work_dir(outbox: Path, job_id: str) -> Path:
     return Path(outbox) / WORK_DIR / job_id
 
 
+def failure_staging(failed_root: Path, subject: str, job_id: str) -> Path:
+    """Where a failed job's folder is filled (and sealed) before its publishing rename into
+    `failed/<subject>/<job-id>`: hidden, beside it."""
+    return Path(failed_root) / subject / f".{job_id}{_INCOMING}"
+
+
 def find_published(outbox: Path, failed: Path, job_id: str) -> tuple[str, Path] | None:
     """("finished", its folder) when `job_id` is in the outbox (its manifest is there), ("failed",
     its folder) when it is in failed/ (its error.json is there), else None."""
@@ -304,7 +310,7 @@ def publish_failure(*, inputs_from: Path, failed_root: Path, subject: str, job_i
     target = Path(failed_root) / subject / job_id
     if (target / ERROR_FILE).is_file():
         return target, json.loads((target / ERROR_FILE).read_text("utf-8"))
-    staging = target.with_name(f".{job_id}{_INCOMING}")
+    staging = failure_staging(failed_root, subject, job_id)
     if sealed is not None and staging.is_dir() and sealed(staging):
         if check is not None:
             check("publish to failed/")

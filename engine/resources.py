@@ -234,6 +234,13 @@ class Resources:
                 self._sealer = start_signer(folder)
         return self._sealer
 
+    def lab_public_key(self) -> Any:
+        """The lab's audit key, its public half (from the signer's facts), or None without keys:
+        what a resume checks the signer's witnesses with (engine.audit.trusted_records)."""
+        from engine.trust import public_key_from_b64
+
+        return public_key_from_b64(self.sealer().facts().get("public_key"))
+
     def trust_facts(self) -> dict[str, Any]:
         """Who signs this installation's records (for the audit log and the report; no secret in it)."""
         return dict(self.sealer().facts()["trust"])

@@ -41,7 +41,8 @@ from engine.fsutil import (Listing, canonical_json, fsync_dir, guarded_writes, h
 from engine.job import JOB_FILE, LoadedJob, load_job, safe_subject_name
 from engine.jobfolder import (AUDIT_FILE, DAMAGED_AUDIT_PREFIX, ERROR_FILE, INPUTS_DIR, LEDGER_FILE, MANIFEST_FILE, SIGNATURE_FILE,  # noqa: F401
                               WITNESS_FILE, WORK_DIR, Fence, NoFence,
-                              check_dropped_folder, classify_os_error, copy_verified, describe_os_error, failure_record, find_published,
+                              check_dropped_folder, classify_os_error, copy_verified, describe_os_error, failure_record, failure_staging,
+                              find_published,
                               kept_inputs, new_job_id, probe_job_targets, publish_failure, remove_leftover_work, work_dir)
 from engine.ledger import Ledger
 from engine.lifecycle import JobOutcome, LedgerOutcome, StageStatus
@@ -186,7 +187,8 @@ class Engine:
             return self._held(self._installation_fault(exc, source, outbox, failed_root) or "io_error", exc, subject, job_id, job_dir, None, bound)
         if published is not None:
             return self._already_published(outbox, job_id, *published, bound)
-        sealed_failure = self._sealed_failure(outbox, failed_root, job_id, fence, bound)
+        # A job with no work folder was never sealed: the look into failed/ is for a re-run only.
+        sealed_failure = self._sealed_failure(outbox, failed_root, job_id, fence, bound) if job_dir.is_dir() else None
         if sealed_failure is not None:
             return sealed_failure
         sealed_subject = sealed_in_place(job_dir, where="outbox", job_id=job_id, outbox=outbox)
@@ -289,7 +291,7 @@ class Engine:
             chain.broken_at, chain.problem, chain.records = foreign, f"a line of another job ({chain.records[foreign - 1].get('job_id')!r})", chain.records[:foreign - 1]
         damaged = set_aside_damaged(audit_path, chain) if chain.broken_at is not None else None
         # With lab keys, only what the signer witnessed: a chain re-hashed on the share carries no witness.
-        public_key = self._lab_public_key()
+        public_key = self.resources.lab_public_key()
         trusted, unwitnessed = trusted_records(chain.records, job_dir / WITNESS_FILE, job_id, public_key) if damaged is None else ([], None)
         ledger = Ledger.from_audit(ledger_path, job_id, utf8_safe(str(source)), trusted)
         if damaged is not None:
@@ -316,12 +318,6 @@ class Engine:
             audit.event("ledger_rebuilt", reason="differs", **differences)
             ledger.save()
         return ledger, audit
-
-    def _lab_public_key(self) -> Any:
-        """The lab's audit key (its public half, from the signer), or None without keys."""
-        from engine.trust import public_key_from_b64
-
-        return public_key_from_b64(self.resources.sealer().facts().get("public_key"))
 
     def _source_facts(self, source: Path) -> dict[str, str]:
         """`source`: the folder as dropped; `read_from`: where this run read it, when elsewhere."""
@@ -503,7 +499,8 @@ class Engine:
         import json
 
         try:
-            stagings = list(failed_root.glob(f"*/.{job_id}.incoming"))
+            stagings = [failure_staging(failed_root, subject.name, job_id) for subject in failed_root.iterdir()]
+            stagings = [staging for staging in stagings if staging.is_dir()]
         except OSError:
             return None
         for staging in stagings:

@@ -46,6 +46,7 @@ from typing import Any, Protocol
 
 from engine.errors import ConfigError
 from engine.fsutil import canonical_json
+from engine.jobfolder import failure_staging, work_dir
 from engine.trust import (UNSIGNED_FACTS, LabKeys, build_statement, journal_fields, journal_path, journal_transaction, read_journal,
                           signed_document, statement_sha256, witness_statement)
 
@@ -53,8 +54,6 @@ SOCKET_NAME = "signer.sock"
 MAX_REQUEST = 4 << 20  # bytes of one request line (a C2PA claim is a few KB)
 MAX_CONTENT = 1 << 20  # bytes of one C2PA to-be-signed blob
 START_SECONDS = 60.0
-_WORK = ".work"  # engine.jobfolder.WORK_DIR; not imported: the signer imports no more of the engine than it needs
-_INCOMING = ".incoming"
 
 
 class SealRefused(Exception):
@@ -147,8 +146,8 @@ class Sealer:
     def _check_in_progress(self, job_id: str, outbox: Path) -> None:
         """Images and witnesses are signed only for a job that has a work folder and no head yet."""
         _check_name(job_id, "job_id")
-        if not (outbox / _WORK / job_id).is_dir():
-            raise SealRefused("bad_request", f"job {job_id} has no work folder in {outbox / _WORK}: not a job in progress")
+        if not work_dir(outbox, job_id).is_dir():
+            raise SealRefused("bad_request", f"job {job_id} has no work folder in {work_dir(outbox, job_id).parent}: not a job in progress")
         if job_id in self._sealed(outbox):
             raise SealRefused("sealed", f"job {job_id} is sealed: nothing more is signed for it")
 
@@ -184,11 +183,11 @@ def _check_place(folder: Path, outbox: Path, where: str, path: str, job_id: str,
         raise SealRefused("bad_request", f"{folder} is not a folder")
     folder = folder.resolve()
     if where == "outbox":
-        places = {(outbox / _WORK / job_id).resolve(), (outbox / subject / job_id).resolve()}
+        places = {work_dir(outbox, job_id).resolve(), (outbox / subject / job_id).resolve()}
         if folder not in places:
             raise SealRefused("bad_request", f"{folder} is neither job {job_id}'s work folder nor its place in {outbox}")
     elif where == "failed":
-        if folder.parent.name != subject or folder.name not in (job_id, f".{job_id}{_INCOMING}"):
+        if folder.parent.name != subject or folder.name not in (job_id, failure_staging(folder.parent.parent, subject, job_id).name):
             raise SealRefused("bad_request", f"{folder} is not failed/{subject}/{job_id} (or its staging folder)")
     else:
         raise SealRefused("bad_request", f"where {where!r} is neither outbox nor failed")

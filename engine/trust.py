@@ -49,7 +49,7 @@ from engine import layout
 from engine.chain import GENESIS, chain_break, good_prefix, parse_line
 from engine.errors import ConfigError
 from engine.fsutil import append_whole, atomic_write_json, canonical_json, check_write, fsync_dir, sha256_bytes, sha256_file
-from engine.jobfolder import AUDIT_FILE, ERROR_FILE, MANIFEST_FILE, SIGNATURE_FILE
+from engine.jobfolder import AUDIT_FILE, ERROR_FILE, MANIFEST_FILE, SIGNATURE_FILE, failure_staging, work_dir
 
 AUDIT_KEY = "audit-signing.key.pem"
 AUDIT_PUBLIC_KEY = "audit-signing.pub.pem"
@@ -470,7 +470,8 @@ def verify_journal(outbox: Path, failed: Path | None = None, *, trusted: ed25519
         folder = roots.get(where, outbox) / str(rel)
         label = f"{where}:{rel}"
         if not (folder / SIGNATURE_FILE).is_file():
-            pending = outbox / ".work" / str(line.get("job_id")) if where == "outbox" else folder.with_name(f".{line.get('job_id')}.incoming")
+            job_id, subject = str(line.get("job_id")), folder.parent.name
+            pending = work_dir(outbox, job_id) if where == "outbox" else failure_staging(folder.parent.parent, subject, job_id)
             if not folder.exists() and (pending / SIGNATURE_FILE).is_file():
                 report.problems.append(f"journal line {number}: {label}: sealed but not published yet ({pending} holds it: a run was stopped "
                                        "between the seal and its publishing rename; the next run of the job publishes it as sealed)")

@@ -229,3 +229,21 @@ def _parent(pid: int) -> int | None:
         return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
     except (OSError, ValueError, IndexError):
         return None
+
+
+def test_a_disk_fault_in_the_signer_reaches_the_engine_as_the_same_os_error(signer, tmp_path):
+    """The signer writes signature.json and the journal line: when it cannot (here the journal's
+    place is taken by a folder; on a full disk ENOSPC), the engine gets an OSError with the errno,
+    which it classifies as it would its own (the job is held, nothing is lost), and nothing was
+    journaled: the next try seals the same folder as if it were the first."""
+    import errno
+
+    outbox = tmp_path / "outbox"
+    folder = _finished_work_folder(outbox, "job-6")
+    journal_path(outbox).mkdir(parents=True)  # a folder where the journal file goes
+    with pytest.raises(OSError) as fault:
+        signer.seal(folder, outbox=outbox, where="outbox", path="dan/job-6", job_id="job-6", subject="dan")
+    assert fault.value.errno == errno.EISDIR and fault.value.filename
+    journal_path(outbox).rmdir()
+    document = signer.seal(folder, outbox=outbox, where="outbox", path="dan/job-6", job_id="job-6", subject="dan")
+    assert [line["job_id"] for line in read_journal(journal_path(outbox))] == ["job-6"] and document["signature"]
