@@ -92,6 +92,9 @@ class DaemonMetrics:
         self.stage_in_progress = Gauge("idrep_stage_in_progress", "1 for the stage running now.", ["stage"], registry=r)
         self.queue_depth = Gauge("idrep_queue_depth", "Jobs ready to run and waiting: complete inbox folders, and claims waiting to be taken over.", registry=r)
         self.inbox_copying = Gauge("idrep_inbox_copying", "Inbox folders still being copied (not yet ready).", registry=r)
+        self.inbox_unreadable = Gauge("idrep_inbox_unreadable", "Inbox folders this daemon cannot use, skipped while the rest go on: a "
+                                      "folder it may not read, or one refused as input_unreadable (a file it may not open); "
+                                      "`daemon status` and the inbox_folder_unreadable / job_refused log lines name them.", registry=r)
         self.job_in_progress = Gauge("idrep_job_in_progress", "Jobs this daemon runs now (0 or 1 with the local backend; up to one per worker with Ray).", registry=r)
         self.jobs_by_node = Counter("idrep_backend_jobs_total", "Runs of jobs ended, by backend (local, ray), the node that ran the last attempt (its address; \"\" when none ran) and outcome.", ["backend", "node", "outcome"], registry=r)
         self.attempts_lost = Counter("idrep_attempts_lost_total", "Attempts lost with their worker (a cluster node died or was cut off) and run again under the claim's next generation, by backend.", ["backend"], registry=r)

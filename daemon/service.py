@@ -269,6 +269,7 @@ class Service:
             ready, copying = self.readiness.counts()
             self.metrics.queue_depth.set(ready + len(self._takeovers) + len(self._recoveries))
             self.metrics.inbox_copying.set(copying)
+            self.metrics.inbox_unreadable.set(len(self.readiness.unreadable()))
             self.waker.wait(tick)
 
     def _probe_folders(self) -> bool:

@@ -4,7 +4,9 @@ It needs no running daemon and talks to none: it reads the same folders they sha
 works from any host that mounts them, and it changes nothing.
 - queue: the inbox's job folders, ready (a READY file, or job.toml and nothing changed for
   `stable_seconds` by the files' times) or still being copied; folders with a temporary name
-  (`x.part`, `x.tmp`, `~x`), which are never taken for jobs; mount points refused once;
+  (`x.part`, `x.tmp`, `~x`), which are never taken for jobs; mount points refused once; folders
+  that cannot be read, or whose files cannot be (input_unreadable), by the user running this
+  (run it as the daemon's user to see what the daemon skips);
 - claims: every job in the work area, the daemon holding it (id, host, pid) and its lease, on
   the share's clock: live, expired (the next daemon to scan takes it over and resumes it),
   released, or held (the disk, share or permissions failed it: why, and when it is retried);
@@ -25,7 +27,7 @@ from typing import Any
 
 from daemon.claim import REFUSED_DIR, ClaimedJob, find_claims, worker_record
 from daemon.clock import ShareClock
-from daemon.watch import READY_MARKER, folder_signature, list_inbox, list_temporary
+from daemon.watch import READY_MARKER, describe_unreadable, folder_signature, list_inbox, list_temporary, unreadable_files
 from engine.jobfolder import JOB_FILE
 from engine.status import Running, Status, format_results, outbox_status, stage_position
 
@@ -84,9 +86,20 @@ def daemon_status(inbox: Path, work: Path, outbox: Path, failed: Path, *, stable
             now, status.clock = time.time(), "host"
     if status.inbox.is_dir():
         for name in sorted(list_inbox(status.inbox)):
-            signature = folder_signature(status.inbox / name)
-            if signature is not None:
-                status.waiting.append(_waiting(name, signature, stable_seconds, now))
+            try:
+                signature = folder_signature(status.inbox / name)
+            except PermissionError as exc:  # what the daemon (same user) cannot read either: it skips the folder
+                status.ignored.append((name, f"unreadable: {describe_unreadable(status.inbox / name, exc)}; skipped until that changes"))
+                continue
+            if signature is None:
+                continue
+            waiting = _waiting(name, signature, stable_seconds, now)
+            unreadable = unreadable_files(status.inbox / name) if waiting.ready else []
+            if unreadable:
+                status.ignored.append((name, "input_unreadable: " + "; ".join(why for _, why in unreadable[:5])
+                                       + "; left in the inbox untouched until it can be read"))
+                continue
+            status.waiting.append(waiting)
         status.ignored = [(name, "temporary name (.part/.tmp/~): taken for a copy in progress, never for a job; rename it to start it")
                           for name in list_temporary(status.inbox)]
     refused = status.work / REFUSED_DIR

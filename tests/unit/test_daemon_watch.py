@@ -90,6 +90,7 @@ def test_a_quiet_folder_without_job_toml_is_said_once_per_quiet_spell(tmp_path):
         said = [e for e in logs if e["event"] == "waiting_for_job_file"]
         assert len(said) == 1 and said[0]["folder"] == "alice" and "job.toml" in said[0]["note"]
         (folder / "job.toml").write_text("")
+        readiness.scan(now=STABLE + 101)  # the inbox listing sees the folder's own mtime move
         readiness.refresh(now=STABLE + 101)
         readiness.refresh(now=2 * STABLE + 102)
     assert _ready(readiness) == ["alice"]
@@ -119,6 +120,7 @@ def test_hidden_and_temporary_names(tmp_path):
     # ... but a temporary file still being written is activity: the folder is not stable.
     (folder / "job.toml").write_bytes(b"[[render]]\n")
     (folder / ".photo.jpg.part").write_bytes(b"x" * 10)
+    readiness.scan(now=101.0)  # the inbox listing sees the folder's own mtime move (an event would say so too)
     readiness.refresh(now=101.0)
     with open(folder / ".photo.jpg.part", "ab") as handle:
         handle.write(b"x" * 10)
@@ -214,3 +216,107 @@ def test_watcher_reports_the_top_folder_name(tmp_path, polling):
         assert seen == {"alice"}
     finally:
         watcher.stop()
+
+
+def test_quiet_waiting_folders_are_not_walked_on_every_tick(tmp_path, monkeypatch):
+    # 200 folders that never get a job.toml, 10 minutes of 0.5 s ticks with a listing every 10 s:
+    # each is walked when first seen, when the stability window ends and then on the back-off,
+    # not 1,200 times as when every tick walked every waiting folder.
+    import daemon.watch as watch
+
+    for index in range(200):
+        _drop(tmp_path, f"f{index:03d}", {"photo.jpg": b"x"})
+    walks = []
+    real = watch.folder_signature
+    monkeypatch.setattr(watch, "folder_signature", lambda folder: walks.append(folder) or real(folder))
+    readiness = Readiness(tmp_path, STABLE)
+    now = 0.0
+    while now < 600.0:
+        if now % 10.0 == 0:
+            readiness.scan(now)
+        readiness.refresh(now)
+        now += 0.5
+    per_folder = len(walks) / 200
+    assert 3 <= per_folder <= 2 + 600 / watch.QUIET_WALK_MAX_SECONDS + 4, per_folder
+    # ...and a job.toml arriving is seen at the next listing (the folder's own mtime moved).
+    (tmp_path / "f007" / "job.toml").write_bytes(b"")
+    readiness.scan(now)
+    readiness.refresh(now)
+    readiness.refresh(now + STABLE)
+    assert _ready(readiness) == ["f007"]
+
+
+def test_a_photo_growing_in_place_between_walks_still_restarts_the_stability_clock(tmp_path):
+    # Appending to a file moves no folder's mtime and, over a share, makes no event: the walk at
+    # the end of the window finds it, and the folder waits a full window again.
+    folder = _drop(tmp_path, "alice", {"photo.jpg": b"x" * 100, "job.toml": b"[[render]]\n"})
+    readiness = Readiness(tmp_path, STABLE)
+    readiness.scan(now=0.0)
+    readiness.refresh(now=0.5)  # quiet: the next walk is when it may be ready
+    mtime = (tmp_path / "alice").stat().st_mtime_ns
+    with open(folder / "photo.jpg", "ab") as handle:
+        handle.write(b"y" * 100)
+    assert (tmp_path / "alice").stat().st_mtime_ns == mtime
+    for now in (1.0, 3.0, 5.0):
+        readiness.scan(now)
+        readiness.refresh(now)
+    assert _ready(readiness) == []
+    readiness.refresh(now=9.9)
+    assert _ready(readiness) == []
+    readiness.refresh(now=10.0)
+    assert _ready(readiness) == ["alice"]
+
+
+def _without_read_override(tmp_path: Path, script: str) -> str:
+    """Run `script` as root without CAP_DAC_OVERRIDE/CAP_DAC_READ_SEARCH (the container's user
+    cannot read what another user keeps to himself either); skip where setpriv is refused."""
+    import shutil
+    import subprocess
+
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root and setpriv to drop the read-override capabilities")
+    drop = "-dac_override,-dac_read_search"
+    done = subprocess.run(["setpriv", f"--bounding-set={drop}", f"--inh-caps={drop}", sys.executable, "-c", script],
+                          capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2], timeout=60)
+    if done.returncode != 0 and "setpriv" in done.stderr:
+        pytest.skip(f"setpriv refused here: {done.stderr.strip()}")
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_folders_and_files_it_may_not_read_are_skipped_and_named_and_the_rest_go_on(tmp_path):
+    inbox = tmp_path / "inbox"
+    _drop(inbox, "good", {"photo.jpg": b"x", "job.toml": b"", "READY": b""})
+    locked = _drop(inbox, "locked-dir", {"job.toml": b"", "READY": b"", "private/photo.jpg": b"x"})
+    photo = _drop(inbox, "locked-photo", {"job.toml": b"", "READY": b"", "photo.jpg": b"x"}) / "photo.jpg"
+    os.chown(locked / "private", 4321, 4321)
+    os.chmod(locked / "private", 0o700)
+    os.chown(photo, 4321, 4321)
+    os.chmod(photo, 0o600)
+    out = _without_read_override(tmp_path, f"""
+import json
+from pathlib import Path
+from daemon.watch import Readiness
+r = Readiness(Path({str(inbox)!r}), 5.0)
+r.scan(0.0)
+claimable = [f.name for f in r.ready_in_arrival_order() if r.confirm(f.name, 1.0)]
+first = r.unreadable()
+r.scan(2.0); r.refresh(100.0)
+later, counts, ready = r.unreadable(), r.counts(), [f.name for f in r.ready_in_arrival_order()]
+Path({str(photo)!r}).chmod(0o644)  # the lab makes it readable: no mtime moves, the back-off walk sees it
+r.refresh(200.0)
+print(json.dumps({{"claimable": claimable, "unreadable": first, "later": later, "counts": counts, "ready": ready,
+                   "fixed": r.unreadable(), "then_claimable": r.confirm("locked-photo", 201.0)}}))
+""")
+    import json
+
+    seen = json.loads(out.strip().splitlines()[-1])
+    assert seen["claimable"] == ["good"]
+    unreadable = dict(seen["unreadable"])
+    assert sorted(unreadable) == ["locked-dir", "locked-photo"]
+    assert unreadable["locked-dir"].startswith("private: Permission denied (owner uid 4321, mode 0700)")
+    assert unreadable["locked-photo"].startswith("input_unreadable: photo.jpg: Permission denied (owner uid 4321, mode 0600)")
+    assert dict(seen["later"]) == unreadable  # still skipped, not retried while unchanged
+    assert seen["ready"] == ["good"] and seen["counts"] == [1, 0]
+    assert [name for name, _ in seen["fixed"]] == ["locked-dir"] and seen["then_claimable"]
+    assert photo.read_bytes() == b"x" and (locked / "private" / "photo.jpg").read_bytes() == b"x"  # untouched
