@@ -59,7 +59,8 @@ import structlog
 
 from daemon.clock import local_seconds
 from engine import OwnershipLost
-from engine.jobfolder import atomic_write_json, fsync_dir, remove_tree, safe_subject_name, shared_file_mode, unguarded_writes
+from engine.jobfolder import (atomic_write_json, classify_os_error, describe_os_error, fsync_dir, json_bytes, remove_tree, restamp,
+                              safe_subject_name, shared_file_mode, unguarded_writes)
 
 CLAIM_PATTERN = re.compile(r"claim\.(\d{6,})\.json")
 TRASH = ".trash"  # containers being removed: one rename out of sight, then removed
@@ -250,7 +251,7 @@ def create_exclusive(path: Path, value: dict[str, Any]) -> bool:
     try:
         os.fchmod(fd, shared_file_mode())
         with os.fdopen(fd, "wb") as handle:
-            handle.write((json.dumps(value, sort_keys=True, indent=2) + "\n").encode("utf-8"))
+            handle.write(json_bytes(value))  # the bytes every renewal writes again in place
             handle.flush()
             os.fsync(handle.fileno())
         os.link(tmp_name, path)
@@ -330,13 +331,22 @@ def still_owned(job: ClaimedJob) -> bool:
 
 
 def renew(job: ClaimedJob) -> ClaimedJob | None:
-    """Extend the lease of a claim this daemon holds (rewrite its file: the share stamps the
+    """Extend the lease of a claim this daemon holds (write its file again: the share stamps the
     renewal); None when it was lost (taken over, or gone)."""
     assert job.claim is not None
     if not still_owned(job):
         return None
-    atomic_write_json(claim_path(job.container, job.generation), job.claim.to_json())
+    rewrite_in_place(claim_path(job.container, job.generation), job.claim.to_json())
     return job
+
+
+def rewrite_in_place(path: Path, value: dict[str, Any]) -> None:
+    """A lease's renewal: the file's same bytes written over it in place, so that the share
+    stamps its mtime without a temporary file or a new block (a renewal must work on a full
+    disk: a lapsed lease would end the job as lost); atomically rewritten when its bytes differ
+    (the first renewal after create_exclusive's formatting, or a file someone else changed)."""
+    if not restamp(path, json_bytes(value)):
+        atomic_write_json(path, value)
 
 
 def release(job: ClaimedJob, *, crashed: bool = False, held: str = "", retry_seconds: float = 0.0) -> bool:
@@ -394,6 +404,8 @@ class ClaimFence:
         self._valid_until = started + lease_seconds - self.margin
         self._renew_by = started + lease_seconds / 2
         self._lost = ""
+        self._fault = ""  # the disk fault the last renewal failed on ("" once one succeeds)
+        self.lapsed_on = ""  # the disk fault behind a lease that ran out, once it has: recorded, never a crash
         self._lock = threading.Lock()
 
     def renewed(self, started_at: float) -> None:
@@ -401,6 +413,19 @@ class ClaimFence:
         with self._lock:
             self._valid_until = max(self._valid_until, started_at + self.lease_seconds - self.margin)
             self._renew_by = max(self._renew_by, started_at + self.lease_seconds / 2)
+            self._fault = ""
+
+    @property
+    def seconds_left(self) -> float:
+        """Of the lease on the local clock (negative: ran out that long ago)."""
+        return self._valid_until - local_seconds()
+
+    def renew_failed(self, exc: OSError) -> str:
+        """A renewal failed; returns its disk fault ("disk_full: ...") or "" when it is not one."""
+        code = classify_os_error(exc)
+        with self._lock:
+            self._fault = f"{code}: {describe_os_error(exc)}" if code else ""
+            return self._fault
 
     def lose(self, why: str) -> None:
         with self._lock:
@@ -416,6 +441,12 @@ class ClaimFence:
         if local_seconds() >= self._renew_by:
             self._renew_now()
         if local_seconds() >= self._valid_until:
+            with self._lock:
+                fault = self._fault
+            if fault and not self._lost:
+                self.lapsed_on = fault
+                self.lose(f"the lease of claim generation {self.token} ran out: its renewals failed on a disk fault of the work area "
+                          f"({fault}); recorded as such once the disk is back, not counted as a crash")
             self.lose(f"the lease of claim generation {self.token} ran out (renewal overdue by more than the lease: the process was "
                       "frozen, or the share refused the renewals)")
             raise OwnershipLost(f"{what}: {self._lost}")
@@ -437,13 +468,15 @@ class Heartbeat:
     claim per job it runs (one with the local backend; one per cluster worker with Ray)."""
 
     def __init__(self, lease_seconds: float, on_lost: Callable[[ClaimedJob], None], share_now: Callable[[], float],
-                 also: Callable[[], None] | None = None) -> None:
+                 also: Callable[[], None] | None = None, on_fault: Callable[[str], None] | None = None) -> None:
         self.lease_seconds = lease_seconds
         self.interval = lease_seconds / 3
         self.on_lost = on_lost
         self.share_now = share_now
         self.also = also  # renews the daemon's presence on every beat
+        self.on_fault = on_fault  # a renewal failed on a disk fault (called with it): the daemon probes its folders
         self._held: dict[Path, tuple[ClaimedJob, ClaimFence]] = {}  # by container
+        self._lapsed: dict[Path, str] = {}  # containers whose lease ran out on a disk fault, once forgotten: that fault
         self._lock = threading.RLock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="claim-heartbeat", daemon=True)
@@ -479,6 +512,25 @@ class Heartbeat:
             job, fence = self._held.pop(container, (None, None))
         return None if job is None or (fence is not None and fence.lost) else job
 
+    def current(self, container: Path) -> ClaimedJob | None:
+        """The claim of `container` as last renewed, while it is held and not lost."""
+        with self._lock:
+            job, fence = self._held.get(container, (None, None))
+        return None if job is None or (fence is not None and fence.lost) else job
+
+    def lapsed_on(self, container: Path) -> str:
+        """The disk fault that made the lease of `container`'s claim run out ("" if it did not)."""
+        with self._lock:
+            _job, fence = self._held.get(container, (None, None))
+            return fence.lapsed_on if fence is not None else self._lapsed.pop(container, "")
+
+    def _renew_failed(self, job: ClaimedJob, fence: ClaimFence, exc: OSError) -> None:
+        fault = fence.renew_failed(exc)
+        log.warning("claim_renew_failed", job_id=job.job_id, error=describe_os_error(exc), disk_fault=bool(fault),
+                    lease_left_seconds=round(fence.seconds_left, 2))
+        if fault and self.on_fault is not None:
+            self.on_fault(fault)
+
     def renew_now(self, container: Path) -> bool:
         """Renew at once (the fence found the lease past on the local clock). False when the claim
         is lost or its file is too old on the share's clock for a renewal to be safe: another
@@ -494,7 +546,7 @@ class Heartbeat:
                     return False
                 return self._renew(job, fence, started)
             except OSError as exc:
-                log.warning("claim_renew_failed", job_id=job.job_id, error=str(exc))
+                self._renew_failed(job, fence, exc)
                 return False
 
     def _renew(self, job: ClaimedJob, fence: ClaimFence, started: float) -> bool:
@@ -513,7 +565,9 @@ class Heartbeat:
 
     def _forget(self, job: ClaimedJob) -> None:
         if self._held.get(job.container, (None,))[0] is job:
-            del self._held[job.container]
+            fence = self._held.pop(job.container)[1]
+            if fence.lapsed_on:
+                self._lapsed[job.container] = fence.lapsed_on
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
@@ -530,8 +584,8 @@ class Heartbeat:
                         continue
                     try:
                         self._renew(job, fence, local_seconds())
-                    except OSError as exc:  # a network share hiccup: try again next beat (the fence shuts if it lasts)
-                        log.warning("claim_renew_failed", job_id=job.job_id, error=str(exc))
+                    except OSError as exc:  # a disk or share fault: try again next beat (the fence shuts if it lasts)
+                        self._renew_failed(job, fence, exc)
 
 
 class GenerationFence:

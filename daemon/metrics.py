@@ -118,6 +118,9 @@ class DaemonMetrics:
         self.evaluate_cells = Counter("idrep_evaluate_cells_total", "Evaluate grid cells (group x prompt x seed) rendered and scored, by whether a face was found.", ["face"], registry=r)
         self.evaluate_drift = Histogram("idrep_evaluate_drift", "Identity drift of evaluate grid cells with a face (every group, the control included).", buckets=DRIFT_BUCKETS, registry=r)
         self.claims_taken_over = Counter("idrep_claims_taken_over_total", "Claims this daemon took over: expired (a dead or frozen daemon's), released (a cleanly stopped one's), restart (its own, after a restart), held (a held job whose retry was due).", ["reason"], registry=r)
+        self.claim_lapses = Counter("idrep_claim_lapses_total", "Claims whose lease ran out while this daemon ran their job because the work area "
+                                    "refused the renewals (full, read-only, I/O errors): the job stopped, and is released on hold once "
+                                    "the disk takes writes again; never counted as a crash.", registry=r)
         self.claims_lost = Counter("idrep_claims_lost_total", "Claims another daemon took over from this one while it held them (this daemon was frozen past its lease).", registry=r)
         r.register(GpuMemoryCollector())
         for outcome in OUTCOMES:

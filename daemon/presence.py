@@ -26,7 +26,7 @@ from pathlib import Path
 
 import structlog
 
-from daemon.claim import Owner, create_exclusive
+from daemon.claim import Owner, create_exclusive, rewrite_in_place
 from daemon.clock import ShareClock
 from engine import ConfigError
 from engine.jobfolder import atomic_write_json
@@ -60,7 +60,7 @@ class Presence:
         another process took this id over (this one was frozen past its lease)."""
         if _highest(self.path.parent) != self.generation:
             return False
-        atomic_write_json(self.path, asdict(self.record))
+        rewrite_in_place(self.path, asdict(self.record))
         return True
 
     def release(self) -> None:

@@ -79,6 +79,18 @@ HOLD_RETRY_MAX_SECONDS = 3600.0
 
 
 @dataclass
+class _Unsettled:
+    """A job's claim whose settling (release or removal) the work area refused: held and renewed
+    meanwhile, and tried again at `retry_at` (monotonic seconds), waiting longer each time."""
+
+    job: ClaimedJob
+    outcome: str
+    error: dict[str, Any] | None
+    retry_at: float
+    delay: float
+
+
+@dataclass
 class _Run:
     """A job in flight: its claim and fence (a new generation for each attempt) and its thread."""
 
@@ -103,7 +115,8 @@ class Service:
         self.waker = Waker()
         self.watcher = InboxWatcher(self.paths.inbox, self.waker, polling=daemon.network_share, poll_seconds=daemon.poll_seconds)
         self.clock = ShareClock(self.paths.work, self.daemon_id)
-        self.heartbeat = Heartbeat(daemon.lease_seconds, self._claim_lost, self.clock.now, also=self._renew_presence)
+        self.heartbeat = Heartbeat(daemon.lease_seconds, self._claim_lost, self.clock.now, also=self._renew_presence,
+                                   on_fault=self._renew_fault)
         self.engine: Engine | None = None
         self.backend: Backend | None = None
         self.presence: Presence | None = None
@@ -114,6 +127,9 @@ class Service:
         self._recoveries: list[ClaimedJob] = []  # this daemon's own claims from before a restart
         self._takeovers: list[ClaimedJob] = []  # expired, released or due held claims of any daemon
         self._paused: str = ""  # why claiming is paused (a folder failed its probe); "" = claiming
+        self._probe_due = False  # a disk fault was met beside the loop (a renewal, a settling): probe at the next tick
+        self._unsettled: dict[Path, _Unsettled] = {}  # claims the work area refused to settle; changed by the loop's thread only
+        self._lapsed: dict[Path, tuple[ClaimedJob, str]] = {}  # claims whose lease ran out on a disk fault, to record as held
         self._skewed = False
         self._exit_code = 0
         self._last_phase: str | None = None
@@ -217,6 +233,8 @@ class Service:
             if run.thread is not None:
                 run.thread.join()
         self._running.clear()
+        if self._unsettled or self._lapsed:
+            self._settle_later(float("inf"))  # once more; what the disk still refuses expires, and is taken over
         if self.backend is not None:
             try:
                 self.backend.close()
@@ -253,6 +271,11 @@ class Service:
                     del self._running[container]
             self.metrics.job_in_progress.set(len(self._running))
             try:
+                if self._probe_due:
+                    self._probe_due = False
+                    self._probe_folders()
+                if self._unsettled or self._lapsed:
+                    self._settle_later(now)
                 for name in self.waker.take():
                     self.readiness.touch(name, now)
                 if now >= next_scan:
@@ -301,8 +324,9 @@ class Service:
         recovering = {job.container for job in self._recoveries}
         takeovers = []
         for job in claims:
-            if job.container in self._running or job.container in recovering:
-                continue
+            if job.container in self._running or job.container in recovering or job.container in self._unsettled \
+                    or job.container in self._lapsed:
+                continue  # in hand; a lapsed claim is recorded as held before anyone takes it over
             if job.has_folder():
                 if job.takeable(share_now):
                     takeovers.append(job)
@@ -580,28 +604,97 @@ class Service:
     def _settle(self, job: ClaimedJob, outcome: str, error: dict[str, Any] | None, log: Any) -> None:
         """Finished or failed (published, and the claimed folder checked): remove the container.
         Held: release it on hold for a later retry, and probe the folders. Interrupted or
-        crashed: release it now. Lost: touch nothing (another daemon owns it)."""
-        held = self.heartbeat.drop(job.container)
+        crashed: release it now. Lost: touch nothing (another daemon owns it), unless the lease
+        ran out because the work area failed the renewals: that is recorded in the claim once the
+        disk is back (`_lapsed`). When the work area refuses the settling itself (full, read-only),
+        the claim stays held and renewed, and the settling is tried again (`_unsettled`)."""
+        lapsed_on = self.heartbeat.lapsed_on(job.container)
+        held = self.heartbeat.current(job.container)
         if held is None or outcome == JobOutcome.LOST:
-            if outcome != JobOutcome.LOST:
+            self.heartbeat.drop(job.container)
+            if lapsed_on:
+                self._lapse(job, lapsed_on, log)
+            elif outcome != JobOutcome.LOST:
                 log.warning("claim_lost_before_settling", outcome=outcome)
             return
         try:
-            if outcome in PUBLISHED:
-                discard(held.container, self.paths.work)
-            elif outcome == JobOutcome.HELD:
-                assert held.claim is not None
-                retry = min(self.config.hold_retry_seconds * 2 ** held.claim.holds, HOLD_RETRY_MAX_SECONDS)
-                reason = f"{(error or {}).get('code', 'io_error')}: {(error or {}).get('message', '')}"[:500]
-                if not release(held, held=reason, retry_seconds=retry):
-                    log.warning("claim_lost_before_release")
-                log.error("job_held", reason=reason, retry_in_seconds=retry, holds=held.claim.holds + 1)
-                self._probe_folders()
-            elif not release(held, crashed=outcome == CRASHED):
-                log.warning("claim_lost_before_release")
+            self._settle_claim(held, outcome, error, log)
         except OSError as exc:
-            log.error("claim_not_settled", outcome=outcome, error=describe_os_error(exc))
-            self._probe_folders()
+            delay = self.config.scan_seconds
+            self._unsettled[held.container] = _Unsettled(held, outcome, error, time.monotonic() + delay, delay)
+            log.error("claim_not_settled", outcome=outcome, error=describe_os_error(exc), retry_in_seconds=delay,
+                      note="the claim stays held (its lease renewed) and the settling is tried again: a disk fault is no crash")
+            self._probe_due = True
+            self.waker.event.set()
+            return
+        self.heartbeat.drop(held.container)
+
+    def _settle_claim(self, held: ClaimedJob, outcome: str, error: dict[str, Any] | None, log: Any) -> None:
+        if outcome in PUBLISHED:
+            discard(held.container, self.paths.work)
+        elif outcome == JobOutcome.HELD:
+            assert held.claim is not None
+            retry = min(self.config.hold_retry_seconds * 2 ** held.claim.holds, HOLD_RETRY_MAX_SECONDS)
+            reason = f"{(error or {}).get('code', 'io_error')}: {(error or {}).get('message', '')}"[:500]
+            if not release(held, held=reason, retry_seconds=retry):
+                log.warning("claim_lost_before_release")
+            log.error("job_held", reason=reason, retry_in_seconds=retry, holds=held.claim.holds + 1)
+            self._probe_due = True
+        elif not release(held, crashed=outcome == CRASHED):
+            log.warning("claim_lost_before_release")
+
+    def _lapse(self, job: ClaimedJob, fault: str, log: Any) -> None:
+        """The claim's lease ran out while the work area refused its renewals: the job stopped as
+        lost, though no daemon died. It is released on hold as soon as the work area takes a write
+        again (if no daemon took it over meanwhile), so that taking it over counts no crash."""
+        self.metrics.claim_lapses.inc()
+        log.error("lease_lapsed_on_disk_fault", fault=fault, generation=job.generation,
+                  note="recorded in the claim (held) once the work area takes writes again; never counted as a crash")
+        self._lapsed[job.container] = (job, fault)
+        self._probe_due = True
+        self.waker.event.set()
+
+    def _settle_later(self, now: float) -> None:
+        """Loop thread: try again the settlings the work area refused, and record the lapsed leases."""
+        for container, late in list(self._unsettled.items()):
+            if now < late.retry_at:
+                continue
+            log = self.log.bind(job_id=late.job.job_id)
+            if self.heartbeat.current(container) is None:  # its lease ran out meanwhile (the disk refused renewals too)
+                del self._unsettled[container]
+                lapsed_on = self.heartbeat.lapsed_on(container)
+                self.heartbeat.drop(container)
+                self._lapse(late.job, lapsed_on or "the work area refused the settling and the renewals", log)
+                continue
+            try:
+                self._settle_claim(late.job, late.outcome, late.error, log)
+            except FileNotFoundError:
+                pass  # the container is gone: nothing is left to settle
+            except OSError as exc:
+                late.delay = min(late.delay * 2, HOLD_RETRY_MAX_SECONDS)
+                late.retry_at = now + late.delay
+                log.warning("claim_not_settled", outcome=late.outcome, error=describe_os_error(exc), retry_in_seconds=late.delay)
+                continue
+            del self._unsettled[container]
+            self.heartbeat.drop(container)
+            log.info("claim_settled", outcome=late.outcome)
+        for container, (job, fault) in list(self._lapsed.items()):
+            assert job.claim is not None
+            try:
+                released = release(job, held=f"lease_lapsed: its renewals failed on a disk fault ({fault})"[:500], retry_seconds=0.0)
+            except FileNotFoundError:
+                released = False  # the container is gone
+            except OSError:
+                continue  # still refused: the next tick tries again
+            del self._lapsed[container]
+            self.log.info("lapsed_claim_recorded", job_id=job.job_id, released=released,
+                          note="held, to be taken over without a crash counted" if released else "another daemon had taken it over")
+
+    def _renew_fault(self, fault: str) -> None:
+        """Heartbeat thread: a renewal failed on a disk fault; the loop probes the folders (and
+        pauses claiming while one fails)."""
+        self._probe_due = True
+        self.waker.event.set()
 
     def _claim_lost(self, job: ClaimedJob) -> None:
         """Heartbeat thread: another daemon owns the job now. Its fence is shut (the engine

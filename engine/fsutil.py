@@ -222,13 +222,38 @@ def append_whole(path: Path, data: bytes, check_start: Callable[[int], None] | N
         os.close(fd)
 
 
+def restamp(path: Path, data: bytes) -> bool:
+    """Write `data` over `path` in place when the file holds exactly that many bytes (a lease's
+    renewal: the same bytes again), so that the file system stamps its mtime without a new file
+    or a new block: it works on a full disk, where an atomic rewrite's temporary file cannot be
+    made. False (nothing written) when the file's size differs: rewrite it atomically then.
+    Readers never see anything but these bytes, as long as the file held them already."""
+    check_write(str(path))
+    fd = os.open(path, os.O_WRONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        if os.fstat(fd).st_size != len(data):
+            return False
+        written = 0
+        while written < len(data):
+            written += os.pwrite(fd, data[written:], written)
+        os.fsync(fd)
+        return True
+    finally:
+        os.close(fd)
+
+
+def json_bytes(value: Any) -> bytes:
+    """The bytes atomic_write_json writes for `value` (pretty, sorted: stable for equal values)."""
+    return (json.dumps(value, sort_keys=True, indent=2, ensure_ascii=False, allow_nan=False) + "\n").encode("utf-8")
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def atomic_write_json(path: Path, value: Any) -> None:
     """Pretty, sorted JSON (stable bytes for equal values), written atomically."""
-    atomic_write_text(path, json.dumps(value, sort_keys=True, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
+    atomic_write_bytes(path, json_bytes(value))
 
 
 def hash_tree(root: Path, relative_to: Path) -> dict[str, str]:

@@ -32,6 +32,7 @@ from typing import Any, Protocol
 
 from engine.errors import JobError, OwnershipLost  # noqa: F401 - OwnershipLost is part of this vocabulary (fences raise it)
 from engine.fsutil import unguarded_writes  # noqa: F401 - the daemon's claim renews under the job's write guard
+from engine.fsutil import json_bytes, restamp  # noqa: F401 - the daemon renews leases in place (a full disk takes no new file)
 from engine.fsutil import (Listing, TreeLimit, atomic_write_bytes, atomic_write_json, copy_tree, fsync_dir, fsync_tree, remove_tree,  # noqa: F401
                            set_umask, share_modes, shared_file_mode, tree_listing, utf8_safe, walk_tree)
 from engine.job import JOB_FILE, MAX_FOLDER_DEPTH, MAX_FOLDER_ENTRIES, is_hidden_name, is_temporary_name, safe_subject_name  # noqa: F401
