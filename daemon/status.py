@@ -100,7 +100,7 @@ def daemon_status(inbox: Path, work: Path, outbox: Path, failed: Path, *, stable
                                        + "; left in the inbox untouched until it can be read"))
                 continue
             status.waiting.append(waiting)
-        status.ignored = [(name, "temporary name (.part/.tmp/~): taken for a copy in progress, never for a job; rename it to start it")
+        status.ignored += [(name, "temporary name (.part/.tmp/~): taken for a copy in progress, never for a job; rename it to start it")
                           for name in list_temporary(status.inbox)]
     refused = status.work / REFUSED_DIR
     if refused.is_dir():

@@ -117,16 +117,21 @@ def folder_signature(folder: Path) -> tuple[EntryKey, ...] | None:
 def describe_unreadable(folder: Path, exc: OSError) -> str:
     """'<path in the folder>: permission denied (owner uid N, mode 0700)' for an error met there."""
     path = Path(exc.filename) if exc.filename else folder
-    try:
-        relative = path.relative_to(folder).as_posix()
-    except ValueError:
-        relative = str(path)
+    relative = _relative(folder, exc)
     try:
         info = os.lstat(path)
         owner = f"owner uid {info.st_uid}, mode {stat.S_IMODE(info.st_mode):04o}"
     except OSError:
         owner = "owner unknown"
-    return f"{utf8_safe(relative or '.')}: {exc.strerror or exc} ({owner})"
+    return f"{utf8_safe(relative)}: {exc.strerror or exc} ({owner})"
+
+
+def _relative(folder: Path, exc: OSError) -> str:
+    """The path in `folder` that an error names ("." for the folder itself)."""
+    try:
+        return (Path(exc.filename) if exc.filename else folder).relative_to(folder).as_posix() or "."
+    except ValueError:
+        return "."
 
 
 def unreadable_files(folder: Path, only: tuple[str, ...] = ()) -> list[tuple[str, str]]:
@@ -203,7 +208,7 @@ class InboxFolder:
     due_at: float = 0.0  # monotonic seconds of its next walk (see the module's docstring)
     listed_mtime_ns: int = 0  # the folder's own mtime at the last inbox listing: a change means walk it now
     unreadable: str = ""  # why this daemon cannot use it ("" = it can): a folder it may not read, or input_unreadable
-    unreadable_files: tuple[str, ...] = ()  # input_unreadable: the files that could not be opened (looked at again on the back-off)
+    unreadable_files: tuple[str, ...] = ()  # what could not be opened or listed: looked at again at every listing (a chmod moves no mtime)
     refused_signature: tuple[EntryKey, ...] | None = None  # input_unreadable: refused as it was then; a change is looked at again
 
     @property
@@ -236,6 +241,8 @@ class Readiness:
             elif mtime_ns != folder.listed_mtime_ns:
                 folder.listed_mtime_ns = mtime_ns
                 folder.due_at = min(folder.due_at, now)
+            elif folder.unreadable_files and not unreadable_files(self.inbox / name, only=folder.unreadable_files):
+                folder.due_at = min(folder.due_at, now)  # made readable (a chmod moves no mtime): look again now
 
     def touch(self, name: str, now: float) -> None:
         """Something changed under inbox/<name> (a watch event): look at it now."""
@@ -301,6 +308,7 @@ class Readiness:
             signature = folder_signature(self.inbox / folder.name)
         except PermissionError as exc:
             folder.ready, folder.ready_because, folder.signature = False, "", None
+            folder.unreadable_files = (_relative(self.inbox / folder.name, exc),)
             folder.due_at = now + self._quiet_walk(folder, now)
             self._set_unreadable(folder, describe_unreadable(self.inbox / folder.name, exc))
             return
@@ -318,7 +326,8 @@ class Readiness:
                 folder.ready, folder.ready_because = False, ""  # refused as it is: skipped until it changes
                 folder.due_at = now + self._quiet_walk(folder, now)
                 return
-            folder.refused_signature, folder.unreadable_files = None, ()  # changed, or made readable: a job again
+            folder.refused_signature = None  # changed, or made readable: a job again
+        folder.unreadable_files = ()
         self._set_unreadable(folder, "")
         names = {path for path, _, _ in signature if "/" not in path}
         if READY_MARKER in names:

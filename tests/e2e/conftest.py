@@ -91,14 +91,14 @@ class Daemon:
     """One `python -m daemon` process; its stdout JSON lines are collected in `events`."""
 
     def __init__(self, config: Path, log_dir: Path, *args: str, env: dict[str, str] | None = None, name: str = "daemon",
-                 demo: bool = True) -> None:
+                 demo: bool = True, prefix: tuple[str, ...] = ()) -> None:
         self.name = name
         environment = {k: v for k, v in os.environ.items() if not k.startswith("ENGINE_PAUSE")}
         environment.update(PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1", **(env or {}))
         self.stderr_path = log_dir / f"{name}.{time.monotonic_ns()}.stderr"
         self._stderr = open(self.stderr_path, "wb")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "daemon", "--config", str(config), *(["--demo"] if demo else []), *args],
+            [*prefix, sys.executable, "-m", "daemon", "--config", str(config), *(["--demo"] if demo else []), *args],
             cwd=REPO, env=environment, stdout=subprocess.PIPE, stderr=self._stderr, text=True,
         )
         self.events: list[dict[str, Any]] = []
@@ -204,10 +204,12 @@ class Lab:
         self.config = write_config(self.root, self.models, extra_toml, **settings)
         return self.config
 
-    def start(self, *args: str, name: str = "daemon", env: dict[str, str] | None = None, wait: bool = True, demo: bool = True) -> Daemon:
+    def start(self, *args: str, name: str = "daemon", env: dict[str, str] | None = None, wait: bool = True, demo: bool = True,
+              prefix: tuple[str, ...] = ()) -> Daemon:
+        """A daemon; `prefix` runs it through a command (e.g. setpriv, to drop capabilities)."""
         if self.config is None:
             self.configure()
-        daemon = Daemon(self.config, self.root, *args, env=env, name=name, demo=demo)
+        daemon = Daemon(self.config, self.root, *args, env=env, name=name, demo=demo, prefix=prefix)
         self.daemons.append(daemon)
         return daemon.wait_started() if wait else daemon
 
