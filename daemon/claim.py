@@ -580,7 +580,8 @@ class Heartbeat:
                 for job, fence in list(self._held.values()):
                     if fence.lost:  # the fence found out first (at a write): report it once
                         self._forget(job)
-                        self.on_lost(job)
+                        if not fence.lapsed_on:  # a lease that ran out on a disk fault was not taken: the daemon records it
+                            self.on_lost(job)
                         continue
                     try:
                         self._renew(job, fence, local_seconds())
