@@ -23,7 +23,7 @@ from pathlib import Path
 from engine.audit import verify_audit
 from engine.cli import configure_json_logging, find_config
 from engine.config import Settings
-from engine.errors import ConfigError
+from engine.errors import ConfigError, Problem, unstated_problems
 from engine.example import write_example_subject
 from engine.kinds import all_stage_names
 from engine.lifecycle import JobOutcome
@@ -148,12 +148,13 @@ def _run(args: argparse.Namespace) -> int:
         engine = Engine(settings, demo=args.demo, observer=ProgressObserver(), until=args.until)
         result = engine.run_job(args.job, outbox, job_id=args.job_id, until=args.until, failed_dir=failed)
     except ConfigError as error:
-        print(f"refused to start: {error}", file=sys.stderr)
+        print(f"refused to start: {error}", file=sys.stderr)  # the one place a refusal is shown; nothing logs it
         return 2
     if result.outcome == JobOutcome.FAILED:
         print(f"job {result.job_id} failed: {result.error['code']}: {result.error['message']}", file=sys.stderr)
-        for problem in result.error.get("problems", []):
-            print(f"  - {problem['where']}: {problem['reason']}", file=sys.stderr)
+        problems = [Problem(problem["where"], problem["reason"]) for problem in result.error.get("problems", [])]
+        for problem in unstated_problems(result.error["message"], problems):
+            print(f"  - {problem}", file=sys.stderr)
         print(f"inputs and error.json are in {result.output_dir}", file=sys.stderr)
         return 1
     if result.outcome == JobOutcome.HELD:

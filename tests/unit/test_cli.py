@@ -1,4 +1,5 @@
-"""The two CLIs' shared set-up (engine.cli): which config.toml they read, and their JSON log lines."""
+"""The two CLIs' shared set-up (engine.cli): which config.toml they read, the folders it names,
+the options they take before or after a command, their JSON log lines, and how they end."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 
 import structlog
 
+from engine.__main__ import main as engine_main
 from engine.cli import configure_json_logging, find_config
 
 
@@ -31,3 +33,15 @@ def test_json_lines_with_the_extra_processor_and_the_level_filter():
     log.info("shown", n=1)
     [line] = [json.loads(text) for text in stream.getvalue().splitlines()]
     assert (line["event"], line["n"], line["daemon_id"], line["level"]) == ("shown", 1, "gpu0", "info") and line["timestamp"].endswith("Z")
+
+
+# ---- the papercuts of a first run: folders from config.toml, --config anywhere, a closed pipe, a refusal shown once ----
+
+
+def test_a_refusal_at_start_is_shown_once_by_the_engine(tmp_path, capsys):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[faces]\ndetect_size = 5\n")
+    assert engine_main(["--config", str(bad), "run", str(tmp_path), "--outbox", str(tmp_path / "outbox")]) == 2
+    out, err = capsys.readouterr()
+    assert (out + err).count("must be at least 128, got 5") == 1, out + err
+    assert err.startswith("refused to start: invalid_config: ")
