@@ -11,7 +11,8 @@ needs no running daemon: see daemon/status.py. `health` asks a running daemon's 
 whether it claims jobs (the container's healthcheck).
 
 Settings come from config.toml's [daemon] table; flags override them (flag paths are relative
-to the current folder). Logs are JSON lines on stdout, one event per line, each with `daemon_id`.
+to the current folder). Logs are JSON lines on stdout, one event per line, each with `daemon_id`;
+a refusal to start is one of them, `refused_to_start`, and only there.
 SIGTERM (or Ctrl-C) stops claiming, lets the job in flight reach its next safe point (the next
 denoising step in seed discovery and rendering, the next checkpoint in training), releases its
 claim (it resumes later, here or in another daemon) and exits 0; a second signal exits at once.
@@ -68,8 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings, daemon = _load_config(args.config)
     except ConfigError as error:
-        print(f"refused to start: {error}", file=sys.stderr)
-        return 2
+        configure_logging(args.log_level, args.daemon_id or default_daemon_id())  # the config's daemon_id is not known
+        return _refused(error)
     overrides: dict[str, Any] = {}
     for name in ("inbox", "outbox", "failed", "work"):
         if getattr(args, name) is not None:
@@ -103,9 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return service.run()
     except ConfigError as error:
-        structlog.get_logger("daemon").error("refused_to_start", code=error.code, message=error.message)
-        print(f"refused to start: {error}", file=sys.stderr)
-        return 2
+        return _refused(error)
     except Exception:  # noqa: BLE001 - logged with its traceback; claims are left to their leases
         structlog.get_logger("daemon").exception("daemon_crashed")
         return 1
@@ -175,6 +174,15 @@ def health_main(argv: list[str]) -> int:
         return 1
     print("ready")
     return 0
+
+
+def _refused(error: ConfigError) -> int:
+    """A refusal to start, shown once: the `refused_to_start` line on stdout, with the daemon's
+    other events (where its log collector and the tests read them); exit code 2."""
+    more = error.unstated_problems()  # the message names the first few
+    structlog.get_logger("daemon").error("refused_to_start", code=error.code, message=error.message,
+                                         **({"more_problems": [str(problem) for problem in more]} if more else {}))
+    return 2
 
 
 def configure_logging(level: str, daemon_id: str) -> None:

@@ -5,11 +5,16 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import subprocess
+import sys
 
 import structlog
 
+from daemon.__main__ import main as daemon_main
 from engine.__main__ import main as engine_main
 from engine.cli import configure_json_logging, find_config
+from tests.conftest import REPO
 
 
 def test_the_config_given_else_the_one_in_the_current_folder_else_none(tmp_path, monkeypatch):
@@ -45,3 +50,23 @@ def test_a_refusal_at_start_is_shown_once_by_the_engine(tmp_path, capsys):
     out, err = capsys.readouterr()
     assert (out + err).count("must be at least 128, got 5") == 1, out + err
     assert err.startswith("refused to start: invalid_config: ")
+
+
+def test_the_daemon_without_a_command_still_runs_and_refuses_once_with_code_2(tmp_path, capsys):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[faces]\ndetect_size = 5\n")
+    assert daemon_main(["--config", str(bad), "--daemon-id", "gpu9"]) == 2
+    out, err = capsys.readouterr()
+    assert (out + err).count("must be at least 128, got 5") == 1, out + err
+    [line] = [json.loads(text) for text in out.splitlines()]
+    assert (line["event"], line["code"], line["daemon_id"]) == ("refused_to_start", "invalid_config", "gpu9") and err == ""
+
+
+def test_a_refusal_by_the_daemons_service_is_logged_and_not_printed_as_well(tmp_path):
+    config = tmp_path / "nested.toml"  # the outbox inside the inbox: refused when the service prepares its folders
+    config.write_text('[daemon]\ninbox = "in"\noutbox = "in/out"\nmetrics_port = 0\n')
+    done = subprocess.run([sys.executable, "-m", "daemon", "--config", str(config)], cwd=REPO, capture_output=True, text=True, timeout=60,
+                          env=dict(os.environ, PYTHONPATH=str(REPO)), check=False)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert (done.stdout + done.stderr).count("is inside the inbox") == 1, done.stdout + done.stderr
+    assert json.loads(done.stdout)["event"] == "refused_to_start"
