@@ -1,19 +1,24 @@
 """Command line: run one job, verify an audit trail, make an example subject.
 
-    python -m engine run inbox/alice --outbox outbox [--until embed] [--config config.toml]
+    python -m engine run inbox/alice [--outbox outbox] [--until embed] [--config config.toml]
     python -m engine verify-audit outbox/alice/<job-id> [--trusted-key PUB.pem] [--trusted-ca CA.pem] [--allow-unsigned]
-    python -m engine verify-journal outbox [--failed DIR] [--trusted-key PUB.pem] [--trusted-ca CA.pem] [--allow-unsigned]
+    python -m engine verify-journal [outbox] [--failed DIR] [--trusted-key PUB.pem] [--trusted-ca CA.pem] [--allow-unsigned]
     python -m engine keys init --out DIR [--lab NAME]
     python -m engine report outbox/alice/<job-id> [--out DIR]
-    python -m engine status --outbox outbox [--inbox inbox] [--last 10] [--json]
+    python -m engine status [--outbox outbox] [--inbox inbox] [--last 10] [--json]
     python -m engine example inbox/astronaut
     python -m engine models make-demo models/demo
     python -m engine models check [--until embed] [--demo] [--no-hash] [--json]
+
+A folder not given (the outbox, failed/, the inbox) is the one config.toml's [daemon] table
+names, as the daemon uses it; an --outbox given brings its neighbours instead: failed/ and
+inbox/ beside it.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -21,7 +26,7 @@ from pathlib import Path
 
 
 from engine.audit import verify_audit
-from engine.cli import configure_json_logging, find_config
+from engine.cli import Folders, configure_json_logging, configured_folders, find_config
 from engine.config import Settings
 from engine.errors import ConfigError, Problem, unstated_problems
 from engine.example import write_example_subject
@@ -38,9 +43,10 @@ def main(argv: list[str] | None = None) -> int:
 
     run = commands.add_parser("run", help="run (or resume) one job folder")
     run.add_argument("job", type=Path, help="the job folder: 1-3 photos + job.toml")
-    run.add_argument("--outbox", type=Path, required=True, help="where the finished job goes (<outbox>/<subject>/<job-id>/); "
-                     "its work area is <outbox>/.work/")
-    run.add_argument("--failed", type=Path, default=None, help="where refused jobs go (default: failed/ beside the outbox)")
+    run.add_argument("--outbox", type=Path, default=None, help="where the finished job goes (<outbox>/<subject>/<job-id>/); "
+                     "its work area is <outbox>/.work/ (default: [daemon] outbox of config.toml)")
+    run.add_argument("--failed", type=Path, default=None, help="where refused jobs go (default: failed/ beside --outbox, else "
+                     "[daemon] failed of config.toml)")
     run.add_argument("--until", choices=all_stage_names(), default=None, help="stop after this stage")
     run.add_argument("--job-id", default=None, help="resume this job id (default: the unfinished job of this folder, or a new one)")
     run.add_argument("--demo", action="store_true", help="use the tiny generated diffusion model (noise renders, marked as demo); also models.base = \"demo\"")
@@ -48,8 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     verify = commands.add_parser("verify-audit", help="check a job's audit chain, manifest, inputs, signed head, journal line and images' credentials")
     verify.add_argument("job_out", type=Path)
     journal = commands.add_parser("verify-journal", help="check a whole outbox: every job is in its journal, and each is as signed")
-    journal.add_argument("outbox", type=Path)
-    journal.add_argument("--failed", type=Path, default=None, help="the failed jobs' folder (default: failed/ beside the outbox)")
+    journal.add_argument("outbox", type=Path, nargs="?", default=None, help="the outbox (default: [daemon] outbox of config.toml)")
+    journal.add_argument("--failed", type=Path, default=None, help="the failed jobs' folder (default: failed/ beside the outbox given, "
+                         "else [daemon] failed of config.toml)")
     for checker in (verify, journal):
         checker.add_argument("--trusted-key", type=Path, default=None,
                              help="the lab's audit-signing.pub.pem (default: the one in [trust] keys of --config, if any)")
@@ -71,9 +78,10 @@ def main(argv: list[str] | None = None) -> int:
     report.add_argument("--out", type=Path, default=None, help="write the report here instead of into the job folder")
 
     status = commands.add_parser("status", help="queue, jobs in progress and last results, from the folders")
-    status.add_argument("--outbox", type=Path, required=True)
-    status.add_argument("--inbox", type=Path, default=None, help="count the folders waiting here (default: inbox/ beside the outbox, if any)")
-    status.add_argument("--failed", type=Path, default=None, help="failed jobs (default: failed/ beside the outbox)")
+    status.add_argument("--outbox", type=Path, default=None, help="the outbox (default: [daemon] outbox of config.toml)")
+    status.add_argument("--inbox", type=Path, default=None, help="count the folders waiting here, if it exists (default: inbox/ beside "
+                        "--outbox, else [daemon] inbox of config.toml)")
+    status.add_argument("--failed", type=Path, default=None, help="failed jobs (default: failed/ beside --outbox, else [daemon] failed)")
     status.add_argument("--last", type=int, default=10, help="how many results to list")
     status.add_argument("--json", action="store_true", help="print JSON instead of text")
 
@@ -101,7 +109,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "verify-audit":
         return _verify(args.job_out, *_trust_anchors(args), args.require_signed, args.allow_unsigned)
     if args.command == "verify-journal":
-        return _verify_journal(args.outbox, args.failed, *_trust_anchors(args), args.require_signed, args.allow_unsigned)
+        try:
+            folders = _folders(args)
+        except ConfigError as error:
+            print(f"cannot read the configuration: {error}", file=sys.stderr)
+            return 2
+        return _verify_journal(folders.outbox, folders.failed, *_trust_anchors(args), args.require_signed, args.allow_unsigned)
     if args.command == "keys":
         return _keys_init(args.out, args.lab)
     if args.command == "report":
@@ -140,13 +153,12 @@ def _run(args: argparse.Namespace) -> int:
     share or a permission is at fault: nothing was lost, run it again once that is fixed)."""
     from engine.runner import Engine  # imports the model stack; keep `verify-audit` light
 
-    outbox = args.outbox.resolve()
-    failed = args.failed.resolve() if args.failed else outbox.parent / "failed"
     try:
-        Engine.check_folders(outbox, failed)
         settings = Settings.load(find_config(args.config))
+        folders = _folders(args, settings)
+        Engine.check_folders(folders.outbox, folders.failed)
         engine = Engine(settings, demo=args.demo, observer=ProgressObserver(), until=args.until)
-        result = engine.run_job(args.job, outbox, job_id=args.job_id, until=args.until, failed_dir=failed)
+        result = engine.run_job(args.job, folders.outbox, job_id=args.job_id, until=args.until, failed_dir=folders.failed)
     except ConfigError as error:
         print(f"refused to start: {error}", file=sys.stderr)  # the one place a refusal is shown; nothing logs it
         return 2
@@ -162,6 +174,22 @@ def _run(args: argparse.Namespace) -> int:
         return 3
     print(json.dumps({"job_id": result.job_id, "subject": result.subject, "outcome": result.outcome, "output": str(result.output_dir)}))
     return 0
+
+
+def _folders(args: argparse.Namespace, settings: Settings | None = None) -> Folders:
+    """The folders a command acts on. Each given on the command line is taken from the current
+    folder. An --outbox given brings its neighbours: failed/ and inbox/ beside it (a layout of
+    its own, as before config.toml named folders for the engine). Without one, the folders of
+    config.toml's [daemon] table, taken from config.toml's folder as the daemon takes them.
+    ConfigError when config.toml cannot be read."""
+    given = {name: getattr(args, name, None) for name in ("inbox", "outbox", "failed")}  # `run` has no --inbox
+    if given["outbox"] is not None:
+        outbox = given["outbox"].resolve()
+        folders = Folders(inbox=outbox.parent / "inbox", outbox=outbox, failed=outbox.parent / "failed", work=outbox.parent / "work")
+    else:
+        config = find_config(args.config)
+        folders = configured_folders(settings or Settings.load(config), str(config or "the built-in defaults"))
+    return dataclasses.replace(folders, **{name: path.resolve() for name, path in given.items() if path is not None})
 
 
 def _models_check(args: argparse.Namespace) -> int:
@@ -289,8 +317,13 @@ def _report(job_out: Path, out: Path | None) -> int:
 def _status(args: argparse.Namespace) -> int:
     from engine.status import format_status, outbox_status
 
-    inbox = args.inbox if args.inbox is not None else args.outbox.parent / "inbox"
-    status = outbox_status(args.outbox, inbox=inbox if inbox.is_dir() else None, failed=args.failed, last=args.last)
+    try:
+        folders = _folders(args)
+    except ConfigError as error:
+        print(f"cannot read the configuration: {error}", file=sys.stderr)
+        return 2
+    inbox = folders.inbox if folders.inbox.is_dir() else None
+    status = outbox_status(folders.outbox, inbox=inbox, failed=folders.failed, last=args.last)
     if args.json:
         print(json.dumps(status.to_plain(), indent=2))
     else:

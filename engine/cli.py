@@ -1,14 +1,21 @@
 """What the two command lines (`python -m engine`, `python -m daemon`) share: where config.toml
-is, and JSON log lines. One owner, so that the CLIs cannot drift apart (issue 14)."""
+is, the folders it names, and JSON log lines. One owner, so that the CLIs cannot drift apart
+(issue 14)."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
 import structlog
+
+from engine.config import Settings
+from engine.errors import ConfigError, Problem
+from engine.jobfolder import Folders, FolderSettings
+from engine.schema import INVALID, build
 
 DEFAULT_CONFIG = "config.toml"
 
@@ -20,6 +27,23 @@ def find_config(given: Path | None) -> Path | None:
         return given
     default = Path(DEFAULT_CONFIG)
     return default if default.is_file() else None
+
+
+def configured_folders(settings: Settings, where: str = DEFAULT_CONFIG) -> Folders:
+    """The folders config.toml's [daemon] table names (its other keys are the daemon's to check);
+    ConfigError naming each bad one."""
+    table = settings.foreign.get("daemon", {})
+    problems: list[Problem] = []
+    if not isinstance(table, dict):
+        problems.append(Problem("daemon", "expected a table"))
+        built: Any = INVALID
+    else:
+        names = {known.name for known in dataclasses.fields(FolderSettings)}
+        built = build(FolderSettings, {key: value for key, value in table.items() if key in names}, "daemon", problems)
+    if problems or built is INVALID:
+        problems = [Problem(f"{where}: {p.where}", p.reason) for p in problems]
+        raise ConfigError("invalid_config", f"{where} has {len(problems)} problem(s): " + "; ".join(map(str, problems[:3])), problems=tuple(problems))
+    return built.folders(settings.root)
 
 
 def configure_json_logging(level: str, stream: IO[str], *, extra: Callable[[Any, str, dict[str, Any]], dict[str, Any]] | None = None) -> None:

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import structlog
 
@@ -70,3 +71,46 @@ def test_a_refusal_by_the_daemons_service_is_logged_and_not_printed_as_well(tmp_
     assert done.returncode == 2, done.stdout + done.stderr
     assert (done.stdout + done.stderr).count("is inside the inbox") == 1, done.stdout + done.stderr
     assert json.loads(done.stdout)["event"] == "refused_to_start"
+
+
+def _lab(root: Path) -> Path:
+    """A lab whose config.toml names its folders away from the current folder, with one failed
+    job and one folder waiting in its inbox; returns the config's path."""
+    lab = root / "lab"
+    (lab / "shared" / "in" / "alice").mkdir(parents=True)
+    (lab / "shared" / "in" / "alice" / "job.toml").write_text("")
+    (lab / "shared" / "out").mkdir()
+    failed = lab / "shared" / "failed" / "carol" / "J0"  # failed/ beside the outbox: [daemon] failed = ""
+    failed.mkdir(parents=True)
+    (failed / "error.json").write_text(json.dumps({"code": "no_face_found", "message": "no face in a.jpg", "failed_at": "2026-11-25T10:00:00+00:00"}))
+    config = lab / "lab.toml"
+    config.write_text('[daemon]\ninbox = "shared/in"\noutbox = "shared/out"\n')
+    return config
+
+
+def _elsewhere(root: Path, monkeypatch) -> None:
+    """Run from a folder whose own ./config.toml names other folders: a flag that fell back to
+    it (or to the current folder) would show."""
+    here = root / "elsewhere"
+    here.mkdir()
+    (here / "config.toml").write_text('[daemon]\ninbox = "wrong-in"\noutbox = "wrong-out"\n')
+    monkeypatch.chdir(here)
+
+
+def test_engine_commands_take_the_folders_config_toml_names_when_none_is_given(tmp_path, monkeypatch, capsys):
+    config = _lab(tmp_path)
+    _elsewhere(tmp_path, monkeypatch)
+    shared = config.parent / "shared"
+    assert engine_main(["--config", str(config), "status", "--json"]) == 0
+    plain = json.loads(capsys.readouterr().out)
+    assert (plain["outbox"], plain["inbox"]) == (str(shared / "out"), str(shared / "in"))
+    assert plain["queue"] == ["alice"] and [r["job_id"] for r in plain["results"]] == ["J0"]
+    # verify-journal: the configured outbox (a job folder in it that no journal line names)
+    (shared / "out" / "bob" / "J9").mkdir(parents=True)
+    assert engine_main(["--config", str(config), "verify-journal"]) == 1
+    assert f"FAILED: {shared / 'out'}" in capsys.readouterr().err
+    # run: the configured outbox, probed before any model is loaded (here a file, not a folder)
+    (config.parent / "lab.toml").write_text('[daemon]\noutbox = "not-a-folder"\n')
+    (config.parent / "not-a-folder").write_text("")
+    assert engine_main(["--config", str(config), "run", str(shared / "in" / "alice")]) == 2
+    assert f"{config.parent / 'not-a-folder'}" in capsys.readouterr().err
