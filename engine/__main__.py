@@ -10,9 +10,9 @@
     python -m engine models make-demo models/demo
     python -m engine models check [--until embed] [--demo] [--no-hash] [--json]
 
-A folder not given (the outbox, failed/, the inbox) is the one config.toml's [daemon] table
-names, as the daemon uses it; an --outbox given brings its neighbours instead: failed/ and
-inbox/ beside it.
+--config and --log-level go before or after the command. A folder not given (the outbox, failed/,
+the inbox) is the one config.toml's [daemon] table names, as the daemon uses it; an --outbox given
+brings its neighbours instead: failed/ and inbox/ beside it.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from pathlib import Path
 
 
 from engine.audit import verify_audit
-from engine.cli import Folders, configure_json_logging, configured_folders, find_config
+from engine.cli import Folders, configure_json_logging, configured_folders, find_config, global_options
 from engine.config import Settings
 from engine.errors import ConfigError, Problem, unstated_problems
 from engine.example import write_example_subject
@@ -36,12 +36,12 @@ from engine.status import ProgressObserver
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m engine", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", type=Path, default=None, help="config.toml (default: ./config.toml if present, else built-in defaults)")
-    parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    parser = argparse.ArgumentParser(prog="python -m engine", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     parents=[global_options(after_command=False)])
+    after_command = [global_options(after_command=True)]  # every sub-command takes them too
     commands = parser.add_subparsers(dest="command", required=True)
 
-    run = commands.add_parser("run", help="run (or resume) one job folder")
+    run = commands.add_parser("run", parents=after_command, help="run (or resume) one job folder")
     run.add_argument("job", type=Path, help="the job folder: 1-3 photos + job.toml")
     run.add_argument("--outbox", type=Path, default=None, help="where the finished job goes (<outbox>/<subject>/<job-id>/); "
                      "its work area is <outbox>/.work/ (default: [daemon] outbox of config.toml)")
@@ -51,9 +51,11 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--job-id", default=None, help="resume this job id (default: the unfinished job of this folder, or a new one)")
     run.add_argument("--demo", action="store_true", help="use the tiny generated diffusion model (noise renders, marked as demo); also models.base = \"demo\"")
 
-    verify = commands.add_parser("verify-audit", help="check a job's audit chain, manifest, inputs, signed head, journal line and images' credentials")
+    verify = commands.add_parser("verify-audit", parents=after_command,
+                                 help="check a job's audit chain, manifest, inputs, signed head, journal line and images' credentials")
     verify.add_argument("job_out", type=Path)
-    journal = commands.add_parser("verify-journal", help="check a whole outbox: every job is in its journal, and each is as signed")
+    journal = commands.add_parser("verify-journal", parents=after_command,
+                                  help="check a whole outbox: every job is in its journal, and each is as signed")
     journal.add_argument("outbox", type=Path, nargs="?", default=None, help="the outbox (default: [daemon] outbox of config.toml)")
     journal.add_argument("--failed", type=Path, default=None, help="the failed jobs' folder (default: failed/ beside the outbox given, "
                          "else [daemon] failed of config.toml)")
@@ -67,17 +69,19 @@ def main(argv: list[str] | None = None) -> int:
                              help="with a trusted key, accept unsigned jobs and journal lines instead of failing them (a lab that ran "
                                   "without keys for a while)")
 
-    keys = commands.add_parser("keys", help="the lab's signing keys")
+    keys = commands.add_parser("keys", parents=after_command, help="the lab's signing keys")
     key_commands = keys.add_subparsers(dest="keys_command", required=True)
-    keys_init = key_commands.add_parser("init", help="make a new set of lab keys (offline): audit signing key, lab CA, content signer")
+    keys_init = key_commands.add_parser("init", parents=after_command,
+                                        help="make a new set of lab keys (offline): audit signing key, lab CA, content signer")
     keys_init.add_argument("--out", type=Path, required=True, help="a new folder for them (private keys are written 0600)")
     keys_init.add_argument("--lab", default="Forensic lab", help="the lab's name, for the certificates")
 
-    report = commands.add_parser("report", help="regenerate a job's report.html from its folder (byte-identical for a finished job)")
+    report = commands.add_parser("report", parents=after_command,
+                                 help="regenerate a job's report.html from its folder (byte-identical for a finished job)")
     report.add_argument("job_out", type=Path)
     report.add_argument("--out", type=Path, default=None, help="write the report here instead of into the job folder")
 
-    status = commands.add_parser("status", help="queue, jobs in progress and last results, from the folders")
+    status = commands.add_parser("status", parents=after_command, help="queue, jobs in progress and last results, from the folders")
     status.add_argument("--outbox", type=Path, default=None, help="the outbox (default: [daemon] outbox of config.toml)")
     status.add_argument("--inbox", type=Path, default=None, help="count the folders waiting here, if it exists (default: inbox/ beside "
                         "--outbox, else [daemon] inbox of config.toml)")
@@ -85,20 +89,23 @@ def main(argv: list[str] | None = None) -> int:
     status.add_argument("--last", type=int, default=10, help="how many results to list")
     status.add_argument("--json", action="store_true", help="print JSON instead of text")
 
-    example = commands.add_parser("example", help="write an example subject folder from a photo a package ships")
+    example = commands.add_parser("example", parents=after_command, help="write an example subject folder from a photo a package ships")
     example.add_argument("folder", type=Path)
 
-    models = commands.add_parser("models", help="model utilities")
+    models = commands.add_parser("models", parents=after_command, help="model utilities")
     model_commands = models.add_subparsers(dest="models_command", required=True)
-    make_demo = model_commands.add_parser("make-demo", help="build the tiny demo diffusion model (random weights, fixed seed) into a folder")
+    make_demo = model_commands.add_parser("make-demo", parents=after_command,
+                                          help="build the tiny demo diffusion model (random weights, fixed seed) into a folder")
     make_demo.add_argument("folder", type=Path)
-    convert = model_commands.add_parser("convert-faceid", help="stage a published IP-Adapter-FaceID .bin as a folder holding faceid.safetensors "
-                                                               "(read with torch's weights-only unpickler; the engine never unpickles at run time)")
+    convert = model_commands.add_parser("convert-faceid", parents=after_command,
+                                        help="stage a published IP-Adapter-FaceID .bin as a folder holding faceid.safetensors "
+                                             "(read with torch's weights-only unpickler; the engine never unpickles at run time)")
     convert.add_argument("bin", type=Path)
     convert.add_argument("folder", type=Path, help="e.g. <models>/faceid; then set models.faceid = \"faceid\"")
     check = model_commands.add_parser(
-        "check", help="pre-flight: every model the configuration uses, staged or missing, with path, size and sha256 "
-                      "(exit 0 only when every needed one is there)")
+        "check", parents=after_command,
+        help="pre-flight: every model the configuration uses, staged or missing, with path, size and sha256 "
+             "(exit 0 only when every needed one is there)")
     check.add_argument("--until", choices=all_stage_names(), default=None, help="only the models of the stages up to this one")
     check.add_argument("--demo", action="store_true", help="as `run --demo` would (the tiny generated diffusion model)")
     check.add_argument("--no-hash", action="store_true", help="sizes only, no sha256 (quick)")

@@ -1,9 +1,10 @@
 """What the two command lines (`python -m engine`, `python -m daemon`) share: where config.toml
-is, the folders it names, and JSON log lines. One owner, so that the CLIs cannot drift apart
-(issue 14)."""
+is, the folders it names, the options every command takes, and JSON log lines. One owner, so
+that the CLIs cannot drift apart (issue 14)."""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import logging
 from collections.abc import Callable
@@ -18,6 +19,7 @@ from engine.jobfolder import Folders, FolderSettings
 from engine.schema import INVALID, build
 
 DEFAULT_CONFIG = "config.toml"
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 def find_config(given: Path | None) -> Path | None:
@@ -27,6 +29,19 @@ def find_config(given: Path | None) -> Path | None:
         return given
     default = Path(DEFAULT_CONFIG)
     return default if default.is_file() else None
+
+
+def global_options(*, after_command: bool) -> argparse.ArgumentParser:
+    """The options every command takes, before or after its sub-command, as a parent parser
+    (`parents=[...]`). The main parser's copy holds the defaults; each sub-command's copy
+    (`after_command=True`) defaults to SUPPRESS, because argparse copies a sub-parser's values
+    over the main parser's: a default there would undo `--config X` given before the sub-command."""
+    options = argparse.ArgumentParser(add_help=False)
+    options.add_argument("--config", type=Path, default=argparse.SUPPRESS if after_command else None,
+                         help="config.toml (default: ./config.toml if present, else built-in defaults)")
+    options.add_argument("--log-level", default=argparse.SUPPRESS if after_command else "info", choices=LOG_LEVELS,
+                         help="the least level of the JSON log lines (default info)")
+    return options
 
 
 def configured_folders(settings: Settings, where: str = DEFAULT_CONFIG) -> Folders:

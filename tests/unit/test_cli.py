@@ -114,3 +114,19 @@ def test_engine_commands_take_the_folders_config_toml_names_when_none_is_given(t
     (config.parent / "not-a-folder").write_text("")
     assert engine_main(["--config", str(config), "run", str(shared / "in" / "alice")]) == 2
     assert f"{config.parent / 'not-a-folder'}" in capsys.readouterr().err
+
+
+def test_config_and_log_level_mean_the_same_before_and_after_the_command(tmp_path, monkeypatch, capsys):
+    config = _lab(tmp_path)
+    _elsewhere(tmp_path, monkeypatch)
+    outputs = {}
+    for cli, argv in (("engine", ["status", "--json"]), ("daemon", ["status", "--json"])):
+        main = engine_main if cli == "engine" else daemon_main
+        for where, args in (("before", ["--config", str(config), "--log-level", "warning", *argv]),
+                            ("after", [*argv, "--config", str(config), "--log-level", "warning"]),
+                            ("split", ["--config", str(config), argv[0], "--log-level", "warning", *argv[1:]])):
+            assert main(args) == 0, (cli, where)
+            outputs[cli, where] = json.loads(capsys.readouterr().out)
+        assert outputs[cli, "before"] == outputs[cli, "after"] == outputs[cli, "split"], cli
+    assert outputs["engine", "after"]["outbox"] == str(config.parent / "shared" / "out")  # not ./config.toml's
+    assert outputs["daemon", "after"]["inbox"] == str(config.parent / "shared" / "in")
