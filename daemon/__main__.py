@@ -20,7 +20,8 @@ denoising step in seed discovery and rendering, the next checkpoint in training)
 claim (it resumes later, here or in another daemon) and exits 0; a second signal exits at once.
 
 Exit codes: 0 stopped cleanly, 2 refused to start (configuration, installation, a folder that
-cannot be written, a daemon id already in use; the message says what to fix), 1 anything else.
+cannot be written, a daemon id already in use; the message says what to fix), 1 anything else;
+141 its output's reader went away (`status | head -1`).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from engine import (
     configure_json_logging,
     find_config,
     global_options,
+    run_command,
 )
 
 FOLDERS = ("inbox", "outbox", "failed", "work")
@@ -225,10 +227,4 @@ def _load_config(given: Path | None) -> tuple[Settings, Any]:
 
 
 if __name__ == "__main__":
-    exit_code = main()
-    # Skip the interpreter's teardown of torch, transformers and onnxruntime (about 2 s per
-    # process, measured): every file this process writes is already fsynced, its log lines
-    # are flushed here, and no thread of it has work left.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(exit_code)
+    run_command(main)  # exits: quietly on a closed pipe (`status | head -1`), without the interpreter's slow teardown

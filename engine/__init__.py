@@ -34,6 +34,7 @@ _PUBLIC = {
     "find_config": "engine.cli",  # the CLIs' shared set-up
     "configure_json_logging": "engine.cli",
     "global_options": "engine.cli",
+    "run_command": "engine.cli",
 }
 
 __all__ = list(_PUBLIC)

@@ -14,7 +14,7 @@ import structlog
 
 from daemon.__main__ import main as daemon_main
 from engine.__main__ import main as engine_main
-from engine.cli import configure_json_logging, find_config
+from engine.cli import BROKEN_PIPE_EXIT, configure_json_logging, find_config
 from tests.conftest import REPO
 
 
@@ -130,3 +130,17 @@ def test_config_and_log_level_mean_the_same_before_and_after_the_command(tmp_pat
         assert outputs[cli, "before"] == outputs[cli, "after"] == outputs[cli, "split"], cli
     assert outputs["engine", "after"]["outbox"] == str(config.parent / "shared" / "out")  # not ./config.toml's
     assert outputs["daemon", "after"]["inbox"] == str(config.parent / "shared" / "in")
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly(tmp_path):
+    from tests.unit.test_audit import _finished_job
+
+    job = _finished_job(tmp_path / "job")
+    config = _lab(tmp_path)
+    for command in (["engine", "verify-audit", str(job)], ["daemon", "status", "--config", str(config)]):
+        # `... | head -1` once head has its line: the read end is closed before the command writes.
+        process = subprocess.Popen([sys.executable, "-m", *command], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                   env=dict(os.environ, PYTHONPATH=str(REPO)))
+        process.stdout.close()
+        err = process.stderr.read()
+        assert process.wait(60) == BROKEN_PIPE_EXIT and "Traceback" not in err, (command, err)
