@@ -11,13 +11,17 @@ needs no running daemon: see daemon/status.py. `health` asks a running daemon's 
 whether it claims jobs (the container's healthcheck).
 
 Settings come from config.toml's [daemon] table; flags override them (flag paths are relative
-to the current folder). Logs are JSON lines on stdout, one event per line, each with `daemon_id`.
+to the current folder). --config and --log-level go before or after `status` and `health`, and
+so do the folders for `status` (the container's entry point names them, and `status` may follow
+it); the daemon's other options are ignored there. Logs are JSON lines on stdout, one event per
+line, each with `daemon_id`; a refusal to start is one of them, `refused_to_start`, and only there.
 SIGTERM (or Ctrl-C) stops claiming, lets the job in flight reach its next safe point (the next
 denoising step in seed discovery and rendering, the next checkpoint in training), releases its
 claim (it resumes later, here or in another daemon) and exits 0; a second signal exits at once.
 
 Exit codes: 0 stopped cleanly, 2 refused to start (configuration, installation, a folder that
-cannot be written, a daemon id already in use; the message says what to fix), 1 anything else.
+cannot be written, a daemon id already in use; the message says what to fix), 1 anything else;
+141 its output's reader went away (`status | head -1`).
 """
 
 from __future__ import annotations
@@ -34,19 +38,35 @@ from typing import Any
 import prometheus_client
 import structlog
 
-from engine import ConfigError, Settings, configure_json_logging, find_config
+from engine import (
+    ConfigError,
+    Settings,
+    configure_json_logging,
+    find_config,
+    global_options,
+    run_command,
+)
+
+FOLDERS = ("inbox", "outbox", "failed", "work")
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["status"]:
-        return status_main(argv[1:])
-    if argv[:1] == ["health"]:
-        return health_main(argv[1:])
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command == "status":
+        return status_main(args)
+    if args.command == "health":
+        return health_main(args)
+    return _run_daemon(args, parser)
+
+
+def _parser() -> argparse.ArgumentParser:
+    """One parser: the daemon's own options on the main parser (running it has no command name),
+    `status` and `health` as sub-commands. The options a command shares with the daemon
+    (engine.cli.global_options; the folders, for `status`) are declared on the command too, with
+    SUPPRESS as default, so that one given before the command is not undone by its absence after it."""
     parser = argparse.ArgumentParser(prog="python -m daemon", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="other commands: python -m daemon status --help (the shared folders, no daemon needed); "
-                                            "python -m daemon health --help (the container's healthcheck)")
-    parser.add_argument("--config", type=Path, default=None, help="config.toml (default: ./config.toml if present, else built-in defaults)")
+                                     parents=[global_options(after_command=False)])
     parser.add_argument("--inbox", type=Path, help="the watched folder (overrides [daemon] inbox)")
     parser.add_argument("--outbox", type=Path, help="where finished jobs go (overrides [daemon] outbox)")
     parser.add_argument("--failed", type=Path, help="where refused/failed jobs go (default: failed/ beside the outbox)")
@@ -58,9 +78,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backend", choices=("local", "ray"), help="where claimed jobs run: this process, or a Ray cluster ([daemon.ray]; "
                                                                     "overrides [daemon] backend)")
     parser.add_argument("--demo", action="store_true", help="use the tiny generated diffusion model (noise renders, marked as demo)")
-    parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
-    args = parser.parse_args(argv)
+    after_command = [global_options(after_command=True)]
+    commands = parser.add_subparsers(dest="command", metavar="[status|health]", help="without one: run the daemon")
 
+    status = commands.add_parser("status", parents=after_command, help="the shared folders: queue, claims and their leases, progress, "
+                                 "last results (no daemon needed)", description="queue, claims and their leases, progress, last results")
+    for name in FOLDERS:
+        status.add_argument(f"--{name}", type=Path, default=argparse.SUPPRESS, help=f"override [daemon] {name}")
+    status.add_argument("--last", type=int, default=10, help="how many results to list")
+    status.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+    health = commands.add_parser("health", parents=after_command, help="the container's healthcheck", description=health_main.__doc__)
+    health.add_argument("--port", type=int, default=None, help="the metrics port (default: [daemon] metrics_port)")
+    health.add_argument("--timeout", type=float, default=5.0)
+    return parser
+
+
+def _run_daemon(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # air-gapped: never reach for the hub
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     from daemon.service import Service, default_daemon_id
@@ -68,10 +102,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings, daemon = _load_config(args.config)
     except ConfigError as error:
-        print(f"refused to start: {error}", file=sys.stderr)
-        return 2
+        configure_logging(args.log_level, args.daemon_id or default_daemon_id())  # the config's daemon_id is not known
+        return _refused(error)
     overrides: dict[str, Any] = {}
-    for name in ("inbox", "outbox", "failed", "work"):
+    for name in FOLDERS:
         if getattr(args, name) is not None:
             overrides[name] = str(getattr(args, name).resolve())
     if args.metrics_port is not None:
@@ -103,41 +137,32 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return service.run()
     except ConfigError as error:
-        structlog.get_logger("daemon").error("refused_to_start", code=error.code, message=error.message)
-        print(f"refused to start: {error}", file=sys.stderr)
-        return 2
+        return _refused(error)
     except Exception:  # noqa: BLE001 - logged with its traceback; claims are left to their leases
         structlog.get_logger("daemon").exception("daemon_crashed")
         return 1
 
 
-def status_main(argv: list[str]) -> int:
+def status_main(args: argparse.Namespace) -> int:
     """`python -m daemon status`: the folders the daemons share, as a person at a terminal wants them."""
     import json
 
     from daemon.settings import DaemonPaths
     from daemon.status import daemon_status, format_daemon_status
 
-    parser = argparse.ArgumentParser(prog="python -m daemon status", description="queue, claims and their leases, progress, last results")
-    parser.add_argument("--config", type=Path, default=None, help="config.toml (default: ./config.toml if present)")
-    for name in ("inbox", "outbox", "failed", "work"):
-        parser.add_argument(f"--{name}", type=Path, help=f"override [daemon] {name}")
-    parser.add_argument("--last", type=int, default=10, help="how many results to list")
-    parser.add_argument("--json", action="store_true", help="print JSON instead of text")
-    args = parser.parse_args(argv)
     try:
         settings, daemon = _load_config(args.config)
     except ConfigError as error:
         print(f"cannot read the configuration: {error}", file=sys.stderr)
         return 2
-    overrides = {name: str(getattr(args, name).resolve()) for name in ("inbox", "outbox", "failed", "work") if getattr(args, name) is not None}
+    overrides = {name: str(getattr(args, name).resolve()) for name in FOLDERS if getattr(args, name) is not None}
     paths = DaemonPaths.resolve(dataclasses.replace(daemon, **overrides), settings.root)  # as the daemon itself resolves them
     status = daemon_status(paths.inbox, paths.work, paths.outbox, paths.failed, stable_seconds=daemon.stable_seconds, last=args.last)
     print(json.dumps(status.to_plain(), indent=2) if args.json else format_daemon_status(status), end="\n" if args.json else "")
     return 0
 
 
-def health_main(argv: list[str]) -> int:
+def health_main(args: argparse.Namespace) -> int:
     """`python -m daemon health`: the container's healthcheck. Reads the daemon's own /metrics and
     prints one line: "ready", "waiting for models: ...", "claiming paused: ..." or why /metrics
     did not answer. Exit 0 only when ready (docker shows the line in `docker inspect`)."""
@@ -145,11 +170,6 @@ def health_main(argv: list[str]) -> int:
 
     from prometheus_client.parser import text_string_to_metric_families
 
-    parser = argparse.ArgumentParser(prog="python -m daemon health", description=health_main.__doc__)
-    parser.add_argument("--config", type=Path, default=None, help="config.toml (default: ./config.toml if present)")
-    parser.add_argument("--port", type=int, default=None, help="the metrics port (default: [daemon] metrics_port)")
-    parser.add_argument("--timeout", type=float, default=5.0)
-    args = parser.parse_args(argv)
     try:
         _settings, daemon = _load_config(args.config)
     except ConfigError as error:
@@ -177,6 +197,15 @@ def health_main(argv: list[str]) -> int:
     return 0
 
 
+def _refused(error: ConfigError) -> int:
+    """A refusal to start, shown once: the `refused_to_start` line on stdout, with the daemon's
+    other events (where its log collector and the tests read them); exit code 2."""
+    more = error.unstated_problems()  # the message names the first few
+    structlog.get_logger("daemon").error("refused_to_start", code=error.code, message=error.message,
+                                         **({"more_problems": [str(problem) for problem in more]} if more else {}))
+    return 2
+
+
 def configure_logging(level: str, daemon_id: str) -> None:
     """JSON event lines on stdout for every logger of the process (engine's too), each with daemon_id."""
 
@@ -198,10 +227,4 @@ def _load_config(given: Path | None) -> tuple[Settings, Any]:
 
 
 if __name__ == "__main__":
-    exit_code = main()
-    # Skip the interpreter's teardown of torch, transformers and onnxruntime (about 2 s per
-    # process, measured): every file this process writes is already fsynced, its log lines
-    # are flushed here, and no thread of it has work left.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(exit_code)
+    run_command(main)  # exits: quietly on a closed pipe (`status | head -1`), without the interpreter's slow teardown

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from engine import ConfigError, Settings
-from engine.jobfolder import is_hidden_name, probe_folder, probe_job_targets, probe_rename
+from engine.jobfolder import FolderSettings, is_hidden_name, probe_folder, probe_job_targets, probe_rename
 from engine.schema import INVALID, Bool, Float, Int, Problem, Str, Table, build, rule
 
 BACKENDS = ("local", "ray")
@@ -38,14 +38,11 @@ class RaySettings:
 
 
 @dataclass(frozen=True)
-class DaemonSettings:
-    """config.toml's [daemon] table. Paths are relative to the config file's folder."""
+class DaemonSettings(FolderSettings):
+    """config.toml's [daemon] table: the folders (inbox, outbox, failed, work: engine.jobfolder's
+    FolderSettings, which `python -m engine` reads too; relative to the config file's folder),
+    then the daemon's own keys."""
 
-    inbox: str = field(default="inbox", metadata=rule(Str(min_len=1, max_len=4096)))
-    outbox: str = field(default="outbox", metadata=rule(Str(min_len=1, max_len=4096)))
-    failed: str = field(default="", metadata=rule(Str(max_len=4096)))  # "": failed/ beside the outbox
-    # Claimed jobs; must be on the inbox's file system (claiming is a rename). "": work/ beside the inbox.
-    work: str = field(default="", metadata=rule(Str(max_len=4096)))
     # A folder with job.toml is ready when nothing in it changed for this long (or at once with a READY file).
     stable_seconds: float = field(default=10.0, metadata=rule(Float(0.0, 86_400.0)))
     # Full listing of the inbox and the work area, whatever the watcher reported.
@@ -106,11 +103,8 @@ class DaemonPaths:
 
     @classmethod
     def resolve(cls, daemon: DaemonSettings, root: Path) -> "DaemonPaths":
-        inbox = (Path(root) / daemon.inbox).resolve()
-        outbox = (Path(root) / daemon.outbox).resolve()
-        failed = (Path(root) / daemon.failed).resolve() if daemon.failed else outbox.parent / "failed"
-        work = (Path(root) / daemon.work).resolve() if daemon.work else inbox.parent / "work"
-        return cls(inbox=inbox, outbox=outbox, failed=failed, work=work)
+        folders = daemon.folders(root)  # the rule `python -m engine` follows too
+        return cls(inbox=folders.inbox, outbox=folders.outbox, failed=folders.failed, work=folders.work)
 
     def prepare(self) -> None:
         """Create the folders; refuse layouts that would lose atomicity or be mistaken for jobs,

@@ -33,6 +33,8 @@ _PUBLIC = {
     "JobOutcome": "engine.lifecycle",  # a run's outcome; StrEnum, equal to the plain strings
     "find_config": "engine.cli",  # the CLIs' shared set-up
     "configure_json_logging": "engine.cli",
+    "global_options": "engine.cli",
+    "run_command": "engine.cli",
 }
 
 __all__ = list(_PUBLIC)

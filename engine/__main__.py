@@ -1,19 +1,25 @@
 """Command line: run one job, verify an audit trail, make an example subject.
 
-    python -m engine run inbox/alice --outbox outbox [--until embed] [--config config.toml]
+    python -m engine run inbox/alice [--outbox outbox] [--until embed] [--config config.toml]
     python -m engine verify-audit outbox/alice/<job-id> [--trusted-key PUB.pem] [--trusted-ca CA.pem] [--allow-unsigned]
-    python -m engine verify-journal outbox [--failed DIR] [--trusted-key PUB.pem] [--trusted-ca CA.pem] [--allow-unsigned]
+    python -m engine verify-journal [outbox] [--failed DIR] [--trusted-key PUB.pem] [--trusted-ca CA.pem] [--allow-unsigned]
     python -m engine keys init --out DIR [--lab NAME]
     python -m engine report outbox/alice/<job-id> [--out DIR]
-    python -m engine status --outbox outbox [--inbox inbox] [--last 10] [--json]
+    python -m engine status [--outbox outbox] [--inbox inbox] [--last 10] [--json]
     python -m engine example inbox/astronaut
     python -m engine models make-demo models/demo
     python -m engine models check [--until embed] [--demo] [--no-hash] [--json]
+
+--config and --log-level go before or after the command. A folder not given (the outbox, failed/,
+the inbox) is the one config.toml's [daemon] table names, as the daemon uses it; an --outbox given
+brings its neighbours instead: failed/ and inbox/ beside it. A reader that closes the output early
+(`| head -1`) ends a command quietly with exit code 141.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -21,9 +27,9 @@ from pathlib import Path
 
 
 from engine.audit import verify_audit
-from engine.cli import configure_json_logging, find_config
+from engine.cli import Folders, configure_json_logging, configured_folders, find_config, global_options, run_command
 from engine.config import Settings
-from engine.errors import ConfigError
+from engine.errors import ConfigError, Problem, unstated_problems
 from engine.example import write_example_subject
 from engine.kinds import all_stage_names
 from engine.lifecycle import JobOutcome
@@ -31,25 +37,29 @@ from engine.status import ProgressObserver
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m engine", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", type=Path, default=None, help="config.toml (default: ./config.toml if present, else built-in defaults)")
-    parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    parser = argparse.ArgumentParser(prog="python -m engine", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     parents=[global_options(after_command=False)])
+    after_command = [global_options(after_command=True)]  # every sub-command takes them too
     commands = parser.add_subparsers(dest="command", required=True)
 
-    run = commands.add_parser("run", help="run (or resume) one job folder")
+    run = commands.add_parser("run", parents=after_command, help="run (or resume) one job folder")
     run.add_argument("job", type=Path, help="the job folder: 1-3 photos + job.toml")
-    run.add_argument("--outbox", type=Path, required=True, help="where the finished job goes (<outbox>/<subject>/<job-id>/); "
-                     "its work area is <outbox>/.work/")
-    run.add_argument("--failed", type=Path, default=None, help="where refused jobs go (default: failed/ beside the outbox)")
+    run.add_argument("--outbox", type=Path, default=None, help="where the finished job goes (<outbox>/<subject>/<job-id>/); "
+                     "its work area is <outbox>/.work/ (default: [daemon] outbox of config.toml)")
+    run.add_argument("--failed", type=Path, default=None, help="where refused jobs go (default: failed/ beside --outbox, else "
+                     "[daemon] failed of config.toml)")
     run.add_argument("--until", choices=all_stage_names(), default=None, help="stop after this stage")
     run.add_argument("--job-id", default=None, help="resume this job id (default: the unfinished job of this folder, or a new one)")
     run.add_argument("--demo", action="store_true", help="use the tiny generated diffusion model (noise renders, marked as demo); also models.base = \"demo\"")
 
-    verify = commands.add_parser("verify-audit", help="check a job's audit chain, manifest, inputs, signed head, journal line and images' credentials")
+    verify = commands.add_parser("verify-audit", parents=after_command,
+                                 help="check a job's audit chain, manifest, inputs, signed head, journal line and images' credentials")
     verify.add_argument("job_out", type=Path)
-    journal = commands.add_parser("verify-journal", help="check a whole outbox: every job is in its journal, and each is as signed")
-    journal.add_argument("outbox", type=Path)
-    journal.add_argument("--failed", type=Path, default=None, help="the failed jobs' folder (default: failed/ beside the outbox)")
+    journal = commands.add_parser("verify-journal", parents=after_command,
+                                  help="check a whole outbox: every job is in its journal, and each is as signed")
+    journal.add_argument("outbox", type=Path, nargs="?", default=None, help="the outbox (default: [daemon] outbox of config.toml)")
+    journal.add_argument("--failed", type=Path, default=None, help="the failed jobs' folder (default: failed/ beside the outbox given, "
+                         "else [daemon] failed of config.toml)")
     for checker in (verify, journal):
         checker.add_argument("--trusted-key", type=Path, default=None,
                              help="the lab's audit-signing.pub.pem (default: the one in [trust] keys of --config, if any)")
@@ -60,37 +70,43 @@ def main(argv: list[str] | None = None) -> int:
                              help="with a trusted key, accept unsigned jobs and journal lines instead of failing them (a lab that ran "
                                   "without keys for a while)")
 
-    keys = commands.add_parser("keys", help="the lab's signing keys")
+    keys = commands.add_parser("keys", parents=after_command, help="the lab's signing keys")
     key_commands = keys.add_subparsers(dest="keys_command", required=True)
-    keys_init = key_commands.add_parser("init", help="make a new set of lab keys (offline): audit signing key, lab CA, content signer")
+    keys_init = key_commands.add_parser("init", parents=after_command,
+                                        help="make a new set of lab keys (offline): audit signing key, lab CA, content signer")
     keys_init.add_argument("--out", type=Path, required=True, help="a new folder for them (private keys are written 0600)")
     keys_init.add_argument("--lab", default="Forensic lab", help="the lab's name, for the certificates")
 
-    report = commands.add_parser("report", help="regenerate a job's report.html from its folder (byte-identical for a finished job)")
+    report = commands.add_parser("report", parents=after_command,
+                                 help="regenerate a job's report.html from its folder (byte-identical for a finished job)")
     report.add_argument("job_out", type=Path)
     report.add_argument("--out", type=Path, default=None, help="write the report here instead of into the job folder")
 
-    status = commands.add_parser("status", help="queue, jobs in progress and last results, from the folders")
-    status.add_argument("--outbox", type=Path, required=True)
-    status.add_argument("--inbox", type=Path, default=None, help="count the folders waiting here (default: inbox/ beside the outbox, if any)")
-    status.add_argument("--failed", type=Path, default=None, help="failed jobs (default: failed/ beside the outbox)")
+    status = commands.add_parser("status", parents=after_command, help="queue, jobs in progress and last results, from the folders")
+    status.add_argument("--outbox", type=Path, default=None, help="the outbox (default: [daemon] outbox of config.toml)")
+    status.add_argument("--inbox", type=Path, default=None, help="count the folders waiting here, if it exists (default: inbox/ beside "
+                        "--outbox, else [daemon] inbox of config.toml)")
+    status.add_argument("--failed", type=Path, default=None, help="failed jobs (default: failed/ beside --outbox, else [daemon] failed)")
     status.add_argument("--last", type=int, default=10, help="how many results to list")
     status.add_argument("--json", action="store_true", help="print JSON instead of text")
 
-    example = commands.add_parser("example", help="write an example subject folder from a photo a package ships")
+    example = commands.add_parser("example", parents=after_command, help="write an example subject folder from a photo a package ships")
     example.add_argument("folder", type=Path)
 
-    models = commands.add_parser("models", help="model utilities")
+    models = commands.add_parser("models", parents=after_command, help="model utilities")
     model_commands = models.add_subparsers(dest="models_command", required=True)
-    make_demo = model_commands.add_parser("make-demo", help="build the tiny demo diffusion model (random weights, fixed seed) into a folder")
+    make_demo = model_commands.add_parser("make-demo", parents=after_command,
+                                          help="build the tiny demo diffusion model (random weights, fixed seed) into a folder")
     make_demo.add_argument("folder", type=Path)
-    convert = model_commands.add_parser("convert-faceid", help="stage a published IP-Adapter-FaceID .bin as a folder holding faceid.safetensors "
-                                                               "(read with torch's weights-only unpickler; the engine never unpickles at run time)")
+    convert = model_commands.add_parser("convert-faceid", parents=after_command,
+                                        help="stage a published IP-Adapter-FaceID .bin as a folder holding faceid.safetensors "
+                                             "(read with torch's weights-only unpickler; the engine never unpickles at run time)")
     convert.add_argument("bin", type=Path)
     convert.add_argument("folder", type=Path, help="e.g. <models>/faceid; then set models.faceid = \"faceid\"")
     check = model_commands.add_parser(
-        "check", help="pre-flight: every model the configuration uses, staged or missing, with path, size and sha256 "
-                      "(exit 0 only when every needed one is there)")
+        "check", parents=after_command,
+        help="pre-flight: every model the configuration uses, staged or missing, with path, size and sha256 "
+             "(exit 0 only when every needed one is there)")
     check.add_argument("--until", choices=all_stage_names(), default=None, help="only the models of the stages up to this one")
     check.add_argument("--demo", action="store_true", help="as `run --demo` would (the tiny generated diffusion model)")
     check.add_argument("--no-hash", action="store_true", help="sizes only, no sha256 (quick)")
@@ -101,7 +117,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "verify-audit":
         return _verify(args.job_out, *_trust_anchors(args), args.require_signed, args.allow_unsigned)
     if args.command == "verify-journal":
-        return _verify_journal(args.outbox, args.failed, *_trust_anchors(args), args.require_signed, args.allow_unsigned)
+        try:
+            folders = _folders(args)
+        except ConfigError as error:
+            print(f"cannot read the configuration: {error}", file=sys.stderr)
+            return 2
+        return _verify_journal(folders.outbox, folders.failed, *_trust_anchors(args), args.require_signed, args.allow_unsigned)
     if args.command == "keys":
         return _keys_init(args.out, args.lab)
     if args.command == "report":
@@ -140,20 +161,20 @@ def _run(args: argparse.Namespace) -> int:
     share or a permission is at fault: nothing was lost, run it again once that is fixed)."""
     from engine.runner import Engine  # imports the model stack; keep `verify-audit` light
 
-    outbox = args.outbox.resolve()
-    failed = args.failed.resolve() if args.failed else outbox.parent / "failed"
     try:
-        Engine.check_folders(outbox, failed)
         settings = Settings.load(find_config(args.config))
+        folders = _folders(args, settings)
+        Engine.check_folders(folders.outbox, folders.failed)
         engine = Engine(settings, demo=args.demo, observer=ProgressObserver(), until=args.until)
-        result = engine.run_job(args.job, outbox, job_id=args.job_id, until=args.until, failed_dir=failed)
+        result = engine.run_job(args.job, folders.outbox, job_id=args.job_id, until=args.until, failed_dir=folders.failed)
     except ConfigError as error:
-        print(f"refused to start: {error}", file=sys.stderr)
+        print(f"refused to start: {error}", file=sys.stderr)  # the one place a refusal is shown; nothing logs it
         return 2
     if result.outcome == JobOutcome.FAILED:
         print(f"job {result.job_id} failed: {result.error['code']}: {result.error['message']}", file=sys.stderr)
-        for problem in result.error.get("problems", []):
-            print(f"  - {problem['where']}: {problem['reason']}", file=sys.stderr)
+        problems = [Problem(problem["where"], problem["reason"]) for problem in result.error.get("problems", [])]
+        for problem in unstated_problems(result.error["message"], problems):
+            print(f"  - {problem}", file=sys.stderr)
         print(f"inputs and error.json are in {result.output_dir}", file=sys.stderr)
         return 1
     if result.outcome == JobOutcome.HELD:
@@ -161,6 +182,22 @@ def _run(args: argparse.Namespace) -> int:
         return 3
     print(json.dumps({"job_id": result.job_id, "subject": result.subject, "outcome": result.outcome, "output": str(result.output_dir)}))
     return 0
+
+
+def _folders(args: argparse.Namespace, settings: Settings | None = None) -> Folders:
+    """The folders a command acts on. Each given on the command line is taken from the current
+    folder. An --outbox given brings its neighbours: failed/ and inbox/ beside it (a layout of
+    its own, as before config.toml named folders for the engine). Without one, the folders of
+    config.toml's [daemon] table, taken from config.toml's folder as the daemon takes them.
+    ConfigError when config.toml cannot be read."""
+    given = {name: getattr(args, name, None) for name in ("inbox", "outbox", "failed")}  # `run` has no --inbox
+    if given["outbox"] is not None:
+        outbox = given["outbox"].resolve()
+        folders = Folders(inbox=outbox.parent / "inbox", outbox=outbox, failed=outbox.parent / "failed", work=outbox.parent / "work")
+    else:
+        config = find_config(args.config)
+        folders = configured_folders(settings or Settings.load(config), str(config or "the built-in defaults"))
+    return dataclasses.replace(folders, **{name: path.resolve() for name, path in given.items() if path is not None})
 
 
 def _models_check(args: argparse.Namespace) -> int:
@@ -288,8 +325,13 @@ def _report(job_out: Path, out: Path | None) -> int:
 def _status(args: argparse.Namespace) -> int:
     from engine.status import format_status, outbox_status
 
-    inbox = args.inbox if args.inbox is not None else args.outbox.parent / "inbox"
-    status = outbox_status(args.outbox, inbox=inbox if inbox.is_dir() else None, failed=args.failed, last=args.last)
+    try:
+        folders = _folders(args)
+    except ConfigError as error:
+        print(f"cannot read the configuration: {error}", file=sys.stderr)
+        return 2
+    inbox = folders.inbox if folders.inbox.is_dir() else None
+    status = outbox_status(folders.outbox, inbox=inbox, failed=folders.failed, last=args.last)
     if args.json:
         print(json.dumps(status.to_plain(), indent=2))
     else:
@@ -304,10 +346,4 @@ def _configure_logging(level: str) -> None:
 
 
 if __name__ == "__main__":
-    exit_code = main()
-    # Skip the interpreter's teardown of torch, transformers and onnxruntime (about 2 s per
-    # process, measured): every file this process writes is already fsynced, its log lines
-    # are flushed here, and no thread of it has work left.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(exit_code)
+    run_command(main)  # exits: quietly on a closed pipe (`| head -1`), without the interpreter's slow teardown

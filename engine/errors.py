@@ -6,6 +6,7 @@ metrics labels); `message` is for the person who has to fix the input.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,10 +41,13 @@ class JobError(Exception):
         super().__init__(self.message)
 
     def __str__(self) -> str:
-        if not self.problems:
-            return f"{self.code}: {self.message}"
-        lines = [f"{self.code}: {self.message}"] + [f"  - {p}" for p in self.problems]
-        return "\n".join(lines)
+        """The code and message, then each problem the message does not already state: what a
+        command line prints, every problem once."""
+        return "\n".join([f"{self.code}: {self.message}"] + [f"  - {p}" for p in self.unstated_problems()])
+
+    def unstated_problems(self) -> list[Problem]:
+        """The problems the message does not already state (see `unstated_problems`)."""
+        return unstated_problems(self.message, self.problems)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -52,6 +56,13 @@ class JobError(Exception):
             "problems": [{"where": p.where, "reason": p.reason} for p in self.problems],
             "details": self.details,
         }
+
+
+def unstated_problems(message: str, problems: Iterable[Problem]) -> list[Problem]:
+    """The problems `message` does not already state. A message names the first few problems as
+    "where: reason" (a config.toml with five problems names three), or is the one problem's
+    reason; printing the list under it in full showed those twice."""
+    return [problem for problem in problems if str(problem) not in message and problem.reason != message]
 
 
 class ConfigError(JobError):

@@ -27,6 +27,7 @@ import os
 import secrets
 import stat
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -37,6 +38,7 @@ from engine.fsutil import (Listing, TreeLimit, atomic_write_bytes, atomic_write_
                            set_umask, share_modes, shared_file_mode, tree_listing, utf8_safe, walk_tree)
 from engine.job import JOB_FILE, MAX_FOLDER_DEPTH, MAX_FOLDER_ENTRIES, is_hidden_name, is_temporary_name, safe_subject_name  # noqa: F401
 from engine.kinds import all_stage_names  # noqa: F401 - plain data: the daemon's metrics label stages with it
+from engine.schema import Str, rule
 
 WORK_DIR = ".work"
 INPUTS_DIR = "inputs"
@@ -54,6 +56,38 @@ DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
 UNWRITABLE = frozenset({errno.EROFS, errno.EACCES, errno.EPERM})
 SHARE_TROUBLE = frozenset({errno.EIO, errno.ESTALE, errno.ENOTCONN, errno.ETIMEDOUT, errno.EHOSTDOWN, errno.EHOSTUNREACH,
                            errno.ENODEV, errno.ENXIO, errno.ENOLINK, errno.EREMOTEIO, errno.ECONNRESET, errno.ECONNABORTED})
+
+
+@dataclass(frozen=True)
+class Folders:
+    """The folders a job passes through, absolute: inbox/ -> work/ -> outbox/ | failed/."""
+
+    inbox: Path
+    outbox: Path
+    failed: Path
+    work: Path
+
+
+@dataclass(frozen=True)
+class FolderSettings:
+    """config.toml's names for those folders, in its [daemon] table (daemon/settings.py's
+    DaemonSettings extends this with the rest of it): relative to config.toml's folder, or
+    absolute. Declared in the engine so that `python -m engine` (engine.cli.configured_folders)
+    finds the daemon's folders without importing the daemon."""
+
+    inbox: str = field(default="inbox", metadata=rule(Str(min_len=1, max_len=4096)))
+    outbox: str = field(default="outbox", metadata=rule(Str(min_len=1, max_len=4096)))
+    failed: str = field(default="", metadata=rule(Str(max_len=4096)))  # "": failed/ beside the outbox
+    # Claimed jobs; must be on the inbox's file system (claiming is a rename). "": work/ beside the inbox.
+    work: str = field(default="", metadata=rule(Str(max_len=4096)))
+
+    def folders(self, root: Path) -> Folders:
+        """The folders, taken from `root` (config.toml's folder): the one rule for both CLIs and the daemon."""
+        inbox = (Path(root) / self.inbox).resolve()
+        outbox = (Path(root) / self.outbox).resolve()
+        failed = (Path(root) / self.failed).resolve() if self.failed else outbox.parent / "failed"
+        work = (Path(root) / self.work).resolve() if self.work else inbox.parent / "work"
+        return Folders(inbox=inbox, outbox=outbox, failed=failed, work=work)
 
 
 class Fence(Protocol):
