@@ -68,6 +68,8 @@ class GpuMemoryCollector(Collector):
                 allocated, reserved = torch.cuda.memory_allocated(), torch.cuda.memory_reserved()
         except RuntimeError:
             pass  # CUDA in a bad state: the engine will report it; a scrape must not fail
+        except AttributeError:
+            pass  # torch half imported (the engine is loading it): no CUDA yet
         family.add_metric(["allocated"], allocated)
         family.add_metric(["reserved"], reserved)
         yield family
