@@ -177,7 +177,7 @@ def health_main(args: argparse.Namespace) -> int:
         return 1
     port = args.port if args.port is not None else daemon.metrics_port
     host = "127.0.0.1" if daemon.metrics_host in ("0.0.0.0", "::", "") else daemon.metrics_host
-    url = f"http://{host}:{port}/metrics"
+    url = f"http://[{host}]:{port}/metrics" if ":" in host else f"http://{host}:{port}/metrics"  # an IPv6 address (::1)
     try:
         with urllib.request.urlopen(url, timeout=args.timeout) as response:  # noqa: S310 - our own loopback port
             text = response.read().decode("utf-8")

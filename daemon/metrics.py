@@ -14,24 +14,37 @@ nothing about Prometheus:
     (the same events, through engine.status.StageProgress)      work done / planned in the stage running
 Job outcomes, queue depth and claims are set by the service.
 
-The /metrics server answers from a small fixed pool of threads (METRICS_THREADS), with a
-timeout on every connection: a scraper, or anything else that connects and says nothing, can
-hold up at most that many threads, never one thread per connection.
+The /metrics server (`MetricsServer`) is an asyncio event loop in one daemon thread, so that
+nothing that connects can make a scrape wait or the daemon's stop hang (it was wsgiref's server
+on a pool of 4 threads: 150 connections that said half a request, or 4 that sent a byte every
+2 s, held every thread; and its shutdown waited for them). A connection costs a few kilobytes,
+never a thread. Each has METRICS_REQUEST_SECONDS from accept to the end of its request head,
+whatever trickles in; at most METRICS_MAX_CONNECTIONS are open, a new one evicting the oldest
+whose request is not complete (else the oldest); one request per connection (`Connection:
+close`), its head at most METRICS_MAX_HEAD_BYTES. GET and HEAD of /metrics only; the body is
+prometheus_client's (text format, or OpenMetrics when the Accept header asks for it; gzip when
+accepted; `?name[]=` keeps only those metrics). `close()` drops every connection and waits for
+no client.
 """
 
 from __future__ import annotations
 
+import asyncio
+import gzip
 import math
+import re
 import socket
 import sys
 import threading
 from collections.abc import Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from http import HTTPStatus
 from typing import Any
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+from urllib.parse import parse_qs, urlsplit
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, make_wsgi_app
+import structlog
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.exposition import choose_encoder, gzip_accepted
 from prometheus_client.registry import Collector
 
 from engine import JobOutcome
@@ -41,8 +54,14 @@ from engine.status import StageProgress
 CRASHED = "crashed"
 # Every engine.JobOutcome a daemon's run can end in (not partial: it never stops at --until), and CRASHED.
 OUTCOMES = tuple(o.value for o in JobOutcome if o != JobOutcome.PARTIAL) + (CRASHED,)
-METRICS_THREADS = 4  # requests answered at once; more wait in the listen backlog
-METRICS_CONNECTION_TIMEOUT_SECONDS = 5.0  # a connection that sends no request for this long is closed
+METRICS_MAX_CONNECTIONS = 64  # open at once; a new connection evicts the oldest whose request is not complete
+METRICS_REQUEST_SECONDS = 5.0  # from accept to the end of the request head, whatever trickles in; then closed
+METRICS_RESPONSE_SECONDS = 10.0  # to hand the response over and see the client hang up (one that reads nothing)
+METRICS_MAX_HEAD_BYTES = 8192  # request line and headers; more: 431 and closed
+# Connections the kernel holds until accepted (past it, a connect waits 1 s for its retry); also the
+# most accepted in one go, so that open sockets stay below this + METRICS_MAX_CONNECTIONS.
+METRICS_LISTEN_BACKLOG = 256
+METRICS_CLOSE_SECONDS = 0.5  # close() waits at most this long for the server's thread
 # Identity drift = 1 - cosine similarity, 0 (same face) .. 2; the lock threshold is 0.18.
 DRIFT_BUCKETS = (0.05, 0.1, 0.15, 0.18, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0, 1.5, 2.0)
 STAGE_BUCKETS = (0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200)
@@ -68,6 +87,8 @@ class GpuMemoryCollector(Collector):
                 allocated, reserved = torch.cuda.memory_allocated(), torch.cuda.memory_reserved()
         except RuntimeError:
             pass  # CUDA in a bad state: the engine will report it; a scrape must not fail
+        except AttributeError:
+            pass  # torch half imported (the engine is loading it): no CUDA yet
         family.add_metric(["allocated"], allocated)
         family.add_metric(["reserved"], reserved)
         yield family
@@ -141,19 +162,17 @@ class DaemonMetrics:
             self.evaluate_cells.labels(face)
         self._phase = ""
         self.progress = StageProgress()
-        self._server: Any = None
+        self._server: MetricsServer | None = None
 
     def serve(self, host: str, port: int) -> int:
-        """Start the /metrics HTTP server (a thread, plus its bounded pool); returns the port (port 0: a free one)."""
-        self._server = make_server(host, port, make_wsgi_app(self.registry), server_class=_PooledWSGIServer, handler_class=_QuietHandler)
-        threading.Thread(target=self._server.serve_forever, name="metrics-server", daemon=True).start()
-        return int(self._server.server_port)
+        """Start the /metrics HTTP server (one thread); returns the port (port 0: a free one).
+        Raises OSError when it cannot listen on host:port."""
+        self._server = MetricsServer(self.registry, host, port)
+        return self._server.port
 
     def close(self) -> None:
         if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server.pool.shutdown(wait=False, cancel_futures=True)
+            self._server.close()
             self._server = None
 
     def job_ended(self, outcome: str, seconds: float, code: str | None = None) -> None:
@@ -241,35 +260,190 @@ class DaemonMetrics:
             self.stage_in_progress.labels(sample.labels["stage"]).set(0)
 
 
-class _PooledWSGIServer(WSGIServer):
-    """wsgiref's server with its requests handed to a fixed pool of threads (prometheus_client's
-    own server starts one thread per connection, without bound)."""
+class MetricsServer:
+    """GET and HEAD of /metrics over HTTP/1.1, one request per connection, on an asyncio event
+    loop in one daemon thread. Nothing a client does holds a thread or the loop: every
+    connection is closed at its deadline, or sooner when newer ones need its place."""
 
-    daemon_threads = True
-    request_queue_size = 64  # connections waiting in the kernel while every thread is busy
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.pool = ThreadPoolExecutor(max_workers=METRICS_THREADS, thread_name_prefix="metrics")
-        # Accepting stops while every thread is busy: waiting connections stay in the kernel's
-        # backlog, not in a queue of open sockets here.
-        self._slots = threading.BoundedSemaphore(METRICS_THREADS)
-
-    def process_request(self, request: socket.socket, client_address: Any) -> None:
-        request.settimeout(METRICS_CONNECTION_TIMEOUT_SECONDS)
-        self._slots.acquire()
-        self.pool.submit(self._handle, request, client_address)
-
-    def _handle(self, request: socket.socket, client_address: Any) -> None:
+    def __init__(self, registry: CollectorRegistry, host: str, port: int) -> None:
+        self.registry = registry
+        listening = _listening_socket(host, port)  # OSError here: nothing was started
+        self.port = int(listening.getsockname()[1])
+        # Every open connection, oldest first -> whether its request is complete (being answered).
+        self._open: dict[asyncio.StreamWriter, bool] = {}
+        self._loop = asyncio.new_event_loop()
         try:
-            self.finish_request(request, client_address)
-        except Exception:  # noqa: BLE001 - a broken or timed-out connection: drop it
-            pass
+            # Set up here, in the caller's thread, so that close() always finds a server to close.
+            self._server = self._loop.run_until_complete(
+                asyncio.start_server(self._serve_connection, sock=listening, limit=METRICS_MAX_HEAD_BYTES, backlog=METRICS_LISTEN_BACKLOG))
+        except BaseException:
+            listening.close()
+            self._loop.close()
+            raise
+        self._thread = threading.Thread(target=self._run, name="metrics-server", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        """Stop listening and drop every connection at once, answered or not; waits for no
+        client, and at most METRICS_CLOSE_SECONDS for the server's thread."""
+        try:
+            self._loop.call_soon_threadsafe(self._stop)
+        except RuntimeError:
+            return  # the loop is closed already
+        self._thread.join(METRICS_CLOSE_SECONDS)
+
+    def _run(self) -> None:
+        try:
+            self._loop.run_forever()
         finally:
-            self.shutdown_request(request)
-            self._slots.release()
+            # Every connection was aborted: its task sees the end of its stream and returns (not
+            # cancelled: asyncio 3.11 reports a cancelled connection task as an error).
+            tasks = asyncio.all_tasks(self._loop)
+            if tasks:
+                self._loop.run_until_complete(asyncio.wait(tasks, timeout=METRICS_CLOSE_SECONDS))
+            self._loop.close()
+
+    def _stop(self) -> None:
+        self._server.close()
+        for writer in self._open:
+            writer.transport.abort()
+        self._open.clear()
+        self._loop.stop()
+
+    async def _serve_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if len(self._open) >= METRICS_MAX_CONNECTIONS:
+            self._evict()
+        self._open[writer] = False
+        answered = False
+        try:
+            try:
+                async with asyncio.timeout(METRICS_REQUEST_SECONDS):
+                    request = await _read_head(reader)
+                response = self._answer(request) if request is not None else None
+            except _Refused as refused:
+                response = refused.response
+            if response is None or writer not in self._open:
+                return  # the client hung up, or was evicted, before its request was complete
+            self._open[writer] = True
+            writer.transport.set_write_buffer_limits(high=0)  # drain() returns once the kernel has it all
+            writer.write(response)
+            async with asyncio.timeout(METRICS_RESPONSE_SECONDS):
+                await writer.drain()
+                # Unread input makes the kernel reset the connection when it is closed, which may
+                # destroy the response before the client reads it: say we are done, and read
+                # until the client hangs up.
+                writer.write_eof()
+                while await reader.read(4096):
+                    pass
+            answered = True
+        except (TimeoutError, OSError):
+            pass  # past its deadline, reset by the client, or evicted: closed below
+        finally:
+            self._open.pop(writer, None)
+            if answered:
+                writer.close()
+            else:
+                writer.transport.abort()
+
+    def _evict(self) -> None:
+        """Make room for a new connection: drop the oldest whose request is not complete (a
+        slow or silent client), else the oldest."""
+        oldest = next((writer for writer, complete in self._open.items() if not complete), next(iter(self._open)))
+        del self._open[oldest]
+        oldest.transport.abort()
+
+    def _answer(self, request: list[bytes]) -> bytes:
+        """The whole response to a complete request head (request line first)."""
+        parts = request[0].split(b" ")
+        if len(parts) != 3 or not re.fullmatch(rb"HTTP/1\.[0-9]", parts[2]) or not parts[0].isalpha():
+            return _response(HTTPStatus.BAD_REQUEST, b"400 Bad Request: not an HTTP/1.x request line\n")
+        method, target = parts[0].decode("ascii"), parts[1].decode("latin-1")
+        headers = {}
+        for line in request[1:]:
+            name, colon, value = line.partition(b":")
+            if not colon or not name or name != name.strip():
+                return _response(HTTPStatus.BAD_REQUEST, b"400 Bad Request: a header line without a name\n")
+            headers[name.decode("latin-1").lower()] = value.strip().decode("latin-1")
+        url = urlsplit(target)
+        if url.path != "/metrics":
+            return _response(HTTPStatus.NOT_FOUND, b"404 Not Found: only /metrics is served here\n")
+        if method not in ("GET", "HEAD"):
+            return _response(HTTPStatus.METHOD_NOT_ALLOWED, b"405 Method Not Allowed: use GET or HEAD\n", [("Allow", "GET, HEAD")])
+        # Collected here, on the loop's thread: it takes milliseconds, and a collector that hung
+        # (torch's CUDA state) holds up only the scrapes, not the daemon's stop or its exit, as
+        # a worker thread of an executor would (they are joined when the interpreter exits).
+        encoder, content_type = choose_encoder(headers.get("accept", ""))
+        registry: Any = self.registry
+        names = parse_qs(url.query).get("name[]")
+        if names:
+            registry = registry.restricted_registry(names)
+        try:
+            body = encoder(registry)
+        except Exception:  # noqa: BLE001 - a collector's bug fails this scrape, not the server
+            structlog.get_logger("daemon.metrics").exception("metrics_collect_failed")
+            return _response(HTTPStatus.INTERNAL_SERVER_ERROR, b"500 Internal Server Error: a collector failed (see the daemon's log)\n")
+        extra = [("Content-Type", content_type)]
+        if gzip_accepted(headers.get("accept-encoding", "")):
+            body = gzip.compress(body)
+            extra.append(("Content-Encoding", "gzip"))
+        return _response(HTTPStatus.OK, body, extra, head_only=method == "HEAD")
 
 
-class _QuietHandler(WSGIRequestHandler):
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the stdlib's name
-        """No access log on stderr (the daemon's log is JSON on stdout)."""
+class _Refused(Exception):
+    """A request refused before its head was complete; `response` says why."""
+
+    def __init__(self, response: bytes) -> None:
+        super().__init__(response)
+        self.response = response
+
+
+async def _read_head(reader: asyncio.StreamReader) -> list[bytes] | None:
+    """The request line and header lines, without their line ends; None when the client hung
+    up first. Raises _Refused (431) past METRICS_MAX_HEAD_BYTES."""
+    too_large = _Refused(_response(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE,
+                                   f"431 Request Header Fields Too Large: at most {METRICS_MAX_HEAD_BYTES} bytes\n".encode()))
+    lines: list[bytes] = []
+    size = 0
+    while True:
+        try:
+            line = await reader.readline()
+        except ValueError:  # one line longer than the reader's limit
+            raise too_large from None
+        size += len(line)
+        if size > METRICS_MAX_HEAD_BYTES:
+            raise too_large
+        if not line.endswith(b"\n"):
+            return None
+        line = line.rstrip(b"\r\n")
+        if line:
+            lines.append(line)
+        elif lines:
+            return lines
+        # An empty line before the request line is skipped (RFC 9112, 2.2).
+
+
+def _response(status: HTTPStatus, body: bytes, headers: Iterable[tuple[str, str]] = (), *, head_only: bool = False) -> bytes:
+    """Status line, headers and body; text/plain unless `headers` say otherwise. HEAD: the
+    headers of the GET, no body."""
+    fields = dict([("Content-Type", "text/plain; charset=utf-8"), *headers])
+    fields.update({"Content-Length": str(len(body)), "Connection": "close"})
+    head = f"HTTP/1.1 {status.value} {status.phrase}\r\n" + "".join(f"{name}: {value}\r\n" for name, value in fields.items()) + "\r\n"
+    return head.encode("latin-1") + (b"" if head_only else body)
+
+
+def _listening_socket(host: str, port: int) -> socket.socket:
+    """A socket listening on host:port (port 0: a free one). An IPv4 address first where the
+    name has both (as before: 127.0.0.1 for localhost); `::` also takes IPv4 where the system
+    allows it. OSError when it cannot: a port in use, an address not of this host, a name that
+    does not resolve."""
+    addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    family, kind, proto, _name, address = sorted(addresses, key=lambda info: info[0] != socket.AF_INET)[0]
+    listening = socket.socket(family, kind, proto)
+    try:
+        listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a restarted daemon rebinds past TIME_WAIT
+        listening.bind(address)
+        listening.listen(METRICS_LISTEN_BACKLOG)
+    except BaseException:
+        listening.close()
+        raise
+    return listening

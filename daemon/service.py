@@ -34,7 +34,7 @@ it still runs, writes nothing more.
 
 Threads: the main thread runs the loop below and receives signals; one thread per job in flight
 runs it through the backend; the claim heartbeat renews the leases and the daemon's presence;
-watchdog's thread only wakes the loop; the metrics server answers scrapes.
+watchdog's thread only wakes the loop; the metrics server's event loop (one thread) answers scrapes.
 """
 
 from __future__ import annotations

@@ -199,31 +199,29 @@ def test_each_daemon_has_its_own_registry():
     assert _value(second, 'idrep_jobs_total{outcome="finished"}') == 0
 
 
-def test_the_metrics_server_answers_from_a_bounded_pool_of_threads():
-    """It was prometheus_client's server: one thread per connection, without bound. 50 clients
-    that connect and say nothing hold at most METRICS_THREADS threads, and once they are gone a
-    scrape answers."""
+def test_the_metrics_server_holds_no_thread_per_connection():
+    """It was prometheus_client's server: one thread per connection, without bound; then a pool
+    of 4 threads that 4 silent clients held. 50 clients that connect and say nothing start no
+    thread, and a scrape answers while they are connected (tests/faults/test_metrics_port.py
+    jams the port harder)."""
     import socket
     import threading
     import time
     import urllib.request
-
-    from daemon.metrics import METRICS_THREADS
 
     metrics = DaemonMetrics("gpu-0")
     port = metrics.serve("127.0.0.1", 0)
     before = threading.active_count()
     idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(50)]
     try:
-        time.sleep(1.0)
-        assert threading.active_count() - before <= METRICS_THREADS
+        time.sleep(0.2)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+            assert b"idrep_jobs_total" in response.read()
+        assert threading.active_count() == before
     finally:
         for connection in idle:
             connection.close()
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as response:
-        assert b"idrep_jobs_total" in response.read()
-    assert threading.active_count() - before <= METRICS_THREADS
-    metrics.close()
+        metrics.close()
 
 
 def test_seed_discovery_of_every_identity_method_is_counted_per_group():
