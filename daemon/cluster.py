@@ -25,9 +25,12 @@ from __future__ import annotations
 
 import math
 import os
+import secrets
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -165,6 +168,7 @@ class RayBackend:
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._started_ray = False
+        self._temp_dir: str | None = None  # the private cluster's (address = "local")
         self._actor_class: Any = None
 
     # ---- lifecycle ----------------------------------------------------------------------
@@ -178,7 +182,7 @@ class RayBackend:
             if not ray.is_initialized():
                 options: dict[str, Any] = {"namespace": config.namespace, "log_to_driver": False, "configure_logging": False}
                 if config.address == "local":
-                    options["include_dashboard"] = False
+                    options.update(self._private_cluster())
                 else:
                     options["address"] = config.address
                 # ray.init (2.60) replaces the main thread's SIGTERM handler with sys.exit(15): the
@@ -208,8 +212,38 @@ class RayBackend:
         if config.keep_models_loaded:
             for slot in self._slots:
                 self._new_actor(slot)
-        log.info("ray_backend_started", address=config.address, workers=count, keep_models_loaded=config.keep_models_loaded,
-                 cluster_gpus=resources.get("GPU", 0), nodes=len([node for node in ray.nodes() if node.get("Alive")]))
+        log.info("ray_backend_started", address=config.address, gcs_address=ray.get_runtime_context().gcs_address, workers=count,
+                 keep_models_loaded=config.keep_models_loaded, cluster_gpus=resources.get("GPU", 0),
+                 nodes=len([node for node in ray.nodes() if node.get("Alive")]), temp_dir=self._temp_dir)
+
+    def _private_cluster(self) -> dict[str, Any]:
+        """ray.init's options for the private one-node cluster of address = "local".
+
+        What ray.init does (Ray 2.60, ray/_private/worker.py init and
+        services.canonicalize_bootstrap_address): with no address, or "auto", it takes RAY_ADDRESS if
+        set, else the cluster that the last `ray start` wrote to <temp>/ray/ray_current_cluster, and
+        joins it (only "auto" fails when there is none); RAY_ADDRESS never replaces any other address.
+        address="local" starts a new cluster whatever RAY_ADDRESS and ray_current_cluster say. Its
+        processes (raylet, workers) inherit this process's environment, RAY_ADDRESS with it: that goes
+        (logged), so that nothing in them is pointed at another cluster. ray.init writes no
+        ray_current_cluster (only `ray start` does), but it points <temp>/ray/session_latest at its
+        own session, where a user's `ray` tools look for their own cluster's logs: the private
+        cluster gets a temp dir of its own, removed when the daemon closes. Its Unix sockets lie
+        under it (<dir>/session_<date>_<time>_<pid>/sockets/plasma_store.N, ~65 bytes more) and must
+        fit in 107 bytes: a short folder in the system's temp dir, as Ray's own default is.
+
+        Ray 2.60 turns token authentication on for a cluster ray.init starts (RAY_AUTH_MODE=token
+        unless set) and, finding no token, writes a new one to ~/.ray/auth_token. That file then
+        turns it on for every later `ray start --head` of the same user, whose other nodes (`ray
+        start --address`, without the token) are refused (seen). A token of the private
+        cluster's own in RAY_AUTH_TOKEN (read before any file; inherited by its processes) keeps
+        it authenticated and leaves ~/.ray alone."""
+        ignored = os.environ.pop("RAY_ADDRESS", None)
+        if ignored:
+            log.info("ray_address_ignored", ray_address=ignored, reason='[daemon.ray] address = "local": a private cluster')
+        os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+        self._temp_dir = tempfile.mkdtemp(prefix="idrep-ray-", dir=os.environ.get("RAY_TMPDIR") or tempfile.gettempdir())
+        return {"address": "local", "include_dashboard": False, "_temp_dir": self._temp_dir}
 
     def _fits(self, resources: dict[str, float]) -> int:
         fits = []
@@ -225,6 +259,9 @@ class RayBackend:
             self._kill(slot)
         if self._started_ray:
             ray.shutdown()
+        if self._temp_dir:
+            shutil.rmtree(self._temp_dir, ignore_errors=True)
+            self._temp_dir = None
 
     # ---- slots --------------------------------------------------------------------------
 
