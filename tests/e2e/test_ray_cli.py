@@ -7,7 +7,9 @@
   node and published once, resumed from its ledger, and passes verify-audit.
 - [daemon.ray] address = "local" starts a private cluster even where another one runs on the host
   (`ray start --head` wrote its address where ray.init() without an address finds it) or
-  RAY_ADDRESS names a host that does not answer."""
+  RAY_ADDRESS names a host that does not answer.
+- A configured address that does not answer is refused (ray_unreachable, naming it) within
+  connect_timeout_seconds, and a SIGTERM while the daemon waits for it stops the daemon at once."""
 
 from __future__ import annotations
 
@@ -125,7 +127,7 @@ def test_a_raylet_sigkilled_mid_job_the_daemon_runs_it_again_on_the_other_node(t
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-# ---- address = "local" is private ---------------------------------------------------------------
+# ---- address = "local" is private; a configured address has a deadline -------------------------
 
 PRIVATE = '[daemon.ray]\naddress = "local"\ngpus_per_job = 0.0\ncpus_per_job = 1.0\nworkers = 1\nkeep_models_loaded = false\n'
 
@@ -199,3 +201,30 @@ def test_address_local_starts_a_private_cluster_when_ray_address_names_one_that_
         daemon.wait_started(60)
     finally:
         assert daemon.terminate(60) == 0
+
+
+def test_an_address_that_does_not_answer_is_refused_within_connect_timeout_naming_it(tmp_path, shared_models, unanswered):
+    extra = f'[daemon.ray]\naddress = "{unanswered}"\nconnect_timeout_seconds = 2.0\n'
+    config = write_config(tmp_path, shared_models, extra, metrics_port=0, daemon_id="far", backend="ray")
+    daemon = Daemon(config, tmp_path)
+    daemon.wait_for("ray_connecting", 120, address=unanswered)
+    connecting = time.monotonic()
+    assert daemon.wait(60) == 2, daemon.tail()
+    assert time.monotonic() - connecting < 2.0 + 5.0  # the deadline, not Ray's ~12 minutes of retries
+    [refused] = daemon.named("refused_to_start")
+    assert refused["code"] == "ray_unreachable"
+    assert unanswered in refused["message"] and "within 2 s" in refused["message"]
+    assert daemon.named("daemon_started") == []
+
+
+def test_a_sigterm_while_connecting_to_the_cluster_stops_the_daemon_at_once(tmp_path, shared_models, unanswered):
+    extra = f'[daemon.ray]\naddress = "{unanswered}"\nconnect_timeout_seconds = 600.0\n'
+    config = write_config(tmp_path, shared_models, extra, metrics_port=0, daemon_id="far", backend="ray")
+    daemon = Daemon(config, tmp_path)
+    daemon.wait_for("ray_connecting", 120, address=unanswered)
+    time.sleep(1.0)  # inside Ray's connect loop
+    asked = time.monotonic()
+    assert daemon.terminate(30) == 0, daemon.tail()
+    assert time.monotonic() - asked < 5.0
+    assert daemon.named("ray_connect_abandoned") and daemon.named("daemon_started") == []
+    assert [line["exit_code"] for line in daemon.named("daemon_stopped")] == [0]
