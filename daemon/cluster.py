@@ -25,9 +25,11 @@ from __future__ import annotations
 
 import math
 import os
-import signal
+import secrets
+import shutil
 import socket
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -45,6 +47,7 @@ WAIT_SECONDS = 1.0  # how often a job's thread looks up from waiting for its att
 PROBE_SECONDS = 30.0  # a kept worker must answer this soon before it is given a job (else it is replaced)
 START_RETRY_SECONDS = 30.0  # a kept worker that failed to start (a model missing on its node) is started again this much later
 STOP_GRACE_SECONDS = 5.0  # on a stop, an attempt that has not begun by then is not waited for
+CONNECT_LOOK_SECONDS = 0.2  # how often the wait for ray.init looks up (stop requests, the connect deadline)
 
 log = structlog.get_logger("daemon.cluster")
 
@@ -165,36 +168,28 @@ class RayBackend:
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._started_ray = False
+        self._temp_dir: str | None = None  # the private cluster's (address = "local")
+        self._closed = threading.Event()  # set by close(): the thread that ran ray.init ends (see _init)
         self._actor_class: Any = None
 
     # ---- lifecycle ----------------------------------------------------------------------
 
     def start(self) -> None:
+        """Join the cluster [daemon.ray] address names (or start the private one of "local"); returns
+        without one when the daemon is asked to stop meanwhile (the caller looks at its stop)."""
         import ray
 
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # air-gapped: no usage reports
         config: RaySettings = self.config
-        try:
-            if not ray.is_initialized():
-                options: dict[str, Any] = {"namespace": config.namespace, "log_to_driver": False, "configure_logging": False}
-                if config.address == "local":
-                    options["include_dashboard"] = False
-                else:
-                    options["address"] = config.address
-                # ray.init (2.60) replaces the main thread's SIGTERM handler with sys.exit(15): the
-                # daemon's own (stop at the next safe point, release the claims, exit 0) is put back.
-                handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
-                try:
-                    ray.init(**options)
-                finally:
-                    if threading.current_thread() is threading.main_thread():
-                        for sig, handler in handlers.items():
-                            signal.signal(sig, handler)
-                self._started_ray = True
-        except (ConnectionError, RuntimeError, ValueError) as exc:
-            raise ConfigError("ray_unreachable", f"[daemon.ray] address = {config.address!r}: no Ray cluster answered ({exc}); start "
-                                                 "its head with `ray start --head` (and each GPU box with `ray start --address HEAD:6379 "
-                                                 "--num-gpus N`), or set address") from None
+        if not ray.is_initialized():
+            options: dict[str, Any] = {"namespace": config.namespace, "log_to_driver": False, "configure_logging": False}
+            if config.address == "local":
+                options.update(self._private_cluster())
+            else:
+                options["address"] = config.address
+            if not self._init(options):
+                return
+            self._started_ray = True
         resources = ray.cluster_resources()
         count = config.workers or self._fits(resources)
         if count < 1:
@@ -208,8 +203,111 @@ class RayBackend:
         if config.keep_models_loaded:
             for slot in self._slots:
                 self._new_actor(slot)
-        log.info("ray_backend_started", address=config.address, workers=count, keep_models_loaded=config.keep_models_loaded,
-                 cluster_gpus=resources.get("GPU", 0), nodes=len([node for node in ray.nodes() if node.get("Alive")]))
+        log.info("ray_backend_started", address=config.address, gcs_address=ray.get_runtime_context().gcs_address, workers=count,
+                 keep_models_loaded=config.keep_models_loaded, cluster_gpus=resources.get("GPU", 0),
+                 nodes=len([node for node in ray.nodes() if node.get("Alive")]), temp_dir=self._temp_dir)
+
+    def _private_cluster(self) -> dict[str, Any]:
+        """ray.init's options for the private one-node cluster of address = "local".
+
+        What ray.init does (Ray 2.60, ray/_private/worker.py init and
+        services.canonicalize_bootstrap_address): with no address, or "auto", it takes RAY_ADDRESS if
+        set, else the cluster that the last `ray start` wrote to <temp>/ray/ray_current_cluster, and
+        joins it (only "auto" fails when there is none); RAY_ADDRESS never replaces any other address.
+        address="local" starts a new cluster whatever RAY_ADDRESS and ray_current_cluster say. Its
+        processes (raylet, workers) inherit this process's environment, RAY_ADDRESS with it: that goes
+        (logged), so that nothing in them is pointed at another cluster. ray.init writes no
+        ray_current_cluster (only `ray start` does), but it points <temp>/ray/session_latest at its
+        own session, where a user's `ray` tools look for their own cluster's logs: the private
+        cluster gets a temp dir of its own, removed when the daemon closes. Its Unix sockets lie
+        under it (<dir>/session_<date>_<time>_<pid>/sockets/plasma_store.N, ~65 bytes more) and must
+        fit in 107 bytes: a short folder in the system's temp dir, as Ray's own default is.
+
+        Ray 2.60 turns token authentication on for a cluster ray.init starts (RAY_AUTH_MODE=token
+        unless set) and, finding no token, writes a new one to ~/.ray/auth_token. That file then
+        turns it on for every later `ray start --head` of the same user, whose other nodes (`ray
+        start --address`, without the token) are refused (seen). A token of the private
+        cluster's own in RAY_AUTH_TOKEN (read before any file; inherited by its processes) keeps
+        it authenticated and leaves ~/.ray alone."""
+        ignored = os.environ.pop("RAY_ADDRESS", None)
+        if ignored:
+            log.info("ray_address_ignored", ray_address=ignored, reason='[daemon.ray] address = "local": a private cluster')
+        os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+        self._temp_dir = tempfile.mkdtemp(prefix="idrep-ray-", dir=os.environ.get("RAY_TMPDIR") or tempfile.gettempdir())
+        return {"address": "local", "include_dashboard": False, "_temp_dir": self._temp_dir}
+
+    def _init(self, options: dict[str, Any]) -> bool:
+        """ray.init in a thread of its own, waited for until the daemon is asked to stop or, for a
+        cluster named by address, [daemon.ray] connect_timeout_seconds have passed (ConfigError
+        ray_unreachable naming the address). False when stopped meanwhile.
+
+        Why a thread: Ray's connect to an address that does not answer retries for about 12
+        minutes (Ray 2.60, ray/_private/node.py _init_gcs_client: 20 tries, each a 5 s connect and
+        a 30 s wait for the cluster id) and cannot be interrupted. Its knobs are no deadline:
+        RAY_gcs_server_port_wait_time_s counts tries (one still takes ~35 s), and the per-try
+        waits (RAY_py_gcs_connect_timeout_s, RAY_gcs_rpc_server_connect_timeout_s) are process-wide
+        settings of every GCS client, not of this connect alone. An attempt given up on goes on in
+        its daemon thread until Ray itself gives up (the daemon's process exits without waiting
+        for it); one that succeeds late is shut down at once. Off the main thread ray.init also
+        leaves the daemon's SIGTERM handler alone (on the main thread it installs sys.exit(15)).
+
+        The thread lives until close(): the processes of a cluster ray.init starts (address =
+        "local") are killed when the thread that started them ends (Ray sets PR_SET_PDEATHSIG,
+        which Linux ties to the forking thread; seen: a private cluster started by a thread that
+        then returned was gone, and the driver aborted a minute later)."""
+        import ray
+
+        address = str(options["address"])
+        where = f"{address!r} (RAY_ADDRESS={os.environ['RAY_ADDRESS']})" if address == "auto" and os.environ.get("RAY_ADDRESS") else repr(address)
+        timeout = None if address == "local" else self.config.connect_timeout_seconds
+        lock = threading.Lock()
+        state: dict[str, Any] = {"done": False, "abandoned": False, "error": None}
+        temp_dir = self._temp_dir
+
+        def own_the_cluster() -> None:
+            try:
+                ray.init(**options)
+            except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
+                state["error"] = exc
+            with lock:
+                state["done"] = True
+                abandoned = state["abandoned"]
+            if abandoned:
+                if state["error"] is None:
+                    ray.shutdown()
+                if temp_dir:
+                    shutil.rmtree(temp_dir, ignore_errors=True)
+            elif state["error"] is None:
+                self._closed.wait()
+
+        log.info("ray_connecting", address=address, timeout_seconds=timeout)
+        thread = threading.Thread(target=own_the_cluster, name="ray-init", daemon=True)
+        thread.start()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            with lock:
+                if state["done"]:
+                    break
+                stopped, late = self._stopping.is_set(), deadline is not None and time.monotonic() >= deadline
+                if stopped or late:
+                    state["abandoned"] = True
+                    self._temp_dir = None
+            if stopped:
+                log.info("ray_connect_abandoned", address=address, reason="stop requested")
+                return False
+            if late:
+                raise ConfigError("ray_unreachable", f"[daemon.ray] address = {where}: no Ray cluster answered within {timeout:g} s "
+                                                     "([daemon.ray] connect_timeout_seconds); start its head with `ray start --head` (and "
+                                                     "each GPU box with `ray start --address HEAD:6379 --num-gpus N`), or set address")
+            thread.join(CONNECT_LOOK_SECONDS)
+        error = state["error"]
+        if isinstance(error, (ConnectionError, RuntimeError, ValueError)):
+            raise ConfigError("ray_unreachable", f"[daemon.ray] address = {where}: no Ray cluster answered ({error}); start its head with "
+                                                 "`ray start --head` (and each GPU box with `ray start --address HEAD:6379 --num-gpus N`), "
+                                                 "or set address") from None
+        if error is not None:
+            raise error
+        return True
 
     def _fits(self, resources: dict[str, float]) -> int:
         fits = []
@@ -225,6 +323,10 @@ class RayBackend:
             self._kill(slot)
         if self._started_ray:
             ray.shutdown()
+        self._closed.set()  # the thread that started the cluster may end now
+        if self._temp_dir:
+            shutil.rmtree(self._temp_dir, ignore_errors=True)
+            self._temp_dir = None
 
     # ---- slots --------------------------------------------------------------------------
 

@@ -157,6 +157,8 @@ class Service:
                 return self._exit_code
             self.backend = make_backend(self.config.backend, self.engine, self.settings, self.config, demo=self.demo, daemon_id=self.daemon_id)
             self.backend.start()
+            if self._stopping.is_set():  # a SIGTERM while the backend connected to its cluster
+                return self._exit_code
             self.metrics.attempts_lost.labels(self.backend.name)
             empty_trash(self.paths.work)
             self._recoveries = [job for job in find_claims(self.paths.work)

@@ -20,9 +20,13 @@ BACKENDS = ("local", "ray")
 class RaySettings:
     """config.toml's [daemon.ray]: where the jobs run when [daemon] backend = "ray" (daemon/cluster.py)."""
 
-    # The cluster's GCS address ("10.0.0.5:6379"); "auto": the cluster this host's `ray start` joined;
-    # "local": start a private one-node cluster in this process (a single box, and the tests).
+    # The cluster's GCS address ("10.0.0.5:6379"); "auto": the cluster this host's `ray start` joined
+    # (or RAY_ADDRESS); "local": start a private one-node cluster in this process (a single box, and
+    # the tests), whatever RAY_ADDRESS says and whatever other cluster runs on the host.
     address: str = field(default="auto", metadata=rule(Str(min_len=1, max_len=255)))
+    # A cluster named by address (anything but "local") must answer within this long, else the
+    # daemon refuses to start (ray_unreachable); a SIGTERM meanwhile stops it at once.
+    connect_timeout_seconds: float = field(default=30.0, metadata=rule(Float(1.0, 3600.0)))
     # A job whose attempt was lost with its node (node death, raylet killed, network cut) runs
     # again on another node at most this many times in a row; then it goes to failed/ as
     # too_many_crashes. Each lost attempt also counts in the claim's crashes ([daemon] max_crashes).

@@ -51,11 +51,13 @@ def test_the_backend_and_its_ray_table_are_validated_with_their_keys(tmp_path):
                                                                                   "keep_models_loaded": False}}))
     assert daemon.backend == "ray" and daemon.ray.address == "10.0.0.5:6379" and daemon.ray.workers == 4
     assert not daemon.ray.keep_models_loaded and daemon.ray.max_retries == 3 and daemon.ray.gpus_per_job == 1.0
+    assert daemon.ray.connect_timeout_seconds == 30.0
     with pytest.raises(ConfigError) as excinfo:
-        load_daemon_settings(_settings(tmp_path, {"backend": "slurm", "ray": {"adress": "x", "max_retries": -1, "gpus_per_job": "one"}}))
+        load_daemon_settings(_settings(tmp_path, {"backend": "slurm", "ray": {"adress": "x", "max_retries": -1, "gpus_per_job": "one",
+                                                                               "connect_timeout_seconds": 0}}))
     problems = {p.where: p.reason for p in excinfo.value.problems}
     assert set(problems) == {"config.toml: daemon.backend", "config.toml: daemon.ray.adress", "config.toml: daemon.ray.max_retries",
-                             "config.toml: daemon.ray.gpus_per_job"}
+                             "config.toml: daemon.ray.gpus_per_job", "config.toml: daemon.ray.connect_timeout_seconds"}
     assert "'local', 'ray'" in problems["config.toml: daemon.backend"]
 
 
