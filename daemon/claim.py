@@ -570,10 +570,16 @@ class Heartbeat:
                 self._lapsed[job.container] = fence.lapsed_on
 
     def _run(self) -> None:
+        said = ""  # the presence's last renewal error, as logged
         while not self._stop.wait(self.interval):
             if self.also is not None:
                 try:
                     self.also()
+                    said = ""
+                except OSError as exc:  # the share's fault: said once per change, not with a traceback on every beat
+                    if describe_os_error(exc) != said:
+                        said = describe_os_error(exc)
+                        log.warning("presence_renew_failed", error=said)
                 except Exception:  # noqa: BLE001 - the presence must not stop the claim's renewals
                     log.exception("presence_renew_failed")
             with self._lock:

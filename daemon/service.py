@@ -128,9 +128,13 @@ class Service:
         self._takeovers: list[ClaimedJob] = []  # expired, released or due held claims of any daemon
         self._paused: str = ""  # why claiming is paused (a folder failed its probe); "" = claiming
         self._probe_due = False  # a disk fault was met beside the loop (a renewal, a settling): probe at the next tick
-        self._unsettled: dict[Path, _Unsettled] = {}  # claims the work area refused to settle; changed by the loop's thread only
-        self._lapsed: dict[Path, tuple[ClaimedJob, str]] = {}  # claims whose lease ran out on a disk fault, to record as held
+        # Claims the work area refused to settle, and claims whose lease ran out on a disk fault (to be
+        # recorded as held): added by a job's thread as it ends (before the loop forgets its run),
+        # retried and removed by the loop's; one dict operation at a time, each atomic.
+        self._unsettled: dict[Path, _Unsettled] = {}
+        self._lapsed: dict[Path, tuple[ClaimedJob, str]] = {}
         self._skewed = False
+        self._unreachable: dict[str, str] = {}  # scan event (inbox_unreachable, work_area_unreachable) -> the error last said
         self._exit_code = 0
         self._last_phase: str | None = None
 
@@ -314,13 +318,15 @@ class Service:
             self._probe_folders()
         try:
             self.readiness.scan(now)
+            self._say_unreachable("inbox_unreachable", None)
         except OSError as exc:  # a network share that went away: keep going, say so
-            self.log.warning("inbox_unreachable", inbox=str(self.paths.inbox), error=str(exc))
+            self._say_unreachable("inbox_unreachable", exc, inbox=str(self.paths.inbox))
         try:
             claims = find_claims(self.paths.work)
             share_now = self.clock.now()
+            self._say_unreachable("work_area_unreachable", None)
         except OSError as exc:
-            self.log.warning("work_area_unreachable", work=str(self.paths.work), error=str(exc))
+            self._say_unreachable("work_area_unreachable", exc, work=str(self.paths.work))
             return
         self._check_clock(share_now)
         recovering = {job.container for job in self._recoveries}
@@ -340,6 +346,17 @@ class Service:
                     self.log.warning("leftover_container_not_removed", container=job.container.name, error=str(exc))
         self.metrics.jobs_held.set(sum(1 for job in claims if job.claim is not None and job.claim.held))
         self._takeovers = takeovers
+
+    def _say_unreachable(self, event: str, exc: OSError | None, **where: str) -> None:
+        """Log a folder the scan could not read once per change of error (not on every scan), and
+        when it can be read again."""
+        error = describe_os_error(exc) if exc is not None else ""
+        before = self._unreachable.get(event, "")
+        if error and error != before:
+            self.log.warning(event, error=error, **where)
+        elif not error and before:
+            self.log.info(event.replace("unreachable", "reachable_again"), was=before)
+        self._unreachable[event] = error
 
     def _check_clock(self, share_now: float) -> None:
         skew = time.time() - share_now
@@ -662,11 +679,14 @@ class Service:
             if now < late.retry_at:
                 continue
             log = self.log.bind(job_id=late.job.job_id)
-            if self.heartbeat.current(container) is None:  # its lease ran out meanwhile (the disk refused renewals too)
+            if self.heartbeat.current(container) is None:  # lost meanwhile: its lease ran out (the disk refused renewals too), or taken
                 del self._unsettled[container]
                 lapsed_on = self.heartbeat.lapsed_on(container)
                 self.heartbeat.drop(container)
-                self._lapse(late.job, lapsed_on or "the work area refused the settling and the renewals", log)
+                if lapsed_on:
+                    self._lapse(late.job, lapsed_on, log)
+                else:
+                    log.warning("claim_lost_before_settling", outcome=late.outcome)
                 continue
             try:
                 self._settle_claim(late.job, late.outcome, late.error, log)

@@ -91,6 +91,7 @@ def test_with_compile_on_two_jobs_in_one_daemon_compile_once(tmp_path, shared_mo
     assert any(path.is_file() for path in cache.rglob("*")), "nothing in the inductor cache"
 
 
+@pytest.mark.slow  # ~65 s of inductor compiling on 2 cores, for models.compile (off by default, a GPU speed setting)
 @needs_compiler
 def test_a_swapped_lora_reuses_the_compiled_unet_and_renders_as_eager(tmp_path):
     """Two very different LoRAs of the same name and rank go through one compiled UNet the way

@@ -352,3 +352,50 @@ def test_a_worker_fence_looks_at_the_disk_between_writes_only_every_few_seconds(
     fence.check("a denoising step", io=False)  # not looked yet: the step goes on (it writes nothing)
     with pytest.raises(OwnershipLost):
         fence.check("a write")
+
+
+def test_a_renewal_on_a_full_disk_writes_the_claims_same_bytes_in_place(tmp_path):
+    """An atomic rewrite needs a new file, which a full disk refuses; the renewal writes the same
+    bytes over the file instead (no new block), and the file system still stamps its mtime."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(disk)], capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        job = claim_folder(_job_folder(disk / "inbox"), disk / "work", "j1", A, lease_seconds=30)
+        claim_file = job.container / "claim.000000.json"
+        before = claim_file.read_bytes()
+        with open(disk / "filler", "wb", buffering=0) as filler:
+            try:
+                while True:
+                    filler.write(b"\0" * 4096)
+            except OSError as exc:
+                assert exc.errno == 28
+        _age(job, 25)
+        assert renew(job) is not None
+        assert claim_file.read_bytes() == before and sorted(p.name for p in job.container.iterdir()) == ["alice", "claim.000000.json"]
+        assert _share_now(tmp_path) - read_current(job.container).renewed_at < 1
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
+def test_a_lease_that_ran_out_on_a_disk_fault_says_so_and_one_taken_over_does_not(tmp_path):
+    import errno
+
+    job = claim_folder(_job_folder(tmp_path / "inbox"), tmp_path / "work", "j1", A, lease_seconds=0.5)
+    fence = ClaimFence(job, 0.5, renew_now=lambda: False)
+    fence.renew_failed(OSError(errno.EROFS, os.strerror(errno.EROFS), str(job.container / "claim.000000.json")))
+    time.sleep(0.5)
+    with pytest.raises(OwnershipLost, match="disk fault"):
+        fence.check("a write", io=False)
+    assert fence.lapsed_on.startswith("outbox_unwritable: Read-only file system")
+    # A renewal that worked clears the fault: a lease that then runs out is no disk fault's doing.
+    other = ClaimFence(job, 0.5, renew_now=lambda: False)
+    other.renew_failed(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "x"))
+    other.renewed(0.0)  # a renewal went through (started long ago: the lease is not extended)
+    time.sleep(0.5)
+    with pytest.raises(OwnershipLost, match="renewal overdue"):
+        other.check("a write", io=False)
+    assert other.lapsed_on == ""
