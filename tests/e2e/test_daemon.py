@@ -10,6 +10,7 @@ import time
 from collections import Counter
 
 import pytest
+import torch
 
 from daemon.claim import find_claims
 from engine.audit import verify_audit
@@ -172,9 +173,9 @@ def test_metrics_answer_and_match_what_happened(one_daemon):
     for outcome in ("finished", "failed", "interrupted", "lost", "crashed"):
         assert after[f'idrep_jobs_total{{outcome="{outcome}"}}'] == ended.get(outcome, 0), outcome
     assert after["idrep_queue_depth"] == 0 and after["idrep_job_in_progress"] == 0
-    assert after['idrep_gpu_memory_bytes{kind="allocated"}'] >= 0
-    if "train" in STAGE_NAMES:
-        assert grew("idrep_train_steps_total") >= 2
+    if not torch.cuda.is_available():  # the daemon never initialised CUDA: the collector says so, and does not fail
+        assert after['idrep_gpu_memory_bytes{kind="allocated"}'] == 0 and after['idrep_gpu_memory_bytes{kind="reserved"}'] == 0
+    assert grew("idrep_train_steps_total") == 2  # FAST_JOB trains one step, and two jobs finished
     assert sum(v for k, v in after.items() if k.startswith("idrep_claims_taken_over_total")) == 0
     assert after[f'idrep_daemon_info{{backend="local",daemon_id="{daemon.events[0]["daemon_id"]}",demo="true",watch="native"}}'] == 1
     by_node = {k: v for k, v in after.items() if k.startswith("idrep_backend_jobs_total{")}
@@ -280,7 +281,6 @@ def test_a_job_that_keeps_killing_daemons_is_given_up_into_failed(lab):
     assert restarted.terminate() == 0
 
 
-@pytest.mark.skipif("train" not in STAGE_NAMES, reason=f"needs the train stage; engine.stages.STAGE_NAMES is {STAGE_NAMES} (switch on when train lands)")
 def test_sigkill_during_training_resumes_from_its_checkpoint(lab):
     lab.configure(daemon_id="gpu-0")
     job = FAST_JOB.replace("[train]\nmax_steps = 1", "[train]\nmax_steps = 20\ncheckpoint_every = 5")

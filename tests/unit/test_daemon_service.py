@@ -125,7 +125,11 @@ def test_engine_events_become_metrics():
     assert _value(metrics, 'idrep_jobs_total{outcome="finished"}') == 0
     assert _value(metrics, 'idrep_job_failures_total{code="no_face_found"}') == 1
     assert _value(metrics, 'idrep_train_phase{phase="MID"}') == 0
-    assert _value(metrics, 'idrep_gpu_memory_bytes{kind="allocated"}') >= 0
+    import torch
+
+    initialised = torch.cuda.is_available() and torch.cuda.is_initialized()
+    assert _value(metrics, 'idrep_gpu_memory_bytes{kind="allocated"}') == (torch.cuda.memory_allocated() if initialised else 0)
+    assert _value(metrics, 'idrep_gpu_memory_bytes{kind="reserved"}') == (torch.cuda.memory_reserved() if initialised else 0)
 
 
 def test_progress_of_the_long_stages_becomes_metrics():
