@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.fsutil import sha256_file
+from engine.hashcache import sha256_of
 
 
 def staged_model_path(models_dir: Path, model: str) -> Path:
@@ -38,7 +38,7 @@ class BackgroundRemover:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         self.model_path = staged
-        self.sha256 = sha256_file(staged)
+        self.sha256 = sha256_of(staged)
         self._session = _StagedSession("u2net_custom", options, model_path=str(staged), providers=["CPUExecutionProvider"])
 
     def alpha(self, rgb: np.ndarray) -> np.ndarray:

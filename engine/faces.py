@@ -18,7 +18,7 @@ import numpy as np
 import structlog
 
 from engine.errors import ConfigError
-from engine.fsutil import sha256_file
+from engine.hashcache import sha256_of
 
 log = structlog.get_logger(__name__)
 
@@ -155,7 +155,6 @@ class FaceModels:
             "detector": list(self.detector.session.get_providers()),
             "recognizer": list(self.recognizer.session.get_providers()),
         }
-        self._hashes: dict[str, str] | None = None
         if files.embedded and files.requested and files.requested != files.pack:
             log.warning("face_pack_fallback", **self.fallback_facts())
 
@@ -173,12 +172,10 @@ class FaceModels:
 
     def hashes(self) -> dict[str, str]:
         """sha256 of both model files, keyed by role and file name (for the audit log)."""
-        if self._hashes is None:
-            self._hashes = {
-                f"faces/detector/{self.files.detector.name}": sha256_file(self.files.detector),
-                f"faces/recognizer/{self.files.recognizer.name}": sha256_file(self.files.recognizer),
-            }
-        return self._hashes
+        return {
+            f"faces/detector/{self.files.detector.name}": sha256_of(self.files.detector),
+            f"faces/recognizer/{self.files.recognizer.name}": sha256_of(self.files.recognizer),
+        }
 
     def describe(self) -> dict[str, object]:
         return {

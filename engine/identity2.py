@@ -28,7 +28,6 @@ renders hold no face (the demo model) never loads it.
 
 from __future__ import annotations
 
-import functools
 import importlib.metadata
 import importlib.util
 from dataclasses import dataclass
@@ -40,7 +39,7 @@ import numpy as np
 
 from engine import layout
 from engine.faces import FaceModels
-from engine.fsutil import sha256_file
+from engine.hashcache import sha256_of
 from engine.images import read_rgb
 
 MODEL_NAME = "dlib_face_recognition_resnet_model_v1"
@@ -79,8 +78,8 @@ def locate() -> tuple[Identity2Files | None, str]:
 def model_hashes(files: Identity2Files) -> dict[str, str]:
     """sha256 of both dlib model files, keyed like the other models of the manifest."""
     return {
-        f"identity2/{files.shape_predictor.name}": _cached_sha256(str(files.shape_predictor), *_stat_key(files.shape_predictor)),
-        f"identity2/{files.recognizer.name}": _cached_sha256(str(files.recognizer), *_stat_key(files.recognizer)),
+        f"identity2/{files.shape_predictor.name}": sha256_of(files.shape_predictor),
+        f"identity2/{files.recognizer.name}": sha256_of(files.recognizer),
     }
 
 
@@ -204,12 +203,3 @@ def _versions() -> dict[str, str]:
                 continue
     return versions
 
-
-def _stat_key(path: Path) -> tuple[int, int]:
-    stat = path.stat()
-    return stat.st_size, stat.st_mtime_ns
-
-
-@functools.lru_cache(maxsize=8)
-def _cached_sha256(path: str, _size: int, _mtime_ns: int) -> str:
-    return sha256_file(Path(path))

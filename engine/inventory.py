@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from engine.errors import ConfigError, Problem
-from engine.fsutil import sha256_file
+from engine.hashcache import sha256_of
 
 if TYPE_CHECKING:
     from engine.config import Settings
@@ -65,7 +65,7 @@ class ModelEntry:
         for name, path in sorted(self.files.items()):
             item: dict[str, Any] = {"name": name, "path": str(path), "bytes": path.stat().st_size}
             if hashes:
-                item["sha256"] = sha256_file(path)
+                item["sha256"] = sha256_of(path)
             files.append(item)
         return {
             "role": self.role, "key": self.key, "path": str(self.path) if self.path else None, "staged": self.staged,

@@ -26,7 +26,7 @@ import numpy as np
 
 from engine.errors import ConfigError
 from engine.faces import Face
-from engine.fsutil import sha256_file
+from engine.hashcache import sha256_of
 
 MODEL_106 = "2d106det.onnx"
 MODEL_68 = "shape_predictor_68_face_landmarks.dat"
@@ -124,14 +124,12 @@ class LandmarkModels:
 
             self._dlib = dlib
             self._check = dlib.shape_predictor(str(self.check_path))
-        self._hashes: dict[str, str] | None = None
 
     def hashes(self) -> dict[str, str]:
-        if self._hashes is None:
-            self._hashes = {f"landmarks/{self.dense_path.name}": sha256_file(self.dense_path)}
-            if self.check_path is not None:
-                self._hashes[f"landmarks/{self.check_path.name}"] = sha256_file(self.check_path)
-        return self._hashes
+        hashes = {f"landmarks/{self.dense_path.name}": sha256_of(self.dense_path)}
+        if self.check_path is not None:
+            hashes[f"landmarks/{self.check_path.name}"] = sha256_of(self.check_path)
+        return hashes
 
     def find(self, rgb: np.ndarray, face: Face) -> Landmarks:
         """The landmarks of `face` (an SCRFD detection in `rgb`)."""

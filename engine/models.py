@@ -36,7 +36,8 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from engine.errors import ConfigError, Problem
-from engine.fsutil import atomic_write_json, sha256_file
+
+from engine.hashcache import sha256_of_files
 
 if TYPE_CHECKING:
     import torch
@@ -49,7 +50,6 @@ DEMO_NAME = "demo"  # the word in config.toml / the folder name under <models>/
 DEMO_MARKER = "DEMO_MODEL.json"
 DEMO_SEED = 0
 DEMO_RESOLUTION = 128  # pixels; the demo VAE downsamples 8x like SD, so 16x16 latents
-HASH_CACHE_FILE = ".hash-cache.json"
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 
 KIND_FOLDER = "diffusers_folder"
@@ -70,7 +70,6 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth")
 _NO_WEIGHTS_CLASS_WORDS = ("Tokenizer", "Scheduler", "FeatureExtractor", "ImageProcessor", "Processor")
 # An "org/name" hub repository id (huggingface_hub's rules, loosely): one slash, no spaces.
 _HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
-_HASH_CACHE_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -637,34 +636,16 @@ def model_files_hashes(ref: ModelRef) -> dict[str, str]:
     diffusers folder: model_index.json and every file of the component subfolders it names
     (weights, configs, tokenizer), e.g. "unet/diffusion_pytorch_model.safetensors".
     single file: the checkpoint's file name, and its config folder under "config/".
-    A checkpoint is hashed once: results are cached in <models>/.hash-cache.json keyed by
-    (absolute path, size, mtime_ns), so a 5 GB file costs ~10 s the first time only.
+    Each file is hashed once per content (engine.hashcache, remembered in <models>/.hash-cache.json),
+    so a 5 GB checkpoint costs ~10 s the first time only.
     """
     files = model_files(ref)
-    cache_path = ref.models_dir / HASH_CACHE_FILE
-    cache = _read_hash_cache(cache_path)
     started = time.perf_counter()
-    hashed_files = hashed_bytes = 0
-    hashes: dict[str, str] = {}
-    for name, path in files.items():
-        key = str(path.resolve())
-        before = path.stat()
-        entry = cache.get(key)
-        if isinstance(entry, dict) and entry.get("size") == before.st_size and entry.get("mtime_ns") == before.st_mtime_ns:
-            hashes[name] = str(entry["sha256"])
-            continue
-        digest = sha256_file(path)
-        after = path.stat()
-        hashed_files += 1
-        hashed_bytes += before.st_size
-        if (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns):  # not changed meanwhile
-            cache[key] = {"size": before.st_size, "mtime_ns": before.st_mtime_ns, "sha256": digest}
-        hashes[name] = digest
-    if hashed_files:
-        _write_hash_cache(cache_path, cache)
-        log.info("model_hashed", name=ref.name, files=len(files), files_hashed=hashed_files, bytes_hashed=hashed_bytes,
+    hashed = sha256_of_files(files, ref.models_dir)
+    if hashed.files_hashed:
+        log.info("model_hashed", name=ref.name, files=len(files), files_hashed=hashed.files_hashed, bytes_hashed=hashed.bytes_hashed,
                  seconds=round(time.perf_counter() - started, 3))
-    return dict(sorted(hashes.items()))
+    return dict(sorted(hashed.sha256.items()))
 
 
 def model_files(ref: ModelRef) -> dict[str, Path]:
@@ -693,25 +674,3 @@ def _folder_files(folder: Path) -> dict[str, Path]:
             if path.is_file() and not path.name.startswith(".") and not path.name.endswith(".tmp"):
                 files[path.relative_to(folder).as_posix()] = path
     return files
-
-
-def _read_hash_cache(cache_path: Path) -> dict[str, Any]:
-    try:
-        stored = json.loads(cache_path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return {}
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        log.warning("hash_cache_unreadable", path=str(cache_path), error=str(exc))
-        return {}
-    if not isinstance(stored, dict) or stored.get("version") != _HASH_CACHE_VERSION or not isinstance(stored.get("files"), dict):
-        return {}
-    return dict(stored["files"])
-
-
-def _write_hash_cache(cache_path: Path, cache: dict[str, Any]) -> None:
-    live = {key: entry for key, entry in sorted(cache.items()) if Path(key).exists()}
-    try:
-        atomic_write_json(cache_path, {"version": _HASH_CACHE_VERSION, "files": live})
-    except OSError as exc:
-        # A read-only models volume: the hashes are still right, only not remembered.
-        log.warning("hash_cache_not_written", path=str(cache_path), error=str(exc))

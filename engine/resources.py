@@ -18,6 +18,7 @@ from engine.background import BackgroundRemover, staged_model_path
 from engine.config import Settings
 from engine.errors import ConfigError
 from engine.faces import FaceModels, load_face_models
+from engine.hashcache import sha256_of
 
 # faces: SCRFD + ArcFace (engine.faces); background: the staged rembg model (None when not
 # staged); base / realism: diffusion pipelines (engine.models); identity2: dlib's descriptor
@@ -36,12 +37,10 @@ class Resources:
         self._faces: FaceModels | None = None
         self._background: BackgroundRemover | None = None
         self._background_key: tuple[int, int, int] | None = None  # the staged file's (size, mtime, inode) when loaded
-        self._background_hash: tuple[tuple[int, int, int], dict[str, str]] | None = None  # (that key, its hashes)
         self._pipelines: dict[str, Any] = {}
         self._img2img: list[tuple[Any, Any]] = []  # (pipeline, its image-to-image pipeline)
         self._identity2: Any = None
         self._landmarks: Any = None
-        self._hashes: dict[str, dict[str, str]] = {}
         self._sealer: Any = None
         self._credentials: Any = None
 
@@ -66,27 +65,20 @@ class Resources:
     def hashes(self, role: str) -> dict[str, str]:
         """sha256 of every file of the model of `role`, keyed as the manifest lists them
         ('<role>/<file>'; rembg/<file> for the background remover); {} for a `background` or
-        `identity2` model that is not there. Computed once per process."""
+        `identity2` model that is not there. Each file is hashed once per content (engine.hashcache)."""
         if role == "faces":
             return self.faces().hashes()
         if role == "background":  # hashed, not loaded: a prepare skipped on a resume needs no remover session
             path = self.background_model_path()
-            key = _file_key(path)
-            if key is None:
+            if _file_key(path) is None:
                 return {}
-            if self._background_hash is None or self._background_hash[0] != key:
-                from engine.fsutil import sha256_file
-
-                self._background_hash = (key, {f"rembg/{path.name}": sha256_file(path)})
-            return self._background_hash[1]
+            return {f"rembg/{path.name}": sha256_of(path, self.settings.models_dir)}
         if role == "inpaint" and self.inpaint_from_base():
             return self.hashes("base")  # the same files
         if role in ("base", "realism", "inpaint"):
-            if role not in self._hashes:
-                from engine.models import model_files_hashes
+            from engine.models import model_files_hashes
 
-                self._hashes[role] = {f"{role}/{name}": digest for name, digest in model_files_hashes(self.model_ref(role)).items()}
-            return self._hashes[role]
+            return {f"{role}/{name}": digest for name, digest in model_files_hashes(self.model_ref(role)).items()}
         if role == "identity2":
             from engine import identity2
 
@@ -95,12 +87,9 @@ class Resources:
         if role == "landmarks":
             return self.landmarks().hashes()
         if role == "faceid":
-            if role not in self._hashes:
-                from engine.faceid import WEIGHTS
-                from engine.fsutil import sha256_file
+            from engine.faceid import WEIGHTS
 
-                self._hashes[role] = {f"faceid/{WEIGHTS}": sha256_file(self.faceid_folder() / WEIGHTS)}
-            return self._hashes[role]
+            return {f"faceid/{WEIGHTS}": sha256_of(self.faceid_folder() / WEIGHTS, self.settings.models_dir)}
         raise ValueError(f"unknown model role {role!r}; roles are {', '.join(MODEL_ROLES)}")
 
     # ------------------------------------------------------------------ each model

@@ -38,6 +38,7 @@ from engine.errors import ConfigError, JobError, JobInterrupted, OwnershipLost
 from engine.faults import pause_point
 from engine.fsutil import (Listing, canonical_json, fsync_dir, guarded_writes, hash_tree, remove_partial_writes, remove_tree, sha256_bytes, share_modes,
                            sha256_file, tree_listing, utf8_safe)
+from engine.hashcache import sha256_of
 from engine.job import JOB_FILE, LoadedJob, load_job, safe_subject_name
 from engine.jobfolder import (AUDIT_FILE, DAMAGED_AUDIT_PREFIX, ERROR_FILE, INPUTS_DIR, LEDGER_FILE, MANIFEST_FILE, SIGNATURE_FILE,  # noqa: F401
                               WITNESS_FILE, WORK_DIR, Fence, NoFence,
@@ -386,7 +387,7 @@ class Engine:
         remover_path = self.resources.background_model_path()
         return {
             "faces": self.resources.faces().describe(),
-            "background": {"path": str(remover_path), "sha256": sha256_file(remover_path)} if remover_path.is_file() else {"path": str(remover_path), "staged": False},
+            "background": {"path": str(remover_path), "sha256": sha256_of(remover_path, self.settings.models_dir)} if remover_path.is_file() else {"path": str(remover_path), "staged": False},
         }
 
     def _run_stages(self, ctx: StageContext, kind: Kind, ledger: Ledger, inputs: dict[str, str], until: str | None) -> None:

@@ -23,9 +23,9 @@ import torch
 from engine.config import ModelSettings, Settings
 from engine.errors import ConfigError
 from engine.fsutil import hash_tree, sha256_file
+from engine.hashcache import HASH_CACHE_FILE
 from engine.models import (
     DEMO_MARKER,
-    HASH_CACHE_FILE,
     check_models,
     load_pipeline,
     make_demo_model,
@@ -398,7 +398,9 @@ def test_unsupported_pipeline_is_refused_at_resolve(tmp_path: Path, demo_root: P
 # --------------------------------------------------------------------------- hashes, devices
 
 
-def test_hash_cache_hashes_once_and_rehashes_a_touched_file(tmp_path: Path) -> None:
+def test_hash_cache_hashes_once_and_rehashes_a_touched_or_swapped_file(tmp_path: Path) -> None:
+    from engine import hashcache
+
     settings = _settings(tmp_path)
     ref = resolve_model("sd15", "", settings, demo=True)
     hashes = model_files_hashes(ref)
@@ -409,17 +411,26 @@ def test_hash_cache_hashes_once_and_rehashes_a_touched_file(tmp_path: Path) -> N
     cache_path = settings.models_dir / HASH_CACHE_FILE
     cache = json.loads(cache_path.read_text())
     entry = cache["files"][str(weights.resolve())]
-    stat = weights.stat()
-    assert entry == {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": hashes["unet/diffusion_pytorch_model.safetensors"]}
+    assert entry == {"key": list(hashcache.file_key(weights)), "sha256": hashes["unet/diffusion_pytorch_model.safetensors"]}
 
-    # A cache hit is trusted (no re-hash): a planted digest comes back as it is...
+    # The store is the lab's own (its models volume): a hit is used without reading the file again
+    # (here in a process that starts afresh: this one also remembers the digest in memory)...
     entry["sha256"] = "0" * 64
     cache_path.write_text(json.dumps(cache))
+    hashcache._memory.clear()
     assert model_files_hashes(ref)["unet/diffusion_pytorch_model.safetensors"] == "0" * 64
-    # ...until the file's mtime changes, which forces a re-hash and updates the cache.
+    # ...until the file's mtime changes, which forces a re-hash and updates the store...
+    stat = weights.stat()
     os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
     assert model_files_hashes(ref) == hashes
     assert json.loads(cache_path.read_text())["files"][str(weights.resolve())]["sha256"] == hashes["unet/diffusion_pytorch_model.safetensors"]
+    # ...and a file swapped in place with its old size and mtime put back is hashed again too (its ctime moved).
+    stat = weights.stat()
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert model_files_hashes(ref)["unet/diffusion_pytorch_model.safetensors"] == sha256_file(weights) != hashes["unet/diffusion_pytorch_model.safetensors"]
 
 
 def test_device_and_dtype_follow_hardware_and_settings(tmp_path: Path) -> None:
