@@ -7,11 +7,10 @@ import os
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from engine import ConfigError, Settings
 from engine.jobfolder import FolderSettings, is_hidden_name, probe_folder, probe_job_targets, probe_rename
-from engine.schema import INVALID, Bool, Float, Int, Problem, Str, Table, build, rule
+from engine.schema import Bool, Float, Int, Str, Table, build_section, rule
 
 BACKENDS = ("local", "ray")
 
@@ -81,17 +80,7 @@ class DaemonSettings(FolderSettings):
 
 def load_daemon_settings(settings: Settings, where: str = "config.toml") -> DaemonSettings:
     """Validate the [daemon] table the engine passed through; every problem named at once."""
-    table = settings.foreign.get("daemon", {})
-    problems: list[Problem] = []
-    if not isinstance(table, dict):
-        problems.append(Problem("daemon", "expected a table"))
-        built: Any = INVALID
-    else:
-        built = build(DaemonSettings, table, "daemon", problems)
-    if problems or built is INVALID:
-        problems = [Problem(f"{where}: {p.where}", p.reason) for p in problems]
-        raise ConfigError("invalid_config", f"{where} has {len(problems)} problem(s): " + "; ".join(map(str, problems[:3])), problems=tuple(problems))
-    return built
+    return build_section(DaemonSettings, settings.foreign.get("daemon", {}), "daemon", where)
 
 
 def default_daemon_id() -> str:

@@ -5,7 +5,6 @@ ends. One owner, so that the CLIs cannot drift apart (issue 14)."""
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import os
 import sys
@@ -16,9 +15,8 @@ from typing import IO, Any, NoReturn
 import structlog
 
 from engine.config import Settings
-from engine.errors import ConfigError, Problem
 from engine.jobfolder import Folders, FolderSettings
-from engine.schema import INVALID, build
+from engine.schema import build_section
 
 DEFAULT_CONFIG = "config.toml"
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -52,18 +50,7 @@ def global_options(*, after_command: bool) -> argparse.ArgumentParser:
 def configured_folders(settings: Settings, where: str = DEFAULT_CONFIG) -> Folders:
     """The folders config.toml's [daemon] table names (its other keys are the daemon's to check);
     ConfigError naming each bad one."""
-    table = settings.foreign.get("daemon", {})
-    problems: list[Problem] = []
-    if not isinstance(table, dict):
-        problems.append(Problem("daemon", "expected a table"))
-        built: Any = INVALID
-    else:
-        names = {known.name for known in dataclasses.fields(FolderSettings)}
-        built = build(FolderSettings, {key: value for key, value in table.items() if key in names}, "daemon", problems)
-    if problems or built is INVALID:
-        problems = [Problem(f"{where}: {p.where}", p.reason) for p in problems]
-        raise ConfigError("invalid_config", f"{where} has {len(problems)} problem(s): " + "; ".join(map(str, problems[:3])), problems=tuple(problems))
-    return built.folders(settings.root)
+    return build_section(FolderSettings, settings.foreign.get("daemon", {}), "daemon", where, only_known=True).folders(settings.root)
 
 
 def configure_json_logging(level: str, stream: IO[str], *, extra: Callable[[Any, str, dict[str, Any]], dict[str, Any]] | None = None) -> None:

@@ -193,6 +193,27 @@ class Tables(ListOf):
 REQUIRED = dataclasses.MISSING
 
 
+def build_section(cls: type, table: Any, section: str, where: str, *, only_known: bool = False) -> Any:
+    """Build dataclass `cls` from a whole section of config.toml (`table`, e.g. its [daemon]),
+    or raise ConfigError("invalid_config") naming every problem as '<where>: <section>.<key>'.
+    `only_known`: keys that are not fields of `cls` are left for another reader, not refused."""
+    from engine.errors import ConfigError
+
+    problems: list[Problem] = []
+    if not isinstance(table, Mapping):
+        problems.append(Problem(section, "expected a table"))
+        built: Any = INVALID
+    else:
+        if only_known:
+            names = {known.name for known in dataclasses.fields(cls)}
+            table = {key: value for key, value in table.items() if key in names}
+        built = build(cls, table, section, problems)
+    if problems or built is INVALID:
+        problems = [Problem(f"{where}: {p.where}", p.reason) for p in problems]
+        raise ConfigError("invalid_config", f"{where} has {len(problems)} problem(s): " + "; ".join(map(str, problems[:3])), problems=tuple(problems))
+    return built
+
+
 def build(cls: type, table: Mapping[str, Any], where: str, problems: list[Problem]) -> Any:
     """Build dataclass `cls` from `table`; every problem goes to `problems` with its key path.
 
