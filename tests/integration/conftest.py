@@ -1,5 +1,6 @@
 """Fixtures several integration modules share: one clean run of the two-photo demo job serves
-every module that compares a resumed job with it (test_resume, test_hostile_resume)."""
+every module that compares a resumed job with it (test_resume, test_hostile_resume); a lab's
+signing keys for each module that signs (test_trust, test_signer)."""
 
 from __future__ import annotations
 
@@ -20,3 +21,13 @@ def clean_two_photo_run(tmp_path_factory, astronaut_rgb) -> Path:
     process = _engine_cli(config, source, root / "outbox", job_id=JOB_ID)
     assert process.wait(timeout=300) == 0, process.communicate()
     return root / "outbox" / "alice" / JOB_ID
+
+
+@pytest.fixture(scope="module")
+def lab_keys(tmp_path_factory) -> Path:
+    """A lab's keys ("Test Lab": its content signer is "Test Lab content signer"), one set per module."""
+    from engine.trust import make_lab_keys
+
+    folder = tmp_path_factory.mktemp("lab") / "keys"
+    make_lab_keys(folder, "Test Lab")
+    return folder

@@ -18,14 +18,7 @@ import pytest
 from engine.audit import AuditLog, verify_audit, write_manifest
 from engine.fsutil import tree_listing
 from engine.signer import SealRefused, start_signer
-from engine.trust import (UNSIGNED_FACTS, LabKeys, journal_path, load_public_key, make_lab_keys, read_journal, verify_journal, AUDIT_PUBLIC_KEY)
-
-
-@pytest.fixture(scope="module")
-def lab_keys(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("signer-lab") / "keys"
-    make_lab_keys(folder, "Signer Lab")
-    return folder
+from engine.trust import (UNSIGNED_FACTS, LabKeys, journal_path, load_public_key, read_journal, verify_journal, AUDIT_PUBLIC_KEY)
 
 
 @pytest.fixture(scope="module")

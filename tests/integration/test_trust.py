@@ -26,13 +26,6 @@ from tests.conftest import FAST_JOB, make_job
 
 
 @pytest.fixture(scope="module")
-def lab_keys(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("lab") / "keys"
-    make_lab_keys(folder, "Test Lab")
-    return folder
-
-
-@pytest.fixture(scope="module")
 def published(tmp_path_factory, lab_keys, astronaut_rgb, face_models) -> Path:
     """Two signed jobs (alice, bob) and one refused (carol) in one outbox."""
     from engine.models import demo_model_dir, make_demo_model
