@@ -21,7 +21,7 @@ import pytest
 from daemon.claim import find_claims
 from tests.conftest import REPO
 from tests.e2e.conftest import FAST_JOB, drop_job, photo_bytes
-from tests.faults.conftest import check_evidence, drops_of, filled, outcomes, set_read_only, tmpfs
+from tests.faults.conftest import check_evidence, drops_of, filled, locations, outcomes, set_read_only, tmpfs
 
 LEASE = 1.0
 TRAINING_JOB = FAST_JOB.replace("[train]\nmax_steps = 1", "[train]\nmax_steps = 10\ncheckpoint_every = 5")
@@ -76,6 +76,36 @@ def test_a_full_then_read_only_inbox_share_holds_the_running_job_and_counts_no_c
     metrics = daemon.metrics()
     assert metrics['idrep_jobs_total{outcome="crashed"}'] == 0 and metrics["idrep_claim_lapses_total"] == 1
     assert metrics['idrep_claims_taken_over_total{reason="expired"}'] == 0 and metrics["idrep_ready"] == 1
+    assert check_evidence(lab, dropped)["alice"] == ["outbox"]
+    assert daemon.terminate() == 0
+
+
+def test_a_job_that_ends_while_the_inbox_share_is_read_only_keeps_its_claim_until_it_can_be_settled(lab):
+    """Published, then the claimed folder cannot be removed (the share turned read-only): the
+    claim stays this daemon's and the settling is tried again until the share takes writes; no
+    crash, no takeover, and the dropped files are in the claimed folder and the outbox meanwhile."""
+    share = tmpfs(lab.root / "share", "24m")
+    lab.inbox, lab.work = share / "inbox", share / "work"
+    lab.configure(inbox=str(lab.inbox), work=str(lab.work), lease_seconds=LEASE, scan_seconds=0.5, max_crashes=1, daemon_id="gpu-0")
+    marker = lab.root / "published"
+    daemon = lab.start(env={"ENGINE_PAUSE_AT": "job:published", "ENGINE_PAUSE_FILE": str(marker), "ENGINE_PAUSE_MODE": "hold"})
+    dropped = {"alice": drops_of(drop_job(lab.inbox, "alice", photos={"photo.png": photo_bytes()}))}
+    lab.wait_until(marker.exists, 300, "the job to be published")
+    mark = daemon.mark()
+    set_read_only(share, True)
+    marker.unlink()
+    refused = daemon.wait_for("claim_not_settled", 60, after=mark)
+    assert refused["outcome"] == "finished" and "Read-only file system" in refused["error"], refused
+    assert daemon.wait_for("job_ended", 30, after=mark, folder="alice")["outcome"] == "finished"
+    assert sorted(kind for kind, _ in locations(lab)["alice"]) == ["claimed", "outbox"]  # both copies, byte for byte below
+    time.sleep(4 * LEASE)
+    set_read_only(share, False)
+    assert daemon.wait_for("claim_settled", 60, after=mark)["outcome"] == "finished"
+    lab.wait_until(lambda: find_claims(lab.work) == [], 30, "the claim to be settled")
+    ended = outcomes(daemon)
+    assert ended == {"finished": 1}, ended
+    metrics = daemon.metrics()
+    assert metrics['idrep_jobs_total{outcome="crashed"}'] == 0 and sum(v for k, v in metrics.items() if k.startswith("idrep_claims_taken_over_total")) == 0
     assert check_evidence(lab, dropped)["alice"] == ["outbox"]
     assert daemon.terminate() == 0
 
