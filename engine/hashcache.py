@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -112,8 +111,7 @@ def _read_store(models_dir: Path) -> dict[str, Any]:
 def _write_store(models_dir: Path, store: dict[str, Any]) -> None:
     path = Path(models_dir) / HASH_CACHE_FILE
     live = {key: entry for key, entry in sorted(store.items()) if Path(key).exists()}
-    started = time.perf_counter()
     try:
         atomic_write_json(path, {"version": VERSION, "files": live})
     except OSError as exc:  # a read-only models volume: the hashes are still right, only not remembered
-        log.warning("hash_cache_not_written", path=str(path), error=str(exc), seconds=round(time.perf_counter() - started, 3))
+        log.warning("hash_cache_not_written", path=str(path), error=str(exc))
