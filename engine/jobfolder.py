@@ -38,17 +38,13 @@ from engine.fsutil import (Listing, TreeLimit, atomic_write_bytes, atomic_write_
                            set_umask, share_modes, shared_file_mode, tree_listing, utf8_safe, walk_tree)
 from engine.job import JOB_FILE, MAX_FOLDER_DEPTH, MAX_FOLDER_ENTRIES, is_hidden_name, is_temporary_name, safe_subject_name  # noqa: F401
 from engine.kinds import all_stage_names  # noqa: F401 - plain data: the daemon's metrics label stages with it
+# The job folder's own files: named in engine.layout (the one owner of names inside a job folder),
+# part of this vocabulary for the daemon.
+from engine.layout import (AUDIT_FILE, DAMAGED_AUDIT_PREFIX, ERROR_FILE, INPUTS_DIR, LEDGER_FILE, MANIFEST_FILE, SIGNATURE_FILE,  # noqa: F401
+                           WITNESS_FILE)
 from engine.schema import Str, rule
 
 WORK_DIR = ".work"
-INPUTS_DIR = "inputs"
-ERROR_FILE = "error.json"
-AUDIT_FILE = "audit.jsonl"
-MANIFEST_FILE = "manifest.json"
-LEDGER_FILE = "state.json"
-SIGNATURE_FILE = "signature.json"  # the signed head of a published or failed job (engine.trust)
-WITNESS_FILE = "audit.witness"  # the signer's signatures over the audit chain's head as it grew (engine.audit.AuditLog.witness)
-DAMAGED_AUDIT_PREFIX = AUDIT_FILE + ".damaged-"  # an audit chain broken before its end, set aside (engine.audit.set_aside_damaged): evidence, kept
 _INCOMING = ".incoming"  # suffix of a folder being filled before its publishing rename
 
 # errno values that say the installation (disk, share, permissions), not the job, is at fault.

@@ -1,6 +1,7 @@
-"""Where each thing of a job is, inside its job folder: the one owner of the stages' output
-names (the stage that writes a file and every reader of it, the report, `status`, the second
-identity model, name it from here), and typed access to the prepared images.
+"""Where each thing of a job is, inside its job folder: the one owner of the names of the files
+in it (the job machinery's records, each stage's outputs, the report's page and charts: the code
+that writes a file and every reader of it, the report, `status`, the audit, the daemon through
+engine.jobfolder, name it from here), and typed access to the prepared images.
 
 Names only: importing this pulls in nothing heavy, so readers of job folders can use it.
 """
@@ -12,6 +13,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+# the job's records (engine.runner, engine.audit, engine.ledger, engine.trust, engine.jobfolder)
+INPUTS_DIR = "inputs"  # the dropped folder, copied and verified before anything reads it
+ERROR_FILE = "error.json"
+AUDIT_FILE = "audit.jsonl"
+MANIFEST_FILE = "manifest.json"
+LEDGER_FILE = "state.json"
+SIGNATURE_FILE = "signature.json"  # the signed head of a published or failed job (engine.trust)
+WITNESS_FILE = "audit.witness"  # the signer's signatures over the audit chain's head as it grew (engine.audit.AuditLog.witness)
+DAMAGED_AUDIT_PREFIX = AUDIT_FILE + ".damaged-"  # an audit chain broken before its end, set aside (engine.audit.set_aside_damaged): evidence, kept
+# the report (engine.report): the page, its charts, display copies of the input photos
+REPORT_FILE = "report.html"
+REPORT_DIR = "report"
+ORIGINAL_PATTERN = f"{REPORT_DIR}/original_{{index}}.png"  # written once, by the runner; kept by regeneration
+DRIFT_CHART = f"{REPORT_DIR}/drift.png"
+LOSS_CHART = f"{REPORT_DIR}/loss.png"
+EVALUATE_CHARTS = {"prompts": f"{REPORT_DIR}/evaluate_prompts.png", "no_face": f"{REPORT_DIR}/evaluate_no_face.png",
+                   "groups": f"{REPORT_DIR}/evaluate_groups.png", "heatmap": f"{REPORT_DIR}/evaluate_heatmap.png"}
+MINE_CHART = f"{REPORT_DIR}/mine.png"
 # prepare
 PREPARED_DIR = "prepared"
 PREPARE_INFO = "prepared/prepare.json"
@@ -45,6 +64,7 @@ RETOUCH_DIR = "retouch"
 RETOUCH_INFO = "retouch/retouch.json"
 RETOUCH_CSV = "retouch/retouch.csv"
 RETOUCH_MASKS_DIR = "retouch/masks"
+RETOUCH_OVERLAY = f"{RETOUCH_MASKS_DIR}/overlay.png"  # every region's feathered alpha over the photo
 RETOUCH_VARIANTS_DIR = "retouch/variants"
 RETOUCH_GRIDS_DIR = "retouch/grids"
 RETOUCH_PROGRESS_DIR = "retouch_progress"  # finished variants of an interrupted sweep (scratch)
@@ -88,6 +108,11 @@ def group_checkpoint(group: str) -> str:
 
 def group_loss_file(group: str) -> str:
     return f"{TRAIN_DIR}/loss_{group}.csv"
+
+
+def retouch_grid(region_set: str) -> str:
+    """The sweep of a region set (its regions joined by "+"): strength rows x seed columns."""
+    return f"{RETOUCH_GRIDS_DIR}/{region_set}.png"
 
 
 def evaluate_sheet(group: str) -> str:

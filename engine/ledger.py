@@ -223,7 +223,7 @@ class Ledger:
         except (OSError, ValueError):
             pass
         from engine.audit import read_chain
-        from engine.jobfolder import AUDIT_FILE
+        from engine.layout import AUDIT_FILE
 
         try:
             records = read_chain(path.parent / AUDIT_FILE).records

@@ -253,7 +253,7 @@ def _write_masks(ctx: StageContext, original: np.ndarray, masks: dict[str, Regio
                            png_bytes(np.repeat(np.rint(mask.alpha * 255).astype(np.uint8)[..., None], 3, axis=2)))
         weight = mask.alpha[..., None] * 0.5
         overlay = overlay * (1 - weight) + np.array(OVERLAY_COLOURS.get(region, (255, 0, 255)), dtype=np.float64) * weight
-    atomic_write_bytes(ctx.path(f"{layout.RETOUCH_MASKS_DIR}/overlay.png"), png_bytes(np.clip(np.rint(overlay), 0, 255).astype(np.uint8)))
+    atomic_write_bytes(ctx.path(layout.RETOUCH_OVERLAY), png_bytes(np.clip(np.rint(overlay), 0, 255).astype(np.uint8)))
 
 
 def _write_grids(ctx: StageContext, sets: list[tuple[str, ...]], rows: list[dict[str, Any]], crop: tuple[int, int, int, int]) -> None:
@@ -277,7 +277,7 @@ def _write_grids(ctx: StageContext, sets: list[tuple[str, ...]], rows: list[dict
                      f"drift {_fmt(row['drift'])} tex {_fmt(row['texture_ratio'], 2)} dE {_fmt(row['delta_e'], 2)}")
             for line, text in enumerate(texts):
                 cv2.putText(grid, text, (c * GRID_CELL + 4, top + GRID_CELL + 16 + 18 * line), cv2.FONT_HERSHEY_SIMPLEX, 0.38, (0, 0, 0), 1, cv2.LINE_AA)
-        atomic_write_bytes(ctx.path(f"{layout.RETOUCH_GRIDS_DIR}/{'+'.join(region_set)}.png"), png_bytes(grid))
+        atomic_write_bytes(ctx.path(layout.retouch_grid('+'.join(region_set))), png_bytes(grid))
 
 
 def _second_model_note() -> dict[str, Any]:
