@@ -1,6 +1,17 @@
-"""report.html: the job's evidence for a person to look at (engine.report.page, the shared page)."""
+"""report.html: the job's evidence for a person to look at, made from the job folder alone.
 
-from engine.report.page import *  # noqa: F401,F403 - the pure move's stand-in; the split names its public names
-from engine.report.page import (DRIFT_CHART, LOSS_CHART, REPORT_FILE, SECTIONS, JobFacts, Regenerated, build_report,  # noqa: F401
-                                evaluate_groups_png, evaluate_heatmap_png, evaluate_no_face_png, evaluate_prompts_png, regenerate_report,
-                                write_report)
+engine.report.page is the shared page (reading the job folder, the page's frame, the sections
+every kind may show, the chart canvas, the HTML helpers); engine.report.<kind> holds one kind's
+sections and charts. Importing the package adds each kind module's sections to the page's
+registry, so that a kind's `report` (engine.kinds.Kind.report) finds them by name; the page
+imports no kind module (no import cycle inside the package).
+"""
+
+from engine.layout import DRIFT_CHART, EVALUATE_CHARTS, LOSS_CHART, MINE_CHART, ORIGINAL_PATTERN, REPORT_FILE  # noqa: F401
+from engine.report import evaluate, replicate, restore, retouch
+from engine.report.evaluate import evaluate_groups_png, evaluate_heatmap_png, evaluate_no_face_png, evaluate_prompts_png, mine_chart_png  # noqa: F401
+from engine.report.page import SECTIONS, JobFacts, Regenerated, Section, add_sections, build_report, regenerate_report, write_report  # noqa: F401
+from engine.report.replicate import drift_chart_png, loss_chart_png  # noqa: F401
+
+for _kind in (replicate, retouch, restore, evaluate):
+    add_sections(_kind.SECTIONS)

@@ -72,7 +72,7 @@ class Column:
     weight: float
     index: int | None = None  # its place in evaluate.group (None: the control)
     faceid_scale: float | None = None
-    method: str = "control"
+    method: str = CONTROL_GROUP
 
     def facts(self, ctx: StageContext) -> dict[str, Any]:
         lora = None if self.lora is None else (self.lora if self.lora.is_file() else self.lora / layout.LORA_WEIGHTS)

@@ -219,7 +219,7 @@ def _two_pass(r: Renderer, shot: Shot) -> None:
 def _write_reports(ctx: StageContext, chosen: dict[str, Any], rows: list[dict[str, Any]]) -> None:
     verify_rows = []
     for candidate in chosen["candidates"]:
-        for group in chosen.get("groups", ("lora", "control")):
+        for group in chosen.get("groups", IdentitySpec().verify_groups):  # verify.json before [identity]: the default's groups
             result = candidate[group]
             verify_rows.append({"kind": f"verify_{group}", "render": None, "output": None, "mode": "verify", "pass": group, "seed": candidate["seed"],
                                 "prompt": chosen["prompt"], "negative_prompt": chosen.get("negative_prompt", ""), "drift": result["drift"], "face_found": result["face_found"],
