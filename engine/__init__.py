@@ -23,7 +23,7 @@ _PUBLIC = {
     "register_kind": "engine.kinds",
     "known_kinds": "engine.kinds",
     "Settings": "engine.config",
-    "verify_audit": "engine.audit",
+    "verify_audit": "engine.verification",
     "embed_faces": "engine.faces",
     "drift": "engine.faces",
     "JobError": "engine.errors",

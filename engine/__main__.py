@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 
 
-from engine.audit import verify_audit
+from engine.verification import verify_audit
 from engine.cli import Folders, configure_json_logging, configured_folders, find_config, global_options, run_command
 from engine.config import Settings
 from engine.errors import ConfigError, Problem, unstated_problems
@@ -265,7 +265,7 @@ def _verify(job_out: Path, trusted_key: object | None, trusted_ca: bytes | None,
 
 def _verify_journal(outbox: Path, failed: Path | None, trusted_key: object | None, trusted_ca: bytes | None, require_signed: bool,
                     allow_unsigned: bool) -> int:
-    from engine.trust import verify_journal
+    from engine.verification import verify_journal
 
     report = verify_journal(outbox, failed, trusted=trusted_key, trusted_ca=trusted_ca, allow_unsigned=allow_unsigned)
     if require_signed and report.signed not in ("trusted", "signed"):
@@ -302,8 +302,8 @@ def _keys_init(out: Path, lab: str) -> int:
 
 
 def _report(job_out: Path, out: Path | None) -> int:
-    from engine.jobfolder import AUDIT_FILE
-    from engine.report import REPORT_FILE, regenerate_report
+    from engine.layout import AUDIT_FILE, REPORT_FILE
+    from engine.report import regenerate_report
 
     if not (job_out / AUDIT_FILE).is_file():
         print(f"{job_out}: not a job folder (no {AUDIT_FILE})", file=sys.stderr)

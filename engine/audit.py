@@ -1,4 +1,4 @@
-"""Hash-chained audit log, job manifest, and their verifier.
+"""Hash-chained audit log and job manifest (their verifier: engine.verification).
 
 Each line of `audit.jsonl` is one structlog event rendered as canonical JSON with `ts`,
 `job_id`, `event`, the event's fields, `fence` (the owner's fencing token: the generation of
@@ -12,7 +12,8 @@ this writer (OwnershipLost) instead of forking the chain.
 
 `manifest.json` lists the sha256 of every input (the job's `inputs/` copy of the dropped
 folder), model and output file; the job's last event (`job_finished`) holds the manifest's own
-sha256, so any edited input, output, manifest or audit line is found by `verify_audit`.
+sha256, so any edited input, output, manifest or audit line is found by
+engine.verification.verify_audit.
 """
 
 from __future__ import annotations
@@ -29,10 +30,8 @@ import structlog
 
 from engine.chain import GENESIS, chain_break, good_prefix
 from engine.errors import OwnershipLost
-from engine.fsutil import (Listing, append_whole, atomic_write_json, canonical_json, check_write, fsync_dir, sha256_bytes, sha256_file, tree_listing, utf8_safe,
-                           walk_tree)
-from engine.jobfolder import AUDIT_FILE, ERROR_FILE, INPUTS_DIR, LEDGER_FILE, MANIFEST_FILE, SIGNATURE_FILE, WITNESS_FILE
-from engine.trust import check_job
+from engine.fsutil import append_whole, atomic_write_json, canonical_json, check_write, fsync_dir, sha256_bytes, sha256_file, utf8_safe, walk_tree
+from engine.layout import AUDIT_FILE, INPUTS_DIR, LEDGER_FILE, MANIFEST_FILE, SIGNATURE_FILE, WITNESS_FILE
 
 MANIFEST_VERSION = 3  # 2: every file of the dropped folder is in inputs/ and listed under "inputs"; 3: signature.json, "trust"
 # Called with (event name, fields) after each audit event and each progress report; the
@@ -103,7 +102,7 @@ class AuditLog:
     With a `witness` (the signer's, when the lab has keys), every line a resume trusts
     (WITNESSED_EVENTS) is followed by the signer's signature over the chain's head and length,
     appended to `audit.witness` beside the log: a chain someone re-hashed on the share cannot carry
-    those signatures, so a resume trusts only the prefix they cover (`witnessed_prefix`)."""
+    those signatures, so a resume trusts only the prefix they cover (engine.verification.witnessed_prefix)."""
 
     def __init__(self, path: Path, job_id: str, observer: "Observer | None" = None, fence: int = 0,
                  witness: Witness | None = None) -> None:
@@ -194,7 +193,7 @@ class ChainRead:
 
 def read_chain(path: Path) -> ChainRead:
     """The lines of an audit log, each checked against the one before (the check of
-    `verify_audit`), for a resume to rebuild its state from: bytes on the share are input.
+    engine.verification.verify_audit), for a resume to rebuild its state from: bytes on the share are input.
 
     A last line without its newline (torn by a kill, or padded with NULs by the file system
     after a crash) is left out, as AuditLog's open cuts it off. Any other line that is not a
@@ -255,49 +254,6 @@ WITNESSED_EVENTS = RECORDING_EVENTS | {"job_started", "job_resumed", "stage_star
                                        "audit_damaged", "ledger_rebuilt", "unwitnessed_lines"}
 
 
-def trusted_records(records: list[dict[str, Any]], witness_path: Path, job_id: str, public_key: Any) -> tuple[list[dict[str, Any]],
-                                                                                                             tuple[int, int] | None]:
-    """The lines of the checked chain `records` a resume may rebuild its state from, and the
-    (first, last) line numbers of the suffix no witness covers (None when every line is covered).
-
-    Without a lab key (`public_key` None) every line: an unsigned job's work area is as
-    trustworthy as its share. With one: the witnessed prefix (`witnessed_prefix`), less the
-    ranges an earlier resume found unwitnessed and declared so (`unwitnessed_lines`, itself
-    witnessed): later witnesses cover those lines too, as the chain runs through them."""
-    if public_key is None:
-        return list(records), None
-    covered = witnessed_prefix(records, witness_path, job_id, public_key)
-    excluded: set[int] = set()
-    for record in records[:covered]:
-        if record.get("event") == "unwitnessed_lines" and isinstance(record.get("from_line"), int) and isinstance(record.get("to_line"), int):
-            excluded.update(range(record["from_line"], record["to_line"] + 1))
-    trusted = [record for number, record in enumerate(records[:covered], start=1) if number not in excluded]
-    return trusted, ((covered + 1, len(records)) if covered < len(records) else None)
-
-
-def witnessed_prefix(records: list[dict[str, Any]], witness_path: Path, job_id: str, public_key: Any) -> int:
-    """How many leading lines of the checked chain `records` the signer witnessed: the longest
-    prefix whose last line's hash a witness entry (engine.trust.witness_statement, signed with the
-    lab key `public_key`) names at that length. 0 when none does: no witness file, or entries
-    someone wrote who holds no key."""
-    from engine.trust import check_witness
-
-    try:
-        raw_lines = Path(witness_path).read_bytes().splitlines()
-    except FileNotFoundError:
-        return 0
-    best = 0
-    for raw in raw_lines:
-        try:
-            entry = json.loads(raw)
-        except ValueError:
-            continue
-        lines = check_witness(entry, job_id, public_key)
-        if lines is not None and best < lines <= len(records) and records[lines - 1].get("hash") == entry["statement"]["head"]:
-            best = lines
-    return best
-
-
 def stage_run_records(records: list[dict[str, Any]], fingerprint: str) -> list[dict[str, Any]]:
     """The lines of the latest run of the stage whose fingerprint is `fingerprint`: from the
     `stage_started` line that began it to the next line that started another (of any stage or
@@ -344,177 +300,3 @@ def write_manifest(job_dir: Path, job_id: str, inputs: dict[str, str], models: d
     atomic_write_json(job_dir / MANIFEST_FILE, manifest)
     return sha256_file(job_dir / MANIFEST_FILE)
 
-
-@dataclass
-class AuditReport:
-    """What `verify_audit` found. `ok` only when `problems` is empty."""
-
-    job_dir: Path
-    lines: int = 0
-    head: str = GENESIS
-    files_checked: int = 0
-    problems: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-    trust: Any = None  # engine.trust.TrustFindings: the signed head, the journal line, the images' Content Credentials
-    verdict: str = "finished"  # "finished": a published job; "failed": a failed job's record (inputs/, error.json, audit log)
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems
-
-
-def verify_audit(job_dir: Path, *, trusted_key: Any = None, trusted_ca: bytes | None = None, journal: bool = True,
-                 allow_unsigned: bool = False) -> AuditReport:
-    """Check the audit chain line by line, every file listed in the manifest, the job's inputs/,
-    and its signed records (engine.trust): the signed head against `trusted_key` (an Ed25519
-    public key; None: only against the key it names), the outbox's journal line (`journal`), and
-    every generated image's Content Credentials against the lab CA `trusted_ca` (PEM). With a
-    `trusted_key`, an unsigned head is a problem unless `allow_unsigned`.
-
-    A failed job (error.json, no job_finished) is checked as one (`verdict` "failed"): its
-    manifest against its inputs/, error.json and audit log, the inputs against what its audit log
-    recorded, all of it sealed by its signed head.
-
-    Names the first broken line (1-based) and each changed, missing or unlisted file.
-    """
-    job_dir = Path(job_dir)
-    report = AuditReport(job_dir=job_dir)
-    audit_path = job_dir / AUDIT_FILE
-    if not audit_path.is_file():
-        report.problems.append(f"{AUDIT_FILE} is missing")
-        return report
-    prev = GENESIS
-    finished: dict[str, Any] | None = None
-    job_ids: set[str] = set()
-    fence = 0
-    raw_lines = audit_path.read_bytes().split(b"\n")
-    if raw_lines and raw_lines[-1] == b"":
-        raw_lines.pop()
-    else:
-        report.problems.append(f"{AUDIT_FILE}: the last line is not terminated (torn write)")
-    for number, raw in enumerate(raw_lines, start=1):
-        try:
-            record = json.loads(raw.decode("utf-8"))
-            if not isinstance(record, dict):
-                raise ValueError("not a JSON object")
-        except (ValueError, UnicodeDecodeError) as exc:
-            report.problems.append(f"{AUDIT_FILE} line {number}: not a JSON object ({exc})")
-            break
-        broken = chain_break(record, number, prev, line_hash)
-        if broken:
-            report.problems.append(f"{AUDIT_FILE} line {number}: {broken}")
-            break
-        prev = record["hash"]
-        job_ids.add(str(record.get("job_id")))
-        report.lines = number
-        line_fence = record.get("fence", 0)
-        if isinstance(line_fence, int) and line_fence < fence:
-            report.problems.append(f"{AUDIT_FILE} line {number}: written by the job's owner of generation {line_fence} after one of generation "
-                                   f"{fence} (a daemon that had lost its claim kept writing)")
-        elif isinstance(line_fence, int):
-            fence = line_fence
-        if record.get("event") == "job_finished":
-            finished = record
-    report.head = prev
-    if report.problems:
-        return report
-    if len(job_ids) > 1:
-        report.problems.append(f"{AUDIT_FILE}: lines of several jobs ({', '.join(sorted(job_ids))})")
-    manifest_path = job_dir / MANIFEST_FILE
-    if finished is None:
-        if (job_dir / ERROR_FILE).is_file():  # a failed job: its signed head seals its manifest, error.json and the log
-            _verify_failed(job_dir, report)
-            report.trust = check_job(job_dir, where="failed", audit_head_now=report.head, audit_lines_now=report.lines, manifest=None,
-                                     trusted_key=trusted_key, trusted_ca=trusted_ca, journal=journal, allow_unsigned=allow_unsigned)
-            report.problems += report.trust.problems
-        else:
-            report.problems.append(f"{AUDIT_FILE}: no job_finished event (job incomplete)")
-        return report
-    if not manifest_path.is_file():
-        report.problems.append(f"{MANIFEST_FILE} is missing")
-        return report
-    if sha256_file(manifest_path) != finished.get("manifest_sha256"):
-        report.problems.append(f"{MANIFEST_FILE} changed: its sha256 differs from the one in the audit log's job_finished event")
-        return report
-    manifest = json.loads(manifest_path.read_text("utf-8"))
-    for rel, expected in sorted(manifest.get("outputs", {}).items()):
-        path = job_dir / rel
-        report.files_checked += 1
-        if not path.is_file():
-            report.problems.append(f"{rel}: missing")
-        elif sha256_file(path) != expected:
-            report.problems.append(f"{rel}: changed (sha256 differs from manifest)")
-    listed = set(manifest.get("outputs", {}))
-    for entry in walk_tree(job_dir):
-        unlisted = entry.rel in UNLISTED or entry.rel.startswith(INPUTS_DIR + "/") or entry.rel in listed
-        if entry.kind in ("file", "link", "special") and not unlisted:
-            report.problems.append(f"{entry.rel}: not in the manifest (added after the job finished)")
-    _verify_inputs(job_dir, manifest, report)
-    report.trust = check_job(job_dir, where="outbox", audit_head_now=report.head, audit_lines_now=report.lines, manifest=manifest,
-                             trusted_key=trusted_key, trusted_ca=trusted_ca, journal=journal, allow_unsigned=allow_unsigned)
-    report.problems += report.trust.problems
-    return report
-
-
-def _verify_inputs(job_dir: Path, manifest: dict[str, Any], report: AuditReport) -> None:
-    """The job's inputs/ holds exactly what the manifest lists: the folder as it was dropped."""
-    if manifest.get("version", 1) < 2:
-        return  # made before inputs/ was kept: only the hashes of the used inputs were recorded
-    expected = manifest.get("inputs", {})
-    found = tree_listing(job_dir / INPUTS_DIR).entries if (job_dir / INPUTS_DIR).is_dir() else {}
-    report.files_checked += sum(1 for value in expected.values() if value != "dir" and not value.startswith("link:"))
-    differences = Listing(expected).differences(Listing(found))
-    report.problems += [f"{INPUTS_DIR}/{rel}: missing (the manifest lists it as dropped)" for rel in differences["removed"]]
-    report.problems += [f"{INPUTS_DIR}/{rel}: not in the manifest's inputs (added after the job finished)" for rel in differences["added"]]
-    report.problems += [f"{INPUTS_DIR}/{rel}: changed (differs from the manifest's inputs)" for rel in differences["changed"]]
-
-
-# Files of a failed job's folder besides inputs/ (its manifest lists error.json and the audit log).
-FAILED_FILES = frozenset({ERROR_FILE, AUDIT_FILE, MANIFEST_FILE, SIGNATURE_FILE})
-
-
-def _verify_failed(job_dir: Path, report: AuditReport) -> None:
-    """A failed job's record: its manifest (engine.jobfolder.failed_manifest) against inputs/,
-    error.json and the audit log; no other file; and inputs/ against the inputs its audit log
-    recorded (the last job_started / job_resumed / job_refused line that lists them). Older
-    failed folders (no manifest) are checked by their signed head alone, and say so."""
-    report.verdict = "failed"
-    manifest_path = job_dir / MANIFEST_FILE
-    if not manifest_path.is_file():
-        report.notes.append(f"a failed job recorded before failed jobs had a {MANIFEST_FILE}: its inputs/ are not sealed (only error.json "
-                            "and the audit log are)")
-        return
-    try:
-        manifest = json.loads(manifest_path.read_text("utf-8"))
-        if not isinstance(manifest, dict) or not manifest.get("failed"):
-            raise ValueError("not a failed job's manifest")
-    except ValueError as exc:
-        report.problems.append(f"{MANIFEST_FILE}: unreadable ({exc})")
-        return
-    for rel, expected in sorted((manifest.get("outputs") or {}).items()):
-        report.files_checked += 1
-        path = job_dir / rel
-        if not path.is_file():
-            report.problems.append(f"{rel}: missing")
-        elif sha256_file(path) != expected:
-            report.problems.append(f"{rel}: changed (sha256 differs from the failed job's manifest)")
-    listed = FAILED_FILES | set(manifest.get("outputs") or {})
-    for entry in walk_tree(job_dir):
-        if entry.rel.startswith(INPUTS_DIR + "/") or entry.rel in listed or entry.kind == "dir":
-            continue
-        report.problems.append(f"{entry.rel}: not in the failed job's manifest (added after it failed)")
-    _verify_inputs(job_dir, {"version": MANIFEST_VERSION, "inputs": manifest.get("inputs") or {}}, report)
-    recorded = _recorded_inputs(job_dir / AUDIT_FILE)
-    if recorded is not None and not manifest.get("only") and recorded != (manifest.get("inputs") or {}):
-        differences = Listing(recorded).differences(Listing(manifest.get("inputs") or {}))
-        report.problems.append(f"{INPUTS_DIR}/: differs from the inputs the audit log recorded ({differences})")
-
-
-def _recorded_inputs(audit: Path) -> dict[str, str] | None:
-    """The inputs listing of the audit log's last line that records one (None: none does)."""
-    recorded = None
-    for raw in audit.read_bytes().splitlines():
-        record = json.loads(raw)
-        if record.get("event") in ("job_started", "job_resumed", "job_refused") and record.get("inputs"):
-            recorded = record["inputs"]
-    return recorded

@@ -90,10 +90,11 @@ class StageContext:
         return digests
 
     def _trusted_chain(self) -> list[dict[str, Any]]:
-        """The audit chain's lines a resume may trust (engine.audit.trusted_records: with lab keys,
-        what the signer witnessed)."""
-        from engine.audit import read_chain, trusted_records
-        from engine.jobfolder import WITNESS_FILE
+        """The audit chain's lines a resume may trust (engine.verification.trusted_records: with
+        lab keys, what the signer witnessed)."""
+        from engine.audit import read_chain
+        from engine.layout import WITNESS_FILE
+        from engine.verification import trusted_records
 
         key = self.resources.lab_public_key() if self.resources is not None else None
         return trusted_records(read_chain(self.audit.path).records, self.job_dir / WITNESS_FILE, self.job_id, key)[0]

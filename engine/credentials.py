@@ -8,7 +8,7 @@ and our own assertion (`org.idrep.generation`: job id, seed, pass, drift, lock s
 model's and the LoRA's sha256). The PNG text chunks stay as they were. Offline: no timestamp
 authority, no remote manifest or OCSP fetch; thumbnails off (they add ~0.3 MB an image).
 
-A reader must ask for the validation state "Trusted" against the lab CA (`trust.user_anchors`):
+A reader (engine.verification.read_credentials) must ask for the validation state "Trusted" against the lab CA (`trust.user_anchors`):
 "Valid" only means the manifest is intact and signed by someone, not by the lab (FINDINGS).
 Signatures are randomised (ECDSA, new instance ids): a resumed job's images differ from a clean
 run's in their credentials only.
@@ -104,24 +104,3 @@ def _mime(path: Path) -> str:
         return "image/webp"
     return "application/octet-stream"
 
-
-def read_credentials(path: Path, trusted_ca: bytes | None) -> tuple[str, dict[str, Any] | None, str]:
-    """(validation state, the active manifest, what is wrong) of a PNG. The state is c2pa's:
-    "Trusted" (signed under `trusted_ca`), "Valid" (intact, someone else's certificate: or no CA
-    given), "Invalid", or "none" when the file carries no Content Credentials."""
-    settings = dict(SETTINGS)
-    if trusted_ca is not None:
-        settings["trust"] = {"user_anchors": trusted_ca.decode("ascii")}
-    try:
-        with open(path, "rb") as handle:
-            reader = c2pa.Reader("image/png", handle, context=c2pa.Context.from_dict(settings))
-            state = reader.get_validation_state() or "none"
-            manifest = reader.get_active_manifest()
-            results = reader.get_validation_results() or {}
-    except c2pa.C2paError as exc:
-        text = str(exc)
-        if "ManifestNotFound" in type(exc).__name__ or "not found" in text.lower():
-            return "none", None, "no Content Credentials in the file"
-        return "Invalid", None, f"{type(exc).__name__}: {text[:200]}"
-    failures = [item.get("code", "?") for item in (results.get("activeManifest") or {}).get("failure", [])] if isinstance(results, dict) else []
-    return state, manifest, ", ".join(failures)

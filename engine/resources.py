@@ -225,7 +225,7 @@ class Resources:
 
     def lab_public_key(self) -> Any:
         """The lab's audit key, its public half (from the signer's facts), or None without keys:
-        what a resume checks the signer's witnesses with (engine.audit.trusted_records)."""
+        what a resume checks the signer's witnesses with (engine.verification.trusted_records)."""
         from engine.trust import public_key_from_b64
 
         return public_key_from_b64(self.sealer().facts().get("public_key"))

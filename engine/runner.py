@@ -31,7 +31,7 @@ from typing import Any
 import structlog
 
 from engine import compiling
-from engine.audit import AuditLog, Observer, jsonable, read_chain, set_aside_damaged, trusted_records, write_manifest
+from engine.audit import AuditLog, Observer, jsonable, read_chain, set_aside_damaged, write_manifest
 from engine.config import Settings
 from engine.context import StageContext
 from engine.errors import ConfigError, JobError, JobInterrupted, OwnershipLost
@@ -54,6 +54,7 @@ from engine.kinds import Kind, all_stage_names, kind_named
 from engine.stages import stage_module
 from engine.signer import SealRefused
 from engine.trust import build_statement
+from engine.verification import trusted_records
 from engine.version import engine_version
 
 VERSIONED_PACKAGES = ("torch", "diffusers", "transformers", "peft", "insightface", "onnxruntime", "rembg", "numpy", "pillow", "opencv-python-headless", "scipy")

@@ -18,7 +18,7 @@ uid only), and answers one JSON line per request:
              the engine and calls back), for a job that has a work folder and is not sealed yet.
     witness  a signature over a running job's audit chain head and length (engine.trust.
              witness_statement), for the same jobs: what lets a resume tell the chain it wrote from
-             one a share-writer re-hashed (engine.audit.witnessed_prefix).
+             one a share-writer re-hashed (engine.verification.witnessed_prefix).
 
 It never decodes an image, unpickles, loads a model or reads a ledger: it hashes bytes, and
 parses JSON (the standard library's, size-bounded) only of requests and of its own journal. It
@@ -195,7 +195,7 @@ def _check_place(folder: Path, outbox: Path, where: str, path: str, job_id: str,
 
 def _write_document(folder: Path, document: dict[str, Any]) -> None:
     from engine.fsutil import atomic_write_json
-    from engine.jobfolder import SIGNATURE_FILE
+    from engine.layout import SIGNATURE_FILE
 
     atomic_write_json(folder / SIGNATURE_FILE, document)
 

@@ -20,7 +20,7 @@ cannot recompute is a signature by a key they do not hold:
 - **Journal** (`<outbox>/.journal/journal.jsonl`): one line per published or failed job with its
   signed statement; hash-chained, each line signed too, appended under an exclusive lock (several
   daemons share an outbox) and behind the job's fence. It is what tells a deleted job, two
-  subjects' folders swapped, or a folder put back from an older copy: `verify_journal`.
+  subjects' folders swapped, or a folder put back from an older copy: engine.verification.verify_journal.
   Cutting the journal back to an earlier line together with the jobs after it is the one edit a
   signature cannot show: keep a note of the head `verify-journal` prints.
 Without keys the same records are written unsigned, and every check says `unsigned` plainly.
@@ -32,24 +32,21 @@ import base64
 import contextlib
 import datetime as dt
 import fcntl
-import json
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from engine import layout
-from engine.chain import GENESIS, chain_break, good_prefix, parse_line
+from engine.chain import GENESIS, good_prefix, parse_line
 from engine.errors import ConfigError
-from engine.fsutil import append_whole, atomic_write_json, canonical_json, check_write, fsync_dir, sha256_bytes, sha256_file
-from engine.jobfolder import AUDIT_FILE, ERROR_FILE, MANIFEST_FILE, SIGNATURE_FILE, failure_staging, work_dir
+from engine.fsutil import append_whole, canonical_json, check_write, fsync_dir, sha256_bytes, sha256_file
+from engine.layout import AUDIT_FILE, ERROR_FILE, MANIFEST_FILE
 
 AUDIT_KEY = "audit-signing.key.pem"
 AUDIT_PUBLIC_KEY = "audit-signing.pub.pem"
@@ -247,36 +244,8 @@ def public_key_from_b64(raw: str | None) -> ed25519.Ed25519PublicKey | None:
     return ed25519.Ed25519PublicKey.from_public_bytes(base64.b64decode(raw)) if raw else None
 
 
-def check_witness(entry: Any, job_id: str, public_key: ed25519.Ed25519PublicKey) -> int | None:
-    """The line count a witness entry vouches for, when it is one for `job_id` signed with
-    `public_key`; else None."""
-    try:
-        statement = entry["statement"]
-        if statement != witness_statement(job_id, statement["head"], statement["lines"]) or not isinstance(statement["lines"], int):
-            return None
-        public_key.verify(base64.b64decode(entry["signature"]), canonical_json(statement).encode("utf-8"))
-    except (InvalidSignature, ValueError, TypeError, KeyError):
-        return None
-    return statement["lines"]
-
-
 def statement_sha256(statement: dict[str, Any]) -> str:
     return sha256_bytes(canonical_json(statement).encode("utf-8"))
-
-
-def check_signature(document: dict[str, Any], trusted: ed25519.Ed25519PublicKey | None) -> tuple[str, list[str]]:
-    """("trusted" | "signed" (valid, but no trusted key to check against) | "unsigned", problems)."""
-    if document.get("signature") is None:
-        return "unsigned", []
-    try:
-        embedded = ed25519.Ed25519PublicKey.from_public_bytes(base64.b64decode(document.get("public_key") or ""))
-        key = trusted or embedded
-        key.verify(base64.b64decode(document["signature"]), canonical_json(document.get("statement")).encode("utf-8"))
-    except (InvalidSignature, ValueError, TypeError) as exc:
-        who = f"the trusted key {fingerprint(trusted)[:16]}" if trusted else "the key it names"
-        return "forged", [f"{SIGNATURE_FILE}: the signature does not verify with {who} ({type(exc).__name__}): the statement was "
-                          "changed, or signed by another key"]
-    return ("trusted" if trusted else "signed"), []
 
 
 # ---------------------------------------------------------------------------- the journal
@@ -395,253 +364,5 @@ def torn_tail(path: Path) -> int:
     return len(data) - good_prefix(data)
 
 
-@dataclass
-class JournalReport:
-    """What `verify_journal` found. `ok` only when `problems` is empty."""
-
-    outbox: Path
-    entries: int = 0
-    head: str = GENESIS
-    signed: str = "unsigned"  # trusted | signed | unsigned | mixed
-    jobs_checked: int = 0
-    repairs: int = 0
-    problems: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems
-
-
-def verify_journal(outbox: Path, failed: Path | None = None, *, trusted: ed25519.Ed25519PublicKey | None = None,
-                   trusted_ca: bytes | None = None, allow_unsigned: bool = False) -> JournalReport:
-    """Check an outbox as a whole: the journal's chain and signatures; every journal entry's job
-    folder exists where the entry says, holds the very head the journal recorded, and passes
-    verify_audit (a failed job as a failed job: its inputs/ against its sealed manifest); every
-    job folder of the outbox (and of `failed`, default failed/ beside it) is in the journal. Names
-    a deleted job, swapped folders, a folder put back from another version, a torn tail.
-
-    With a `trusted` key, signed is required: an unsigned line (one after a signed one above all:
-    a downgrade) is a problem, unless `allow_unsigned`."""
-    from engine.audit import verify_audit
-
-    outbox = Path(outbox)
-    failed = Path(failed) if failed is not None else outbox.parent / "failed"
-    roots = {"outbox": outbox, "failed": failed}
-    report = JournalReport(outbox=outbox)
-    path = journal_path(outbox)
-    lines = read_journal(path)
-    report.entries = len(lines)
-    prev, states, latest, first_signed = GENESIS, set(), {}, None
-    for number, line in enumerate(lines, start=1):
-        if "unreadable" in line:
-            report.problems.append(f"journal line {number}: not JSON ({line['unreadable']!r})")
-            break
-        broken = chain_break(line, number, prev, journal_line_hash)
-        if broken:
-            report.problems.append(f"journal line {number}: {broken}")
-            break
-        prev = line["hash"]
-        state, problems = _check_line(line, trusted)
-        states.add(state)
-        report.problems += [f"journal line {number}: {problem}" for problem in problems]
-        if state != "unsigned" and first_signed is None:
-            first_signed = number
-        elif state == "unsigned" and first_signed is not None and trusted is not None and not allow_unsigned:
-            report.problems.append(f"journal line {number}: unsigned, after signed lines from line {first_signed} on (a signature "
-                                   "stripped, or keys taken out of the configuration); --allow-unsigned accepts it")
-        if line.get("kind") == "repair":
-            report.repairs += 1
-            repair = line.get("repair") or {}
-            report.notes.append(f"journal line {number}: a torn tail of {repair.get('removed_bytes')} bytes was cut off and kept as "
-                                f"{repair.get('kept_as')} (a power cut or a lost write on the share)")
-            continue
-        latest[(line.get("where"), line.get("path"))] = (number, line)
-    report.head = prev
-    report.signed = states.pop() if len(states) == 1 else ("mixed" if states else "unsigned")
-    if trusted is not None and not allow_unsigned and report.entries and first_signed is None:
-        report.problems.append("the journal is unsigned, but a trusted key was given: its lines could have been rewritten by anyone "
-                               "who can write the share (--allow-unsigned accepts an unsigned journal)")
-    torn = torn_tail(path)
-    if torn:
-        report.problems.append(f"the journal ends in {torn} bytes that are not a whole line (torn by a power cut or a lost write, or "
-                               "added by hand); the next job the daemon publishes repairs it, keeping the bytes aside")
-    for (where, rel), (number, line) in sorted(latest.items(), key=lambda item: item[1][0]):
-        folder = roots.get(where, outbox) / str(rel)
-        label = f"{where}:{rel}"
-        if not (folder / SIGNATURE_FILE).is_file():
-            job_id, subject = str(line.get("job_id")), folder.parent.name
-            pending = work_dir(outbox, job_id) if where == "outbox" else failure_staging(folder.parent.parent, subject, job_id)
-            if not folder.exists() and (pending / SIGNATURE_FILE).is_file():
-                report.problems.append(f"journal line {number}: {label}: sealed but not published yet ({pending} holds it: a run was stopped "
-                                       "between the seal and its publishing rename; the next run of the job publishes it as sealed)")
-            else:
-                report.problems.append(f"journal line {number}: {label}: the job folder is missing (deleted?)" if not folder.exists()
-                                       else f"journal line {number}: {label}: the job folder has no {SIGNATURE_FILE}")
-            continue
-        document = json.loads((folder / SIGNATURE_FILE).read_text("utf-8"))
-        held = document.get("statement") or {}
-        if statement_sha256(held) != line.get("statement_sha256"):
-            if (held.get("where"), held.get("path")) != (where, rel):
-                report.problems.append(f"journal line {number}: {label} holds the job recorded as {held.get('where')}:{held.get('path')} "
-                                       "(folders swapped or moved?)")
-            else:
-                report.problems.append(f"journal line {number}: {label} holds another version of the job than the journal recorded "
-                                       "(put back from an older copy, or rewritten?)")
-            continue
-        report.jobs_checked += 1
-        audit = verify_audit(folder, trusted_key=trusted, trusted_ca=trusted_ca, journal=False, allow_unsigned=allow_unsigned)
-        report.problems += [f"{label}: {problem}" for problem in audit.problems]
-    for where, root in roots.items():
-        if not root.is_dir():
-            continue
-        for subject in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-            for job in sorted(p for p in subject.iterdir() if p.is_dir() and not p.name.startswith(".")):
-                if (where, f"{subject.name}/{job.name}") not in latest:
-                    report.problems.append(f"{where}:{subject.name}/{job.name}: not in the journal (added by hand, or the journal was "
-                                           "cut back)")
-    return report
-
-
-def _check_line(line: dict[str, Any], trusted: ed25519.Ed25519PublicKey | None) -> tuple[str, list[str]]:
-    """The line's own signature and, for a job's line, the statement's."""
-    if line.get("signature") is None:
-        return "unsigned", []
-    key = trusted
-    if key is None:
-        return "signed", []  # a reviewer's key is what makes a line trusted; without it only the chain is checked
-    problems = []
-    try:
-        key.verify(base64.b64decode(line["signature"]), journal_line_hash(line).encode("ascii"))
-    except (InvalidSignature, ValueError, TypeError):
-        problems.append("the line's signature does not verify with the trusted key (edited, or signed by another key)")
-    if line.get("kind") != "repair":
-        try:
-            key.verify(base64.b64decode(line.get("statement_signature") or ""), canonical_json(line.get("statement")).encode("utf-8"))
-        except (InvalidSignature, ValueError, TypeError):
-            problems.append("the job's signed head in it does not verify with the trusted key")
-    return ("trusted" if not problems else "forged"), problems
-
-
 # ---------------------------------------------------------------------------- checking one job
 
-@dataclass
-class TrustFindings:
-    """What the signed records say of one job folder (part of engine.audit.verify_audit)."""
-
-    signed: str = "unsigned"  # trusted | signed (valid, no trusted key given) | unsigned | forged | missing | older (no signed heads yet)
-    key_fingerprint: str | None = None
-    journal: str = "not checked"  # found | missing | not checked
-    credentials: dict[str, int] = field(default_factory=dict)  # C2PA validation state -> images
-    problems: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-
-
-def check_job(job_dir: Path, *, where: str, audit_head_now: str, audit_lines_now: int, manifest: dict[str, Any] | None,
-              trusted_key: ed25519.Ed25519PublicKey | None, trusted_ca: bytes | None, journal: bool, allow_unsigned: bool = False) -> TrustFindings:
-    """The job's signed head against the folder it is in (its path, job id, subject, audit log,
-    manifest, error.json), the outbox's journal line, and every generated image's C2PA state.
-
-    Trusted means required: with a `trusted_key`, an unsigned head is a problem (unless
-    `allow_unsigned`). Images that carry Content Credentials in a job whose head is unsigned are a
-    problem whatever was given: only a job made with lab keys has them, so its head's signature
-    was stripped."""
-    job_dir = Path(job_dir)
-    found = TrustFindings()
-    path = job_dir / SIGNATURE_FILE
-    if not path.is_file():
-        if manifest is not None and manifest.get("version", 1) < 3:
-            found.signed = "older"
-            found.notes.append("made before jobs had signed heads: checked by its hash chain only")
-        else:
-            found.signed = "missing"
-            found.problems.append(f"{SIGNATURE_FILE} is missing (the job's signed head: removed?)")
-        return found
-    document = json.loads(path.read_text("utf-8"))
-    found.signed, problems = check_signature(document, trusted_key)
-    found.problems += problems
-    found.key_fingerprint = document.get("key_fingerprint")
-    statement = document.get("statement") or {}
-    rel = f"{job_dir.parent.name}/{job_dir.name}"
-    if isinstance(statement.get("version"), int) and statement["version"] >= 2:
-        expected = build_statement(job_dir, where=where, path=rel, job_id=job_dir.name, subject=job_dir.parent.name)
-        expected.pop("version")
-    else:  # version 1: the audit head line's hash
-        expected = {"where": where, "path": rel, "job_id": job_dir.name, "subject": job_dir.parent.name,
-                    "audit_head": audit_head_now, "audit_lines": audit_lines_now}
-        sealed, key = (MANIFEST_FILE, "manifest_sha256") if where == "outbox" else (ERROR_FILE, "error_sha256")
-        expected[key] = sha256_file(job_dir / sealed) if (job_dir / sealed).is_file() else None
-    for name, value in expected.items():
-        if statement.get(name) != value:
-            found.problems.append(f"{SIGNATURE_FILE}: the signed {name} is {statement.get(name)!r}, the folder's is {value!r}" +
-                                  _what_it_means(name))
-    if found.signed == "unsigned":
-        if trusted_key is not None and not allow_unsigned:
-            found.problems.append(f"{SIGNATURE_FILE}: the job's head is unsigned, but a trusted key was given: anyone who can write the "
-                                  "share could have rewritten this job consistently (--allow-unsigned accepts unsigned jobs)")
-        else:
-            found.notes.append("UNSIGNED: no lab key signed this job; its records are hash-chained, which shows an edited byte, but "
-                               "someone who can write the share could rewrite them consistently")
-    elif found.signed == "signed":
-        found.notes.append(f"signed by key {found.key_fingerprint}, not checked against a trusted key (give --trusted-key, or [trust] keys)")
-    journal_file = journal_path(job_dir.parent.parent)
-    if journal and where == "outbox" and not journal_file.is_file():
-        found.journal = "not found"
-        found.notes.append(f"no journal at {journal_file} (the folder was checked on its own, away from its outbox; "
-                           "`verify-journal OUTBOX` checks the outbox as a whole)")
-    elif journal and where == "outbox":
-        digest = statement_sha256(statement)
-        if any(line.get("statement_sha256") == digest for line in read_journal(journal_file)):
-            found.journal = "found"
-        else:
-            found.journal = "missing"
-            found.problems.append(f"not in the outbox's journal ({journal_file}): published by hand, or the journal was cut back or replaced")
-    if manifest is not None and where == "outbox":
-        _check_credentials(job_dir, manifest, trusted_ca, found)
-    return found
-
-
-def _what_it_means(name: str) -> str:
-    return {
-        "path": " (the folder was moved or swapped with another)",
-        "job_id": " (the folder was renamed or swapped)",
-        "subject": " (the folder was moved under another subject)",
-        "audit_head": " (audit.jsonl was rewritten after it was signed)",
-        "audit_lines": " (audit.jsonl was rewritten after it was signed)",
-        "audit_sha256": " (audit.jsonl was rewritten after it was signed)",
-        "manifest_sha256": " (manifest.json was rewritten after it was signed)",
-        "error_sha256": " (error.json was rewritten after it was signed)",
-        "where": " (moved between the outbox and failed/)",
-    }.get(name, "")
-
-
-GENERATED_IMAGE_FOLDERS = tuple(f"{folder}/" for folder in layout.GENERATED_IMAGE_DIRS)
-
-
-def _check_credentials(job_dir: Path, manifest: dict[str, Any], trusted_ca: bytes | None, found: TrustFindings) -> None:
-    """Every image the model generated carries Content Credentials of the lab (signed jobs only)."""
-    from engine.credentials import read_credentials
-
-    signed_job = bool((manifest.get("trust") or {}).get("signed"))
-    carrying: list[str] = []
-    for rel in sorted(manifest.get("outputs", {})):
-        if not rel.endswith(".png") or not rel.startswith(GENERATED_IMAGE_FOLDERS) or not (job_dir / rel).is_file():
-            continue
-        state, _manifest, detail = read_credentials(job_dir / rel, trusted_ca)
-        found.credentials[state] = found.credentials.get(state, 0) + 1
-        if state in ("Trusted", "Valid"):
-            carrying.append(rel)
-        if not signed_job:
-            continue
-        if state == "none":
-            found.problems.append(f"{rel}: carries no Content Credentials ({detail}; re-saved without them?)")
-        elif state == "Invalid":
-            found.problems.append(f"{rel}: its Content Credentials do not validate ({detail or 'tampered'})")
-        elif state == "Valid" and trusted_ca is not None:
-            found.problems.append(f"{rel}: its Content Credentials are signed, but not under the lab CA (another signer's certificate)")
-    if carrying and (found.signed == "unsigned" or not signed_job):
-        found.problems.append(f"{len(carrying)} image(s) carry signed Content Credentials ({carrying[0]}, ...), but the job's "
-                              f"{'head is unsigned' if found.signed == 'unsigned' else 'manifest says it is unsigned'}: only a job made with "
-                              "lab keys has them, so a signature was stripped or the records were rewritten")
-    if signed_job and trusted_ca is None and found.credentials:
-        found.notes.append("Content Credentials checked for integrity only: give --trusted-ca (the lab CA) to require the lab's signature")

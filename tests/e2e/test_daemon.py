@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from daemon.claim import find_claims
-from engine.audit import verify_audit
 from engine.fsutil import sha256_bytes
 from engine.kinds.replicate import REPLICATE
 from engine.stages import stage_module
+from engine.verification import verify_audit
 from tests.conftest import folder_snapshot
 from tests.e2e.conftest import FAST_JOB, Lab, audit_events, drop_job, parse_ts, photo_bytes
 

@@ -24,9 +24,9 @@ from pathlib import Path
 import pytest
 
 from daemon.claim import find_claims
-from engine.audit import verify_audit
 from engine.fsutil import walk_tree
 from engine.jobfolder import AUDIT_FILE, ERROR_FILE, INPUTS_DIR, LEDGER_FILE, WORK_DIR
+from engine.verification import verify_audit
 from tests.e2e.conftest import Lab
 
 # A dropped file: (its path in the job folder, its bytes). A folder's drops may name one path

@@ -17,11 +17,12 @@ from typing import Any
 
 from hypothesis import strategies as st
 
-from engine.audit import AUDIT_FILE, verify_audit
+from engine.audit import AUDIT_FILE
 from engine.errors import JobError, Problem
 from engine.fsutil import canonical_json
 from engine.job import JOB_FILE, SAFE_NAME, JobSpec, LoadedJob, load_job
 from engine.schema import Table, Tables, to_plain
+from engine.verification import verify_audit
 from tests.conftest import FAST_JOB
 
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")

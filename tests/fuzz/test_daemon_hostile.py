@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from daemon.claim import find_claims
-from engine.audit import verify_audit
 from engine.fsutil import sha256_bytes
 from engine.jobfolder import INPUTS_DIR
+from engine.verification import verify_audit
 from tests.e2e.conftest import FAST_JOB, Lab, photo_bytes
 from tests.fuzz.strategies import tree_snapshot
 

@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 import torch
 
-from engine.audit import verify_audit
 from engine.jobfolder import WORK_DIR
 from engine.runner import Engine
+from engine.verification import verify_audit
 from tests.conftest import REPO, make_job
 
 PHASES = """

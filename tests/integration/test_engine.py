@@ -13,11 +13,11 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from engine.audit import verify_audit
 from engine.fsutil import sha256_file, tree_listing
 from engine.jobfolder import INPUTS_DIR, work_dir
-from engine.runner import Engine, run_job
 from engine.kinds.replicate import REPLICATE
+from engine.runner import Engine, run_job
+from engine.verification import verify_audit
 from tests.conftest import FAST_JOB, folder_snapshot, make_job
 
 STAGE_NAMES = REPLICATE.stages  # a replicate job's stages, in order

@@ -21,11 +21,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine.audit import verify_audit
 from engine.errors import JobError
 from engine.images import read_rgb
 from engine.job import MineSpec, load_job
 from engine.jobfolder import work_dir
+from engine.verification import verify_audit
 from tests.conftest import FAST_TRAIN, REPO, make_job
 
 TRAIN = FAST_TRAIN.replace("rotations = [-10, 10]\ncrops = [0.8]", "rotations = []\ncrops = []")

@@ -18,10 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from engine.audit import AUDIT_FILE, AuditLog, read_chain, verify_audit
+from engine.audit import AUDIT_FILE, AuditLog, read_chain
 from engine.fsutil import sha256_bytes, sha256_file
 from engine.jobfolder import work_dir
 from engine.status import outbox_status
+from engine.verification import verify_audit
 from tests.integration.test_resume import JOB_ID, _engine_cli, _events, _kill_at, _manifest, _outputs, _two_photo_job
 
 LORA = "lora/pytorch_lora_weights.safetensors"

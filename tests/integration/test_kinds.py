@@ -15,12 +15,12 @@ from pathlib import Path
 
 import pytest
 
-from engine.audit import verify_audit
 from engine.errors import ConfigError
-from engine.jobfolder import work_dir
 from engine.job import KindSpec
+from engine.jobfolder import work_dir
 from engine.kinds import Kind, kind_named, register_kind, unregister_kind
 from engine.status import format_status, outbox_status
+from engine.verification import verify_audit
 from tests.conftest import FAST_JOB, REPO, make_job
 
 KIND = "faces_only"

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import json
 
-from engine.audit import verify_audit
 from engine.trust import journal_path, read_journal
+from engine.verification import verify_audit
 from tests.conftest import FAST_JOB, make_job
 
 

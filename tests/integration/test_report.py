@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from engine.audit import verify_audit
 from engine.fsutil import sha256_file
 from engine.report import DRIFT_CHART, LOSS_CHART, REPORT_FILE, regenerate_report
+from engine.verification import verify_audit
 from tests.conftest import FAST_JOB, make_job
 
 CHROMIUM = Path("/usr/bin/chromium")

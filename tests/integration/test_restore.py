@@ -12,8 +12,8 @@ import cv2
 import numpy as np
 import pytest
 
-from engine.audit import verify_audit
 from engine.images import read_rgb
+from engine.verification import verify_audit
 from tests.conftest import folder_snapshot, make_job, write_png
 
 JOB = """\

@@ -14,10 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine.audit import AUDIT_FILE, MANIFEST_FILE, verify_audit
+from engine.audit import AUDIT_FILE, MANIFEST_FILE
 from engine.fsutil import hash_tree
 from engine.jobfolder import WORK_DIR, work_dir
 from engine.kinds.replicate import REPLICATE
+from engine.verification import verify_audit
 from tests.conftest import REPO, FAST_JOB, make_job
 
 STAGE_NAMES = REPLICATE.stages  # a replicate job's stages, in order
@@ -237,7 +238,7 @@ def test_sigkill_after_sealing_publishes_the_job_as_it_was_sealed(tmp_path, two_
     sealed_audit = (killed / AUDIT_FILE).read_bytes()
     (killed / ".signature.json.a1b2c3d4.tmp").write_bytes(b"half")  # a kill inside the signer's atomic write, say
     assert [line["job_id"] for line in read_journal(journal_path(outbox))] == [JOB_ID]
-    from engine.trust import verify_journal
+    from engine.verification import verify_journal
 
     assert any("sealed but not published yet" in p for p in verify_journal(outbox).problems)  # named as what it is
     (source / "notes.txt").write_text("written after the seal")  # too late: the job is what was sealed

@@ -15,11 +15,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine.audit import verify_audit
 from engine.errors import JobError
 from engine.images import read_rgb
 from engine.job import load_job
 from engine.jobfolder import work_dir
+from engine.verification import verify_audit
 from tests.conftest import REPO, make_job, write_png
 
 JOB = """\

@@ -15,10 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from engine.audit import AuditLog, verify_audit, write_manifest
+from engine.audit import AuditLog, write_manifest
 from engine.fsutil import tree_listing
 from engine.signer import SealRefused, start_signer
-from engine.trust import (UNSIGNED_FACTS, LabKeys, journal_path, load_public_key, read_journal, verify_journal, AUDIT_PUBLIC_KEY)
+from engine.trust import (UNSIGNED_FACTS, LabKeys, journal_path, load_public_key, read_journal, AUDIT_PUBLIC_KEY)
+from engine.verification import verify_audit, verify_journal
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +72,7 @@ def test_the_signer_seals_a_job_id_once_and_answers_the_same_head_again(signer, 
 
 
 def test_images_and_witnesses_are_signed_only_for_a_job_in_progress(signer, lab_keys, tmp_path):
-    from engine.trust import check_witness
+    from engine.verification import check_witness
 
     outbox = tmp_path / "outbox"
     folder = _finished_work_folder(outbox, "job-3")

@@ -13,15 +13,17 @@ import pytest
 from cryptography import x509
 from PIL import Image
 
-from engine.audit import line_hash, verify_audit
+from engine.audit import line_hash
 from engine.config import Settings
-from engine.credentials import ASSERTION_LABEL, DIGITAL_SOURCE_TYPE, ContentCredentials, read_credentials
+from engine.credentials import ASSERTION_LABEL, DIGITAL_SOURCE_TYPE, ContentCredentials
 from engine.errors import ConfigError
 from engine.fsutil import canonical_json, sha256_file
 from engine.images import png_bytes
+from engine.layout import SIGNATURE_FILE
 from engine.runner import Engine
-from engine.trust import (AUDIT_KEY, AUDIT_PUBLIC_KEY, CA_CERT, CA_KEY, SIGNATURE_FILE, SIGNER_CHAIN, SIGNER_KEY, LabKeys, journal_path,
-                          load_public_key, make_lab_keys, verify_journal)
+from engine.trust import (AUDIT_KEY, AUDIT_PUBLIC_KEY, CA_CERT, CA_KEY, SIGNER_CHAIN, SIGNER_KEY, LabKeys, journal_path, load_public_key,
+                          make_lab_keys)
+from engine.verification import read_credentials, verify_audit, verify_journal
 from tests.conftest import FAST_JOB, make_job
 
 

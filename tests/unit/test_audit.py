@@ -7,11 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from engine.audit import GENESIS, AuditLog, line_hash, verify_audit, write_manifest
+from engine.audit import GENESIS, AuditLog, line_hash, write_manifest
 from engine.errors import OwnershipLost
 from engine.fsutil import tree_listing
 from engine.fsutil import atomic_write_json
 from engine.trust import UNSIGNED_FACTS, build_statement, signed_document
+from engine.verification import verify_audit
 
 
 def _finished_job(folder: Path) -> Path:
@@ -235,10 +236,11 @@ def test_a_failed_job_keeps_a_damaged_chain_set_aside_sealed_with_it(tmp_path):
 
 
 def test_a_resume_trusts_only_the_witnessed_prefix_and_never_a_range_found_unwitnessed(tmp_path):
-    """engine.audit.trusted_records, with a real signer's rules (engine.signer.Sealer) in process."""
+    """engine.verification.trusted_records, with a real signer's rules (engine.signer.Sealer) in process."""
     import base64
 
-    from engine.audit import read_chain, trusted_records
+    from engine.audit import read_chain
+    from engine.verification import trusted_records
     from engine.jobfolder import WITNESS_FILE
     from engine.signer import Sealer
     from engine.trust import LabKeys, make_lab_keys, witness_statement

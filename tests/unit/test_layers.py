@@ -37,3 +37,37 @@ def test_the_daemon_imports_only_the_engines_public_names_and_its_shared_vocabul
 def test_the_engine_knows_nothing_of_the_daemon():
     for path in sorted((REPO / "engine").rglob("*.py")):
         assert not {name for name in _imports(path) if name == "daemon" or name.startswith("daemon.")}, path
+
+
+# The provenance modules: writers (the audit chain, signed heads and journal, Content Credentials,
+# the signer) and the verifier that reads what they wrote (engine.verification).
+PROVENANCE = ("engine.audit", "engine.chain", "engine.credentials", "engine.signer", "engine.trust", "engine.verification")
+
+
+def _every_import(path: Path) -> set[str]:
+    """What a module imports anywhere (at the top and inside functions), each name of a `from`
+    import counted as the module it may be."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text("utf-8"))):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found |= {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
+    return found
+
+
+def test_the_provenance_writers_and_their_verifier_import_one_another_without_a_cycle():
+    graph = {name: _every_import(REPO / (name.replace(".", "/") + ".py")) & set(PROVENANCE) - {name} for name in PROVENANCE}
+    assert "engine.audit" in graph["engine.verification"] and "engine.trust" in graph["engine.verification"]  # the check sees imports
+    done: set[str] = set()
+
+    def walk(name: str, path: tuple[str, ...]) -> None:
+        assert name not in path, "import cycle: " + " -> ".join(path + (name,))
+        if name not in done:
+            for imported in sorted(graph[name]):
+                walk(imported, path + (name,))
+            done.add(name)
+
+    for name in PROVENANCE:
+        walk(name, ())
+    assert not any("engine.verification" in imported for name, imported in graph.items() if name != "engine.verification")
