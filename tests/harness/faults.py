@@ -1,4 +1,4 @@
-"""Harness for the fault suite: real daemons (tests/e2e/conftest.py's `Lab`) on real faults —
+"""The fault suite's harness: real daemons (tests.harness.lab.Lab) on real faults —
 tmpfs mounts remounted read-only or filled to the last byte, a tmpfs mounted where a folder
 should be, SIGSTOP, a clock skewed by libfaketime, deep trees — and the one check every case
 ends with: where each dropped file is.
@@ -27,19 +27,11 @@ from daemon.claim import find_claims
 from engine.audit import verify_audit
 from engine.fsutil import walk_tree
 from engine.jobfolder import AUDIT_FILE, ERROR_FILE, INPUTS_DIR, LEDGER_FILE, WORK_DIR
-from tests.e2e.conftest import Lab
+from tests.harness.lab import Lab
 
 # A dropped file: (its path in the job folder, its bytes). A folder's drops may name one path
 # twice (a photo replaced in a claimed folder: both versions are evidence).
 Drop = tuple[str, bytes]
-
-
-@pytest.fixture()
-def lab(tmp_path: Path, shared_models: Path) -> Iterator[Lab]:
-    installation = Lab(tmp_path, shared_models)
-    yield installation
-    installation.stop_all()
-    unmount_all(tmp_path)
 
 
 # ---------------------------------------------------------------------------- mounts

@@ -1,6 +1,6 @@
-"""Harness for end-to-end tests: the daemon as a real subprocess (`python -m daemon --demo`) on a
-temporary inbox/outbox, its JSON log lines parsed as they come, real job folders made from a
-real photo. Nothing is mocked."""
+"""The installation the end-to-end, fault and fuzz tests run: the daemon as a real subprocess
+(`python -m daemon --demo`) on a temporary inbox/outbox, its JSON log lines parsed as they come,
+real job folders made from a real photo. Nothing is mocked."""
 
 from __future__ import annotations
 
@@ -17,12 +17,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import pytest
+from tests.harness.paths import REPO
 
-from tests.conftest import REPO
-
-# The fast stage mode of these tests is job.toml itself: one 64 px prepared image per photo,
-# one training step at the demo model's 128 px, one seed, two render steps.
+# The fast stage mode of the daemon tests is job.toml itself (smaller than tests.harness.jobs.FAST_JOB):
+# one 64 px prepared image per photo, one training step at the demo model's 128 px, one seed, two render steps.
 FAST_JOB = """\
 [prepare]
 size = 64
@@ -231,10 +229,3 @@ class Lab:
                 daemon.process.send_signal(signal.SIGKILL)
                 daemon.process.wait(30)
             daemon._stderr.close()
-
-
-@pytest.fixture()
-def lab(tmp_path: Path, shared_models: Path):
-    installation = Lab(tmp_path, shared_models)
-    yield installation
-    installation.stop_all()

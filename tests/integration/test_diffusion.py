@@ -22,7 +22,8 @@ import torch
 from engine.audit import verify_audit
 from engine.jobfolder import WORK_DIR
 from engine.runner import Engine
-from tests.conftest import REPO, make_job
+from tests.harness.jobs import make_job
+from tests.harness.paths import REPO
 
 PHASES = """
 [[train.phases]]

@@ -18,7 +18,7 @@ from engine.fsutil import sha256_file, tree_listing
 from engine.jobfolder import INPUTS_DIR, work_dir
 from engine.runner import Engine, run_job
 from engine.kinds.replicate import REPLICATE
-from tests.conftest import FAST_JOB, folder_snapshot, make_job
+from tests.harness.jobs import FAST_JOB, folder_snapshot, make_job
 
 STAGE_NAMES = REPLICATE.stages  # a replicate job's stages, in order
 

@@ -21,7 +21,8 @@ from engine.jobfolder import work_dir
 from engine.job import KindSpec
 from engine.kinds import Kind, kind_named, register_kind, unregister_kind
 from engine.status import format_status, outbox_status
-from tests.conftest import FAST_JOB, REPO, make_job
+from tests.harness.jobs import FAST_JOB, make_job
+from tests.harness.paths import REPO
 
 KIND = "faces_only"
 JOB_TOML = f'kind = "{KIND}"\n\n[prepare]\nsize = 128\nrotations = [-10]\ncrops = []\n'

@@ -18,7 +18,8 @@ from engine.audit import AUDIT_FILE, MANIFEST_FILE, verify_audit
 from engine.fsutil import hash_tree
 from engine.jobfolder import WORK_DIR, work_dir
 from engine.kinds.replicate import REPLICATE
-from tests.conftest import REPO, FAST_JOB, make_job
+from tests.harness.jobs import FAST_JOB, make_job
+from tests.harness.paths import REPO
 
 STAGE_NAMES = REPLICATE.stages  # a replicate job's stages, in order
 
@@ -270,7 +271,7 @@ def test_changed_inputs_invalidate_from_the_first_affected_stage(tmp_path, two_p
         ("stage_skipped", "prepare"), ("stage_invalidated", "embed"), ("stage_started", "embed")]
 
     # A changed photo: everything from prepare on is re-done.
-    from tests.conftest import write_png
+    from tests.harness.jobs import write_png
 
     write_png(source / "b.png", np.ascontiguousarray(astronaut_rgb[:, ::-1][:, 8:]))
     rerun = _engine_cli(config, source, outbox)

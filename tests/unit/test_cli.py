@@ -15,7 +15,7 @@ import structlog
 from daemon.__main__ import main as daemon_main
 from engine.__main__ import main as engine_main
 from engine.cli import BROKEN_PIPE_EXIT, configure_json_logging, find_config
-from tests.conftest import REPO
+from tests.harness.paths import REPO
 
 
 def test_the_config_given_else_the_one_in_the_current_folder_else_none(tmp_path, monkeypatch):

@@ -11,7 +11,7 @@ from engine.config import Settings
 from engine.errors import ConfigError, JobError
 from engine.job import DEFAULT_PHASES, load_job
 from engine.schema import to_plain
-from tests.conftest import FAST_JOB, make_job
+from tests.harness.jobs import FAST_JOB, make_job
 
 REPO = Path(__file__).resolve().parents[2]
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
