@@ -94,6 +94,9 @@ class Engine:
         # Set from another thread (a signal handler) to stop the job in flight at its next
         # safe point; the job stays in the work area and resumes on the next run.
         self.stop_requested = threading.Event()
+        from engine.plugins import load_plugins
+
+        load_plugins(self.settings)  # the lab's kinds, also where no CLI read config.toml (a Ray worker, a library user)
         self.check_installation()
 
     def check_installation(self) -> None:

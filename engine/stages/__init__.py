@@ -10,7 +10,9 @@ Which stages a job runs, in which order, is its kind's (engine.kinds). A stage r
 earlier one wrote through engine.layout, never by importing that stage.
 
 STAGE_MODULES is plain data, so that readers of job folders (`status`, the daemon's metrics)
-need not import the stages, which pull in torch and diffusers; `stage_module` imports one on use."""
+need not import the stages, which pull in torch and diffusers; `stage_module` imports one on use.
+A kind from outside engine/ (a lab's plug-in, engine.plugins) brings stages of its own
+(engine.kinds.Kind.stage_modules); registering the kind adds them here (`register_stage`)."""
 
 from __future__ import annotations
 
@@ -30,9 +32,32 @@ STAGE_MODULES = {
 }
 
 
+# Stages that kinds from outside engine/ brought: name -> module path (register_stage).
+_ADDED: dict[str, str] = {}
+
+
+def register_stage(name: str, module: str) -> None:
+    """Add a stage from outside engine/ (engine.kinds.register_kind calls it for a kind's
+    `stage_modules`). A name that is a built-in stage, or another module's, is refused: a job's
+    ledger names stages, and one name must mean one stage."""
+    taken = STAGE_MODULES.get(name) or _ADDED.get(name)
+    if taken is not None and taken != module:
+        raise ValueError(f"a stage named {name!r} already exists ({taken})")
+    _ADDED[name] = module
+
+
+def unregister_stage(name: str) -> None:
+    """Remove a stage added by register_stage (a test's kind that is removed again)."""
+    _ADDED.pop(name, None)
+
+
+def is_stage(name: str) -> bool:
+    return name in STAGE_MODULES or name in _ADDED
+
+
 def stage_module(name: str) -> ModuleType:
     """The module of stage `name` (imported on first use)."""
-    module = importlib.import_module(STAGE_MODULES[name])
+    module = importlib.import_module(STAGE_MODULES.get(name) or _ADDED[name])
     if module.NAME != name:
         raise RuntimeError(f"stage module {module.__name__} calls itself {module.NAME!r}, not {name!r}")
     return module

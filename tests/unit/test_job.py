@@ -208,7 +208,7 @@ def test_repository_config_equals_built_in_defaults():
     """config.toml documents the defaults; the two must not drift apart."""
     loaded = Settings.load(REPO / "config.toml")
     builtin = Settings()
-    for section in ("paths", "faces", "input", "background", "embed", "render", "models"):
+    for section in ("paths", "faces", "input", "background", "embed", "render", "models", "kinds"):
         assert getattr(loaded, section) == getattr(builtin, section), section
     from engine.job import JOB_DEFAULT_SECTIONS
 
