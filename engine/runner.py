@@ -409,6 +409,8 @@ class Engine:
         for stage in map(stage_module, kind.stages):
             ctx.check_stop(f"before {stage.NAME}")
             roles = tuple(stage.models(ctx))
+            if not set(roles) <= set(stage.MODELS):  # the inventory checked MODELS at start-up, nothing beyond it
+                raise RuntimeError(f"stage {stage.NAME} uses model role(s) {', '.join(sorted(set(roles) - set(stage.MODELS)))} missing from its MODELS")
             models = {role: self.resources.hashes(role) for role in roles}  # the one place a stage's models enter its fingerprint
             fingerprint = sha256_bytes(canonical_json({"stage": stage.NAME, "version": stage.VERSION, "config": stage.fingerprint(ctx), "models": models,
                                                        "previous": previous}).encode())

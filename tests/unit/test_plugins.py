@@ -114,3 +114,29 @@ def test_both_command_lines_exit_2_naming_the_key_and_the_module(tmp_path, plugi
     assert daemon_main(["--config", str(config), "--demo"]) == 2
     out = capsys.readouterr().out
     assert '"event": "refused_to_start"' in out and "kinds.plugins: the plug-in 'lab_missing': cannot be imported" in out
+
+
+def test_the_inventory_lists_the_roles_the_stages_declare_a_plugin_stage_too(tmp_path, plugin_folder):
+    """engine.inventory owns where each model is; which roles it lists is each stage's MODELS."""
+    from engine.inventory import inventory, stages_through
+    from engine.kinds import all_stage_names
+    from engine.stages import declared_models
+
+    body = textwrap.dedent(KIND_NAMED.format(name="lab_marks", stage="lab_marks_stage", module="lab_marks")) + textwrap.dedent("""\
+        NAME = "lab_marks_stage"
+        VERSION = 1
+        OUTPUTS = ()
+        MODELS = ("landmarks",)
+    """)
+    settings = read_settings(_config(tmp_path, _module(plugin_folder, "lab_marks", body)))
+    (tmp_path / "models").mkdir()
+
+    def listed(until):
+        roles = {"faces" if entry.role == "faces_fallback" else entry.role for entry in inventory(settings, until=until)}
+        return roles | {"base"}  # the base model is always listed (needed or not)
+
+    for until in (None, *all_stage_names()):
+        declared = {role for name in stages_through(until) for role in declared_models(name)}
+        expected = (declared - {"inpaint"}) | {"base"}  # models.inpaint = "base": the base model's own weights
+        assert listed(until) == expected, until
+    assert "landmarks" in listed("lab_marks_stage") and "landmarks" not in listed("prepare")
