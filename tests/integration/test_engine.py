@@ -185,9 +185,9 @@ def test_truncated_jpeg(tmp_path, settings, astronaut_rgb):
 
 
 def test_pixel_bomb(tmp_path, settings):
-    from tests.unit.test_images import _png_header_only
+    from tests.harness.jobs import png_header_only
 
-    source = make_job(tmp_path / "alice", {"bomb.png": _png_header_only(30_000, 30_000)})
+    source = make_job(tmp_path / "alice", {"bomb.png": png_header_only(30_000, 30_000)})
     _expect_refusal(tmp_path, settings, source, "pixel_limit", "bomb.png")
 
 
