@@ -65,7 +65,7 @@ def main() -> None:
 
     from engine.config import Settings
     from engine.runner import Engine
-    from tests.conftest import make_job
+    from tests.harness.jobs import make_job
 
     from skimage import data
 

@@ -56,7 +56,7 @@ of the engine's wall time, so that the whole cost of being forensic is on one pa
 
 Logs: both paths log JSON lines through structlog as the daemon configures it, written to
 /dev/null (a terminal or journald costs more per line). --job fast is the end-to-end tests'
-job (tests/e2e/conftest.py FAST_JOB: 64-px prepare, 1 training step, 1 seed, 2 render steps),
+job (tests/harness/lab.py FAST_JOB: 64-px prepare, 1 training step, 1 seed, 2 render steps),
 the shortest real job and so the largest share; --job example is engine.example's job (256 px,
 up to 300 steps, 8 seeds, two renders): about a minute per job on the 2-core VM, so `--jobs 2`
 (six jobs with the untimed ones) runs about 7 minutes.
@@ -92,7 +92,7 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 import structlog  # noqa: E402
 
-# tests/e2e/conftest.py's FAST_JOB, copied so that the benchmark does not import the test harness.
+# tests/harness/lab.py's FAST_JOB, copied so that the benchmark does not import the test harness.
 FAST_JOB = """\
 [prepare]
 size = 64

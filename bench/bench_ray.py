@@ -56,7 +56,7 @@ def _settings(root: Path, models: Path, address: str, keep: bool):
 
 def _arm(name: str, root: Path, models: Path, address: str, keep: bool, jobs: int, job_toml: str) -> float:
     from daemon.service import Service, load_daemon_settings
-    from tests.e2e.conftest import drop_job
+    from tests.harness.lab import drop_job
 
     root.mkdir(parents=True)
     settings = _settings(root, models, address, keep)
@@ -109,8 +109,8 @@ def main() -> int:
     import ray
     from ray.cluster_utils import Cluster
 
-    from tests.conftest import FAST_JOB
-    from tests.e2e.conftest import FAST_JOB as E2E_JOB
+    from tests.harness.jobs import FAST_JOB
+    from tests.harness.lab import FAST_JOB as E2E_JOB
 
     job_toml = E2E_JOB if args.job == "fast" else FAST_JOB
     print(f"bench_ray: {args.jobs} demo jobs per arm ({args.job}), ray {ray.__version__}, {os.cpu_count()} cores, load {load_average()}")

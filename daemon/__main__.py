@@ -44,6 +44,7 @@ from engine import (
     configure_json_logging,
     find_config,
     global_options,
+    read_settings,
     run_command,
 )
 
@@ -222,7 +223,7 @@ def _load_config(given: Path | None) -> tuple[Settings, Any]:
     from daemon.settings import load_daemon_settings
 
     config_path = find_config(given)
-    settings = Settings.load(config_path)
+    settings = read_settings(config_path)  # with the lab's plug-in kinds, before any job folder is read
     return settings, load_daemon_settings(settings, str(config_path or "built-in defaults"))
 
 

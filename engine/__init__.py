@@ -32,6 +32,7 @@ _PUBLIC = {
     "OwnershipLost": "engine.errors",
     "JobOutcome": "engine.lifecycle",  # a run's outcome; StrEnum, equal to the plain strings
     "find_config": "engine.cli",  # the CLIs' shared set-up
+    "read_settings": "engine.cli",
     "configure_json_logging": "engine.cli",
     "global_options": "engine.cli",
     "run_command": "engine.cli",

@@ -27,7 +27,7 @@ from pathlib import Path
 
 
 from engine.verification import verify_audit
-from engine.cli import Folders, configure_json_logging, configured_folders, find_config, global_options, run_command
+from engine.cli import Folders, configure_json_logging, configured_folders, find_config, global_options, read_settings, run_command
 from engine.config import Settings
 from engine.errors import ConfigError, Problem, unstated_problems
 from engine.example import write_example_subject
@@ -162,7 +162,7 @@ def _run(args: argparse.Namespace) -> int:
     from engine.runner import Engine  # imports the model stack; keep `verify-audit` light
 
     try:
-        settings = Settings.load(find_config(args.config))
+        settings = read_settings(args.config)
         folders = _folders(args, settings)
         Engine.check_folders(folders.outbox, folders.failed)
         engine = Engine(settings, demo=args.demo, observer=ProgressObserver(), until=args.until)
@@ -205,7 +205,7 @@ def _models_check(args: argparse.Namespace) -> int:
     from engine.inventory import format_inventory, inventory
 
     try:
-        settings = Settings.load(find_config(args.config))
+        settings = read_settings(args.config)  # a plug-in kind's stages use models too
         entries = inventory(settings, demo=args.demo, until=args.until)
     except ConfigError as error:
         print(f"cannot check the models: {error}", file=sys.stderr)
@@ -326,7 +326,7 @@ def _status(args: argparse.Namespace) -> int:
     from engine.status import format_status, outbox_status
 
     try:
-        folders = _folders(args)
+        folders = _folders(args, read_settings(args.config))  # with the lab's plug-in kinds: their running jobs' stages
     except ConfigError as error:
         print(f"cannot read the configuration: {error}", file=sys.stderr)
         return 2

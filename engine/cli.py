@@ -34,6 +34,16 @@ def find_config(given: Path | None) -> Path | None:
     return default if default.is_file() else None
 
 
+def read_settings(given: Path | None) -> Settings:
+    """config.toml (find_config) with the lab's plug-in kinds it names loaded (engine.plugins),
+    before the command reads a job folder; ConfigError for a bad file or plug-in."""
+    from engine.plugins import load_plugins
+
+    settings = Settings.load(find_config(given))
+    load_plugins(settings)
+    return settings
+
+
 def global_options(*, after_command: bool) -> argparse.ArgumentParser:
     """The options every command takes, before or after its sub-command, as a parent parser
     (`parents=[...]`). The main parser's copy holds the defaults; each sub-command's copy

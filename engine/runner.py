@@ -95,6 +95,9 @@ class Engine:
         # Set from another thread (a signal handler) to stop the job in flight at its next
         # safe point; the job stays in the work area and resumes on the next run.
         self.stop_requested = threading.Event()
+        from engine.plugins import load_plugins
+
+        load_plugins(self.settings)  # the lab's kinds, also where no CLI read config.toml (a Ray worker, a library user)
         self.check_installation()
 
     def check_installation(self) -> None:
@@ -407,6 +410,8 @@ class Engine:
         for stage in map(stage_module, kind.stages):
             ctx.check_stop(f"before {stage.NAME}")
             roles = tuple(stage.models(ctx))
+            if not set(roles) <= set(stage.MODELS):  # the inventory checked MODELS at start-up, nothing beyond it
+                raise RuntimeError(f"stage {stage.NAME} uses model role(s) {', '.join(sorted(set(roles) - set(stage.MODELS)))} missing from its MODELS")
             models = {role: self.resources.hashes(role) for role in roles}  # the one place a stage's models enter its fingerprint
             fingerprint = sha256_bytes(canonical_json({"stage": stage.NAME, "version": stage.VERSION, "config": stage.fingerprint(ctx), "models": models,
                                                        "previous": previous}).encode())

@@ -6,7 +6,8 @@ the report's sections, and its own checks (the prompts the denylist screens, cro
 keys). The runner, ledger, resume, audit log, outbox, failed/, report and status work the same for
 every kind, from this data alone: a new kind is one module in this package defining its `Kind`
 (listed in `_built_in` below), plus the stages of its own in engine/stages; `register_kind` adds
-one from outside (a test's throw-away kind).
+one from outside (a test's throw-away kind, a lab's plug-in named in config.toml: engine.plugins),
+which may bring stages of its own (`Kind.stage_modules`).
 
 This module owns the registry of kinds and what a job folder's kind is. Plain data: importing it
 pulls in no stage (readers of job folders, `status` and the daemon's metrics, use it).
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from engine.errors import Problem
@@ -57,7 +58,9 @@ class Kind:
     that reaches a pipeline as a prompt, for the denylist; `checks(spec, where)`: problems between
     keys that no single key's rule can see; `folder_checks(spec, folder, photos, where)`: problems
     between the job.toml and its folder (the files it names), once its photos are known;
-    `lora_runs(spec)`: what the train stage trains (engine.job.LoraRun), for a kind that trains."""
+    `lora_runs(spec)`: what the train stage trains (engine.job.LoraRun), for a kind that trains;
+    `stage_modules`: stage name -> module path of the stages a kind from outside engine/ brings
+    (each with the contract of engine.stages), added to the stages when the kind is registered."""
 
     name: str
     stages: tuple[str, ...]
@@ -71,6 +74,7 @@ class Kind:
     lora_runs: Callable[[Any], tuple[Any, ...]] = _main_lora_only
     summary: str = ""  # one line for `--help` and the README
     title: str = ""  # the report's heading ("<name> report" when empty)
+    stage_modules: dict[str, str] = field(default_factory=dict, hash=False)
 
     def __post_init__(self) -> None:
         names = {f.name for f in dataclasses.fields(self.spec)}
@@ -81,11 +85,14 @@ class Kind:
             raise TypeError(f"kind {self.name!r} has no stages")
         if len(set(self.stages)) != len(self.stages):
             raise TypeError(f"kind {self.name!r} lists a stage twice")
-        from engine.stages import STAGE_MODULES
+        from engine.stages import STAGE_MODULES, is_stage
 
-        unknown = [name for name in self.stages if name not in STAGE_MODULES]
+        unknown = [name for name in self.stages if not is_stage(name) and name not in self.stage_modules]
         if unknown:
             raise ValueError(f"kind {self.name!r}: unknown stage(s) {', '.join(unknown)}; stages are {', '.join(STAGE_MODULES)}")
+        built_in = [name for name in self.stage_modules if name in STAGE_MODULES]
+        if built_in:
+            raise ValueError(f"kind {self.name!r} brings stage(s) {', '.join(built_in)}, but engine/stages has stage(s) of that name")
 
     @property
     def sections(self) -> tuple[str, ...]:
@@ -107,19 +114,34 @@ def _built_in() -> dict[str, Kind]:
 
 
 def register_kind(kind: Kind) -> Kind:
-    """Add a kind to the built-in ones (a test's kind of its own, a lab's plug-in). A name
-    already taken by another kind is refused: a job's kind must mean one pipeline."""
+    """Add a kind to the built-in ones (a test's kind of its own, a lab's plug-in), with the
+    stages it brings. A name already taken by another kind, or a stage name by another stage,
+    is refused (and nothing is added): a job's kind must mean one pipeline, a stage one module."""
+    from engine.stages import register_stage
+
     if _KINDS.get(kind.name, kind) is not kind:
         raise ValueError(f"a kind named {kind.name!r} is already registered")
+    taken = {name: module for other in _KINDS.values() if other.name != kind.name for name, module in other.stage_modules.items()}
+    for name, module in kind.stage_modules.items():
+        if taken.get(name, module) != module:
+            raise ValueError(f"kind {kind.name!r}: a stage named {name!r} already exists ({taken[name]})")
+    for name, module in kind.stage_modules.items():
+        register_stage(name, module)
     _KINDS[kind.name] = kind
     return kind
 
 
 def unregister_kind(name: str) -> None:
-    """Remove a kind (tests that registered one of their own)."""
+    """Remove a kind, and the stages it brought that no other kind uses (tests that registered one of their own)."""
+    from engine.stages import unregister_stage
+
     if name == DEFAULT_KIND:
         raise ValueError(f"the default kind {DEFAULT_KIND!r} cannot be removed")
-    _KINDS.pop(name, None)
+    kind = _KINDS.pop(name, None)
+    still_used = {stage for other in _KINDS.values() for stage in other.stage_modules}
+    for stage in kind.stage_modules if kind is not None else ():
+        if stage not in still_used:
+            unregister_stage(stage)
 
 
 def known_kinds() -> tuple[str, ...]:

@@ -25,10 +25,11 @@ from engine.schema import to_plain
 NAME = "embed"
 VERSION = 2  # 2: its models are declared (models()), the runner fingerprints them
 OUTPUTS = (layout.EMBEDDING_DIR,)
+MODELS = ("faces",)  # every model role it may use (engine.inventory checks them); models(ctx): this job's
 
 
 def models(ctx: StageContext) -> tuple[str, ...]:
-    return ("faces",)
+    return MODELS
 
 
 def fingerprint(ctx: StageContext) -> dict[str, object]:

@@ -46,6 +46,7 @@ NAME = "evaluate"
 VERSION = 1
 OUTPUTS = (layout.EVALUATE_DIR,)
 SCRATCH = (layout.EVALUATE_PROGRESS_DIR,)
+MODELS = ("base", "faces", "identity2", "faceid")  # every model role it may use (engine.inventory checks them); models(ctx): this job's
 SHEET_CELL = 128  # px, the side of a contact sheet's cell
 CSV_COLUMNS = ["demo", "group", "method", "source", "lora_weight", "faceid_scale", "prompt_index", "prompt", "seed", "face_found", "drift", "locked", "identity2_distance",
                "file", "sha256", "credentials"]

@@ -39,10 +39,11 @@ NAME = "mine"
 VERSION = 1
 OUTPUTS = (layout.MINE_DIR,)
 SCRATCH = (layout.MINE_PROGRESS_DIR,)
+MODELS = ("base", "faces")  # every model role it may use (engine.inventory checks them); models(ctx): this job's
 
 
 def models(ctx: StageContext) -> tuple[str, ...]:
-    return ("base", "faces") if ctx.job.spec.mine.enabled else ()
+    return MODELS if ctx.job.spec.mine.enabled else ()
 
 
 def fingerprint(ctx: StageContext) -> dict[str, object]:

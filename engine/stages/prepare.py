@@ -29,6 +29,7 @@ from engine.schema import to_plain
 NAME = "prepare"
 VERSION = 2  # 2: its models are declared (models()), the runner fingerprints them
 OUTPUTS = (layout.PREPARED_DIR,)
+MODELS = ("faces", "background")  # every model role it may use (engine.inventory checks them); models(ctx): this job's
 # The crop is centred a little below the face box centre so that the chin and neck are kept.
 _CENTER_SHIFT_DOWN = 0.1
 

@@ -38,6 +38,7 @@ VERSION = 6  # 2: images carry C2PA Content Credentials (with lab keys); the dri
 #             4: the anchor's prompt is verify's with its {trigger} filled in (engine.job.verify_prompt)
 #             5: its models are declared (models()), the runner fingerprints them; 6: [identity] method (FaceID, both)
 OUTPUTS = (layout.RENDERS_DIR, layout.DRIFT_REPORT_JSON, layout.DRIFT_REPORT_CSV)
+MODELS = ("base", "faces", "faceid", "realism", "identity2")  # every model role it may use (engine.inventory checks them); models(ctx): this job's
 
 
 @dataclass(frozen=True)

@@ -43,11 +43,12 @@ from engine.schema import to_plain
 NAME = "restore"
 VERSION = 1
 OUTPUTS = (layout.RESTORE_DIR,)
+MODELS = ("faces", "landmarks", "inpaint", "identity2")  # every model role it may use (engine.inventory checks them); models(ctx): this job's
 CROP_MARGIN = 0.5  # IOD around the mask: the model sees the face it repairs
 
 
 def models(ctx: StageContext) -> tuple[str, ...]:
-    return ("faces", "landmarks", "inpaint", "identity2")
+    return MODELS
 
 
 def fingerprint(ctx: StageContext) -> dict[str, object]:

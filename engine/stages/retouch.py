@@ -49,13 +49,14 @@ NAME = "retouch"
 VERSION = 1
 OUTPUTS = (layout.RETOUCH_DIR,)
 SCRATCH = (layout.RETOUCH_PROGRESS_DIR,)
+MODELS = ("faces", "landmarks", "inpaint", "identity2")  # every model role it may use (engine.inventory checks them); models(ctx): this job's
 CROP_MARGIN = 0.35  # IOD around the masks' extent: the model sees the skin around what it repaints
 GRID_CELL = 192  # px, the side of a grid cell
 OVERLAY_COLOURS = {"forehead": (230, 60, 60), "under_eye": (60, 200, 60), "smile_lines": (60, 90, 230), "chin": (230, 200, 40)}
 
 
 def models(ctx: StageContext) -> tuple[str, ...]:
-    return ("faces", "landmarks", "inpaint", "identity2")
+    return MODELS
 
 
 def fingerprint(ctx: StageContext) -> dict[str, object]:

@@ -30,10 +30,11 @@ VERSION = 5  # 2: train.json no longer records the step a resume started from; 3
 #             4: its models are declared (models()), the runner fingerprints them; 5: a kind's lora_runs (phase snapshots, group LoRAs)
 OUTPUTS = (layout.LORA_DIR, layout.TRAIN_DIR)
 SCRATCH = (layout.CHECKPOINTS_DIR,)  # kept when an interrupted run resumes, removed otherwise
+MODELS = ("base",)  # every model role it may use (engine.inventory checks them); models(ctx): this job's
 
 
 def models(ctx: StageContext) -> tuple[str, ...]:
-    return ("base",)
+    return MODELS
 
 
 def _runs(ctx: StageContext) -> tuple[LoraRun, ...]:

@@ -27,6 +27,7 @@ NAME = "verify"
 VERSION = 5  # 2: images carry C2PA Content Credentials (with lab keys); verify.json says which; 3: the prompt's {trigger} is train.trigger
 #             4: its models are declared (models()), the runner fingerprints them; 5: [identity] (method, compare): groups beyond lora/control
 OUTPUTS = (layout.VERIFY_DIR,)
+MODELS = ("base", "faces", "faceid")  # every model role it may use (engine.inventory checks them); models(ctx): this job's
 GUIDANCE = 5.8  # the identity anchor's CFG (spec, render phase 1)
 FILE_PREFIX = {"lora": "", "faceid": "faceid_", "lora+faceid": "lora_faceid_", CONTROL_GROUP: "control_"}
 

@@ -17,8 +17,8 @@ from engine.fsutil import sha256_bytes
 from engine.kinds.replicate import REPLICATE
 from engine.stages import stage_module
 from engine.verification import verify_audit
-from tests.conftest import folder_snapshot
-from tests.e2e.conftest import FAST_JOB, Lab, audit_events, drop_job, parse_ts, photo_bytes
+from tests.harness.jobs import folder_snapshot
+from tests.harness.lab import FAST_JOB, Lab, audit_events, drop_job, parse_ts, photo_bytes
 
 STAGE_NAMES = REPLICATE.stages  # a replicate job's stages, in order
 STAGES = tuple(map(stage_module, STAGE_NAMES))

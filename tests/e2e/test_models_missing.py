@@ -12,8 +12,8 @@ import sys
 import time
 from pathlib import Path
 
-from tests.conftest import REPO
-from tests.e2e.conftest import drop_job
+from tests.harness.paths import REPO
+from tests.harness.lab import drop_job
 
 
 def _health(config: Path, port: int) -> tuple[int, str]:

@@ -30,8 +30,8 @@ pytest.importorskip("ray")
 
 from daemon.claim import find_claims, worker_record  # noqa: E402
 from engine import verify_audit  # noqa: E402
-from tests.conftest import FAST_JOB  # noqa: E402
-from tests.e2e.conftest import Daemon, audit_events, drop_job, photo_bytes, write_config  # noqa: E402
+from tests.harness.jobs import FAST_JOB  # noqa: E402
+from tests.harness.lab import Daemon, audit_events, drop_job, photo_bytes, write_config  # noqa: E402
 
 PAUSE_AT = "train:phase_boundary:1"
 

@@ -17,8 +17,8 @@ from PIL import Image
 from daemon.claim import find_claims
 from engine.fsutil import sha256_bytes
 from engine.images import png_bytes
-from tests.e2e.conftest import FAST_JOB, drop_job, parse_ts, photo_bytes
-from tests.faults.conftest import check_evidence, drops_of
+from tests.harness.lab import FAST_JOB, drop_job, parse_ts, photo_bytes
+from tests.harness.faults import check_evidence, drops_of
 
 HEAVY_RENDER = FAST_JOB.replace('count = 1\nsteps = 2', 'count = 3\nsteps = 40')
 

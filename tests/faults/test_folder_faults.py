@@ -18,8 +18,8 @@ import sys
 import time
 
 from daemon.claim import Owner, claim_folder, find_claims, release
-from tests.e2e.conftest import FAST_JOB, drop_job, photo_bytes
-from tests.faults.conftest import check_evidence, drops_of, filled, outcomes, set_read_only, tmpfs
+from tests.harness.lab import FAST_JOB, drop_job, photo_bytes
+from tests.harness.faults import check_evidence, drops_of, filled, outcomes, set_read_only, tmpfs
 
 BAD_JOB = "colour = 'blue'\n"  # refused as invalid_job: its way is through failed/
 

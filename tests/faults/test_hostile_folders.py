@@ -9,8 +9,8 @@ import os
 import time
 
 from daemon.status import daemon_status, format_daemon_status
-from tests.e2e.conftest import FAST_JOB, drop_job, photo_bytes
-from tests.faults.conftest import check_evidence, drops_of, tmpfs
+from tests.harness.lab import FAST_JOB, drop_job, photo_bytes
+from tests.harness.faults import check_evidence, drops_of, tmpfs
 
 DEPTH = 600  # levels of folders: well past what os.walk, copytree, rmtree and rglob manage by recursion
 

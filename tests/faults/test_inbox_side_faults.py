@@ -19,9 +19,9 @@ import time
 import pytest
 
 from daemon.claim import find_claims
-from tests.conftest import REPO
-from tests.e2e.conftest import FAST_JOB, drop_job, photo_bytes
-from tests.faults.conftest import check_evidence, drops_of, filled, locations, outcomes, set_read_only, tmpfs
+from tests.harness.paths import REPO
+from tests.harness.lab import FAST_JOB, drop_job, photo_bytes
+from tests.harness.faults import check_evidence, drops_of, filled, locations, outcomes, set_read_only, tmpfs
 
 LEASE = 1.0
 TRAINING_JOB = FAST_JOB.replace("[train]\nmax_steps = 1", "[train]\nmax_steps = 10\ncheckpoint_every = 5")

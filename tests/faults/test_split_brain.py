@@ -27,8 +27,8 @@ from collections import Counter
 import pytest
 
 from daemon.claim import find_claims
-from tests.e2e.conftest import FAST_JOB, audit_events, drop_job, parse_ts
-from tests.faults.conftest import check_evidence, drops_of, faketime_library, outcomes
+from tests.harness.lab import FAST_JOB, audit_events, drop_job, parse_ts
+from tests.harness.faults import check_evidence, drops_of, faketime_library, outcomes
 
 LEASE = 2.5
 SKEW = 120

@@ -10,9 +10,9 @@ import os
 import subprocess
 import sys
 
-from tests.conftest import REPO
-from tests.e2e.conftest import drop_job
-from tests.faults.conftest import check_evidence, drops_of, set_read_only, tmpfs
+from tests.harness.paths import REPO
+from tests.harness.lab import drop_job
+from tests.harness.faults import check_evidence, drops_of, set_read_only, tmpfs
 
 
 def _refused(lab, name: str) -> str:

@@ -14,8 +14,8 @@ import time
 from daemon.claim import find_claims
 from daemon.service import Service, load_daemon_settings
 from engine import Settings
-from tests.e2e.conftest import Lab, drop_job
-from tests.faults.conftest import check_evidence, drops_of
+from tests.harness.lab import Lab, drop_job
+from tests.harness.faults import check_evidence, drops_of
 
 
 def _value(service: Service, name: str, **labels: str) -> float:

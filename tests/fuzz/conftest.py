@@ -1,5 +1,6 @@
 """Fixtures for the fuzz tests that go past `load_job`: one engine on the demo model for the
-whole session (runs stop after `prepare`, ~0.3 s each), and a real photo with one face."""
+whole session (runs of tests.harness.jobs.PREPARE_JOB stop after `prepare`, ~0.3 s each), and a
+real photo with one face."""
 
 from __future__ import annotations
 
@@ -7,18 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-# A job that stops early cheaply: one 64 px prepared image per photo, no background removal.
-PREPARE_JOB = """\
-[prepare]
-size = 64
-rotations = []
-crops = []
-remove_background = false
-
-[[render]]
-prompt = "portrait in a garden"
-"""
 
 
 @pytest.fixture(scope="session")

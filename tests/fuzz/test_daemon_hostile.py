@@ -1,4 +1,4 @@
-"""The daemon (a real `python -m daemon` subprocess, tests/e2e/conftest.py's harness) fed hostile
+"""The daemon (a real `python -m daemon` subprocess, tests.harness.lab) fed hostile
 folders: links that leave the job folder, each refused into failed/ with error.json and its
 inputs as dropped; and a job whose outputs hit a full disk (ENGINE_FAIL_WRITES, engine/faults.py),
 which is the disk's fault, not the job's: it is held, claimed and intact, never failed. The daemon
@@ -16,8 +16,8 @@ from daemon.claim import find_claims
 from engine.fsutil import sha256_bytes
 from engine.jobfolder import INPUTS_DIR
 from engine.verification import verify_audit
-from tests.e2e.conftest import FAST_JOB, Lab, photo_bytes
-from tests.fuzz.strategies import tree_snapshot
+from tests.harness.lab import FAST_JOB, Lab, photo_bytes
+from tests.harness.strategies import tree_snapshot
 
 
 @pytest.fixture()

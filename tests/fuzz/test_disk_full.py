@@ -22,8 +22,8 @@ from engine.images import png_bytes
 from engine.job import JOB_FILE
 from engine.jobfolder import INPUTS_DIR, work_dir
 from engine.runner import Engine
-from tests.fuzz.conftest import PREPARE_JOB
-from tests.fuzz.strategies import tree_snapshot
+from tests.harness.jobs import PREPARE_JOB
+from tests.harness.strategies import tree_snapshot
 
 
 def _source(tmp_path: Path, face_rgb, name: str = "alice") -> Path:

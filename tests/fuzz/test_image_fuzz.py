@@ -29,8 +29,8 @@ from PIL import Image
 
 from engine.errors import JobError
 from engine.images import load_photo, png_bytes
-from tests.fuzz.conftest import PREPARE_JOB
-from tests.fuzz.strategies import IMAGE_CODES, check_error, check_failed_copy, tree_snapshot
+from tests.harness.jobs import PREPARE_JOB
+from tests.harness.strategies import IMAGE_CODES, check_error, check_failed_copy, tree_snapshot
 
 IMAGES = settings(max_examples=200, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 MAX_PIXELS = 40_000_000

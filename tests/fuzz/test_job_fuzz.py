@@ -19,7 +19,7 @@ from engine.errors import ConfigError, JobError
 from engine.images import png_bytes
 from engine.job import JOB_FILE, MAX_JOB_FILE_BYTES, JobSpec
 from engine.schema import Table, Tables
-from tests.fuzz.strategies import (
+from tests.harness.strategies import (
     BASE_TABLE,
     JOB_CODES,
     KEY_PATHS,
@@ -33,7 +33,7 @@ from tests.fuzz.strategies import (
     toml_values,
     write_job,
 )
-from tests.fuzz.toml_writer import dumps
+from tests.harness.toml_writer import dumps
 
 FUZZ = settings(max_examples=200, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 TINY_PNG = png_bytes(np.zeros((4, 4, 3), dtype=np.uint8))

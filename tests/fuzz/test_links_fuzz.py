@@ -21,8 +21,8 @@ from hypothesis import strategies as st
 from engine.errors import JobError
 from engine.images import png_bytes
 from engine.job import JOB_FILE
-from tests.fuzz.conftest import PREPARE_JOB
-from tests.fuzz.strategies import JOB_CODES, check_error, check_failed_copy, load_or_refuse, tree_snapshot
+from tests.harness.jobs import PREPARE_JOB
+from tests.harness.strategies import JOB_CODES, check_error, check_failed_copy, load_or_refuse, tree_snapshot
 
 LINKS = settings(max_examples=150, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 TINY_PNG = png_bytes(np.zeros((4, 4, 3), dtype=np.uint8))

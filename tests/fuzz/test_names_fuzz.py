@@ -22,9 +22,9 @@ from engine.fsutil import canonical_json, utf8_safe
 from engine.images import png_bytes
 from engine.job import JOB_FILE
 from engine.schema import to_plain
-from tests.fuzz.conftest import PREPARE_JOB
-from tests.fuzz.strategies import EXTENSIONS, JOB_CODES, check_error, check_failed_copy, load_or_refuse, tree_snapshot
-from tests.fuzz.toml_writer import toml_string
+from tests.harness.jobs import PREPARE_JOB
+from tests.harness.strategies import EXTENSIONS, JOB_CODES, check_error, check_failed_copy, load_or_refuse, tree_snapshot
+from tests.harness.toml_writer import toml_string
 
 NAMES = settings(max_examples=150, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 TINY_PNG = png_bytes(np.zeros((4, 4, 3), dtype=np.uint8))

@@ -11,14 +11,14 @@ import pytest
 
 @pytest.fixture(scope="session")
 def clean_two_photo_run(tmp_path_factory, astronaut_rgb) -> Path:
-    """The two-photo job (tests.integration.test_resume._two_photo_job) run once without
+    """The two-photo job (tests.harness.resume.make_two_photo_job) run once without
     interruption, in a process of its own, as job JOB_ID: its published folder. A job's outputs
     do not depend on where its folders are, so any module's copy of the job compares with it."""
-    from tests.integration.test_resume import JOB_ID, _engine_cli, _two_photo_job
+    from tests.harness.resume import JOB_ID, engine_cli, make_two_photo_job
 
     root = tmp_path_factory.mktemp("clean")
-    source, config = _two_photo_job(root, astronaut_rgb)
-    process = _engine_cli(config, source, root / "outbox", job_id=JOB_ID)
+    source, config = make_two_photo_job(root, astronaut_rgb)
+    process = engine_cli(config, source, root / "outbox", job_id=JOB_ID)
     assert process.wait(timeout=300) == 0, process.communicate()
     return root / "outbox" / "alice" / JOB_ID
 

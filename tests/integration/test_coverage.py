@@ -12,7 +12,7 @@ from hypothesis import given, settings, strategies as st
 from engine.coverage import CoverageLimits, coverage, face_region, feature_masks, load_mask, prefill
 from engine.errors import JobError
 from engine.landmarks import LandmarkModels
-from tests.conftest import write_png
+from tests.harness.jobs import write_png
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,8 @@ import torch
 from engine.jobfolder import WORK_DIR
 from engine.runner import Engine
 from engine.verification import verify_audit
-from tests.conftest import REPO, make_job
+from tests.harness.jobs import make_job
+from tests.harness.paths import REPO
 
 PHASES = """
 [[train.phases]]

@@ -18,7 +18,7 @@ from engine.jobfolder import INPUTS_DIR, work_dir
 from engine.kinds.replicate import REPLICATE
 from engine.runner import Engine, run_job
 from engine.verification import verify_audit
-from tests.conftest import FAST_JOB, folder_snapshot, make_job
+from tests.harness.jobs import FAST_JOB, folder_snapshot, make_job
 
 STAGE_NAMES = REPLICATE.stages  # a replicate job's stages, in order
 
@@ -185,9 +185,9 @@ def test_truncated_jpeg(tmp_path, settings, astronaut_rgb):
 
 
 def test_pixel_bomb(tmp_path, settings):
-    from tests.unit.test_images import _png_header_only
+    from tests.harness.jobs import png_header_only
 
-    source = make_job(tmp_path / "alice", {"bomb.png": _png_header_only(30_000, 30_000)})
+    source = make_job(tmp_path / "alice", {"bomb.png": png_header_only(30_000, 30_000)})
     _expect_refusal(tmp_path, settings, source, "pixel_limit", "bomb.png")
 
 

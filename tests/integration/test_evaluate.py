@@ -26,7 +26,8 @@ from engine.images import read_rgb
 from engine.job import MineSpec, load_job
 from engine.jobfolder import work_dir
 from engine.verification import verify_audit
-from tests.conftest import FAST_TRAIN, REPO, make_job
+from tests.harness.jobs import FAST_TRAIN, make_job
+from tests.harness.paths import REPO
 
 TRAIN = FAST_TRAIN.replace("rotations = [-10, 10]\ncrops = [0.8]", "rotations = []\ncrops = []")
 JOB = 'kind = "evaluate"\n' + TRAIN + """

@@ -19,7 +19,7 @@ import torch
 from engine import faceid
 from engine.diffusion import render
 from engine.errors import ConfigError
-from tests.conftest import REPO
+from tests.harness.paths import REPO
 
 PROMPT = "a photo of a person"
 

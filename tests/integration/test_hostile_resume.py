@@ -23,7 +23,8 @@ from engine.fsutil import sha256_bytes, sha256_file
 from engine.jobfolder import work_dir
 from engine.status import outbox_status
 from engine.verification import verify_audit
-from tests.integration.test_resume import JOB_ID, _engine_cli, _events, _kill_at, _manifest, _outputs, _two_photo_job
+from tests.harness.lab import audit_events
+from tests.harness.resume import JOB_ID, engine_cli, kill_at, make_two_photo_job, output_hashes, stable_manifest
 
 LORA = "lora/pytorch_lora_weights.safetensors"
 # FAST_JOB trains COARSE for 3 steps (a phase boundary: generation 3) and is paused in FINE at
@@ -35,7 +36,7 @@ NEWEST, OLDER = 4, 3
 @pytest.fixture(scope="module")
 def job(tmp_path_factory, astronaut_rgb) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("hostile")
-    return _two_photo_job(root, astronaut_rgb)
+    return make_two_photo_job(root, astronaut_rgb)
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +47,7 @@ def clean_run(clean_two_photo_run) -> Path:
 def _killed(job, tmp_path_factory, point: str) -> Path:
     source, config = job
     root = tmp_path_factory.mktemp(point.replace(":", "_"))
-    _kill_at(config, source, root / "outbox", point, root, JOB_ID)
+    kill_at(config, source, root / "outbox", point, root, JOB_ID)
     return root / "outbox"
 
 
@@ -70,7 +71,7 @@ def _copy(outbox: Path, tmp_path: Path) -> tuple[Path, Path]:
 def _rerun(job, outbox: Path, job_id: str | None = JOB_ID) -> Path:
     """Run the job again (by default with its id; None: found by its source folder); the published folder."""
     source, config = job
-    process = _engine_cli(config, source, outbox, job_id=job_id)
+    process = engine_cli(config, source, outbox, job_id=job_id)
     stdout, stderr = process.communicate(timeout=300)
     assert process.returncode == 0, stderr[-4000:]
     result = json.loads(stdout.strip().splitlines()[-1])
@@ -79,7 +80,7 @@ def _rerun(job, outbox: Path, job_id: str | None = JOB_ID) -> Path:
 
 
 def _last_run(final: Path) -> list[dict]:
-    events = _events(final)
+    events = audit_events(final)
     return events[max(i for i, e in enumerate(events) if e["event"] in ("job_resumed", "job_started")):]
 
 
@@ -87,10 +88,10 @@ def _assert_like_the_clean_run(final: Path, clean_run: Path, ignore: tuple[str, 
     report = verify_audit(final)
     assert report.ok, report.problems
     assert (final / LORA).read_bytes() == (clean_run / LORA).read_bytes()
-    assert {k: v for k, v in _outputs(final).items() if k not in ignore} == _outputs(clean_run)
-    manifest = _manifest(final)
+    assert {k: v for k, v in output_hashes(final).items() if k not in ignore} == output_hashes(clean_run)
+    manifest = stable_manifest(final)
     manifest["outputs"] = {k: v for k, v in manifest["outputs"].items() if k not in ignore}
-    assert manifest == _manifest(clean_run)
+    assert manifest == stable_manifest(clean_run)
 
 
 class _Payload:
@@ -190,7 +191,7 @@ def test_a_torn_ledger_is_rebuilt_from_the_audit_and_the_finished_stages_are_kep
     final = _rerun(job, outbox, job_id=None)  # found by its source folder, as a plain re-run does
 
     last = _last_run(final)
-    [rebuilt] = [e for e in _events(final) if e["event"] == "ledger_rebuilt"]
+    [rebuilt] = [e for e in audit_events(final) if e["event"] == "ledger_rebuilt"]
     assert rebuilt["reason"] == ("differs" if damage == "embed's commit lost" else "torn")
     assert [e["stage"] for e in last if e["event"] == "stage_skipped"] == ["prepare", "embed"]
     assert [e["stage"] for e in last if e["event"] == "stage_started"] == ["train", "verify", "render"]
@@ -210,7 +211,7 @@ def test_an_edited_audit_line_sets_the_chain_aside_and_every_stage_is_redone(job
 
     [aside] = [path for path in final.iterdir() if path.name.startswith(f"{AUDIT_FILE}.damaged-")]
     assert aside.read_bytes() == damaged  # kept, never deleted
-    events = _events(final)
+    events = audit_events(final)
     first = events[0]
     assert first["event"] == "audit_damaged" and first["prev"] == "0" * 64
     assert (first["file"], first["sha256"], first["size"], first["broken_line"]) == (aside.name, sha256_bytes(damaged), len(damaged), number)
@@ -327,7 +328,7 @@ def killed_signed_mid_training(job, tmp_path_factory, clean_run) -> Path:
     make_lab_keys(root / "keys", "Witness Lab")
     signed = root / "config.toml"
     signed.write_text(config.read_text() + f'[trust]\nkeys = "{root / "keys"}"\n')
-    _kill_at(signed, source, root / "outbox", MID_TRAINING, root, JOB_ID)
+    kill_at(signed, source, root / "outbox", MID_TRAINING, root, JOB_ID)
     return root / "outbox", signed
 
 
@@ -367,7 +368,7 @@ def test_a_rehashed_chain_cannot_poison_a_signed_labs_resume(job, killed_signed_
     _forge_newest_checkpoint(signed_work)
     final = _rerun((job[0], signed_config), signed_outbox)
     last = _last_run(final)
-    events = _events(final)
+    events = audit_events(final)
     [unwitnessed] = [e for e in events if e["event"] == "unwitnessed_lines"]  # declared first thing on opening the chain
     forged_line = next(i for i, e in enumerate(events, 1) if e["event"] == "train_checkpoint" and e["step"] == NEWEST)
     assert unwitnessed["from_line"] <= forged_line <= unwitnessed["to_line"]

@@ -27,7 +27,7 @@ from engine import identity2
 from engine.faces import score
 from engine.faces import drift
 from engine.fsutil import atomic_write_json
-from tests.conftest import write_png
+from tests.harness.jobs import write_png
 
 THRESHOLD = 0.18  # the default lock threshold (verify.threshold)
 
@@ -122,7 +122,7 @@ def test_seed_selection_never_sees_the_second_model(tmp_path, settings, astronau
     """Every function of the second model raises: seed discovery still runs to its choice; the
     render stage, which does use the model, then fails (so the trap was live)."""
     from engine.runner import Engine
-    from tests.conftest import FAST_JOB, make_job
+    from tests.harness.jobs import FAST_JOB, make_job
 
     def trap(*_args, **_kwargs):
         raise AssertionError("the second identity model was used")

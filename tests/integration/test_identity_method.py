@@ -20,7 +20,7 @@ from engine.errors import JobError
 from engine.images import read_rgb
 from engine.job import IdentitySpec, JobSpec, RenderSpec, replicate_lora_runs
 from engine.verification import verify_audit
-from tests.conftest import FAST_JOB, make_job
+from tests.harness.jobs import FAST_JOB, make_job
 
 FACEID_JOB = FAST_JOB + '\n[identity]\nmethod = "faceid"\nfaceid_scale = 0.8\n'
 BOTH_JOB = FAST_JOB + '\n[identity]\nmethod = "lora+faceid"\ncompare = true\n'

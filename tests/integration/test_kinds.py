@@ -21,7 +21,8 @@ from engine.jobfolder import work_dir
 from engine.kinds import Kind, kind_named, register_kind, unregister_kind
 from engine.status import format_status, outbox_status
 from engine.verification import verify_audit
-from tests.conftest import FAST_JOB, REPO, make_job
+from tests.harness.jobs import FAST_JOB, make_job
+from tests.harness.paths import REPO
 
 KIND = "faces_only"
 JOB_TOML = f'kind = "{KIND}"\n\n[prepare]\nsize = 128\nrotations = [-10]\ncrops = []\n'
@@ -167,7 +168,8 @@ def test_a_stage_takes_only_the_models_it_declares_and_each_is_fingerprinted_and
     cannot be used (it would change results its fingerprint does not cover)."""
     from engine.context import StageContext
     from engine.resources import Resources
-    from engine.stages import STAGE_MODULES, stage_module
+    from engine.resources import MODEL_ROLES
+    from engine.stages import STAGE_MODULES, declared_models, stage_module
 
     resources = Resources(settings, demo=True)
     ctx = StageContext(job=None, job_id="j", job_dir=tmp_path, settings=settings, resources=resources, audit=None, demo=True,
@@ -177,4 +179,6 @@ def test_a_stage_takes_only_the_models_it_declares_and_each_is_fingerprinted_and
         ctx.use("base")
     assert set(ctx.models_used) == set(resources.hashes("faces"))
     for name in STAGE_MODULES:  # every stage declares its models, and names only roles resources knows
-        assert callable(stage_module(name).models), name
+        module = stage_module(name)
+        assert callable(module.models) and set(module.MODELS) <= set(MODEL_ROLES), name
+        assert declared_models(name) == module.MODELS, name  # what the inventory reads from the source is what the module has

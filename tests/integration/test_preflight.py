@@ -16,7 +16,8 @@ from engine.errors import ConfigError
 from engine.fsutil import set_umask, sha256_file
 from engine.models import make_demo_model
 from engine.runner import Engine
-from tests.conftest import FAST_JOB, REPO, make_job
+from tests.harness.jobs import FAST_JOB, make_job
+from tests.harness.paths import REPO
 
 
 def _check(config: Path, *args: str) -> tuple[int, str]:

@@ -8,7 +8,7 @@ import json
 
 from engine.trust import journal_path, read_journal
 from engine.verification import verify_audit
-from tests.conftest import FAST_JOB, make_job
+from tests.harness.jobs import FAST_JOB, make_job
 
 
 def test_a_fault_after_the_publishing_rename_holds_the_job_and_the_next_run_settles_it(tmp_path, engine, astronaut_rgb, monkeypatch):

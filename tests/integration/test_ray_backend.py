@@ -42,8 +42,9 @@ from daemon.status import daemon_status, format_daemon_status  # noqa: E402
 from engine import Engine, Settings, verify_audit  # noqa: E402
 from engine.fsutil import hash_tree  # noqa: E402
 from engine.jobfolder import WORK_DIR  # noqa: E402
-from tests.conftest import FAST_JOB, REPO, folder_snapshot  # noqa: E402
-from tests.e2e.conftest import Daemon, audit_events, drop_job, photo_bytes, write_config  # noqa: E402
+from tests.harness.jobs import FAST_JOB, folder_snapshot  # noqa: E402
+from tests.harness.paths import REPO  # noqa: E402
+from tests.harness.lab import Daemon, audit_events, drop_job, photo_bytes, write_config  # noqa: E402
 
 PAUSE_AT = "train:phase_boundary:1"  # after the first phase's checkpoint: the retry resumes from it
 

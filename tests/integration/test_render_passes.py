@@ -17,7 +17,7 @@ from engine.images import read_rgb
 from engine.runner import Engine
 from engine.stages import render as render_stage
 from engine.stages import verify as verify_stage
-from tests.conftest import FAST_JOB, make_job
+from tests.harness.jobs import FAST_JOB, make_job
 
 TRIGGER = "zqx person"
 JOB = FAST_JOB.replace('[[render]]\nprompt = "portrait in a garden"\nsteps = 2\n',

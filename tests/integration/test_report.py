@@ -18,7 +18,7 @@ import pytest
 from engine.fsutil import sha256_file
 from engine.report import DRIFT_CHART, LOSS_CHART, REPORT_FILE, regenerate_report
 from engine.verification import verify_audit
-from tests.conftest import FAST_JOB, make_job
+from tests.harness.jobs import FAST_JOB, make_job
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",

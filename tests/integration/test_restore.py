@@ -14,7 +14,7 @@ import pytest
 
 from engine.images import read_rgb
 from engine.verification import verify_audit
-from tests.conftest import folder_snapshot, make_job, write_png
+from tests.harness.jobs import folder_snapshot, make_job, write_png
 
 JOB = """\
 kind = "restore"

@@ -4,93 +4,26 @@ ends with outputs identical to an uninterrupted run; changed inputs re-do what t
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from engine.audit import AUDIT_FILE, MANIFEST_FILE
+from engine.audit import AUDIT_FILE
+from engine.verification import verify_audit
 from engine.fsutil import hash_tree
 from engine.jobfolder import WORK_DIR, work_dir
 from engine.kinds.replicate import REPLICATE
-from engine.verification import verify_audit
-from tests.conftest import REPO, FAST_JOB, make_job
+from tests.harness.jobs import make_job
+from tests.harness.lab import audit_events
+from tests.harness.resume import JOB_ID, engine_cli, kill_at, make_two_photo_job, output_hashes, stable_manifest
 
 STAGE_NAMES = REPLICATE.stages  # a replicate job's stages, in order
 
 
-# Files that differ between any two runs of one job: the audit log (timestamps, resume lines),
-# report.html, a view of it (it shows the audit head hash and the stages' times), and the signed
-# head of both (signature.json names the audit head).
-RUN_SPECIFIC = (AUDIT_FILE, "report.html", "signature.json")
-
-
-def _outputs(job_dir: Path) -> dict[str, str]:
-    """Hashes of everything a job wrote, bar the run-specific files, the manifest (see `_manifest`) and the ledger."""
-    return {k: v for k, v in hash_tree(job_dir, job_dir).items() if k not in RUN_SPECIFIC + (MANIFEST_FILE, "state.json")}
-
-
-def _manifest(job_dir: Path) -> dict:
-    """manifest.json without the hashes of the run-specific files it lists."""
-    manifest = json.loads((job_dir / MANIFEST_FILE).read_text())
-    manifest["outputs"] = {k: v for k, v in manifest["outputs"].items() if k not in RUN_SPECIFIC}
-    return manifest
-
-
-def _events(job_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (job_dir / AUDIT_FILE).read_text().splitlines()]
-
-
-JOB_ID = "20260101T000000Z-test01"  # the same id in the clean and the killed run: outputs carry it
-
-
-def _engine_cli(config: Path, source: Path, outbox: Path, pause_at: str | None = None, marker: Path | None = None,
-                job_id: str | None = None) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    if pause_at:
-        env.update(ENGINE_PAUSE_AT=pause_at, ENGINE_PAUSE_FILE=str(marker))
-    return subprocess.Popen(
-        [sys.executable, "-m", "engine", "--config", str(config), "run", str(source), "--outbox", str(outbox), "--demo"]
-        + (["--job-id", job_id] if job_id else []),
-        env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-
-
-def _kill_at(config: Path, source: Path, outbox: Path, point: str, tmp_path: Path, job_id: str | None = None) -> None:
-    marker = tmp_path / f"paused-{point.replace(':', '_')}"
-    marker.unlink(missing_ok=True)
-    process = _engine_cli(config, source, outbox, point, marker, job_id)
-    deadline = time.monotonic() + 120
-    while not marker.exists():
-        if process.poll() is not None:
-            raise AssertionError(f"engine ended before reaching {point}: {process.communicate()}")
-        if time.monotonic() > deadline:
-            process.kill()
-            raise AssertionError(f"engine never reached {point}")
-        time.sleep(0.05)
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait(timeout=30)
-    process.communicate()
-    assert process.returncode == -signal.SIGKILL
-
-
-def _two_photo_job(root: Path, astronaut_rgb: np.ndarray) -> tuple[Path, Path]:
-    mirrored = np.ascontiguousarray(astronaut_rgb[:, ::-1])
-    source = make_job(root / "inbox" / "alice", {"a.png": astronaut_rgb, "b.png": mirrored}, FAST_JOB)
-    config = root / "config.toml"
-    (root / "models").mkdir(exist_ok=True)
-    config.write_text(f'[paths]\nmodels = "{root / "models"}"\n')
-    return source, config
-
-
 @pytest.fixture()
 def two_photo_job(tmp_path, astronaut_rgb):
-    return _two_photo_job(tmp_path, astronaut_rgb)
+    return make_two_photo_job(tmp_path, astronaut_rgb)
 
 
 @pytest.fixture(scope="module")
@@ -118,19 +51,19 @@ def test_sigkill_at_each_point_in_turn_then_rerun_resumes_with_identical_outputs
     source, config = two_photo_job
     outbox = tmp_path / "outbox"
     for point in KILL_POINTS:
-        _kill_at(config, source, outbox, point, tmp_path, JOB_ID)
+        kill_at(config, source, outbox, point, tmp_path, JOB_ID)
         assert (work_dir(outbox, JOB_ID) / "state.json").exists(), point
-    rerun = _engine_cli(config, source, outbox)
+    rerun = engine_cli(config, source, outbox)
     stdout, stderr = rerun.communicate(timeout=120)
     assert rerun.returncode == 0, stderr
     result = json.loads(stdout.strip().splitlines()[-1])
     assert result["job_id"] == JOB_ID  # the same job, resumed every time, never a new one
     final = Path(result["output"])
     assert not work_dir(outbox, JOB_ID).exists()
-    assert _outputs(final) == _outputs(clean_run)
-    assert _manifest(final) == _manifest(clean_run)
+    assert output_hashes(final) == output_hashes(clean_run)
+    assert stable_manifest(final) == stable_manifest(clean_run)
     assert verify_audit(final).ok
-    events = _events(final)
+    events = audit_events(final)
     assert [e["event"] for e in events].count("job_resumed") == len(KILL_POINTS)
     assert {e["stage"] for e in events if e["event"] == "stage_finished"} == set(STAGE_NAMES)
     assert any(e["event"] == "stage_invalidated" and e["stage"] == "prepare" and e["reason"] == "interrupted" for e in events)
@@ -147,21 +80,21 @@ def test_sigkill_then_rerun_resumes_with_identical_outputs(tmp_path, two_photo_j
     clean_dir = clean_run
 
     outbox = tmp_path / "outbox"
-    _kill_at(config, source, outbox, point, tmp_path, JOB_ID)
+    kill_at(config, source, outbox, point, tmp_path, JOB_ID)
     (killed,) = (outbox / WORK_DIR).iterdir()
     assert (killed / "state.json").exists()
 
-    rerun = _engine_cli(config, source, outbox)
+    rerun = engine_cli(config, source, outbox)
     stdout, stderr = rerun.communicate(timeout=120)
     assert rerun.returncode == 0, stderr
     result = json.loads(stdout.strip().splitlines()[-1])
     assert result["job_id"] == killed.name  # the same job, resumed, not a new one
     final = Path(result["output"])
     assert not killed.exists()
-    assert _outputs(final) == _outputs(clean_dir)
-    assert _manifest(final) == _manifest(clean_dir)
+    assert output_hashes(final) == output_hashes(clean_dir)
+    assert stable_manifest(final) == stable_manifest(clean_dir)
     assert verify_audit(final).ok
-    events = _events(final)
+    events = audit_events(final)
     assert [e["event"] for e in events].count("job_resumed") == 1
     assert {e["stage"] for e in events if e["event"] == "stage_finished"} == set(STAGE_NAMES)
     if point == "prepare:photo:0":
@@ -184,12 +117,12 @@ def test_sigkill_after_publishing_then_rerun_keeps_the_published_job(tmp_path, t
     a failed/ copy of a job that had in fact finished."""
     source, config = two_photo_job
     outbox = tmp_path / "outbox"
-    _kill_at(config, source, outbox, "job:published", tmp_path, JOB_ID)
+    kill_at(config, source, outbox, "job:published", tmp_path, JOB_ID)
     final = outbox / "alice" / JOB_ID
     assert json.loads((final / "state.json").read_text())["outcome"] == "running"  # the kill beat the ledger's update
     published = hash_tree(final, final)
 
-    rerun = _engine_cli(config, source, outbox, job_id=JOB_ID)
+    rerun = engine_cli(config, source, outbox, job_id=JOB_ID)
     stdout, stderr = rerun.communicate(timeout=120)
     assert rerun.returncode == 0, stderr
     result = json.loads(stdout.strip().splitlines()[-1])
@@ -208,21 +141,21 @@ def test_partial_writes_of_a_killed_run_are_not_published(tmp_path, two_photo_jo
     the job, and verify-audit then failed the finished job: "not in the manifest"."""
     source, config = two_photo_job
     outbox = tmp_path / "outbox"
-    _kill_at(config, source, outbox, "job:before_seal", tmp_path, JOB_ID)
+    kill_at(config, source, outbox, "job:before_seal", tmp_path, JOB_ID)
     killed = work_dir(outbox, JOB_ID)
     # What a kill while report.html's images or the ledger were being written leaves behind.
     debris = [".state.json.0a1b_2c3.tmp", "report/.original_0.png.k3x9abqz.tmp"]
     for rel in debris:
         (killed / rel).write_bytes(b"half a file")
 
-    rerun = _engine_cli(config, source, outbox, job_id=JOB_ID)
+    rerun = engine_cli(config, source, outbox, job_id=JOB_ID)
     stdout, stderr = rerun.communicate(timeout=120)
     assert rerun.returncode == 0, stderr
     final = outbox / "alice" / JOB_ID
     assert not [p for p in final.rglob("*") if p.name.endswith(".tmp")]
     assert verify_audit(final).ok, verify_audit(final).problems
-    assert _outputs(final) == _outputs(clean_run)
-    assert [e["files"] for e in _events(final) if e["event"] == "partial_writes_removed"] == [debris]
+    assert output_hashes(final) == output_hashes(clean_run)
+    assert [e["files"] for e in audit_events(final) if e["event"] == "partial_writes_removed"] == [debris]
 
 
 def test_sigkill_after_sealing_publishes_the_job_as_it_was_sealed(tmp_path, two_photo_job, clean_run):
@@ -233,7 +166,7 @@ def test_sigkill_after_sealing_publishes_the_job_as_it_was_sealed(tmp_path, two_
 
     source, config = two_photo_job
     outbox = tmp_path / "outbox"
-    _kill_at(config, source, outbox, "job:before_publish", tmp_path, JOB_ID)
+    kill_at(config, source, outbox, "job:before_publish", tmp_path, JOB_ID)
     killed = work_dir(outbox, JOB_ID)
     sealed_audit = (killed / AUDIT_FILE).read_bytes()
     (killed / ".signature.json.a1b2c3d4.tmp").write_bytes(b"half")  # a kill inside the signer's atomic write, say
@@ -243,7 +176,7 @@ def test_sigkill_after_sealing_publishes_the_job_as_it_was_sealed(tmp_path, two_
     assert any("sealed but not published yet" in p for p in verify_journal(outbox).problems)  # named as what it is
     (source / "notes.txt").write_text("written after the seal")  # too late: the job is what was sealed
 
-    rerun = _engine_cli(config, source, outbox, job_id=JOB_ID)
+    rerun = engine_cli(config, source, outbox, job_id=JOB_ID)
     stdout, stderr = rerun.communicate(timeout=120)
     assert rerun.returncode == 0, stderr
     final = outbox / "alice" / JOB_ID
@@ -251,33 +184,33 @@ def test_sigkill_after_sealing_publishes_the_job_as_it_was_sealed(tmp_path, two_
     assert not (final / "inputs" / "notes.txt").exists() and not list(final.glob(".*.tmp"))
     assert [line["job_id"] for line in read_journal(journal_path(outbox))] == [JOB_ID]
     assert verify_audit(final).ok, verify_audit(final).problems
-    assert _outputs(final) == _outputs(clean_run)
+    assert output_hashes(final) == output_hashes(clean_run)
 
 
 def test_changed_inputs_invalidate_from_the_first_affected_stage(tmp_path, two_photo_job, astronaut_rgb):
     source, config = two_photo_job
     outbox = tmp_path / "outbox"
-    _kill_at(config, source, outbox, "job:before_seal", tmp_path)  # every stage complete, not yet sealed
+    kill_at(config, source, outbox, "job:before_seal", tmp_path)  # every stage complete, not yet sealed
     (killed,) = (outbox / WORK_DIR).iterdir()
     ledger = json.loads((killed / "state.json").read_text())
     assert [(s["name"], s["status"]) for s in ledger["stages"]] == [(name, "complete") for name in STAGE_NAMES]
 
     # An embed-only setting: prepare is kept, embed is re-done.
     config.write_text(config.read_text() + "[embed]\nsame_person_max_drift = 0.5\n")
-    _kill_at(config, source, outbox, "job:before_seal", tmp_path)
-    events = _events(killed)
+    kill_at(config, source, outbox, "job:before_seal", tmp_path)
+    events = audit_events(killed)
     last_run = events[max(i for i, e in enumerate(events) if e["event"] == "job_resumed"):]
     assert [(e["event"], e.get("stage")) for e in last_run if e["event"].startswith("stage_")][:3] == [
         ("stage_skipped", "prepare"), ("stage_invalidated", "embed"), ("stage_started", "embed")]
 
     # A changed photo: everything from prepare on is re-done.
-    from tests.conftest import write_png
+    from tests.harness.jobs import write_png
 
     write_png(source / "b.png", np.ascontiguousarray(astronaut_rgb[:, ::-1][:, 8:]))
-    rerun = _engine_cli(config, source, outbox)
+    rerun = engine_cli(config, source, outbox)
     assert rerun.wait(timeout=120) == 0, rerun.communicate()
     (final,) = (outbox / "alice").iterdir()
-    events = _events(final)
+    events = audit_events(final)
     last_run = events[max(i for i, e in enumerate(events) if e["event"] == "job_resumed"):]
     invalidated = [e for e in last_run if e["event"] == "stage_invalidated"]
     assert invalidated[0]["stage"] == "prepare" and invalidated[0]["reason"] == "inputs or settings changed"
@@ -296,7 +229,7 @@ def test_an_artifact_edited_between_runs_is_redone(tmp_path, engine, astronaut_r
     second = engine.run_job(source, tmp_path / "outbox", until="prepare")
     assert second.job_id == first.job_id
     assert target.read_bytes() == original
-    reasons = [e.get("reason") for e in _events(second.output_dir) if e["event"] == "stage_invalidated"]
+    reasons = [e.get("reason") for e in audit_events(second.output_dir) if e["event"] == "stage_invalidated"]
     assert reasons == ["outputs changed on disk"]
 
 
@@ -308,10 +241,10 @@ def test_sigkill_right_after_publishing_a_failure_leaves_nothing_running(tmp_pat
     source, config = two_photo_job
     (source / "job.toml").write_text("colour = 'blue'\n")  # refused at once: invalid_job
     outbox = tmp_path / "outbox"
-    _kill_at(config, source, outbox, "job:failed_published", tmp_path, JOB_ID)
+    kill_at(config, source, outbox, "job:failed_published", tmp_path, JOB_ID)
     assert work_dir(outbox, JOB_ID).exists() and (tmp_path / "failed" / "alice" / JOB_ID / "error.json").is_file()
     assert outbox_status(outbox).running == []  # a leftover of a published failure is not a job in progress
-    rerun = _engine_cli(config, source, outbox, job_id=JOB_ID)
+    rerun = engine_cli(config, source, outbox, job_id=JOB_ID)
     stdout, stderr = rerun.communicate(timeout=120)
     assert rerun.returncode == 1, stderr  # the same failed job, as it was published
     assert not work_dir(outbox, JOB_ID).exists()

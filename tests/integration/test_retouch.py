@@ -20,7 +20,8 @@ from engine.images import read_rgb
 from engine.job import load_job
 from engine.jobfolder import work_dir
 from engine.verification import verify_audit
-from tests.conftest import REPO, make_job, write_png
+from tests.harness.jobs import make_job, write_png
+from tests.harness.paths import REPO
 
 JOB = """\
 kind = "retouch"

@@ -187,7 +187,8 @@ def test_a_process_running_a_signed_job_holds_no_private_key(lab_keys, tmp_path,
     images and before it seals; the signer beside it has (the control that shows the scan works)."""
     import signal
 
-    from tests.conftest import FAST_JOB, REPO, make_job
+    from tests.harness.jobs import FAST_JOB, make_job
+    from tests.harness.paths import REPO
 
     if os.getuid() != 0 and Path("/proc/sys/kernel/yama/ptrace_scope").read_text().strip() != "0":
         pytest.skip("reading another process's memory needs root here (yama ptrace_scope)")

@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO
+from tests.harness.paths import REPO
 
 
 @pytest.mark.slow

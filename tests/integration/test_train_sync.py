@@ -14,7 +14,7 @@ import pytest
 import structlog
 
 from engine.jobfolder import work_dir
-from tests.conftest import make_job
+from tests.harness.jobs import make_job
 
 JOB = """\
 [prepare]

@@ -24,7 +24,7 @@ from engine.runner import Engine
 from engine.trust import (AUDIT_KEY, AUDIT_PUBLIC_KEY, CA_CERT, CA_KEY, SIGNER_CHAIN, SIGNER_KEY, LabKeys, journal_path, load_public_key,
                           make_lab_keys)
 from engine.verification import read_credentials, verify_audit, verify_journal
-from tests.conftest import FAST_JOB, make_job
+from tests.harness.jobs import FAST_JOB, make_job
 
 
 @pytest.fixture(scope="module")
@@ -311,7 +311,7 @@ def test_daemons_appending_to_one_journal_at_once_keep_one_chain(tmp_path, lab_k
     import sys
 
     from engine.trust import read_journal
-    from tests.conftest import REPO
+    from tests.harness.paths import REPO
 
     racers = [subprocess.Popen([sys.executable, "-c", RACER, str(tmp_path / "outbox"), str(lab_keys), f"d{i}"], cwd=REPO)
               for i in range(3)]

@@ -20,7 +20,7 @@ import torch
 import engine.models
 from daemon.service import Service, load_daemon_settings
 from engine import Settings, compiling
-from tests.e2e.conftest import audit_events, drop_job
+from tests.harness.lab import audit_events, drop_job
 
 needs_compiler = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="CPU inductor needs a C compiler")
 

@@ -7,36 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from engine.audit import GENESIS, AuditLog, line_hash, write_manifest
+from engine.audit import GENESIS, AuditLog, line_hash
+from engine.verification import verify_audit
 from engine.errors import OwnershipLost
 from engine.fsutil import tree_listing
-from engine.fsutil import atomic_write_json
-from engine.trust import UNSIGNED_FACTS, build_statement, signed_document
-from engine.verification import verify_audit
-
-
-def _finished_job(folder: Path) -> Path:
-    folder.mkdir()
-    (folder / "inputs" / "notes").mkdir(parents=True)
-    (folder / "inputs" / "a.jpg").write_bytes(b"a photo, as dropped")
-    (folder / "inputs" / "notes" / "n.txt").write_text("a note beside it")
-    (folder / "prepared").mkdir()
-    (folder / "prepared" / "a.png").write_bytes(b"\x89PNG fake but fixed")
-    (folder / "report.json").write_text('{"drift": 0.1}')
-    inputs = tree_listing(folder / "inputs").entries
-    audit = AuditLog(folder / "audit.jsonl", "job-1")
-    audit.event("job_started", inputs=inputs, note="first")
-    audit.event("stage_finished", stage="prepare", drift=0.125, values=[1, 2.5, None])
-    digest = write_manifest(folder, "job-1", inputs, {}, demo=False, trust=UNSIGNED_FACTS, kind="replicate")
-    audit.event("job_finished", manifest_sha256=digest)
-    statement = build_statement(folder, where="outbox", path=f"{folder.parent.name}/{folder.name}", job_id=folder.name,
-                                subject=folder.parent.name)
-    atomic_write_json(folder / "signature.json", signed_document(statement, None))
-    return folder
+from tests.harness.jobs import fake_finished_job
 
 
 def test_intact_job_verifies(tmp_path):
-    job = _finished_job(tmp_path / "job")
+    job = fake_finished_job(tmp_path / "job")
     report = verify_audit(job)
     assert report.ok, report.problems
     assert report.lines == 3 and report.files_checked == 4  # 2 outputs, 2 dropped files
@@ -48,7 +27,7 @@ def test_intact_job_verifies(tmp_path):
 
 
 def test_one_edited_byte_of_an_output_is_named(tmp_path):
-    job = _finished_job(tmp_path / "job")
+    job = fake_finished_job(tmp_path / "job")
     data = bytearray((job / "prepared" / "a.png").read_bytes())
     data[5] ^= 1
     (job / "prepared" / "a.png").write_bytes(bytes(data))
@@ -56,7 +35,7 @@ def test_one_edited_byte_of_an_output_is_named(tmp_path):
 
 
 def test_an_edited_audit_line_is_named(tmp_path):
-    job = _finished_job(tmp_path / "job")
+    job = fake_finished_job(tmp_path / "job")
     lines = (job / "audit.jsonl").read_text().splitlines()
     lines[1] = lines[1].replace('"drift":0.125', '"drift":0.124')
     (job / "audit.jsonl").write_text("\n".join(lines) + "\n")
@@ -65,7 +44,7 @@ def test_an_edited_audit_line_is_named(tmp_path):
 
 
 def test_a_rehashed_line_breaks_the_next_link(tmp_path):
-    job = _finished_job(tmp_path / "job")
+    job = fake_finished_job(tmp_path / "job")
     lines = [json.loads(line) for line in (job / "audit.jsonl").read_text().splitlines()]
     lines[1]["drift"] = 0.0
     lines[1]["hash"] = line_hash(lines[1])  # a forger recomputes this line's hash...
@@ -74,20 +53,20 @@ def test_a_rehashed_line_breaks_the_next_link(tmp_path):
 
 
 def test_a_removed_line_is_named(tmp_path):
-    job = _finished_job(tmp_path / "job")
+    job = fake_finished_job(tmp_path / "job")
     lines = (job / "audit.jsonl").read_text().splitlines()
     (job / "audit.jsonl").write_text("\n".join([lines[0], lines[2]]) + "\n")
     assert "line 2: 'prev' does not match" in verify_audit(job).problems[0]
 
 
 def test_manifest_edit_added_and_missing_files(tmp_path):
-    job = _finished_job(tmp_path / "job")
+    job = fake_finished_job(tmp_path / "job")
     manifest = json.loads((job / "manifest.json").read_text())
     manifest["outputs"]["report.json"] = "ff" * 32
     (job / "manifest.json").write_text(json.dumps(manifest))
     assert "manifest.json changed" in verify_audit(job).problems[0]
 
-    job2 = _finished_job(tmp_path / "job2")
+    job2 = fake_finished_job(tmp_path / "job2")
     (job2 / "extra.txt").write_text("planted")
     (job2 / "report.json").unlink()
     assert verify_audit(job2).problems == ["report.json: missing", "extra.txt: not in the manifest (added after the job finished)"]
@@ -133,7 +112,7 @@ def test_non_finite_and_numpy_values_are_recorded_as_plain_json(tmp_path):
 def test_cli_exit_codes(tmp_path):
     from engine.__main__ import main
 
-    job = _finished_job(tmp_path / "job")
+    job = fake_finished_job(tmp_path / "job")
     assert main(["verify-audit", str(job)]) == 0
     (job / "report.json").write_text("{}")
     assert main(["verify-audit", str(job)]) == 1
@@ -141,7 +120,7 @@ def test_cli_exit_codes(tmp_path):
 
 @pytest.mark.parametrize("garbage", [b"not json\n", b"[1,2]\n"])
 def test_garbage_line_is_named(tmp_path, garbage):
-    job = _finished_job(tmp_path / "job")
+    job = fake_finished_job(tmp_path / "job")
     with open(job / "audit.jsonl", "ab") as handle:
         handle.write(garbage)
     assert "line 4: not a JSON object" in verify_audit(job).problems[0]
@@ -153,7 +132,7 @@ def test_garbage_line_is_named(tmp_path, garbage):
     (lambda inputs: (inputs / "b.jpg").write_bytes(b"slipped in"), "inputs/b.jpg: not in the manifest's inputs (added after the job finished)"),
 ])
 def test_the_dropped_files_kept_in_inputs_are_checked(tmp_path, edit, problem):
-    job = _finished_job(tmp_path / "job")
+    job = fake_finished_job(tmp_path / "job")
     edit(job / "inputs")
     assert verify_audit(job).problems == [problem]
 

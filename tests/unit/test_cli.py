@@ -15,7 +15,7 @@ import structlog
 from daemon.__main__ import main as daemon_main
 from engine.__main__ import main as engine_main
 from engine.cli import BROKEN_PIPE_EXIT, configure_json_logging, find_config
-from tests.conftest import REPO
+from tests.harness.paths import REPO
 
 
 def test_the_config_given_else_the_one_in_the_current_folder_else_none(tmp_path, monkeypatch):
@@ -133,9 +133,9 @@ def test_config_and_log_level_mean_the_same_before_and_after_the_command(tmp_pat
 
 
 def test_a_reader_that_goes_away_ends_the_command_quietly(tmp_path):
-    from tests.unit.test_audit import _finished_job
+    from tests.harness.jobs import fake_finished_job
 
-    job = _finished_job(tmp_path / "job")
+    job = fake_finished_job(tmp_path / "job")
     config = _lab(tmp_path)
     for command in (["engine", "verify-audit", str(job)], ["daemon", "status", "--config", str(config)]):
         # `... | head -1` once head has its line: the read end is closed before the command writes.

@@ -11,7 +11,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from engine import Settings, compiling
-from tests.faults.conftest import set_read_only, tmpfs, unmount_all
+from tests.harness.faults import set_read_only, tmpfs, unmount_all
 
 
 def settings_for(root: Path, **models) -> Settings:

@@ -36,7 +36,8 @@ from daemon.claim import (
 )
 from daemon.clock import ShareClock
 from engine import OwnershipLost
-from tests.conftest import REPO, folder_snapshot
+from tests.harness.jobs import folder_snapshot
+from tests.harness.paths import REPO
 
 A = Owner("daemon-a", "host-a", 101)
 B = Owner("daemon-b", "host-b", 202)

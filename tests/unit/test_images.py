@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import io
-import struct
-import zlib
 
 import numpy as np
 import pytest
@@ -12,21 +10,13 @@ from PIL import Image
 
 from engine.errors import JobError
 from engine.images import load_photo, png_bytes, read_rgb
+from tests.harness.jobs import png_header_only
 
 
 def _jpeg(rgb: np.ndarray, **kwargs) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(rgb).save(buffer, format="JPEG", quality=90, **kwargs)
     return buffer.getvalue()
-
-
-def _png_header_only(width: int, height: int) -> bytes:
-    """A PNG whose header claims width x height pixels, with almost no data: a pixel bomb."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 16)) + chunk(b"IEND", b"")
 
 
 def _load(path, max_pixels=40_000_000):
@@ -46,7 +36,7 @@ def test_truncated_jpeg(tmp_path, astronaut_rgb):
 @pytest.mark.parametrize("width, height", [(100_000, 100_000), (70_000, 1_000)])
 def test_pixel_bomb_refused_before_decoding(tmp_path, width, height):
     path = tmp_path / "bomb.png"
-    path.write_bytes(_png_header_only(width, height))
+    path.write_bytes(png_header_only(width, height))
     with pytest.raises(JobError) as excinfo:
         _load(path)
     assert excinfo.value.code == "pixel_limit"

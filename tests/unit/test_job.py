@@ -11,7 +11,7 @@ from engine.config import Settings
 from engine.errors import ConfigError, JobError
 from engine.job import DEFAULT_PHASES, load_job
 from engine.schema import to_plain
-from tests.conftest import FAST_JOB, make_job
+from tests.harness.jobs import FAST_JOB, make_job
 
 REPO = Path(__file__).resolve().parents[2]
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
@@ -208,7 +208,7 @@ def test_repository_config_equals_built_in_defaults():
     """config.toml documents the defaults; the two must not drift apart."""
     loaded = Settings.load(REPO / "config.toml")
     builtin = Settings()
-    for section in ("paths", "faces", "input", "background", "embed", "render", "models"):
+    for section in ("paths", "faces", "input", "background", "embed", "render", "models", "kinds"):
         assert getattr(loaded, section) == getattr(builtin, section), section
     from engine.job import JOB_DEFAULT_SECTIONS
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-from tests.conftest import REPO
+from tests.harness.paths import REPO
 
 # What daemon/ may import from the engine, and why.
 DAEMON_MAY_IMPORT = {

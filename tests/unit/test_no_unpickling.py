@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.harness.paths import REPO
 
 SCANNED = ("engine", "daemon")
 

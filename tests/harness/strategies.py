@@ -23,7 +23,7 @@ from engine.fsutil import canonical_json
 from engine.job import JOB_FILE, SAFE_NAME, JobSpec, LoadedJob, load_job
 from engine.schema import Table, Tables, to_plain
 from engine.verification import verify_audit
-from tests.conftest import FAST_JOB
+from tests.harness.jobs import FAST_JOB
 
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 DENYLIST = ("nsfw", "cartoon")
@@ -161,7 +161,7 @@ def load_or_refuse(folder: Path, job_defaults: dict[str, Any] | None = None) -> 
 
 
 def write_job(folder: Path, table_or_text: dict[str, Any] | str | bytes) -> Path:
-    from tests.fuzz.toml_writer import dumps
+    from tests.harness.toml_writer import dumps
 
     folder.mkdir(parents=True, exist_ok=True)
     data = table_or_text
