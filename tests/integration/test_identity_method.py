@@ -19,7 +19,7 @@ from engine import faceid, layout
 from engine.audit import verify_audit
 from engine.errors import JobError
 from engine.images import read_rgb
-from engine.job import IdentitySpec, JobSpec, RenderSpec, replicate_lora_runs
+from engine.kinds.replicate import IdentitySpec, JobSpec, RenderSpec, replicate_lora_runs
 from tests.conftest import FAST_JOB, make_job
 
 FACEID_JOB = FAST_JOB + '\n[identity]\nmethod = "faceid"\nfaceid_scale = 0.8\n'

@@ -18,7 +18,7 @@ import pytest
 from engine.audit import verify_audit
 from engine.errors import ConfigError
 from engine.jobfolder import work_dir
-from engine.job import KindSpec
+from engine.kinds.sections import KindSpec
 from engine.kinds import Kind, kind_named, register_kind, unregister_kind
 from engine.status import format_status, outbox_status
 from tests.conftest import FAST_JOB, REPO, make_job

@@ -9,7 +9,8 @@ import pytest
 
 from engine.config import Settings
 from engine.errors import ConfigError, JobError
-from engine.job import DEFAULT_PHASES, load_job
+from engine.job import load_job
+from engine.kinds.sections import DEFAULT_PHASES
 from engine.schema import to_plain
 from tests.conftest import FAST_JOB, make_job
 
@@ -210,10 +211,10 @@ def test_repository_config_equals_built_in_defaults():
     builtin = Settings()
     for section in ("paths", "faces", "input", "background", "embed", "render", "models"):
         assert getattr(loaded, section) == getattr(builtin, section), section
-    from engine.job import JOB_DEFAULT_SECTIONS
+    from engine.job import job_default_sections
 
     for section, values in loaded.job_defaults.items():
-        default = to_plain(JOB_DEFAULT_SECTIONS[section]())
+        default = to_plain(job_default_sections()[section]())
         for key, value in values.items():
             assert default[key] == value, f"[job.{section}] {key}"
 
@@ -261,7 +262,7 @@ def test_convergence_settings_that_could_never_act_are_refused(tmp_path, astrona
 
 
 def test_the_trigger_is_checked_against_the_denylist_and_is_what_verify_renders(tmp_path, astronaut_rgb):
-    from engine.job import verify_prompt
+    from engine.kinds.replicate import verify_prompt
 
     denied = make_job(tmp_path / "denied", {"a.png": astronaut_rgb}, '[train]\ntrigger = "nsfw person"\n[[render]]\nprompt = "x"\n')
     with pytest.raises(JobError) as excinfo:
@@ -288,7 +289,7 @@ def test_a_section_of_another_kind_is_refused_naming_the_key_and_its_kind(tmp_pa
     this kind; a section the job itself gives is refused, with the kind it belongs to."""
     from dataclasses import dataclass
 
-    from engine.job import KindSpec
+    from engine.kinds.sections import KindSpec
     from engine.kinds import Kind, register_kind, unregister_kind
 
     @dataclass(frozen=True, kw_only=True)
