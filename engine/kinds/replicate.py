@@ -18,6 +18,7 @@ from engine.errors import Problem
 from engine.kinds.registry import Kind
 from engine.kinds.sections import (
     CONTROL_GROUP,
+    DEFAULT_KIND,
     IDENTITY_METHODS,
     IdentityMethod,
     KindSpec,
@@ -138,7 +139,7 @@ def planned_work(spec: JobSpec, stage: str) -> int | None:
 
 
 REPLICATE = Kind(
-    name="replicate",
+    name=DEFAULT_KIND,  # the kind of a job.toml that names none
     stages=("prepare", "embed", "train", "verify", "render"),
     spec=JobSpec,
     report=("summary", "timeline", "seeds", "drift", "renders", "second_model", "training", "settings", "audit"),

@@ -320,3 +320,32 @@ def test_a_restore_job_names_its_damage_once(tmp_path, astronaut_rgb):
         with pytest.raises(JobError) as excinfo:
             _load(folder)
         assert any(reason in text for text in _problems(excinfo).values()), _problems(excinfo)
+
+
+def test_a_recorded_spec_is_rebuilt_as_it_was_for_its_kinds_planned_work():
+    """Status and the metrics count a stage's planned work with the kind's own function, on the
+    spec the job_started line records (plain JSON): rebuilt, it equals the loaded spec, and an
+    older record without a later section takes that section's default."""
+    from engine.job import parse_job_table
+    from engine.kinds import kind_named
+    from engine.kinds.replicate import IdentitySpec
+    from engine.schema import from_plain
+
+    tables = {
+        "replicate": {"render": [{"prompt": "a"}], "verify": {"seeds": [3, 5]}, "subject": {"face_index": {"a.png": 1}}},
+        "retouch": {"retouch": {"masks": {"chin": "chin.png"}}},
+        "restore": {"restore": {"mask": "mask.png"}},
+        "evaluate": {"evaluate": {"group": [{"name": "one", "photos": ["a.png"]}, {"name": "main", "phase": "final"}]}, "mine": {"enabled": True}},
+    }
+    for name, table in tables.items():
+        spec, problems = parse_job_table({"kind": name, **table}, {}, "alice")
+        assert spec is not None and not problems, problems
+        kind = kind_named(name)
+        assert from_plain(kind.spec, to_plain(spec)) == spec, name
+        assert all(kind.planned_work(spec, stage) is not None for stage, _ in kind.progress), name
+    replicate, _ = parse_job_table({"render": [{"prompt": "a"}], "identity": {"method": "faceid"}}, {}, "alice")
+    older = {key: value for key, value in to_plain(replicate).items() if key != "identity"}
+    assert from_plain(kind_named("replicate").spec, older).identity == IdentitySpec()
+    assert kind_named("replicate").planned_work(replicate, "train") == 0  # FaceID alone trains nothing
+    evaluate, _ = parse_job_table({"kind": "evaluate", **tables["evaluate"]}, {}, "alice")
+    assert kind_named("evaluate").planned_work(evaluate, "train") == 2 * evaluate.train.max_steps  # the job's LoRA (mining) and group one's
