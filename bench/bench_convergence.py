@@ -106,7 +106,7 @@ def final_probe_loss(engine, job_dir: Path) -> float:
 
     from engine.diffusion import identity_lora
     from engine.images import read_rgb
-    from engine.job import PhaseSpec
+    from engine.kinds.sections import PhaseSpec
     from engine import layout
     from engine import training as train
 

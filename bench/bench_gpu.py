@@ -257,7 +257,7 @@ def measure_train(components: Components, unet: torch.nn.Module, model: torch.nn
     # Seconds per training step of the engine's step (or the re-encoding variant).
     from diffusers import DDPMScheduler
 
-    from engine.job import PhaseSpec
+    from engine.kinds.sections import PhaseSpec
     from engine.training import _encode_latents, _encode_text, _training_step
 
     device = components.device

@@ -83,7 +83,7 @@ def bench(args: argparse.Namespace, pipe: Any) -> None:
     """Render the seeds both ways on `pipe` and print the table."""
     from engine.config import Settings
     from engine.diffusion import render
-    from engine.job import VerifySpec
+    from engine.kinds.replicate import VerifySpec
     from engine.stages import verify
 
     prompt = VerifySpec().prompt

@@ -112,7 +112,7 @@ def bench(args: argparse.Namespace, pipe: Any) -> None:
     from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
     from peft import LoraConfig
 
-    from engine.job import PhaseSpec, TrainSpec
+    from engine.kinds.sections import PhaseSpec, TrainSpec
     from engine import training as train
 
     images = astronaut_crops(RESOLUTION)

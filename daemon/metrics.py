@@ -191,7 +191,7 @@ class DaemonMetrics:
         """The engine's observer events -> metrics (unknown events are ignored)."""
         if self.progress.update(event, fields) or event == "stage_started":
             stage = self.progress.stage
-            if stage in StageProgress.LONG_STAGES:
+            if stage in StageProgress.long_stages():
                 self.progress_done.labels(stage).set(self.progress.done)
                 self.progress_planned.labels(stage).set(self.progress.total or 0)
         if event == "stage_started":
@@ -253,7 +253,7 @@ class DaemonMetrics:
 
     def _clear_job_gauges(self) -> None:
         self._set_phase("")
-        for stage in StageProgress.LONG_STAGES:
+        for stage in StageProgress.long_stages():
             self.progress_done.labels(stage).set(0)
             self.progress_planned.labels(stage).set(0)
         for sample in self.stage_in_progress.collect()[0].samples:

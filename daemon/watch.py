@@ -35,7 +35,7 @@ named once per change of reason, and skipped; a folder ready to run whose photo 
 in the inbox untouched (what cannot be read cannot be copied, so it must not be moved), and not
 looked at again until it changes or that file becomes readable.
 
-Hidden and temporary names (`engine.job.is_hidden_name`: `.x`, `~x`, `x.part`, `x.tmp`, ...)
+Hidden and temporary names (`engine.jobfolder.is_hidden_name`: `.x`, `~x`, `x.part`, `x.tmp`, ...)
 are ignored as *job folders* in the inbox, and never count as the `job.toml` or `READY` that
 make a folder ready. Inside a folder their changes still count as activity: a copy tool
 writing `.photo.jpg.part` is a copy in progress, and starting before it is renamed to

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.errors import ConfigError, JobError, Problem
-from engine.job import JOB_DEFAULT_SECTIONS, RenderSpec, read_toml
+from engine.job import check_job_defaults, job_default_sections, read_toml
 from engine.schema import INVALID, Bool, Float, Int, ListOf, Str, Table, build, rule, to_plain
 
 FOREIGN_SECTIONS = ("daemon",)
@@ -229,15 +229,11 @@ def _check_job_defaults(job_defaults: Any) -> list[Problem]:
     if not isinstance(job_defaults, dict):
         return [Problem("job", "expected a table of job defaults")]
     problems: list[Problem] = []
+    known = job_default_sections()  # the kinds' (engine.kinds.Kind.config_defaults)
     for name, value in job_defaults.items():
         where = f"job.{name}"
-        if name == "render":
-            if not isinstance(value, dict):
-                problems.append(Problem(where, "expected a table of defaults for every [[render]] entry"))
-            else:
-                build(RenderSpec, {"prompt": "x", **value}, where, problems)
-        elif name in JOB_DEFAULT_SECTIONS:
-            Table(JOB_DEFAULT_SECTIONS[name])(value, where, problems)
+        if name in known:
+            check_job_defaults(name, value, where, problems)
         else:
-            problems.append(Problem(where, f"unknown section (known: {', '.join(sorted([*JOB_DEFAULT_SECTIONS, 'render']))})"))
+            problems.append(Problem(where, f"unknown section (known: {', '.join(sorted(known))})"))
     return problems

@@ -62,13 +62,19 @@ class StageContext:
         if self.stop_requested.is_set():
             raise JobInterrupted(where)
 
-    @property
-    def training_resolution(self) -> int:
-        """The side, in pixels, the LoRA is trained and seeds and renders are made at: the demo
-        model's own 128 px, else train.resolution (one owner; stages used to ask the train stage)."""
+    def model_side(self, resolution: int) -> int:
+        """The side, in pixels, a model works at when the job asks for `resolution`: the demo
+        model's own 128 px (engine.models.DEMO_RESOLUTION), whatever the job asks, else
+        `resolution`. The one place the demo overrides a job's resolution."""
         from engine.models import DEMO_RESOLUTION
 
-        return DEMO_RESOLUTION if self.demo else self.job.spec.train.resolution
+        return DEMO_RESOLUTION if self.demo else resolution
+
+    @property
+    def training_resolution(self) -> int:
+        """The side, in pixels, the LoRA is trained and seeds and renders are made at: train.resolution,
+        or the demo model's own (model_side); one owner, stages used to ask the train stage."""
+        return self.model_side(self.job.spec.train.resolution)
 
     def path(self, relative: str) -> Path:
         return self.job_dir / relative

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from engine.fsutil import atomic_write_bytes, atomic_write_text
 from engine.images import png_bytes
+from engine.job import JOB_FILE
 
 EXAMPLE_JOB = """\
 # An example job: the photo is scikit-image's astronaut (public domain, NASA).
@@ -48,5 +49,5 @@ def write_example_subject(folder: Path) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(folder / "astronaut.png", png_bytes(data.astronaut()))
-    atomic_write_text(folder / "job.toml", EXAMPLE_JOB)
+    atomic_write_text(folder / JOB_FILE, EXAMPLE_JOB)
     return folder

@@ -37,6 +37,7 @@ from engine.fsutil import json_bytes, restamp  # noqa: F401 - the daemon renews 
 from engine.fsutil import (Listing, TreeLimit, atomic_write_bytes, atomic_write_json, copy_tree, fsync_dir, fsync_tree, remove_tree,  # noqa: F401
                            set_umask, share_modes, shared_file_mode, tree_listing, utf8_safe, walk_tree)
 from engine.job import JOB_FILE, MAX_FOLDER_DEPTH, MAX_FOLDER_ENTRIES, is_hidden_name, is_temporary_name, safe_subject_name  # noqa: F401
+from engine.kinds.sections import MAX_PHOTOS
 from engine.kinds import all_stage_names  # noqa: F401 - plain data: the daemon's metrics label stages with it
 # The job folder's own files: named in engine.layout (the one owner of names inside a job folder),
 # part of this vocabulary for the daemon.
@@ -170,9 +171,9 @@ def check_dropped_folder(folder: Path) -> None:
     except TreeLimit as limit:
         if limit.limit == "levels":
             raise JobError("too_deep", f"{limit.where}: the job folder nests folders more than {MAX_FOLDER_DEPTH} levels deep; "
-                                       f"a job folder holds 1-3 photos and {JOB_FILE}", details={"max_depth": MAX_FOLDER_DEPTH}) from None
+                                       f"a job folder holds 1-{MAX_PHOTOS} photos and {JOB_FILE}", details={"max_depth": MAX_FOLDER_DEPTH}) from None
         raise JobError("too_many_files", f"the job folder holds more than {MAX_FOLDER_ENTRIES} files and folders; a job folder holds "
-                                         f"1-3 photos and {JOB_FILE}", details={"max_entries": MAX_FOLDER_ENTRIES}) from None
+                                         f"1-{MAX_PHOTOS} photos and {JOB_FILE}", details={"max_entries": MAX_FOLDER_ENTRIES}) from None
 
 
 def copy_verified(source: Path, target: Path) -> Listing:

@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 
+from engine.schema import Float, rule
+
 TEXTURE_BAND = (0.7, 2.0)  # px: sigmas of the difference of Gaussians
 MIN_TEXTURE_IOD = 32.0  # px
 MIN_TEXTURE_VARIANCE = 0.5  # (L* units)^2 of the original's band inside the mask
@@ -56,13 +58,14 @@ class EditMeasures:
 
 @dataclass(frozen=True)
 class AcceptLimits:
-    """When an edit is accepted (job.toml [retouch.accept])."""
+    """When an edit is accepted: job.toml's [retouch.accept] as it is read (engine.kinds.retouch;
+    the schema's rules in the field metadata)."""
 
-    max_drift: float = 0.05
-    texture_min: float = 0.70
-    texture_max: float = 1.30
-    max_delta_e: float = 2.0
-    max_landmark_shift: float = 0.03  # IOD
+    max_drift: float = field(default=0.05, metadata=rule(Float(0.0, 2.0)))
+    texture_min: float = field(default=0.70, metadata=rule(Float(0.0, 10.0)))
+    texture_max: float = field(default=1.30, metadata=rule(Float(0.0, 10.0)))
+    max_delta_e: float = field(default=2.0, metadata=rule(Float(0.0, 100.0)))
+    max_landmark_shift: float = field(default=0.03, metadata=rule(Float(0.0, 1.0)))  # IOD
 
     def judge(self, measures: EditMeasures) -> tuple[bool, list[str]]:
         """(accepted, the reasons it is not)."""

@@ -29,25 +29,49 @@ from typing import Any
 
 import numpy as np
 
+from engine.schema import Bool, Float, Int, Str, rule
+
 ACCEPTED = "accepted"
 NO_FACE = "no_face"
 OFF_ANCHOR = "rejected_anchor"
 OFF_GROUP = "rejected_group"
+# The keys of MineRule the Miner reads, in the order mine.json records them.
+RULE_KEYS = ("target", "budget", "start_bound", "max_bound", "min_group", "k_start", "k_min", "k_step", "relax", "prune_k", "anchor_max_drift")
 
 
 @dataclass(frozen=True)
 class MineRule:
-    target: int = 12
-    budget: int = 64
-    start_bound: float = 0.35
-    max_bound: float = 0.6
-    min_group: int = 3
-    k_start: float = 2.0
-    k_min: float = 0.5
-    k_step: float = 0.1
-    relax: float = 0.1
-    prune_k: float = 3.0
-    anchor_max_drift: float = 0.4
+    """Anchored face mining from the job's LoRA: job.toml's [mine] as it is read (the evaluate
+    kind's section, engine.kinds.evaluate; the schema's rules in the field metadata). The rule
+    the Miner applies, and how the mine stage renders its candidates (`enabled`, `prompt`,
+    `base_seed`, `lora_weight`, `steps`, `guidance`, the growing batches). Off unless `enabled`.
+    The anchor (`anchor_max_drift` to the real subject's reference) cannot be switched off:
+    mining that is not anchored to a real subject is not offered."""
+
+    enabled: bool = field(default=False, metadata=rule(Bool()))
+    prompt: str = field(default="a photo of {trigger}, portrait, neutral background", metadata=rule(Str(min_len=1, max_len=1000)))
+    base_seed: int = field(default=1000, metadata=rule(Int(0, 2**32 - 1)))
+    lora_weight: float = field(default=1.0, metadata=rule(Float(0.0, 2.0, low_open=True)))
+    steps: int = field(default=30, metadata=rule(Int(1, 200)))
+    guidance: float = field(default=5.8, metadata=rule(Float(0.0, 30.0)))
+    target: int = field(default=12, metadata=rule(Int(1, 256)))  # members: mining stops when the group has them
+    budget: int = field(default=64, metadata=rule(Int(1, 4096)))  # candidates at most
+    batch: int = field(default=4, metadata=rule(Int(1, 64)))  # the first batch; each next one `growth` times larger
+    growth: float = field(default=2.0, metadata=rule(Float(1.0, 8.0)))
+    max_batch: int = field(default=16, metadata=rule(Int(1, 64)))
+    anchor_max_drift: float = field(default=0.4, metadata=rule(Float(0.0, 1.0, low_open=True)))
+    start_bound: float = field(default=0.35, metadata=rule(Float(0.0, 2.0, low_open=True)))
+    max_bound: float = field(default=0.6, metadata=rule(Float(0.0, 2.0, low_open=True)))
+    min_group: int = field(default=3, metadata=rule(Int(2, 64)))
+    k_start: float = field(default=2.0, metadata=rule(Float(0.0, 10.0)))
+    k_min: float = field(default=0.5, metadata=rule(Float(0.0, 10.0)))
+    k_step: float = field(default=0.1, metadata=rule(Float(0.0, 10.0)))
+    relax: float = field(default=0.1, metadata=rule(Float(0.0, 1.0)))
+    prune_k: float = field(default=3.0, metadata=rule(Float(0.0, 100.0, low_open=True)))
+
+    def rule_facts(self) -> dict[str, Any]:
+        """The rule the Miner applies (mine.json's "rule"), without the rendering settings."""
+        return {name: getattr(self, name) for name in RULE_KEYS}
 
     def k(self, members: int) -> float:
         return max(self.k_min, self.k_start - self.k_step * max(0, members - self.min_group))

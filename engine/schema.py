@@ -268,3 +268,27 @@ def to_plain(value: Any) -> Any:
     if isinstance(value, dict):
         return {str(k): to_plain(v) for k, v in value.items()}
     return value
+
+
+def from_plain(cls: type, plain: Mapping[str, Any]) -> Any:
+    """A frozen config rebuilt from its plain form (to_plain's, as the audit log records a job's
+    spec), for readers of a record: the values were checked when the job was loaded, so nothing
+    is checked again. A key the record lacks (an older record) takes its default; a key the
+    class no longer has is dropped. TypeError or KeyError when the record does not fit."""
+    values: dict[str, Any] = {}
+    for spec in dataclasses.fields(cls):
+        if not spec.init or spec.name not in plain:
+            continue
+        check, value = spec.metadata.get("check"), plain[spec.name]
+        if isinstance(check, Tables):
+            values[spec.name] = tuple(from_plain(check.item.cls, entry) for entry in value)
+        elif isinstance(check, Table):
+            values[spec.name] = from_plain(check.cls, value)
+        else:
+            values[spec.name] = _frozen(value)
+    return cls(**values)
+
+
+def _frozen(value: Any) -> Any:
+    """Arrays back to tuples, as the checkers build them (a MapOf's pairs too)."""
+    return tuple(_frozen(v) for v in value) if isinstance(value, list) else value

@@ -22,11 +22,11 @@ from typing import Any, TextIO
 
 import structlog
 
-from engine.job import IdentitySpec
-from engine.jobfolder import AUDIT_FILE, ERROR_FILE, LEDGER_FILE, MANIFEST_FILE, WORK_DIR, find_published, is_hidden_name
-from engine.kinds import DEFAULT_KIND, all_stage_names, known_kinds, kind_named
+from engine.jobfolder import AUDIT_FILE, ERROR_FILE, JOB_FILE, LEDGER_FILE, MANIFEST_FILE, WORK_DIR, find_published, is_hidden_name
+from engine.kinds import DEFAULT_KIND, all_stage_names, known_kinds, kind_named, progress_units
 from engine.layout import DRIFT_REPORT_JSON, RENDERS_DIR, VERIFY_DIR
 from engine.ledger import Ledger
+from engine.schema import from_plain
 _TAIL_BYTES = 64 * 1024
 
 
@@ -82,7 +82,7 @@ def outbox_status(outbox: Path, *, inbox: Path | None = None, failed: Path | Non
     failed = Path(failed) if failed is not None else outbox.parent / "failed"
     status = Status(outbox=outbox, inbox=inbox)
     if inbox is not None and Path(inbox).is_dir():
-        status.queue = sorted(p.name for p in Path(inbox).iterdir() if p.is_dir() and not is_hidden_name(p.name) and (p / "job.toml").is_file())
+        status.queue = sorted(p.name for p in Path(inbox).iterdir() if p.is_dir() and not is_hidden_name(p.name) and (p / JOB_FILE).is_file())
     for ledger_path in sorted((outbox / WORK_DIR).glob(f"*/{LEDGER_FILE}")):
         if find_published(outbox, failed, ledger_path.parent.name) is not None:
             continue  # a leftover of a published job (a kill right after publishing): the next run of it removes it
@@ -229,11 +229,6 @@ def format_results(results: list[Result]) -> list[str]:
     return out
 
 
-def _identity(spec: dict[str, Any]) -> IdentitySpec:
-    """A replicate job's [identity] from its plain spec (a record from before [identity]: the default)."""
-    return IdentitySpec(**(spec.get("identity") or {}))
-
-
 def stage_position(job: Running) -> str:
     """e.g. "train (3/5)", or what a job past its last stage is doing."""
     return f"{job.stage} ({job.stages_done + 1}/{job.stages_total})" if job.stage else "all stages done, publishing"
@@ -261,12 +256,16 @@ class StageProgress:
     passes. Shared by the CLI's progress display and the daemon's metrics.
 
     `update(event, fields)` returns True when `done` moved. Totals come from the job's spec in
-    the job_started/job_resumed event."""
+    the job_started/job_resumed event, counted by its kind (engine.kinds.Kind.planned_work)."""
 
-    LONG_STAGES = ("train", "verify", "render", "retouch", "mine", "evaluate")
+    @staticmethod
+    def long_stages() -> tuple[str, ...]:
+        """The stages whose work some kind counts (engine.kinds.Kind.progress)."""
+        return tuple(progress_units())
 
     def __init__(self) -> None:
         self.spec: dict[str, Any] = {}
+        self.kind = DEFAULT_KIND
         self.stage: str | None = None
         self.total: int | None = None
         self.done = 0
@@ -276,9 +275,10 @@ class StageProgress:
     def update(self, event: str, fields: dict[str, Any]) -> bool:
         if event in ("job_started", "job_resumed"):
             self.spec = fields.get("spec") or {}
+            self.kind = str(fields.get("kind") or DEFAULT_KIND)
         elif event == "stage_started":
             self.stage, self.done, self.at, self._runs = fields.get("stage"), 0, "", []
-            self.total = self.stage_total(self.spec, self.stage)
+            self.total = self.stage_total(self.kind, self.spec, self.stage)
         elif event in ("train_step", "train_resumed") and self.stage == "train":
             run = str(fields.get("run", ""))  # an evaluate group's LoRA counts on from the runs before it
             if run not in self._runs:
@@ -301,32 +301,16 @@ class StageProgress:
         return False
 
     @staticmethod
-    def stage_total(spec: dict[str, Any], stage: str | None) -> int | None:
-        try:
-            if stage == "train":  # the job's LoRA (unless an evaluate grid uses none of it), and an evaluate grid's photo-subset groups'
-                if "evaluate" not in spec:  # a replicate job: its LoRA, unless it renders with FaceID alone and compares nothing
-                    return int(spec["train"]["max_steps"]) if _identity(spec).trains else 0
-                groups = spec["evaluate"]["group"]
-                lora = [group for group in groups if group.get("method", "lora") != "faceid"]
-                main = bool((spec.get("mine") or {}).get("enabled")) or any(group.get("phase") for group in lora)
-                return int(spec["train"]["max_steps"]) * (int(main) + sum(1 for group in lora if group.get("photos")))
-            if stage == "mine":  # at most: mining stops at its target
-                return int(spec["mine"]["budget"]) if spec["mine"]["enabled"] else 0
-            if stage == "evaluate":
-                evaluate = spec["evaluate"]
-                return (len(evaluate["group"]) + (1 if evaluate["control"] else 0)) * len(evaluate["prompts"]) * len(evaluate["seeds"])
-            if stage == "verify":
-                seeds = spec["verify"]["seeds"]
-                return len(_identity(spec).verify_groups) * (seeds if isinstance(seeds, int) else len(seeds))
-            if stage == "render":
-                return sum(entry["count"] * (3 if entry["mode"] == "three_pass" else 2) for entry in spec["render"])
-            if stage == "retouch":  # at most: a region found not applicable is not swept
-                retouch = spec["retouch"]
-                sets = len(retouch["regions"]) + (1 if retouch["combine"] and len(retouch["regions"]) > 1 else 0)
-                return sets * len(retouch["strengths"]) * len(retouch["seeds"])
-        except (KeyError, TypeError):
+    def stage_total(kind: str, spec: dict[str, Any], stage: str | None) -> int | None:
+        """The work `stage` of a job of `kind` plans, from the job's plain spec (as its job_started
+        event gives it); None when not counted, or the record does not fit its kind."""
+        if stage is None or kind not in known_kinds():
             return None
-        return None
+        job_kind = kind_named(kind)
+        try:
+            return job_kind.planned_work(from_plain(job_kind.spec, spec), stage)
+        except (KeyError, TypeError, ValueError, AttributeError):
+            return None
 
     def _advance(self, done: int, at: str) -> bool:
         self.done, self.at = done, at
@@ -363,10 +347,11 @@ class ProgressObserver:
     def _open(self, stage: str | None) -> None:
         self._stage, self._shown = stage, 0
         self._last_log = time.monotonic()
-        if self.interactive and stage in StageProgress.LONG_STAGES:
+        units = progress_units()
+        if self.interactive and stage in units:
             from tqdm import tqdm
 
-            unit = {"train": "step", "verify": "image", "render": "image"}[stage]
+            unit = units[stage]
             self._bar = tqdm(total=self.progress.total, desc=stage, unit=unit, file=self.stream, dynamic_ncols=True, leave=True)
 
     def _advance(self) -> None:
@@ -387,6 +372,6 @@ class ProgressObserver:
                 self._bar.refresh()
             self._bar.close()
             self._bar = None
-        elif self._stage in StageProgress.LONG_STAGES and self._shown:
+        elif self._stage in progress_units() and self._shown:
             self._log.info("progress", stage=self._stage, done=self._shown, total=self.progress.total, at=self.progress.at)
         self._stage = None

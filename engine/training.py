@@ -48,7 +48,7 @@ from engine.convergence import RULE_IMPROVEMENT_BOUND, PhaseConvergence
 from engine.errors import JobError
 from engine.faults import pause_point
 from engine.fsutil import check_write, remove_tree, sha256_bytes
-from engine.job import PhaseSpec, TrainSpec
+from engine.kinds.sections import PhaseSpec, TrainSpec
 from engine.schema import to_plain
 
 

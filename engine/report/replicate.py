@@ -16,7 +16,7 @@ from urllib.parse import quote
 import numpy as np
 
 from engine import layout
-from engine.job import CONTROL_GROUP, IDENTITY_METHODS
+from engine.kinds.sections import CONTROL_GROUP, IDENTITY_METHODS
 from engine.layout import DRIFT_CHART, LOSS_CHART
 from engine.report.page import (JobFacts, Section, audit_head, axis_top, figure_html, fmt_maybe, fmt_number, html_attr, html_text, legend, new_figure,
                                 no_face_marks, png)

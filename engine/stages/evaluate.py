@@ -39,7 +39,8 @@ from engine.faces import score_face
 from engine.faults import pause_point
 from engine.fsutil import atomic_write_bytes, atomic_write_json, atomic_write_text, sha256_file
 from engine.images import png_bytes, read_rgb
-from engine.job import CONTROL_GROUP, EvaluateGroup, evaluate_prompts
+from engine.kinds.evaluate import EvaluateGroup, evaluate_prompts
+from engine.kinds.sections import CONTROL_GROUP
 from engine.schema import to_plain
 
 NAME = "evaluate"

@@ -31,8 +31,8 @@ from engine.diffusion import identity_lora, png_text, render
 from engine.faces import score_face
 from engine.faults import pause_point
 from engine.fsutil import atomic_write_json, sha256_file
-from engine.job import mine_prompt
-from engine.mining import ACCEPTED, Miner, MineRule, cosine_drift
+from engine.kinds.evaluate import mine_prompt
+from engine.mining import ACCEPTED, Miner, cosine_drift
 from engine.schema import to_plain
 
 NAME = "mine"
@@ -54,13 +54,6 @@ def fingerprint(ctx: StageContext) -> dict[str, object]:
             "resolution": ctx.training_resolution, "content_signer": ctx.resources.trust_facts().get("content_signer")}
 
 
-def rule_of(spec: Any) -> MineRule:
-    """The job's [mine] as engine.mining's rule."""
-    return MineRule(target=spec.target, budget=spec.budget, start_bound=spec.start_bound, max_bound=spec.max_bound, min_group=spec.min_group,
-                    k_start=spec.k_start, k_min=spec.k_min, k_step=spec.k_step, relax=spec.relax, prune_k=spec.prune_k,
-                    anchor_max_drift=spec.anchor_max_drift)
-
-
 def batch_sizes(spec: Any) -> list[int]:
     """The growing batches, in candidates, until the budget is spent (mining may stop sooner)."""
     sizes: list[int] = []
@@ -78,7 +71,7 @@ def run(ctx: StageContext) -> None:
         return
     pipe, faces = ctx.use("base"), ctx.use("faces")
     reference = layout.reference_embedding(ctx.job_dir)
-    miner = Miner(rule_of(spec), anchor=reference)
+    miner = Miner(spec, anchor=reference)  # the job's [mine] is engine.mining's rule
     prompt = mine_prompt(ctx.job.spec)
     ctx.path(layout.MINE_PROGRESS_DIR).mkdir(parents=True, exist_ok=True)
     rows: dict[int, dict[str, Any]] = {}
@@ -178,7 +171,7 @@ def _write_report(ctx: StageContext, miner: Miner, rows: dict[int, dict[str, Any
     report = {
         "job_id": ctx.job_id, "subject": ctx.job.subject, "demo": ctx.demo,
         "note": "demo model: random weights, the candidates are noise" if ctx.demo else "",
-        "prompt": prompt, "rule": to_plain(rule_of(ctx.job.spec.mine)), "anchored_to": layout.REFERENCE_FILE,
+        "prompt": prompt, "rule": ctx.job.spec.mine.rule_facts(), "anchored_to": layout.REFERENCE_FILE,
         "stop_reason": miner.stop_reason, "candidates": candidates, "decisions": decisions,
         "members": list(miner.members), "pruned": sum(c.pruned_at is not None for c in miner.candidates),
         "accepted_ever": sum(c.decision == ACCEPTED for c in miner.candidates),

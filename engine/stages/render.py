@@ -29,13 +29,13 @@ from engine.diffusion import drift_label, png_text, render
 from engine.faces import score
 from engine.fsutil import atomic_write_json, atomic_write_text, sha256_file
 from engine.faceid import IdentityAdapters, check_job_face_pack, identity_adapters
-from engine.job import IdentitySpec, RenderSpec, verify_prompt
+from engine.kinds.replicate import IdentitySpec, RenderSpec, verify_prompt
 from engine.schema import to_plain
 
 NAME = "render"
 VERSION = 6  # 2: images carry C2PA Content Credentials (with lab keys); the drift report says which
 #             3: the drift report's rows carry the effective negative prompt, the CSV a demo column
-#             4: the anchor's prompt is verify's with its {trigger} filled in (engine.job.verify_prompt)
+#             4: the anchor's prompt is verify's with its {trigger} filled in (engine.kinds.replicate.verify_prompt)
 #             5: its models are declared (models()), the runner fingerprints them; 6: [identity] method (FaceID, both)
 OUTPUTS = (layout.RENDERS_DIR, layout.DRIFT_REPORT_JSON, layout.DRIFT_REPORT_CSV)
 MODELS = ("base", "faces", "faceid", "realism", "identity2")  # every model role it may use (engine.inventory checks them); models(ctx): this job's

@@ -52,15 +52,11 @@ def models(ctx: StageContext) -> tuple[str, ...]:
 
 
 def fingerprint(ctx: StageContext) -> dict[str, object]:
-    from engine.models import DEMO_RESOLUTION
-
-    return {"restore": to_plain(ctx.job.spec.restore), "model_size": DEMO_RESOLUTION if ctx.demo else ctx.job.spec.restore.resolution,
+    return {"restore": to_plain(ctx.job.spec.restore), "model_size": ctx.model_side(ctx.job.spec.restore.resolution),
             "input": to_plain(ctx.settings.input), "content_signer": ctx.resources.trust_facts().get("content_signer")}
 
 
 def run(ctx: StageContext) -> None:
-    from engine.models import DEMO_RESOLUTION
-
     spec = ctx.job.spec.restore
     faces, landmarks = ctx.use("faces"), ctx.use("landmarks")
     name = ctx.job.spec.subject.photos[0]
@@ -94,7 +90,7 @@ def run(ctx: StageContext) -> None:
         ctx.progress("restore_verdict", verdict="refused_classical", face_coverage=covered.face)
         return
     pipe = ctx.use("inpaint")
-    size = DEMO_RESOLUTION if ctx.demo else spec.resolution
+    size = ctx.model_side(spec.resolution)
     grown = cv2.dilate(mask.astype(np.uint8), cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * spec.grow_px + 1,) * 2)).astype(bool) if spec.grow_px else mask
     box = square_around(grown, CROP_MARGIN * marks.iod, photo.shape[:2])
     where = "restore"

@@ -41,7 +41,7 @@ from engine.faces import Face, drift
 from engine.faults import pause_point
 from engine.fsutil import atomic_write_bytes, atomic_write_json, atomic_write_text, sha256_file
 from engine.images import load_photo, png_bytes, read_rgb
-from engine.measures import AcceptLimits, composite, landmark_shift, measure_edit
+from engine.measures import composite, landmark_shift, measure_edit
 from engine.regions import RegionMask, feathered, protected_features, region_masks
 from engine.schema import to_plain
 
@@ -65,9 +65,7 @@ def fingerprint(ctx: StageContext) -> dict[str, object]:
 
 
 def _model_size(ctx: StageContext) -> int:
-    from engine.models import DEMO_RESOLUTION
-
-    return DEMO_RESOLUTION if ctx.demo else ctx.job.spec.retouch.resolution
+    return ctx.model_side(ctx.job.spec.retouch.resolution)
 
 
 def run(ctx: StageContext) -> None:
@@ -112,7 +110,7 @@ class Sweep:
         self.reference, self.crop, self.size = reference, crop, size
         self.second, self.second_reference = second, second_reference  # engine.identity2, on the same face box
         self.spec = ctx.job.spec.retouch
-        self.limits = AcceptLimits(**to_plain(self.spec.accept))
+        self.limits = self.spec.accept  # [retouch.accept] is engine.measures.AcceptLimits
         self.images: dict[tuple[tuple[str, ...], float, int], np.ndarray] = {}  # variants made or read back, for combinations
         self.resumed = 0
         self.count = 0

@@ -21,7 +21,8 @@ from engine import layout
 from engine.context import StageContext
 from engine.fsutil import atomic_write_json, atomic_write_text
 from engine.images import read_rgb
-from engine.job import LoraRun, TrainSpec
+from engine.kinds import kind_named
+from engine.kinds.sections import LoraRun, TrainSpec
 from engine.schema import to_plain
 from engine.training import TARGET_MODULES, LoraTarget, TrainingResult, caption, train_lora
 
@@ -38,8 +39,6 @@ def models(ctx: StageContext) -> tuple[str, ...]:
 
 
 def _runs(ctx: StageContext) -> tuple[LoraRun, ...]:
-    from engine.kinds import kind_named
-
     return kind_named(ctx.job.kind).lora_runs(ctx.job.spec)
 
 

@@ -20,7 +20,8 @@ from engine.diffusion import drift_label, png_text, render
 from engine.faceid import DRIFT_NOTE, check_job_face_pack, identity_adapters
 from engine.faces import score
 from engine.fsutil import atomic_write_json, sha256_file
-from engine.job import CONTROL_GROUP, IdentitySpec, verify_prompt
+from engine.kinds.replicate import IdentitySpec, verify_prompt
+from engine.kinds.sections import CONTROL_GROUP
 from engine.schema import to_plain
 
 NAME = "verify"

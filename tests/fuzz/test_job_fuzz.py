@@ -17,7 +17,8 @@ from hypothesis import strategies as st
 from engine.config import Settings
 from engine.errors import ConfigError, JobError
 from engine.images import png_bytes
-from engine.job import JOB_FILE, MAX_JOB_FILE_BYTES, JobSpec
+from engine.job import JOB_FILE, MAX_JOB_FILE_BYTES
+from engine.kinds.replicate import JobSpec
 from engine.schema import Table, Tables
 from tests.harness.strategies import (
     BASE_TABLE,

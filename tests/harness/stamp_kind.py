@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from engine import layout
 from engine.context import StageContext
 from engine.fsutil import atomic_write_json
-from engine.job import KindSpec
+from engine.kinds.sections import KindSpec
 from engine.kinds import Kind
 from engine.schema import Str, Table, rule, to_plain
 

@@ -23,7 +23,8 @@ import pytest
 
 from engine.errors import JobError
 from engine.images import read_rgb
-from engine.job import MineSpec, load_job
+from engine.job import load_job
+from engine.mining import MineRule
 from engine.jobfolder import work_dir
 from engine.verification import verify_audit
 from tests.harness.jobs import FAST_TRAIN, make_job
@@ -182,7 +183,7 @@ def test_mining_records_every_candidate_in_growing_batches_and_stops_at_its_budg
     from engine.stages.mine import batch_sizes
 
     _, out, _, _ = finished
-    assert batch_sizes(MineSpec(batch=4, growth=2.0, max_batch=16, budget=64)) == [4, 8, 16, 16, 16, 4]
+    assert batch_sizes(MineRule(batch=4, growth=2.0, max_batch=16, budget=64)) == [4, 8, 16, 16, 16, 4]
     info = json.loads((out / "mine" / "mine.json").read_text())
     assert [c["seed"] for c in info["candidates"]] == list(range(1000, 1006)) and [c["batch"] for c in info["candidates"]] == [1, 1, 2, 2, 2, 2]
     assert info["decisions"] == {"no_face": 6} and info["members"] == [] and "budget of 6" in info["stop_reason"]

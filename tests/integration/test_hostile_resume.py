@@ -275,7 +275,7 @@ def test_optimizer_and_random_states_round_trip_exactly_through_safetensors_and_
     import torch
     from safetensors.torch import load, save
 
-    from engine.job import PhaseSpec
+    from engine.kinds.sections import PhaseSpec
     from engine.training import _join_tensors, _optimizer, _restore_rng, _rng_state, _split_tensors
 
     parameters = [torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(5))]

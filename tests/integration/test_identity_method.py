@@ -18,7 +18,7 @@ from PIL import Image
 from engine import faceid, layout
 from engine.errors import JobError
 from engine.images import read_rgb
-from engine.job import IdentitySpec, JobSpec, RenderSpec, replicate_lora_runs
+from engine.kinds.replicate import IdentitySpec, JobSpec, RenderSpec, replicate_lora_runs
 from engine.verification import verify_audit
 from tests.harness.jobs import FAST_JOB, make_job
 

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from engine.errors import ConfigError
-from engine.job import KindSpec
 from engine.jobfolder import work_dir
+from engine.kinds.sections import KindSpec
 from engine.kinds import Kind, kind_named, register_kind, unregister_kind
 from engine.status import format_status, outbox_status
 from engine.verification import verify_audit

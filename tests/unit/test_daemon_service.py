@@ -132,10 +132,21 @@ def test_engine_events_become_metrics():
     assert _value(metrics, 'idrep_gpu_memory_bytes{kind="reserved"}') == (torch.cuda.memory_reserved() if initialised else 0)
 
 
+def _job_started(kind: str, table: dict) -> dict:
+    """A job_started event's fields as the engine sends them: the kind, and the whole spec, plain."""
+    from engine.job import parse_job_table
+    from engine.schema import to_plain
+
+    spec, problems = parse_job_table({"kind": kind, **table}, {}, "alice")
+    assert spec is not None and not problems, problems
+    return {"kind": kind, "spec": to_plain(spec)}
+
+
 def test_progress_of_the_long_stages_becomes_metrics():
     metrics = DaemonMetrics("d1", stages=("train", "verify", "render"))
-    spec = {"train": {"max_steps": 300}, "verify": {"seeds": [3, 5, 8]}, "render": [{"mode": "three_pass", "count": 2}, {"mode": "two_pass", "count": 1}]}
-    metrics.observe("job_started", {"spec": spec})
+    table = {"train": {"max_steps": 300}, "verify": {"seeds": [3, 5, 8]},
+             "render": [{"prompt": "a", "mode": "three_pass", "count": 2}, {"prompt": "b", "mode": "two_pass", "count": 1}]}
+    metrics.observe("job_started", _job_started("replicate", table))
     metrics.observe("stage_started", {"stage": "train"})
     assert _value(metrics, 'idrep_stage_progress_planned{stage="train"}') == 300
     assert _value(metrics, 'idrep_stage_progress_done{stage="train"}') == 0
@@ -158,8 +169,8 @@ def test_progress_of_the_long_stages_becomes_metrics():
 
 def test_retouch_variants_become_metrics():
     metrics = DaemonMetrics("d1", stages=("prepare", "embed", "retouch"))
-    spec = {"retouch": {"regions": ["under_eye", "chin"], "combine": True, "strengths": [0.2, 0.25], "seeds": [0, 1, 2]}}
-    metrics.observe("job_started", {"spec": spec})
+    table = {"retouch": {"regions": ["under_eye", "chin"], "combine": True, "strengths": [0.2, 0.25], "seeds": [0, 1, 2]}}
+    metrics.observe("job_started", _job_started("retouch", table))
     metrics.observe("stage_started", {"stage": "retouch"})
     assert _value(metrics, 'idrep_stage_progress_planned{stage="retouch"}') == 3 * 2 * 3  # 2 regions + their combination
     metrics.observe("retouch_variant", {"region_set": "chin", "strength": 0.2, "seed": 0, "accepted": True, "drift": 0.01, "texture_ratio": 0.95})
@@ -173,9 +184,9 @@ def test_retouch_variants_become_metrics():
 
 def test_evaluate_cells_become_metrics_and_progress():
     metrics = DaemonMetrics("d1", stages=("prepare", "embed", "train", "evaluate"))
-    spec = {"train": {"max_steps": 10}, "evaluate": {"prompts": ["a", "b"], "seeds": [0, 1, 2], "control": True,
-                                                      "group": [{"name": "main", "phase": "final", "photos": []}, {"name": "one", "photos": ["a.png"]}]}}
-    metrics.observe("job_started", {"spec": spec})
+    table = {"train": {"max_steps": 10}, "evaluate": {"prompts": ["a", "b"], "seeds": [0, 1, 2], "control": True,
+                                                       "group": [{"name": "main", "phase": "final", "photos": []}, {"name": "one", "photos": ["a.png"]}]}}
+    metrics.observe("job_started", _job_started("evaluate", table))
     metrics.observe("stage_started", {"stage": "train"})
     assert _value(metrics, 'idrep_stage_progress_planned{stage="train"}') == 2 * 10  # the job's LoRA and the photo-subset group's
     metrics.observe("train_step", {"phase": "COARSE", "step": 10, "loss": 0.1})

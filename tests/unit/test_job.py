@@ -9,7 +9,8 @@ import pytest
 
 from engine.config import Settings
 from engine.errors import ConfigError, JobError
-from engine.job import DEFAULT_PHASES, load_job
+from engine.job import load_job
+from engine.kinds.sections import DEFAULT_PHASES
 from engine.schema import to_plain
 from tests.harness.jobs import FAST_JOB, make_job
 
@@ -210,10 +211,10 @@ def test_repository_config_equals_built_in_defaults():
     builtin = Settings()
     for section in ("paths", "faces", "input", "background", "embed", "render", "models", "kinds"):
         assert getattr(loaded, section) == getattr(builtin, section), section
-    from engine.job import JOB_DEFAULT_SECTIONS
+    from engine.job import job_default_sections
 
     for section, values in loaded.job_defaults.items():
-        default = to_plain(JOB_DEFAULT_SECTIONS[section]())
+        default = to_plain(job_default_sections()[section]())
         for key, value in values.items():
             assert default[key] == value, f"[job.{section}] {key}"
 
@@ -261,7 +262,7 @@ def test_convergence_settings_that_could_never_act_are_refused(tmp_path, astrona
 
 
 def test_the_trigger_is_checked_against_the_denylist_and_is_what_verify_renders(tmp_path, astronaut_rgb):
-    from engine.job import verify_prompt
+    from engine.kinds.replicate import verify_prompt
 
     denied = make_job(tmp_path / "denied", {"a.png": astronaut_rgb}, '[train]\ntrigger = "nsfw person"\n[[render]]\nprompt = "x"\n')
     with pytest.raises(JobError) as excinfo:
@@ -288,7 +289,7 @@ def test_a_section_of_another_kind_is_refused_naming_the_key_and_its_kind(tmp_pa
     this kind; a section the job itself gives is refused, with the kind it belongs to."""
     from dataclasses import dataclass
 
-    from engine.job import KindSpec
+    from engine.kinds.sections import KindSpec
     from engine.kinds import Kind, register_kind, unregister_kind
 
     @dataclass(frozen=True, kw_only=True)
@@ -319,3 +320,32 @@ def test_a_restore_job_names_its_damage_once(tmp_path, astronaut_rgb):
         with pytest.raises(JobError) as excinfo:
             _load(folder)
         assert any(reason in text for text in _problems(excinfo).values()), _problems(excinfo)
+
+
+def test_a_recorded_spec_is_rebuilt_as_it_was_for_its_kinds_planned_work():
+    """Status and the metrics count a stage's planned work with the kind's own function, on the
+    spec the job_started line records (plain JSON): rebuilt, it equals the loaded spec, and an
+    older record without a later section takes that section's default."""
+    from engine.job import parse_job_table
+    from engine.kinds import kind_named
+    from engine.kinds.replicate import IdentitySpec
+    from engine.schema import from_plain
+
+    tables = {
+        "replicate": {"render": [{"prompt": "a"}], "verify": {"seeds": [3, 5]}, "subject": {"face_index": {"a.png": 1}}},
+        "retouch": {"retouch": {"masks": {"chin": "chin.png"}}},
+        "restore": {"restore": {"mask": "mask.png"}},
+        "evaluate": {"evaluate": {"group": [{"name": "one", "photos": ["a.png"]}, {"name": "main", "phase": "final"}]}, "mine": {"enabled": True}},
+    }
+    for name, table in tables.items():
+        spec, problems = parse_job_table({"kind": name, **table}, {}, "alice")
+        assert spec is not None and not problems, problems
+        kind = kind_named(name)
+        assert from_plain(kind.spec, to_plain(spec)) == spec, name
+        assert all(kind.planned_work(spec, stage) is not None for stage, _ in kind.progress), name
+    replicate, _ = parse_job_table({"render": [{"prompt": "a"}], "identity": {"method": "faceid"}}, {}, "alice")
+    older = {key: value for key, value in to_plain(replicate).items() if key != "identity"}
+    assert from_plain(kind_named("replicate").spec, older).identity == IdentitySpec()
+    assert kind_named("replicate").planned_work(replicate, "train") == 0  # FaceID alone trains nothing
+    evaluate, _ = parse_job_table({"kind": "evaluate", **tables["evaluate"]}, {}, "alice")
+    assert kind_named("evaluate").planned_work(evaluate, "train") == 2 * evaluate.train.max_steps  # the job's LoRA (mining) and group one's

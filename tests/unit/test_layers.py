@@ -71,3 +71,18 @@ def test_the_provenance_writers_and_their_verifier_import_one_another_without_a_
     for name in PROVENANCE:
         walk(name, ())
     assert not any("engine.verification" in imported for name, imported in graph.items() if name != "engine.verification")
+
+
+def test_the_kinds_import_no_loader_and_the_loader_names_no_kind():
+    """engine.job (the generic loader) imports the kinds' package; a kind's module, the shared
+    sections and the registry never import engine.job (it was a cycle), a stage or the report,
+    and engine.job imports no kind's module. Imports inside functions count."""
+    kinds = sorted((REPO / "engine" / "kinds").glob("*.py"))
+    assert {path.stem for path in kinds} >= {"__init__", "registry", "sections", "replicate", "retouch", "restore", "evaluate"}
+    for path in kinds:
+        reached = {name for name in _imports(path) if name.startswith("engine.")}
+        assert not {name for name in reached if name in ("engine.job", "engine.runner", "engine.report") or name.startswith("engine.stages.")}, path.name
+        if path.stem in ("registry", "sections"):
+            assert not {name for name in reached if name.startswith("engine.kinds.") and name not in ("engine.kinds.registry", "engine.kinds.sections")}, path.name
+    loader = _imports(REPO / "engine" / "job.py")
+    assert "engine.kinds" in loader and not {name for name in loader if name.startswith("engine.kinds.") and name != "engine.kinds.sections"}

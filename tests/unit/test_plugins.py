@@ -47,7 +47,7 @@ def _module(folder: Path, name: str, body: str) -> str:
 
 KIND_NAMED = """\
     from dataclasses import dataclass, field
-    from engine.job import KindSpec
+    from engine.kinds.sections import KindSpec
     from engine.kinds import Kind
     from engine.schema import Str, rule
 

@@ -10,7 +10,7 @@ import ast
 import pytest
 
 from engine import layout
-from engine.job import CONTROL_GROUP, IDENTITY_METHODS
+from engine.kinds.sections import CONTROL_GROUP, IDENTITY_METHODS
 from engine.kinds import all_kinds
 from engine.report import SECTIONS, Section, add_sections
 from engine.report import replicate as replicate_report
