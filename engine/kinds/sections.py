@@ -25,7 +25,7 @@ SAFE_NAME_DOC = "use 1-64 characters from A-Z a-z 0-9 . _ - starting with a lett
 @dataclass(frozen=True)
 class SubjectSpec:
     name: str = field(default="", metadata=rule(Str(pattern=SAFE_NAME, pattern_doc=SAFE_NAME_DOC)))
-    photos: tuple[str, ...] = field(default=(), metadata=rule(ListOf(Str(min_len=1, max_len=255), 0, MAX_PHOTOS)))
+    photos: tuple[str, ...] = field(default=(), metadata=rule(ListOf(Str(min_len=1, max_len=255))))  # how many: the kind's max_photos (resolve_photos)
     # "auto": the largest face, refused when another face is nearly as large;
     # "largest": the largest face, whatever else is in the photo.
     face: str = field(default="auto", metadata=rule(Str(choices=("auto", "largest"))))
