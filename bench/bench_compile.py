@@ -1,9 +1,9 @@
 """models.compile (issue 19): what compiling the UNet costs and saves, job by job, and what the
 inductor cache on the models volume saves a restarted daemon.
 
-Three fresh processes in one run, each loading the pipeline through engine.models.load_pipeline
+Three fresh processes in one run, each loading the pipeline through engine.diffusion.models.load_pipeline
 (the daemon's code path) and rendering two "jobs" the way the verify stage does: the job's LoRA
-in (engine.diffusion.identity_lora), `--seeds` seeds with the LoRA on, the same seeds with it
+in (engine.diffusion.sampling.identity_lora), `--seeds` seeds with the LoRA on, the same seeds with it
 off (the control), the LoRA out; job 2 with a second LoRA of the same rank.
 
   eager        models.compile = false: the baseline
@@ -42,10 +42,12 @@ def child(args: argparse.Namespace) -> None:
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
-    from engine import Settings, compiling
-    from engine.diffusion import identity_lora, render
-    from engine.models import load_pipeline, resolve_model
-    from engine.training import TARGET_MODULES
+    from engine import Settings
+
+    from engine.diffusion import compiling
+    from engine.diffusion.sampling import identity_lora, render
+    from engine.diffusion.models import load_pipeline, resolve_model
+    from engine.diffusion.training import TARGET_MODULES
 
     torch.set_num_threads(args.threads)
     models = {"compile": args.child != "eager", "compile_cache": str(args.cache), "base": args.model}

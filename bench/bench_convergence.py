@@ -104,12 +104,11 @@ def final_probe_loss(engine, job_dir: Path) -> float:
     import numpy as np
     import torch
 
-    from engine.diffusion import identity_lora
+    from engine.diffusion.sampling import identity_lora
     from engine.images import read_rgb
     from engine.kinds.sections import PhaseSpec
     from engine import layout
-    from engine import training as train
-
+    from engine.diffusion import training as train
     pipe = engine.resources.pipeline()
     info = json.loads((job_dir / layout.PREPARE_INFO).read_text())
     images = torch.stack([torch.from_numpy(np.ascontiguousarray(read_rgb(job_dir / image["file"]))).permute(2, 0, 1).float() / 127.5 - 1.0

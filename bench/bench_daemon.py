@@ -253,12 +253,12 @@ def bench(args: argparse.Namespace, root: Path) -> None:
     import engine.runner as runner_module
     from daemon.claim import claim_folder, discard, renew
     from daemon.service import DaemonSettings, Service
-    from engine.audit import AuditLog
+    from engine.provenance.audit import AuditLog
     from engine.config import Settings
     from engine.example import EXAMPLE_JOB
     from engine.images import png_bytes
     from engine.ledger import Ledger
-    from engine.models import demo_model_dir, make_demo_model
+    from engine.diffusion.models import demo_model_dir, make_demo_model
     from engine.jobfolder import new_job_id
     from engine.runner import Engine
 

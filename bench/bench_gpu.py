@@ -6,12 +6,12 @@ render it/s and peak VRAM, with bf16, SDPA, channels_last and torch.compile each
 
 Architectures: the UNet, VAE and text encoders of SD-1.5 (CLIP ViT-L/14 text encoder) and
 SDXL (CLIP ViT-L + OpenCLIP bigG) built from their published configs (written out below: no
-hub), random weights from a fixed seed, a tokenizer made offline (engine.models.offline_clip_tokenizer).
+hub), random weights from a fixed seed, a tokenizer made offline (engine.diffusion.models.offline_clip_tokenizer).
 Random weights cost exactly what trained ones do: the arithmetic and the memory traffic are
 the same; only the pictures are noise.
 
 Per model and per setting, with a fresh UNet each time:
-  train   the engine's own training step (engine.training._training_step: cached VAE
+  train   the engine's own training step (engine.diffusion.training._training_step: cached VAE
           latent distribution and text embedding, noise, UNet forward under autocast, MSE,
           backward) plus AdamW on a LoRA (r=8 on to_k/to_q/to_v/to_out.0, fp32 LoRA weights
           even on a bf16 UNet, as train_lora does), batch 1, at 768 (SD-1.5) / 1024 (SDXL).
@@ -163,7 +163,7 @@ class Components:
         from diffusers import AutoencoderKL, DDIMScheduler, EulerDiscreteScheduler
         from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-        from engine.models import offline_clip_tokenizer
+        from engine.diffusion.models import offline_clip_tokenizer
 
         self.spec, self.device = spec, device
         self.tokenizer, vocab = offline_clip_tokenizer()
@@ -212,11 +212,11 @@ class Components:
 
 def prepare_unet(components: Components, setting: Setting) -> tuple[torch.nn.Module, list[torch.nn.Parameter]]:
     """A fresh UNet with the setting's dtype, attention and memory format, and a LoRA the way
-    engine.training.train_lora adds it (fp32 LoRA weights)."""
+    engine.diffusion.training.train_lora adds it (fp32 LoRA weights)."""
     from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
     from peft import LoraConfig
 
-    from engine.training import TARGET_MODULES
+    from engine.diffusion.training import TARGET_MODULES
 
     unet = components.unet()
     unet.to(torch.bfloat16 if setting.bf16 else torch.float32)
@@ -258,7 +258,7 @@ def measure_train(components: Components, unet: torch.nn.Module, model: torch.nn
     from diffusers import DDPMScheduler
 
     from engine.kinds.sections import PhaseSpec
-    from engine.training import _encode_latents, _encode_text, _training_step
+    from engine.diffusion.training import _encode_latents, _encode_text, _training_step
 
     device = components.device
     dtype = torch.bfloat16 if setting.bf16 else torch.float32

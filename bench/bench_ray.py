@@ -117,7 +117,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="bench-ray-") as tmp:
         work = Path(tmp)
         models = work / "models"
-        from engine.models import demo_model_dir, make_demo_model
+        from engine.diffusion.models import demo_model_dir, make_demo_model
 
         make_demo_model(demo_model_dir(models))
         cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "num_gpus": 0, "include_dashboard": False})

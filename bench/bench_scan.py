@@ -98,7 +98,7 @@ def main() -> None:
     counts = sorted(set(args.folders) | {0})
     with tempfile.TemporaryDirectory(prefix="bench-scan-") as temporary:
         models = Path(temporary) / "models"
-        subprocess.run([sys.executable, "-c", "import sys; from pathlib import Path; from engine.models import demo_model_dir, make_demo_model; "
+        subprocess.run([sys.executable, "-c", "import sys; from pathlib import Path; from engine.diffusion.models import demo_model_dir, make_demo_model; "
                         "make_demo_model(demo_model_dir(Path(sys.argv[1])))", str(models)], cwd=REPO, check=True,
                        env=dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1"))
         print(f"idle daemon CPU, settle {args.settle:g} s, measured over {args.seconds:g} s; cores {os.cpu_count()}, load {load_average()}")

@@ -2,9 +2,9 @@
 
     python bench/bench_seeds.py [--seeds 8] [--batch 4] [--steps 10] [--repeats 5] [--threads 1]
 
-What is measured, on the tiny demo model (engine.models.make_demo_model) at its native
+What is measured, on the tiny demo model (engine.diffusion.models.make_demo_model) at its native
 128 px, with the verify stage's prompt, negative prompt and guidance: the wall-clock and CPU
-seconds that `engine.diffusion.render` takes per seed when the seeds go in batches of
+seconds that `engine.diffusion.sampling.render` takes per seed when the seeds go in batches of
 `--batch` (as the verify stage renders them) and when each seed has a call of its own.
 Why: batching is the verify stage's speed claim; a batch shares the per-call overhead
 (prompt encoding, scheduler set-up, Python dispatch) and gives the kernels larger tensors.
@@ -72,7 +72,7 @@ def main() -> None:
 def demo_pipeline(root: Path) -> Any:
     """The tiny demo model, built into `root` and loaded the way the engine loads it."""
     from engine.config import Settings
-    from engine.models import load_pipeline, make_demo_model, resolve_model
+    from engine.diffusion.models import load_pipeline, make_demo_model, resolve_model
 
     settings = Settings.from_table({"paths": {"models": str(root / "models")}}, root=root)
     make_demo_model(root / "models" / "demo")
@@ -82,7 +82,7 @@ def demo_pipeline(root: Path) -> Any:
 def bench(args: argparse.Namespace, pipe: Any) -> None:
     """Render the seeds both ways on `pipe` and print the table."""
     from engine.config import Settings
-    from engine.diffusion import render
+    from engine.diffusion.sampling import render
     from engine.kinds.replicate import VerifySpec
     from engine.stages import verify
 

@@ -3,7 +3,7 @@ the journal line, as a share of the job's wall time.
 
     python bench/bench_signing.py [--job example|fast] [--rounds 2] [--threads 1]
 
-Method. One process, one `engine.Engine` with lab keys (`engine.trust.make_lab_keys` in a temp
+Method. One process, one `engine.Engine` with lab keys (`engine.provenance.trust.make_lab_keys` in a temp
 folder) and one without, the demo model and the embedded face models, the example subject
 (scikit-image's astronaut; `--job example` is `python -m engine example`'s job.toml, the job
 `scripts/demo` runs). Each round runs the job once signed and once unsigned, alternating which
@@ -49,13 +49,13 @@ def main() -> int:
 
     import structlog
 
-    import engine.credentials as credentials_module
-    import engine.signer as signer_module
+    import engine.provenance.credentials as credentials_module
+    import engine.provenance.signer as signer_module
     from engine.config import ModelSettings, Settings
     from engine.example import EXAMPLE_JOB, write_example_subject
-    from engine.models import demo_model_dir, make_demo_model
+    from engine.diffusion.models import demo_model_dir, make_demo_model
     from engine.runner import Engine
-    from engine.trust import make_lab_keys
+    from engine.provenance.trust import make_lab_keys
 
     structlog.configure(logger_factory=structlog.PrintLoggerFactory(open("/dev/null", "w")))
     root = Path(tempfile.mkdtemp(prefix="bench-signing-"))

@@ -3,11 +3,11 @@
     python bench/bench_train.py [--steps 30] [--repeats 4] [--warmup 3] [--batch-size 1] [--threads 1]
                                 [--baseline-attention both|classic|sdpa]
 
-What is measured, on the tiny demo model (engine.models.make_demo_model), 128-px crops of
-scikit-image's astronaut, one UNet LoRA (r=4 on engine.training.TARGET_MODULES), AdamW:
+What is measured, on the tiny demo model (engine.diffusion.models.make_demo_model), 128-px crops of
+scikit-image's astronaut, one UNet LoRA (r=4 on engine.diffusion.training.TARGET_MODULES), AdamW:
 
-  ours      engine.training._training_step on the VAE latent distribution and the text
-            embedding computed once (engine.training._encode_latents / _encode_text,
+  ours      engine.diffusion.training._training_step on the VAE latent distribution and the text
+            embedding computed once (engine.diffusion.training._encode_latents / _encode_text,
             outside the timed loop), then backward, optimizer step, zero_grad. This is the
             inner loop of `train_lora`, minus its bookkeeping (convergence, checkpoints).
   baseline  a plain loop in the style of diffusers' examples/dreambooth/train_dreambooth_lora.py:
@@ -20,7 +20,7 @@ scikit-image's astronaut, one UNet LoRA (r=4 on engine.training.TARGET_MODULES),
     baseline-classic  diffusers' classic `AttnProcessor` (explicit baddbmm + softmax + bmm),
             the "default attention" the issue asks the baseline to use;
     baseline-sdpa     `AttnProcessor2_0` (torch's scaled_dot_product_attention), which the
-            engine sets on its UNet (engine.models.load_pipeline) and diffusers picks on torch 2:
+            engine sets on its UNet (engine.diffusion.models.load_pipeline) and diffusers picks on torch 2:
             the pure re-encoding comparison, same attention as ours.
             With both (the default) one run separates the two effects: sdpa / ours is what
             encoding once saves, classic / sdpa what SDPA saves, classic / ours both together.
@@ -99,7 +99,7 @@ def main() -> None:
 def demo_pipeline(root: Path) -> Any:
     """The tiny demo model, built into `root` and loaded the way the engine loads it."""
     from engine.config import Settings
-    from engine.models import load_pipeline, make_demo_model, resolve_model
+    from engine.diffusion.models import load_pipeline, make_demo_model, resolve_model
 
     settings = Settings.from_table({"paths": {"models": str(root / "models")}}, root=root)
     make_demo_model(root / "models" / "demo")
@@ -113,8 +113,7 @@ def bench(args: argparse.Namespace, pipe: Any) -> None:
     from peft import LoraConfig
 
     from engine.kinds.sections import PhaseSpec, TrainSpec
-    from engine import training as train
-
+    from engine.diffusion import training as train
     images = astronaut_crops(RESOLUTION)
     prompt = train.caption(TrainSpec())
     unet, vae, text_encoder, tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer

@@ -78,7 +78,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from engine.audit import AUDIT_FILE, GENESIS, LEDGER_FILE, MANIFEST_FILE, line_hash  # noqa: E402  (light: no torch)
+from engine.provenance.audit import AUDIT_FILE, GENESIS, LEDGER_FILE, MANIFEST_FILE, line_hash  # noqa: E402  (light: no torch)
 from engine.fsutil import sha256_file  # noqa: E402
 from engine.jobfolder import SIGNATURE_FILE, WORK_DIR  # noqa: E402
 from engine.jobfolder import work_dir as job_work_dir  # noqa: E402

@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 
 
-from engine.verification import verify_audit
+from engine.provenance.verification import verify_audit
 from engine.cli import Folders, configure_json_logging, configured_folders, find_config, global_options, read_settings, run_command
 from engine.config import Settings
 from engine.errors import ConfigError, Problem, unstated_problems
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "models" and args.models_command == "check":
         return _models_check(args)
     if args.command == "models" and args.models_command == "convert-faceid":
-        from engine.faceid import WEIGHTS, check_folder, convert_bin
+        from engine.identity.faceid import WEIGHTS, check_folder, convert_bin
 
         try:
             folder = convert_bin(args.bin, args.folder)
@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"FaceID adapter staged as {folder / WEIGHTS}")
         return 0
     if args.command == "models":
-        from engine.models import make_demo_model
+        from engine.diffusion.models import make_demo_model
 
         folder = make_demo_model(args.folder)
         print(f"demo model (random weights: renders are noise) written to {folder}")
@@ -221,7 +221,7 @@ def _models_check(args: argparse.Namespace) -> int:
 
 def _trust_anchors(args: argparse.Namespace) -> tuple[object | None, bytes | None]:
     """The reviewer's public key and lab CA: the flags, else the files of [trust] keys in --config."""
-    from engine.trust import AUDIT_PUBLIC_KEY, CA_CERT, load_public_key
+    from engine.provenance.trust import AUDIT_PUBLIC_KEY, CA_CERT, load_public_key
 
     keys_dir = None
     config = find_config(args.config)
@@ -265,7 +265,7 @@ def _verify(job_out: Path, trusted_key: object | None, trusted_ca: bytes | None,
 
 def _verify_journal(outbox: Path, failed: Path | None, trusted_key: object | None, trusted_ca: bytes | None, require_signed: bool,
                     allow_unsigned: bool) -> int:
-    from engine.verification import verify_journal
+    from engine.provenance.verification import verify_journal
 
     report = verify_journal(outbox, failed, trusted=trusted_key, trusted_ca=trusted_ca, allow_unsigned=allow_unsigned)
     if require_signed and report.signed not in ("trusted", "signed"):
@@ -286,7 +286,7 @@ def _verify_journal(outbox: Path, failed: Path | None, trusted_key: object | Non
 
 
 def _keys_init(out: Path, lab: str) -> int:
-    from engine.trust import CA_KEY, make_lab_keys
+    from engine.provenance.trust import CA_KEY, make_lab_keys
 
     try:
         files = make_lab_keys(out, lab)

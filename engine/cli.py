@@ -82,7 +82,7 @@ def configure_json_logging(level: str, stream: IO[str], *, extra: Callable[[Any,
         # Not cached: a module-level logger first used under this configuration would keep its
         # stream for good, and a process that configures logging again (a test, a program that
         # embeds the engine) would write to a closed stream ("I/O operation on closed file",
-        # seen when engine.faces began to log at load). The cost is one config look-up per line.
+        # seen when engine.identity.faces began to log at load). The cost is one config look-up per line.
         cache_logger_on_first_use=False,
     )
 

@@ -91,7 +91,7 @@ class ModelSettings:
     inpaint   the inpainting model of retouch and restore jobs: an inpainting diffusers folder or
               checkpoint (a 9-channel UNet, e.g. stable-diffusion-inpainting; `inpaint_config` as
               `base_config`), or "base": the base model's own weights as an inpainting pipeline.
-    faceid    an IP-Adapter-FaceID folder holding faceid.safetensors (engine.faceid; the published
+    faceid    an IP-Adapter-FaceID folder holding faceid.safetensors (engine.identity.faceid; the published
               .bin converted once with `python -m engine models convert-faceid`), for [identity] method and evaluate
               groups of method "faceid" / "lora+faceid"; "" when none is staged (demo: a tiny
               random adapter).
@@ -112,7 +112,7 @@ class ModelSettings:
     # setting free of multi-second stalls on small shared VMs (FINDINGS), and a resumed
     # training run is bit-exact only with the thread count it started with.
     cpu_threads: int = field(default=1, metadata=rule(Int(0, 256)))
-    # torch.compile the diffusion UNets for rendering (engine.compiling): the first renders of a
+    # torch.compile the diffusion UNets for rendering (engine.diffusion.compiling): the first renders of a
     # process compile each state of the UNet (minutes on a GPU, once), later jobs reuse the graphs.
     # Training stays eager. The cache is under <models>/ unless absolute (a restarted daemon reuses it).
     compile: bool = field(default=False, metadata=rule(Bool()))
@@ -121,7 +121,7 @@ class ModelSettings:
 
 @dataclass(frozen=True)
 class TrustSettings:
-    """The lab's keys (engine.trust): `keys` is the folder `python -m engine keys init` made (a
+    """The lab's keys (engine.provenance.trust): `keys` is the folder `python -m engine keys init` made (a
     path relative to config.toml, or absolute; in the container a read-only mount). With no keys,
     jobs run unsigned and every record says so; `require = true` refuses to start without them.
     A reviewer's side needs only the public files: the audit key's `.pub.pem` and the lab CA."""

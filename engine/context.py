@@ -12,7 +12,7 @@ from typing import Any
 import structlog
 import threading
 
-from engine.audit import AuditLog, Observer
+from engine.provenance.audit import AuditLog, Observer
 from engine.config import Settings
 from engine.errors import JobInterrupted, OwnershipLost  # noqa: F401 - JobInterrupted is re-exported for the stages
 from engine.jobfolder import Fence, NoFence
@@ -64,9 +64,9 @@ class StageContext:
 
     def model_side(self, resolution: int) -> int:
         """The side, in pixels, a model works at when the job asks for `resolution`: the demo
-        model's own 128 px (engine.models.DEMO_RESOLUTION), whatever the job asks, else
+        model's own 128 px (engine.diffusion.models.DEMO_RESOLUTION), whatever the job asks, else
         `resolution`. The one place the demo overrides a job's resolution."""
-        from engine.models import DEMO_RESOLUTION
+        from engine.diffusion.models import DEMO_RESOLUTION
 
         return DEMO_RESOLUTION if self.demo else resolution
 
@@ -82,7 +82,7 @@ class StageContext:
     def write_recorded(self, event: str, files: dict[str, bytes], **fields: Any) -> dict[str, str]:
         """Write files the running stage may read back when an interrupted run resumes (its
         scratch: checkpoints, finished batches), each atomically, then record their sha256 in
-        one audit line `event` (one of engine.audit.RECORDING_EVENTS) with `fields`. Returns
+        one audit line `event` (one of engine.provenance.audit.RECORDING_EVENTS) with `fields`. Returns
         the hashes. Only what is recorded so is ever read back (`read_recorded`)."""
         from engine.fsutil import atomic_write_bytes, sha256_bytes
 
@@ -96,11 +96,11 @@ class StageContext:
         return digests
 
     def _trusted_chain(self) -> list[dict[str, Any]]:
-        """The audit chain's lines a resume may trust (engine.verification.trusted_records: with
+        """The audit chain's lines a resume may trust (engine.provenance.verification.trusted_records: with
         lab keys, what the signer witnessed)."""
-        from engine.audit import read_chain
+        from engine.provenance.audit import read_chain
         from engine.layout import WITNESS_FILE
-        from engine.verification import trusted_records
+        from engine.provenance.verification import trusted_records
 
         key = self.resources.lab_public_key() if self.resources is not None else None
         return trusted_records(read_chain(self.audit.path).records, self.job_dir / WITNESS_FILE, self.job_id, key)[0]
@@ -111,7 +111,7 @@ class StageContext:
         regular file). A file that is there but not as recorded is audited
         `resume_artifact_mismatch` (file, expected sha256 or None, found, `fields`) and deleted.
         Hashed and returned from one read: what is parsed is what was checked."""
-        from engine.audit import recorded_files
+        from engine.provenance.audit import recorded_files
         from engine.fsutil import remove_tree, sha256_bytes
 
         path = self.path(relative)

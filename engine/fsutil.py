@@ -40,7 +40,7 @@ _PARTIAL_WRITE = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")
 # modes (0644 files and 0755 folders under the usual 022): reviewers on the share read the
 # evidence, not only the user the daemon runs as. A lab that wants 027 sets [daemon] umask
 # (or the umask of the process that runs `engine run`). Private keys are created 0600 whatever
-# the umask (engine.trust).
+# the umask (engine.provenance.trust).
 
 def _read_umask() -> int:
     mask = os.umask(0o022)

@@ -94,7 +94,7 @@ def inventory(settings: Settings, *, demo: bool = False, until: str | None = Non
     entries = _face_entries(settings) if "faces" in roles else []
     if "background" in roles:
         entries.append(_background_entry(settings))
-    from engine.models import INPAINT_FROM_BASE
+    from engine.diffusion.models import INPAINT_FROM_BASE
 
     inpainting = "inpaint" in roles
     inpaint_from_base = settings.models.inpaint.strip() == INPAINT_FROM_BASE and not demo
@@ -117,8 +117,7 @@ def inventory(settings: Settings, *, demo: bool = False, until: str | None = Non
 
 
 def _faceid_entry(settings: Settings, demo: bool) -> ModelEntry:
-    from engine import faceid
-
+    from engine.identity import faceid
     name = settings.models.faceid.strip()
     if demo or not name:
         note = "demo: a tiny random adapter, built on demand" if demo else "not set: a job with an evaluate group of method faceid / lora+faceid stops naming it"
@@ -143,7 +142,7 @@ def require_models(settings: Settings, *, demo: bool = False, until: str | None 
 
 
 def _face_entries(settings: Settings) -> list[ModelEntry]:
-    from engine.faces import locate_face_models, staged_pack_dir
+    from engine.identity.faces import locate_face_models, staged_pack_dir
 
     s = settings.faces
     pack_dir = staged_pack_dir(settings.models_dir, s.pack)
@@ -163,7 +162,7 @@ def _face_entries(settings: Settings) -> list[ModelEntry]:
 
 
 def _background_entry(settings: Settings) -> ModelEntry:
-    from engine.background import staged_model_path
+    from engine.identity.background import staged_model_path
 
     path = staged_model_path(settings.models_dir, settings.background.model)
     refuse = settings.background.when_missing == "refuse" and settings.job_defaults.get("prepare", {}).get("remove_background", True)
@@ -175,7 +174,7 @@ def _background_entry(settings: Settings) -> ModelEntry:
 
 
 def _diffusion_entry(settings: Settings, role: str, demo: bool, *, required: bool, optional_note: str = "") -> ModelEntry:
-    from engine.models import model_files, resolve_model
+    from engine.diffusion.models import model_files, resolve_model
 
     models = settings.models
     name, config = {"base": (models.base, models.base_config), "realism": (models.realism, models.realism_config),
@@ -192,8 +191,7 @@ def _diffusion_entry(settings: Settings, role: str, demo: bool, *, required: boo
 
 
 def _identity2_entry() -> ModelEntry:
-    from engine import identity2
-
+    from engine.identity import second as identity2
     files, why = identity2.locate()
     if files is None:
         return ModelEntry("identity2", "", None, staged=False, required=False, problem=why,
@@ -203,7 +201,7 @@ def _identity2_entry() -> ModelEntry:
 
 
 def _landmark_entry() -> ModelEntry:
-    from engine.landmarks import model_files
+    from engine.identity.landmarks import model_files
 
     try:
         dense, check = model_files()

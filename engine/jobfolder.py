@@ -8,7 +8,7 @@ are called, how a finished or failed job is found, and the one code that publish
                                        manifest.json and signature.json (its signed head)
     <failed>/<subject>/<job-id>/       refused or failed: inputs/ (the dropped folder as it was),
                                        error.json, audit.jsonl, signature.json
-    <outbox>/.journal/journal.jsonl    one signed line per published or failed job (engine.trust)
+    <outbox>/.journal/journal.jsonl    one signed line per published or failed job (engine.provenance.trust)
 
 The daemon (which knows nothing of diffusion) imports this module and the `engine` package's
 public names, nothing else of the engine: the names, the look-ups, the publishing order and the

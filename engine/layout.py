@@ -13,15 +13,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-# the job's records (engine.runner, engine.audit, engine.ledger, engine.trust, engine.jobfolder)
+# the job's records (engine.runner, engine.provenance.audit, engine.ledger, engine.provenance.trust, engine.jobfolder)
 INPUTS_DIR = "inputs"  # the dropped folder, copied and verified before anything reads it
 ERROR_FILE = "error.json"
 AUDIT_FILE = "audit.jsonl"
 MANIFEST_FILE = "manifest.json"
 LEDGER_FILE = "state.json"
-SIGNATURE_FILE = "signature.json"  # the signed head of a published or failed job (engine.trust)
-WITNESS_FILE = "audit.witness"  # the signer's signatures over the audit chain's head as it grew (engine.audit.AuditLog.witness)
-DAMAGED_AUDIT_PREFIX = AUDIT_FILE + ".damaged-"  # an audit chain broken before its end, set aside (engine.audit.set_aside_damaged): evidence, kept
+SIGNATURE_FILE = "signature.json"  # the signed head of a published or failed job (engine.provenance.trust)
+WITNESS_FILE = "audit.witness"  # the signer's signatures over the audit chain's head as it grew (engine.provenance.audit.AuditLog.witness)
+DAMAGED_AUDIT_PREFIX = AUDIT_FILE + ".damaged-"  # an audit chain broken before its end, set aside (engine.provenance.audit.set_aside_damaged): evidence, kept
 # the report (engine.report): the page, its charts, display copies of the input photos
 REPORT_FILE = "report.html"
 REPORT_DIR = "report"
@@ -49,7 +49,7 @@ TRAIN_DIR = "train"
 TRAIN_INFO = "train/train.json"
 LOSS_FILE = "train/loss.csv"
 CHECKPOINTS_DIR = "checkpoints"
-# The job's LoRA run's checkpoint generations: <prefix>-<step:06d>.safetensors + .json (engine.training).
+# The job's LoRA run's checkpoint generations: <prefix>-<step:06d>.safetensors + .json (engine.diffusion.training).
 # (Older engines wrote pickles, checkpoints/train.pt and group_<name>.pt: never read.)
 CHECKPOINT_PREFIX = "checkpoints/train"
 # verify

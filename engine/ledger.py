@@ -105,7 +105,7 @@ class Ledger:
 
     @classmethod
     def from_audit(cls, path: Path, job_id: str, source: str, records: list[dict[str, Any]]) -> "Ledger":
-        """The ledger that the audit lines `records` (engine.audit.read_chain, checked) say, line
+        """The ledger that the audit lines `records` (engine.provenance.audit.read_chain, checked) say, line
         by line as the runner wrote them: the job's inputs, subject and kind as its last
         job_started / job_resumed line recorded them; each stage as stage_started (drops it and
         every later stage, records it running), stage_finished (complete, with its artifacts
@@ -222,7 +222,7 @@ class Ledger:
                 return data
         except (OSError, ValueError):
             pass
-        from engine.audit import read_chain
+        from engine.provenance.audit import read_chain
         from engine.layout import AUDIT_FILE
 
         try:

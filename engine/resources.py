@@ -14,17 +14,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from engine.background import BackgroundRemover, staged_model_path
+from engine.identity.background import BackgroundRemover, staged_model_path
 from engine.config import Settings
 from engine.errors import ConfigError
-from engine.faces import FaceModels, load_face_models
+from engine.identity.faces import FaceModels, load_face_models
 from engine.hashcache import sha256_of
 
-# faces: SCRFD + ArcFace (engine.faces); background: the staged rembg model (None when not
-# staged); base / realism: diffusion pipelines (engine.models); identity2: dlib's descriptor
-# (engine.identity2; None when not installed); landmarks: 2d106det + dlib's 68 points (engine.landmarks);
+# faces: SCRFD + ArcFace (engine.identity.faces); background: the staged rembg model (None when not
+# staged); base / realism: diffusion pipelines (engine.diffusion.models); identity2: dlib's descriptor
+# (engine.identity.second; None when not installed); landmarks: 2d106det + dlib's 68 points (engine.identity.landmarks);
 # inpaint: an inpainting pipeline (models.inpaint; "base": the base pipeline's components);
-# faceid: the IP-Adapter-FaceID folder (engine.faceid; loaded into the base pipeline per block).
+# faceid: the IP-Adapter-FaceID folder (engine.identity.faceid; loaded into the base pipeline per block).
 MODEL_ROLES = ("faces", "background", "base", "realism", "inpaint", "identity2", "landmarks", "faceid")
 
 
@@ -76,18 +76,17 @@ class Resources:
         if role == "inpaint" and self.inpaint_from_base():
             return self.hashes("base")  # the same files
         if role in ("base", "realism", "inpaint"):
-            from engine.models import model_files_hashes
+            from engine.diffusion.models import model_files_hashes
 
             return {f"{role}/{name}": digest for name, digest in model_files_hashes(self.model_ref(role)).items()}
         if role == "identity2":
-            from engine import identity2
-
+            from engine.identity import second as identity2
             files, _ = identity2.locate()
             return identity2.model_hashes(files) if files is not None else {}
         if role == "landmarks":
             return self.landmarks().hashes()
         if role == "faceid":
-            from engine.faceid import WEIGHTS
+            from engine.identity.faceid import WEIGHTS
 
             return {f"faceid/{WEIGHTS}": sha256_of(self.faceid_folder() / WEIGHTS, self.settings.models_dir)}
         raise ValueError(f"unknown model role {role!r}; roles are {', '.join(MODEL_ROLES)}")
@@ -124,7 +123,7 @@ class Resources:
         """Where the `base` or `realism` model is (ConfigError naming what to stage where).
 
         With demo on, both are the tiny generated model: it is never used otherwise."""
-        from engine.models import resolve_model
+        from engine.diffusion.models import resolve_model
 
         models = self.settings.models
         name, config = {"base": (models.base, models.base_config), "realism": (models.realism, models.realism_config),
@@ -134,7 +133,7 @@ class Resources:
     def inpaint_from_base(self) -> bool:
         """models.inpaint = "base": the base pipeline's components as an inpainting pipeline
         (`from_pipe`; the demo model has a 9-channel twin of its own instead)."""
-        from engine.models import INPAINT_FROM_BASE
+        from engine.diffusion.models import INPAINT_FROM_BASE
 
         return not self.demo and self.settings.models.inpaint.strip() == INPAINT_FROM_BASE
 
@@ -151,7 +150,7 @@ class Resources:
                 inpainting.set_progress_bar_config(disable=True)
                 self._pipelines[role] = inpainting
             else:
-                from engine.models import load_pipeline
+                from engine.diffusion.models import load_pipeline
 
                 self._pipelines[role] = load_pipeline(self.model_ref(role), self.settings)
         return self._pipelines[role]
@@ -170,11 +169,10 @@ class Resources:
         return image2image
 
     def identity2(self) -> Any:
-        """The second identity model (engine.identity2.SecondIdentityModel), loaded on first use;
+        """The second identity model (engine.identity.second.SecondIdentityModel), loaded on first use;
         None when dlib or its model files are not installed."""
         if self._identity2 is None:
-            from engine import identity2
-
+            from engine.identity import second as identity2
             files, _ = identity2.locate()
             self._identity2 = identity2.SecondIdentityModel(files) if files is not None else False
         return self._identity2 or None
@@ -182,8 +180,7 @@ class Resources:
     def faceid_folder(self) -> Path:
         """The FaceID adapter's folder (checked; demo: the tiny random adapter, built on demand),
         or ConfigError("model_missing") naming models.faceid."""
-        from engine import faceid
-
+        from engine.identity import faceid
         if self.demo:
             return faceid.make_demo_faceid(Path(self.settings.models_dir) / faceid.DEMO_FACEID_NAME, self.pipeline("base"))
         name = self.settings.models.faceid.strip()
@@ -195,10 +192,10 @@ class Resources:
         return folder
 
     def landmarks(self) -> Any:
-        """The landmark models (engine.landmarks.LandmarkModels), loaded on first use."""
+        """The landmark models (engine.identity.landmarks.LandmarkModels), loaded on first use."""
         if self._landmarks is None:
-            from engine.faces import select_providers
-            from engine.landmarks import LandmarkModels
+            from engine.identity.faces import select_providers
+            from engine.identity.landmarks import LandmarkModels
 
             self._landmarks = LandmarkModels(select_providers(self.settings.faces.providers), self.settings.faces.threads)
         return self._landmarks
@@ -206,12 +203,12 @@ class Resources:
     # ------------------------------------------------------------------ keys (through the signer)
 
     def sealer(self) -> Any:
-        """Who seals this engine's jobs (engine.signer): with [trust] keys, a signer process this
+        """Who seals this engine's jobs (engine.provenance.signer): with [trust] keys, a signer process this
         engine starts (the keys are read there, never in this process, which decodes photos and
         loads models); without, the same rules in this process, unsigned. ConfigError naming what
         is missing where; `[trust] require` refuses to go unsigned."""
         if self._sealer is None:
-            from engine.signer import Sealer, start_signer
+            from engine.provenance.signer import Sealer, start_signer
 
             folder = self.settings.keys_dir
             if folder is None:
@@ -225,8 +222,8 @@ class Resources:
 
     def lab_public_key(self) -> Any:
         """The lab's audit key, its public half (from the signer's facts), or None without keys:
-        what a resume checks the signer's witnesses with (engine.verification.trusted_records)."""
-        from engine.trust import public_key_from_b64
+        what a resume checks the signer's witnesses with (engine.provenance.verification.trusted_records)."""
+        from engine.provenance.trust import public_key_from_b64
 
         return public_key_from_b64(self.sealer().facts().get("public_key"))
 
@@ -235,14 +232,14 @@ class Resources:
         return dict(self.sealer().facts()["trust"])
 
     def credentials(self) -> Any:
-        """The C2PA signer of generated images (engine.credentials), or None without keys."""
+        """The C2PA signer of generated images (engine.provenance.credentials), or None without keys."""
         if self._credentials is None:
             sealer = self.sealer()
             chain = sealer.facts().get("signer_chain_pem")
             if chain is None:
                 self._credentials = False
             else:
-                from engine.credentials import ContentCredentials
+                from engine.provenance.credentials import ContentCredentials
 
                 self._credentials = ContentCredentials(chain.encode("ascii"), sealer.content_signature)
         return self._credentials or None

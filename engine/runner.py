@@ -30,8 +30,8 @@ from typing import Any
 
 import structlog
 
-from engine import compiling
-from engine.audit import AuditLog, Observer, jsonable, read_chain, set_aside_damaged, write_manifest
+from engine.diffusion import compiling
+from engine.provenance.audit import AuditLog, Observer, jsonable, read_chain, set_aside_damaged, write_manifest
 from engine.config import Settings
 from engine.context import StageContext
 from engine.errors import ConfigError, JobError, JobInterrupted, OwnershipLost
@@ -52,9 +52,9 @@ from engine.resources import Resources
 from engine.schema import to_plain
 from engine.kinds import Kind, all_stage_names, kind_named
 from engine.stages import stage_module
-from engine.signer import SealRefused
-from engine.trust import build_statement
-from engine.verification import trusted_records
+from engine.provenance.signer import SealRefused
+from engine.provenance.trust import build_statement
+from engine.provenance.verification import trusted_records
 from engine.version import engine_version
 
 VERSIONED_PACKAGES = ("torch", "diffusers", "transformers", "peft", "insightface", "onnxruntime", "rembg", "numpy", "pillow", "opencv-python-headless", "scipy")
@@ -107,9 +107,9 @@ class Engine:
         ConfigError("model_missing") names them all); the realism model is checked when a job
         asks for two_pass; lab keys named by [trust] keys must be there. Logs `engine_ready`:
         device, dtype, the face pack in use and the onnxruntime providers its sessions got (and
-        engine.faces a `face_pack_fallback` warning when the pack asked for is not staged)."""
+        engine.identity.faces a `face_pack_fallback` warning when the pack asked for is not staged)."""
         from engine.inventory import require_models
-        from engine.models import select_device_dtype
+        from engine.diffusion.models import select_device_dtype
 
         require_models(self.settings, demo=self.demo, until=self.until)
         self.resources.sealer()  # with [trust] keys: the signer process starts now, before this process decodes anything
@@ -134,7 +134,7 @@ class Engine:
         thread: OpenMP keeps it per thread, and a thread torch has not seen yet (the daemon runs
         each job in a new worker thread) starts with every core. A checkpoint resumes
         bit-exactly only under the thread count it was written with (FINDINGS)."""
-        from engine.models import select_device_dtype
+        from engine.diffusion.models import select_device_dtype
 
         device, _ = select_device_dtype(self.settings)
         if device.type == "cpu" and self.settings.models.cpu_threads:
@@ -434,7 +434,7 @@ class Engine:
                     remove_tree(ctx.path(owned))
                 ledger.start(stage.NAME, fingerprint)
                 # continues: this run goes on with the interrupted one (its scratch kept); what that
-                # one recorded of its scratch is trusted too (engine.audit.stage_run_records).
+                # one recorded of its scratch is trusted too (engine.provenance.audit.stage_run_records).
                 ctx.audit.event("stage_started", stage=stage.NAME, fingerprint=fingerprint, continues=interrupted)
                 started = dt.datetime.now(dt.timezone.utc)
                 ctx.models_used, ctx.models_declared = {}, roles
@@ -449,7 +449,7 @@ class Engine:
                 # The audit line before the ledger's commit: a kill between the two re-does the
                 # stage (its lines then appear twice); the other order lost the line for good,
                 # as the next run skips a stage the ledger holds complete.
-                # With models.compile: the graphs this stage compiled, and inductor cache hits/misses (engine.compiling).
+                # With models.compile: the graphs this stage compiled, and inductor cache hits/misses (engine.diffusion.compiling).
                 compiled = {"compiled": compiling.since(compiled_before)} if compiling.enabled(self.settings) else {}
                 ctx.audit.event("stage_finished", stage=stage.NAME, seconds=round(seconds, 3), artifacts=artifacts, models=dict(ctx.models_used), **compiled)
                 ledger.complete(stage.NAME, artifacts, ctx.models_used)
@@ -671,7 +671,7 @@ def sealed_in_place(folder: Path, *, where: str, job_id: str, outbox: Path) -> s
     line a kill prevented, makes nothing published; the job goes on, and its own seal replaces it."""
     import json
 
-    from engine.trust import journal_path, read_journal, statement_sha256
+    from engine.provenance.trust import journal_path, read_journal, statement_sha256
 
     try:
         statement = json.loads((Path(folder) / SIGNATURE_FILE).read_text("utf-8")).get("statement") or {}
@@ -702,7 +702,7 @@ def _mark_finished(folder: Path, job_id: str) -> None:
     if ledger_path.is_file():
         ledger, _why = Ledger.read(ledger_path)
         if ledger is None:  # torn (a kill inside its write) or rewritten: what the job's sealed audit chain says
-            from engine.audit import read_chain
+            from engine.provenance.audit import read_chain
 
             ledger = Ledger.from_audit(ledger_path, job_id, "", read_chain(folder / AUDIT_FILE).records)
         if ledger.outcome != LedgerOutcome.FINISHED:

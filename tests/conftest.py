@@ -91,7 +91,7 @@ def engine(settings):
 
 @pytest.fixture(scope="session")
 def face_models():
-    from engine.faces import load_face_models
+    from engine.identity.faces import load_face_models
 
     return load_face_models(Path("/nonexistent-models"), "buffalo_l")
 
@@ -101,8 +101,8 @@ def shared_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One models folder for every test that runs daemon subprocesses (e2e, fuzz, faults): the tiny
     demo model is built into it once here, instead of by the first daemon of every test (~30 s each)."""
     models = tmp_path_factory.mktemp("models")
-    if importlib.util.find_spec("engine.models") is not None:
-        build = "import sys; from pathlib import Path; from engine.models import demo_model_dir, make_demo_model; make_demo_model(demo_model_dir(Path(sys.argv[1])))"
+    if importlib.util.find_spec("engine.diffusion.models") is not None:
+        build = "import sys; from pathlib import Path; from engine.diffusion.models import demo_model_dir, make_demo_model; make_demo_model(demo_model_dir(Path(sys.argv[1])))"
         subprocess.run([sys.executable, "-c", build, str(models)], cwd=REPO, check=True, capture_output=True, timeout=600,
                        env=dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1"))
     return models

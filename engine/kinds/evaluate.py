@@ -3,9 +3,9 @@
 prepare -> embed -> train (the job's LoRA as a replicate job trains it, with the phase snapshots
 its groups name, and one LoRA per photo-subset group) -> mine (anchored face mining from the
 job's LoRA, with [mine] enabled = true; else nothing) -> evaluate (every cell rendered at fixed
-seeds, scored by ArcFace drift and the second model, faces not found counted; engine.evalstats).
+seeds, scored by ArcFace drift and the second model, faces not found counted; engine.measure.evalstats).
 This module owns its sections ([train] as replicate's, [evaluate] with [[evaluate.group]], and
-[mine]: engine.mining.MineRule), their checks, the LoRAs it trains and the work each stage plans.
+[mine]: engine.measure.mining.MineRule), their checks, the LoRAs it trains and the work each stage plans.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from engine.kinds.sections import (
     inside_folder,
     train_checks,
 )
-from engine.mining import MineRule
+from engine.measure.mining import MineRule
 from engine.schema import Bool, Float, Int, ListOf, Str, Table, Tables, rule
 
 

@@ -20,7 +20,7 @@ from engine.schema import Float, Int, ListOf, Str, Table, rule
 @dataclass(frozen=True)
 class RestoreSpec:
     """A restoration: the damage mask's file, optional undamaged references of the same person,
-    K seeds, and where it stops (engine.coverage's limits: shares 0-1, crossed when above)."""
+    K seeds, and where it stops (engine.identity.coverage's limits: shares 0-1, crossed when above)."""
 
     # The damage: `mask`, a PNG in the job folder (white = damaged, the photo's size); or `painted`,
     # a copy of the photo (PNG) with the damage painted over in the colour `key` (within key_tolerance).

@@ -2,10 +2,10 @@
 measured, not claimed.
 
 prepare -> embed (the face found and its reference embedding, as for every kind) -> retouch:
-landmark masks (engine.regions), strengths x seeds per region set, each variant pasted into the
-original at its native resolution and measured (engine.measures). This module owns its section
-([retouch], `RetouchSpec`: the region names are engine.regions', the acceptance limits
-engine.measures.AcceptLimits), its checks and the work its sweep plans.
+landmark masks (engine.identity.regions), strengths x seeds per region set, each variant pasted into the
+original at its native resolution and measured (engine.measure.texture). This module owns its section
+([retouch], `RetouchSpec`: the region names are engine.identity.regions', the acceptance limits
+engine.measure.texture.AcceptLimits), its checks and the work its sweep plans.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from pathlib import Path
 from engine.errors import Problem
 from engine.kinds.registry import Kind
 from engine.kinds.sections import KindSpec
-from engine.measures import AcceptLimits
-from engine.regions import REGIONS
+from engine.measure.texture import AcceptLimits
+from engine.identity.regions import REGIONS
 from engine.schema import Bool, Float, Int, ListOf, MapOf, Str, Table, key_text, rule
 
 
@@ -32,8 +32,8 @@ class RetouchCaps:
     chin: float = field(default=0.32, metadata=rule(Float(0.0, 1.0, low_open=True)))
 
 
-if tuple(f.name for f in dataclasses.fields(RetouchCaps)) != REGIONS:  # a cap per region of engine.regions, in its order
-    raise TypeError(f"RetouchCaps names {[f.name for f in dataclasses.fields(RetouchCaps)]}, not engine.regions.REGIONS {list(REGIONS)}")
+if tuple(f.name for f in dataclasses.fields(RetouchCaps)) != REGIONS:  # a cap per region of engine.identity.regions, in its order
+    raise TypeError(f"RetouchCaps names {[f.name for f in dataclasses.fields(RetouchCaps)]}, not engine.identity.regions.REGIONS {list(REGIONS)}")
 
 
 @dataclass(frozen=True)

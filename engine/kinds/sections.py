@@ -76,7 +76,7 @@ class TrainSpec:
     # is then seen at the end of its block (the step it fired at is recorded). Blocks also end at a
     # checkpoint, a phase's max_steps and the total cap.
     sync_every: int = field(default=1, metadata=rule(Int(1, 1000)))
-    # Convergence (engine/convergence.py). improvement_bound: the loss on a fixed probe set of
+    # Convergence (engine/measure/convergence.py). improvement_bound: the loss on a fixed probe set of
     # `probe_size` (latent, noise, timestep) tuples, evaluated every `probe_every` steps; a phase has
     # converged when the upper `convergence_confidence` bound of its improvement over the next
     # `convergence_horizon` steps, from the slope of the probe losses of the last `plateau_window`

@@ -101,7 +101,7 @@ def drift_chart_png(facts: JobFacts) -> bytes:
 
 
 def _draw_second_model(axis, facts: JobFacts) -> None:
-    from engine.identity2 import STRICT_TOLERANCE, TOLERANCE
+    from engine.identity.second import STRICT_TOLERANCE, TOLERANCE
 
     rows = facts.rows
     measured = [(i, r) for i, r in enumerate(rows) if r.get("identity2_distance") is not None]

@@ -17,7 +17,7 @@ import numpy as np
 from engine import layout
 from engine.context import StageContext
 from engine.errors import JobError
-from engine.faces import drift, normalise
+from engine.identity.faces import drift, normalise
 from engine.fsutil import atomic_write_bytes, atomic_write_json
 from engine.images import read_rgb
 from engine.schema import to_plain

@@ -7,7 +7,7 @@ beside it), face found. The control group renders with no LoRA loaded at all (th
 exactly; a LoRA at weight 0 gives the same bytes). Each group's LoRA comes from the train stage
 (the job's LoRA, its snapshot at a phase's exit, a photo-subset group's own LoRA) or from the job
 folder (a .safetensors file, checked against the sha256 job.toml gives). Cells without a face are
-counted, never scored (engine.evalstats).
+counted, never scored (engine.measure.evalstats).
 
 Outputs (engine.layout): evaluate/cells/<group>/*.png (PNG text; C2PA with lab keys),
 evaluate/sheets/<group>.png (prompt rows x seed columns), evaluate/evaluate.json and .csv (one row
@@ -31,11 +31,15 @@ from typing import Any
 import cv2
 import numpy as np
 
-from engine import evalstats, faceid, layout
+from engine import layout
+
+from engine.measure import evalstats
+
+from engine.identity import faceid
 from engine.context import StageContext
-from engine.diffusion import drift_label, identity_lora, png_text, render
+from engine.diffusion.sampling import drift_label, identity_lora, png_text, render
 from engine.errors import JobError
-from engine.faces import score_face
+from engine.identity.faces import score_face
 from engine.faults import pause_point
 from engine.fsutil import atomic_write_bytes, atomic_write_json, atomic_write_text, sha256_file
 from engine.images import png_bytes, read_rgb
@@ -95,8 +99,7 @@ def run(ctx: StageContext) -> None:
     second = ctx.use("identity2")  # None without dlib: the distances are then null, and evaluate.json says why
     second_reference = None
     if second is not None:
-        from engine import identity2
-
+        from engine.identity import second as identity2
         second_reference = identity2.reference_descriptor(ctx.job_dir, second, faces)
     if any(column.faceid_scale is not None for column in columns):
         index = next(column.index for column in columns if column.faceid_scale is not None)
@@ -203,8 +206,7 @@ class Grid:
         drift, face, _ = score_face(self.faces, rgb, self.reference)
         second = None
         if face is not None and self.second is not None and self.second_reference is not None:
-            from engine import identity2
-
+            from engine.identity import second as identity2
             second = round(identity2.distance(self.second_reference, self.second.describe(rgb, face.box)), 6)
         locked = None if drift is None else drift <= self.spec.threshold
         file = f"{layout.EVALUATE_CELLS_DIR}/{column.name}/p{index}_seed{seed}_drift_{drift_label(drift)}.png"

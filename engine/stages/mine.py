@@ -3,7 +3,7 @@ trained LoRA.
 
 Candidates are rendered from the LoRA (the mine prompt, seeds base_seed, base_seed + 1, ...) in
 growing batches (`batch`, x `growth` each time, at most `max_batch`); each is detected and
-embedded, and engine.mining judges it against the growing group and against the real subject's
+embedded, and engine.measure.mining judges it against the growing group and against the real subject's
 reference embedding (the anchor: a group that cannot wander off to another face). Mining stops
 at `target` members or after `budget` candidates. Without `enabled` the stage does nothing and
 writes nothing.
@@ -27,12 +27,12 @@ import numpy as np
 
 from engine import layout
 from engine.context import StageContext
-from engine.diffusion import identity_lora, png_text, render
-from engine.faces import score_face
+from engine.diffusion.sampling import identity_lora, png_text, render
+from engine.identity.faces import score_face
 from engine.faults import pause_point
 from engine.fsutil import atomic_write_json, sha256_file
 from engine.kinds.evaluate import mine_prompt
-from engine.mining import ACCEPTED, Miner, cosine_drift
+from engine.measure.mining import ACCEPTED, Miner, cosine_drift
 from engine.schema import to_plain
 
 NAME = "mine"
@@ -71,7 +71,7 @@ def run(ctx: StageContext) -> None:
         return
     pipe, faces = ctx.use("base"), ctx.use("faces")
     reference = layout.reference_embedding(ctx.job_dir)
-    miner = Miner(spec, anchor=reference)  # the job's [mine] is engine.mining's rule
+    miner = Miner(spec, anchor=reference)  # the job's [mine] is engine.measure.mining's rule
     prompt = mine_prompt(ctx.job.spec)
     ctx.path(layout.MINE_PROGRESS_DIR).mkdir(parents=True, exist_ok=True)
     rows: dict[int, dict[str, Any]] = {}

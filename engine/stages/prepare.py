@@ -20,7 +20,7 @@ import numpy as np
 from engine.context import StageContext
 from engine import layout
 from engine.errors import JobError
-from engine.faces import Face
+from engine.identity.faces import Face
 from engine.faults import pause_point
 from engine.fsutil import atomic_write_bytes, atomic_write_json, sha256_file
 from engine.images import load_photo, png_bytes

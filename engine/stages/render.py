@@ -11,7 +11,7 @@ With [identity] method "faceid" the passes scale FaceID as they would the LoRA (
 the pass's LoRA weight) and no LoRA is loaded; "lora+faceid" does both.
 Every pass is embedded and scored against the reference. drift_report.json/.csv list every
 render of the job (verify candidates included) with seed, prompt, pass, drift, lock state, and
-beside each drift the distance by a second identity model (engine.identity2, report only).
+beside each drift the distance by a second identity model (engine.identity.second, report only).
 """
 
 from __future__ import annotations
@@ -23,12 +23,14 @@ from typing import Any
 
 import numpy as np
 
-from engine import identity2, layout
+from engine import layout
+
+from engine.identity import second as identity2
 from engine.context import StageContext
-from engine.diffusion import drift_label, png_text, render
-from engine.faces import score
+from engine.diffusion.sampling import drift_label, png_text, render
+from engine.identity.faces import score
 from engine.fsutil import atomic_write_json, atomic_write_text, sha256_file
-from engine.faceid import IdentityAdapters, check_job_face_pack, identity_adapters
+from engine.identity.faceid import IdentityAdapters, check_job_face_pack, identity_adapters
 from engine.kinds.replicate import IdentitySpec, RenderSpec, verify_prompt
 from engine.schema import to_plain
 

@@ -1,10 +1,10 @@
 """Stage restore (kind `restore`): a damaged portrait inpainted inside its damage mask, stopped
 where restoring turns into inventing a face, and scored by identity.
 
-1. The photo and its mask ([restore] mask: white = damaged, engine.coverage.load_mask). The face
-   and its landmarks are found on a TELEA pre-filled copy (engine.coverage.prefill; never an
+1. The photo and its mask ([restore] mask: white = damaged, engine.identity.coverage.load_mask). The face
+   and its landmarks are found on a TELEA pre-filled copy (engine.identity.coverage.prefill; never an
    output: the audit says the landmarks came from it).
-2. Coverage (engine.coverage): the masked share of the face and of its features. Above a refuse
+2. Coverage (engine.identity.coverage): the masked share of the face and of its features. Above a refuse
    limit the job fails with `restore_mask_too_large` and the coverages in error.json, or, with
    on_refuse = "classical", delivers the TELEA fill alone, labelled non-generative. Above a flag
    limit it goes on, flagged.
@@ -32,10 +32,10 @@ import numpy as np
 
 from engine import layout
 from engine.context import StageContext
-from engine.coverage import CoverageLimits, coverage, keyed_mask, load_mask, prefill
-from engine.diffusion import inpaint_in_photo, png_text, square_around
+from engine.identity.coverage import CoverageLimits, coverage, keyed_mask, load_mask, prefill
+from engine.diffusion.sampling import inpaint_in_photo, png_text, square_around
 from engine.errors import JobError
-from engine.faces import drift, normalise
+from engine.identity.faces import drift, normalise
 from engine.fsutil import atomic_write_bytes, atomic_write_json, atomic_write_text
 from engine.images import load_photo, png_bytes
 from engine.schema import to_plain
@@ -109,8 +109,7 @@ def run(ctx: StageContext) -> None:
         moved = drift(reference, embedding) if reference is not None else None
         distance = None
         if second_reference is not None:
-            from engine import identity2
-
+            from engine.identity import second as identity2
             distance = round(identity2.distance(second_reference, second.describe(variant, face.box)), 6)
         row = {"seed": seed, "drift_to_references": None if moved is None else round(moved, 6), "identity2_distance": distance,
                "farther_than_damaged": None if moved is None else bool(moved > baseline + spec.drift_margin),
@@ -142,7 +141,7 @@ def _reference(ctx: StageContext, faces: Any) -> np.ndarray:
 
 
 def _second_reference(ctx: StageContext, faces: Any, model: Any) -> np.ndarray | None:
-    """The references' mean dlib descriptor (engine.identity2), on each one's largest SCRFD face."""
+    """The references' mean dlib descriptor (engine.identity.second), on each one's largest SCRFD face."""
     descriptors = []
     for name in ctx.job.spec.restore.references:
         rgb = load_photo(ctx.job.folder / name, name, ctx.settings.input.max_pixels, ctx.settings.background.fill_rgb).rgb

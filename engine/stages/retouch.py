@@ -2,7 +2,7 @@
 pasted into the original photo at its native resolution and measured.
 
 1. The subject's face (prepare's choice) on the original photo; its 106 landmarks, cross-checked
-   (engine.landmarks); the region masks (engine.regions), or a PNG from the job folder per region
+   (engine.identity.landmarks); the region masks (engine.identity.regions), or a PNG from the job folder per region
    ([retouch.masks]; white = edit, same size as the photo; protected features still cut out).
 2. Region sets: each applicable region alone, and (`combine`) all of them together. For each set,
    strength and seed: the face's square neighbourhood is inpainted at the model's size, the result
@@ -11,7 +11,7 @@ pasted into the original photo at its native resolution and measured.
    of the single-region variants, no model call); `sequential`: one region after the other, each
    from the last one's result. Pixels outside the alphas are the original's bytes, and each
    variant records how many are not (0).
-3. Each variant is measured against the original (engine.measures: ArcFace drift with the
+3. Each variant is measured against the original (engine.measure.texture: ArcFace drift with the
    original's own keypoints, texture kept, ΔE2000, landmark shift; and, reported only, the
    second identity model's distance) and accepted or rejected ([retouch.accept]) with its reasons.
 
@@ -35,14 +35,14 @@ import numpy as np
 
 from engine import layout
 from engine.context import StageContext
-from engine.diffusion import drift_label, inpaint_in_photo, png_text, square_around
+from engine.diffusion.sampling import drift_label, inpaint_in_photo, png_text, square_around
 from engine.errors import JobError
-from engine.faces import Face, drift
+from engine.identity.faces import Face, drift
 from engine.faults import pause_point
 from engine.fsutil import atomic_write_bytes, atomic_write_json, atomic_write_text, sha256_file
 from engine.images import load_photo, png_bytes, read_rgb
-from engine.measures import composite, landmark_shift, measure_edit
-from engine.regions import RegionMask, feathered, protected_features, region_masks
+from engine.measure.texture import composite, landmark_shift, measure_edit
+from engine.identity.regions import RegionMask, feathered, protected_features, region_masks
 from engine.schema import to_plain
 
 NAME = "retouch"
@@ -108,9 +108,9 @@ class Sweep:
                  second_reference: np.ndarray | None = None) -> None:
         self.ctx, self.pipe, self.original, self.face, self.marks, self.masks = ctx, pipe, original, face, marks, masks
         self.reference, self.crop, self.size = reference, crop, size
-        self.second, self.second_reference = second, second_reference  # engine.identity2, on the same face box
+        self.second, self.second_reference = second, second_reference  # engine.identity.second, on the same face box
         self.spec = ctx.job.spec.retouch
-        self.limits = self.spec.accept  # [retouch.accept] is engine.measures.AcceptLimits
+        self.limits = self.spec.accept  # [retouch.accept] is engine.measure.texture.AcceptLimits
         self.images: dict[tuple[tuple[str, ...], float, int], np.ndarray] = {}  # variants made or read back, for combinations
         self.resumed = 0
         self.count = 0
@@ -167,8 +167,7 @@ class Sweep:
         accepted, reasons = self.limits.judge(measures)
         second = None
         if self.second is not None and self.second_reference is not None:
-            from engine import identity2
-
+            from engine.identity import second as identity2
             second = round(identity2.distance(self.second_reference, self.second.describe(rgb, self.face.box)), 6)
         set_name = "+".join(region_set)
         file = f"{layout.RETOUCH_VARIANTS_DIR}/{set_name}_s{strength:.3f}_seed{seed}_drift_{drift_label(round(moved, 6))}.png"
@@ -280,10 +279,9 @@ def _write_grids(ctx: StageContext, sets: list[tuple[str, ...]], rows: list[dict
 
 
 def _second_model_note() -> dict[str, Any]:
-    """What identity2_distance is (engine.identity2: dlib's descriptor on the same face box as
+    """What identity2_distance is (engine.identity.second: dlib's descriptor on the same face box as
     ArcFace, reported only: acceptance is judged on ArcFace drift and the guards)."""
-    from engine import identity2
-
+    from engine.identity import second as identity2
     files, reason = identity2.locate()
     note = {"model": identity2.MODEL_NAME, "distance": "Euclidean distance of 128-D descriptors to the original's; <= "
             f"{identity2.TOLERANCE} same person, <= {identity2.STRICT_TOLERANCE} strictly", "used_for_acceptance": False}

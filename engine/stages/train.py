@@ -1,4 +1,4 @@
-"""Stage 3, train: the job's LoRAs, each trained by engine.training.train_lora.
+"""Stage 3, train: the job's LoRAs, each trained by engine.diffusion.training.train_lora.
 
 What a job trains is its kind's (engine.kinds.Kind.lora_runs): a replicate job one LoRA on
 every prepared image (lora/, with the kohya-format copy); an evaluate grid also keeps the LoRA
@@ -24,7 +24,7 @@ from engine.images import read_rgb
 from engine.kinds import kind_named
 from engine.kinds.sections import LoraRun, TrainSpec
 from engine.schema import to_plain
-from engine.training import TARGET_MODULES, LoraTarget, TrainingResult, caption, train_lora
+from engine.diffusion.training import TARGET_MODULES, LoraTarget, TrainingResult, caption, train_lora
 
 NAME = "train"
 VERSION = 5  # 2: train.json no longer records the step a resume started from; 3: lora/ also holds the kohya-format file
@@ -69,15 +69,15 @@ def run(ctx: StageContext) -> None:
 
 
 def kohya_file(ctx: StageContext) -> str:
-    """lora/<subject>_<job-id>.safetensors: the same LoRA in kohya's format (engine.kohya)."""
-    from engine.kohya import kohya_file_name
+    """lora/<subject>_<job-id>.safetensors: the same LoRA in kohya's format (engine.diffusion.kohya)."""
+    from engine.diffusion.kohya import kohya_file_name
 
     return f"{layout.LORA_DIR}/{kohya_file_name(ctx.job.subject, ctx.job_id)}"
 
 
 def kohya_export(ctx: StageContext, pipe: Any, spec: TrainSpec, alpha: float, steps: int, images: int) -> tuple[str, dict[str, str]]:
-    """The kohya file's name in lora/ and its metadata (engine.kohya.kohya_metadata)."""
-    from engine.kohya import kohya_metadata
+    """The kohya file's name in lora/ and its metadata (engine.diffusion.kohya.kohya_metadata)."""
+    from engine.diffusion.kohya import kohya_metadata
     from engine.version import engine_version
 
     name = Path(kohya_file(ctx)).name

@@ -16,9 +16,9 @@ from typing import Any
 
 from engine import layout
 from engine.context import StageContext
-from engine.diffusion import drift_label, png_text, render
-from engine.faceid import DRIFT_NOTE, check_job_face_pack, identity_adapters
-from engine.faces import score
+from engine.diffusion.sampling import drift_label, png_text, render
+from engine.identity.faceid import DRIFT_NOTE, check_job_face_pack, identity_adapters
+from engine.identity.faces import score
 from engine.fsutil import atomic_write_json, sha256_file
 from engine.kinds.replicate import IdentitySpec, verify_prompt
 from engine.kinds.sections import CONTROL_GROUP

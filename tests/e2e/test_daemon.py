@@ -16,7 +16,7 @@ from daemon.claim import find_claims
 from engine.fsutil import sha256_bytes
 from engine.kinds.replicate import REPLICATE
 from engine.stages import stage_module
-from engine.verification import verify_audit
+from engine.provenance.verification import verify_audit
 from tests.harness.jobs import folder_snapshot
 from tests.harness.lab import FAST_JOB, Lab, audit_events, drop_job, parse_ts, photo_bytes
 

@@ -13,7 +13,7 @@ import pytest
 @pytest.fixture(scope="session")
 def fuzz_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A models folder with the tiny demo diffusion model (faces: the embedded buffalo_s)."""
-    from engine.models import demo_model_dir, make_demo_model
+    from engine.diffusion.models import demo_model_dir, make_demo_model
 
     models = tmp_path_factory.mktemp("fuzz-models")
     make_demo_model(demo_model_dir(models))

@@ -15,7 +15,7 @@ import pytest
 from daemon.claim import find_claims
 from engine.fsutil import sha256_bytes
 from engine.jobfolder import INPUTS_DIR
-from engine.verification import verify_audit
+from engine.provenance.verification import verify_audit
 from tests.harness.lab import FAST_JOB, Lab, photo_bytes
 from tests.harness.strategies import tree_snapshot
 

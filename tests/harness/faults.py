@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from daemon.claim import find_claims
-from engine.verification import verify_audit
+from engine.provenance.verification import verify_audit
 from engine.fsutil import walk_tree
 from engine.jobfolder import AUDIT_FILE, ERROR_FILE, INPUTS_DIR, LEDGER_FILE, WORK_DIR
 from tests.harness.lab import Lab

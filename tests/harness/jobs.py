@@ -9,9 +9,9 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.audit import AuditLog, write_manifest
+from engine.provenance.audit import AuditLog, write_manifest
 from engine.fsutil import atomic_write_json, tree_listing
-from engine.trust import UNSIGNED_FACTS, build_statement, signed_document
+from engine.provenance.trust import UNSIGNED_FACTS, build_statement, signed_document
 
 # A job that runs the whole chain on the tiny demo model in a few seconds.
 FAST_JOB = """\

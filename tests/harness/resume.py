@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.audit import AUDIT_FILE, MANIFEST_FILE
+from engine.provenance.audit import AUDIT_FILE, MANIFEST_FILE
 from engine.fsutil import hash_tree
 from tests.harness.jobs import FAST_JOB, make_job
 from tests.harness.paths import REPO

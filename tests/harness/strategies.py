@@ -17,14 +17,14 @@ from typing import Any
 
 from hypothesis import strategies as st
 
-from engine.audit import AUDIT_FILE
+from engine.provenance.audit import AUDIT_FILE
 from engine.errors import JobError, Problem
 from engine.fsutil import canonical_json
 from engine.job import JOB_FILE, LoadedJob, load_job
 from engine.kinds.replicate import JobSpec
 from engine.kinds.sections import SAFE_NAME
 from engine.schema import Table, Tables, to_plain
-from engine.verification import verify_audit
+from engine.provenance.verification import verify_audit
 from tests.harness.jobs import FAST_JOB
 
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")

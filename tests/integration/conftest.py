@@ -26,7 +26,7 @@ def clean_two_photo_run(tmp_path_factory, astronaut_rgb) -> Path:
 @pytest.fixture(scope="module")
 def lab_keys(tmp_path_factory) -> Path:
     """A lab's keys ("Test Lab": its content signer is "Test Lab content signer"), one set per module."""
-    from engine.trust import make_lab_keys
+    from engine.provenance.trust import make_lab_keys
 
     folder = tmp_path_factory.mktemp("lab") / "keys"
     make_lab_keys(folder, "Test Lab")

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from engine.coverage import CoverageLimits, coverage, face_region, feature_masks, load_mask, prefill
+from engine.identity.coverage import CoverageLimits, coverage, face_region, feature_masks, load_mask, prefill
 from engine.errors import JobError
-from engine.landmarks import LandmarkModels
+from engine.identity.landmarks import LandmarkModels
 from tests.harness.jobs import write_png
 
 

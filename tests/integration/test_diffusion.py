@@ -21,7 +21,7 @@ import torch
 
 from engine.jobfolder import WORK_DIR
 from engine.runner import Engine
-from engine.verification import verify_audit
+from engine.provenance.verification import verify_audit
 from tests.harness.jobs import make_job
 from tests.harness.paths import REPO
 
@@ -171,7 +171,7 @@ def test_alpha_changes_the_unet_output(demo_run):
     """The same LoRA weights at alpha 8 and alpha 1 give different UNet outputs: alpha is real."""
     from peft import LoraConfig
 
-    from engine.training import ADAPTER, TARGET_MODULES, lora_scalings, set_lora_alpha
+    from engine.diffusion.training import ADAPTER, TARGET_MODULES, lora_scalings, set_lora_alpha
 
     _, _, engine, _ = demo_run
     unet = engine.resources.pipeline().unet
@@ -224,7 +224,7 @@ def test_saved_lora_loads_with_load_lora_weights_and_matches_training(demo_run, 
 
 
 def test_batched_seeds_equal_single_seeds_and_lora_differs_from_control(demo_run):
-    from engine.diffusion import identity_lora, render
+    from engine.diffusion.sampling import identity_lora, render
 
     result, _, engine, _ = demo_run
     pipe = engine.resources.pipeline()
@@ -250,7 +250,7 @@ def test_batched_seeds_equal_single_seeds_and_lora_differs_from_control(demo_run
     # one (a job interrupted during its control renders made the next job train a LoRA with no effect).
     from peft import LoraConfig
 
-    from engine.training import ADAPTER, TARGET_MODULES
+    from engine.diffusion.training import ADAPTER, TARGET_MODULES
 
     sample = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(1))
     text = torch.randn(1, 77, pipe.unet.config.cross_attention_dim, generator=torch.Generator().manual_seed(2))

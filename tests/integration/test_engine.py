@@ -17,7 +17,7 @@ from engine.fsutil import sha256_file, tree_listing
 from engine.jobfolder import INPUTS_DIR, work_dir
 from engine.kinds.replicate import REPLICATE
 from engine.runner import Engine, run_job
-from engine.verification import verify_audit
+from engine.provenance.verification import verify_audit
 from tests.harness.jobs import FAST_JOB, folder_snapshot, make_job
 
 STAGE_NAMES = REPLICATE.stages  # a replicate job's stages, in order
@@ -75,7 +75,7 @@ def test_finished_job_is_published_with_manifest_and_audit(tmp_path, engine, ast
     assert [e["event"] for e in events if e["event"] == "background_removal_skipped"]  # recorded, never silent
     # The kohya-format LoRA beside the diffusers one: in the manifest, named in the report, and
     # its metadata leads back to this job's audit log (the train stage's fingerprint).
-    from engine.kohya import read_kohya_metadata
+    from engine.diffusion.kohya import read_kohya_metadata
 
     kohya = f"lora/alice_{result.job_id}.safetensors"
     assert kohya in manifest["outputs"]

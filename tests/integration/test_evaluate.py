@@ -24,9 +24,9 @@ import pytest
 from engine.errors import JobError
 from engine.images import read_rgb
 from engine.job import load_job
-from engine.mining import MineRule
+from engine.measure.mining import MineRule
 from engine.jobfolder import work_dir
-from engine.verification import verify_audit
+from engine.provenance.verification import verify_audit
 from tests.harness.jobs import FAST_TRAIN, make_job
 from tests.harness.paths import REPO
 
@@ -122,8 +122,8 @@ def test_a_demo_evaluate_job_runs_end_to_end_with_one_csv_row_per_cell(finished)
 
 def test_the_charts_render_with_faces_found_and_without_any(finished):
     """The same charts from a grid with faces in some cells (drifts set by hand), and from one with none."""
-    from engine import evalstats, report
-
+    from engine import report
+    from engine.measure import evalstats
     _, out, _, _ = finished
     facts = report.JobFacts.read(out)
     rng = np.random.default_rng(0)
@@ -139,7 +139,7 @@ def test_the_charts_render_with_faces_found_and_without_any(finished):
 
 
 def test_control_cells_equal_the_lora_at_weight_zero_bit_for_bit(finished):
-    from engine.diffusion import identity_lora, render
+    from engine.diffusion.sampling import identity_lora, render
 
     _, out, _, engine = finished
     info = _info(out)
@@ -359,8 +359,9 @@ def test_faceid_groups_are_conditioned_on_the_reference_and_both_adapters_act_to
     """The FaceID cells are the adapter on the subject's reference embedding (re-rendered here in
     the grid's batches, bit for bit); at scale 0 it is the control; the lora+faceid cells differ
     from the LoRA alone and from FaceID alone; the records name the embedding and the adapter."""
-    from engine import faceid, layout
-    from engine.diffusion import identity_lora, render
+    from engine import layout
+    from engine.identity import faceid
+    from engine.diffusion.sampling import identity_lora, render
 
     _, out, _, engine = finished
     info = _info(out)

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from engine import faceid
-from engine.diffusion import render
+from engine.identity import faceid
+from engine.diffusion.sampling import render
 from engine.errors import ConfigError
 from tests.harness.paths import REPO
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from engine.errors import ConfigError
-from engine.faces import EMBEDDED_PACK, drift, embed_faces, locate_face_models
+from engine.identity.faces import EMBEDDED_PACK, drift, embed_faces, locate_face_models
 
 
 def _rotate(rgb: np.ndarray, degrees: float) -> np.ndarray:

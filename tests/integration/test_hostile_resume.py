@@ -18,11 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from engine.audit import AUDIT_FILE, AuditLog, read_chain
+from engine.provenance.audit import AUDIT_FILE, AuditLog, read_chain
 from engine.fsutil import sha256_bytes, sha256_file
 from engine.jobfolder import work_dir
 from engine.status import outbox_status
-from engine.verification import verify_audit
+from engine.provenance.verification import verify_audit
 from tests.harness.lab import audit_events
 from tests.harness.resume import JOB_ID, engine_cli, kill_at, make_two_photo_job, output_hashes, stable_manifest
 
@@ -276,7 +276,7 @@ def test_optimizer_and_random_states_round_trip_exactly_through_safetensors_and_
     from safetensors.torch import load, save
 
     from engine.kinds.sections import PhaseSpec
-    from engine.training import _join_tensors, _optimizer, _restore_rng, _rng_state, _split_tensors
+    from engine.diffusion.training import _join_tensors, _optimizer, _restore_rng, _rng_state, _split_tensors
 
     parameters = [torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(5))]
     optimizer = _optimizer(PhaseSpec(name="P", optimizer=optimizer_name), parameters)
@@ -321,7 +321,7 @@ def test_optimizer_and_random_states_round_trip_exactly_through_safetensors_and_
 def killed_signed_mid_training(job, tmp_path_factory, clean_run) -> Path:
     """The same job killed mid-training in a lab with keys (the signer witnessed its chain as it
     grew): (its outbox, the lab's config.toml)."""
-    from engine.trust import make_lab_keys
+    from engine.provenance.trust import make_lab_keys
 
     source, config = job
     root = tmp_path_factory.mktemp("signed-kill")
@@ -335,7 +335,7 @@ def killed_signed_mid_training(job, tmp_path_factory, clean_run) -> Path:
 def _forge_newest_checkpoint(work: Path) -> None:
     """What a share-writer who holds no key does to poison a resume: change the newest checkpoint's
     LoRA, record its new sha256 in the chain's line for it, and re-hash the chain from there on."""
-    from engine.audit import line_hash
+    from engine.provenance.audit import line_hash
     from engine.fsutil import canonical_json
 
     tensors, sidecar = (work / "checkpoints" / f"train-{NEWEST:06d}.{suffix}" for suffix in ("safetensors", "json"))

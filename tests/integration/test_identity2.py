@@ -23,9 +23,9 @@ import cv2
 import numpy as np
 import pytest
 
-from engine import identity2
-from engine.faces import score
-from engine.faces import drift
+from engine.identity import second as identity2
+from engine.identity.faces import score
+from engine.identity.faces import drift
 from engine.fsutil import atomic_write_json
 from tests.harness.jobs import write_png
 

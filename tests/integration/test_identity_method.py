@@ -15,11 +15,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from engine import faceid, layout
+from engine import layout
+
+from engine.identity import faceid
 from engine.errors import JobError
 from engine.images import read_rgb
 from engine.kinds.replicate import IdentitySpec, JobSpec, RenderSpec, replicate_lora_runs
-from engine.verification import verify_audit
+from engine.provenance.verification import verify_audit
 from tests.harness.jobs import FAST_JOB, make_job
 
 FACEID_JOB = FAST_JOB + '\n[identity]\nmethod = "faceid"\nfaceid_scale = 0.8\n'
@@ -93,7 +95,7 @@ def test_a_faceid_job_trains_nothing_and_scales_faceid_in_every_pass_like_the_lo
 
 
 def test_compare_puts_four_rows_on_the_same_seeds_and_each_group_stands_alone(jobs):
-    from engine.diffusion import render
+    from engine.diffusion.sampling import render
     from engine.stages.verify import GUIDANCE
 
     engine, out = jobs

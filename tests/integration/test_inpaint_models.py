@@ -14,7 +14,7 @@ import torch
 from engine.config import Settings
 from engine.errors import ConfigError
 from engine.fsutil import hash_tree
-from engine.models import DEMO_MARKER, make_demo_model
+from engine.diffusion.models import DEMO_MARKER, make_demo_model
 from engine.resources import Resources
 
 

@@ -20,7 +20,7 @@ from engine.jobfolder import work_dir
 from engine.kinds.sections import KindSpec
 from engine.kinds import Kind, kind_named, register_kind, unregister_kind
 from engine.status import format_status, outbox_status
-from engine.verification import verify_audit
+from engine.provenance.verification import verify_audit
 from tests.harness.jobs import FAST_JOB, make_job
 from tests.harness.paths import REPO
 

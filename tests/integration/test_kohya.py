@@ -1,4 +1,4 @@
-"""The kohya-format LoRA (engine.kohya) beside the diffusers one: the same LoRA for every
+"""The kohya-format LoRA (engine.diffusion.kohya) beside the diffusers one: the same LoRA for every
 mainstream SD tool. Checked on the tiny demo pipeline with a LoRA whose alpha differs from its
 rank (where a wrong alpha would show), loaded back through diffusers' own `load_lora_weights`."""
 
@@ -13,10 +13,10 @@ import torch
 from safetensors import safe_open
 
 from engine.resources import Resources
-from engine.diffusion import render
-from engine.kohya import base_model_digest, kohya_metadata, kohya_state_dict, read_kohya_metadata
+from engine.diffusion.sampling import render
+from engine.diffusion.kohya import base_model_digest, kohya_metadata, kohya_state_dict, read_kohya_metadata
 from engine.layout import LORA_FILE
-from engine.training import ADAPTER, TARGET_MODULES, save_lora
+from engine.diffusion.training import ADAPTER, TARGET_MODULES, save_lora
 
 RANK, ALPHA = 4, 2.0  # alpha != rank: the file's scaling must be alpha / rank, not 1
 NAME = "alice_20260101T000000Z-kohya1.safetensors"

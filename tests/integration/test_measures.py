@@ -8,10 +8,10 @@ import cv2
 import numpy as np
 import pytest
 
-from engine.faces import drift
-from engine.landmarks import LandmarkModels
-from engine.measures import AcceptLimits, composite, landmark_shift, measure_edit
-from engine.regions import feathered, region_masks
+from engine.identity.faces import drift
+from engine.identity.landmarks import LandmarkModels
+from engine.measure.texture import AcceptLimits, composite, landmark_shift, measure_edit
+from engine.identity.regions import feathered, region_masks
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""engine.models on the real tiny demo model: build, resolve, load, render, hash; refusals.
+"""engine.diffusion.models on the real tiny demo model: build, resolve, load, render, hash; refusals.
 
 Everything runs offline on a CPU in seconds. The single-file test writes the demo model as
 one original-layout (LDM) .safetensors checkpoint with `_to_single_file` below, the reverse
@@ -24,7 +24,7 @@ from engine.config import ModelSettings, Settings
 from engine.errors import ConfigError
 from engine.fsutil import hash_tree, sha256_file
 from engine.hashcache import HASH_CACHE_FILE
-from engine.models import (
+from engine.diffusion.models import (
     DEMO_MARKER,
     check_models,
     load_pipeline,

@@ -14,7 +14,7 @@ import pytest
 
 from engine.errors import ConfigError
 from engine.fsutil import set_umask, sha256_file
-from engine.models import make_demo_model
+from engine.diffusion.models import make_demo_model
 from engine.runner import Engine
 from tests.harness.jobs import FAST_JOB, make_job
 from tests.harness.paths import REPO
@@ -105,7 +105,7 @@ def umask_022():
 
 def test_every_file_of_a_finished_and_a_failed_job_is_readable_by_others_and_keys_stay_private(
         tmp_path: Path, settings, astronaut_rgb, no_face_rgb, umask_022):
-    from engine.trust import make_lab_keys
+    from engine.provenance.trust import make_lab_keys
 
     source = make_job(tmp_path / "alice", {"a.png": astronaut_rgb, "notes.txt": b"private note"}, FAST_JOB)
     os.chmod(source / "notes.txt", 0o600)  # dropped by someone whose umask is 077

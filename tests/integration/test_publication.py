@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import json
 
-from engine.trust import journal_path, read_journal
-from engine.verification import verify_audit
+from engine.provenance.trust import journal_path, read_journal
+from engine.provenance.verification import verify_audit
 from tests.harness.jobs import FAST_JOB, make_job
 
 

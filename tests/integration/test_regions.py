@@ -9,8 +9,8 @@ import cv2
 import numpy as np
 import pytest
 
-from engine.landmarks import LandmarkModels
-from engine.regions import REGIONS, feathered, region_masks
+from engine.identity.landmarks import LandmarkModels
+from engine.identity.regions import REGIONS, feathered, region_masks
 
 FRONTAL_T1 = (0, 1, 2, 3, 5)  # t1.jpg's faces left to right; face 4 is turned away
 

@@ -12,7 +12,7 @@ import json
 import numpy as np
 import pytest
 
-from engine.diffusion import IDENTITY_ADAPTER
+from engine.diffusion.sampling import IDENTITY_ADAPTER
 from engine.images import read_rgb
 from engine.runner import Engine
 from engine.stages import render as render_stage

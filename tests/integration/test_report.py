@@ -17,7 +17,7 @@ import pytest
 
 from engine.fsutil import sha256_file
 from engine.report import DRIFT_CHART, LOSS_CHART, REPORT_FILE, regenerate_report
-from engine.verification import verify_audit
+from engine.provenance.verification import verify_audit
 from tests.harness.jobs import FAST_JOB, make_job
 
 CHROMIUM = Path("/usr/bin/chromium")

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from engine.images import read_rgb
-from engine.verification import verify_audit
+from engine.provenance.verification import verify_audit
 from tests.harness.jobs import folder_snapshot, make_job, write_png
 
 JOB = """\
@@ -114,7 +114,7 @@ def test_the_damage_painted_in_a_key_colour_into_a_copy_is_the_mask(tmp_path, re
 
 
 def test_a_painted_copy_of_another_photo_is_refused_naming_it(tmp_path, astronaut_rgb):
-    from engine.coverage import keyed_mask
+    from engine.identity.coverage import keyed_mask
     from engine.errors import JobError
 
     other = np.ascontiguousarray(astronaut_rgb[::-1])

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine.audit import AUDIT_FILE
-from engine.verification import verify_audit
+from engine.provenance.audit import AUDIT_FILE
+from engine.provenance.verification import verify_audit
 from engine.fsutil import hash_tree
 from engine.jobfolder import WORK_DIR, work_dir
 from engine.kinds.replicate import REPLICATE
@@ -162,7 +162,7 @@ def test_sigkill_after_sealing_publishes_the_job_as_it_was_sealed(tmp_path, two_
     """A kill between the seal (signature.json and the journal line) and the publishing rename:
     the next run publishes exactly what was sealed, writing nothing more into it (a job id is
     sealed once: one more audit line would be a second head), and the journal keeps one line."""
-    from engine.trust import journal_path, read_journal
+    from engine.provenance.trust import journal_path, read_journal
 
     source, config = two_photo_job
     outbox = tmp_path / "outbox"
@@ -171,7 +171,7 @@ def test_sigkill_after_sealing_publishes_the_job_as_it_was_sealed(tmp_path, two_
     sealed_audit = (killed / AUDIT_FILE).read_bytes()
     (killed / ".signature.json.a1b2c3d4.tmp").write_bytes(b"half")  # a kill inside the signer's atomic write, say
     assert [line["job_id"] for line in read_journal(journal_path(outbox))] == [JOB_ID]
-    from engine.verification import verify_journal
+    from engine.provenance.verification import verify_journal
 
     assert any("sealed but not published yet" in p for p in verify_journal(outbox).problems)  # named as what it is
     (source / "notes.txt").write_text("written after the seal")  # too late: the job is what was sealed

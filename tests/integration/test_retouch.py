@@ -19,7 +19,7 @@ from engine.errors import JobError
 from engine.images import read_rgb
 from engine.job import load_job
 from engine.jobfolder import work_dir
-from engine.verification import verify_audit
+from engine.provenance.verification import verify_audit
 from tests.harness.jobs import make_job, write_png
 from tests.harness.paths import REPO
 

@@ -1,4 +1,4 @@
-"""The signer process (engine.signer): it holds the lab keys, nothing else does. It seals a job id
+"""The signer process (engine.provenance.signer): it holds the lab keys, nothing else does. It seals a job id
 once, signs images only for a job in progress, answers only its own uid, loads no parser of
 photos or models, and goes when its parent goes."""
 
@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from engine.audit import AuditLog, write_manifest
+from engine.provenance.audit import AuditLog, write_manifest
 from engine.fsutil import tree_listing
-from engine.signer import SealRefused, start_signer
-from engine.trust import (UNSIGNED_FACTS, LabKeys, journal_path, load_public_key, read_journal, AUDIT_PUBLIC_KEY)
-from engine.verification import verify_audit, verify_journal
+from engine.provenance.signer import SealRefused, start_signer
+from engine.provenance.trust import (UNSIGNED_FACTS, LabKeys, journal_path, load_public_key, read_journal, AUDIT_PUBLIC_KEY)
+from engine.provenance.verification import verify_audit, verify_journal
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +72,7 @@ def test_the_signer_seals_a_job_id_once_and_answers_the_same_head_again(signer, 
 
 
 def test_images_and_witnesses_are_signed_only_for_a_job_in_progress(signer, lab_keys, tmp_path):
-    from engine.verification import check_witness
+    from engine.provenance.verification import check_witness
 
     outbox = tmp_path / "outbox"
     folder = _finished_work_folder(outbox, "job-3")
@@ -150,7 +150,7 @@ def _secrets(keys: Path) -> dict[str, bytes]:
     """The private key material a memory dump would show: the raw keys and their PEM files' text."""
     from cryptography.hazmat.primitives import serialization
 
-    from engine.trust import AUDIT_KEY, SIGNER_KEY
+    from engine.provenance.trust import AUDIT_KEY, SIGNER_KEY
 
     audit = serialization.load_pem_private_key((keys / AUDIT_KEY).read_bytes(), None)
     content = serialization.load_pem_private_key((keys / SIGNER_KEY).read_bytes(), None)
@@ -208,7 +208,7 @@ def test_a_process_running_a_signed_job_holds_no_private_key(lab_keys, tmp_path,
             time.sleep(0.1)
         assert list((tmp_path / "outbox" / ".work").glob("*/verify/*.png")), "no image signed yet"
         children = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and _parent(int(p.name)) == process.pid]
-        [signer_pid] = [pid for pid in children if b"engine.signer" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+        [signer_pid] = [pid for pid in children if b"engine.provenance.signer" in Path(f"/proc/{pid}/cmdline").read_bytes()]
         secrets = _secrets(lab_keys)
         assert _found_in_memory(process.pid, secrets) == set()
         assert _found_in_memory(signer_pid, secrets), "the scan found no key in the signer either: it would not show one anywhere"

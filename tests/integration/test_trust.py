@@ -13,24 +13,24 @@ import pytest
 from cryptography import x509
 from PIL import Image
 
-from engine.audit import line_hash
+from engine.provenance.audit import line_hash
 from engine.config import Settings
-from engine.credentials import ASSERTION_LABEL, DIGITAL_SOURCE_TYPE, ContentCredentials
+from engine.provenance.credentials import ASSERTION_LABEL, DIGITAL_SOURCE_TYPE, ContentCredentials
 from engine.errors import ConfigError
 from engine.fsutil import canonical_json, sha256_file
 from engine.images import png_bytes
 from engine.layout import SIGNATURE_FILE
 from engine.runner import Engine
-from engine.trust import (AUDIT_KEY, AUDIT_PUBLIC_KEY, CA_CERT, CA_KEY, SIGNER_CHAIN, SIGNER_KEY, LabKeys, journal_path, load_public_key,
+from engine.provenance.trust import (AUDIT_KEY, AUDIT_PUBLIC_KEY, CA_CERT, CA_KEY, SIGNER_CHAIN, SIGNER_KEY, LabKeys, journal_path, load_public_key,
                           make_lab_keys)
-from engine.verification import read_credentials, verify_audit, verify_journal
+from engine.provenance.verification import read_credentials, verify_audit, verify_journal
 from tests.harness.jobs import FAST_JOB, make_job
 
 
 @pytest.fixture(scope="module")
 def published(tmp_path_factory, lab_keys, astronaut_rgb, face_models) -> Path:
     """Two signed jobs (alice, bob) and one refused (carol) in one outbox."""
-    from engine.models import demo_model_dir, make_demo_model
+    from engine.diffusion.models import demo_model_dir, make_demo_model
 
     root = tmp_path_factory.mktemp("signed")
     make_demo_model(demo_model_dir(root / "models"))
@@ -242,7 +242,7 @@ def test_an_edited_journal_line_is_named_even_rehashed(lab, anchors):
     journal = journal_path(lab / "outbox")
     records = [json.loads(line) for line in journal.read_text().splitlines()]
     records[1]["ts"] = "2020-01-01T00:00:00+00:00"
-    from engine.trust import journal_line_hash
+    from engine.provenance.trust import journal_line_hash
 
     prev = records[0]["hash"]
     for record in records[1:]:  # re-hashed, as a forger would; the line signatures cannot be redone
@@ -257,7 +257,7 @@ def test_an_edited_journal_line_is_named_even_rehashed(lab, anchors):
 
 def test_without_keys_everything_says_unsigned_and_require_refuses(tmp_path, astronaut_rgb, capsys):
     from engine.__main__ import main
-    from engine.models import demo_model_dir, make_demo_model
+    from engine.diffusion.models import demo_model_dir, make_demo_model
 
     make_demo_model(demo_model_dir(tmp_path / "models"))
     settings = Settings.from_table({"paths": {"models": str(tmp_path / "models")}}, root=tmp_path)
@@ -295,7 +295,7 @@ def _text_chunks(image: Image.Image):
 RACER = """
 import sys
 from pathlib import Path
-from engine.trust import LabKeys, append_journal
+from engine.provenance.trust import LabKeys, append_journal
 outbox, keys, me = Path(sys.argv[1]), LabKeys.load(Path(sys.argv[2])), sys.argv[3]
 for number in range(15):
     statement = {"where": "outbox", "path": f"{me}/{number}", "job_id": f"{me}-{number}", "kind": "finished", "subject": me}
@@ -310,7 +310,7 @@ def test_daemons_appending_to_one_journal_at_once_keep_one_chain(tmp_path, lab_k
     import subprocess
     import sys
 
-    from engine.trust import read_journal
+    from engine.provenance.trust import read_journal
     from tests.harness.paths import REPO
 
     racers = [subprocess.Popen([sys.executable, "-c", RACER, str(tmp_path / "outbox"), str(lab_keys), f"d{i}"], cwd=REPO)
@@ -328,7 +328,7 @@ def test_daemons_appending_to_one_journal_at_once_keep_one_chain(tmp_path, lab_k
 def _strip(job: Path, edit_audit=None) -> None:
     """What a forger who holds no key does to a job: rewrite the manifest as unsigned, re-chain the
     audit log to it, and replace the signed head with an unsigned one over the new files."""
-    from engine.trust import build_statement, signed_document
+    from engine.provenance.trust import build_statement, signed_document
 
     manifest = json.loads((job / "manifest.json").read_text())
     manifest["trust"] = {"signed": False}
@@ -349,7 +349,7 @@ def _strip(job: Path, edit_audit=None) -> None:
 def _unsign_journal_from(root: Path, number: int) -> None:
     """Rewrite journal line `number` (1-based) and every later one unsigned, each job's line
     holding the statement its folder holds now, the chain re-hashed."""
-    from engine.trust import journal_line_hash, statement_sha256
+    from engine.provenance.trust import journal_line_hash, statement_sha256
 
     journal = journal_path(root / "outbox")
     records = [json.loads(line) for line in journal.read_text().splitlines()]
@@ -420,14 +420,14 @@ def test_a_tampered_failed_job_is_named_and_an_untouched_one_verifies_as_failed(
 
 def test_a_torn_journal_tail_leads_to_each_job_exactly_once_and_a_journal_that_verifies(lab, lab_keys, anchors, astronaut_rgb):
     """Issue 30, case 5: the journal cut in the middle of its last line (a power cut), then two jobs."""
-    from engine.trust import TORN_SUFFIX, read_journal
+    from engine.provenance.trust import TORN_SUFFIX, read_journal
 
     journal = journal_path(lab / "outbox")
     data = journal.read_bytes()
     journal.write_bytes(data[:len(data) - 40])  # carol's line, torn
     assert "ends in" in " ".join(_journal_ok(lab, anchors))  # named before it is repaired
     settings = Settings.from_table({"paths": {"models": str(lab.parent / "models")}, "trust": {"keys": str(lab_keys)}}, root=lab)
-    from engine.models import demo_model_dir, make_demo_model
+    from engine.diffusion.models import demo_model_dir, make_demo_model
 
     make_demo_model(demo_model_dir(lab.parent / "models"))
     engine = Engine(settings, demo=True)

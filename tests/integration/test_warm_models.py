@@ -2,7 +2,7 @@
 process loads the base diffusion model once, and with `models.compile = true` compiles once: the
 second job runs on the graphs the first compiled (slow), and a second job's LoRA swapped into a
 compiled UNet reuses its graph and renders as eager (default run). A real Service (local backend) in a thread; the
-loads counted are real calls to engine.models.load_pipeline (wrapped, not replaced), the graphs
+loads counted are real calls to engine.diffusion.models.load_pipeline (wrapped, not replaced), the graphs
 are dynamo's own count, as each job's audit records it, on CPU inductor (gcc)."""
 
 from __future__ import annotations
@@ -17,9 +17,10 @@ import numpy as np
 import pytest
 import torch
 
-import engine.models
+import engine.diffusion.models
 from daemon.service import Service, load_daemon_settings
-from engine import Settings, compiling
+from engine import Settings
+from engine.diffusion import compiling
 from tests.harness.lab import audit_events, drop_job
 
 needs_compiler = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="CPU inductor needs a C compiler")
@@ -56,13 +57,13 @@ def published(service: Service, subject: str) -> Path:
 
 def test_two_jobs_in_one_daemon_load_the_base_model_once(tmp_path, shared_models, monkeypatch):
     loads = []
-    real = engine.models.load_pipeline
+    real = engine.diffusion.models.load_pipeline
 
     def counted(ref, settings):
         loads.append(ref)
         return real(ref, settings)
 
-    monkeypatch.setattr(engine.models, "load_pipeline", counted)
+    monkeypatch.setattr(engine.diffusion.models, "load_pipeline", counted)
     service = run_two_jobs(tmp_path, shared_models)
     assert len(loads) == 1, [str(ref) for ref in loads]
     started = next(e for e in audit_events(published(service, "first")) if e["event"] == "job_started")
@@ -95,7 +96,7 @@ def test_with_compile_on_two_jobs_in_one_daemon_compile_once(tmp_path, shared_mo
 @needs_compiler
 def test_a_swapped_lora_reuses_the_compiled_unet_and_renders_as_eager(tmp_path):
     """Two very different LoRAs of the same name and rank go through one compiled UNet the way
-    jobs use it (engine.diffusion's identity_lora): the second job's reuses the first's graph
+    jobs use it (engine.diffusion.sampling's identity_lora): the second job's reuses the first's graph
     (nothing compiled), and each renders its own image, the eager one's to float tolerance
     (stale weights baked into a graph would show)."""
     torch._dynamo.reset()
@@ -123,9 +124,9 @@ def _two_loras(tmp_path: Path):
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
-    from engine.diffusion import identity_lora, render
-    from engine.models import DEMO_RESOLUTION, _build_demo_pipeline
-    from engine.training import TARGET_MODULES
+    from engine.diffusion.sampling import identity_lora, render
+    from engine.diffusion.models import DEMO_RESOLUTION, _build_demo_pipeline
+    from engine.diffusion.training import TARGET_MODULES
 
     pipe, _ = _build_demo_pipeline()
     pipe.unet.set_attn_processor(AttnProcessor2_0())

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from engine.audit import GENESIS, AuditLog, line_hash
-from engine.verification import verify_audit
+from engine.provenance.audit import GENESIS, AuditLog, line_hash
+from engine.provenance.verification import verify_audit
 from engine.errors import OwnershipLost
 from engine.fsutil import tree_listing
 from tests.harness.jobs import fake_finished_job
@@ -194,7 +194,7 @@ def test_a_bad_tail_of_the_audit_log_is_cut_off_at_the_next_open_and_the_cut_rec
 
 def test_a_failed_job_keeps_a_damaged_chain_set_aside_sealed_with_it(tmp_path):
     from engine.jobfolder import publish_failure
-    from engine.signer import Sealer
+    from engine.provenance.signer import Sealer
 
     work = tmp_path / "outbox" / ".work" / "job-9"
     (work / "inputs").mkdir(parents=True)
@@ -215,14 +215,14 @@ def test_a_failed_job_keeps_a_damaged_chain_set_aside_sealed_with_it(tmp_path):
 
 
 def test_a_resume_trusts_only_the_witnessed_prefix_and_never_a_range_found_unwitnessed(tmp_path):
-    """engine.verification.trusted_records, with a real signer's rules (engine.signer.Sealer) in process."""
+    """engine.provenance.verification.trusted_records, with a real signer's rules (engine.provenance.signer.Sealer) in process."""
     import base64
 
-    from engine.audit import read_chain
-    from engine.verification import trusted_records
+    from engine.provenance.audit import read_chain
+    from engine.provenance.verification import trusted_records
     from engine.jobfolder import WITNESS_FILE
-    from engine.signer import Sealer
-    from engine.trust import LabKeys, make_lab_keys, witness_statement
+    from engine.provenance.signer import Sealer
+    from engine.provenance.trust import LabKeys, make_lab_keys, witness_statement
 
     make_lab_keys(tmp_path / "keys")
     keys = LabKeys.load(tmp_path / "keys")

@@ -1,4 +1,4 @@
-"""Where inductor's cache goes (engine.compiling): under the models folder by default, an absolute
+"""Where inductor's cache goes (engine.diffusion.compiling): under the models folder by default, an absolute
 models.compile_cache as it is, and a models volume mounted read-only (a common way to hand out
 weights) falls back to the temporary folder, says so, and the audit's facts name the one used."""
 
@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from engine import Settings, compiling
+from engine import Settings
+
+from engine.diffusion import compiling
 from tests.harness.faults import set_read_only, tmpfs, unmount_all
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from engine.convergence import PhaseConvergence, SlopeWindow, Welford
+from engine.measure.convergence import PhaseConvergence, SlopeWindow, Welford
 
 
 def _flat_noisy(steps: int, seed: int = 7) -> list[float]:

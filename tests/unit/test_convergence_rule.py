@@ -17,7 +17,7 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 
-from engine.convergence import RULE_IMPROVEMENT_BOUND, RULE_NO_VISIBLE_TREND, PhaseConvergence, SlopeWindow, improvement_bound
+from engine.measure.convergence import RULE_IMPROVEMENT_BOUND, RULE_NO_VISIBLE_TREND, PhaseConvergence, SlopeWindow, improvement_bound
 
 STEP_CV = 0.8  # the per-step loss's noise, relative to its level (diffusion losses, random timesteps)
 PROBE_CV = 0.005  # the probe loss's

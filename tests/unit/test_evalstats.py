@@ -1,4 +1,4 @@
-"""engine.evalstats on synthetic drifts with known answers: counts that never score a missing
+"""engine.measure.evalstats on synthetic drifts with known answers: counts that never score a missing
 face, Wilcoxon p-values checked against an exact enumeration of the sign-flip distribution
 (independent of scipy) and against scipy's own results, Holm's adjustment by hand."""
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from scipy.stats import wilcoxon
 
-from engine.evalstats import holm, paired_test, summarise
+from engine.measure.evalstats import holm, paired_test, summarise
 
 
 def test_a_row_counts_faces_not_found_and_scores_only_the_found_ones():

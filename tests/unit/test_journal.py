@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from engine.chain import good_prefix
+from engine.provenance.chain import good_prefix
 from engine.fsutil import canonical_json
-from engine.trust import TORN_SUFFIX, LabKeys, append_journal, journal_path, make_lab_keys, read_journal, torn_tail
-from engine.verification import verify_journal
+from engine.provenance.trust import TORN_SUFFIX, LabKeys, append_journal, journal_path, make_lab_keys, read_journal, torn_tail
+from engine.provenance.verification import verify_journal
 
 
 @pytest.fixture(scope="module")

@@ -40,8 +40,8 @@ def test_the_engine_knows_nothing_of_the_daemon():
 
 
 # The provenance modules: writers (the audit chain, signed heads and journal, Content Credentials,
-# the signer) and the verifier that reads what they wrote (engine.verification).
-PROVENANCE = ("engine.audit", "engine.chain", "engine.credentials", "engine.signer", "engine.trust", "engine.verification")
+# the signer) and the verifier that reads what they wrote (engine.provenance.verification).
+PROVENANCE = ("engine.provenance.audit", "engine.provenance.chain", "engine.provenance.credentials", "engine.provenance.signer", "engine.provenance.trust", "engine.provenance.verification")
 
 
 def _every_import(path: Path) -> set[str]:
@@ -58,7 +58,7 @@ def _every_import(path: Path) -> set[str]:
 
 def test_the_provenance_writers_and_their_verifier_import_one_another_without_a_cycle():
     graph = {name: _every_import(REPO / (name.replace(".", "/") + ".py")) & set(PROVENANCE) - {name} for name in PROVENANCE}
-    assert "engine.audit" in graph["engine.verification"] and "engine.trust" in graph["engine.verification"]  # the check sees imports
+    assert "engine.provenance.audit" in graph["engine.provenance.verification"] and "engine.provenance.trust" in graph["engine.provenance.verification"]  # the check sees imports
     done: set[str] = set()
 
     def walk(name: str, path: tuple[str, ...]) -> None:
@@ -70,7 +70,7 @@ def test_the_provenance_writers_and_their_verifier_import_one_another_without_a_
 
     for name in PROVENANCE:
         walk(name, ())
-    assert not any("engine.verification" in imported for name, imported in graph.items() if name != "engine.verification")
+    assert not any("engine.provenance.verification" in imported for name, imported in graph.items() if name != "engine.provenance.verification")
 
 
 def test_the_kinds_import_no_loader_and_the_loader_names_no_kind():

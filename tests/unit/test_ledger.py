@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.audit import AuditLog, read_chain, recorded_files, set_aside_damaged, stage_run_records
+from engine.provenance.audit import AuditLog, read_chain, recorded_files, set_aside_damaged, stage_run_records
 from engine.ledger import LEDGER_VERSION, Ledger
 from engine.lifecycle import StageStatus
 

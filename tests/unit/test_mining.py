@@ -1,4 +1,4 @@
-"""engine.mining on synthetic embeddings: accept, reject, tighten, relax and prune behave as the
+"""engine.measure.mining on synthetic embeddings: accept, reject, tighten, relax and prune behave as the
 module says; a random-walk generator (each batch drawn around the group it made so far, pushed
 one way) stays near the real reference with the anchor and wanders off without it."""
 
@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from engine.mining import ACCEPTED, NO_FACE, OFF_ANCHOR, OFF_GROUP, Miner, MineRule, cosine_drift
+from engine.measure.mining import ACCEPTED, NO_FACE, OFF_ANCHOR, OFF_GROUP, Miner, MineRule, cosine_drift
 
 DIM = 64
 

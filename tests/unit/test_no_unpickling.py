@@ -24,10 +24,10 @@ UNPICKLING_MODULES = frozenset({"dill", "cloudpickle"})
 
 # (file, function, name) -> why that call reads nothing the share can hold.
 ALLOWED = {
-    ("engine/faceid.py", "convert_bin", "torch.load"):
+    ("engine/identity/faceid.py", "convert_bin", "torch.load"):
         "`python -m engine models convert-faceid` converts the lab's published FaceID .bin once, at staging, with weights_only=True; "
         "jobs read the .safetensors it writes",
-    ("engine/models.py", "load_pipeline", "from_single_file"):
+    ("engine/diffusion/models.py", "load_pipeline", "from_single_file"):
         "the base model named by models.base in the lab's own models folder (a .ckpt is read by diffusers with weights_only=True), "
         "never a file of a job folder",
 }

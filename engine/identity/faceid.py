@@ -8,7 +8,7 @@ embedding, as a fast mode beside the trained LoRA and as a baseline the LoRA mus
 - `faceid_adapter(pipe, folder)` loads it into the shared pipeline for a block (`load_ip_adapter`,
   offline, no image encoder: FaceID takes embeddings, not images) and unloads it after, so the
   pipeline goes back as it came; `FaceIDSwitch.scale(s)` (0 renders the base model exactly) and
-  `.embeds(embedding, guidance)` give what `engine.diffusion.render` passes as
+  `.embeds(embedding, guidance)` give what `engine.diffusion.sampling.render` passes as
   `ip_adapter_image_embeds` (with CFG: zeros as the negative, as the adapter was trained).
 - FaceID was trained on insightface buffalo_l embeddings (w600k_r50). `check_face_pack` refuses the
   embedded buffalo_s (w600k_mbf) outside demo mode: its embeddings live in another space.
@@ -193,7 +193,7 @@ class IdentityAdapters:
         if self._lora is None:
             return
         if self._faceid is not None:  # loading FaceID deactivated ours: every LoRA adapter active again, ours at its weight
-            from engine.diffusion import IDENTITY_ADAPTER
+            from engine.diffusion.sampling import IDENTITY_ADAPTER
 
             activate_loras(self._pipe, {IDENTITY_ADAPTER: lora_weight})
         elif lora_weight:
@@ -208,9 +208,9 @@ class IdentityAdapters:
 @contextlib.contextmanager
 def identity_adapters(pipe: Any, lora: Path | None = None, faceid: Path | None = None,
                       embedding: np.ndarray | None = None) -> Iterator[IdentityAdapters]:
-    """`lora` (engine.diffusion.identity_lora) and the FaceID adapter of `faceid` (conditioned on
+    """`lora` (engine.diffusion.sampling.identity_lora) and the FaceID adapter of `faceid` (conditioned on
     `embedding`) in `pipe` for the block, both removed after; neither: the base model exactly."""
-    from engine.diffusion import identity_lora
+    from engine.diffusion.sampling import identity_lora
 
     with contextlib.ExitStack() as stack:
         switch = None if lora is None else stack.enter_context(identity_lora(pipe, lora))

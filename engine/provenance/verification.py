@@ -1,6 +1,6 @@
 """Verification: everything that checks a job's or an outbox's records, apart from the code that
-writes them (engine.audit writes the chain and the manifest, engine.trust the signed heads and
-the journal, engine.credentials the images' Content Credentials).
+writes them (engine.provenance.audit writes the chain and the manifest, engine.provenance.trust the signed heads and
+the journal, engine.provenance.credentials the images' Content Credentials).
 
 - `verify_audit(job_dir)`: the audit chain line by line, every file the manifest lists, the
   job's inputs/, its signed head, its journal line and its images' C2PA state
@@ -26,12 +26,12 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from engine import layout
-from engine.audit import MANIFEST_VERSION, UNLISTED, line_hash
-from engine.chain import GENESIS, chain_break
+from engine.provenance.audit import MANIFEST_VERSION, UNLISTED, line_hash
+from engine.provenance.chain import GENESIS, chain_break
 from engine.fsutil import Listing, canonical_json, sha256_file, tree_listing, walk_tree
 from engine.jobfolder import failure_staging, work_dir
 from engine.layout import AUDIT_FILE, ERROR_FILE, INPUTS_DIR, MANIFEST_FILE, SIGNATURE_FILE
-from engine.trust import (build_statement, fingerprint, journal_line_hash, journal_path, read_journal, statement_sha256, torn_tail,
+from engine.provenance.trust import (build_statement, fingerprint, journal_line_hash, journal_path, read_journal, statement_sha256, torn_tail,
                           witness_statement)
 
 
@@ -58,7 +58,7 @@ class AuditReport:
 def verify_audit(job_dir: Path, *, trusted_key: Any = None, trusted_ca: bytes | None = None, journal: bool = True,
                  allow_unsigned: bool = False) -> AuditReport:
     """Check the audit chain line by line, every file listed in the manifest, the job's inputs/,
-    and its signed records (engine.trust): the signed head against `trusted_key` (an Ed25519
+    and its signed records (engine.provenance.trust): the signed head against `trusted_key` (an Ed25519
     public key; None: only against the key it names), the outbox's journal line (`journal`), and
     every generated image's Content Credentials against the lab CA `trusted_ca` (PEM). With a
     `trusted_key`, an unsigned head is a problem unless `allow_unsigned`.
@@ -355,7 +355,7 @@ def read_credentials(path: Path, trusted_ca: bytes | None) -> tuple[str, dict[st
     given), "Invalid", or "none" when the file carries no Content Credentials."""
     import c2pa  # on first use: checking a job without images needs no C2PA library
 
-    from engine.credentials import SETTINGS
+    from engine.provenance.credentials import SETTINGS
 
     settings = dict(SETTINGS)
     if trusted_ca is not None:
@@ -527,7 +527,7 @@ def trusted_records(records: list[dict[str, Any]], witness_path: Path, job_id: s
 
 def witnessed_prefix(records: list[dict[str, Any]], witness_path: Path, job_id: str, public_key: Any) -> int:
     """How many leading lines of the checked chain `records` the signer witnessed: the longest
-    prefix whose last line's hash a witness entry (engine.trust.witness_statement, signed with the
+    prefix whose last line's hash a witness entry (engine.provenance.trust.witness_statement, signed with the
     lab key `public_key`) names at that length. 0 when none does: no witness file, or entries
     someone wrote who holds no key."""
     try:

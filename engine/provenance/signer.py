@@ -10,15 +10,15 @@ uid only), and answers one JSON line per request:
 
     facts    the public side: key fingerprint, who signs images, the content signer's certificate chain
     seal     a job folder's signed head. The signer hashes the folder's audit.jsonl, manifest.json
-             (and error.json) itself, builds the statement (engine.trust.build_statement), signs it,
+             (and error.json) itself, builds the statement (engine.provenance.trust.build_statement), signs it,
              writes signature.json into the folder and appends the outbox's journal line. Once per
              job id: a second, different head for a job id the journal already holds is refused
              (`already_sealed`); the same head again is answered as before (a re-run after a kill).
     content  an ES256 signature over the to-be-signed bytes of a C2PA claim (c2pa builds them in
              the engine and calls back), for a job that has a work folder and is not sealed yet.
-    witness  a signature over a running job's audit chain head and length (engine.trust.
+    witness  a signature over a running job's audit chain head and length (engine.provenance.trust.
              witness_statement), for the same jobs: what lets a resume tell the chain it wrote from
-             one a share-writer re-hashed (engine.verification.witnessed_prefix).
+             one a share-writer re-hashed (engine.provenance.verification.witnessed_prefix).
 
 It never decodes an image, unpickles, loads a model or reads a ledger: it hashes bytes, and
 parses JSON (the standard library's, size-bounded) only of requests and of its own journal. It
@@ -47,7 +47,7 @@ from typing import Any, Protocol
 from engine.errors import ConfigError
 from engine.fsutil import canonical_json
 from engine.jobfolder import failure_staging, work_dir
-from engine.trust import (UNSIGNED_FACTS, LabKeys, build_statement, journal_fields, journal_path, journal_transaction, read_journal,
+from engine.provenance.trust import (UNSIGNED_FACTS, LabKeys, build_statement, journal_fields, journal_path, journal_transaction, read_journal,
                           signed_document, statement_sha256, witness_statement)
 
 SOCKET_NAME = "signer.sock"
@@ -381,7 +381,7 @@ def start_signer(keys_dir: Path) -> SignerProcess:
     socket_path = folder / SOCKET_NAME
     package_root = str(Path(__file__).resolve().parent.parent)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([package_root, *filter(None, [os.environ.get("PYTHONPATH")])]))
-    process = subprocess.Popen([sys.executable, "-m", "engine.signer", "--keys", str(keys_dir), "--socket", str(socket_path)],
+    process = subprocess.Popen([sys.executable, "-m", "engine.provenance.signer", "--keys", str(keys_dir), "--socket", str(socket_path)],
                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, close_fds=True, cwd="/")
     assert process.stdout is not None
     ready = _read_ready(process)
@@ -416,7 +416,7 @@ def _read_ready(process: subprocess.Popen) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m engine.signer", description="the lab keys' signer (started by the engine)")
+    parser = argparse.ArgumentParser(prog="python -m engine.provenance.signer", description="the lab keys' signer (started by the engine)")
     parser.add_argument("--keys", type=Path, required=True)
     parser.add_argument("--socket", type=Path, required=True)
     args = parser.parse_args(argv)

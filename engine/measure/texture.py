@@ -130,7 +130,7 @@ def _band(lightness: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Composite:
-    """An edit pasted into the original through a feathered alpha (engine.regions.feathered)."""
+    """An edit pasted into the original through a feathered alpha (engine.identity.regions.feathered)."""
 
     rgb: np.ndarray
     changed_outside: int  # pixels outside the alpha's support that differ from the original: 0, recorded per variant

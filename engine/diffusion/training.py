@@ -5,7 +5,7 @@ photo-subset group) and runs `train_lora` once per run; other stages never train
 
 The phases (default: COARSE, MID, MID_FINE, FINAL_FINE) each have their own learning rate,
 LoRA alpha, loss and optimizer, and end when their loss has converged (a plateau of the
-slope test in `engine.convergence`), at their own step cap, or at the job's total cap.
+slope test in `engine.measure.convergence`), at their own step cap, or at the job's total cap.
 The whole loop is `train_lora` below, read top to bottom.
 
 - VAE latent distributions and text embeddings of the few training images are computed
@@ -44,7 +44,7 @@ import torch.nn.functional as F
 
 from engine import layout
 from engine.context import StageContext
-from engine.convergence import RULE_IMPROVEMENT_BOUND, PhaseConvergence
+from engine.measure.convergence import RULE_IMPROVEMENT_BOUND, PhaseConvergence
 from engine.errors import JobError
 from engine.faults import pause_point
 from engine.fsutil import check_write, remove_tree, sha256_bytes
@@ -93,8 +93,8 @@ class TrainingResult:
 def train_lora(ctx: StageContext, pipe: Any, images: torch.Tensor, spec: TrainSpec, target: LoraTarget) -> TrainingResult:
     """The training loop: phases, losses, optimizer swaps, convergence, checkpoints; the LoRA
     (and its phase snapshots) written where `target` says. Eager, also when the UNet is compiled
-    for rendering (models.compile; engine.compiling says why)."""
-    from engine.compiling import eager
+    for rendering (models.compile; engine.diffusion.compiling says why)."""
+    from engine.diffusion.compiling import eager
 
     with eager():
         return _train_lora(ctx, pipe, images, spec, target)
@@ -241,7 +241,7 @@ class TrainState:
     phase_records: list[dict[str, Any]] = field(default_factory=list)  # the phases done, as train.json lists them
     convergence: PhaseConvergence | None = None  # the current phase's test; None once every phase is done
     optimizer_state: dict[str, Any] | None = None  # restored mid-phase, for the phase's optimizer to load
-    snapshots: dict[str, dict[str, Any]] = field(default_factory=dict)  # phase -> its LoRA at its exit (engine.training._snapshot)
+    snapshots: dict[str, dict[str, Any]] = field(default_factory=dict)  # phase -> its LoRA at its exit (engine.diffusion.training._snapshot)
 
     def next_phase(self, spec: TrainSpec) -> None:
         self.phase_index += 1
@@ -294,7 +294,7 @@ def save_lora(pipe: Any, unet: torch.nn.Module, directory: Path, alpha: float, *
     from peft.utils import get_peft_model_state_dict
     from safetensors.torch import save_file
 
-    from engine.kohya import kohya_state_dict
+    from engine.diffusion.kohya import kohya_state_dict
 
     peft_layers = layers if layers is not None else get_peft_model_state_dict(unet, adapter_name=ADAPTER)
     diffusers_layers = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in convert_state_dict_to_diffusers(peft_layers).items()}

@@ -554,7 +554,7 @@ def load_pipeline(ref: ModelRef, settings: Settings) -> Any:
     """Load `ref` as the pipeline class its model_index.json names (StableDiffusion[XL]Pipeline, or
     for models.inpaint StableDiffusion[XL]InpaintPipeline),
     on the device and in the dtype `select_device_dtype` picks, SDPA attention, no progress bars;
-    with models.compile its UNet compiled in place (engine.compiling).
+    with models.compile its UNet compiled in place (engine.diffusion.compiling).
 
     Local forms never touch the network (local_files_only=True). The pipeline keeps the
     components its folder lists (a folder that ships a safety checker keeps it).
@@ -587,7 +587,7 @@ def load_pipeline(ref: ModelRef, settings: Settings) -> Any:
     pipe.unet.set_attn_processor(AttnProcessor2_0())
     pipe.set_progress_bar_config(disable=True)
     if settings.models.compile:
-        from engine.compiling import compile_unet
+        from engine.diffusion.compiling import compile_unet
 
         compile_unet(pipe, settings)
     log.info(

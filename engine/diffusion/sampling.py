@@ -1,6 +1,6 @@
 """What the verify and render stages share: rendering a batch of seeds, loading the job's
 LoRA into the shared pipeline (and taking it out again), naming and labelling a render.
-(Scoring a render's identity is engine.faces.score.)"""
+(Scoring a render's identity is engine.identity.faces.score.)"""
 
 from __future__ import annotations
 
@@ -77,7 +77,7 @@ def render(
     engine.resources made from `pipe` (the same components, LoRA included). `on_step` is
     called after every denoising step (the stage's stop check: what it raises ends the call, so
     a SIGTERM waits for one step, not for the whole image). `ip_adapter_image_embeds`: a loaded
-    FaceID adapter's conditioning (engine.faceid.FaceIDSwitch.embeds), shared by every seed.
+    FaceID adapter's conditioning (engine.identity.faceid.FaceIDSwitch.embeds), shared by every seed.
     """
     generators = [torch.Generator(device="cpu").manual_seed(int(seed)) for seed in seeds]
     count = len(seeds)
@@ -125,7 +125,7 @@ def inpaint(
     """Inpaint `image` (H x W x 3 uint8, H and W the model's size) where `mask` (H x W bool) is set,
     one image per seed in one batched call: N x H x W x 3 uint8. Each seed has its own CPU
     generator (as `render`). The pipeline decodes the whole image, so pixels outside the mask
-    change too: callers paste the result back through their own alpha (engine.measures.composite)."""
+    change too: callers paste the result back through their own alpha (engine.measure.texture.composite)."""
     count = len(seeds)
     height, width = image.shape[:2]
     images = torch.from_numpy(np.repeat(image[None].astype(np.float32) / 255.0, count, axis=0)).permute(0, 3, 1, 2)

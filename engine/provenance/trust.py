@@ -20,7 +20,7 @@ cannot recompute is a signature by a key they do not hold:
 - **Journal** (`<outbox>/.journal/journal.jsonl`): one line per published or failed job with its
   signed statement; hash-chained, each line signed too, appended under an exclusive lock (several
   daemons share an outbox) and behind the job's fence. It is what tells a deleted job, two
-  subjects' folders swapped, or a folder put back from an older copy: engine.verification.verify_journal.
+  subjects' folders swapped, or a folder put back from an older copy: engine.provenance.verification.verify_journal.
   Cutting the journal back to an earlier line together with the jobs after it is the one edit a
   signature cannot show: keep a note of the head `verify-journal` prints.
 Without keys the same records are written unsigned, and every check says `unsigned` plainly.
@@ -43,7 +43,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from engine.chain import GENESIS, good_prefix, parse_line
+from engine.provenance.chain import GENESIS, good_prefix, parse_line
 from engine.errors import ConfigError
 from engine.fsutil import append_whole, canonical_json, check_write, fsync_dir, sha256_bytes, sha256_file
 from engine.layout import AUDIT_FILE, ERROR_FILE, MANIFEST_FILE
@@ -233,7 +233,7 @@ def signed_document(statement: dict[str, Any], keys: LabKeys | None) -> dict[str
 
 
 def witness_statement(job_id: str, head: str, lines: int) -> dict[str, Any]:
-    """What the signer signs while a job runs (engine.audit.AuditLog's witness): its audit chain had
+    """What the signer signs while a job runs (engine.provenance.audit.AuditLog's witness): its audit chain had
     this head hash after this many lines. A resume trusts the chain up to the longest prefix so
     witnessed; nothing else (not the reviewer's check) depends on it."""
     return {"kind": "witness", "job_id": job_id, "head": head, "lines": lines}
@@ -336,7 +336,7 @@ def journal_fields(document: dict[str, Any]) -> dict[str, Any]:
 
 def append_journal(outbox: Path, document: dict[str, Any], keys: LabKeys | None) -> dict[str, Any]:
     """Append the signed head `document` to the outbox's journal, once (a head already there is
-    returned as it is). The signer (engine.signer) does this as part of sealing a job."""
+    returned as it is). The signer (engine.provenance.signer) does this as part of sealing a job."""
     with journal_transaction(outbox, keys) as journal:
         digest = statement_sha256(document["statement"])
         for line in journal.lines:

@@ -26,9 +26,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from engine import landmarks as lm
+from engine.identity import landmarks as lm
 from engine.errors import JobError
-from engine.regions import FaceFrame, fill_polygons
+from engine.identity.regions import FaceFrame, fill_polygons
 
 FOREHEAD_HEIGHT = 0.75  # IOD above the brows' top edge: the face region's upper edge
 PREFILL_RADIUS = 3  # px, TELEA's neighbourhood

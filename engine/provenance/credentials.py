@@ -1,19 +1,19 @@
 """C2PA Content Credentials in every image the engine generates (c2pa-python).
 
 Each PNG of seed discovery and rendering carries, inside the file, a manifest signed with the
-lab's content-signer certificate (engine.trust): a `c2pa.actions` assertion saying it was
+lab's content-signer certificate (engine.provenance.trust): a `c2pa.actions` assertion saying it was
 created by a trained model (digitalSourceType trainedAlgorithmicMedia, the marking the EU AI
 Act's duty for synthetic images points to), the job's input photos as `inputTo` ingredients,
 and our own assertion (`org.idrep.generation`: job id, seed, pass, drift, lock state, the base
 model's and the LoRA's sha256). The PNG text chunks stay as they were. Offline: no timestamp
 authority, no remote manifest or OCSP fetch; thumbnails off (they add ~0.3 MB an image).
 
-A reader (engine.verification.read_credentials) must ask for the validation state "Trusted" against the lab CA (`trust.user_anchors`):
+A reader (engine.provenance.verification.read_credentials) must ask for the validation state "Trusted" against the lab CA (`trust.user_anchors`):
 "Valid" only means the manifest is intact and signed by someone, not by the lab (FINDINGS).
 Signatures are randomised (ECDSA, new instance ids): a resumed job's images differ from a clean
 run's in their credentials only.
 
-The engine holds no private key (engine.signer): c2pa builds each claim here and calls back for
+The engine holds no private key (engine.provenance.signer): c2pa builds each claim here and calls back for
 its signature (`Signer.from_callback`, ES256, the DER signature c2pa expects from a callback:
 checked to validate "Trusted"), which the signer makes for a job in progress only.
 """
@@ -27,7 +27,7 @@ from typing import Any
 
 import c2pa
 
-from engine.trust import LabKeys
+from engine.provenance.trust import LabKeys
 
 # (job id, outbox, to-be-signed bytes) -> the DER ES256 signature: the signer's `content_signature`
 SignContent = Callable[[str, Path, bytes], bytes]
@@ -61,7 +61,7 @@ class ContentCredentials:
     @classmethod
     def holding(cls, keys: LabKeys) -> "ContentCredentials":
         """Credentials signed in this process with `keys`: for tools and tests that hold a key
-        themselves. The engine never does (engine.signer)."""
+        themselves. The engine never does (engine.provenance.signer)."""
         from cryptography.hazmat.primitives import hashes, serialization
         from cryptography.hazmat.primitives.asymmetric import ec
 

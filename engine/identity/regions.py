@@ -1,4 +1,4 @@
-"""Facial region masks for retouching, built on the face's landmarks (engine.landmarks), never on
+"""Facial region masks for retouching, built on the face's landmarks (engine.identity.landmarks), never on
 fixed fractions of a crop.
 
 Every region is drawn in the face's own frame: origin between the eye centres, u along the eye line
@@ -28,8 +28,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from engine import landmarks as lm
-
+from engine.identity import landmarks as lm
 REGIONS = ("forehead", "under_eye", "smile_lines", "chin")
 FOREHEAD_HEIGHT = 0.70  # IOD above the brows' top edge
 BROW_GAP = 0.10  # IOD between the brows and the forehead region

@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from engine import layout
-from engine.faces import FaceModels
+from engine.identity.faces import FaceModels
 from engine.hashcache import sha256_of
 from engine.images import read_rgb
 

@@ -1,6 +1,6 @@
 """torch.compile of the diffusion UNets (`models.compile`), and what a job records about it.
 
-With `models.compile = true` every diffusion pipeline engine.models loads has its UNet compiled
+With `models.compile = true` every diffusion pipeline engine.diffusion.models loads has its UNet compiled
 in place (`unet.compile()`: the module stays the same object, so peft adapters are still added
 to and removed from it, and `from_pipe` pipelines share it). Compiling happens at the first call
 of each new state of the UNet, not at load: the first render with the job's LoRA, at a new weight,
@@ -57,7 +57,7 @@ def check(settings: Settings) -> None:
     """At start-up, with models.compile on: a C compiler must be there (CPU inductor builds its
     kernels with one, and Triton its GPU launchers: a `-runtime` CUDA image has none), else
     ConfigError("compile_unavailable") naming the key, rather than a job failing at its first
-    render. Sets up the cache (engine.compiling.cache_dir) too."""
+    render. Sets up the cache (engine.diffusion.compiling.cache_dir) too."""
     if not enabled(settings):
         return
     import shutil

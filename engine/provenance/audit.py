@@ -1,4 +1,4 @@
-"""Hash-chained audit log and job manifest (their verifier: engine.verification).
+"""Hash-chained audit log and job manifest (their verifier: engine.provenance.verification).
 
 Each line of `audit.jsonl` is one structlog event rendered as canonical JSON with `ts`,
 `job_id`, `event`, the event's fields, `fence` (the owner's fencing token: the generation of
@@ -13,7 +13,7 @@ this writer (OwnershipLost) instead of forking the chain.
 `manifest.json` lists the sha256 of every input (the job's `inputs/` copy of the dropped
 folder), model and output file; the job's last event (`job_finished`) holds the manifest's own
 sha256, so any edited input, output, manifest or audit line is found by
-engine.verification.verify_audit.
+engine.provenance.verification.verify_audit.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from typing import Any, Callable
 import numpy as np
 import structlog
 
-from engine.chain import GENESIS, chain_break, good_prefix
+from engine.provenance.chain import GENESIS, chain_break, good_prefix
 from engine.errors import OwnershipLost
 from engine.fsutil import append_whole, atomic_write_json, canonical_json, check_write, fsync_dir, sha256_bytes, sha256_file, utf8_safe, walk_tree
 from engine.layout import AUDIT_FILE, INPUTS_DIR, LEDGER_FILE, MANIFEST_FILE, SIGNATURE_FILE, WITNESS_FILE
@@ -102,7 +102,7 @@ class AuditLog:
     With a `witness` (the signer's, when the lab has keys), every line a resume trusts
     (WITNESSED_EVENTS) is followed by the signer's signature over the chain's head and length,
     appended to `audit.witness` beside the log: a chain someone re-hashed on the share cannot carry
-    those signatures, so a resume trusts only the prefix they cover (engine.verification.witnessed_prefix)."""
+    those signatures, so a resume trusts only the prefix they cover (engine.provenance.verification.witnessed_prefix)."""
 
     def __init__(self, path: Path, job_id: str, observer: "Observer | None" = None, fence: int = 0,
                  witness: Witness | None = None) -> None:
@@ -193,7 +193,7 @@ class ChainRead:
 
 def read_chain(path: Path) -> ChainRead:
     """The lines of an audit log, each checked against the one before (the check of
-    engine.verification.verify_audit), for a resume to rebuild its state from: bytes on the share are input.
+    engine.provenance.verification.verify_audit), for a resume to rebuild its state from: bytes on the share are input.
 
     A last line without its newline (torn by a kill, or padded with NULs by the file system
     after a crash) is left out, as AuditLog's open cuts it off. Any other line that is not a
@@ -294,7 +294,7 @@ def write_manifest(job_dir: Path, job_id: str, inputs: dict[str, str], models: d
     """Hash every output file of the job folder into manifest.json; returns its sha256.
 
     `inputs` is the Listing of the job's inputs/ (rel path -> sha256, "dir" or "link:<target>");
-    `trust` who signs the job (engine.trust: a key fingerprint and the content signer, or unsigned)."""
+    `trust` who signs the job (engine.provenance.trust: a key fingerprint and the content signer, or unsigned)."""
     manifest = {"version": MANIFEST_VERSION, "job_id": job_id, "kind": kind, "demo": demo, "trust": trust, "inputs": inputs, "models": models,
                 "outputs": _outputs(job_dir)}
     atomic_write_json(job_dir / MANIFEST_FILE, manifest)

@@ -1,0 +1,6 @@
+"""Diffusion models: where their files are and loading them (models), rendering seeds with a
+job's LoRA (sampling), training a LoRA through its phases (training), torch.compile of the UNets
+(compiling), and the kohya/ComfyUI LoRA format (kohya).
+
+Stands on the base modules and measure/ (the convergence rule); the stage context a training run
+reports to is named for annotations only."""
