@@ -43,10 +43,11 @@ from engine.kinds import all_stage_names  # noqa: F401 - plain data: the daemon'
 # part of this vocabulary for the daemon.
 from engine.layout import (AUDIT_FILE, DAMAGED_AUDIT_PREFIX, ERROR_FILE, INPUTS_DIR, LEDGER_FILE, MANIFEST_FILE, SIGNATURE_FILE,  # noqa: F401
                            WITNESS_FILE)
+# Where a job is while it runs and while its failure is sealed: places the provenance modules
+# (below this one) need too, so engine.layout has them.
+from engine.layout import INCOMING_SUFFIX as _INCOMING, WORK_DIR, failure_staging, work_dir  # noqa: F401
 from engine.schema import Str, rule
 
-WORK_DIR = ".work"
-_INCOMING = ".incoming"  # suffix of a folder being filled before its publishing rename
 
 # errno values that say the installation (disk, share, permissions), not the job, is at fault.
 DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
@@ -112,16 +113,6 @@ class NoFence:
 def new_job_id() -> str:
     """Sortable and unique across daemons: UTC time + 24 random bits."""
     return dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3)
-
-
-def work_dir(outbox: Path, job_id: str) -> Path:
-    return Path(outbox) / WORK_DIR / job_id
-
-
-def failure_staging(failed_root: Path, subject: str, job_id: str) -> Path:
-    """Where a failed job's folder is filled (and sealed) before its publishing rename into
-    `failed/<subject>/<job-id>`: hidden, beside it."""
-    return Path(failed_root) / subject / f".{job_id}{_INCOMING}"
 
 
 def find_published(outbox: Path, failed: Path, job_id: str) -> tuple[str, Path] | None:

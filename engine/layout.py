@@ -13,6 +13,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+# where a job is before it is published (engine.jobfolder has the rest of the job-folder vocabulary)
+WORK_DIR = ".work"  # <outbox>/.work/<job-id>: a job while it runs
+INCOMING_SUFFIX = ".incoming"  # a folder being filled before its publishing rename
+
+
+def work_dir(outbox: Path, job_id: str) -> Path:
+    return Path(outbox) / WORK_DIR / job_id
+
+
+def failure_staging(failed_root: Path, subject: str, job_id: str) -> Path:
+    """Where a failed job's folder is filled (and sealed) before its publishing rename into
+    `failed/<subject>/<job-id>`: hidden, beside it."""
+    return Path(failed_root) / subject / f".{job_id}{INCOMING_SUFFIX}"
+
+
 # the job's records (engine.runner, engine.provenance.audit, engine.ledger, engine.provenance.trust, engine.jobfolder)
 INPUTS_DIR = "inputs"  # the dropped folder, copied and verified before anything reads it
 ERROR_FILE = "error.json"

@@ -36,20 +36,22 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from engine import layout
-from engine.context import StageContext
 from engine.measure.convergence import RULE_IMPROVEMENT_BOUND, PhaseConvergence
 from engine.errors import JobError
 from engine.faults import pause_point
 from engine.fsutil import check_write, remove_tree, sha256_bytes
-from engine.kinds.sections import PhaseSpec, TrainSpec
 from engine.schema import to_plain
+
+if TYPE_CHECKING:  # annotations only: the stage context and the [train] section sit in the job room, above this one
+    from engine.context import StageContext
+    from engine.kinds.sections import PhaseSpec, TrainSpec
 
 
 ADAPTER = "identity_train"  # not "training": that is an nn.Module attribute
@@ -304,7 +306,7 @@ def save_lora(pipe: Any, unet: torch.nn.Module, directory: Path, alpha: float, *
     # peft keeps target_modules as a set: its order changes between processes (hash
     # randomisation), which would make equal LoRAs differ byte for byte.
     metadata["target_modules"] = sorted(metadata["target_modules"])
-    staging = directory.with_name(f".{directory.name}.incoming")
+    staging = directory.with_name(f".{directory.name}{layout.INCOMING_SUFFIX}")
     remove_tree(staging)
     staging.parent.mkdir(parents=True, exist_ok=True)
     type(pipe).save_lora_weights(str(staging), unet_lora_layers=diffusers_layers, unet_lora_adapter_metadata=metadata, safe_serialization=True)

@@ -46,7 +46,7 @@ from typing import Any, Protocol
 
 from engine.errors import ConfigError
 from engine.fsutil import canonical_json
-from engine.jobfolder import failure_staging, work_dir
+from engine.layout import failure_staging, work_dir
 from engine.provenance.trust import (UNSIGNED_FACTS, LabKeys, build_statement, journal_fields, journal_path, journal_transaction, read_journal,
                           signed_document, statement_sha256, witness_statement)
 

@@ -29,7 +29,7 @@ from engine import layout
 from engine.provenance.audit import MANIFEST_VERSION, UNLISTED, line_hash
 from engine.provenance.chain import GENESIS, chain_break
 from engine.fsutil import Listing, canonical_json, sha256_file, tree_listing, walk_tree
-from engine.jobfolder import failure_staging, work_dir
+from engine.layout import failure_staging, work_dir
 from engine.layout import AUDIT_FILE, ERROR_FILE, INPUTS_DIR, MANIFEST_FILE, SIGNATURE_FILE
 from engine.provenance.trust import (build_statement, fingerprint, journal_line_hash, journal_path, read_journal, statement_sha256, torn_tail,
                           witness_statement)
