@@ -48,7 +48,7 @@ from prometheus_client.exposition import choose_encoder, gzip_accepted
 from prometheus_client.registry import Collector
 
 from engine import JobOutcome
-from engine.status import StageProgress
+from engine.status import CONTROL_GROUP, LORA_GROUP, StageProgress, seed_group
 
 # The daemon's own outcome: a run that ended without a clean stop (a bug, a kill); counted towards max_crashes.
 CRASHED = "crashed"
@@ -212,13 +212,13 @@ class DaemonMetrics:
             self.train_step.set(int(fields["step"]))
             self._set_phase(str(fields.get("phase", "")))
         elif event == "seed_scored":
-            group = str(fields.get("group") or ("lora" if fields.get("lora") else "control"))  # a record before [identity] has no group
+            group = seed_group(fields)
             if not fields.get("face_found", True) or fields.get("drift") is None:
                 self.faces_not_found.labels(f"verify_{group}").inc()
             else:
                 self.verify_drift.labels(group).observe(float(fields["drift"]))
-                if group in ("lora", "control"):
-                    self.seed_drift.labels(str(group == "lora").lower()).observe(float(fields["drift"]))
+                if group in (LORA_GROUP, CONTROL_GROUP):
+                    self.seed_drift.labels(str(group == LORA_GROUP).lower()).observe(float(fields["drift"]))
         elif event == "render_scored":
             if not fields.get("face_found", True) or fields.get("drift") is None:
                 self.faces_not_found.labels("render").inc()

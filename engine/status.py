@@ -24,6 +24,7 @@ import structlog
 
 from engine.jobfolder import AUDIT_FILE, ERROR_FILE, JOB_FILE, LEDGER_FILE, MANIFEST_FILE, WORK_DIR, find_published, is_hidden_name
 from engine.kinds import DEFAULT_KIND, all_stage_names, known_kinds, kind_named, progress_units
+from engine.kinds.sections import CONTROL_GROUP, IDENTITY_METHODS
 from engine.layout import DRIFT_REPORT_JSON, RENDERS_DIR, VERIFY_DIR
 from engine.ledger import Ledger
 from engine.schema import from_plain
@@ -250,6 +251,15 @@ def _ago(ts: str | None, now: dt.datetime) -> str:
 
 # ---------------------------------------------------------------------------- live progress
 
+LORA_GROUP = IDENTITY_METHODS[0]  # seed discovery's group with the job's LoRA alone
+
+
+def seed_group(fields: dict) -> str:
+    """The seed-discovery group a `seed_scored` record is of (the identity method, or the control).
+    A record from before [identity] names none: its `lora` flag tells the LoRA from the control."""
+    return str(fields.get("group") or (LORA_GROUP if fields.get("lora") else CONTROL_GROUP))
+
+
 class StageProgress:
     """How far the long stages are, from the engine's observer events: training steps (of the
     job's step cap: phases may converge sooner), seed renders (LoRA + control) and render
@@ -291,7 +301,7 @@ class StageProgress:
         elif event == "evaluate_cell" and self.stage == "evaluate":
             return self._advance(self.done + 1, f"{fields.get('group')} p{fields.get('prompt_index')} seed {fields.get('seed')}")
         elif event == "seed_scored" and self.stage == "verify":
-            return self._advance(self.done + 1, f"seed {fields.get('seed')} {fields.get('group') or ('lora' if fields.get('lora') else 'control')}")
+            return self._advance(self.done + 1, f"seed {fields.get('seed')} {seed_group(fields)}")
         elif event == "render_scored" and self.stage == "render":
             return self._advance(self.done + 1, str(fields.get("pass_name", "")))
         elif event == "retouch_variant" and self.stage == "retouch":

@@ -42,7 +42,7 @@ from engine.faults import pause_point
 from engine.fsutil import atomic_write_bytes, atomic_write_json, atomic_write_text, sha256_file
 from engine.images import load_photo, png_bytes, read_rgb
 from engine.measure.texture import composite, landmark_shift, measure_edit
-from engine.identity.regions import RegionMask, feathered, protected_features, region_masks
+from engine.identity.regions import REGIONS, RegionMask, feathered, protected_features, region_masks
 from engine.schema import to_plain
 
 NAME = "retouch"
@@ -52,7 +52,7 @@ SCRATCH = (layout.RETOUCH_PROGRESS_DIR,)
 MODELS = ("faces", "landmarks", "inpaint", "identity2")  # every model role it may use (engine.inventory checks them); models(ctx): this job's
 CROP_MARGIN = 0.35  # IOD around the masks' extent: the model sees the skin around what it repaints
 GRID_CELL = 192  # px, the side of a grid cell
-OVERLAY_COLOURS = {"forehead": (230, 60, 60), "under_eye": (60, 200, 60), "smile_lines": (60, 90, 230), "chin": (230, 200, 40)}
+OVERLAY_COLOURS = dict(zip(REGIONS, ((230, 60, 60), (60, 200, 60), (60, 90, 230), (230, 200, 40)), strict=True))  # red, green, blue, yellow in REGIONS' order
 
 
 def models(ctx: StageContext) -> tuple[str, ...]:
