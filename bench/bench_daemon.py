@@ -92,28 +92,7 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 import structlog  # noqa: E402
 
-# tests/harness/lab.py's FAST_JOB, copied so that the benchmark does not import the test harness.
-FAST_JOB = """\
-[prepare]
-size = 64
-rotations = []
-crops = []
-remove_background = false
-
-[train]
-max_steps = 1
-resolution = 128
-
-[verify]
-seeds = 1
-steps = 1
-batch_size = 1
-
-[[render]]
-prompt = "portrait in a garden"
-count = 1
-steps = 2
-"""
+from tests.harness.lab import FAST_JOB  # noqa: E402 - the daemon tests' fast job: the same job, measured
 
 DAEMON_STEPS = ("readiness.touch", "Service._start_next", "readiness.confirm", "claim_folder", "Service._run_job",
                 "find_published", "inputs_changed", "Service._settle", "Service._observe")

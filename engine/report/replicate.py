@@ -4,7 +4,7 @@ pass, the second identity model's distances and where it disagrees with ArcFace,
 training phases with their loss chart (the evaluate kind shows that one too).
 
 Sections by name in `SECTIONS` (engine.kinds.replicate's `report` lists them with the shared
-page's); file names from engine.layout; the verify groups named by engine.job.
+page's); file names from engine.layout; the verify groups named by engine.kinds.sections.
 """
 
 from __future__ import annotations
@@ -25,11 +25,11 @@ PASS_ORDER = {"anchor": 0, "scene": 1, "rescue": 2, "realism": 1}
 
 
 def _by_verify_group(table: dict[str, str]) -> dict[str, str]:
-    """A presentation table keyed by seed discovery's group names, which engine.job owns (its
+    """A presentation table keyed by seed discovery's group names, which engine.kinds.sections owns (its
     identity methods and the control): refused at import when the two part ways."""
     groups = {*IDENTITY_METHODS, CONTROL_GROUP}
     if set(table) != groups:
-        raise ValueError(f"the report's verify-group table names {sorted(table)}, engine.job's groups are {sorted(groups)}")
+        raise ValueError(f"the report's verify-group table names {sorted(table)}, engine.kinds.sections' groups are {sorted(groups)}")
     return table
 
 

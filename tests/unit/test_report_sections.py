@@ -1,6 +1,6 @@
 """The report's pieces meet by name: each kind's `report` names sections the report package
 defines, the shared page imports no kind's module, the verify groups' presentation follows
-engine.job's group names, and each name of a file in a job folder has one definition
+engine.kinds.sections' group names, and each name of a file in a job folder has one definition
 (engine.layout)."""
 
 from __future__ import annotations
