@@ -326,7 +326,17 @@ def _status(args: argparse.Namespace) -> int:
     from engine.status import format_status, outbox_status
 
     try:
-        folders = _folders(args, read_settings(args.config))  # with the lab's plug-in kinds: their running jobs' stages
+        settings = read_settings(args.config)  # with the lab's plug-in kinds: their running jobs' stages
+    except ConfigError as error:
+        if args.outbox is None:  # the folders are config.toml's: nothing to look at without it
+            print(f"cannot read the configuration: {error}", file=sys.stderr)
+            return 2
+        # A read-only look at a given outbox still answers (a lab mending its config.toml needs
+        # it most); a plug-in kind's job then shows without its stages' progress.
+        print(f"the configuration cannot be read, so no plug-in kind is loaded: {error}", file=sys.stderr)
+        settings = None
+    try:
+        folders = _folders(args, settings)
     except ConfigError as error:
         print(f"cannot read the configuration: {error}", file=sys.stderr)
         return 2

@@ -111,6 +111,11 @@ def test_both_command_lines_exit_2_naming_the_key_and_the_module(tmp_path, plugi
     assert "refused to start: invalid_config: kinds.plugins: the plug-in 'lab_missing': cannot be imported" in capsys.readouterr().err
     assert engine_main(["--config", str(config), "status"]) == 2
     assert "kinds.plugins: the plug-in 'lab_missing': " in capsys.readouterr().err
+    # status on a given outbox still answers (read-only), saying which kinds it could not load
+    assert engine_main(["--config", str(config), "status", "--outbox", str(tmp_path / "outbox")]) == 0
+    answered = capsys.readouterr()
+    assert "no plug-in kind is loaded: " in answered.err and "kinds.plugins: the plug-in 'lab_missing': " in answered.err
+    assert "lab_missing" not in answered.out
     assert daemon_main(["--config", str(config), "--demo"]) == 2
     out = capsys.readouterr().out
     assert '"event": "refused_to_start"' in out and "kinds.plugins: the plug-in 'lab_missing': cannot be imported" in out
