@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "keys":
         return _keys_init(args.out, args.lab)
     if args.command == "report":
-        return _report(args.job_out, args.out)
+        return _report(args.job_out, args.out, args.config)
     if args.command == "status":
         return _status(args)
     if args.command == "example":
@@ -301,12 +301,22 @@ def _keys_init(out: Path, lab: str) -> int:
     return 0
 
 
-def _report(job_out: Path, out: Path | None) -> int:
+def _report(job_out: Path, out: Path | None, config: Path | None) -> int:
+    from engine.kinds import known_kinds
     from engine.layout import AUDIT_FILE, REPORT_FILE
     from engine.report import regenerate_report
 
     if not (job_out / AUDIT_FILE).is_file():
         print(f"{job_out}: not a job folder (no {AUDIT_FILE})", file=sys.stderr)
+        return 2
+    try:
+        read_settings(config)  # a plug-in kind's report has that kind's sections
+    except ConfigError as error:
+        print(f"the configuration cannot be read, so no plug-in kind is loaded: {error}", file=sys.stderr)
+    kind = _recorded_kind(job_out / AUDIT_FILE)
+    if kind not in known_kinds():
+        print(f"{job_out}: a job of kind {kind!r}, which is not known here (known: {', '.join(known_kinds())}); "
+              "name the module that defines it in config.toml's [kinds] plugins", file=sys.stderr)
         return 2
     result = regenerate_report(job_out, out)
     if not result.ok:
@@ -320,6 +330,19 @@ def _report(job_out: Path, out: Path | None) -> int:
     else:
         print(f"report written: {result.written[-1]}")
     return 0
+
+
+def _recorded_kind(audit: Path) -> str:
+    """The kind the audit log's first line (job_started) names; the default kind for a line
+    without one (older jobs) or one that cannot be read (the report then says what is wrong)."""
+    from engine.kinds import DEFAULT_KIND
+
+    try:
+        with open(audit, "rb") as file:
+            first = json.loads(file.readline(1 << 20))
+        return str(first.get("kind") or DEFAULT_KIND) if isinstance(first, dict) else DEFAULT_KIND
+    except (OSError, ValueError):
+        return DEFAULT_KIND
 
 
 def _status(args: argparse.Namespace) -> int:

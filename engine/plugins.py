@@ -12,9 +12,11 @@ silently went missing would fail each of its jobs as "not a job kind" instead.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from typing import TYPE_CHECKING
 
 from engine.errors import ConfigError, Problem
+from engine.fsutil import sha256_file
 from engine.kinds import Kind, register_kind
 
 if TYPE_CHECKING:
@@ -48,3 +50,17 @@ def _load(module_name: str) -> None:
 def _refused(module_name: str, reason: str) -> ConfigError:
     problem = Problem(KEY, f"the plug-in {module_name!r}: {reason}")
     return ConfigError("invalid_config", str(problem), problems=(problem,))
+
+
+def kind_code(kind: Kind) -> dict[str, str]:
+    """module -> sha256 of its source file, for the code of a kind from outside engine/ (the
+    module defining its spec, and each stage it brings): the job_started line records it, as it
+    records the engine's own version and commit, so the evidence names the code that made it.
+    {} for a built-in kind."""
+    modules = {kind.spec.__module__, *kind.stage_modules.values()}
+    code: dict[str, str] = {}
+    for name in sorted(m for m in modules if m != "engine" and not m.startswith("engine.")):
+        spec = importlib.util.find_spec(name)
+        origin = spec.origin if spec is not None else None
+        code[name] = sha256_file(origin) if origin and origin not in ("built-in", "frozen") else "no source file"
+    return code

@@ -47,6 +47,7 @@ from engine.jobfolder import (AUDIT_FILE, DAMAGED_AUDIT_PREFIX, ERROR_FILE, INPU
                               kept_inputs, new_job_id, probe_job_targets, publish_failure, remove_leftover_work, work_dir)
 from engine.ledger import Ledger
 from engine.lifecycle import JobOutcome, LedgerOutcome, StageStatus
+from engine.plugins import kind_code, load_plugins
 from engine.report import write_report
 from engine.resources import Resources
 from engine.schema import to_plain
@@ -95,8 +96,6 @@ class Engine:
         # Set from another thread (a signal handler) to stop the job in flight at its next
         # safe point; the job stays in the work area and resumes on the next run.
         self.stop_requested = threading.Event()
-        from engine.plugins import load_plugins
-
         load_plugins(self.settings)  # the lab's kinds, also where no CLI read config.toml (a Ray worker, a library user)
         self.check_installation()
 
@@ -242,9 +241,11 @@ class Engine:
             ctx = StageContext(job=job, job_id=job_id, job_dir=job_dir, settings=self.settings, resources=self.resources, audit=audit, demo=self.demo,
                                log=bound, observer=self.observer, stop_requested=self.stop_requested, fence=fence)
             used = input_hashes(job)
+            code = kind_code(kind)  # a plug-in kind's own modules (none for a built-in kind)
             audit.event(
                 "job_resumed" if resumed else "job_started", subject=subject, kind=kind.name, **start, spec=to_plain(job.spec), settings=self.settings.to_plain(),
                 models=self._model_facts(), device=device_facts(), completed_stages=[r.name for r in ledger.stages if r.status == StageStatus.COMPLETE],
+                **({"kind_code": code} if code else {}),
             )
             bound.info("job_resumed" if resumed else "job_started", **self._source_facts(source))
             if until is not None and until not in kind.stages:
