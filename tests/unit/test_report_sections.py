@@ -36,14 +36,14 @@ def test_the_shared_page_imports_no_kind_module():
     assert not {name for name in imported if name.startswith("engine.report")}
 
 
-def test_the_verify_group_tables_are_keyed_by_engine_jobs_group_names():
+def test_the_verify_group_tables_are_keyed_by_the_shared_sections_group_names():
     from engine.stages.verify import FILE_PREFIX
 
     groups = {*IDENTITY_METHODS, CONTROL_GROUP}
     for table in (replicate_report.VERIFY_GROUP_COLOURS, replicate_report.VERIFY_GROUP_TITLES, replicate_report.VERIFY_GROUP_HEADINGS, FILE_PREFIX):
         assert set(table) == groups
     assert set(replicate_report.GROUPS_BEFORE_IDENTITY) <= groups
-    with pytest.raises(ValueError, match="engine.job"):
+    with pytest.raises(ValueError, match=r"engine\.kinds\.sections. groups are"):
         replicate_report._by_verify_group({"lora": "tab:blue", CONTROL_GROUP: "tab:gray"})
 
 
