@@ -16,7 +16,7 @@ import numpy as np
 
 from engine import layout
 from engine.layout import EVALUATE_CHARTS, MINE_CHART
-from engine.report.page import (JobFacts, Section, audit_head, axis_top, figure_html, fmt_number, html_attr, html_text, legend, new_figure,
+from engine.report.page import (JobFacts, Section, audit_head_item, axis_top, figure_html, fmt_number, html_attr, html_text, legend, new_figure,
                                 no_face_marks, png)
 
 GROUP_COLOURS = ("tab:gray", "tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan")
@@ -166,14 +166,13 @@ def evaluate_heatmap_png(facts: JobFacts) -> bytes:
 
 def _evaluate_summary(facts: JobFacts) -> list[str]:
     info, _, prompts = _grid(facts)
-    head, lines = audit_head(facts)
     groups = info.get("groups", [])
     items = [
         ("grid", f"{len(groups)} groups x {len(prompts)} prompts x {len(info.get('seeds', []))} seeds = {info.get('cells_total', 0)} cells"),
         ("faces not found", f"{info.get('faces_not_found', 0)} of {info.get('cells_total', 0)} cells (counted, never scored)"),
         ("groups", "; ".join(f"{g['name']}: {g['source']}" + (f" ({g['extra_training_steps']} training steps of its own)" if g.get("extra_training_steps") else "")
                              for g in groups) or "none"),
-        ("audit head at report time", f"{head} (line {lines})"),
+        audit_head_item(facts),
     ]
     out = ['<dl class="summary" id="summary">'] + [f"<dt>{html_text(key)}</dt><dd>{html_text(value)}</dd>" for key, value in items] + ["</dl>"]
     if info.get("faceid_note"):

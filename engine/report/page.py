@@ -308,9 +308,11 @@ figure.chart img{width:100%;max-width:1000px}
 figure.locked{border:3px solid #2e7d32} figure.noface{border-color:#c62828}
 figcaption{font-size:.8rem;line-height:1.35;max-width:192px;word-wrap:break-word}
 figure.chart figcaption{max-width:none}
-.photo{position:relative;display:inline-block} .photo img{width:320px}
+.photo{position:relative;display:inline-block;overflow:hidden} .photo img{width:320px}
 .box{position:absolute;border:2px solid #9e9e9e} .box.chosen{border-color:#2e7d32} .box.crop{border:2px dashed #1565c0}
 .badge{display:inline-block;padding:0 .35rem;border-radius:3px;font-size:.75rem;font-weight:600;color:#fff;background:#555}
+.seeds{display:flex;flex-wrap:wrap;gap:.6rem;margin:.6rem 0} .seed{border:1px solid #ddd;border-radius:4px;padding:.3rem}
+.seed>h4{margin:.1rem 0 .3rem;font-size:.9rem} .seed figure img{width:160px} .seed figcaption{max-width:160px}
 .badge.locked{background:#2e7d32} .badge.noface{background:#c62828} .badge.disagree{background:#e65100} .badge.best{background:#1565c0}
 table{border-collapse:collapse;margin:.6rem 0} td,th{border:1px solid #ddd;padding:.3rem .5rem;vertical-align:top;text-align:left;font-size:.9rem}
 pre{background:#f5f5f5;padding:.6rem;overflow:auto;max-height:30rem;font-size:.8rem}
@@ -389,13 +391,20 @@ def _original_figure(photo: dict[str, Any], src: str, file: str) -> str:
         (cx, cy), side = crop["center"], crop["side"]
         boxes.append(_box(cx - side / 2, cy - side / 2, side, side, width, height, "box crop"))
     caption = [f"<b>original</b> {width}×{height} px (display copy)", "green: subject's face; grey: other faces; dashed: crop"]
+    if any("past-edge" in box for box in boxes):
+        caption.append("the crop runs past the photo's edge (padded there): drawn to the edge")
     return (f'<figure class="original" data-kind="original" data-file="{html_attr(file)}"><div class="photo"><img src="{src}" alt="original {html_attr(photo["name"])}">{"".join(boxes)}</div>'
             f"<figcaption>{'<br>'.join(caption)}</figcaption></figure>")
 
 
 def _box(x: float, y: float, w: float, h: float, width: int, height: int, css: str) -> str:
-    return (f'<div class="{css}" style="left:{100 * x / width:.3f}%;top:{100 * y / height:.3f}%;'
-            f'width:{100 * w / width:.3f}%;height:{100 * h / height:.3f}%"></div>')
+    """A box on the photo, clipped to its frame: a crop that runs past the photo's edge (the prepare
+    stage pads there) is drawn to the edge, never across the cards beside it."""
+    left, top, right, bottom = max(0.0, x), max(0.0, y), min(float(width), x + w), min(float(height), y + h)
+    if (left, top, right, bottom) != (x, y, x + w, y + h):
+        css += " past-edge"
+    return (f'<div class="{css}" style="left:{100 * left / width:.3f}%;top:{100 * top / height:.3f}%;'
+            f'width:{100 * max(0.0, right - left) / width:.3f}%;height:{100 * max(0.0, bottom - top) / height:.3f}%"></div>')
 
 
 def _settings(facts: JobFacts) -> list[str]:
@@ -467,6 +476,14 @@ def _audit(facts: JobFacts) -> list[str]:
 
 def audit_head(facts: JobFacts) -> tuple[str, int]:
     return (facts.audit[-1].get("hash", "—"), len(facts.audit)) if facts.audit else ("—", 0)
+
+
+def audit_head_item(facts: JobFacts) -> tuple[str, str]:
+    """The summary's line for the audit head, with why it is not the head `verify-audit` prints:
+    the report is sealed into the manifest before the job's last line (job_finished) is written."""
+    head, lines = audit_head(facts)
+    return ("audit head sealed with this report",
+            f"{head} (line {lines}; verify-audit names line {lines + 1}, the job_finished line written after the report)")
 
 
 def figure_html(src: str, file: str, kind: str, caption: list[str], css: str = "") -> str:

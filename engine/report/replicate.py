@@ -18,7 +18,7 @@ import numpy as np
 from engine import layout
 from engine.kinds.sections import CONTROL_GROUP, IDENTITY_METHODS
 from engine.layout import DRIFT_CHART, LOSS_CHART
-from engine.report.page import (JobFacts, Section, audit_head, axis_top, figure_html, fmt_maybe, fmt_number, html_attr, html_text, legend, new_figure,
+from engine.report.page import (JobFacts, Section, audit_head_item, axis_top, figure_html, fmt_maybe, fmt_number, html_attr, html_text, legend, new_figure,
                                 no_face_marks, png)
 
 PASS_ORDER = {"anchor": 0, "scene": 1, "rescue": 2, "realism": 1}
@@ -53,7 +53,7 @@ def drift_chart_png(facts: JobFacts) -> bytes:
     lock threshold; and the second model's distances against its tolerances."""
 
     def draw():
-        figure = new_figure(11, 10, top=0.8, bottom=1.3)
+        figure = new_figure(12, 10, top=0.8, bottom=1.3, right=3.2)  # the legends' longest label: "lora+faceid: no face found (no drift)"
         seeds_axis, renders_axis, second_axis = figure.subplots(3, 1)
         threshold = facts.threshold
         candidates = (facts.verify or {}).get("candidates", [])
@@ -73,7 +73,8 @@ def drift_chart_png(facts: JobFacts) -> bytes:
         seeds_axis.set_xticks(positions, [f"{c['seed']}{' (locked)' if c['seed'] == locked_seed else ''}" for c in candidates],
                               rotation=45 if len(candidates) > 12 else 0)
         seeds_axis.set_xlabel("seed")
-        seeds_axis.set_title("Seed candidates: " + " vs ".join(VERIFY_GROUP_TITLES.get(g, g) for g in groups) + " (no adapter)")
+        # the titles sit above the no-face strip (no_face_marks), not on it
+        seeds_axis.set_title("Seed candidates: " + " vs ".join(VERIFY_GROUP_TITLES.get(g, g) for g in groups) + " (no adapter)", pad=18)
         render_rows = [r for r in facts.rows if r.get("kind") == "render"]
         render_positions = np.arange(len(render_rows), dtype=float)
         found = [(p, r["drift"]) for p, r in zip(render_positions, render_rows) if r["drift"] is not None]
@@ -83,7 +84,7 @@ def drift_chart_png(facts: JobFacts) -> bytes:
         if missing:
             no_face_marks(renders_axis, missing, "tab:red", "no face found (no drift)")
         renders_axis.set_xticks(render_positions, [_render_label(r) for r in render_rows], rotation=45 if len(render_rows) > 8 else 0, fontsize=8)
-        renders_axis.set_title("Renders per pass")
+        renders_axis.set_title("Renders per pass", pad=18)
         for axis in (seeds_axis, renders_axis):
             if threshold is not None:
                 axis.axhline(threshold, color="tab:red", linestyle="--", linewidth=1, label=f"lock threshold {threshold:g}")
@@ -194,7 +195,6 @@ def _summary(facts: JobFacts) -> list[str]:
     selection = (facts.drift_report or {}).get("seed_selection") or {key: (facts.verify or {}).get(key) for key in
                                                                       ("status", "reason", "best_seed", "best_drift", "locked_seed", "threshold")}
     second = (facts.drift_report or {}).get("identity2") or {}
-    head, lines = audit_head(facts)
     items = [
         ("seed selection", f"{selection.get('status') or 'not run'}: {selection.get('reason') or ''}"),
         ("locked seed", fmt_maybe(selection.get("locked_seed"))),
@@ -203,7 +203,7 @@ def _summary(facts: JobFacts) -> list[str]:
         ("images scored (a face found)", f"{sum(1 for row in facts.rows if row.get('face_found'))} of {len(facts.rows)} rendered"),
         ("faces not found", str((facts.drift_report or {}).get("faces_not_found", "—"))),
         ("second model disagreements", _second_summary(second)),
-        ("audit head at report time", f"{head} (line {lines})"),
+        audit_head_item(facts),
     ]
     out = ['<dl class="summary" id="summary">']
     out += [f"<dt>{html_text(key)}</dt><dd>{html_text(value)}</dd>" for key, value in items]
@@ -237,7 +237,10 @@ def _seeds(facts: JobFacts, job_src) -> list[str]:
                f"{html_text(verify['status'])}: {html_text(verify['reason'])}. Faces not found: {html_text(not_found)}.</p>")
     if verify.get("faceid_note"):
         out.append('<p class="warning" id="faceid-note">' + html_text(verify["faceid_note"]) + "</p>")
-    out.append('<table id="seed-table"><tr><th>seed</th>' + "".join(f"<th>{html_text(VERIFY_GROUP_HEADINGS.get(g, g))}</th>" for g in groups) + "</tr>")
+    out.append(credentials_line([rows.get((f"verify_{group}", candidate["seed"]), {}) for candidate in verify["candidates"] for group in groups]))
+    # One block per seed (its groups side by side), wrapping: a table row per seed left the seed
+    # column empty beside tall images.
+    out.append('<div class="seeds" id="seed-table">')
     for candidate in verify["candidates"]:
         seed = candidate["seed"]
         marks = []
@@ -247,15 +250,15 @@ def _seeds(facts: JobFacts, job_src) -> list[str]:
             marks.append('<span class="badge best">rendered from (not locked)</span>')
         if seed in rank:
             marks.append(f'<span class="muted">rank {rank[seed]}</span>')
-        cells = []
+        figures = []
         for group in groups:
             result = candidate[group]
             row = rows.get((f"verify_{group}", seed), {})
             css = "locked" if group == method and seed == verify.get("locked_seed") else ""
-            cells.append("<td>" + _scored_figure(job_src(result["file"]), result["file"], "candidate", css, f"seed {seed}, {group}", result["drift"],
-                                                 result["face_found"], row) + "</td>")
-        out.append(f"<tr><td><b>{seed}</b><br>{' '.join(marks)}</td>{''.join(cells)}</tr>")
-    return out + ["</table></section>"]
+            figures.append(_scored_figure(job_src(result["file"]), result["file"], "candidate", css, VERIFY_GROUP_HEADINGS.get(group, group),
+                                          result["drift"], result["face_found"], row))
+        out.append(f'<div class="seed" data-seed="{seed}"><h4>seed {seed} {" ".join(marks)}</h4><div class="row">{"".join(figures)}</div></div>')
+    return out + ["</div></section>"]
 
 
 def _drift(facts: JobFacts) -> list[str]:
@@ -276,6 +279,7 @@ def _renders(facts: JobFacts, job_src) -> list[str]:
     groups: dict[tuple[int, int], list[dict[str, Any]]] = {}
     for row in renders:
         groups.setdefault((row["render"], row["output"]), []).append(row)
+    out.append(credentials_line(renders))
     for (entry, output), passes in sorted(groups.items()):
         first = passes[0]
         negative = passes[-1].get("negative_prompt")
@@ -368,9 +372,23 @@ def _scored_figure(src: str, file: str, kind: str, css: str, title: str, drift: 
         caption.append(f"dlib distance {fmt_number(row['identity2_distance'])} ({html_text(row.get('identity2_verdict'))})")
     if row.get("models_disagree"):
         caption.append('<span class="badge disagree">models disagree</span>')
-    if row.get("credentials"):
-        caption.append(f'<span class="muted">C2PA Content Credentials: {html_text(row["credentials"])}</span>')
     return figure_html(src, file, kind, caption, css)
+
+
+def credentials_line(rows: list[dict[str, Any]]) -> str:
+    """The C2PA Content Credentials of a section's images, said once: one status for all of them,
+    or each distinct status with the images that have it."""
+    statuses: dict[str, list[str]] = {}
+    for row in rows:
+        if row.get("credentials"):
+            statuses.setdefault(str(row["credentials"]), []).append(str(row.get("file", "")))
+    if not statuses:
+        return ""
+    if len(statuses) == 1:
+        [(status, files)] = statuses.items()
+        return f'<p class="muted credentials">C2PA Content Credentials of these {len(files)} images: {html_text(status)}</p>'
+    parts = [f"{html_text(status)}: {html_text(', '.join(files))}" for status, files in sorted(statuses.items())]
+    return '<p class="muted credentials">C2PA Content Credentials: ' + "; ".join(parts) + "</p>"
 
 
 SECTIONS = {

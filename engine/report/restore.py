@@ -8,12 +8,11 @@ page's); file names from engine.layout.
 from __future__ import annotations
 
 from engine import layout
-from engine.report.page import JobFacts, Section, audit_head, figure_html, fmt_number, html_text
+from engine.report.page import JobFacts, Section, audit_head_item, figure_html, fmt_number, html_text
 
 
 def _restore_summary(facts: JobFacts) -> list[str]:
     info = facts.restore or {}
-    head, lines = audit_head(facts)
     cover = info.get("coverage") or {}
     items = [
         ("verdict", f"{info.get('verdict', 'not run')}: " + ("; ".join(info.get("reasons") or []) or "within every limit")),
@@ -22,7 +21,7 @@ def _restore_summary(facts: JobFacts) -> list[str]:
         ("generative", "no: the TELEA fill alone (classical)" if info.get("generative") is False else "yes"),
         ("identity", info.get("identity") or "—"),
         ("seed spread (hallucination index)", fmt_number(info.get("seed_spread"))),
-        ("audit head at report time", f"{head} (line {lines})"),
+        audit_head_item(facts),
     ]
     out = ['<dl class="summary" id="summary">']
     out += [f"<dt>{html_text(key)}</dt><dd>{html_text(value)}</dd>" for key, value in items]

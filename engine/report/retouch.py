@@ -9,12 +9,11 @@ page's); file names from engine.layout.
 from __future__ import annotations
 
 from engine import layout
-from engine.report.page import JobFacts, Section, audit_head, figure_html, fmt_number, html_text
+from engine.report.page import JobFacts, Section, audit_head_item, figure_html, fmt_number, html_text
 
 
 def _retouch_summary(facts: JobFacts) -> list[str]:
     info = facts.retouch or {}
-    head, lines = audit_head(facts)
     marks = info.get("landmarks") or {}
     regions = info.get("regions") or []
     items = [
@@ -24,7 +23,7 @@ def _retouch_summary(facts: JobFacts) -> list[str]:
         ("landmarks", f"106 points, checked by {marks.get('check') or 'nothing'}: disagreement {fmt_number(marks.get('disagreement_iod'), 3)} IOD"
                       + (" — UNCERTAIN, check the masks by eye" if marks.get("uncertain") else "")),
         ("strengths x seeds", f"{info.get('strengths')} x {info.get('seeds')}, {info.get('compositing')} compositing"),
-        ("audit head at report time", f"{head} (line {lines})"),
+        audit_head_item(facts),
     ]
     out = ['<dl class="summary" id="summary">']
     out += [f"<dt>{html_text(key)}</dt><dd>{html_text(value)}</dd>" for key, value in items]

@@ -127,6 +127,10 @@ def test_report_shows_every_image_in_headless_chromium(finished):
             images = page.evaluate("""() => Array.from(document.querySelectorAll('figure[data-file] img')).map(img => ({
                 file: img.closest('figure').dataset.file, kind: img.closest('figure').dataset.kind,
                 loaded: img.complete && img.naturalWidth > 0, shown: img.getBoundingClientRect().width > 0 }))""")
+            # every box drawn on a photo (faces, the crop) stays inside that photo's frame
+            boxes = page.evaluate("""() => Array.from(document.querySelectorAll('.photo .box')).map(box => {
+                const b = box.getBoundingClientRect(), p = box.closest('.photo').getBoundingClientRect();
+                return {css: box.className, inside: b.left >= p.left - 1 && b.top >= p.top - 1 && b.right <= p.right + 1 && b.bottom <= p.bottom + 1}; })""")
             page.screenshot(path=str(screenshot), full_page=True)
         finally:
             browser.close()
@@ -140,6 +144,8 @@ def test_report_shows_every_image_in_headless_chromium(finished):
     assert by_kind["render"] == {f for f in expected if f.startswith("renders/")}
     assert by_kind["chart"] == {LOSS_CHART, DRIFT_CHART}
     assert len(by_kind["prepared"]) == 4 and by_kind["original"] == {"report/original_0.png"}
+    assert boxes and all(box["inside"] for box in boxes), boxes
+    assert any("past-edge" in box["css"] for box in boxes)  # the astronaut's crop runs past the top of her photo
     assert screenshot.stat().st_size > 10_000
     assert verify_audit(job).ok  # the screenshot beside it changed nothing listed
 
@@ -165,3 +171,57 @@ def test_progress_bars_follow_training_seeds_and_renders(finished):
     assert "train: 100%" in progress and "/8 " in progress  # planned: the step cap; ended 100 % when the phases converged earlier
     assert "verify: 100%" in progress and "6/6" in progress  # 3 seeds, LoRA and control
     assert "render: 100%" in progress and "3/3" in progress
+
+
+def _chart_faults(figure) -> list[str]:
+    """What is wrong with a drawn chart a reader would notice: a legend running past the figure's
+    edge (its labels cut), or a title drawn over the no-face strip above a plot."""
+    figure.canvas.draw()
+    renderer = figure.canvas.get_renderer()
+    frame = figure.bbox
+    faults = []
+    for axis in figure.axes:
+        box = axis.get_legend().get_window_extent(renderer) if axis.get_legend() else None
+        if box is not None and (box.x0 < frame.x0 - 1 or box.x1 > frame.x1 + 1 or box.y0 < frame.y0 - 1 or box.y1 > frame.y1 + 1):
+            faults.append(f"legend of {axis.get_title()!r} runs past the figure: {box} outside {frame}")
+        title = axis.title.get_window_extent(renderer)
+        for collection in axis.collections:
+            points = collection.get_offset_transform().transform(collection.get_offsets())
+            if any(title.x0 <= x <= title.x1 and title.y0 <= y <= title.y1 for x, y in points):
+                faults.append(f"a marker sits on the title {axis.get_title()!r}")
+    return faults
+
+
+def test_every_chart_keeps_its_legend_in_the_picture_and_its_title_clear(finished, monkeypatch):
+    """Each chart of the report drawn again from the job folder, checked as a reader sees it."""
+    import engine.report.page as page
+    from engine.report import build_report
+    from engine.report import evaluate, replicate, restore, retouch
+
+    checked: list[str] = []
+    real_png = page.png
+
+    def checking_png(draw):
+        def drawn():
+            figure = draw()
+            faults = _chart_faults(figure)
+            assert not faults, faults
+            checked.append(figure.axes[0].get_title())
+            return figure
+        return real_png(drawn)
+
+    for module in (page, replicate, evaluate, restore, retouch):
+        if hasattr(module, "png"):
+            monkeypatch.setattr(module, "png", checking_png)
+    job, _, _, _ = finished
+    build_report(job)
+    assert len(checked) == 2, checked  # the drift chart and the loss chart
+    # the check sees a fault: a legend pushed past the right edge
+    from matplotlib.figure import Figure
+    figure = Figure(figsize=(4, 3))
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    FigureCanvasAgg(figure)
+    axis = figure.subplots()
+    axis.plot([0, 1], label="a label far too long to fit in the margin of this small figure")
+    axis.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    assert _chart_faults(figure)

@@ -6,6 +6,7 @@ another lab, a journal cut back) is named by verify-audit or verify-journal."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -128,7 +129,9 @@ def test_an_untouched_outbox_verifies_as_signed_and_trusted(lab, anchors, lab_ke
     assert journal.entries == 3 and journal.jobs_checked == 3 and journal.signed == "trusted"
     report_html = (alice / "report.html").read_text()
     assert report.trust.key_fingerprint in report_html and "Test Lab content signer" in report_html
-    assert report_html.count("C2PA Content Credentials: signed") == generated
+    # said once per section (seed candidates, renders), counting the images it covers: every one
+    said = [int(n) for n in re.findall(r"C2PA Content Credentials of these (\d+) images: signed<", report_html)]
+    assert len(said) == 2 and sum(said) == generated, said
 
 
 def test_every_generated_image_carries_the_labs_content_credentials(lab, anchors):
