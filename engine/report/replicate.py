@@ -126,28 +126,34 @@ def _draw_second_model(axis, facts: JobFacts) -> None:
 
 
 def loss_chart_png(facts: JobFacts) -> bytes:
-    """All phases on one axis (phase exits marked with reason and step), then one panel per
-    phase on its own scale."""
+    """All phases on one axis, each relative to its own start (phase exits marked with reason and
+    step), then one panel per phase with its raw loss on its own scale. Phases train with different
+    loss functions (MSE, Huber, Charbonnier): their raw values share no scale, and drawn on one axis
+    a phase change looked like a jump up or down."""
     phases = (facts.train or {}).get("phases", [])
 
     def draw():
         panels = max(1, len(phases))
         rows = 1 + (panels + 1) // 2
-        figure = new_figure(11, 3.2 * rows, right=1.4, top=0.5, bottom=0.6, hspace=0.5)
+        figure = new_figure(11, 3.2 * rows, right=2.1, top=0.5, bottom=0.6, hspace=0.5)  # the legend: "FINAL_FINE (charbonnier)"
         grid = figure.add_gridspec(rows, 2)
         overview = figure.add_subplot(grid[0, :])
         colours = [f"C{i % 10}" for i in range(len(phases))]
         for colour, phase in zip(colours, phases):
             points = [(step, loss) for name, step, _, loss, _ in facts.loss if name == phase["name"]]
-            if points:
-                overview.plot(*zip(*points), color=colour, linewidth=1.2, label=phase["name"])
+            probes = [probe for name, _, _, _, probe in facts.loss if name == phase["name"] and probe is not None]
+            start = probes[0] if probes else (points[0][1] if points else None)  # the phase's first probe loss, else its first step's
+            if points and start:
+                overview.plot([step for step, _ in points], [loss / start for _, loss in points], color=colour, linewidth=1.2,
+                              label=f"{phase['name']} ({phase['loss']})")
             if phase.get("steps"):
                 overview.axvline(phase["last_step"], color=colour, linestyle="--", linewidth=0.8)
                 overview.annotate(f"{phase['name']}: {phase['exit_reason']} @ {phase['last_step']}", xy=(phase["last_step"], 0.98),
                                   xycoords=("data", "axes fraction"), rotation=90, ha="right", va="top", fontsize=7, color=colour)
-        overview.set_title("Training loss, every phase (dashed: phase exit, with reason and step)")
+        overview.set_title("Training loss of every phase, relative to the phase's first probe loss (dashed: phase exit, reason, step)")
         overview.set_xlabel("step")
-        overview.set_ylabel("loss")
+        overview.set_ylabel("loss ÷ phase start")
+        overview.axhline(1.0, color="tab:gray", linewidth=0.6)
         overview.grid(alpha=0.3)
         if phases:
             legend(overview)
@@ -326,7 +332,9 @@ def _second_model(facts: JobFacts) -> list[str]:
 def _training(facts: JobFacts) -> list[str]:
     out = ['<section id="training"><h2>6. Training</h2>']
     out.append(figure_html(html_attr(quote(LOSS_CHART)), LOSS_CHART, "chart",
-                            [html_text("Loss of every training phase; each phase ends when its probe loss has converged (or diverges), at its step cap, or at the job's total cap.")], "loss"))
+                            [html_text("Loss of every training phase; each phase ends when its probe loss has converged (or diverges), at its step cap, or at the job's total cap. "
+                                      "Top: every phase relative to its own start (the phases use different loss functions, so raw values do not compare); "
+                                      "below: each phase's raw step and probe loss.")], "loss"))
     train = facts.train
     if not train:
         return out + [f"<p>No training record ({layout.TRAIN_INFO}).</p></section>"]
