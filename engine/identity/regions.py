@@ -82,7 +82,15 @@ class RegionMask:
 
     def facts(self) -> dict[str, object]:
         return {"region": self.name, "applicable": self.applicable, "reason": self.reason, "drawn_px": self.drawn_px,
-                "kept": round(self.kept, 4), "mask_px": int(self.mask.sum()), "feather_support_px": int((self.alpha > 0).sum())}
+                "kept": round(self.kept, 4), "mask_px": int(self.mask.sum()), "feather_support_px": int((self.alpha > 0).sum()),
+                "bbox": self.bbox}
+
+    @property
+    def bbox(self) -> list[int] | None:
+        """[x0, y0, x1, y1) of the feathered support (what compositing may change), None when empty:
+        where a reviewer looks for the edit (the report's before/after close-ups)."""
+        ys, xs = np.nonzero(self.alpha > 0)
+        return None if xs.size == 0 else [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1]
 
 
 def region_masks(rgb: np.ndarray, marks: lm.Landmarks, names: tuple[str, ...] = REGIONS, *, min_skin: float = MIN_SKIN) -> dict[str, RegionMask]:

@@ -304,7 +304,8 @@ h1{margin-bottom:.2rem} h2{border-bottom:2px solid #ddd;padding-bottom:.2rem;mar
 .row{display:flex;flex-wrap:wrap;gap:.8rem;align-items:flex-start;margin:.6rem 0}
 figure{margin:0;padding:.4rem;border:1px solid #ddd;border-radius:4px;background:#fafafa}
 figure img{display:block;width:192px;height:auto;image-rendering:auto}
-figure.chart img{width:100%;max-width:1000px}
+figure.chart img{width:100%;max-width:1000px} figure.grid img{width:100%;max-width:1100px} figure.grid figcaption{max-width:none}
+.crop{overflow:hidden;display:block} figure.closeup .crop img{width:auto;max-width:none;height:auto} figure.closeup figcaption{max-width:480px}
 figure.locked{border:3px solid #2e7d32} figure.noface{border-color:#c62828}
 figcaption{font-size:.8rem;line-height:1.35;max-width:192px;word-wrap:break-word}
 figure.chart figcaption{max-width:none}

@@ -46,7 +46,7 @@ from engine.identity.regions import REGIONS, RegionMask, feathered, protected_fe
 from engine.schema import to_plain
 
 NAME = "retouch"
-VERSION = 1
+VERSION = 2  # 2: each region's record has its bbox (the report's before/after close-ups)
 OUTPUTS = (layout.RETOUCH_DIR,)
 SCRATCH = (layout.RETOUCH_PROGRESS_DIR,)
 MODELS = ("faces", "landmarks", "inpaint", "identity2")  # every model role it may use (engine.inventory checks them); models(ctx): this job's

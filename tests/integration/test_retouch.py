@@ -5,6 +5,7 @@ mid-sweep that resumes without redoing finished variants, refusals that name the
 from __future__ import annotations
 
 import json
+import re
 import os
 import signal
 import subprocess
@@ -79,6 +80,16 @@ def test_a_demo_retouch_job_runs_end_to_end_with_its_report(finished):
     page = (out / "report.html").read_text()
     assert "<h1>Retouch report: alice</h1>" in page and 'id="retouch-masks"' in page and 'id="variants"' in page
     assert all(f"retouch/grids/{name}.png" in page for name in info["region_sets"])
+    # before/after at full resolution: each region of each set, the photo as dropped beside the
+    # variant, cut to the region's recorded box (plus margin) by the page, never resampled
+    closeups = re.findall(r'<figure class="closeup" data-kind="closeup" data-file="([^"]+)"><div class="crop" style="width:(\d+)px;height:(\d+)px">'
+                          r'<img src="[^"]+" alt="[^"]+" style="margin:(-?\d+)px 0 0 (-?\d+)px">', page)
+    regions_shown = sum(len(name.split("+")) for name in info["region_sets"])
+    assert len(closeups) == 2 * regions_shown
+    assert {file for file, *_ in closeups[::2]} == {"inputs/a.png"}
+    x0, y0, x1, y1 = regions["under_eye"]["bbox"]
+    width, height, top, left = map(int, closeups[0][1:])
+    assert (-left, -top) == (max(0, x0 - 24), max(0, y0 - 24)) and width >= x1 - x0 and height >= y1 - y0
     assert not (out / "retouch_progress").exists()
 
 
