@@ -487,6 +487,24 @@ def audit_head_item(facts: JobFacts) -> tuple[str, str]:
             f"{head} (line {lines}; verify-audit names line {lines + 1}, the job_finished line written after the report)")
 
 
+CLOSEUP_MARGIN = 24  # px of photo around a region's feathered support
+CLOSEUP_MAX_SIDE = 480  # px: a larger region is shown from its top left corner, at full resolution still
+
+
+def closeup(src: str, file: str, box: list[int], caption: str) -> str:
+    """`file` at its own resolution, cut to `box` (x0, y0, x1, y1) by the page, not resampled: the
+    subtle skin edits a reviewer must judge do not survive a thumbnail."""
+    x0, y0, x1, y1 = box
+    return (f'<figure class="closeup" data-kind="closeup" data-file="{html_attr(file)}"><div class="crop" style="width:{x1 - x0}px;height:{y1 - y0}px">'
+            f'<img src="{src}" alt="{html_attr(file)}" style="margin:{-y0}px 0 0 {-x0}px"></div><figcaption>{html_text(caption)}</figcaption></figure>')
+
+
+def closeup_box(bbox: list[int]) -> list[int]:
+    x0, y0, x1, y1 = bbox
+    x0, y0 = max(0, x0 - CLOSEUP_MARGIN), max(0, y0 - CLOSEUP_MARGIN)
+    return [x0, y0, min(x1 + CLOSEUP_MARGIN, x0 + CLOSEUP_MAX_SIDE), min(y1 + CLOSEUP_MARGIN, y0 + CLOSEUP_MAX_SIDE)]
+
+
 def figure_html(src: str, file: str, kind: str, caption: list[str], css: str = "") -> str:
     """One image with its caption (HTML, already escaped). `kind` (data-kind) says what it is:
     prepared, candidate, render or chart."""

@@ -8,7 +8,7 @@ page's); file names from engine.layout.
 from __future__ import annotations
 
 from engine import layout
-from engine.report.page import JobFacts, Section, audit_head_item, figure_html, fmt_number, html_text
+from engine.report.page import JobFacts, Section, audit_head_item, closeup, closeup_box, figure_html, fmt_number, html_text
 
 
 def _restore_summary(facts: JobFacts) -> list[str]:
@@ -42,7 +42,28 @@ def _restore_variants(facts: JobFacts, job_src) -> list[str]:
     return out + ["</div></section>"]
 
 
+def _restore_closeups(facts: JobFacts, job_src) -> list[str]:
+    """Before and after, at full resolution: the damaged photo as dropped beside the variant of
+    least drift to the references (the first seed when none were given) and the classical fill,
+    cut to the damage mask's box by the page, never resampled."""
+    info = facts.restore or {}
+    out = ['<section id="restore-closeups"><h2>Before and after, full resolution</h2>']
+    if not info.get("mask_box"):
+        return out + ["<p>Nothing to show: no mask box recorded (a job from before close-ups).</p></section>"]
+    box = closeup_box(info["mask_box"])
+    photo = f"{layout.INPUTS_DIR}/{info.get('photo', '')}"
+    shown = [closeup(job_src(photo), photo, box, "the damaged photo as dropped")]
+    if info.get("classical_fill"):
+        shown.append(closeup(job_src(info["classical_fill"]), info["classical_fill"], box, "TELEA fill: not generative"))
+    variants = info.get("variants", [])
+    if variants:
+        best = min(variants, key=lambda row: (row["drift_to_references"] if row.get("drift_to_references") is not None else 9.0, row["seed"]))
+        shown.append(closeup(job_src(best["file"]), best["file"], box, f"seed {best['seed']}: drift to the references {fmt_number(best.get('drift_to_references'))}"))
+    return out + ['<div class="row">' + "".join(shown) + "</div></section>"]
+
+
 SECTIONS = {
     "restore_summary": Section(lambda facts, job_src: _restore_summary(facts)),
+    "restore_closeups": Section(_restore_closeups),
     "restore_variants": Section(_restore_variants),
 }

@@ -9,7 +9,7 @@ page's); file names from engine.layout.
 from __future__ import annotations
 
 from engine import layout
-from engine.report.page import JobFacts, Section, audit_head_item, figure_html, fmt_number, html_attr, html_text
+from engine.report.page import JobFacts, Section, audit_head_item, closeup, closeup_box, figure_html, fmt_number, html_text
 
 
 def _retouch_summary(facts: JobFacts) -> list[str]:
@@ -44,24 +44,6 @@ def _retouch_masks(facts: JobFacts, job_src) -> list[str]:
     return out + ["</table></section>"]
 
 
-CLOSEUP_MARGIN = 24  # px of photo around a region's feathered support
-CLOSEUP_MAX_SIDE = 480  # px: a larger region is shown from its top left corner, at full resolution still
-
-
-def closeup(src: str, file: str, box: list[int], caption: str) -> str:
-    """`file` at its own resolution, cut to `box` (x0, y0, x1, y1) by the page, not resampled: the
-    subtle skin edits a reviewer must judge do not survive a thumbnail."""
-    x0, y0, x1, y1 = box
-    return (f'<figure class="closeup" data-kind="closeup" data-file="{html_attr(file)}"><div class="crop" style="width:{x1 - x0}px;height:{y1 - y0}px">'
-            f'<img src="{src}" alt="{html_attr(file)}" style="margin:{-y0}px 0 0 {-x0}px"></div><figcaption>{html_text(caption)}</figcaption></figure>')
-
-
-def _closeup_box(bbox: list[int]) -> list[int]:
-    x0, y0, x1, y1 = bbox
-    x0, y0 = max(0, x0 - CLOSEUP_MARGIN), max(0, y0 - CLOSEUP_MARGIN)
-    return [x0, y0, min(x1 + CLOSEUP_MARGIN, x0 + CLOSEUP_MAX_SIDE), min(y1 + CLOSEUP_MARGIN, y0 + CLOSEUP_MAX_SIDE)]
-
-
 def _retouch_closeups(facts: JobFacts, job_src) -> list[str]:
     """Before and after, at full resolution: for each region set, its accepted variant of least
     drift (when none was accepted, its variant of least drift, marked rejected with why: what was
@@ -83,7 +65,7 @@ def _retouch_closeups(facts: JobFacts, job_src) -> list[str]:
         for region in best["region_set"]:
             if not boxes.get(region):
                 continue
-            box = _closeup_box(boxes[region])
+            box = closeup_box(boxes[region])
             out.append('<div class="row">' + closeup(job_src(photo), photo, box, f"{region}: the photo as dropped")
                        + closeup(job_src(best["file"]), best["file"], box, f"{region}: {best['file']}") + "</div>")
             shown += 1

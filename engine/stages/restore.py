@@ -41,7 +41,7 @@ from engine.images import load_photo, png_bytes
 from engine.schema import to_plain
 
 NAME = "restore"
-VERSION = 1
+VERSION = 2  # 2: restore.json records the damage mask's box (the report's before/after close-ups)
 OUTPUTS = (layout.RESTORE_DIR,)
 MODELS = ("faces", "landmarks", "inpaint", "identity2")  # every model role it may use (engine.inventory checks them); models(ctx): this job's
 CROP_MARGIN = 0.5  # IOD around the mask: the model sees the face it repairs
@@ -86,7 +86,7 @@ def run(ctx: StageContext) -> None:
                            + "; ".join(reasons), details={"coverage": covered.facts(), "limits": to_plain(limits)})
         atomic_write_bytes(ctx.path(layout.RESTORE_CLASSICAL), png_bytes(filled, {"method": "OpenCV TELEA inpainting", "generative": "false",
                                                                                    "note": "refused for generative restoration: " + "; ".join(reasons)}))
-        _write_reports(ctx, facts, [], None, None, classical=True)
+        _write_reports(ctx, facts, [], None, None, _box_of(mask), classical=True)
         ctx.progress("restore_verdict", verdict="refused_classical", face_coverage=covered.face)
         return
     pipe = ctx.use("inpaint")
@@ -121,7 +121,7 @@ def run(ctx: StageContext) -> None:
         ctx.progress("restore_variant", seed=seed, drift=moved, verdict=verdict)
     ctx.progress("restore_verdict", verdict=verdict, face_coverage=covered.face)
     spread = float(np.mean([drift(a, b) for a, b in combinations(embeddings, 2)])) if len(embeddings) > 1 else None
-    _write_reports(ctx, facts, rows, baseline, spread)
+    _write_reports(ctx, facts, rows, baseline, spread, _box_of(grown))
 
 
 def _reference(ctx: StageContext, faces: Any) -> np.ndarray:
@@ -158,14 +158,20 @@ def _write_mask(ctx: StageContext, photo: np.ndarray, mask: np.ndarray) -> None:
     atomic_write_bytes(ctx.path(layout.RESTORE_OVERLAY), png_bytes(overlay))
 
 
+def _box_of(mask: np.ndarray) -> list[int] | None:
+    """[x0, y0, x1, y1) of the pixels the restoration may change: where a reviewer looks."""
+    ys, xs = np.nonzero(mask)
+    return None if xs.size == 0 else [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1]
+
+
 def _write_reports(ctx: StageContext, coverage_facts: dict[str, Any], rows: list[dict[str, Any]], baseline: float | None, spread: float | None,
-                   classical: bool = False) -> None:
+                   mask_box: list[int] | None, classical: bool = False) -> None:
     spec = ctx.job.spec.restore
     identity = ("identity_unverified: no undamaged reference photo of the person was given (restore.references)" if not spec.references
                 else f"ArcFace drift to the references: the damaged photo {baseline:.4f}" if baseline is not None else "")
     report = {
         "job_id": ctx.job_id, "subject": ctx.job.subject, "photo": ctx.job.spec.subject.photos[0], "mask": spec.mask or spec.painted,
-        "mask_form": "mask" if spec.mask else f"painted in {list(spec.key)}", "demo": ctx.demo,
+        "mask_form": "mask" if spec.mask else f"painted in {list(spec.key)}", "mask_box": mask_box, "demo": ctx.demo,
         "note": "demo model: random weights, the variants are noise" if ctx.demo else "",
         "verdict": "refused_classical" if classical else coverage_facts["verdict"], "reasons": coverage_facts["reasons"],
         "coverage": {k: coverage_facts[k] for k in ("face_coverage", "feature_coverage", "features")},

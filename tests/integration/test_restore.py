@@ -6,6 +6,7 @@ or, asked, answered with the classical fill alone."""
 from __future__ import annotations
 
 import json
+import re
 import time
 
 import cv2
@@ -69,6 +70,13 @@ def test_a_cheek_mask_of_a_tenth_of_the_face_restores_with_the_identity_scored(t
         assert not np.array_equal(variant[mask], astronaut_rgb[mask])
     page = (out / "report.html").read_text()
     assert "<h1>Restoration report: alice</h1>" in page and "seed spread" in page
+    # before and after at full resolution, cut to the grown mask's box (plus margin) by the page
+    assert info["mask_box"] == [179 - 3, 112 - 3, 204 + 3, 152 + 3]
+    closeups = re.findall(r'data-kind="closeup" data-file="([^"]+)"><div class="crop" style="width:(\d+)px;height:(\d+)px">'
+                          r'<img src="[^"]+" alt="[^"]+" style="margin:(-?\d+)px 0 0 (-?\d+)px">', page)
+    best = min(info["variants"], key=lambda row: (row["drift_to_references"], row["seed"]))["file"]
+    assert [c[0] for c in closeups] == ["inputs/damaged.png", best]
+    assert all(c[1:] == ("79", "94", str(-(112 - 3 - 24)), str(-(179 - 3 - 24))) for c in closeups), closeups
 
 
 def test_a_mask_over_both_eyes_is_refused_with_its_coverages_and_the_input_intact(tmp_path, restore_engine, astronaut_rgb):
