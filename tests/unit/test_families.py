@@ -65,3 +65,27 @@ def test_each_family_is_found_from_its_index_its_checkpoints_and_its_name():
         family_named("flux")
     with pytest.raises(ValueError, match="a object is of no known model family"):
         family_of(object())
+
+
+def test_a_folder_is_checked_for_its_familys_components(tmp_path):
+    """`models check` and the start-up check refuse an SDXL folder whose model_index.json lists no
+    second text encoder, naming the file and what the family needs (no weights are read)."""
+    import json
+
+    from engine.config import Settings
+    from engine.diffusion.models import resolve_model
+    from engine.errors import ConfigError
+
+    folder = tmp_path / "models" / "xl"
+    folder.mkdir(parents=True)
+    index = {"_class_name": "StableDiffusionXLPipeline", "text_encoder_2": [None, None], "tokenizer_2": [None, None],
+             **{name: ["diffusers", "X"] for name in ("unet", "vae", "text_encoder", "tokenizer", "scheduler")}}
+    (folder / "model_index.json").write_text(json.dumps(index))
+    settings = Settings.from_table({"paths": {"models": str(tmp_path / "models")}}, root=tmp_path)
+    with pytest.raises(ConfigError, match=r"models\.base: .*xl/model_index\.json lists no text_encoder_2, tokenizer_2; an SDXL pipeline") as refused:
+        resolve_model("xl", "", settings, demo=False)
+    assert refused.value.code == "model_invalid"
+    # The same index as SD's family lacks nothing: what is checked next is its component folders.
+    (folder / "model_index.json").write_text(json.dumps({**index, "_class_name": "StableDiffusionPipeline"}))
+    with pytest.raises(ConfigError, match="is incomplete, missing .*unet/"):
+        resolve_model("xl", "", settings, demo=False)

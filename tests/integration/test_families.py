@@ -1,0 +1,77 @@
+"""The model families on their tiny twins (issue 33, first part): each family's twin is
+recognised as that family, its training conditioning drives its own UNet (SDXL's pooled embedding
+and time ids), the LoRA trains its `lora_targets`, and its img2img and inpainting pipelines come
+from the text-to-image one by `from_pipe` and render through engine.diffusion.sampling.
+One twin build per family for the module; each test under a second on 2 cores."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from engine.diffusion.families import FAMILIES, family_of
+from engine.diffusion.sampling import inpaint, render
+from engine.diffusion.training import _denoising_loss, _encode_latents, _encode_text
+from engine.kinds.sections import PhaseSpec
+
+
+@pytest.fixture(scope="module", params=[family.name for family in FAMILIES])
+def twin(request):
+    from diffusers.utils import logging
+
+    logging.disable_progress_bar()
+    family = next(f for f in FAMILIES if f.name == request.param)
+    pipe, _ = family.build_twin()
+    pipe.set_progress_bar_config(disable=True)
+    return family, pipe
+
+
+def test_a_twin_is_its_familys_and_its_conditioning_drives_its_unet(twin):
+    from peft import LoraConfig
+
+    family, pipe = twin
+    assert family_of(pipe) is family and type(pipe).__name__ == family.text2img
+    assert pipe.unet.config.in_channels == family.latent_channels and pipe.vae.config.scaling_factor == family.vae_scaling_factor
+    text, added = _encode_text(pipe, "a photo of sks person", 128)
+    if family.name == "sdxl":  # the pooled embedding of the second encoder and six time ids, one row each
+        assert added is not None and added["text_embeds"].shape == (1, 32) and added["time_ids"].tolist() == [[128, 128, 0, 0, 128, 128]]
+        assert text.shape[-1] == pipe.unet.config.cross_attention_dim == 64  # both encoders' hidden states side by side
+    else:
+        assert added is None and text.shape[-1] == pipe.unet.config.cross_attention_dim
+    mean, std = _encode_latents(pipe, torch.zeros(1, 3, 128, 128))
+    assert mean.shape == (1, family.latent_channels, 16, 16)
+    unet = pipe.unet
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=list(family.lora_targets)), adapter_name="t")
+    try:
+        trained = {name.split(".lora_A")[0].rsplit(".", 1)[-1] for name, _ in unet.named_parameters() if ".lora_A." in name}
+        assert trained == {"to_k", "to_q", "to_v", "0"}  # to_out.0 ends in "0"
+        phase = PhaseSpec(name="COARSE", lr=1e-4, alpha=4, loss="mse", optimizer="adamw", min_steps=1, max_steps=1)
+        generator = torch.Generator().manual_seed(0)
+        noise = torch.randn(mean.shape, generator=generator)
+        from diffusers import DDPMScheduler
+
+        loss = _denoising_loss(unet, DDPMScheduler.from_config(pipe.scheduler.config), mean, noise, torch.tensor([500]), text, added, phase,
+                               torch.device("cpu"))
+        loss.backward()
+        assert torch.isfinite(loss) and any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in unet.named_parameters() if ".lora_B." in n)
+    finally:
+        unet.delete_adapters("t")
+        unet.zero_grad(set_to_none=True)
+
+
+def test_a_twins_img2img_and_inpainting_pipelines_are_its_familys_and_render(twin):
+    family, pipe = twin
+    image2image, inpainting = family.img2img_from(pipe), family.inpaint_from(pipe)
+    assert (type(image2image).__name__, type(inpainting).__name__) == (family.img2img, family.inpaint)
+    assert family_of(image2image) is family_of(inpainting) is family
+    assert image2image.unet is pipe.unet and inpainting.vae is pipe.vae  # from_pipe: the same components, no copy
+    for made in (image2image, inpainting):
+        made.set_progress_bar_config(disable=True)
+    text2img = render(pipe, "a photo", "", [1], steps=2, guidance=5.0, size=128)
+    again = render(pipe, "a photo", "", [1], steps=2, guidance=5.0, size=128, init_images=text2img, img2img=image2image, strength=0.5)
+    mask = np.zeros((128, 128), bool)
+    mask[32:96, 32:96] = True
+    painted = inpaint(inpainting, "a photo", "", [1], text2img[0], mask, steps=2, guidance=5.0, strength=1.0)
+    assert text2img.shape == again.shape == painted.shape == (1, 128, 128, 3)
+    assert not np.array_equal(text2img, again)
