@@ -75,3 +75,35 @@ def test_a_twins_img2img_and_inpainting_pipelines_are_its_familys_and_render(twi
     painted = inpaint(inpainting, "a photo", "", [1], text2img[0], mask, steps=2, guidance=5.0, strength=1.0)
     assert text2img.shape == again.shape == painted.shape == (1, 128, 128, 3)
     assert not np.array_equal(text2img, again)
+
+
+@pytest.mark.slow
+def test_a_replicate_job_on_the_sdxl_twin_finishes_through_the_engine(tmp_path, astronaut_rgb):
+    """The whole replicate chain (prepare, embed, train with SDXL's conditioning, verify, the
+    3-pass and 2-pass renders) on the SDXL twin staged as a lab's base and realism models,
+    through engine.runner.Engine; the audit log verifies. Slow (opt-in): ~8 s on 2 cores.
+    Issue 33's SDXL part carries every kind end to end."""
+    import json
+
+    from engine.config import Settings
+    from engine.diffusion.models import DEMO_MARKER, make_demo_model
+    from engine.provenance.verification import verify_audit
+    from engine.runner import Engine
+    from tests.harness.jobs import FAST_JOB, make_job
+
+    models = tmp_path / "models"
+    (make_demo_model(models / "tiny-xl", family="sdxl") / DEMO_MARKER).unlink()
+    settings = Settings.from_table({"paths": {"models": str(models)}, "models": {"base": "tiny-xl", "realism": "tiny-xl"}}, root=tmp_path)
+    job = FAST_JOB.replace("[train]\n", "[train]\nresolution = 128\n") + '\n[[render]]\nprompt = "portrait on a rainy street"\nmode = "two_pass"\nsteps = 2\n'
+    result = Engine(settings).run_job(make_job(tmp_path / "inbox" / "alice", {"a.png": astronaut_rgb}, job), tmp_path / "outbox")
+    assert result.outcome == "finished", result.error
+    out = result.output_dir
+    assert verify_audit(out).ok
+    train = json.loads((out / "train" / "train.json").read_text())
+    assert train["resolution"] == 128 and train["total_steps"] > 0
+    kohya = next((out / "lora").glob("alice_*.safetensors"))
+    from engine.diffusion.kohya import read_kohya_metadata
+
+    assert read_kohya_metadata(kohya)["ss_base_model_version"] == "sdxl_base_v1-0"
+    renders = sorted(p.name.split("_drift_")[0] for p in (out / "renders").glob("*.png"))
+    assert renders == ["r0_0_anchor", "r0_0_rescue", "r0_0_scene", "r1_0_anchor", "r1_0_realism"]
