@@ -6,7 +6,7 @@ render it/s and peak VRAM, with bf16, SDPA, channels_last and torch.compile each
 
 Architectures: the UNet, VAE and text encoders of SD-1.5 (CLIP ViT-L/14 text encoder) and
 SDXL (CLIP ViT-L + OpenCLIP bigG) built from their published configs (written out below: no
-hub), random weights from a fixed seed, a tokenizer made offline (engine.diffusion.models.offline_clip_tokenizer).
+hub), random weights from a fixed seed, a tokenizer made offline (engine.diffusion.families.offline_clip_tokenizer).
 Random weights cost exactly what trained ones do: the arithmetic and the memory traffic are
 the same; only the pictures are noise.
 
@@ -163,7 +163,7 @@ class Components:
         from diffusers import AutoencoderKL, DDIMScheduler, EulerDiscreteScheduler
         from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-        from engine.diffusion.models import offline_clip_tokenizer
+        from engine.diffusion.families import offline_clip_tokenizer
 
         self.spec, self.device = spec, device
         self.tokenizer, vocab = offline_clip_tokenizer()

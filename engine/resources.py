@@ -144,9 +144,10 @@ class Resources:
             if role == "realism" and self.demo:
                 self._pipelines[role] = self.pipeline("base")
             elif role == "inpaint" and self.inpaint_from_base():
-                from diffusers import AutoPipelineForInpainting
+                from engine.diffusion.families import family_of
 
-                inpainting = AutoPipelineForInpainting.from_pipe(self.pipeline("base"))
+                base = self.pipeline("base")
+                inpainting = family_of(base).inpaint_from(base)  # the family's inpainting pipeline on the base's components
                 inpainting.set_progress_bar_config(disable=True)
                 self._pipelines[role] = inpainting
             else:
@@ -161,9 +162,9 @@ class Resources:
         for owner, image2image in self._img2img:
             if owner is pipe:
                 return image2image
-        from diffusers import AutoPipelineForImage2Image
+        from engine.diffusion.families import family_of
 
-        image2image = AutoPipelineForImage2Image.from_pipe(pipe)
+        image2image = family_of(pipe).img2img_from(pipe)
         image2image.set_progress_bar_config(disable=True)
         self._img2img.append((pipe, image2image))
         return image2image

@@ -1,4 +1,5 @@
-"""Diffusion models: where their files are and loading them (models), rendering seeds with a
+"""Diffusion models: what differs between model families, SD and SDXL (families: one module each;
+nothing else names a pipeline class), where their files are and loading them (models), rendering seeds with a
 job's LoRA (sampling), training a LoRA through its phases (training), torch.compile of the UNets
 (compiling), and the kohya/ComfyUI LoRA format (kohya).
 

@@ -4,7 +4,9 @@ Forge, ComfyUI, InvokeAI and Fooocus read (and diffusers' `load_lora_weights` to
 Keys: `lora_unet_<module path with _>.lora_down.weight` / `.lora_up.weight`, and one `.alpha`
 scalar per module. Tools scale a module by alpha / rank, so `.alpha` holds the final phase's
 alpha, not the rank diffusers' own converter writes (`convert_state_dict_to_kohya` sets alpha =
-rank, which would change the LoRA's strength whenever alpha != rank).
+rank, which would change the LoRA's strength whenever alpha != rank). The module paths are
+diffusers' for every family; the base model's version and architecture in the metadata are the
+model family's (engine.diffusion.families: `kohya_base_version`, `kohya_architecture`).
 
 Metadata follows kohya's conventions (`ss_*`, read by the tools' LoRA browsers, and
 `modelspec.*`) plus our own `idrep.*` keys, so a file that travels alone says where it came
@@ -24,9 +26,7 @@ from engine.fsutil import canonical_json, sha256_bytes
 if TYPE_CHECKING:
     import torch
 
-# kohya's names of the base model families of ss_base_model_version, and modelspec's architectures.
-_FAMILIES = {"StableDiffusionPipeline": ("sd_v1", "stable-diffusion-v1/lora"),
-             "StableDiffusionXLPipeline": ("sdxl_base_v1-0", "stable-diffusion-xl-v1-base/lora")}
+    from engine.diffusion.families import Family
 
 
 def kohya_file_name(subject: str, job_id: str) -> str:
@@ -56,11 +56,12 @@ def base_model_digest(hashes: dict[str, str]) -> str:
     return sha256_bytes(canonical_json(dict(sorted(hashes.items()))).encode("utf-8"))
 
 
-def kohya_metadata(*, pipeline_class: str, rank: int, alpha: float, resolution: int, steps: int, max_steps: int, images: int,
+def kohya_metadata(*, family: Family, rank: int, alpha: float, resolution: int, steps: int, max_steps: int, images: int,
                    output_name: str, trigger: str, job_id: str, subject: str, base_model_hashes: dict[str, str],
                    train_fingerprint: str, demo: bool, engine_version: str) -> dict[str, str]:
-    """safetensors metadata (every value a string, as the format wants)."""
-    version, architecture = _FAMILIES.get(pipeline_class, ("sd_v1", "stable-diffusion-v1/lora"))
+    """safetensors metadata (every value a string, as the format wants); the base model's
+    version and architecture as `family` names them for kohya's tools."""
+    version, architecture = family.kohya_base_version, family.kohya_architecture
     return {
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(rank),

@@ -13,9 +13,12 @@ Nothing here reaches the network unless `allow_download` is true: local loads pa
 `local_files_only=True`, and `from_single_file` is only ever called with a local config
 folder (without one, diffusers quietly falls back to downloading SD-1.5's configs).
 
-The demo model is a tiny StableDiffusionPipeline with random weights from a fixed seed,
-generated on the spot (no files needed, nothing downloaded) so that the whole chain runs on
-a CPU in seconds. Its renders are noise; `DEMO_MODEL.json` in its folder says so.
+Which pipelines a folder may name, and what a staged folder of each needs, is its model
+family's (engine.diffusion.families): SD-1.x/2.x and SDXL, each text-to-image or inpainting.
+
+The demo model is the "sd" family's tiny twin, random weights from a fixed seed, generated on
+the spot (no files needed, nothing downloaded) so that the whole chain runs on a CPU in seconds.
+Its renders are noise; `DEMO_MODEL.json` in its folder says so.
 
 Importing this module loads no weights and imports neither torch nor diffusers.
 """
@@ -35,8 +38,8 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from engine.diffusion.families import TWIN_RESOLUTION, TWIN_SEED, Family, family_named, family_of, family_of_checkpoint, index_classes
 from engine.errors import ConfigError, Problem
-
 from engine.hashcache import sha256_of_files
 
 if TYPE_CHECKING:
@@ -48,8 +51,9 @@ log = structlog.get_logger(__name__)
 
 DEMO_NAME = "demo"  # the word in config.toml / the folder name under <models>/
 DEMO_MARKER = "DEMO_MODEL.json"
-DEMO_SEED = 0
-DEMO_RESOLUTION = 128  # pixels; the demo VAE downsamples 8x like SD, so 16x16 latents
+DEMO_SEED = TWIN_SEED
+DEMO_RESOLUTION = TWIN_RESOLUTION  # pixels; the demo VAE downsamples 8x like SD, so 16x16 latents
+DEMO_FAMILY = "sd"  # the demo model is this family's tiny twin
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 
 KIND_FOLDER = "diffusers_folder"
@@ -57,13 +61,9 @@ KIND_SINGLE_FILE = "single_file"
 KIND_HUB = "hub_id"
 KIND_DEMO = "demo"
 
-# model_index.json `_class_name` -> the pipeline family we load it as.
-_PIPELINE_FAMILIES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl",
-                      "StableDiffusionInpaintPipeline": "sd", "StableDiffusionXLInpaintPipeline": "sdxl"}
-# Inpainting pipelines: a 9-channel UNet (latents, mask, masked-image latents). Only models.inpaint
-# takes them, and models.inpaint takes nothing else (its "base" is the base model via from_pipe).
-_INPAINT_CLASSES = ("StableDiffusionInpaintPipeline", "StableDiffusionXLInpaintPipeline")
-INPAINT_CHANNELS = 9
+# Inpainting pipelines (each family's `inpaint`, a UNet of its `inpaint_channels`: latents, mask,
+# masked-image latents): only models.inpaint takes them, and models.inpaint takes nothing else
+# (its "base" is the base model via from_pipe).
 INPAINT_FROM_BASE = "base"  # models.inpaint = "base": the base model's own components, as an inpainting pipeline
 DEMO_INPAINT_NAME = "demo-inpaint"  # the demo model's 9-channel twin, under <models>/
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth")
@@ -209,8 +209,9 @@ def _check_diffusers_folder(folder: Path, key: str, inpaint: bool = False) -> No
             f"or set {key} to a single .safetensors checkpoint",
         )
     index = _read_model_index(index_path)
-    _pipeline_family(index, index_path)
-    _check_kind(index, index_path, key, inpaint, _unet_channels(folder / "unet" / "config.json"))
+    family = _pipeline_family(index, index_path)
+    _check_kind(index, index_path, key, inpaint, _unet_channels(folder / "unet" / "config.json"), family)
+    _check_components(index, index_path, key, family)
     missing: list[str] = []
     for component, (library, class_name) in _components(index).items():
         sub = folder / component
@@ -241,7 +242,9 @@ def _single_file_config(path: Path, config_name: str, models_dir: Path, config_k
             f"{config_key} = {config_name!r}: no model_index.json in {config_path}. Copy the config folder of the "
             f"checkpoint's family (e.g. stable-diffusion-v1-5 without its weights) to {config_path}",
         )
-    _pipeline_family(_read_model_index(config_path / "model_index.json"), config_path / "model_index.json")
+    index_path = config_path / "model_index.json"
+    index = _read_model_index(index_path)
+    _check_components(index, index_path, config_key, _pipeline_family(index, index_path))
     return config_path
 
 
@@ -266,17 +269,17 @@ def _check_checkpoint(path: Path, config_path: Path, key: str, inpaint: bool = F
             f"{key}: {path} holds no UNet (no model.diffusion_model.* tensors): it is not a whole Stable Diffusion "
             "checkpoint (a LoRA or a VAE?). Stage the full checkpoint",
         )
-    family = "sdxl" if any(n.startswith("conditioner.embedders.1.") for n in names) else "sd"
+    family = family_of_checkpoint(names)
     index_path = config_path / "model_index.json"
     index = _read_model_index(index_path)
     expected = _pipeline_family(index, index_path)
     first_conv = (header.get("model.diffusion_model.input_blocks.0.0.weight") or {}).get("shape") or [None, None]
-    _check_kind(index, index_path, key, inpaint, first_conv[1] if len(first_conv) > 1 else None, checkpoint=path)
+    _check_kind(index, index_path, key, inpaint, first_conv[1] if len(first_conv) > 1 else None, expected, checkpoint=path)
     if family != expected:
         raise ConfigError(
             "model_invalid",
-            f"{key}: {path} is an {'SDXL' if family == 'sdxl' else 'SD-1.x/2.x'} checkpoint but its config folder "
-            f"{config_path} is {'SDXL' if expected == 'sdxl' else 'SD-1.x/2.x'}; stage the matching config folder",
+            f"{key}: {path} is an {family.label} checkpoint but its config folder {config_path} is {expected.label}; "
+            "stage the matching config folder",
         )
 
 
@@ -290,30 +293,50 @@ def _read_model_index(index_path: Path) -> dict[str, Any]:
     return index
 
 
-def _pipeline_family(index: dict[str, Any], index_path: Path) -> str:
-    class_name = index.get("_class_name")
-    if class_name not in _PIPELINE_FAMILIES:
+def _pipeline_family(index: dict[str, Any], index_path: Path) -> Family:
+    try:
+        return family_of(index)
+    except ValueError:
         raise ConfigError(
             "model_unsupported",
-            f"{index_path} names the pipeline {class_name!r}; supported: {', '.join(_PIPELINE_FAMILIES)}",
-        )
-    return _PIPELINE_FAMILIES[class_name]
+            f"{index_path} names the pipeline {index.get('_class_name')!r}; supported: {', '.join(index_classes())}",
+        ) from None
 
 
-def _check_kind(index: dict[str, Any], index_path: Path, key: str, inpaint: bool, channels: int | None, checkpoint: Path | None = None) -> None:
-    """models.inpaint takes inpainting pipelines with a 9-channel UNet, and the other roles
-    anything else: each refusal names the key and where the other kind goes."""
-    is_inpaint = index.get("_class_name") in _INPAINT_CLASSES
+def model_family(ref: ModelRef) -> Family:
+    """The family of a resolved model, from its model_index.json (nothing is loaded)."""
+    if ref.kind == KIND_DEMO:
+        return family_named(DEMO_FAMILY)
+    folder = ref.config_path if ref.kind == KIND_SINGLE_FILE else _hub_folder(ref) if ref.kind == KIND_HUB else ref.path
+    index_path = Path(folder) / "model_index.json"
+    return _pipeline_family(_read_model_index(index_path), index_path)
+
+
+def _check_components(index: dict[str, Any], index_path: Path, key: str, family: Family) -> None:
+    """A model_index.json of `family` lists every component the family loads (its `components`:
+    SDXL's second text encoder and tokenizer too): a folder without one would fail only when loaded."""
+    listed = _components(index)
+    absent = [component for component in family.components if component not in listed]
+    if absent:
+        raise ConfigError("model_invalid", f"{key}: {index_path} lists no {', '.join(absent)}; an {family.label} pipeline "
+                                           f"({index.get('_class_name')}) needs {', '.join(family.components)}: copy the complete folder again")
+
+
+def _check_kind(index: dict[str, Any], index_path: Path, key: str, inpaint: bool, channels: int | None, family: Family,
+                checkpoint: Path | None = None) -> None:
+    """models.inpaint takes inpainting pipelines with a UNet of the family's inpainting channels
+    (9), and the other roles anything else: each refusal names the key and where the other kind goes."""
+    is_inpaint = family.is_inpaint(index.get("_class_name"))
     what = checkpoint or index_path.parent
     if inpaint and not is_inpaint:
         raise ConfigError("model_unsupported", f"{key}: {what} is a text-to-image model ({index.get('_class_name')}); {key} takes an inpainting "
-                                               f"model (a {INPAINT_CHANNELS}-channel UNet, e.g. stable-diffusion-inpainting) or "
+                                               f"model (a {family.inpaint_channels}-channel UNet, e.g. stable-diffusion-inpainting) or "
                                                f'"{INPAINT_FROM_BASE}" (the base model\'s own weights as an inpainting pipeline)')
     if not inpaint and is_inpaint:
         raise ConfigError("model_unsupported", f"{key}: {what} is an inpainting model ({index.get('_class_name')}); stage it as models.inpaint, "
                                                f"and give {key} a text-to-image model")
-    if inpaint and channels is not None and channels != INPAINT_CHANNELS:
-        raise ConfigError("model_invalid", f"{key}: {what} has a UNet of {channels} input channels; an inpainting model has {INPAINT_CHANNELS} "
+    if inpaint and channels is not None and channels != family.inpaint_channels:
+        raise ConfigError("model_invalid", f"{key}: {what} has a UNet of {channels} input channels; an inpainting model has {family.inpaint_channels} "
                                            "(latents, mask, masked image)")
 
 
@@ -367,10 +390,10 @@ def _demo_ref(models_dir: Path, inpaint: bool = False) -> ModelRef:
     return ModelRef(KIND_DEMO, DEMO_INPAINT_NAME if inpaint else DEMO_NAME, folder, None, Path(models_dir))
 
 
-def make_demo_model(directory: Path, *, replace: bool = True, inpaint: bool = False) -> Path:
-    """Generate the tiny demo StableDiffusionPipeline (random weights, seed 0) into `directory`;
-    with `inpaint`, its twin StableDiffusionInpaintPipeline (the same text encoder, VAE and
-    tokenizer; a 9-channel UNet).
+def make_demo_model(directory: Path, *, replace: bool = True, inpaint: bool = False, family: str = DEMO_FAMILY) -> Path:
+    """Generate the tiny twin of `family` (random weights, seed 0; the demo model is the "sd"
+    family's) into `directory`; with `inpaint`, its inpainting twin (the same text encoders, VAE
+    and tokenizers; a 9-channel UNet). Tests stage the "sdxl" twin the same way.
 
     Deterministic: building twice gives byte-identical files, so its hashes in audit logs
     are comparable across machines with the same library versions. The folder appears
@@ -381,17 +404,21 @@ def make_demo_model(directory: Path, *, replace: bool = True, inpaint: bool = Fa
     """
     directory = Path(directory).absolute()
     started = time.perf_counter()
-    pipe, vocab = _build_demo_pipeline(inpaint=inpaint)
+    _quiet_libraries()
+    twin = family_named(family)
+    pipe, vocab = twin.build_twin(inpaint=inpaint)
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
     try:
         pipe.save_pretrained(str(staging), safe_serialization=True)
         # transformers 5 saves the tokenizer as tokenizer.json only; the classic files let
         # the folder load under transformers 4 as well.
-        (staging / "tokenizer" / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-        (staging / "tokenizer" / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
+        for tokenizer in (component for component in twin.components if component.startswith("tokenizer")):
+            (staging / tokenizer / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+            (staging / tokenizer / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
+        # The demo model's marker names no family (its bytes are in every demo job's model hashes).
         marker = {"demo": True, "note": "random weights, renders are noise", "seed": DEMO_SEED, "resolution": DEMO_RESOLUTION,
-                  **({"inpaint": True} if inpaint else {})}
+                  **({"inpaint": True} if inpaint else {}), **({"family": twin.name} if twin.name != DEMO_FAMILY else {})}
         (staging / DEMO_MARKER).write_text(json.dumps(marker, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         _make_readable(staging)
         _move_into_place(staging, directory, replace)
@@ -400,95 +427,6 @@ def make_demo_model(directory: Path, *, replace: bool = True, inpaint: bool = Fa
             shutil.rmtree(staging, ignore_errors=True)
     log.info("demo_model_built", path=str(directory), seconds=round(time.perf_counter() - started, 3))
     return directory
-
-
-def offline_clip_tokenizer() -> tuple[Any, dict[str, int]]:
-    """A CLIP tokenizer made with no files and no download, and its vocabulary: every
-    byte-level symbol alone and word-final, so any prompt tokenizes with no merges
-    (FINDINGS: transformers 5's CLIPTokenizer(vocab=..., merges=[])). Used by the demo model
-    and by bench/bench_gpu.py's real-size random-weight pipelines."""
-    from tokenizers.pre_tokenizers import ByteLevel
-    from transformers import CLIPTokenizer
-
-    alphabet = sorted(ByteLevel.alphabet())
-    vocab = {symbol: index for index, symbol in enumerate(alphabet)}
-    vocab.update({f"{symbol}</w>": len(alphabet) + index for index, symbol in enumerate(alphabet)})
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77), vocab
-
-
-def _build_demo_pipeline(inpaint: bool = False) -> tuple[Any, dict[str, int]]:
-    import torch
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionInpaintPipeline, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    _quiet_libraries()
-    tokenizer, vocab = offline_clip_tokenizer()
-
-    # fork_rng: the fixed seeds must not disturb the caller's global RNG stream.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(DEMO_SEED)
-        unet = UNet2DConditionModel(
-            sample_size=DEMO_RESOLUTION // 8,
-            in_channels=INPAINT_CHANNELS if inpaint else 4,
-            out_channels=4,
-            block_out_channels=(32, 64),
-            layers_per_block=2,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-            cross_attention_dim=32,
-            attention_head_dim=8,
-            norm_num_groups=8,
-        )
-        torch.manual_seed(DEMO_SEED)
-        vae = AutoencoderKL(
-            sample_size=DEMO_RESOLUTION,
-            in_channels=3,
-            out_channels=3,
-            latent_channels=4,
-            block_out_channels=(8, 16, 32, 32),  # 4 blocks: 3 downsamplings = SD's 8x
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            layers_per_block=1,
-            norm_num_groups=8,
-        )
-        torch.manual_seed(DEMO_SEED)
-        text_encoder = CLIPTextModel(
-            CLIPTextConfig(
-                vocab_size=len(vocab),
-                hidden_size=32,
-                intermediate_size=64,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                max_position_embeddings=77,
-                projection_dim=32,
-                bos_token_id=vocab["<|startoftext|>"],
-                eos_token_id=vocab["<|endoftext|>"],
-                pad_token_id=vocab["<|endoftext|>"],
-            )
-        )
-    # SD-1.5's noise schedule.
-    scheduler = DDIMScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
-    pipe = (StableDiffusionInpaintPipeline if inpaint else StableDiffusionPipeline)(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    return pipe, vocab
 
 
 def _make_readable(folder: Path) -> None:
@@ -551,8 +489,8 @@ def select_device_dtype(settings: Settings) -> tuple[torch.device, torch.dtype]:
 
 
 def load_pipeline(ref: ModelRef, settings: Settings) -> Any:
-    """Load `ref` as the pipeline class its model_index.json names (StableDiffusion[XL]Pipeline, or
-    for models.inpaint StableDiffusion[XL]InpaintPipeline),
+    """Load `ref` as the pipeline class its model_index.json names (a family's text-to-image
+    pipeline, or for models.inpaint its inpainting one),
     on the device and in the dtype `select_device_dtype` picks, SDPA attention, no progress bars;
     with models.compile its UNet compiled in place (engine.diffusion.compiling).
 

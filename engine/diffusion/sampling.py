@@ -15,6 +15,7 @@ import cv2
 import numpy as np
 import torch
 
+from engine.diffusion.families import family_of
 
 IDENTITY_ADAPTER = "identity"
 
@@ -86,8 +87,8 @@ def render(
         negative_prompt=[negative_prompt] * count,
         generator=generators,
         num_inference_steps=steps,
-        guidance_scale=guidance,
         output_type="np",
+        **family_of(pipe).guidance_kwargs(guidance),  # CFG scale in SD and SDXL
     )
     if on_step is not None:
         def after_step(_pipe: Any, _step: int, _timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
@@ -138,7 +139,7 @@ def inpaint(
 
         options["callback_on_step_end"] = after_step
     result = pipe(prompt=[prompt] * count, negative_prompt=[negative_prompt] * count, image=images, mask_image=masks, height=height, width=width,
-                  strength=strength, num_inference_steps=steps, guidance_scale=guidance,
+                  strength=strength, num_inference_steps=steps, **family_of(pipe).guidance_kwargs(guidance),
                   generator=[torch.Generator(device="cpu").manual_seed(int(seed)) for seed in seeds], output_type="np", **options)
     return np.clip(np.rint(np.asarray(result.images) * 255.0), 0, 255).astype(np.uint8)
 

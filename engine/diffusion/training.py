@@ -1,4 +1,4 @@
-"""Training a LoRA on the UNet's attention projections, in adaptive phases: the loop, its losses,
+"""Training a LoRA on the UNet's attention projections (the model family's `lora_targets`), in adaptive phases: the loop, its losses,
 its checkpoints, and the LoRA files it writes. The train stage (engine.stages.train) says what
 to train for a job (its kind's `lora_runs`: the job's LoRA and, for an evaluate grid, one per
 photo-subset group) and runs `train_lora` once per run; other stages never train.
@@ -8,7 +8,8 @@ LoRA alpha, loss and optimizer, and end when their loss has converged (a plateau
 slope test in `engine.measure.convergence`), at their own step cap, or at the job's total cap.
 The whole loop is `train_lora` below, read top to bottom.
 
-- VAE latent distributions and text embeddings of the few training images are computed
+- VAE latent distributions and the caption's conditioning (its model family's
+  `training_conditioning`: text embeddings, and for SDXL the pooled embedding and time ids) are computed
   once; each step samples from the cached distribution (bit-identical to re-encoding).
 - All randomness of the loop comes from one torch.Generator, so a checkpoint (LoRA tensors,
   optimizer, generator and global RNG states, convergence state, phase and step, the phase
@@ -43,6 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from engine import layout
+from engine.diffusion.families import UNET_ATTENTION, family_of
 from engine.measure.convergence import RULE_IMPROVEMENT_BOUND, PhaseConvergence
 from engine.errors import JobError
 from engine.faults import pause_point
@@ -55,7 +57,7 @@ if TYPE_CHECKING:  # annotations only: the stage context and the [train] section
 
 
 ADAPTER = "identity_train"  # not "training": that is an nn.Module attribute
-TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]
+TARGET_MODULES = list(UNET_ATTENTION)  # what the SD and SDXL families' LoRAs train (the tests and benches name it)
 CHARBONNIER_EPS = 1e-3
 HUBER_DELTA = 1.0
 
@@ -118,7 +120,8 @@ def _train_lora(ctx: StageContext, pipe: Any, images: torch.Tensor, spec: TrainS
 
     torch.manual_seed(spec.seed)  # LoRA init (peft draws from the global generator)
     unet.requires_grad_(False)
-    unet.add_adapter(LoraConfig(r=spec.rank, lora_alpha=spec.phases[0].alpha, init_lora_weights="gaussian", target_modules=TARGET_MODULES), adapter_name=ADAPTER)
+    unet.add_adapter(LoraConfig(r=spec.rank, lora_alpha=spec.phases[0].alpha, init_lora_weights="gaussian",
+                                target_modules=list(family_of(pipe).lora_targets)), adapter_name=ADAPTER)
     unet.set_adapter(ADAPTER)
     lora_parameters = [p for n, p in unet.named_parameters() if ADAPTER in n]
     for parameter in lora_parameters:
@@ -452,13 +455,9 @@ def _encode_latents(pipe: Any, images: torch.Tensor) -> tuple[torch.Tensor, torc
 
 @torch.no_grad()
 def _encode_text(pipe: Any, prompt: str, resolution: int) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
-    """Text embeddings of the caption, once; for SDXL also the pooled embedding and time ids."""
-    device = pipe.unet.device
-    encoded = pipe.encode_prompt(prompt=prompt, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False)
-    if len(encoded) == 4:  # SDXL: (embeds, negative, pooled, negative pooled)
-        time_ids = torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]], dtype=encoded[0].dtype, device=device)
-        return encoded[0], {"text_embeds": encoded[2], "time_ids": time_ids}
-    return encoded[0], None
+    """The caption's conditioning, once: its text embeddings and the UNet's added conditioning
+    (None, or SDXL's pooled embedding and time ids), as the model's family encodes it."""
+    return family_of(pipe).training_conditioning(pipe, prompt, resolution)
 
 
 CHECKPOINT_FORMAT = 1  # the .json's "format": tensors in the .safetensors beside it, the rest here; never a pickle

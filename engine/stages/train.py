@@ -24,7 +24,9 @@ from engine.images import read_rgb
 from engine.kinds import kind_named
 from engine.kinds.sections import LoraRun, TrainSpec
 from engine.schema import to_plain
-from engine.diffusion.training import TARGET_MODULES, LoraTarget, TrainingResult, caption, train_lora
+from engine.diffusion.families import Family, family_of
+from engine.diffusion.models import model_family
+from engine.diffusion.training import LoraTarget, TrainingResult, caption, train_lora
 
 NAME = "train"
 VERSION = 5  # 2: train.json no longer records the step a resume started from; 3: lora/ also holds the kohya-format file
@@ -52,7 +54,7 @@ def run(ctx: StageContext) -> None:
     spec = ctx.job.spec.train
     if not _runs(ctx):  # an evaluate grid of FaceID groups: nothing to train, nothing to load
         ctx.log.info("train_skipped", reason="no LoRA is used by this job")
-        _write_reports(ctx, spec, {})
+        _write_reports(ctx, spec, {}, model_family(ctx.resources.model_ref("base")))
         return
     pipe = ctx.use("base")
     results: dict[str, tuple[LoraRun, TrainingResult]] = {}
@@ -65,7 +67,7 @@ def run(ctx: StageContext) -> None:
         else:
             target = LoraTarget(ctx.path(layout.group_lora_dir(lora_run.name)), layout.group_checkpoint(lora_run.name), run=lora_run.name)
         results[lora_run.name] = (lora_run, train_lora(ctx, pipe, images, spec, target))
-    _write_reports(ctx, spec, results)
+    _write_reports(ctx, spec, results, family_of(pipe))
 
 
 def kohya_file(ctx: StageContext) -> str:
@@ -82,7 +84,7 @@ def kohya_export(ctx: StageContext, pipe: Any, spec: TrainSpec, alpha: float, st
 
     name = Path(kohya_file(ctx)).name
     return name, kohya_metadata(
-        pipeline_class=type(pipe).__name__, rank=spec.rank, alpha=alpha, resolution=ctx.training_resolution, steps=steps,
+        family=family_of(pipe), rank=spec.rank, alpha=alpha, resolution=ctx.training_resolution, steps=steps,
         max_steps=spec.max_steps, images=images, output_name=Path(name).stem, trigger=spec.trigger, job_id=ctx.job_id,
         subject=ctx.job.subject, base_model_hashes=ctx.resources.hashes("base"), train_fingerprint=ctx.fingerprint, demo=ctx.demo,
         engine_version=engine_version())
@@ -111,11 +113,11 @@ def _loss_rows(result: TrainingResult) -> str:
     return "\n".join(rows) + "\n"
 
 
-def _write_reports(ctx: StageContext, spec: TrainSpec, results: dict[str, tuple[LoraRun, TrainingResult]]) -> None:
+def _write_reports(ctx: StageContext, spec: TrainSpec, results: dict[str, tuple[LoraRun, TrainingResult]], family: Family) -> None:
     main = next((result for lora_run, result in results.values() if lora_run.is_main), None)
-    info = _main_info(ctx, spec, main) if main is not None else {
+    info = _main_info(ctx, spec, main, family) if main is not None else {
         "caption": caption(spec), "rank": spec.rank, "resolution": ctx.training_resolution, "max_steps": spec.max_steps, "total_steps": 0,
-        "phases": [], "target_modules": TARGET_MODULES, "demo": ctx.demo, "trigger": spec.trigger,
+        "phases": [], "target_modules": list(family.lora_targets), "demo": ctx.demo, "trigger": spec.trigger,
         "main_trained": False, "why": ("nothing this job renders uses its own LoRA (a replicate job of [identity] method \"faceid\" that compares nothing, "
                                         "or an evaluate grid with no phase group and mining off): it was not trained")}
     groups = [(lora_run, result) for lora_run, result in results.values() if not lora_run.is_main]
@@ -131,7 +133,7 @@ def _write_reports(ctx: StageContext, spec: TrainSpec, results: dict[str, tuple[
         atomic_write_text(ctx.path(layout.group_loss_file(lora_run.name)), _loss_rows(result))
 
 
-def _main_info(ctx: StageContext, spec: TrainSpec, main: TrainingResult) -> dict[str, Any]:
+def _main_info(ctx: StageContext, spec: TrainSpec, main: TrainingResult, family: Family) -> dict[str, Any]:
     """train.json's record of the job's own LoRA (a replicate job's whole train.json)."""
     info: dict[str, Any] = {
         "caption": caption(spec),
@@ -144,7 +146,7 @@ def _main_info(ctx: StageContext, spec: TrainSpec, main: TrainingResult) -> dict
         # manifest, differ from an uninterrupted run's although the LoRA is bit-identical
         # (found by bench/soak.py). The audit log's train_resumed lines record every resume.
         "phases": main.phases,
-        "target_modules": TARGET_MODULES,
+        "target_modules": list(family.lora_targets),
         "demo": ctx.demo,
         "trigger": spec.trigger,
         # The same LoRA twice: diffusers' format, and kohya's for AUTOMATIC1111/Forge, ComfyUI, InvokeAI, Fooocus.

@@ -100,26 +100,8 @@ def test_each_role_refuses_the_other_kind_of_model_naming_its_key(tmp_path, buil
 
 
 def test_a_tiny_sdxl_inpainting_model_loads_as_models_inpaint(tmp_path, built):
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionXLInpaintPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
-
-    demo = built[0]
-    tokenizer = CLIPTokenizer.from_pretrained(demo / "tokenizer", local_files_only=True)
-    text_config = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                 projection_dim=32, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                                 pad_token_id=tokenizer.pad_token_id)
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=16, in_channels=9, out_channels=4, block_out_channels=(32, 64), layers_per_block=2, norm_num_groups=8,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(2, 4), use_linear_projection=True, transformer_layers_per_block=(1, 2), cross_attention_dim=64,
-        addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 32,
-    )
-    StableDiffusionXLInpaintPipeline(
-        vae=AutoencoderKL.from_pretrained(demo / "vae", local_files_only=True), text_encoder=CLIPTextModel(text_config),
-        text_encoder_2=CLIPTextModelWithProjection(text_config), tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet,
-        scheduler=DDIMScheduler.from_pretrained(demo / "scheduler", local_files_only=True), requires_aesthetics_score=False,
-    ).save_pretrained(tmp_path / "models" / "tiny-xl-inpainting", safe_serialization=True)
+    # The "sdxl" family's inpainting twin (engine.diffusion.families.sdxl), staged as a lab would stage one.
+    (make_demo_model(tmp_path / "models" / "tiny-xl-inpainting", inpaint=True, family="sdxl") / DEMO_MARKER).unlink()
     pipe = Resources(_settings(tmp_path, inpaint="tiny-xl-inpainting")).pipeline("inpaint")
     assert type(pipe).__name__ == "StableDiffusionXLInpaintPipeline" and pipe.unet.config.in_channels == 9
     assert _inpaint_once(pipe).shape == (1, 128, 128, 3)

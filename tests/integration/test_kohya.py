@@ -14,6 +14,7 @@ from safetensors import safe_open
 
 from engine.resources import Resources
 from engine.diffusion.sampling import render
+from engine.diffusion.families import family_of
 from engine.diffusion.kohya import base_model_digest, kohya_metadata, kohya_state_dict, read_kohya_metadata
 from engine.layout import LORA_FILE
 from engine.diffusion.training import ADAPTER, TARGET_MODULES, save_lora
@@ -42,7 +43,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory):
             if ADAPTER in name and "lora_B" in name:  # peft starts B at zero: a LoRA that does nothing
                 parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.2)
     hashes = resources.hashes("base")
-    metadata = kohya_metadata(pipeline_class=type(pipe).__name__, rank=RANK, alpha=ALPHA, resolution=128, steps=40, max_steps=1200, images=5,
+    metadata = kohya_metadata(family=family_of(pipe), rank=RANK, alpha=ALPHA, resolution=128, steps=40, max_steps=1200, images=5,
                               output_name=Path(NAME).stem, trigger="sks", job_id="20260101T000000Z-kohya1", subject="alice",
                               base_model_hashes=hashes, train_fingerprint="f" * 64, demo=True, engine_version="0.1.0")
     lora_dir = root / "lora"

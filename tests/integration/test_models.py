@@ -348,30 +348,10 @@ def _to_single_file(pipe) -> dict[str, torch.Tensor]:
 
 
 def test_sdxl_folder_loads_as_an_sdxl_pipeline(tmp_path: Path, demo_root: Path) -> None:
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    from diffusers import StableDiffusionXLPipeline
 
-    demo = demo_root / "models" / "demo"
-    tokenizer = CLIPTokenizer.from_pretrained(demo / "tokenizer", local_files_only=True)
-    text_config = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                 num_attention_heads=4, projection_dim=32, bos_token_id=tokenizer.bos_token_id,
-                                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=16, block_out_channels=(32, 64), layers_per_block=2, norm_num_groups=8,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(2, 4), use_linear_projection=True, transformer_layers_per_block=(1, 2),
-        cross_attention_dim=64,  # the two text encoders' hidden states side by side
-        addition_embed_type="text_time", addition_time_embed_dim=8,
-        projection_class_embeddings_input_dim=6 * 8 + 32,  # six size/crop numbers + pooled text embedding
-    )
-    xl = StableDiffusionXLPipeline(
-        vae=AutoencoderKL.from_pretrained(demo / "vae", local_files_only=True),
-        text_encoder=CLIPTextModel(text_config), text_encoder_2=CLIPTextModelWithProjection(text_config),
-        tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet,
-        scheduler=DDIMScheduler.from_pretrained(demo / "scheduler", local_files_only=True),
-    )
-    xl.save_pretrained(tmp_path / "models" / "tiny-xl", safe_serialization=True)
+    # The "sdxl" family's tiny twin (engine.diffusion.families.sdxl), staged as a lab would stage one.
+    (make_demo_model(tmp_path / "models" / "tiny-xl", family="sdxl") / DEMO_MARKER).unlink()
 
     settings = _settings(tmp_path, base="tiny-xl")
     [ref] = check_models(settings, demo=False, need_realism=False)

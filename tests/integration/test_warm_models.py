@@ -125,10 +125,11 @@ def _two_loras(tmp_path: Path):
     from peft.utils import get_peft_model_state_dict
 
     from engine.diffusion.sampling import identity_lora, render
-    from engine.diffusion.models import DEMO_RESOLUTION, _build_demo_pipeline
+    from engine.diffusion.families.sd import build_twin
+    from engine.diffusion.models import DEMO_RESOLUTION
     from engine.diffusion.training import TARGET_MODULES
 
-    pipe, _ = _build_demo_pipeline()
+    pipe, _ = build_twin()
     pipe.unet.set_attn_processor(AttnProcessor2_0())
     pipe.set_progress_bar_config(disable=True)
     loras = []
