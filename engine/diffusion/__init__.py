@@ -5,3 +5,7 @@ job's LoRA (sampling), training a LoRA through its phases (training), torch.comp
 
 Stands on the base modules and measure/ (the convergence rule); the stage context a training run
 reports to is named for annotations only."""
+
+from engine.diffusion.quiet import drop_third_party_noise
+
+drop_third_party_noise()  # before any module here imports diffusers: see engine.diffusion.quiet

