@@ -26,6 +26,7 @@ from engine.hashcache import sha256_of
 # inpaint: an inpainting pipeline (models.inpaint; "base": the base pipeline's components);
 # faceid: the IP-Adapter-FaceID folder (engine.identity.faceid; loaded into the base pipeline per block).
 MODEL_ROLES = ("faces", "background", "base", "realism", "inpaint", "identity2", "landmarks", "faceid")
+DIFFUSION_ROLES = ("base", "realism", "inpaint")  # the roles that are diffusion models, each of a family (engine.diffusion.families)
 
 
 class Resources:
@@ -129,6 +130,13 @@ class Resources:
         name, config = {"base": (models.base, models.base_config), "realism": (models.realism, models.realism_config),
                         "inpaint": (models.inpaint, models.inpaint_config)}[role]
         return resolve_model(name, config, self.settings, demo=self.demo, role=role)
+
+    def family(self, role: str) -> str:
+        """The family (engine.diffusion.families: "sd", "sdxl") of the diffusion model of `role`, read
+        from its model_index.json, nothing loaded; ConfigError where it is not staged."""
+        from engine.diffusion.models import model_family
+
+        return model_family(self.model_ref("base" if role == "inpaint" and self.inpaint_from_base() else role)).name
 
     def inpaint_from_base(self) -> bool:
         """models.inpaint = "base": the base pipeline's components as an inpainting pipeline

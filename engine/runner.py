@@ -49,10 +49,10 @@ from engine.ledger import Ledger
 from engine.lifecycle import JobOutcome, LedgerOutcome, StageStatus
 from engine.plugins import kind_code, load_plugins
 from engine.report import write_report
-from engine.resources import Resources
+from engine.resources import DIFFUSION_ROLES, Resources
 from engine.schema import to_plain
 from engine.kinds import Kind, all_stage_names, kind_named
-from engine.stages import stage_module
+from engine.stages import declared_models, stage_module
 from engine.provenance.signer import SealRefused
 from engine.provenance.trust import build_statement
 from engine.provenance.verification import trusted_records
@@ -244,7 +244,8 @@ class Engine:
             code = kind_code(kind)  # a plug-in kind's own modules (none for a built-in kind)
             audit.event(
                 "job_resumed" if resumed else "job_started", subject=subject, kind=kind.name, **start, spec=to_plain(job.spec), settings=self.settings.to_plain(),
-                models=self._model_facts(), device=device_facts(), completed_stages=[r.name for r in ledger.stages if r.status == StageStatus.COMPLETE],
+                models=self._model_facts(), families=self._families({role for name in kind.stages for role in declared_models(name)}),
+                device=device_facts(), completed_stages=[r.name for r in ledger.stages if r.status == StageStatus.COMPLETE],
                 **({"kind_code": code} if code else {}),
             )
             bound.info("job_resumed" if resumed else "job_started", **self._source_facts(source))
@@ -395,6 +396,18 @@ class Engine:
             "background": {"path": str(remover_path), "sha256": sha256_of(remover_path, self.settings.models_dir)} if remover_path.is_file() else {"path": str(remover_path), "staged": False},
         }
 
+    def _families(self, roles: set[str]) -> dict[str, str]:
+        """role -> family of each diffusion model among `roles` that is staged (a model not staged is
+        named by the stage that needs it, not here), so that every record says which family made it."""
+        families = {}
+        for role in DIFFUSION_ROLES:
+            if role in roles:
+                try:
+                    families[role] = self.resources.family(role)
+                except (ConfigError, JobError, OSError):
+                    continue
+        return families
+
     def _run_stages(self, ctx: StageContext, kind: Kind, ledger: Ledger, inputs: dict[str, str], until: str | None) -> None:
         """Run `kind`'s stages in order, skipping those the ledger holds complete with the same
         fingerprint. `inputs`: the hashes of the files the job uses (job.toml and its photos):
@@ -469,8 +482,9 @@ class Engine:
         leaves a complete job in the work area, which the next run seals (if it was not) and publishes."""
         job = ctx.job
         write_report(ctx.job_dir, originals=zip(job.spec.subject.photos, job.photos))  # before the manifest, which lists it
+        used = {name.split("/", 1)[0] for name in ledger.models()}  # the roles the completed stages used ("inpaint/unet/...")
         manifest_sha256 = write_manifest(ctx.job_dir, ledger.job_id, ledger.inputs, ledger.models(), self.demo, self.resources.trust_facts(),
-                                         kind=ctx.job.kind)
+                                         kind=ctx.job.kind, families=self._families(used))
         ctx.audit.event("job_finished", manifest_sha256=manifest_sha256, demo=self.demo)
         pause_point("job:before_seal")
         return self._seal_and_publish(ctx.job_dir, outbox, job.subject, ledger.job_id, ctx.fence, ctx.log)

@@ -290,13 +290,14 @@ def _outputs(job_dir: Path) -> dict[str, str]:
 
 
 def write_manifest(job_dir: Path, job_id: str, inputs: dict[str, str], models: dict[str, str], demo: bool, trust: dict[str, Any], *,
-                   kind: str) -> str:
+                   kind: str, families: dict[str, str] | None = None) -> str:
     """Hash every output file of the job folder into manifest.json; returns its sha256.
 
     `inputs` is the Listing of the job's inputs/ (rel path -> sha256, "dir" or "link:<target>");
-    `trust` who signs the job (engine.provenance.trust: a key fingerprint and the content signer, or unsigned)."""
+    `trust` who signs the job (engine.provenance.trust: a key fingerprint and the content signer, or unsigned);
+    `families` the family of each diffusion model the job used (role -> "sd", "sdxl": engine.diffusion.families)."""
     manifest = {"version": MANIFEST_VERSION, "job_id": job_id, "kind": kind, "demo": demo, "trust": trust, "inputs": inputs, "models": models,
-                "outputs": _outputs(job_dir)}
+                **({"families": families} if families else {}), "outputs": _outputs(job_dir)}
     atomic_write_json(job_dir / MANIFEST_FILE, manifest)
     return sha256_file(job_dir / MANIFEST_FILE)
 

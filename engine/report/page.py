@@ -321,6 +321,14 @@ code{font-size:.85rem} .muted{color:#666}
 """
 
 
+def _family_label(name: str) -> str:
+    """How a family recorded in the audit log is named to a reader (its own label; a family this
+    engine no longer knows, by its recorded name)."""
+    from engine.diffusion.families import FAMILIES
+
+    return next((family.label for family in FAMILIES if family.name == name), name)
+
+
 def render_html(facts: JobFacts, link_to_job: str = "") -> str:
     """The page. `link_to_job` prefixes links to the job's own images (when written elsewhere)."""
     def job_src(rel: str) -> str:
@@ -336,6 +344,10 @@ def render_html(facts: JobFacts, link_to_job: str = "") -> str:
         f'<p class="muted">job <code>{html_text(facts.job_id)}</code>; made from the job folder alone '
         f"(<code>python -m engine report &lt;job folder&gt;</code> rebuilds it byte for byte)</p>",
     ]
+    families = (facts.starts()[-1] if facts.starts() else {}).get("families") or {}
+    if families:
+        parts.append('<p id="families">Diffusion models: ' + "; ".join(f"{html_text(role)}: {html_text(_family_label(name))}"
+                                                                      for role, name in sorted(families.items())) + "</p>")
     if facts.demo:
         parts.append('<p class="demo" id="demo-warning">Demo model: random weights. The renders are noise, no face is found in them, '
                      "and their drifts mean nothing. This report shows the chain works, not an identity.</p>")

@@ -105,5 +105,9 @@ def test_a_replicate_job_on_the_sdxl_twin_finishes_through_the_engine(tmp_path, 
     from engine.diffusion.kohya import read_kohya_metadata
 
     assert read_kohya_metadata(kohya)["ss_base_model_version"] == "sdxl_base_v1-0"
+    # every record names the family: the audit log's first line, the manifest, the report
+    assert json.loads((out / "audit.jsonl").read_text().splitlines()[0])["families"] == {"base": "sdxl", "realism": "sdxl"}
+    assert json.loads((out / "manifest.json").read_text())["families"] == {"base": "sdxl", "realism": "sdxl"}
+    assert "base: SDXL; realism: SDXL" in (out / "report.html").read_text()
     renders = sorted(p.name.split("_drift_")[0] for p in (out / "renders").glob("*.png"))
     assert renders == ["r0_0_anchor", "r0_0_rescue", "r0_0_scene", "r1_0_anchor", "r1_0_realism"]

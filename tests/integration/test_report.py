@@ -225,3 +225,14 @@ def test_every_chart_keeps_its_legend_in_the_picture_and_its_title_clear(finishe
     axis.plot([0, 1], label="a label far too long to fit in the margin of this small figure")
     axis.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
     assert _chart_faults(figure)
+
+
+def test_every_record_names_the_model_family(finished):
+    """The family of each diffusion model (engine.diffusion.families) is in the audit log's first
+    line (the models the kind's stages may use), the manifest (those the job used) and the report."""
+    job, _, _, _ = finished
+    first = json.loads((job / "audit.jsonl").read_text().splitlines()[0])
+    assert first["event"] == "job_started" and first["families"]["base"] == "sd"
+    manifest = json.loads((job / "manifest.json").read_text())
+    assert manifest["families"]["base"] == "sd" and set(manifest["families"]) <= set(first["families"])
+    assert '<p id="families">Diffusion models: base: SD-1.x/2.x' in (job / REPORT_FILE).read_text()
