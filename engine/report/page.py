@@ -493,10 +493,11 @@ def audit_head(facts: JobFacts) -> tuple[str, int]:
 
 def audit_head_item(facts: JobFacts) -> tuple[str, str]:
     """The summary's line for the audit head, with why it is not the head `verify-audit` prints:
-    the report is sealed into the manifest before the job's last line (job_finished) is written."""
+    the report is sealed into the manifest before job_finished is written (and a job sealed, then
+    resumed before its publishing rename, has lines after that too)."""
     head, lines = audit_head(facts)
     return ("audit head sealed with this report",
-            f"{head} (line {lines}; verify-audit names line {lines + 1}, the job_finished line written after the report)")
+            f"{head} (line {lines}; verify-audit names a later line: job_finished, and any line after it, is written after the report)")
 
 
 CLOSEUP_MARGIN = 24  # px of photo around a region's feathered support
